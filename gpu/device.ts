@@ -1,0 +1,296 @@
+// The WebGPU device and the one way kernels are run on it.
+//
+// `Gpu` owns the adapter, the device, a cache of compiled pipelines and one open command
+// encoder. Kernels call `gpu.dispatch(...)`, which only records work; nothing reaches the GPU
+// until `flush()` (or a read, which flushes). Reading back costs ~11 ms per wait on llvmpipe,
+// so read as rarely as possible and batch reads with `readMany`.
+//
+// Binding convention for every WGSL kernel in gpu/:
+//   @group(0) @binding(0) var<uniform> p: Params;   // u32 fields first, then f32 fields
+//   @group(0) @binding(1..n) storage buffers, in the order passed to dispatch()
+// Kernels must use every binding they declare (pipelines use layout "auto").
+
+import { AhaError } from "../core/errors.ts";
+
+export type DType = "f32" | "i32" | "u32";
+
+/** A buffer on the GPU with a shape. Elements are 4 bytes whatever the dtype. */
+export class Tensor {
+  constructor(
+    readonly buffer: GPUBuffer,
+    readonly shape: number[],
+    readonly dtype: DType = "f32",
+  ) {}
+  get size(): number {
+    return this.shape.reduce((a, b) => a * b, 1);
+  }
+  destroy(): void {
+    this.buffer.destroy();
+  }
+}
+
+export interface GpuOptions {
+  /** Bytes the model needs in one storage binding / one buffer; checked against the adapter. */
+  minStorageBinding?: number;
+  minBufferSize?: number;
+}
+
+export interface AdapterSummary {
+  description: string;
+  vendor: string;
+  architecture: string;
+  isFallbackAdapter: boolean;
+  backend: string;
+  features: string[];
+  limits: Record<string, number>;
+}
+
+const KEY_LIMITS = [
+  "maxBufferSize",
+  "maxStorageBufferBindingSize",
+  "maxStorageBuffersPerShaderStage",
+  "maxComputeWorkgroupStorageSize",
+  "maxComputeInvocationsPerWorkgroup",
+  "maxComputeWorkgroupSizeX",
+  "maxComputeWorkgroupsPerDimension",
+] as const;
+
+export function summarizeAdapter(adapter: GPUAdapter): AdapterSummary {
+  const info = adapter.info;
+  const limits: Record<string, number> = {};
+  for (const k of KEY_LIMITS) limits[k] = adapter.limits[k];
+  return {
+    description: info.description || "(no description)",
+    vendor: info.vendor,
+    architecture: info.architecture,
+    isFallbackAdapter: (info as unknown as { isFallbackAdapter?: boolean }).isFallbackAdapter ?? false,
+    backend: Deno.env.get("DENO_WEBGPU_BACKEND") ?? "default",
+    features: [...adapter.features].sort(),
+    limits,
+  };
+}
+
+export async function requestAdapter(): Promise<GPUAdapter> {
+  if (!("gpu" in navigator) || !navigator.gpu) {
+    throw new AhaError("WebGPU is not available in this Deno (navigator.gpu is missing)");
+  }
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+  if (!adapter) {
+    throw new AhaError(
+      "no WebGPU adapter found; on a machine without a GPU install Mesa (llvmpipe, or lavapipe via mesa-vulkan-drivers)",
+    );
+  }
+  return adapter;
+}
+
+export class Gpu {
+  private pipelines = new Map<string, GPUComputePipeline>();
+  private encoder: GPUCommandEncoder | null = null;
+  private pass: GPUComputePassEncoder | null = null;
+  private pendingUniforms: GPUBuffer[] = [];
+  /** Dispatches recorded since the device was opened (for benchmarks). */
+  dispatchCount = 0;
+
+  private constructor(readonly adapter: GPUAdapter, readonly device: GPUDevice) {}
+
+  static async open(options: GpuOptions = {}): Promise<Gpu> {
+    const adapter = await requestAdapter();
+    const need = (name: "maxStorageBufferBindingSize" | "maxBufferSize", bytes: number) => {
+      if (adapter.limits[name] < bytes) {
+        throw new AhaError(
+          `the WebGPU adapter "${adapter.info.description}" offers ${name} = ${adapter.limits[name]} bytes, the model needs ${bytes}`,
+        );
+      }
+    };
+    need("maxStorageBufferBindingSize", options.minStorageBinding ?? 0);
+    need("maxBufferSize", options.minBufferSize ?? 0);
+    const requiredFeatures: GPUFeatureName[] = [];
+    const device = await adapter.requestDevice({
+      requiredFeatures,
+      requiredLimits: {
+        maxStorageBufferBindingSize: adapter.limits.maxStorageBufferBindingSize,
+        maxBufferSize: adapter.limits.maxBufferSize,
+        maxStorageBuffersPerShaderStage: adapter.limits.maxStorageBuffersPerShaderStage,
+        maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize,
+        maxComputeInvocationsPerWorkgroup: adapter.limits.maxComputeInvocationsPerWorkgroup,
+        maxComputeWorkgroupSizeX: adapter.limits.maxComputeWorkgroupSizeX,
+      },
+    });
+    device.addEventListener("uncapturederror", (e) => {
+      console.error("WebGPU error:", (e as GPUUncapturedErrorEvent).error.message);
+    });
+    return new Gpu(adapter, device);
+  }
+
+  get description(): string {
+    return this.adapter.info.description;
+  }
+
+  // ---- tensors -------------------------------------------------------------------------
+
+  /** A zero-filled tensor. */
+  zeros(shape: number[], dtype: DType = "f32", label?: string): Tensor {
+    const size = shape.reduce((a, b) => a * b, 1);
+    const buffer = this.device.createBuffer({
+      label,
+      size: Math.max(4, size * 4),
+      usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
+    });
+    return new Tensor(buffer, shape, dtype);
+  }
+
+  /** A tensor holding `data` (Float32Array for f32, Int32Array for i32, Uint32Array for u32). */
+  upload(data: Float32Array | Int32Array | Uint32Array, shape?: number[], label?: string): Tensor {
+    const dtype: DType = data instanceof Float32Array ? "f32" : data instanceof Int32Array ? "i32" : "u32";
+    const t = this.zeros(shape ?? [data.length], dtype, label);
+    if (t.size !== data.length) throw new Error(`upload: shape [${shape}] does not hold ${data.length} values`);
+    this.write(t, data);
+    return t;
+  }
+
+  /** Overwrite a tensor's contents (ordered before any later-flushed dispatch). */
+  write(t: Tensor, data: Float32Array | Int32Array | Uint32Array, offsetElements = 0): void {
+    // queue.writeBuffer runs before work submitted later, but after work already submitted:
+    // flush pending dispatches first so they see the old contents.
+    this.flush();
+    this.device.queue.writeBuffer(t.buffer, offsetElements * 4, data.buffer, data.byteOffset, data.byteLength);
+  }
+
+  /** Set every element of a tensor to zero (recorded like a dispatch). */
+  clear(t: Tensor): void {
+    this.endPass();
+    this.getEncoder().clearBuffer(t.buffer);
+  }
+
+  /** Copy `count` elements between tensors (recorded like a dispatch). */
+  copy(src: Tensor, dst: Tensor, count = src.size, srcOffset = 0, dstOffset = 0): void {
+    this.endPass();
+    this.getEncoder().copyBufferToBuffer(src.buffer, srcOffset * 4, dst.buffer, dstOffset * 4, count * 4);
+  }
+
+  // ---- kernels -------------------------------------------------------------------------
+
+  /** Compile (once) a WGSL compute shader whose entry point is `main`. */
+  pipeline(wgsl: string, label = "kernel"): GPUComputePipeline {
+    let p = this.pipelines.get(wgsl);
+    if (!p) {
+      const module = this.device.createShaderModule({ label, code: wgsl });
+      p = this.device.createComputePipeline({ label, layout: "auto", compute: { module, entryPoint: "main" } });
+      this.pipelines.set(wgsl, p);
+    }
+    return p;
+  }
+
+  /**
+   * Record one dispatch. `u32s` and `f32s` fill the uniform Params struct at binding 0
+   * (u32 fields first); `tensors` bind at 1..n.
+   */
+  dispatch(
+    pipeline: GPUComputePipeline,
+    workgroups: [number, number?, number?],
+    tensors: Tensor[],
+    u32s: number[] = [],
+    f32s: number[] = [],
+  ): void {
+    const words = Math.max(4, Math.ceil((u32s.length + f32s.length) / 4) * 4);
+    const uniform = this.device.createBuffer({ size: words * 4, usage: GPUBufferUsage.UNIFORM, mappedAtCreation: true });
+    const range = uniform.getMappedRange();
+    new Uint32Array(range).set(u32s.map((v) => v >>> 0));
+    new Float32Array(range).set(f32s, u32s.length);
+    uniform.unmap();
+    this.pendingUniforms.push(uniform);
+    const entries: GPUBindGroupEntry[] = [{ binding: 0, resource: { buffer: uniform } }];
+    tensors.forEach((t, i) => entries.push({ binding: i + 1, resource: { buffer: t.buffer } }));
+    const bindGroup = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
+    const [x, y = 1, z = 1] = workgroups;
+    const limit = this.device.limits.maxComputeWorkgroupsPerDimension;
+    if (x > limit || y > limit || z > limit) {
+      throw new Error(`dispatch of [${x}, ${y}, ${z}] workgroups exceeds ${limit} per dimension`);
+    }
+    if (x === 0 || y === 0 || z === 0) return;
+    if (!this.pass) this.pass = this.getEncoder().beginComputePass();
+    this.pass.setPipeline(pipeline);
+    this.pass.setBindGroup(0, bindGroup);
+    this.pass.dispatchWorkgroups(x, y, z);
+    this.dispatchCount++;
+    if (this.pendingUniforms.length >= 512) this.flush();
+  }
+
+  /** Submit everything recorded so far. Does not wait. */
+  flush(): void {
+    this.endPass();
+    if (!this.encoder) return;
+    this.device.queue.submit([this.encoder.finish()]);
+    this.encoder = null;
+    for (const u of this.pendingUniforms) u.destroy();
+    this.pendingUniforms = [];
+  }
+
+  /** Wait until the GPU has finished all submitted work. */
+  async sync(): Promise<void> {
+    this.flush();
+    await this.device.queue.onSubmittedWorkDone();
+  }
+
+  // ---- reading back ----------------------------------------------------------------------
+
+  async read(t: Tensor): Promise<Float32Array> {
+    const [out] = await this.readMany([t]);
+    return out as Float32Array;
+  }
+
+  async readInt(t: Tensor): Promise<Int32Array> {
+    const [out] = await this.readMany([t]);
+    return new Int32Array(out.buffer);
+  }
+
+  /** Read several tensors with one GPU wait. f32 tensors come back as Float32Array, others Int32Array/Uint32Array. */
+  async readMany(tensors: Tensor[]): Promise<(Float32Array | Int32Array | Uint32Array)[]> {
+    this.endPass();
+    const encoder = this.getEncoder();
+    const staging = tensors.map((t) => {
+      const b = this.device.createBuffer({
+        size: Math.max(4, t.size * 4),
+        usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+      });
+      encoder.copyBufferToBuffer(t.buffer, 0, b, 0, t.size * 4);
+      return b;
+    });
+    this.flush();
+    await Promise.all(staging.map((b) => b.mapAsync(GPUMapMode.READ)));
+    return tensors.map((t, i) => {
+      const bytes = staging[i].getMappedRange().slice(0, t.size * 4);
+      staging[i].destroy();
+      return t.dtype === "f32" ? new Float32Array(bytes) : t.dtype === "i32" ? new Int32Array(bytes) : new Uint32Array(bytes);
+    });
+  }
+
+  destroy(): void {
+    this.flush();
+    this.device.destroy();
+  }
+
+  private getEncoder(): GPUCommandEncoder {
+    if (!this.encoder) this.encoder = this.device.createCommandEncoder();
+    return this.encoder;
+  }
+
+  private endPass(): void {
+    if (this.pass) {
+      this.pass.end();
+      this.pass = null;
+    }
+  }
+}
+
+/**
+ * Workgroup counts covering `n` invocations of `size` each, spread over x and y (≤ 65535 each).
+ * In WGSL the flat index is `gid.x + gid.y * nwg.x * SIZE` with
+ * `@builtin(global_invocation_id) gid` and `@builtin(num_workgroups) nwg`; guard `i < n`.
+ */
+export function grid(n: number, size: number): [number, number] {
+  const groups = Math.ceil(n / size);
+  if (groups <= 65535) return [Math.max(groups, 1), 1];
+  const y = Math.ceil(groups / 65535);
+  return [Math.ceil(groups / y), y];
+}

@@ -1,0 +1,55 @@
+// aha — a GRPO trainer for language models whose model math runs in WebGPU.
+// This file is only the command line: it finds the subcommand and hands it the remaining
+// arguments. Each subcommand lives in its own module, which exports `help` and `run(args)`.
+
+import { AhaError, UsageError } from "./core/errors.ts";
+
+interface Command {
+  summary: string;
+  load: () => Promise<{ help: string; run: (args: string[]) => Promise<void> }>;
+}
+
+const COMMANDS: Record<string, Command> = {
+  train: { summary: "train a policy with GRPO", load: () => import("./gpu/cli_train.ts") },
+  sft: { summary: "supervised fine-tuning on {prompt, completion} rows", load: () => import("./gpu/cli_sft.ts") },
+  init: { summary: "write a random Qwen2 checkpoint", load: () => import("./core/cli_init.ts") },
+  score: { summary: "per-token log-probs of token sequences", load: () => import("./gpu/cli_score.ts") },
+  loss: { summary: "one GRPO objective and its gradients, without updating", load: () => import("./gpu/cli_loss.ts") },
+  gpu: { summary: "the WebGPU adapters this machine offers", load: () => import("./gpu/cli_gpu.ts") },
+};
+
+const USAGE = `usage: aha <command> [options]
+
+commands:
+${Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(10)}${c.summary}`).join("\n")}
+
+Run "aha <command> --help" for a command's options.`;
+
+async function main(args: string[]): Promise<number> {
+  const [name, ...rest] = args;
+  if (name === undefined || name === "--help" || name === "-h" || name === "help") {
+    console.log(USAGE);
+    return name === undefined ? 2 : 0;
+  }
+  const command = COMMANDS[name];
+  if (!command) throw new UsageError(`unknown command "${name}" (run "aha --help" for the list)`);
+  const module = await command.load();
+  if (rest.includes("--help") || rest.includes("-h")) {
+    console.log(module.help);
+    return 0;
+  }
+  await module.run(rest);
+  return 0;
+}
+
+if (import.meta.main) {
+  try {
+    Deno.exit(await main(Deno.args));
+  } catch (e) {
+    if (e instanceof AhaError) {
+      console.error(`aha: ${e.message}`);
+      Deno.exit(e instanceof UsageError ? 2 : 1);
+    }
+    throw e;
+  }
+}
