@@ -11,11 +11,23 @@ interface Command {
 
 const COMMANDS: Record<string, Command> = {
   train: { summary: "train a policy with GRPO", load: () => import("./gpu/cli_train.ts") },
-  sft: { summary: "supervised fine-tuning on {prompt, completion} rows", load: () => import("./gpu/cli_sft.ts") },
+  sft: {
+    summary: "supervised fine-tuning on {prompt, completion} rows",
+    load: () => import("./gpu/cli_sft.ts"),
+  },
   init: { summary: "write a random Qwen2 checkpoint", load: () => import("./core/cli_init.ts") },
-  score: { summary: "per-token log-probs of token sequences", load: () => import("./gpu/cli_score.ts") },
-  loss: { summary: "one GRPO objective and its gradients, without updating", load: () => import("./gpu/cli_loss.ts") },
-  gpu: { summary: "the WebGPU adapters this machine offers", load: () => import("./gpu/cli_gpu.ts") },
+  score: {
+    summary: "per-token log-probs of token sequences",
+    load: () => import("./gpu/cli_score.ts"),
+  },
+  loss: {
+    summary: "one GRPO objective and its gradients, without updating",
+    load: () => import("./gpu/cli_loss.ts"),
+  },
+  gpu: {
+    summary: "the WebGPU adapters this machine offers",
+    load: () => import("./gpu/cli_gpu.ts"),
+  },
 };
 
 const USAGE = `usage: aha <command> [options]

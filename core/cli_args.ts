@@ -25,14 +25,23 @@ export function parseCommandArgs<O extends Options>(
 
 /** The value of a required option, or a UsageError naming it. */
 export function required<T>(command: string, name: string, value: T | undefined): T {
-  if (value === undefined) throw new UsageError(`${command}: missing --${name} (see "aha ${command} --help")`);
+  if (value === undefined) {
+    throw new UsageError(`${command}: missing --${name} (see "aha ${command} --help")`);
+  }
   return value;
 }
 
 /** Parse an integer option, or a UsageError naming it. */
-export function intOption(command: string, name: string, value: string | undefined, fallback: number): number {
+export function intOption(
+  command: string,
+  name: string,
+  value: string | undefined,
+  fallback: number,
+): number {
   if (value === undefined) return fallback;
   const n = Number(value);
-  if (!Number.isInteger(n)) throw new UsageError(`${command}: --${name} must be an integer, got "${value}"`);
+  if (!Number.isInteger(n)) {
+    throw new UsageError(`${command}: --${name} must be an integer, got "${value}"`);
+  }
   return n;
 }

@@ -30,34 +30,48 @@ export function parseModelConfig(json: unknown, file = "config.json"): ModelConf
   const int = (key: string, fallback?: number): number => {
     const v = j[key] ?? fallback;
     if (typeof v !== "number" || !Number.isInteger(v) || v <= 0) {
-      throw new AhaError(`${file}: field "${key}" must be a positive integer, got ${JSON.stringify(v)}`);
+      throw new AhaError(
+        `${file}: field "${key}" must be a positive integer, got ${JSON.stringify(v)}`,
+      );
     }
     return v;
   };
   const num = (key: string, fallback: number): number => {
     const v = j[key] ?? fallback;
     if (typeof v !== "number" || !(v > 0)) {
-      throw new AhaError(`${file}: field "${key}" must be a positive number, got ${JSON.stringify(v)}`);
+      throw new AhaError(
+        `${file}: field "${key}" must be a positive number, got ${JSON.stringify(v)}`,
+      );
     }
     return v;
   };
   const modelType = j.model_type;
   if (modelType !== undefined && modelType !== "qwen2") {
-    throw new AhaError(`${file}: field "model_type" must be "qwen2", got ${JSON.stringify(modelType)}`);
+    throw new AhaError(
+      `${file}: field "model_type" must be "qwen2", got ${JSON.stringify(modelType)}`,
+    );
   }
   const hiddenSize = int("hidden_size");
   const numHeads = int("num_attention_heads");
   const numKvHeads = int("num_key_value_heads", numHeads);
   if (hiddenSize % numHeads !== 0) {
-    throw new AhaError(`${file}: "hidden_size" (${hiddenSize}) must be divisible by "num_attention_heads" (${numHeads})`);
+    throw new AhaError(
+      `${file}: "hidden_size" (${hiddenSize}) must be divisible by "num_attention_heads" (${numHeads})`,
+    );
   }
   if (numHeads % numKvHeads !== 0) {
-    throw new AhaError(`${file}: "num_attention_heads" (${numHeads}) must be divisible by "num_key_value_heads" (${numKvHeads})`);
+    throw new AhaError(
+      `${file}: "num_attention_heads" (${numHeads}) must be divisible by "num_key_value_heads" (${numKvHeads})`,
+    );
   }
   const headDim = hiddenSize / numHeads;
-  if (headDim % 2 !== 0) throw new AhaError(`${file}: head dimension ${headDim} must be even for rotary embeddings`);
+  if (headDim % 2 !== 0) {
+    throw new AhaError(`${file}: head dimension ${headDim} must be even for rotary embeddings`);
+  }
   const tie = j.tie_word_embeddings ?? false;
-  if (typeof tie !== "boolean") throw new AhaError(`${file}: field "tie_word_embeddings" must be true or false`);
+  if (typeof tie !== "boolean") {
+    throw new AhaError(`${file}: field "tie_word_embeddings" must be true or false`);
+  }
   const optId = (key: string) => (typeof j[key] === "number" ? (j[key] as number) : null);
   const eos = j.eos_token_id;
   return {

@@ -63,7 +63,8 @@ export function summarizeAdapter(adapter: GPUAdapter): AdapterSummary {
     description: info.description || "(no description)",
     vendor: info.vendor,
     architecture: info.architecture,
-    isFallbackAdapter: (info as unknown as { isFallbackAdapter?: boolean }).isFallbackAdapter ?? false,
+    isFallbackAdapter: (info as unknown as { isFallbackAdapter?: boolean }).isFallbackAdapter ??
+      false,
     backend: Deno.env.get("DENO_WEBGPU_BACKEND") ?? "default",
     features: [...adapter.features].sort(),
     limits,
@@ -98,7 +99,9 @@ export class Gpu {
     const need = (name: "maxStorageBufferBindingSize" | "maxBufferSize", bytes: number) => {
       if (adapter.limits[name] < bytes) {
         throw new AhaError(
-          `the WebGPU adapter "${adapter.info.description}" offers ${name} = ${adapter.limits[name]} bytes, the model needs ${bytes}`,
+          `the WebGPU adapter "${adapter.info.description}" offers ${name} = ${
+            adapter.limits[name]
+          } bytes, the model needs ${bytes}`,
         );
       }
     };
@@ -141,9 +144,15 @@ export class Gpu {
 
   /** A tensor holding `data` (Float32Array for f32, Int32Array for i32, Uint32Array for u32). */
   upload(data: Float32Array | Int32Array | Uint32Array, shape?: number[], label?: string): Tensor {
-    const dtype: DType = data instanceof Float32Array ? "f32" : data instanceof Int32Array ? "i32" : "u32";
+    const dtype: DType = data instanceof Float32Array
+      ? "f32"
+      : data instanceof Int32Array
+      ? "i32"
+      : "u32";
     const t = this.zeros(shape ?? [data.length], dtype, label);
-    if (t.size !== data.length) throw new Error(`upload: shape [${shape}] does not hold ${data.length} values`);
+    if (t.size !== data.length) {
+      throw new Error(`upload: shape [${shape}] does not hold ${data.length} values`);
+    }
     this.write(t, data);
     return t;
   }
@@ -153,7 +162,13 @@ export class Gpu {
     // queue.writeBuffer runs before work submitted later, but after work already submitted:
     // flush pending dispatches first so they see the old contents.
     this.flush();
-    this.device.queue.writeBuffer(t.buffer, offsetElements * 4, data.buffer, data.byteOffset, data.byteLength);
+    this.device.queue.writeBuffer(
+      t.buffer,
+      offsetElements * 4,
+      data.buffer as ArrayBuffer,
+      data.byteOffset,
+      data.byteLength,
+    );
   }
 
   /** Set every element of a tensor to zero (recorded like a dispatch). */
@@ -165,7 +180,13 @@ export class Gpu {
   /** Copy `count` elements between tensors (recorded like a dispatch). */
   copy(src: Tensor, dst: Tensor, count = src.size, srcOffset = 0, dstOffset = 0): void {
     this.endPass();
-    this.getEncoder().copyBufferToBuffer(src.buffer, srcOffset * 4, dst.buffer, dstOffset * 4, count * 4);
+    this.getEncoder().copyBufferToBuffer(
+      src.buffer,
+      srcOffset * 4,
+      dst.buffer,
+      dstOffset * 4,
+      count * 4,
+    );
   }
 
   // ---- kernels -------------------------------------------------------------------------
@@ -175,7 +196,11 @@ export class Gpu {
     let p = this.pipelines.get(wgsl);
     if (!p) {
       const module = this.device.createShaderModule({ label, code: wgsl });
-      p = this.device.createComputePipeline({ label, layout: "auto", compute: { module, entryPoint: "main" } });
+      p = this.device.createComputePipeline({
+        label,
+        layout: "auto",
+        compute: { module, entryPoint: "main" },
+      });
       this.pipelines.set(wgsl, p);
     }
     return p;
@@ -193,7 +218,11 @@ export class Gpu {
     f32s: number[] = [],
   ): void {
     const words = Math.max(4, Math.ceil((u32s.length + f32s.length) / 4) * 4);
-    const uniform = this.device.createBuffer({ size: words * 4, usage: GPUBufferUsage.UNIFORM, mappedAtCreation: true });
+    const uniform = this.device.createBuffer({
+      size: words * 4,
+      usage: GPUBufferUsage.UNIFORM,
+      mappedAtCreation: true,
+    });
     const range = uniform.getMappedRange();
     new Uint32Array(range).set(u32s.map((v) => v >>> 0));
     new Float32Array(range).set(f32s, u32s.length);
@@ -201,7 +230,10 @@ export class Gpu {
     this.pendingUniforms.push(uniform);
     const entries: GPUBindGroupEntry[] = [{ binding: 0, resource: { buffer: uniform } }];
     tensors.forEach((t, i) => entries.push({ binding: i + 1, resource: { buffer: t.buffer } }));
-    const bindGroup = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
+    const bindGroup = this.device.createBindGroup({
+      layout: pipeline.getBindGroupLayout(0),
+      entries,
+    });
     const [x, y = 1, z = 1] = workgroups;
     const limit = this.device.limits.maxComputeWorkgroupsPerDimension;
     if (x > limit || y > limit || z > limit) {
@@ -216,12 +248,19 @@ export class Gpu {
     if (this.pendingUniforms.length >= 512) this.flush();
   }
 
+  /** Destroy a temporary tensor once the work recorded so far has been submitted. */
+  release(t: Tensor): void {
+    this.pendingUniforms.push(t.buffer);
+  }
+
   /** Submit everything recorded so far. Does not wait. */
   flush(): void {
     this.endPass();
-    if (!this.encoder) return;
-    this.device.queue.submit([this.encoder.finish()]);
-    this.encoder = null;
+    if (this.encoder) {
+      this.device.queue.submit([this.encoder.finish()]);
+      this.encoder = null;
+    }
+    // Buffers used by submitted work may be destroyed now: the GPU keeps them until done.
     for (const u of this.pendingUniforms) u.destroy();
     this.pendingUniforms = [];
   }
@@ -261,7 +300,11 @@ export class Gpu {
     return tensors.map((t, i) => {
       const bytes = staging[i].getMappedRange().slice(0, t.size * 4);
       staging[i].destroy();
-      return t.dtype === "f32" ? new Float32Array(bytes) : t.dtype === "i32" ? new Int32Array(bytes) : new Uint32Array(bytes);
+      return t.dtype === "f32"
+        ? new Float32Array(bytes)
+        : t.dtype === "i32"
+        ? new Int32Array(bytes)
+        : new Uint32Array(bytes);
     });
   }
 
