@@ -28,6 +28,14 @@ const COMMANDS: Record<string, Command> = {
     summary: "the WebGPU adapters this machine offers",
     load: () => import("./gpu/cli_gpu.ts"),
   },
+  tokenize: {
+    summary: "token ids of a text, optionally through the chat template",
+    load: () => import("./core/cli_tokenize.ts"),
+  },
+  rewards: {
+    summary: "score {completion, answer} rows with the reward functions",
+    load: () => import("./core/cli_rewards.ts"),
+  },
 };
 
 const USAGE = `usage: aha <command> [options]

@@ -14,18 +14,37 @@ import { AhaError } from "../core/errors.ts";
 
 export type DType = "f32" | "i32" | "u32";
 
-/** A buffer on the GPU with a shape. Elements are 4 bytes whatever the dtype. */
+/** Storage bindings must start at a multiple of this many bytes (WebGPU's default limit). */
+export const BINDING_ALIGNMENT = 256;
+
+/**
+ * A buffer on the GPU with a shape. Elements are 4 bytes whatever the dtype. A view shares its
+ * parent's buffer from `offset` bytes on.
+ */
 export class Tensor {
   constructor(
     readonly buffer: GPUBuffer,
     readonly shape: number[],
     readonly dtype: DType = "f32",
+    readonly offset = 0,
   ) {}
   get size(): number {
     return this.shape.reduce((a, b) => a * b, 1);
   }
+  /** A view of this tensor's elements from `start` on, with the given shape. */
+  view(start: number, shape: number[]): Tensor {
+    const offset = this.offset + start * 4;
+    const size = shape.reduce((a, b) => a * b, 1);
+    if (offset % BINDING_ALIGNMENT !== 0) {
+      throw new Error(`view: byte offset ${offset} is not ${BINDING_ALIGNMENT}-aligned`);
+    }
+    if (start + size > this.size) {
+      throw new Error(`view: [${start}, ${start + size}) is outside ${this.size} elements`);
+    }
+    return new Tensor(this.buffer, shape, this.dtype, offset);
+  }
   destroy(): void {
-    this.buffer.destroy();
+    if (this.offset === 0) this.buffer.destroy();
   }
 }
 
@@ -164,7 +183,7 @@ export class Gpu {
     this.flush();
     this.device.queue.writeBuffer(
       t.buffer,
-      offsetElements * 4,
+      t.offset + offsetElements * 4,
       data.buffer as ArrayBuffer,
       data.byteOffset,
       data.byteLength,
@@ -174,7 +193,7 @@ export class Gpu {
   /** Set every element of a tensor to zero (recorded like a dispatch). */
   clear(t: Tensor): void {
     this.endPass();
-    this.getEncoder().clearBuffer(t.buffer);
+    this.getEncoder().clearBuffer(t.buffer, t.offset, t.size * 4);
   }
 
   /** Copy `count` elements between tensors (recorded like a dispatch). */
@@ -229,7 +248,12 @@ export class Gpu {
     uniform.unmap();
     this.pendingUniforms.push(uniform);
     const entries: GPUBindGroupEntry[] = [{ binding: 0, resource: { buffer: uniform } }];
-    tensors.forEach((t, i) => entries.push({ binding: i + 1, resource: { buffer: t.buffer } }));
+    tensors.forEach((t, i) =>
+      entries.push({
+        binding: i + 1,
+        resource: { buffer: t.buffer, offset: t.offset, size: Math.max(4, t.size * 4) },
+      })
+    );
     const bindGroup = this.device.createBindGroup({
       layout: pipeline.getBindGroupLayout(0),
       entries,
@@ -292,7 +316,7 @@ export class Gpu {
         size: Math.max(4, t.size * 4),
         usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
       });
-      encoder.copyBufferToBuffer(t.buffer, 0, b, 0, t.size * 4);
+      encoder.copyBufferToBuffer(t.buffer, t.offset, b, 0, t.size * 4);
       return b;
     });
     this.flush();

@@ -1,0 +1,11 @@
+import { loadTokenizer } from "./core/tokenizer.ts";
+let t0 = performance.now();
+const tok = await loadTokenizer("/work/shared/data/qwen2-tokenizer");
+console.log("load ms", performance.now() - t0);
+console.log(tok.encode("Hello"), tok.encode("Hello, world!"), tok.encode("<|im_start|>"), tok.vocabSize, tok.eosIds, tok.padId);
+const s = "Hello 世界! 123456 \n\n  def f(x):\n\treturn x**2  # ok\n   \n价格是 $1,234.50。 émoji 🤔👍🏽 tabs\t\t end  ";
+const ids = tok.encode(s); console.log(ids.length, tok.decode(ids) === s);
+const p = tok.chatTemplate!.prompt("What is 2+2?", "SYS");
+console.log(JSON.stringify(p), JSON.stringify(tok.chatTemplate!.prompt("hi")));
+const d = tok.streamDecoder(); let out = ""; for (const id of tok.encode("🤔世界")) { const x = d.push(id); console.log(id, JSON.stringify(x)); out += x; } out += d.flush(); console.log(out);
+t0 = performance.now(); for (let i=0;i<10;i++) tok.encode(s.repeat(20)); console.log("enc ms", (performance.now()-t0)/10);

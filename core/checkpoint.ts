@@ -1,0 +1,153 @@
+// Hugging Face checkpoint directories: config.json plus model.safetensors, or shards listed in
+// model.safetensors.index.json. Loading checks every weight the config needs before reading
+// any tensor data; saving writes a complete new directory beside the old one and renames it into
+// place, so the previous checkpoint survives any failure.
+
+import { AhaError } from "./errors.ts";
+import { type ModelConfig, parseModelConfig, weightShapes } from "./model_config.ts";
+import { readSafetensors, readSafetensorsHeader, writeSafetensors } from "./safetensors.ts";
+
+export interface Checkpoint {
+  config: ModelConfig;
+  hfConfig: Record<string, unknown>;
+  weights: Map<string, Float32Array>; // in weightShapes order
+}
+
+const SINGLE_FILE = "model.safetensors";
+const INDEX_FILE = "model.safetensors.index.json";
+// Written into every model.safetensors (as transformers does), so files are byte-for-byte stable.
+const METADATA = { format: "pt" };
+
+async function readJson(path: string): Promise<unknown> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) throw new AhaError(`${path}: file not found`);
+    throw new AhaError(`${path}: cannot read (${(e as Error).message})`);
+  }
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw new AhaError(`${path}: not valid JSON (${(e as Error).message.split("\n")[0]})`);
+  }
+}
+
+const exists = (path: string) => Deno.stat(path).then(() => true, () => false);
+const shapeText = (shape: number[]) => `[${shape.join(", ")}]`;
+
+/** Which file holds each weight: the index's weight_map, or model.safetensors for all. */
+async function weightFiles(dir: string, names: string[]): Promise<Map<string, string>> {
+  const files = new Map<string, string>();
+  const indexPath = `${dir}/${INDEX_FILE}`;
+  if (await exists(indexPath)) {
+    const index = await readJson(indexPath) as { weight_map?: unknown };
+    const map = index?.weight_map;
+    if (typeof map !== "object" || map === null || Array.isArray(map)) {
+      throw new AhaError(`${indexPath}: field "weight_map" must be an object`);
+    }
+    for (const name of names) {
+      const file = (map as Record<string, unknown>)[name];
+      if (typeof file !== "string") {
+        throw new AhaError(`${indexPath}: weight_map has no file for weight "${name}"`);
+      }
+      files.set(name, `${dir}/${file}`);
+    }
+  } else if (await exists(`${dir}/${SINGLE_FILE}`)) {
+    for (const name of names) files.set(name, `${dir}/${SINGLE_FILE}`);
+  } else {
+    throw new AhaError(`${dir}: no ${SINGLE_FILE} or ${INDEX_FILE}`);
+  }
+  return files;
+}
+
+/** Loads a checkpoint directory; every weight of weightShapes(config) must be present with its
+ * shape (F32, F16 or BF16; converted to f32). Other tensors, e.g. a tied lm_head, are ignored. */
+export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
+  const configPath = `${dir}/config.json`;
+  const hfConfig = await readJson(configPath);
+  const config = parseModelConfig(hfConfig, configPath);
+  const shapes = weightShapes(config);
+  const files = await weightFiles(dir, [...shapes.keys()]);
+  const byFile = Map.groupBy(files.keys(), (name) => files.get(name)!);
+  // Check every header before reading any tensor data.
+  for (const [file, names] of byFile) {
+    const { entries } = await readSafetensorsHeader(file);
+    for (const name of names) {
+      const expected = shapes.get(name)!;
+      const entry = entries.get(name);
+      if (!entry) {
+        throw new AhaError(
+          `${file}: missing weight "${name}" (expected shape ${shapeText(expected)})`,
+        );
+      }
+      if (shapeText(entry.shape) !== shapeText(expected)) {
+        throw new AhaError(
+          `${file}: weight "${name}" has shape ${shapeText(entry.shape)}, ` +
+            `expected ${shapeText(expected)} from config.json`,
+        );
+      }
+    }
+  }
+  const read = new Map<string, Float32Array>();
+  for (const [file, names] of byFile) {
+    for (const [name, t] of await readSafetensors(file, names)) read.set(name, t.data);
+  }
+  const weights = new Map<string, Float32Array>();
+  for (const name of shapes.keys()) weights.set(name, read.get(name)!);
+  return { config, hfConfig: hfConfig as Record<string, unknown>, weights };
+}
+
+/** Writes config.json, model.safetensors (F32, weightShapes order) and `extraFiles` into a
+ * temporary sibling directory, then renames it to `dir`, replacing any previous one. */
+export async function saveCheckpoint(
+  dir: string,
+  hfConfig: Record<string, unknown>,
+  weights: Map<string, Float32Array>,
+  extraFiles: Record<string, Uint8Array | string> = {},
+): Promise<void> {
+  const shapes = weightShapes(parseModelConfig(hfConfig, `${dir}/config.json`));
+  const tensors = new Map<string, { shape: number[]; data: Float32Array }>();
+  for (const [name, shape] of shapes) {
+    const data = weights.get(name);
+    const size = shape.reduce((a, b) => a * b, 1);
+    if (!data || data.length !== size) {
+      throw new AhaError(
+        `${dir}: cannot save weight "${name}": expected ${size} values (shape ` +
+          `${shapeText(shape)}), got ${data ? data.length : "none"}`,
+      );
+    }
+    tensors.set(name, { shape, data });
+  }
+  const path = dir.replace(/\/+$/, "");
+  const slash = path.lastIndexOf("/");
+  const parent = slash < 0 ? "." : path.slice(0, slash) || "/";
+  const base = path.slice(slash + 1);
+  const temporary = `${parent}/.${base}.${Deno.pid}.tmp`;
+  const previous = `${parent}/.${base}.${Deno.pid}.old`;
+  try {
+    await Deno.remove(temporary, { recursive: true }).catch(() => {});
+    await Deno.mkdir(temporary, { recursive: true });
+    await Deno.writeTextFile(`${temporary}/config.json`, JSON.stringify(hfConfig, null, 2) + "\n");
+    await writeSafetensors(`${temporary}/${SINGLE_FILE}`, tensors, METADATA);
+    for (const [name, content] of Object.entries(extraFiles)) {
+      if (typeof content === "string") await Deno.writeTextFile(`${temporary}/${name}`, content);
+      else await Deno.writeFile(`${temporary}/${name}`, content);
+    }
+    // A directory cannot be renamed over a non-empty one: move the old one aside first, and
+    // back again if the new one cannot take its place.
+    const replacing = await exists(path);
+    if (replacing) await Deno.rename(path, previous);
+    try {
+      await Deno.rename(temporary, path);
+    } catch (e) {
+      if (replacing) await Deno.rename(previous, path);
+      throw e;
+    }
+    if (replacing) await Deno.remove(previous, { recursive: true });
+  } catch (e) {
+    await Deno.remove(temporary, { recursive: true }).catch(() => {});
+    if (e instanceof AhaError) throw e;
+    throw new AhaError(`${dir}: cannot save checkpoint (${(e as Error).message})`);
+  }
+}

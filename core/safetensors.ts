@@ -1,0 +1,339 @@
+// The safetensors file format: an 8-byte little-endian header length, a JSON header naming each
+// tensor's dtype, shape and byte range, then the raw little-endian tensor bytes.
+//
+// Reading validates the whole header before allocating anything large: the header length
+// against the file size (and a 100 MB cap), the JSON, every dtype, that each shape × dtype size
+// equals its byte range, that ranges lie inside the file and do not overlap. Any violation is an
+// AhaError "<file>: <problem>". Tensors are then read one at a time straight into their output
+// arrays, and F16 / BF16 are widened to Float32Array. Writing is deterministic (tensors in the
+// given order, compact JSON padded with spaces to 8 bytes) and goes through a temporary name.
+
+import { AhaError } from "./errors.ts";
+
+export type SafeDType =
+  | "F64"
+  | "F32"
+  | "F16"
+  | "BF16"
+  | "I64"
+  | "I32"
+  | "I16"
+  | "I8"
+  | "U8"
+  | "BOOL";
+
+const DTYPE_BYTES: Record<SafeDType, number> = {
+  F64: 8,
+  F32: 4,
+  F16: 2,
+  BF16: 2,
+  I64: 8,
+  I32: 4,
+  I16: 2,
+  I8: 1,
+  U8: 1,
+  BOOL: 1,
+};
+
+export interface TensorEntry {
+  dtype: SafeDType;
+  shape: number[];
+  begin: number; // byte offsets into the data section (after the header)
+  end: number;
+}
+
+export interface SafetensorsHeader {
+  entries: Map<string, TensorEntry>;
+  metadata: Record<string, string>;
+  dataOffset: number; // where the data section starts in the file
+}
+
+const MAX_HEADER_BYTES = 100 * 1024 * 1024;
+
+const isCount = (v: unknown): v is number => Number.isSafeInteger(v) && (v as number) >= 0;
+
+/** Reads the header of a safetensors file and checks it against the file (see the top). */
+export async function readSafetensorsHeader(path: string): Promise<SafetensorsHeader> {
+  const file = await openForReading(path);
+  try {
+    return await readHeader(path, file);
+  } finally {
+    file.close();
+  }
+}
+
+async function openForReading(path: string): Promise<Deno.FsFile> {
+  try {
+    return await Deno.open(path, { read: true });
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) throw new AhaError(`${path}: file not found`);
+    throw new AhaError(`${path}: cannot open (${(e as Error).message})`);
+  }
+}
+
+async function readHeader(path: string, file: Deno.FsFile): Promise<SafetensorsHeader> {
+  const fail = (problem: string): never => {
+    throw new AhaError(`${path}: ${problem}`);
+  };
+  const fileSize = (await file.stat()).size;
+  if (fileSize < 8) fail(`truncated file (${fileSize} bytes; a safetensors file starts with 8)`);
+  const lengthBytes = new Uint8Array(8);
+  await readFully(path, file, 0, lengthBytes);
+  const headerLength = new DataView(lengthBytes.buffer).getBigUint64(0, true);
+  if (headerLength > BigInt(MAX_HEADER_BYTES)) {
+    fail(`header length ${headerLength} bytes is over the 100 MB limit (not a safetensors file?)`);
+  }
+  const n = Number(headerLength);
+  if (8 + n > fileSize) {
+    fail(`header length ${n} bytes goes beyond the end of the file (${fileSize} bytes)`);
+  }
+  const headerBytes = new Uint8Array(n);
+  await readFully(path, file, 8, headerBytes);
+  let json: unknown;
+  try {
+    json = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(headerBytes));
+  } catch (e) {
+    fail(`header is not valid JSON (${(e as Error).message.split("\n")[0]})`);
+  }
+  if (typeof json !== "object" || json === null || Array.isArray(json)) {
+    fail("header is not a JSON object");
+  }
+  const dataOffset = 8 + n;
+  const dataSize = fileSize - dataOffset;
+  const entries = new Map<string, TensorEntry>();
+  let metadata: Record<string, string> = {};
+  for (const [name, value] of Object.entries(json as Record<string, unknown>)) {
+    if (name === "__metadata__") {
+      const ok = typeof value === "object" && value !== null && !Array.isArray(value) &&
+        Object.values(value).every((v) => typeof v === "string");
+      if (!ok) fail(`"__metadata__" must be an object of strings`);
+      metadata = value as Record<string, string>;
+      continue;
+    }
+    const e = value as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
+    if (typeof e !== "object" || e === null) fail(`tensor "${name}" is not an object`);
+    const dtype = e.dtype as SafeDType;
+    if (typeof dtype !== "string" || !Object.hasOwn(DTYPE_BYTES, dtype)) {
+      fail(`tensor "${name}" has unknown dtype ${JSON.stringify(e.dtype)}`);
+    }
+    const shape = e.shape;
+    if (!Array.isArray(shape) || !shape.every(isCount)) {
+      fail(`tensor "${name}" has an invalid shape ${JSON.stringify(shape)}`);
+    }
+    const offsets = e.data_offsets;
+    if (
+      !Array.isArray(offsets) || offsets.length !== 2 || !offsets.every(isCount) ||
+      offsets[0] > offsets[1]
+    ) {
+      fail(`tensor "${name}" has invalid data_offsets ${JSON.stringify(offsets)}`);
+    }
+    const [begin, end] = offsets as number[];
+    const bytes = (shape as number[]).reduce((a, b) => a * b, 1) * DTYPE_BYTES[dtype];
+    if (bytes !== end - begin) {
+      fail(
+        `tensor "${name}": shape [${shape}] of ${dtype} needs ${bytes} bytes ` +
+          `but data_offsets [${begin}, ${end}] cover ${end - begin}`,
+      );
+    }
+    if (end > dataSize) {
+      fail(
+        `tensor "${name}": data_offsets [${begin}, ${end}] go beyond the end of the data ` +
+          `(${dataSize} bytes; truncated file?)`,
+      );
+    }
+    entries.set(name, { dtype, shape: shape as number[], begin, end });
+  }
+  // No two non-empty byte ranges may overlap.
+  const ranges = [...entries].filter(([, e]) => e.end > e.begin).sort((a, b) =>
+    a[1].begin - b[1].begin
+  );
+  for (let i = 1; i < ranges.length; i++) {
+    if (ranges[i][1].begin < ranges[i - 1][1].end) {
+      fail(`tensors "${ranges[i - 1][0]}" and "${ranges[i][0]}" overlap`);
+    }
+  }
+  return { entries, metadata, dataOffset };
+}
+
+async function readFully(path: string, file: Deno.FsFile, position: number, into: Uint8Array) {
+  await file.seek(position, Deno.SeekMode.Start);
+  let done = 0;
+  while (done < into.length) {
+    const n = await file.read(into.subarray(done));
+    if (n === null) throw new AhaError(`${path}: truncated file (ended while reading)`);
+    done += n;
+  }
+}
+
+/** Reads all (or the named) tensors as Float32Array; F32, F16 and BF16 only. */
+export async function readSafetensors(
+  path: string,
+  names?: string[],
+): Promise<Map<string, { shape: number[]; data: Float32Array }>> {
+  const out = new Map<string, { shape: number[]; data: Float32Array }>();
+  await readTensors(path, names, ["F32", "F16", "BF16"], async (name, entry, read) => {
+    const data = new Float32Array(entry.shape.reduce((a, b) => a * b, 1));
+    if (entry.dtype === "F32") {
+      await read(new Uint8Array(data.buffer));
+    } else {
+      const halves = new Uint16Array(data.length);
+      await read(new Uint8Array(halves.buffer));
+      if (entry.dtype === "F16") halfToFloat32(halves, data);
+      else bfloat16ToFloat32(halves, data);
+    }
+    out.set(name, { shape: entry.shape, data });
+  });
+  return out;
+}
+
+/** Reads all (or the named) tensors as their raw bytes, whatever the dtype (e.g. I32 token ids:
+ * `new Int32Array(t.bytes.buffer)`; each `bytes` is its own buffer). */
+export async function readSafetensorsRaw(
+  path: string,
+  names?: string[],
+): Promise<Map<string, { dtype: SafeDType; shape: number[]; bytes: Uint8Array }>> {
+  const out = new Map<string, { dtype: SafeDType; shape: number[]; bytes: Uint8Array }>();
+  await readTensors(path, names, null, async (name, entry, read) => {
+    const bytes = new Uint8Array(entry.end - entry.begin);
+    await read(bytes);
+    out.set(name, { dtype: entry.dtype, shape: entry.shape, bytes });
+  });
+  return out;
+}
+
+/** Validates the header, that the named tensors exist and have one of `dtypes` (null: any),
+ * then calls `take` for each wanted tensor in file order with a function that reads that
+ * tensor's bytes into a buffer. */
+async function readTensors(
+  path: string,
+  names: string[] | undefined,
+  dtypes: SafeDType[] | null,
+  take: (
+    name: string,
+    entry: TensorEntry,
+    read: (into: Uint8Array) => Promise<void>,
+  ) => Promise<void>,
+): Promise<void> {
+  const file = await openForReading(path);
+  try {
+    const { entries, dataOffset } = await readHeader(path, file);
+    const wanted = names ?? [...entries.keys()];
+    for (const name of wanted) {
+      const entry = entries.get(name);
+      if (!entry) throw new AhaError(`${path}: no tensor named "${name}"`);
+      if (dtypes && !dtypes.includes(entry.dtype)) {
+        throw new AhaError(
+          `${path}: tensor "${name}" has dtype ${entry.dtype}; expected ${dtypes.join(", ")}`,
+        );
+      }
+    }
+    const ordered = wanted.map((name) => [name, entries.get(name)!] as const)
+      .sort((a, b) => a[1].begin - b[1].begin);
+    for (const [name, entry] of ordered) {
+      await take(name, entry, (into) => readFully(path, file, dataOffset + entry.begin, into));
+    }
+  } finally {
+    file.close();
+  }
+}
+
+// IEEE half precision → float32, through a table of all 65536 values (built on first use).
+let halfTable: Float32Array | null = null;
+
+function halfToFloat32(src: Uint16Array, dst: Float32Array) {
+  if (!halfTable) {
+    halfTable = new Float32Array(65536);
+    for (let bits = 0; bits < 65536; bits++) {
+      const sign = bits & 0x8000 ? -1 : 1;
+      const exponent = (bits >> 10) & 0x1f;
+      const mantissa = bits & 0x3ff;
+      halfTable[bits] = exponent === 0
+        ? sign * mantissa * 2 ** -24 // zero and subnormals
+        : exponent === 31
+        ? (mantissa ? NaN : sign * Infinity)
+        : sign * (1 + mantissa / 1024) * 2 ** (exponent - 15);
+    }
+  }
+  for (let i = 0; i < src.length; i++) dst[i] = halfTable[src[i]];
+}
+
+// bfloat16 is the top half of a float32.
+function bfloat16ToFloat32(src: Uint16Array, dst: Float32Array) {
+  const bits = new Uint32Array(dst.buffer, dst.byteOffset, dst.length);
+  for (let i = 0; i < src.length; i++) bits[i] = src[i] << 16;
+}
+
+type WritableTensors = Map<string, { shape: number[]; data: Float32Array | Int32Array }>;
+
+/** The header bytes (length prefix + JSON padded to 8 bytes) for tensors laid out in order. */
+function encodeHeader(path: string, tensors: WritableTensors, metadata?: Record<string, string>) {
+  const header: Record<string, unknown> = {};
+  if (metadata) header.__metadata__ = metadata;
+  let offset = 0;
+  for (const [name, { shape, data }] of tensors) {
+    if (shape.reduce((a, b) => a * b, 1) !== data.length) {
+      throw new AhaError(
+        `${path}: tensor "${name}" has ${data.length} values for shape [${shape}]`,
+      );
+    }
+    const dtype = data instanceof Float32Array ? "F32" : "I32";
+    header[name] = { dtype, shape, data_offsets: [offset, offset + data.byteLength] };
+    offset += data.byteLength;
+  }
+  let json = JSON.stringify(header);
+  json += " ".repeat((8 - json.length % 8) % 8); // the JSON is ASCII when names are
+  const jsonBytes = new TextEncoder().encode(json);
+  const out = new Uint8Array(8 + jsonBytes.length);
+  new DataView(out.buffer).setBigUint64(0, BigInt(jsonBytes.length), true);
+  out.set(jsonBytes, 8);
+  return out;
+}
+
+const bytesOf = (a: Float32Array | Int32Array) =>
+  new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+
+/** The whole file's bytes, for small files kept in memory (e.g. `saveCheckpoint` extra files). */
+export function encodeSafetensors(
+  tensors: WritableTensors,
+  metadata?: Record<string, string>,
+): Uint8Array {
+  const header = encodeHeader("safetensors", tensors, metadata);
+  let size = header.length;
+  for (const { data } of tensors.values()) size += data.byteLength;
+  const out = new Uint8Array(size);
+  out.set(header);
+  let offset = header.length;
+  for (const { data } of tensors.values()) {
+    out.set(bytesOf(data), offset);
+    offset += data.byteLength;
+  }
+  return out;
+}
+
+/** Writes F32 / I32 tensors in the given order to `path`, through a temporary sibling file. */
+export async function writeSafetensors(
+  path: string,
+  tensors: WritableTensors,
+  metadata?: Record<string, string>,
+): Promise<void> {
+  const header = encodeHeader(path, tensors, metadata);
+  const temporary = `${path}.${Deno.pid}.tmp`;
+  try {
+    const file = await Deno.open(temporary, { write: true, create: true, truncate: true });
+    try {
+      await writeAll(file, header);
+      for (const { data } of tensors.values()) await writeAll(file, bytesOf(data));
+    } finally {
+      file.close();
+    }
+    await Deno.rename(temporary, path);
+  } catch (e) {
+    await Deno.remove(temporary).catch(() => {});
+    if (e instanceof AhaError) throw e;
+    throw new AhaError(`${path}: cannot write (${(e as Error).message})`);
+  }
+}
+
+async function writeAll(file: Deno.FsFile, bytes: Uint8Array) {
+  for (let done = 0; done < bytes.length;) done += await file.write(bytes.subarray(done));
+}

@@ -1,0 +1,271 @@
+// Causal grouped-query attention: forward (saving log-sum-exp), backward, and the KV-cache write
+// used during generation.
+//
+// Layouts: q, out, dOut [B, Lq, nHeads, D]; k, v (the cache) [B, capacity, nKvHeads, D] with
+// kvLens[b] valid keys. Query i of row b sits at position kvLens[b] − Lq + i and sees the keys
+// j ≤ that position; query head h reads kv head h / (nHeads / nKvHeads). Training uses
+// Lq = capacity = kvLens = L; generation uses a larger capacity and Lq = prompt length (prefill)
+// or 1 (decode). A query with no visible key (kvLens[b] < Lq) gets out 0, lse 0 and no gradient.
+//
+// Every kernel gives one invocation a whole head-sized vector and loops over the other axis in
+// registers, without workgroup memory or barriers (expensive on llvmpipe):
+//   forward  one invocation per (b, i, h): online softmax over the keys, out and lse;
+//   dq       one invocation per (b, i, h): delta = dOut·out, then dq = scale Σ_j ds_ij k_j;
+//   dk, dv   one invocation per (b, j, kv head): sums over the group's query heads and the
+//            queries that see key j, in fixed order, recomputing p = exp(s − lse). Deterministic.
+
+import { type Gpu, grid, type Tensor } from "./device.ts";
+
+export interface AttentionShape {
+  B: number;
+  Lq: number;
+  capacity: number;
+  nHeads: number;
+  nKvHeads: number;
+  headDim: number;
+}
+
+const WG = 64;
+const chunkWidth = (D: number) => D % 4 === 0 ? 4 : 2;
+
+// Shared by the three attention kernels: parameters, the head vector as C chunks of vec4 (vec2
+// when the head size is not a multiple of 4; it is always even), the flat invocation index and
+// the first position of row b's queries. Chunks let llvmpipe load and multiply 4 floats at once.
+const header = (D: number) => `
+struct Params { B: u32, Lq: u32, capacity: u32, nHeads: u32, nKvHeads: u32, scale: f32 }
+@group(0) @binding(0) var<uniform> p: Params;
+alias Chunk = vec${chunkWidth(D)}f;
+const C = ${D / chunkWidth(D)}u;
+fn flatIndex(gid: vec3u, nwg: vec3u) -> u32 { return gid.x + gid.y * nwg.x * ${WG}u; }
+fn firstQueryPos(b: u32) -> i32 { return kvLens[b] - i32(p.Lq); }
+`;
+
+const forwardWgsl = (D: number) =>
+  header(D) + `
+@group(0) @binding(1) var<storage, read> q: array<Chunk>;
+@group(0) @binding(2) var<storage, read> k: array<Chunk>;
+@group(0) @binding(3) var<storage, read> v: array<Chunk>;
+@group(0) @binding(4) var<storage, read> kvLens: array<i32>;
+@group(0) @binding(5) var<storage, read_write> out: array<Chunk>;
+@group(0) @binding(6) var<storage, read_write> lse: array<f32>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let n = flatIndex(gid, nwg);                     // n = (b·Lq + i)·nHeads + h
+  if (n >= p.B * p.Lq * p.nHeads) { return; }
+  let h = n % p.nHeads;
+  let i = (n / p.nHeads) % p.Lq;
+  let b = n / (p.nHeads * p.Lq);
+  let kvh = h / (p.nHeads / p.nKvHeads);
+  let last = min(firstQueryPos(b) + i32(i), i32(p.capacity) - 1);   // last visible key
+
+  var qs: array<Chunk, C>;                           // the query, pre-scaled
+  var acc: array<Chunk, C>;                          // Σ_j exp(s_j − m)·v_j
+  for (var d = 0u; d < C; d++) { qs[d] = q[n * C + d] * p.scale; acc[d] = Chunk(); }
+  var m = -3.0e38;                                 // running max of the scores
+  var l = 0.0;                                     // Σ_j exp(s_j − m)
+  for (var j = 0; j <= last; j++) {
+    let kv = ((b * p.capacity + u32(j)) * p.nKvHeads + kvh) * C;
+    var s = 0.0;
+    for (var d = 0u; d < C; d++) { s += dot(qs[d], k[kv + d]); }
+    let mNew = max(m, s);
+    let correction = exp(m - mNew);
+    let w = exp(s - mNew);
+    l = l * correction + w;
+    for (var d = 0u; d < C; d++) { acc[d] = acc[d] * correction + w * v[kv + d]; }
+    m = mNew;
+  }
+  let invL = select(0.0, 1.0 / l, l > 0.0);
+  for (var d = 0u; d < C; d++) { out[n * C + d] = acc[d] * invL; }
+  lse[(b * p.nHeads + h) * p.Lq + i] = select(0.0, m + log(l), l > 0.0);
+}`;
+
+const dqWgsl = (D: number) =>
+  header(D) + `
+@group(0) @binding(1) var<storage, read> q: array<Chunk>;
+@group(0) @binding(2) var<storage, read> k: array<Chunk>;
+@group(0) @binding(3) var<storage, read> v: array<Chunk>;
+@group(0) @binding(4) var<storage, read> kvLens: array<i32>;
+@group(0) @binding(5) var<storage, read> out: array<Chunk>;
+@group(0) @binding(6) var<storage, read> lse: array<f32>;
+@group(0) @binding(7) var<storage, read> dOut: array<Chunk>;
+@group(0) @binding(8) var<storage, read_write> dq: array<Chunk>;
+@group(0) @binding(9) var<storage, read_write> delta: array<f32>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let n = flatIndex(gid, nwg);                     // n = (b·Lq + i)·nHeads + h
+  if (n >= p.B * p.Lq * p.nHeads) { return; }
+  let h = n % p.nHeads;
+  let i = (n / p.nHeads) % p.Lq;
+  let b = n / (p.nHeads * p.Lq);
+  let kvh = h / (p.nHeads / p.nKvHeads);
+  let last = min(firstQueryPos(b) + i32(i), i32(p.capacity) - 1);
+  let rowLse = lse[(b * p.nHeads + h) * p.Lq + i];
+
+  var qs: array<Chunk, C>;
+  var dO: array<Chunk, C>;
+  var acc: array<Chunk, C>;                          // Σ_j ds_j·k_j
+  var dlt = 0.0;                                   // delta = dOut·out = Σ_j p_j·(dOut·v_j)
+  for (var d = 0u; d < C; d++) {
+    qs[d] = q[n * C + d] * p.scale;
+    dO[d] = dOut[n * C + d];
+    acc[d] = Chunk();
+    dlt += dot(dO[d], out[n * C + d]);
+  }
+  for (var j = 0; j <= last; j++) {
+    let kv = ((b * p.capacity + u32(j)) * p.nKvHeads + kvh) * C;
+    var s = 0.0;
+    var dp = 0.0;
+    for (var d = 0u; d < C; d++) { s += dot(qs[d], k[kv + d]); dp += dot(dO[d], v[kv + d]); }
+    let ds = exp(s - rowLse) * (dp - dlt);
+    for (var d = 0u; d < C; d++) { acc[d] += ds * k[kv + d]; }
+  }
+  for (var d = 0u; d < C; d++) { dq[n * C + d] = acc[d] * p.scale; }
+  delta[(b * p.nHeads + h) * p.Lq + i] = dlt;
+}`;
+
+const dkdvWgsl = (D: number) =>
+  header(D) + `
+@group(0) @binding(1) var<storage, read> q: array<Chunk>;
+@group(0) @binding(2) var<storage, read> k: array<Chunk>;
+@group(0) @binding(3) var<storage, read> v: array<Chunk>;
+@group(0) @binding(4) var<storage, read> kvLens: array<i32>;
+@group(0) @binding(5) var<storage, read> lse: array<f32>;
+@group(0) @binding(6) var<storage, read> delta: array<f32>;
+@group(0) @binding(7) var<storage, read> dOut: array<Chunk>;
+@group(0) @binding(8) var<storage, read_write> dk: array<Chunk>;
+@group(0) @binding(9) var<storage, read_write> dv: array<Chunk>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let n = flatIndex(gid, nwg);                     // n = (b·capacity + j)·nKvHeads + kvh
+  if (n >= p.B * p.capacity * p.nKvHeads) { return; }
+  let kvh = n % p.nKvHeads;
+  let j = (n / p.nKvHeads) % p.capacity;
+  let b = n / (p.nKvHeads * p.capacity);
+  let group = p.nHeads / p.nKvHeads;
+
+  var ks: array<Chunk, C>;                           // the key, pre-scaled
+  var vj: array<Chunk, C>;
+  var dkAcc: array<Chunk, C>;                        // Σ ds·q
+  var dvAcc: array<Chunk, C>;                        // Σ p·dOut
+  for (var d = 0u; d < C; d++) {
+    ks[d] = k[n * C + d] * p.scale;
+    vj[d] = v[n * C + d];
+    dkAcc[d] = Chunk();
+    dvAcc[d] = Chunk();
+  }
+  // Queries i with position firstQueryPos(b) + i ≥ j see this key (none when j ≥ kvLens[b]).
+  let firstPos = firstQueryPos(b);
+  let iStart = u32(max(i32(j) - firstPos, 0));
+  for (var h = kvh * group; h < (kvh + 1u) * group; h++) {
+    for (var i = iStart; i < p.Lq; i++) {
+      let qo = ((b * p.Lq + i) * p.nHeads + h) * C;
+      let row = (b * p.nHeads + h) * p.Lq + i;
+      var s = 0.0;
+      var dp = 0.0;
+      for (var d = 0u; d < C; d++) { s += dot(ks[d], q[qo + d]); dp += dot(dOut[qo + d], vj[d]); }
+      let prob = exp(s - lse[row]);
+      let ds = prob * (dp - delta[row]);
+      for (var d = 0u; d < C; d++) {
+        dkAcc[d] += ds * q[qo + d];
+        dvAcc[d] += prob * dOut[qo + d];
+      }
+    }
+  }
+  for (var d = 0u; d < C; d++) {
+    dk[n * C + d] = dkAcc[d] * p.scale;
+    dv[n * C + d] = dvAcc[d];
+  }
+}`;
+
+const writeKvCacheWgsl = `
+struct Params { B: u32, Lq: u32, capacity: u32, rowSize: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> kNew: array<f32>;
+@group(0) @binding(2) var<storage, read_write> cache: array<f32>;
+@group(0) @binding(3) var<storage, read> kvLens: array<i32>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let n = gid.x + gid.y * nwg.x * ${WG}u;          // n = (b·Lq + i)·rowSize + c
+  if (n >= p.B * p.Lq * p.rowSize) { return; }
+  let c = n % p.rowSize;
+  let i = (n / p.rowSize) % p.Lq;
+  let b = n / (p.rowSize * p.Lq);
+  let pos = kvLens[b] - i32(p.Lq) + i32(i);
+  if (pos < 0 || pos >= i32(p.capacity)) { return; }
+  cache[(b * p.capacity + u32(pos)) * p.rowSize + c] = kNew[n];
+}`;
+
+function params(s: AttentionShape): [number[], number[]] {
+  if (s.nHeads % s.nKvHeads !== 0) {
+    throw new Error(`attention: nHeads ${s.nHeads} is not a multiple of nKvHeads ${s.nKvHeads}`);
+  }
+  return [[s.B, s.Lq, s.capacity, s.nHeads, s.nKvHeads], [1 / Math.sqrt(s.headDim)]];
+}
+
+export function attention(
+  gpu: Gpu,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  kvLens: Tensor,
+  out: Tensor,
+  lse: Tensor,
+  s: AttentionShape,
+): void {
+  const [u32s, f32s] = params(s);
+  const pipeline = gpu.pipeline(forwardWgsl(s.headDim), "attention");
+  gpu.dispatch(pipeline, grid(s.B * s.Lq * s.nHeads, WG), [q, k, v, kvLens, out, lse], u32s, f32s);
+}
+
+export function attentionBackward(
+  gpu: Gpu,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  kvLens: Tensor,
+  out: Tensor,
+  lse: Tensor,
+  dOut: Tensor,
+  dq: Tensor,
+  dk: Tensor,
+  dv: Tensor,
+  s: AttentionShape,
+): void {
+  const [u32s, f32s] = params(s);
+  const delta = gpu.zeros([s.B, s.nHeads, s.Lq], "f32", "attention delta");
+  gpu.dispatch(
+    gpu.pipeline(dqWgsl(s.headDim), "attention dq"),
+    grid(s.B * s.Lq * s.nHeads, WG),
+    [q, k, v, kvLens, out, lse, dOut, dq, delta],
+    u32s,
+    f32s,
+  );
+  gpu.dispatch(
+    gpu.pipeline(dkdvWgsl(s.headDim), "attention dk dv"),
+    grid(s.B * s.capacity * s.nKvHeads, WG),
+    [q, k, v, kvLens, lse, delta, dOut, dk, dv],
+    u32s,
+    f32s,
+  );
+  gpu.release(delta);
+}
+
+export function writeKvCache(
+  gpu: Gpu,
+  kNew: Tensor,
+  cache: Tensor,
+  kvLens: Tensor,
+  s: AttentionShape,
+): void {
+  const rowSize = s.nKvHeads * s.headDim;
+  gpu.dispatch(
+    gpu.pipeline(writeKvCacheWgsl, "write kv cache"),
+    grid(s.B * s.Lq * rowSize, WG),
+    [kNew, cache, kvLens],
+    [s.B, s.Lq, s.capacity, rowSize],
+  );
+}

@@ -1,0 +1,89 @@
+// `aha score`: per-token log-probs of token sequences under a checkpoint — the stable public
+// interface for comparing aha's numbers with any other implementation.
+
+import { intOption, parseCommandArgs, required } from "../core/cli_args.ts";
+import { loadCheckpoint } from "../core/checkpoint.ts";
+import { AhaError, UsageError } from "../core/errors.ts";
+import { Gpu } from "./device.ts";
+import { GpuModel } from "./model.ts";
+import { scoreSequences } from "./score.ts";
+
+export const help =
+  `usage: aha score --model DIR --input IN.json [--output OUT.json] [--engine webgpu|onnx]
+
+Computes per-token log-probabilities. IN.json is {"sequences": [[token ids...], ...]} (lengths
+may differ); the output is {"logprobs": [[...], ...]} where row i has len(seq_i) - 1 values and
+value t is log p(seq_i[t+1] | seq_i[0..t]).
+
+  --model DIR      Hugging Face checkpoint directory (config.json + model.safetensors)
+  --input FILE     the sequences
+  --output FILE    where to write the result (default: standard output)
+  --engine NAME    webgpu (default: aha's own kernels) or onnx (onnxruntime-web, WASM)
+  --threads N      threads for the onnx engine (default 2)`;
+
+export async function run(args: string[]): Promise<void> {
+  const { values } = parseCommandArgs("score", args, {
+    model: { type: "string" },
+    input: { type: "string" },
+    output: { type: "string" },
+    engine: { type: "string", default: "webgpu" },
+    threads: { type: "string" },
+  });
+  const modelDir = required("score", "model", values.model);
+  const inputPath = required("score", "input", values.input);
+  const engine = values.engine;
+  if (engine !== "webgpu" && engine !== "onnx") {
+    throw new UsageError(`score: --engine must be webgpu or onnx, got "${engine}"`);
+  }
+  const threads = intOption("score", "threads", values.threads, 2);
+  const sequences = await readSequences(inputPath);
+
+  let logprobs: number[][];
+  if (engine === "onnx") {
+    const { scoreWithOnnx } = await import("../reference/score_onnx.ts");
+    logprobs = await scoreWithOnnx(modelDir, sequences, threads);
+  } else {
+    const checkpoint = await loadCheckpoint(modelDir);
+    checkTokenIds(inputPath, sequences, checkpoint.config.vocabSize);
+    const gpu = await Gpu.open();
+    const model = new GpuModel(gpu, checkpoint.config, checkpoint.weights);
+    logprobs = await scoreSequences(model, sequences);
+    model.destroy();
+    gpu.destroy();
+  }
+  const text = JSON.stringify({ logprobs });
+  if (values.output) await Deno.writeTextFile(values.output, text + "\n");
+  else console.log(text);
+}
+
+async function readSequences(path: string): Promise<number[][]> {
+  let json: unknown;
+  try {
+    json = JSON.parse(await Deno.readTextFile(path));
+  } catch (e) {
+    throw new AhaError(
+      `${path}: ${e instanceof SyntaxError ? "not valid JSON" : (e as Error).message}`,
+    );
+  }
+  const sequences = (json as { sequences?: unknown })?.sequences;
+  if (!Array.isArray(sequences)) {
+    throw new AhaError(`${path}: field "sequences" must be an array of token-id arrays`);
+  }
+  sequences.forEach((s, i) => {
+    if (!Array.isArray(s) || !s.every((t) => Number.isInteger(t))) {
+      throw new AhaError(`${path}: sequences[${i}] must be an array of integer token ids`);
+    }
+  });
+  return sequences as number[][];
+}
+
+export function checkTokenIds(path: string, sequences: number[][], vocabSize: number): void {
+  sequences.forEach((s, i) => {
+    const bad = s.findIndex((t) => t < 0 || t >= vocabSize);
+    if (bad >= 0) {
+      throw new AhaError(
+        `${path}: sequences[${i}][${bad}] = ${s[bad]} is outside the vocabulary [0, ${vocabSize})`,
+      );
+    }
+  });
+}

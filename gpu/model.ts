@@ -1,0 +1,514 @@
+// The Qwen2 model on the GPU: its weights as tensors, the forward pass that keeps what the
+// backward pass needs, the backward pass into accumulated gradients, and the AdamW step.
+//
+// One forward over a batch of B rows of L tokens (T = B·L positions, row-major) computes, for
+// every position t, logp[t] = log p(ids[t+1] | ids[..t]) (the last position of each row has no
+// next token; its value is meaningless). The loss lives on the CPU (core/grpo.ts): it reads logp,
+// returns dLoss/dlogp, and backward() pushes that through the network. The vocabulary
+// projection runs in token chunks, recomputed in backward, so T × vocab logits never exist at
+// once.
+
+import type { ModelConfig } from "../core/model_config.ts";
+import { weightShapes } from "../core/model_config.ts";
+import { type Gpu, Tensor } from "./device.ts";
+import { embedding, embeddingBackward } from "./embedding.ts";
+import { rmsnorm, rmsnormBackward } from "./rmsnorm.ts";
+import { linear, linearBackward, matmul } from "./matmul.ts";
+import { rope } from "./rope.ts";
+import { attention, attentionBackward, type AttentionShape, writeKvCache } from "./attention.ts";
+import { swiglu, swigluBackward } from "./swiglu.ts";
+import { add, addInPlace } from "./elementwise.ts";
+import { tokenLogprobs, tokenLogprobsBackward } from "./logprobs.ts";
+import { gradNorm } from "./gradnorm.ts";
+import { adamw, type AdamwHyper } from "./adamw.ts";
+
+/** Logits are computed for at most this many floats at a time (64 MiB). */
+const LOGIT_CHUNK_FLOATS = 16 * 1024 * 1024;
+/** Token chunks are multiples of this, so every chunk's views start 256-byte aligned. */
+const CHUNK_ALIGN = 64;
+
+/** What one layer's forward keeps for its backward. */
+export interface LayerActivations {
+  input: Tensor; // residual stream entering the layer [T,H]
+  norm1: Tensor; // input_layernorm output [T,H]
+  rstd1: Tensor; // [T]
+  q: Tensor; // after rotary [T, nH·D]
+  k: Tensor; // after rotary [T, nKv·D]
+  v: Tensor; // [T, nKv·D]
+  attn: Tensor; // attention output [T, nH·D]
+  lse: Tensor; // [B, nH, L]
+  mid: Tensor; // residual stream after attention [T,H]
+  norm2: Tensor; // post_attention_layernorm output [T,H]
+  rstd2: Tensor; // [T]
+  gate: Tensor; // [T,I]
+  up: Tensor; // [T,I]
+  act: Tensor; // silu(gate)·up [T,I]
+}
+
+/** The buffers one layer needs for T tokens of a batch of B rows of length L. */
+export function layerBuffers(gpu: Gpu, c: ModelConfig, B: number, L: number): LayerActivations {
+  const T = B * L, H = c.hiddenSize, I = c.intermediateSize;
+  const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
+  const f = (...shape: number[]) => gpu.zeros(shape);
+  return {
+    input: f(T, H),
+    norm1: f(T, H),
+    rstd1: f(T),
+    q: f(T, qDim),
+    k: f(T, kvDim),
+    v: f(T, kvDim),
+    attn: f(T, qDim),
+    lse: f(B, c.numHeads, L),
+    mid: f(T, H),
+    norm2: f(T, H),
+    rstd2: f(T),
+    gate: f(T, I),
+    up: f(T, I),
+    act: f(T, I),
+  };
+}
+
+/** Where one layerForward call reads positions and lengths, and (generation) its KV cache. */
+export interface LayerStep {
+  T: number;
+  positions: Tensor; // i32 [T]
+  kvLens: Tensor; // i32 [B]
+  shape: AttentionShape;
+  scratch: Tensor; // [T,H]
+  cache?: { k: Tensor; v: Tensor }; // [B, capacity, nKv, D]
+}
+
+/** Buffers for one batch shape, reused across steps. */
+class Activations {
+  readonly layers: LayerActivations[] = [];
+  readonly ids: Tensor;
+  readonly targets: Tensor;
+  readonly positions: Tensor;
+  readonly kvLens: Tensor;
+  readonly final: Tensor; // residual stream after the last layer [T,H]
+  readonly finalNorm: Tensor; // [T,H]
+  readonly rstdFinal: Tensor;
+  readonly logits: Tensor; // one chunk [chunk, V]
+  readonly dLogits: Tensor; // one chunk [chunk, V]
+  readonly logp: Tensor; // [T]
+  readonly lse: Tensor; // [T]
+  // Backward scratch.
+  readonly dLogp: Tensor;
+  readonly dResidual: Tensor; // [T,H]
+  readonly dNorm: Tensor; // [T,H]
+  readonly dAttn: Tensor; // [T, nH·D]
+  readonly dq: Tensor;
+  readonly dk: Tensor;
+  readonly dv: Tensor;
+  readonly dAct: Tensor; // [T,I]
+  readonly dGate: Tensor;
+  readonly dUp: Tensor;
+  readonly chunk: number;
+  idsHost: Int32Array = new Int32Array(0);
+
+  constructor(gpu: Gpu, c: ModelConfig, readonly B: number, readonly L: number) {
+    const T = B * L, H = c.hiddenSize, I = c.intermediateSize;
+    const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
+    const fit = Math.floor(LOGIT_CHUNK_FLOATS / c.vocabSize / CHUNK_ALIGN) * CHUNK_ALIGN;
+    this.chunk = Math.min(T, Math.max(CHUNK_ALIGN, fit));
+    const f = (...shape: number[]) => gpu.zeros(shape);
+    for (let i = 0; i < c.numLayers; i++) this.layers.push(layerBuffers(gpu, c, B, L));
+    this.ids = gpu.zeros([T], "i32");
+    this.targets = gpu.zeros([T], "i32");
+    this.positions = gpu.zeros([T], "i32");
+    this.kvLens = gpu.zeros([B], "i32");
+    this.final = f(T, H);
+    this.finalNorm = f(T, H);
+    this.rstdFinal = f(T);
+    this.logits = f(this.chunk, c.vocabSize);
+    this.dLogits = f(this.chunk, c.vocabSize);
+    this.logp = f(T);
+    this.lse = f(T);
+    this.dLogp = f(T);
+    this.dResidual = f(T, H);
+    this.dNorm = f(T, H);
+    this.dAttn = f(T, qDim);
+    this.dq = f(T, qDim);
+    this.dk = f(T, kvDim);
+    this.dv = f(T, kvDim);
+    this.dAct = f(T, I);
+    this.dGate = f(T, I);
+    this.dUp = f(T, I);
+    // Every row holds positions 0..L-1 and attends over its own L keys.
+    const positions = new Int32Array(T);
+    for (let t = 0; t < T; t++) positions[t] = t % L;
+    gpu.write(this.positions, positions);
+    gpu.write(this.kvLens, new Int32Array(B).fill(L));
+  }
+
+  destroy(): void {
+    for (const layer of this.layers) for (const t of Object.values(layer)) t.destroy();
+    for (const t of Object.values(this)) if (t instanceof Tensor) t.destroy();
+  }
+}
+
+/** `count` elements of `t` from `start` on (token chunks start at multiples of CHUNK_ALIGN). */
+function slice(t: Tensor, start: number, count: number): Tensor {
+  return start === 0 && count === t.size ? t : t.view(start, [count]);
+}
+
+export class GpuModel {
+  /** Weights by Hugging Face name. */
+  readonly params = new Map<string, Tensor>();
+  /** Gradients by name, accumulated across backward() calls until zeroGrads(). */
+  readonly grads = new Map<string, Tensor>();
+  private adamState = new Map<string, { m: Tensor; v: Tensor }>();
+  private acts: Activations | null = null;
+  private readonly norm: Tensor;
+
+  constructor(readonly gpu: Gpu, readonly config: ModelConfig, weights: Map<string, Float32Array>) {
+    for (const [name, shape] of weightShapes(config)) {
+      const data = weights.get(name);
+      if (!data) throw new Error(`GpuModel: missing weight ${name}`);
+      this.params.set(name, gpu.upload(data, shape, name));
+    }
+    this.norm = gpu.zeros([1]);
+  }
+
+  /** The vocabulary projection (the embedding matrix when tied). */
+  get lmHead(): Tensor {
+    return this.params.get(
+      this.config.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight",
+    )!;
+  }
+
+  /** A weight by Hugging Face name. */
+  p(name: string): Tensor {
+    return this.params.get(name)!;
+  }
+
+  private g(name: string): Tensor {
+    let t = this.grads.get(name);
+    if (!t) {
+      t = this.gpu.zeros(this.params.get(name)!.shape);
+      this.grads.set(name, t);
+    }
+    return t;
+  }
+
+  private activations(B: number, L: number): Activations {
+    if (!this.acts || this.acts.B !== B || this.acts.L !== L) {
+      this.acts?.destroy();
+      this.acts = new Activations(this.gpu, this.config, B, L);
+    }
+    return this.acts;
+  }
+
+  /**
+   * Forward over `ids` ([B, L] row-major). Returns the per-position log-prob tensor [B·L]
+   * (valid for t % L < L − 1). The activations stay for backward() until the next forward.
+   */
+  forward(ids: Int32Array, B: number, L: number, invTemperature = 1): Tensor {
+    const gpu = this.gpu, c = this.config, T = B * L;
+    const a = this.activations(B, L);
+    const targets = new Int32Array(T);
+    for (let t = 0; t < T; t++) targets[t] = t % L < L - 1 ? ids[t + 1] : 0;
+    gpu.write(a.ids, ids);
+    gpu.write(a.targets, targets);
+    a.idsHost = ids;
+    const shape = this.attentionShape(B, L);
+
+    embedding(gpu, a.ids, this.p("model.embed_tokens.weight"), a.layers[0]?.input ?? a.final, T);
+    const step = { T, positions: a.positions, kvLens: a.kvLens, shape, scratch: a.dNorm };
+    for (let i = 0; i < c.numLayers; i++) {
+      this.layerForward(i, a.layers[i], i + 1 < c.numLayers ? a.layers[i + 1].input : a.final, step);
+    }
+    rmsnorm(gpu, a.final, this.p("model.norm.weight"), a.finalNorm, a.rstdFinal, T, c.rmsNormEps);
+    this.eachLogitChunk(a, (start, n) => {
+      this.chunkLogits(a, start, n);
+      tokenLogprobs(
+        gpu,
+        a.logits,
+        slice(a.targets, start, n),
+        slice(a.logp, start, n),
+        slice(a.lse, start, n),
+        n,
+        c.vocabSize,
+        invTemperature,
+      );
+    });
+    return a.logp;
+  }
+
+  /**
+   * One transformer layer, x.input → out. With `cache`, this call's keys and values are written
+   * into the cache (at positions kvLens − Lq …) and attention runs over the cache; without it,
+   * attention runs over x.k and x.v themselves (training: the whole sequence at once).
+   */
+  layerForward(i: number, x: LayerActivations, out: Tensor, step: LayerStep): void {
+    const gpu = this.gpu, c = this.config, { T, positions, kvLens, shape, scratch, cache } = step;
+    const pre = `model.layers.${i}.`;
+    rmsnorm(gpu, x.input, this.p(pre + "input_layernorm.weight"), x.norm1, x.rstd1, T, c.rmsNormEps);
+    for (const name of ["q", "k", "v"] as const) {
+      const proj = `${pre}self_attn.${name}_proj`;
+      linear(gpu, x.norm1, this.p(proj + ".weight"), this.p(proj + ".bias"), x[name], T);
+    }
+    rope(gpu, x.q, positions, T, c.numHeads, c.headDim, c.ropeTheta);
+    rope(gpu, x.k, positions, T, c.numKvHeads, c.headDim, c.ropeTheta);
+    if (cache) {
+      writeKvCache(gpu, x.k, cache.k, kvLens, shape);
+      writeKvCache(gpu, x.v, cache.v, kvLens, shape);
+    }
+    attention(gpu, x.q, cache?.k ?? x.k, cache?.v ?? x.v, kvLens, x.attn, x.lse, shape);
+    linear(gpu, x.attn, this.p(pre + "self_attn.o_proj.weight"), null, scratch, T);
+    add(gpu, x.input, scratch, x.mid, T * c.hiddenSize);
+    rmsnorm(gpu, x.mid, this.p(pre + "post_attention_layernorm.weight"), x.norm2, x.rstd2, T, c.rmsNormEps);
+    linear(gpu, x.norm2, this.p(pre + "mlp.gate_proj.weight"), null, x.gate, T);
+    linear(gpu, x.norm2, this.p(pre + "mlp.up_proj.weight"), null, x.up, T);
+    swiglu(gpu, x.gate, x.up, x.act, T * c.intermediateSize);
+    linear(gpu, x.act, this.p(pre + "mlp.down_proj.weight"), null, scratch, T);
+    add(gpu, x.mid, scratch, out, T * c.hiddenSize);
+  }
+
+  /**
+   * Backward from dLoss/dlogp ([B·L], same layout as forward's output; zero where unused),
+   * adding every weight's gradient into `grads`.
+   */
+  backward(dLogp: Float32Array, invTemperature = 1): void {
+    const gpu = this.gpu, c = this.config, a = this.acts;
+    if (!a) throw new Error("GpuModel.backward: no forward pass to go back through");
+    const T = a.B * a.L, H = c.hiddenSize;
+    const shape = this.attentionShape(a.B, a.L);
+    gpu.write(a.dLogp, dLogp);
+
+    // Vocabulary projection, chunk by chunk: recompute logits, then dLogits → dFinalNorm, dLmHead.
+    const lmGrad = this.g(
+      this.config.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight",
+    );
+    this.eachLogitChunk(a, (start, n) => {
+      this.chunkLogits(a, start, n);
+      tokenLogprobsBackward(
+        gpu,
+        a.logits,
+        slice(a.targets, start, n),
+        slice(a.lse, start, n),
+        slice(a.dLogp, start, n),
+        a.dLogits,
+        n,
+        c.vocabSize,
+        invTemperature,
+      );
+      const xs = slice(a.finalNorm, start * H, n * H);
+      matmul(gpu, a.dLogits, this.lmHead, slice(a.dNorm, start * H, n * H), {
+        M: n,
+        N: H,
+        K: c.vocabSize,
+      });
+      matmul(gpu, a.dLogits, xs, lmGrad, { M: c.vocabSize, N: H, K: n }, {
+        transA: true,
+        accumulate: true,
+      });
+    });
+    rmsnormBackward(
+      gpu,
+      a.final,
+      this.p("model.norm.weight"),
+      a.rstdFinal,
+      a.dNorm,
+      a.dResidual,
+      this.g("model.norm.weight"),
+      T,
+      { accumulateDx: false, accumulateDw: true },
+    );
+
+    for (let i = c.numLayers - 1; i >= 0; i--) {
+      const x = a.layers[i], pre = `model.layers.${i}.`;
+      const params = (name: string) => ({
+        w: this.p(pre + name + ".weight"),
+        dw: this.g(pre + name + ".weight"),
+      });
+      // MLP branch: out = mid + down(silu(gate(norm2)) · up(norm2)).
+      const down = params("mlp.down_proj"),
+        gateP = params("mlp.gate_proj"),
+        upP = params("mlp.up_proj");
+      linearBackward(gpu, x.act, down.w, a.dResidual, T, {
+        dx: a.dAct,
+        dw: down.dw,
+        accumulateParams: true,
+      });
+      swigluBackward(gpu, x.gate, x.up, a.dAct, a.dGate, a.dUp, T * c.intermediateSize);
+      linearBackward(gpu, x.norm2, gateP.w, a.dGate, T, {
+        dx: a.dNorm,
+        dw: gateP.dw,
+        accumulateParams: true,
+      });
+      linearBackward(gpu, x.norm2, upP.w, a.dUp, T, {
+        dx: a.dNorm,
+        dxAccumulate: true,
+        dw: upP.dw,
+        accumulateParams: true,
+      });
+      rmsnormBackward(
+        gpu,
+        x.mid,
+        this.p(pre + "post_attention_layernorm.weight"),
+        x.rstd2,
+        a.dNorm,
+        a.dResidual,
+        this.g(pre + "post_attention_layernorm.weight"),
+        T,
+        { accumulateDx: true, accumulateDw: true },
+      );
+      // Attention branch: mid = input + o(attention(rope(q(norm1)), rope(k(norm1)), v(norm1))).
+      const o = params("self_attn.o_proj");
+      linearBackward(gpu, x.attn, o.w, a.dResidual, T, {
+        dx: a.dAttn,
+        dw: o.dw,
+        accumulateParams: true,
+      });
+      attentionBackward(
+        gpu,
+        x.q,
+        x.k,
+        x.v,
+        a.kvLens,
+        x.attn,
+        x.lse,
+        a.dAttn,
+        a.dq,
+        a.dk,
+        a.dv,
+        shape,
+      );
+      rope(gpu, a.dq, a.positions, T, c.numHeads, c.headDim, c.ropeTheta, true);
+      rope(gpu, a.dk, a.positions, T, c.numKvHeads, c.headDim, c.ropeTheta, true);
+      const projections: [string, Tensor][] = [["q_proj", a.dq], ["k_proj", a.dk], [
+        "v_proj",
+        a.dv,
+      ]];
+      projections.forEach(([name, dy], j) => {
+        linearBackward(gpu, x.norm1, this.p(`${pre}self_attn.${name}.weight`), dy, T, {
+          dx: a.dNorm,
+          dxAccumulate: j > 0,
+          dw: this.g(`${pre}self_attn.${name}.weight`),
+          db: this.g(`${pre}self_attn.${name}.bias`),
+          accumulateParams: true,
+        });
+      });
+      rmsnormBackward(
+        gpu,
+        x.input,
+        this.p(pre + "input_layernorm.weight"),
+        x.rstd1,
+        a.dNorm,
+        a.dResidual,
+        this.g(pre + "input_layernorm.weight"),
+        T,
+        { accumulateDx: true, accumulateDw: true },
+      );
+    }
+    embeddingBackward(gpu, a.idsHost, a.dResidual, this.g("model.embed_tokens.weight"), true);
+  }
+
+  /** Set every accumulated gradient to zero. */
+  zeroGrads(): void {
+    for (const name of this.params.keys()) this.gpu.clear(this.g(name));
+  }
+
+  /** The global gradient norm tensor [1], computed on the GPU (read it only when needed). */
+  gradNorm(): Tensor {
+    gradNorm(this.gpu, [...this.params.keys()].map((n) => this.g(n)), this.norm);
+    return this.norm;
+  }
+
+  /** Clip by the global gradient norm and apply AdamW to every weight; leaves gradients as they are. */
+  adamwStep(hp: AdamwHyper): Tensor {
+    const norm = this.gradNorm();
+    for (const [name, param] of this.params) {
+      let state = this.adamState.get(name);
+      if (!state) {
+        state = { m: this.gpu.zeros(param.shape), v: this.gpu.zeros(param.shape) };
+        this.adamState.set(name, state);
+      }
+      adamw(this.gpu, param, this.g(name), state.m, state.v, norm, param.size, hp);
+    }
+    return norm;
+  }
+
+  /** Copy every weight back to the CPU. */
+  async readWeights(): Promise<Map<string, Float32Array>> {
+    return await this.readMap(this.params);
+  }
+
+  /** Copy every accumulated gradient back to the CPU. */
+  async readGrads(): Promise<Map<string, Float32Array>> {
+    for (const name of this.params.keys()) this.g(name);
+    return await this.readMap(this.grads);
+  }
+
+  /** AdamW moments for checkpoints (m and v per weight). */
+  async readOptimizerState(): Promise<Map<string, Float32Array>> {
+    const flat = new Map<string, Tensor>();
+    for (const [name, s] of this.adamState) {
+      flat.set(`${name}.exp_avg`, s.m);
+      flat.set(`${name}.exp_avg_sq`, s.v);
+    }
+    return await this.readMap(flat);
+  }
+
+  loadOptimizerState(state: Map<string, Float32Array>): void {
+    for (const [name, param] of this.params) {
+      const m = state.get(`${name}.exp_avg`), v = state.get(`${name}.exp_avg_sq`);
+      if (!m || !v) continue;
+      this.adamState.set(name, {
+        m: this.gpu.upload(m, param.shape),
+        v: this.gpu.upload(v, param.shape),
+      });
+    }
+  }
+
+  /** Replace the weights (same shapes), e.g. for reference-model syncing. */
+  setWeights(weights: Map<string, Float32Array>): void {
+    for (const [name, t] of this.params) {
+      const data = weights.get(name);
+      if (data) this.gpu.write(t, data);
+    }
+  }
+
+  destroy(): void {
+    this.acts?.destroy();
+    for (const t of this.params.values()) t.destroy();
+    for (const t of this.grads.values()) t.destroy();
+    for (const s of this.adamState.values()) {
+      s.m.destroy();
+      s.v.destroy();
+    }
+    this.norm.destroy();
+  }
+
+  // ---- helpers ---------------------------------------------------------------------------
+
+  private attentionShape(B: number, L: number): AttentionShape {
+    const c = this.config;
+    return {
+      B,
+      Lq: L,
+      capacity: L,
+      nHeads: c.numHeads,
+      nKvHeads: c.numKvHeads,
+      headDim: c.headDim,
+    };
+  }
+
+  private eachLogitChunk(a: Activations, body: (start: number, n: number) => void): void {
+    const T = a.B * a.L;
+    for (let start = 0; start < T; start += a.chunk) body(start, Math.min(a.chunk, T - start));
+  }
+
+  /** logits[0..n) = finalNorm[start..start+n) · lm_headᵀ */
+  private chunkLogits(a: Activations, start: number, n: number): void {
+    const H = this.config.hiddenSize;
+    linear(this.gpu, slice(a.finalNorm, start * H, n * H), this.lmHead, null, a.logits, n);
+  }
+
+  private async readMap(tensors: Map<string, Tensor>): Promise<Map<string, Float32Array>> {
+    const names = [...tensors.keys()];
+    const data = await this.gpu.readMany(names.map((n) => tensors.get(n)!));
+    return new Map(names.map((n, i) => [n, data[i] as Float32Array]));
+  }
+}

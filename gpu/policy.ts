@@ -1,0 +1,114 @@
+// The WebGPU engines the trainer uses: the policy (sampling, log-probs, gradients, AdamW) and
+// the in-process reference model (frozen log-probs), both over GpuModel.
+
+import type {
+  Completions,
+  OptimizerHyper,
+  PolicyEngine,
+  ReferenceEngine,
+  SamplingOptions,
+  TokenBatch,
+} from "../core/engine.ts";
+import { generate } from "./generate.ts";
+import type { GpuModel } from "./model.ts";
+
+/** Right-pad the rows into one [B, L] id array. */
+function pack(batch: TokenBatch): { ids: Int32Array; B: number; L: number } {
+  const B = batch.rows.length, L = Math.max(...batch.rows.map((r) => r.length));
+  const ids = new Int32Array(B * L);
+  batch.rows.forEach((row, b) => ids.set(row, b * L));
+  return { ids, B, L };
+}
+
+/** Index in forward()'s output of the log-prob of completion token t of row b. */
+function at(batch: TokenBatch, L: number, b: number, t: number): number {
+  return b * L + batch.promptLens[b] - 1 + t;
+}
+
+async function completionLogprobs(model: GpuModel, batch: TokenBatch, invTemperature: number) {
+  const { ids, B, L } = pack(batch);
+  const logp = await model.gpu.read(model.forward(ids, B, L, invTemperature));
+  return batch.rows.map((row, b) =>
+    Array.from({ length: row.length - batch.promptLens[b] }, (_, t) => logp[at(batch, L, b, t)])
+  );
+}
+
+export class GpuPolicy implements PolicyEngine {
+  private adamStep = 0;
+
+  constructor(readonly model: GpuModel) {}
+
+  get description(): string {
+    return this.model.gpu.description;
+  }
+
+  generate(prompts: number[][], groupSize: number, opts: SamplingOptions): Promise<Completions> {
+    return generate(this.model, prompts, groupSize, opts);
+  }
+
+  completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]> {
+    return completionLogprobs(this.model, batch, invTemperature);
+  }
+
+  async accumulateGradients(
+    batch: TokenBatch,
+    invTemperature: number,
+    loss: (logprobs: number[][]) => number[][],
+  ): Promise<void> {
+    const { B, L } = pack(batch);
+    const dLogp = loss(await completionLogprobs(this.model, batch, invTemperature));
+    const upstream = new Float32Array(B * L);
+    dLogp.forEach((row, b) => row.forEach((d, t) => upstream[at(batch, L, b, t)] = d));
+    this.model.backward(upstream, invTemperature);
+  }
+
+  async optimizerStep(hp: OptimizerHyper): Promise<number> {
+    this.adamStep++;
+    const norm = this.model.adamwStep({ ...hp, step: this.adamStep });
+    const [value] = await this.model.gpu.read(norm);
+    this.model.zeroGrads();
+    return value;
+  }
+
+  weights(): Promise<Map<string, Float32Array>> {
+    return this.model.readWeights();
+  }
+
+  async optimizerState() {
+    return { step: this.adamStep, moments: await this.model.readOptimizerState() };
+  }
+
+  loadOptimizerState(state: { step: number; moments: Map<string, Float32Array> }): void {
+    this.adamStep = state.step;
+    this.model.loadOptimizerState(state.moments);
+  }
+}
+
+/** The frozen reference model in the trainer's own process, on the policy's device. */
+export class GpuReference implements ReferenceEngine {
+  constructor(readonly model: GpuModel) {}
+
+  get description(): string {
+    return `${this.model.gpu.description} (in-process)`;
+  }
+
+  completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]> {
+    return completionLogprobs(this.model, batch, invTemperature);
+  }
+
+  async mixIn(policy: Map<string, Float32Array>, alpha: number): Promise<void> {
+    const current = await this.model.readWeights();
+    const mixed = new Map<string, Float32Array>();
+    for (const [name, ref] of current) {
+      const pol = policy.get(name)!;
+      mixed.set(name, ref.map((r, i) => alpha * pol[i] + (1 - alpha) * r));
+    }
+    this.model.setWeights(mixed);
+  }
+
+  close(): Promise<void> {
+    this.model.destroy();
+    return Promise.resolve();
+  }
+}
+

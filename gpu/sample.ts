@@ -1,0 +1,242 @@
+// Drawing the next token of every sequence on the GPU, so generation never waits on a readback.
+// One workgroup owns one row of logits [B, V] and, without sorting:
+//   1. reduces the row's max and sum of exp of z = logits/temperature (the untruncated log-softmax);
+//   2. finds the top-k threshold, the k-th largest logit, by binary search over an order-preserving
+//      u32 key of the logits, counting how many are ≥ the candidate;
+//   3. finds the top-p threshold the same way, weighing by probability instead of counting;
+//   4. draws u in [0, 1) from a counter-based hash of (seed, step, row) and walks the allowed tokens
+//      in index order, accumulating probability until the running sum exceeds u·(allowed mass).
+// Tokens tied at a threshold are all allowed, so the top-k set may hold more than k tokens and the
+// nucleus more than the smallest set. temperature = 0 is greedy: argmax, ties to the lowest index.
+
+import { AhaError } from "../core/errors.ts";
+import { Gpu, grid, Tensor } from "./device.ts";
+
+const WG = 256;
+const MIN_TEMPERATURE = 1e-6;
+
+const SAMPLE = /* wgsl */ `
+struct Params { B: u32, V: u32, greedy: u32, topK: u32, seedLo: u32, seedHi: u32, step: u32,
+                s: f32, topP: f32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> done: array<i32>;
+@group(0) @binding(3) var<storage, read_write> tokens: array<i32>;
+@group(0) @binding(4) var<storage, read_write> logp: array<f32>;
+
+var<workgroup> redF: array<f32, ${WG}>;
+var<workgroup> redU: array<u32, ${WG}>;
+var<workgroup> rowDone: i32;
+var<workgroup> allowedTotal: f32;
+
+fn reduceMax(lid: u32, x: f32) -> f32 {
+  redF[lid] = x;
+  for (var k = ${WG / 2}u; k > 0u; k >>= 1u) {
+    workgroupBarrier();
+    if (lid < k) { redF[lid] = max(redF[lid], redF[lid + k]); }
+  }
+  let r = workgroupUniformLoad(&redF[0]);
+  workgroupBarrier();
+  return r;
+}
+
+fn reduceSum(lid: u32, x: f32) -> f32 {
+  redF[lid] = x;
+  for (var k = ${WG / 2}u; k > 0u; k >>= 1u) {
+    workgroupBarrier();
+    if (lid < k) { redF[lid] += redF[lid + k]; }
+  }
+  let r = workgroupUniformLoad(&redF[0]);
+  workgroupBarrier();
+  return r;
+}
+
+fn reduceCount(lid: u32, x: u32) -> u32 {
+  redU[lid] = x;
+  for (var k = ${WG / 2}u; k > 0u; k >>= 1u) {
+    workgroupBarrier();
+    if (lid < k) { redU[lid] += redU[lid + k]; }
+  }
+  let r = workgroupUniformLoad(&redU[0]);
+  workgroupBarrier();
+  return r;
+}
+
+fn reduceMin(lid: u32, x: u32) -> u32 {
+  redU[lid] = x;
+  for (var k = ${WG / 2}u; k > 0u; k >>= 1u) {
+    workgroupBarrier();
+    if (lid < k) { redU[lid] = min(redU[lid], redU[lid + k]); }
+  }
+  let r = workgroupUniformLoad(&redU[0]);
+  workgroupBarrier();
+  return r;
+}
+
+// Order-preserving map from f32 to u32: a < b exactly when key(a) < key(b).
+fn key(x: f32) -> u32 {
+  let b = bitcast<u32>(x);
+  return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
+}
+
+// PCG hash (Jarzynski & Olano, "Hash Functions for GPU Rendering", 2020): a bijection on u32.
+fn pcg(x: u32) -> u32 {
+  let state = x * 747796405u + 2891336453u;
+  let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
+  return (word >> 22u) ^ word;
+}
+
+// u in [0, 1) with 24 random bits, a function of (seed, step, row) only.
+fn uniform01(row: u32) -> f32 {
+  let h = pcg(pcg(pcg(pcg(p.seedLo) ^ p.seedHi) ^ p.step) ^ row);
+  return f32(h >> 8u) * (1.0 / 16777216.0);
+}
+
+fn countAtLeast(lid: u32, base: u32, t: u32) -> u32 {
+  var c = 0u;
+  for (var v = lid; v < p.V; v += ${WG}u) { c += select(0u, 1u, key(logits[base + v]) >= t); }
+  return reduceCount(lid, c);
+}
+
+// exp(z − zMax) of token v when its key is ≥ t, else 0.
+fn massOf(base: u32, v: u32, zMax: f32, t: u32) -> f32 {
+  let x = logits[base + v];
+  return select(0.0, exp(p.s * x - zMax), key(x) >= t);
+}
+
+fn massAtLeast(lid: u32, base: u32, zMax: f32, t: u32) -> f32 {
+  var m = 0.0;
+  for (var v = lid; v < p.V; v += ${WG}u) { m += massOf(base, v, zMax, t); }
+  return reduceSum(lid, m);
+}
+
+// The allowed tokens are those whose key is ≥ the returned threshold.
+fn threshold(lid: u32, base: u32, zMax: f32) -> u32 {
+  var lo = 0u;
+  if (p.topK > 0u && p.topK < p.V) {
+    // Largest t with at least topK keys ≥ t: the key of the k-th largest logit.
+    var hi = 0xffffffffu;
+    while (lo < hi) {
+      let mid = lo + (hi - lo) / 2u + 1u;
+      if (countAtLeast(lid, base, mid) >= p.topK) { lo = mid; } else { hi = mid - 1u; }
+    }
+  }
+  if (p.topP < 1.0) {
+    // Largest t whose tokens (within the top-k set) hold at least topP of its mass.
+    let goal = p.topP * massAtLeast(lid, base, zMax, lo);
+    var hi = 0xffffffffu;
+    while (lo < hi) {
+      let mid = lo + (hi - lo) / 2u + 1u;
+      if (massAtLeast(lid, base, zMax, mid) >= goal) { lo = mid; } else { hi = mid - 1u; }
+    }
+  }
+  return lo;
+}
+
+// The first allowed token, in index order, at which the running mass exceeds u·(allowed mass).
+// Thread lid walks the contiguous chunk [begin, end); one thread scans the chunk sums in order,
+// so the running sum is one well-defined sequence of f32 additions.
+fn draw(lid: u32, base: u32, zMax: f32, t: u32, u: f32) -> u32 {
+  let chunk = (p.V + ${WG - 1}u) / ${WG}u;
+  let begin = min(lid * chunk, p.V);
+  let end = min(begin + chunk, p.V);
+  var local = 0.0;
+  for (var v = begin; v < end; v++) { local += massOf(base, v, zMax, t); }
+  redF[lid] = local;
+  workgroupBarrier();
+  if (lid == 0u) {
+    var run = 0.0;
+    for (var i = 0u; i < ${WG}u; i++) { run += redF[i]; redF[i] = run; }
+    allowedTotal = run;
+  }
+  let total = workgroupUniformLoad(&allowedTotal); // ≥ 1: the max logit is always allowed
+  let start = select(0.0, redF[max(lid, 1u) - 1u], lid > 0u);
+  // Keep the goal strictly below the total even when u·total rounds up to it.
+  let goal = min(u * total, bitcast<f32>(bitcast<u32>(total) - 1u));
+  var pick = p.V;
+  if (start <= goal && goal < redF[lid]) {
+    local = 0.0;
+    for (var v = begin; v < end; v++) {
+      let m = massOf(base, v, zMax, t);
+      if (m > 0.0) { pick = v; }
+      local += m;
+      if (start + local > goal) { break; }
+    }
+  }
+  return reduceMin(lid, pick);
+}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+  let b = wid.x + wid.y * nwg.x;
+  if (b >= p.B) { return; }
+  if (lid == 0u) { rowDone = done[b]; }
+  if (workgroupUniformLoad(&rowDone) != 0) { return; }
+  let base = b * p.V;
+  var m = -3.4e38;
+  for (var v = lid; v < p.V; v += ${WG}u) { m = max(m, p.s * logits[base + v]); }
+  let zMax = reduceMax(lid, m);
+  var sum = 0.0;
+  for (var v = lid; v < p.V; v += ${WG}u) { sum += exp(p.s * logits[base + v] - zMax); }
+  let lse = zMax + log(reduceSum(lid, sum));
+  var token: u32;
+  if (p.greedy != 0u) {
+    var first = p.V;
+    for (var v = lid; v < p.V; v += ${WG}u) {
+      if (p.s * logits[base + v] == zMax) { first = min(first, v); }
+    }
+    token = reduceMin(lid, first);
+  } else {
+    token = draw(lid, base, zMax, threshold(lid, base, zMax), uniform01(b));
+  }
+  if (lid == 0u) {
+    tokens[b] = i32(token);
+    logp[b] = p.s * logits[base + token] - lse;
+  }
+}`;
+
+export interface SampleOptions {
+  /** 0 = greedy (argmax). */
+  temperature: number;
+  /** Keep the topK largest logits; 0 = all. */
+  topK: number;
+  /** Keep the smallest top set holding this probability mass; 1 = all. */
+  topP: number;
+  seed: number;
+  /** The generation step; with seed and row it keys the random draw. */
+  step: number;
+}
+
+/**
+ * tokens[b] = a token drawn from row b of logits [B, V]; logp[b] = log softmax(logits[b] / T)
+ * [token], untruncated (T = 1 when greedy). Rows with done[b] != 0 are left untouched.
+ */
+export function sample(
+  gpu: Gpu,
+  logits: Tensor,
+  B: number,
+  V: number,
+  opts: SampleOptions,
+  done: Tensor,
+  tokens: Tensor,
+  logp: Tensor,
+): void {
+  const { temperature, topK, topP, seed, step } = opts;
+  if (!(temperature >= 0)) {
+    throw new AhaError(`sampling: temperature must be ≥ 0, got ${temperature}`);
+  }
+  if (!(Number.isInteger(topK) && topK >= 0)) {
+    throw new AhaError(`sampling: top_k must be an integer ≥ 0, got ${topK}`);
+  }
+  if (!(topP > 0 && topP <= 1)) throw new AhaError(`sampling: top_p must be in (0, 1], got ${topP}`);
+  const greedy = temperature === 0;
+  const invTemperature = greedy ? 1 : 1 / Math.max(temperature, MIN_TEMPERATURE);
+  gpu.dispatch(
+    gpu.pipeline(SAMPLE, "sample"),
+    grid(B, 1),
+    [logits, done, tokens, logp],
+    [B, V, greedy ? 1 : 0, topK, seed >>> 0, Math.floor(seed / 2 ** 32) >>> 0, step >>> 0],
+    [invTemperature, topP],
+  );
+}

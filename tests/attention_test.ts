@@ -1,0 +1,253 @@
+// gpu/attention.ts against a plain float64 TypeScript twin; the twin's gradients against finite
+// differences. Tolerances: |gpu − twin| ≤ 2e-5 + 2e-4·|twin| for the forward (out, lse) and
+// 1e-4 + 1e-3·|twin| for the gradients (f32 sums over up to 33 keys and 3 query heads);
+// twin vs central differences (h = 1e-6, float64) ≤ 1e-6 + 1e-6·|analytic|.
+
+import assert from "node:assert/strict";
+import { Gpu } from "../gpu/device.ts";
+import {
+  attention,
+  attentionBackward,
+  type AttentionShape,
+  writeKvCache,
+} from "../gpu/attention.ts";
+
+const gpu = await Gpu.open();
+const opts = { sanitizeResources: false, sanitizeOps: false };
+
+function random(n: number, seed: number): Float64Array {
+  let x = seed >>> 0;
+  const out = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    x = (Math.imul(x, 1664525) + 1013904223) >>> 0;
+    out[i] = x / 2 ** 31 - 1;
+  }
+  return out;
+}
+
+// ---- the twin -------------------------------------------------------------------------------
+
+interface Inputs {
+  q: Float64Array;
+  k: Float64Array;
+  v: Float64Array;
+  kvLens: number[];
+}
+
+// Calls f(b, i, h, kvh, qOffset, keysSeen) for each query; keysSeen = number of visible keys.
+function eachQuery(
+  s: AttentionShape,
+  kvLens: number[],
+  f: (b: number, i: number, h: number, kvh: number, qo: number, seen: number) => void,
+) {
+  const group = s.nHeads / s.nKvHeads;
+  for (let b = 0; b < s.B; b++) {
+    for (let i = 0; i < s.Lq; i++) {
+      for (let h = 0; h < s.nHeads; h++) {
+        const seen = Math.max(0, kvLens[b] - s.Lq + i + 1);
+        f(b, i, h, Math.floor(h / group), ((b * s.Lq + i) * s.nHeads + h) * s.headDim, seen);
+      }
+    }
+  }
+}
+
+const kvOffset = (s: AttentionShape, b: number, j: number, kvh: number) =>
+  ((b * s.capacity + j) * s.nKvHeads + kvh) * s.headDim;
+
+// Softmax probabilities of one query over its visible keys, and their log-sum-exp.
+function probs(s: AttentionShape, x: Inputs, b: number, kvh: number, qo: number, seen: number) {
+  const D = s.headDim, scale = 1 / Math.sqrt(D);
+  const scores = [];
+  for (let j = 0; j < seen; j++) {
+    let dot = 0;
+    for (let d = 0; d < D; d++) dot += x.q[qo + d] * x.k[kvOffset(s, b, j, kvh) + d];
+    scores.push(dot * scale);
+  }
+  const m = Math.max(...scores);
+  const lse = seen ? m + Math.log(scores.reduce((a, t) => a + Math.exp(t - m), 0)) : 0;
+  return { p: scores.map((t) => Math.exp(t - lse)), lse };
+}
+
+function twinForward(s: AttentionShape, x: Inputs) {
+  const D = s.headDim;
+  const out = new Float64Array(s.B * s.Lq * s.nHeads * D);
+  const lse = new Float64Array(s.B * s.nHeads * s.Lq);
+  eachQuery(s, x.kvLens, (b, i, h, kvh, qo, seen) => {
+    const r = probs(s, x, b, kvh, qo, seen);
+    lse[(b * s.nHeads + h) * s.Lq + i] = r.lse;
+    for (let j = 0; j < seen; j++) {
+      for (let d = 0; d < D; d++) out[qo + d] += r.p[j] * x.v[kvOffset(s, b, j, kvh) + d];
+    }
+  });
+  return { out, lse };
+}
+
+function twinBackward(s: AttentionShape, x: Inputs, dOut: Float64Array) {
+  const D = s.headDim, scale = 1 / Math.sqrt(D);
+  const dq = new Float64Array(x.q.length);
+  const dk = new Float64Array(x.k.length);
+  const dv = new Float64Array(x.v.length);
+  eachQuery(s, x.kvLens, (b, _i, _h, kvh, qo, seen) => {
+    const { p } = probs(s, x, b, kvh, qo, seen);
+    const dp = p.map((_, j) => {
+      let dot = 0;
+      for (let d = 0; d < D; d++) dot += dOut[qo + d] * x.v[kvOffset(s, b, j, kvh) + d];
+      return dot;
+    });
+    const mean = p.reduce((a, pj, j) => a + pj * dp[j], 0);
+    for (let j = 0; j < seen; j++) {
+      const ko = kvOffset(s, b, j, kvh), ds = p[j] * (dp[j] - mean) * scale;
+      for (let d = 0; d < D; d++) {
+        dq[qo + d] += ds * x.k[ko + d];
+        dk[ko + d] += ds * x.q[qo + d];
+        dv[ko + d] += p[j] * dOut[qo + d];
+      }
+    }
+  });
+  return { dq, dk, dv };
+}
+
+// ---- helpers --------------------------------------------------------------------------------
+
+// Random inputs; cache slots at or past kvLens[b] hold NaN, so reading one would show.
+function makeInputs(s: AttentionShape, kvLens: number[], seed: number): Inputs {
+  const kvSize = s.B * s.capacity * s.nKvHeads * s.headDim;
+  const k = random(kvSize, seed + 1), v = random(kvSize, seed + 2);
+  for (let b = 0; b < s.B; b++) {
+    for (let j = kvLens[b]; j < s.capacity; j++) {
+      for (let c = 0; c < s.nKvHeads * s.headDim; c++) {
+        k[kvOffset(s, b, j, 0) + c] = NaN;
+        v[kvOffset(s, b, j, 0) + c] = NaN;
+      }
+    }
+  }
+  return { q: random(s.B * s.Lq * s.nHeads * s.headDim, seed).map((t) => 2 * t), k, v, kvLens };
+}
+
+function assertClose(
+  name: string,
+  got: Float32Array,
+  want: Float64Array,
+  atol: number,
+  rtol: number,
+) {
+  assert.equal(got.length, want.length, `${name}: length`);
+  for (let i = 0; i < want.length; i++) {
+    const bad = !(Math.abs(got[i] - want[i]) <= atol + rtol * Math.abs(want[i]));
+    if (bad) assert.fail(`${name}[${i}]: gpu ${got[i]} vs twin ${want[i]}`);
+  }
+}
+
+async function check(s: AttentionShape, kvLens: number[], seed: number) {
+  const x = makeInputs(s, kvLens, seed);
+  const dOut = random(x.q.length, seed + 3);
+  const f32 = (a: Float64Array) => new Float32Array(a);
+  const q = gpu.upload(f32(x.q)), k = gpu.upload(f32(x.k)), v = gpu.upload(f32(x.v));
+  const lens = gpu.upload(new Int32Array(kvLens));
+  const out = gpu.zeros([x.q.length]), lse = gpu.zeros([s.B * s.nHeads * s.Lq]);
+  // Gradient outputs start as garbage: the backward must overwrite every element.
+  const dq = gpu.upload(f32(random(x.q.length, 7)));
+  const dk = gpu.upload(f32(random(x.k.length, 8)));
+  const dv = gpu.upload(f32(random(x.v.length, 9)));
+  const dO = gpu.upload(f32(dOut));
+  attention(gpu, q, k, v, lens, out, lse, s);
+  attentionBackward(gpu, q, k, v, lens, out, lse, dO, dq, dk, dv, s);
+  const [gOut, gLse, gDq, gDk, gDv] = await gpu.readMany([out, lse, dq, dk, dv]) as Float32Array[];
+  const want = twinForward(s, x), grads = twinBackward(s, x, dOut);
+  assertClose("out", gOut, want.out, 2e-5, 2e-4);
+  assertClose("lse", gLse, want.lse, 2e-5, 2e-4);
+  assertClose("dq", gDq, grads.dq, 1e-4, 1e-3);
+  assertClose("dk", gDk, grads.dk, 1e-4, 1e-3);
+  assertClose("dv", gDv, grads.dv, 1e-4, 1e-3);
+  for (let b = 0; b < s.B; b++) {
+    const from = kvOffset(s, b, kvLens[b], 0), to = kvOffset(s, b + 1, 0, 0);
+    assert.ok(gDk.subarray(from, to).every((t) => t === 0), `dk of row ${b} past kvLens`);
+    assert.ok(gDv.subarray(from, to).every((t) => t === 0), `dv of row ${b} past kvLens`);
+  }
+  for (const t of [q, k, v, lens, out, lse, dq, dk, dv, dO]) t.destroy();
+}
+
+const training = (B: number, L: number, nHeads: number, nKvHeads: number, headDim: number) => ({
+  s: { B, Lq: L, capacity: L, nHeads, nKvHeads, headDim },
+  kvLens: new Array(B).fill(L),
+});
+
+// ---- tests ----------------------------------------------------------------------------------
+
+Deno.test("twin backward matches finite differences", () => {
+  const s = { B: 2, Lq: 3, capacity: 6, nHeads: 4, nKvHeads: 2, headDim: 3 };
+  const x = makeInputs(s, [2, 5], 11); // row 0: query 0 sees nothing
+  const w = random(x.q.length, 12); // loss = Σ out·w
+  const loss = () => twinForward(s, x).out.reduce((a, o, i) => a + o * w[i], 0);
+  const grads = twinBackward(s, x, w);
+  const cases: [string, Float64Array, Float64Array][] = [
+    ["q", x.q, grads.dq],
+    ["k", x.k, grads.dk],
+    ["v", x.v, grads.dv],
+  ];
+  for (const [name, t, g] of cases) {
+    for (let i = 0; i < t.length; i++) {
+      if (Number.isNaN(t[i])) continue;
+      const keep = t[i];
+      t[i] = keep + 1e-6;
+      const up = loss();
+      t[i] = keep - 1e-6;
+      const down = loss();
+      t[i] = keep;
+      const numeric = (up - down) / 2e-6;
+      assert.ok(
+        Math.abs(numeric - g[i]) <= 1e-6 + 1e-6 * Math.abs(g[i]),
+        `d${name}[${i}]: analytic ${g[i]} vs numeric ${numeric}`,
+      );
+    }
+  }
+});
+
+Deno.test("attention training shapes match the twin", opts, async () => {
+  for (
+    const [c, seed] of [
+      [training(1, 1, 1, 1, 8), 1],
+      [training(1, 1, 2, 1, 4), 2],
+      [training(2, 7, 4, 2, 16), 3],
+      [training(3, 33, 6, 2, 8), 4],
+      [training(2, 5, 3, 3, 12), 5], // multi-head attention
+      [training(1, 9, 2, 2, 128), 6], // the largest head size
+    ] as const
+  ) await check(c.s, c.kvLens, seed);
+});
+
+Deno.test("attention decode (Lq = 1) with per-row cache lengths", opts, async () => {
+  const s = { B: 3, Lq: 1, capacity: 20, nHeads: 4, nKvHeads: 2, headDim: 16 };
+  await check(s, [1, 13, 20], 21);
+});
+
+Deno.test("attention prefill after some cache (Lq = 5)", opts, async () => {
+  const s = { B: 4, Lq: 5, capacity: 16, nHeads: 6, nKvHeads: 3, headDim: 10 };
+  // Row 0: a prompt filling part of the cache; rows 1, 2: earlier tokens cached; row 3: only 3
+  // valid keys for 5 queries, so queries 0 and 1 see nothing (out 0, lse 0, no gradient).
+  await check(s, [5, 9, 16, 3], 31);
+});
+
+Deno.test("writeKvCache puts new rows at kvLens − Lq + i", opts, async () => {
+  const s = { B: 3, Lq: 2, capacity: 7, nHeads: 4, nKvHeads: 2, headDim: 6 };
+  const row = s.nKvHeads * s.headDim;
+  const kvLens = [2, 7, 4];
+  const kNew = new Float32Array(random(s.B * s.Lq * row, 41));
+  const before = new Float32Array(random(s.B * s.capacity * row, 42));
+  const cache = gpu.upload(before.slice()), k = gpu.upload(kNew);
+  const lens = gpu.upload(new Int32Array(kvLens));
+  writeKvCache(gpu, k, cache, lens, s);
+  const got = await gpu.read(cache);
+  const want = before.slice();
+  for (let b = 0; b < s.B; b++) {
+    for (let i = 0; i < s.Lq; i++) {
+      const pos = kvLens[b] - s.Lq + i;
+      want.set(
+        kNew.subarray((b * s.Lq + i) * row, (b * s.Lq + i + 1) * row),
+        (b * s.capacity + pos) * row,
+      );
+    }
+  }
+  assert.deepEqual(got, want);
+  for (const t of [cache, k, lens]) t.destroy();
+});

@@ -1,0 +1,79 @@
+// `deno task bench`: how fast the pieces run on this machine's adapter. Speed is measured here,
+// never in tests. The bench is a list of sections, each a function printing its own lines;
+// add a section by writing a function and listing it in SECTIONS.
+//
+// GPU timings record several iterations and sync once at the end, so the ~11 ms cost of a GPU
+// wait is paid once per measurement rather than per dispatch.
+
+import { Gpu, summarizeAdapter } from "../gpu/device.ts";
+import { matmul, type MatmulOptions, type MatmulShape } from "../gpu/matmul.ts";
+
+function random(n: number): Float32Array {
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = Math.random() - 0.5;
+  return out;
+}
+
+/** Seconds per call of `record`, after one warm-up call (compiles pipelines), over `iters`. */
+async function timeGpu(gpu: Gpu, iters: number, record: () => void): Promise<number> {
+  record();
+  await gpu.sync();
+  const start = performance.now();
+  for (let i = 0; i < iters; i++) record();
+  await gpu.sync();
+  return (performance.now() - start) / 1000 / iters;
+}
+
+function adapterSection(gpu: Gpu): Promise<void> {
+  const s = summarizeAdapter(gpu.adapter);
+  console.log(`adapter: ${s.description} (backend ${s.backend}, fallback ${s.isFallbackAdapter})`);
+  return Promise.resolve();
+}
+
+async function matmulSection(gpu: Gpu): Promise<void> {
+  const cases: { name: string; shape: MatmulShape; opts: MatmulOptions; iters: number }[] = [
+    { name: "x·Wᵀ", shape: { M: 256, N: 256, K: 256 }, opts: { transB: true }, iters: 20 },
+    { name: "x·Wᵀ", shape: { M: 1024, N: 896, K: 896 }, opts: { transB: true }, iters: 3 },
+    { name: "x·Wᵀ", shape: { M: 512, N: 4864, K: 896 }, opts: { transB: true }, iters: 2 },
+    { name: "dy·W", shape: { M: 512, N: 896, K: 4864 }, opts: {}, iters: 2 },
+    { name: "dyᵀ·x", shape: { M: 896, N: 896, K: 1024 }, opts: { transA: true }, iters: 3 },
+    { name: "x·Wᵀ odd", shape: { M: 97, N: 1001, K: 899 }, opts: { transB: true }, iters: 5 },
+  ];
+  for (const { name, shape, opts, iters } of cases) {
+    const { M, N, K } = shape;
+    const a = gpu.upload(random(M * K)), b = gpu.upload(random(K * N)), out = gpu.zeros([M, N]);
+    const seconds = await timeGpu(gpu, iters, () => matmul(gpu, a, b, out, shape, opts));
+    const gflops = 2 * M * N * K / seconds / 1e9;
+    const label = `matmul ${name} ${M}×${N}×${K}`.padEnd(34);
+    console.log(`${label} ${gflops.toFixed(2).padStart(6)} GFLOPS  ${(seconds * 1e3).toFixed(1)} ms`);
+    for (const t of [a, b, out]) t.destroy();
+  }
+}
+
+function cpuMatmulSection(): Promise<void> {
+  // The same x·Wᵀ product in plain TypeScript, for scale.
+  const M = 256, N = 256, K = 256;
+  const a = random(M * K), b = random(N * K), out = new Float32Array(M * N);
+  const start = performance.now();
+  for (let m = 0; m < M; m++) {
+    for (let n = 0; n < N; n++) {
+      let s = 0;
+      for (let k = 0; k < K; k++) s += a[m * K + k] * b[n * K + k];
+      out[m * N + n] = s;
+    }
+  }
+  const seconds = (performance.now() - start) / 1000;
+  const label = `TypeScript x·Wᵀ ${M}×${N}×${K}`.padEnd(34);
+  console.log(`${label} ${(2 * M * N * K / seconds / 1e9).toFixed(2).padStart(6)} GFLOPS`);
+  return Promise.resolve();
+}
+
+const SECTIONS: ((gpu: Gpu) => Promise<void>)[] = [
+  adapterSection,
+  matmulSection,
+  cpuMatmulSection,
+];
+
+const gpu = await Gpu.open();
+for (const section of SECTIONS) await section(gpu);
+gpu.destroy();

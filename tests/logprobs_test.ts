@@ -1,0 +1,143 @@
+// tokenLogprobs / tokenLogprobsBackward against a float64 TypeScript twin on odd shapes, with
+// logits up to ±80 (a naive exp overflows f32 there), and the backward against finite differences.
+
+import assert from "node:assert/strict";
+import { Gpu } from "../gpu/device.ts";
+import { tokenLogprobs, tokenLogprobsBackward } from "../gpu/logprobs.ts";
+
+const gpu = await Gpu.open();
+const opts = { sanitizeResources: false, sanitizeOps: false };
+
+function rng(seed: number): () => number {
+  return () => {
+    seed = (seed + 0x6d2b79f5) | 0;
+    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+    t ^= t + Math.imul(t ^ (t >>> 7), 61 | t);
+    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
+  };
+}
+
+/** Float64 twin: logp[t] and lse[t] of s·logits. */
+function twinForward(logits: ArrayLike<number>, targets: Int32Array, V: number, s: number) {
+  const T = targets.length;
+  const logp = new Float64Array(T);
+  const lse = new Float64Array(T);
+  for (let t = 0; t < T; t++) {
+    let max = -Infinity;
+    for (let v = 0; v < V; v++) max = Math.max(max, s * logits[t * V + v]);
+    let sum = 0;
+    for (let v = 0; v < V; v++) sum += Math.exp(s * logits[t * V + v] - max);
+    lse[t] = max + Math.log(sum);
+    logp[t] = s * logits[t * V + targets[t]] - lse[t];
+  }
+  return { logp, lse };
+}
+
+function twinBackward(
+  logits: ArrayLike<number>,
+  targets: Int32Array,
+  lse: Float64Array,
+  dLogp: Float32Array,
+  V: number,
+  s: number,
+): Float64Array {
+  const d = new Float64Array(targets.length * V);
+  for (let t = 0; t < targets.length; t++) {
+    for (let v = 0; v < V; v++) {
+      const softmax = Math.exp(s * logits[t * V + v] - lse[t]);
+      d[t * V + v] = dLogp[t] * s * ((v === targets[t] ? 1 : 0) - softmax);
+    }
+  }
+  return d;
+}
+
+/** Random logits: even rows spread over ±80, odd rows over ±4. */
+function makeCase(T: number, V: number, seed: number) {
+  const r = rng(seed);
+  const logits = new Float32Array(T * V);
+  for (let t = 0; t < T; t++) {
+    const spread = t % 2 === 0 ? 80 : 4;
+    for (let v = 0; v < V; v++) logits[t * V + v] = (2 * r() - 1) * spread;
+  }
+  const targets = Int32Array.from({ length: T }, () => Math.floor(r() * V));
+  const dLogp = Float32Array.from({ length: T }, () => 2 * r() - 1);
+  return { logits, targets, dLogp };
+}
+
+async function runGpu(
+  logits: Float32Array,
+  targets: Int32Array,
+  dLogp: Float32Array,
+  T: number,
+  V: number,
+  s: number,
+) {
+  const tensors = {
+    logits: gpu.upload(logits, [T, V]),
+    targets: gpu.upload(targets),
+    dLogp: gpu.upload(dLogp),
+    logp: gpu.zeros([T]),
+    lse: gpu.zeros([T]),
+    dLogits: gpu.upload(new Float32Array(T * V).fill(NaN), [T, V]), // must be overwritten
+  };
+  const { logp, lse, dLogits } = tensors;
+  tokenLogprobs(gpu, tensors.logits, tensors.targets, logp, lse, T, V, s);
+  tokenLogprobsBackward(gpu, tensors.logits, tensors.targets, lse, tensors.dLogp, dLogits, T, V, s);
+  const [gLogp, gLse, gDLogits] = await gpu.readMany([logp, lse, dLogits]) as Float32Array[];
+  Object.values(tensors).forEach((t) => t.destroy());
+  return { logp: gLogp, lse: gLse, dLogits: gDLogits };
+}
+
+Deno.test("tokenLogprobs forward and backward match the float64 twin", opts, async () => {
+  // f32 tolerances: logp and lse to 2e-6 relative to |lse| (plus 1e-6 absolute); dLogits to
+  // 1e-6 of |dLogp·s| absolute.
+  let seed = 1;
+  for (const T of [1, 7, 33]) {
+    for (const V of [7, 97, 1000, 50000]) {
+      const s = seed % 2 === 0 ? 1 / 0.7 : 1;
+      const { logits, targets, dLogp } = makeCase(T, V, seed++);
+      const got = await runGpu(logits, targets, dLogp, T, V, s);
+      const want = twinForward(logits, targets, V, s);
+      const dWant = twinBackward(logits, targets, want.lse, dLogp, V, s);
+      for (let t = 0; t < T; t++) {
+        const tol = 1e-6 + 2e-6 * Math.abs(want.lse[t]);
+        const where = `T=${T} V=${V} s=${s.toFixed(3)} t=${t}`;
+        assert.ok(Math.abs(got.lse[t] - want.lse[t]) <= tol, `lse ${where}`);
+        assert.ok(Math.abs(got.logp[t] - want.logp[t]) <= tol, `logp ${where}`);
+        for (let v = 0; v < V; v++) {
+          const i = t * V + v;
+          assert.ok(
+            Math.abs(got.dLogits[i] - dWant[i]) <= 1e-6 * Math.abs(dLogp[t] * s),
+            `dLogits ${where} v=${v}: ${got.dLogits[i]} vs ${dWant[i]}`,
+          );
+        }
+      }
+    }
+  }
+});
+
+Deno.test("tokenLogprobsBackward matches finite differences of the twin", opts, async () => {
+  // Objective Σ_t dLogp[t]·logp[t]; central differences in float64 with h = 1e-4 (truncation error
+  // ~h²); the f32 kernel is compared to 2e-6 absolute.
+  for (const [T, V, s] of [[3, 7, 1], [2, 97, 1 / 0.6]]) {
+    const { logits, targets, dLogp } = makeCase(T, V, 100 + V);
+    for (let i = 0; i < logits.length; i++) logits[i] /= 20; // moderate logits: no vanishing softmax
+    const got = await runGpu(logits, targets, dLogp, T, V, s);
+    const objective = (x: Float64Array) => {
+      const { logp } = twinForward(x, targets, V, s);
+      return logp.reduce((acc, l, t) => acc + dLogp[t] * l, 0);
+    };
+    const h = 1e-4;
+    const x = Float64Array.from(logits);
+    for (let i = 0; i < x.length; i++) {
+      const keep = x[i];
+      x[i] = keep + h;
+      const up = objective(x);
+      x[i] = keep - h;
+      const down = objective(x);
+      x[i] = keep;
+      const fd = (up - down) / (2 * h);
+      assert.ok(Math.abs(got.dLogits[i] - fd) <= 2e-6, `T=${T} V=${V} i=${i}: ${got.dLogits[i]} vs ${fd}`);
+    }
+  }
+});

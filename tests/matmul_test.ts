@@ -1,0 +1,231 @@
+// gpu/matmul.ts against a plain TypeScript twin that accumulates in float64.
+//
+// Tolerance: inputs are the same f32 values on both sides, so the only difference is the
+// GPU's f32 accumulation over K terms. Its rounding error grows like sqrt(K)·2⁻²⁴ times the
+// magnitude of the terms (K·2⁻²⁴ in the worst case); we allow
+//   |gpu − twin| ≤ 1e-6·sqrt(K+2)·(Σ_k |a·b| + |bias| + |out before|) + 1e-30,
+// i.e. ~17·sqrt(K) units of f32 rounding, far above typical error and far below any indexing
+// mistake (which is off by a whole term). The +2 counts the bias and accumulate additions.
+
+import assert from "node:assert/strict";
+import { Gpu } from "../gpu/device.ts";
+import { linear, linearBackward, matmul, type MatmulShape, sumRows } from "../gpu/matmul.ts";
+
+const gpu = await Gpu.open();
+const gpuTest = { sanitizeResources: false, sanitizeOps: false };
+
+let seed = 12345;
+function random(n: number): Float32Array {
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0;
+    out[i] = seed / 2 ** 31 - 1;
+  }
+  return out;
+}
+
+interface Twin {
+  value: Float64Array;
+  magnitude: Float64Array; // Σ|terms|, for the tolerance
+}
+
+/** out = op(a)·op(b) (+ prev) (+ bias) in float64. */
+function twinMatmul(
+  a: Float32Array,
+  b: Float32Array,
+  { M, N, K }: MatmulShape,
+  transA: boolean,
+  transB: boolean,
+  prev: Float32Array | null,
+  bias: Float32Array | null,
+): Twin {
+  const value = new Float64Array(M * N);
+  const magnitude = new Float64Array(M * N);
+  for (let m = 0; m < M; m++) {
+    for (let n = 0; n < N; n++) {
+      let s = 0, mag = 0;
+      for (let k = 0; k < K; k++) {
+        const t = (transA ? a[k * M + m] : a[m * K + k]) * (transB ? b[n * K + k] : b[k * N + n]);
+        s += t;
+        mag += Math.abs(t);
+      }
+      for (const extra of [prev?.[m * N + n], bias?.[n]]) {
+        if (extra !== undefined) {
+          s += extra;
+          mag += Math.abs(extra);
+        }
+      }
+      value[m * N + n] = s;
+      magnitude[m * N + n] = mag;
+    }
+  }
+  return { value, magnitude };
+}
+
+function assertClose(got: Float32Array, want: Twin, K: number, what: string): void {
+  for (let i = 0; i < want.value.length; i++) {
+    const tol = 1e-6 * Math.sqrt(K + 2) * want.magnitude[i] + 1e-30;
+    const err = Math.abs(got[i] - want.value[i]);
+    if (!(err <= tol)) {
+      assert.fail(`${what}: element ${i} is ${got[i]}, want ${want.value[i]} (tolerance ${tol})`);
+    }
+  }
+}
+
+const SIZES = [1, 7, 33, 97];
+const SHAPES: MatmulShape[] = [];
+for (const M of SIZES) {
+  for (const N of SIZES) for (const K of SIZES) SHAPES.push({ M, N, K });
+}
+// Multiples of 4 take the vec4 paths; the large one spans many workgroups in x and y.
+SHAPES.push({ M: 8, N: 12, K: 16 }, { M: 36, N: 20, K: 4 }, { M: 130, N: 257, K: 75 });
+SHAPES.push({ M: 128, N: 256, K: 64 });
+
+const LAYOUTS = [
+  { transA: false, transB: true, name: "NT" },
+  { transA: false, transB: false, name: "NN" },
+  { transA: true, transB: false, name: "TN" },
+  { transA: true, transB: true, name: "TT" },
+];
+
+for (const layout of LAYOUTS) {
+  Deno.test(`matmul ${layout.name} matches the float64 twin on odd shapes`, gpuTest, async () => {
+    for (const shape of SHAPES) {
+      const { M, N, K } = shape;
+      const a = random(M * K), b = random(K * N), prev = random(M * N), bias = random(N);
+      const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
+      // The output is allocated larger than M·N: the extra elements must stay untouched.
+      const outs = [0, 1, 2, 3].map(() => gpu.upload(new Float32Array([...prev, 7, 7, 7, 7, 7])));
+      const cases = [
+        { accumulate: false, bias: false },
+        { accumulate: true, bias: false },
+        { accumulate: false, bias: true },
+        { accumulate: true, bias: true },
+      ];
+      cases.forEach((c, i) =>
+        matmul(gpu, ta, tb, outs[i], shape, {
+          transA: layout.transA,
+          transB: layout.transB,
+          accumulate: c.accumulate,
+          bias: c.bias ? tbias : undefined,
+        })
+      );
+      const results = await gpu.readMany(outs);
+      cases.forEach((c, i) => {
+        const want = twinMatmul(
+          a,
+          b,
+          shape,
+          layout.transA,
+          layout.transB,
+          c.accumulate ? prev : null,
+          c.bias ? bias : null,
+        );
+        const got = results[i] as Float32Array;
+        const what = `${layout.name} M=${M} N=${N} K=${K} ${JSON.stringify(c)}`;
+        assertClose(got, want, K, what);
+        assert.deepEqual([...got.subarray(M * N)], [7, 7, 7, 7, 7], `${what}: wrote past M·N`);
+      });
+      for (const t of [ta, tb, tbias, ...outs]) t.destroy();
+    }
+  });
+}
+
+Deno.test("matmul handles more than 65535 row workgroups", gpuTest, async () => {
+  // M = 4·8·65535 + 5 rows of one column: the dispatch must fold rows into z.
+  const M = 4 * 8 * 65535 + 5, K = 3, N = 1;
+  const a = random(M * K), b = random(K * N);
+  const ta = gpu.upload(a), tb = gpu.upload(b), out = gpu.zeros([M]);
+  matmul(gpu, ta, tb, out, { M, N, K });
+  const got = await gpu.read(out);
+  for (const m of [0, 1, 65535 * 32 - 1, 65535 * 32, M - 1]) {
+    const want = a[m * 3] * b[0] + a[m * 3 + 1] * b[1] + a[m * 3 + 2] * b[2];
+    assert.ok(Math.abs(got[m] - want) <= 1e-6, `row ${m}: ${got[m]} vs ${want}`);
+  }
+  for (const t of [ta, tb, out]) t.destroy();
+});
+
+Deno.test("linear is x·Wᵀ + bias with W in [out, in] layout", gpuTest, async () => {
+  const T = 33, inF = 7, outF = 97;
+  const x = random(T * inF), w = random(outF * inF), bias = random(outF);
+  const tx = gpu.upload(x, [T, inF]), tw = gpu.upload(w, [outF, inF]), tb = gpu.upload(bias);
+  const y = gpu.zeros([T, outF]), yNoBias = gpu.zeros([T, outF]);
+  linear(gpu, tx, tw, tb, y, T);
+  linear(gpu, tx, tw, null, yNoBias, T);
+  const [got, gotNoBias] = await gpu.readMany([y, yNoBias]) as Float32Array[];
+  const shape = { M: T, N: outF, K: inF };
+  assertClose(got, twinMatmul(x, w, shape, false, true, null, bias), inF, "linear");
+  assertClose(gotNoBias, twinMatmul(x, w, shape, false, true, null, null), inF, "linear");
+  for (const t of [tx, tw, tb, y, yNoBias]) t.destroy();
+});
+
+Deno.test("linearBackward gives dx, dW, db, overwriting or accumulating", gpuTest, async () => {
+  for (const [T, inF, outF] of [[33, 7, 97], [97, 33, 1], [130, 75, 257]]) {
+    const x = random(T * inF), w = random(outF * inF), dy = random(T * outF);
+    const dx0 = random(T * inF), dw0 = random(outF * inF), db0 = random(outF);
+    const tx = gpu.upload(x, [T, inF]), tw = gpu.upload(w, [outF, inF]);
+    const tdy = gpu.upload(dy, [T, outF]);
+    for (const accumulate of [false, true]) {
+      const dx = gpu.upload(dx0), dw = gpu.upload(dw0), db = gpu.upload(db0);
+      linearBackward(gpu, tx, tw, tdy, T, {
+        dx,
+        dxAccumulate: accumulate,
+        dw,
+        db,
+        accumulateParams: accumulate,
+      });
+      const [gdx, gdw, gdb] = await gpu.readMany([dx, dw, db]) as Float32Array[];
+      const what = `T=${T} in=${inF} out=${outF} accumulate=${accumulate}`;
+      const prev = (p: Float32Array) => accumulate ? p : null;
+      const wantDx = twinMatmul(dy, w, { M: T, N: inF, K: outF }, false, false, prev(dx0), null);
+      const wantDw = twinMatmul(dy, x, { M: outF, N: inF, K: T }, true, false, prev(dw0), null);
+      const ones = new Float32Array(T).fill(1);
+      const wantDb = twinMatmul(ones, dy, { M: 1, N: outF, K: T }, false, false, prev(db0), null);
+      assertClose(gdx, wantDx, outF, `dx ${what}`);
+      assertClose(gdw, wantDw, T, `dW ${what}`);
+      assertClose(gdb, wantDb, T, `db ${what}`);
+      for (const t of [dx, dw, db]) t.destroy();
+    }
+    // Mixed flags, and omitted outputs are left alone.
+    const dx = gpu.upload(dx0), dw = gpu.upload(dw0), db = gpu.upload(db0);
+    linearBackward(gpu, tx, tw, tdy, T, { dx, dxAccumulate: true, dw, accumulateParams: false });
+    const [gdx, gdw, gdb] = await gpu.readMany([dx, dw, db]) as Float32Array[];
+    const what = `T=${T} mixed flags`;
+    assertClose(
+      gdx,
+      twinMatmul(dy, w, { M: T, N: inF, K: outF }, false, false, dx0, null),
+      outF,
+      `dx ${what}`,
+    );
+    assertClose(
+      gdw,
+      twinMatmul(dy, x, { M: outF, N: inF, K: T }, true, false, null, null),
+      T,
+      `dW ${what}`,
+    );
+    assert.deepEqual(gdb, db0, `db ${what}: omitted but changed`);
+    for (const t of [tx, tw, tdy, dx, dw, db]) t.destroy();
+  }
+});
+
+Deno.test("sumRows is deterministic and matches the twin", gpuTest, async () => {
+  for (const [M, N] of [[1, 1], [7, 33], [97, 7], [1000, 65]]) {
+    const x = random(M * N), prev = random(N);
+    const tx = gpu.upload(x), a = gpu.upload(prev), b = gpu.upload(prev), c = gpu.zeros([N]);
+    sumRows(gpu, tx, a, M, N, false);
+    sumRows(gpu, tx, b, M, N, true);
+    sumRows(gpu, tx, c, M, N, false);
+    const [ga, gb, gc] = await gpu.readMany([a, b, c]) as Float32Array[];
+    const ones = new Float32Array(M).fill(1);
+    const shape = { M: 1, N, K: M };
+    assertClose(ga, twinMatmul(ones, x, shape, false, false, null, null), M, `sumRows ${M}×${N}`);
+    assertClose(
+      gb,
+      twinMatmul(ones, x, shape, false, false, prev, null),
+      M,
+      `sumRows += ${M}×${N}`,
+    );
+    assert.deepEqual(ga, gc, "two runs differ");
+    for (const t of [tx, a, b, c]) t.destroy();
+  }
+});
