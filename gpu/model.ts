@@ -22,7 +22,7 @@ import { tokenLogprobs, tokenLogprobsBackward } from "./logprobs.ts";
 import { gradNorm } from "./gradnorm.ts";
 import { adamw, type AdamwHyper } from "./adamw.ts";
 
-/** Logits are computed for at most this many floats at a time (64 MiB). */
+/** By default logits are computed for at most this many floats at a time (64 MiB). */
 const LOGIT_CHUNK_FLOATS = 16 * 1024 * 1024;
 /** Token chunks are multiples of this, so every chunk's views start 256-byte aligned. */
 const CHUNK_ALIGN = 64;
@@ -106,10 +106,10 @@ class Activations {
   readonly chunk: number;
   idsHost: Int32Array = new Int32Array(0);
 
-  constructor(gpu: Gpu, c: ModelConfig, readonly B: number, readonly L: number) {
+  constructor(gpu: Gpu, c: ModelConfig, readonly B: number, readonly L: number, logitChunkFloats: number) {
     const T = B * L, H = c.hiddenSize, I = c.intermediateSize;
     const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
-    const fit = Math.floor(LOGIT_CHUNK_FLOATS / c.vocabSize / CHUNK_ALIGN) * CHUNK_ALIGN;
+    const fit = Math.floor(logitChunkFloats / c.vocabSize / CHUNK_ALIGN) * CHUNK_ALIGN;
     this.chunk = Math.min(T, Math.max(CHUNK_ALIGN, fit));
     const f = (...shape: number[]) => gpu.zeros(shape);
     for (let i = 0; i < c.numLayers; i++) this.layers.push(layerBuffers(gpu, c, B, L));
@@ -161,7 +161,12 @@ export class GpuModel {
   private acts: Activations | null = null;
   private readonly norm: Tensor;
 
-  constructor(readonly gpu: Gpu, readonly config: ModelConfig, weights: Map<string, Float32Array>) {
+  constructor(
+    readonly gpu: Gpu,
+    readonly config: ModelConfig,
+    weights: Map<string, Float32Array>,
+    private readonly logitChunkFloats = LOGIT_CHUNK_FLOATS,
+  ) {
     for (const [name, shape] of weightShapes(config)) {
       const data = weights.get(name);
       if (!data) throw new Error(`GpuModel: missing weight ${name}`);
@@ -194,7 +199,7 @@ export class GpuModel {
   private activations(B: number, L: number): Activations {
     if (!this.acts || this.acts.B !== B || this.acts.L !== L) {
       this.acts?.destroy();
-      this.acts = new Activations(this.gpu, this.config, B, L);
+      this.acts = new Activations(this.gpu, this.config, B, L, this.logitChunkFloats);
     }
     return this.acts;
   }

@@ -229,7 +229,9 @@ export function sample(
   if (!(Number.isInteger(topK) && topK >= 0)) {
     throw new AhaError(`sampling: top_k must be an integer ≥ 0, got ${topK}`);
   }
-  if (!(topP > 0 && topP <= 1)) throw new AhaError(`sampling: top_p must be in (0, 1], got ${topP}`);
+  if (!(topP > 0 && topP <= 1)) {
+    throw new AhaError(`sampling: top_p must be in (0, 1], got ${topP}`);
+  }
   const greedy = temperature === 0;
   const invTemperature = greedy ? 1 : 1 / Math.max(temperature, MIN_TEMPERATURE);
   gpu.dispatch(

@@ -87,27 +87,31 @@ Deno.test("rmsnorm forward matches the float64 twin", gpuTest, async () => {
   }
 });
 
-Deno.test("rmsnorm backward matches the float64 twin, with and without accumulate", gpuTest, async () => {
-  // T = 300 spans several of the kernel's 64-row blocks for dw.
-  for (const [T, H] of [...SHAPES, [300, 33]]) {
-    for (const accumulate of [false, true]) {
-      const x = inputs(T, H), w = randoms(H, 8, 2), dy = randoms(T * H, 9);
-      const dx0 = randoms(T * H, 10), dw0 = randoms(H, 11);
-      const xGpu = gpu.upload(x), wGpu = gpu.upload(w);
-      const y = gpu.zeros([T, H]), rstd = gpu.zeros([T]);
-      const dx = padded(dx0), dw = padded(dw0);
-      rmsnorm(gpu, xGpu, wGpu, y, rstd, T, EPS);
-      const flags = { accumulateDx: accumulate, accumulateDw: accumulate };
-      rmsnormBackward(gpu, xGpu, wGpu, rstd, gpu.upload(dy), dx, dw, T, flags);
-      const [dxGot, dwGot] = (await gpu.readMany([dx, dw])) as Float32Array[];
-      const want = rmsnormBackwardTwin(x, w, dy, T);
-      const plus = (prior: Float32Array, g: Float64Array) =>
-        accumulate ? g.map((v, i) => v + prior[i]) : g;
-      assertClose(dxGot, plus(dx0, want.dx), `dx T=${T} H=${H} accumulate=${accumulate}`, 3e-5);
-      assertClose(dwGot, plus(dw0, want.dw), `dw T=${T} H=${H} accumulate=${accumulate}`);
+Deno.test(
+  "rmsnorm backward matches the float64 twin, with and without accumulate",
+  gpuTest,
+  async () => {
+    // T = 300 spans several of the kernel's 64-row blocks for dw.
+    for (const [T, H] of [...SHAPES, [300, 33]]) {
+      for (const accumulate of [false, true]) {
+        const x = inputs(T, H), w = randoms(H, 8, 2), dy = randoms(T * H, 9);
+        const dx0 = randoms(T * H, 10), dw0 = randoms(H, 11);
+        const xGpu = gpu.upload(x), wGpu = gpu.upload(w);
+        const y = gpu.zeros([T, H]), rstd = gpu.zeros([T]);
+        const dx = padded(dx0), dw = padded(dw0);
+        rmsnorm(gpu, xGpu, wGpu, y, rstd, T, EPS);
+        const flags = { accumulateDx: accumulate, accumulateDw: accumulate };
+        rmsnormBackward(gpu, xGpu, wGpu, rstd, gpu.upload(dy), dx, dw, T, flags);
+        const [dxGot, dwGot] = (await gpu.readMany([dx, dw])) as Float32Array[];
+        const want = rmsnormBackwardTwin(x, w, dy, T);
+        const plus = (prior: Float32Array, g: Float64Array) =>
+          accumulate ? g.map((v, i) => v + prior[i]) : g;
+        assertClose(dxGot, plus(dx0, want.dx), `dx T=${T} H=${H} accumulate=${accumulate}`, 3e-5);
+        assertClose(dwGot, plus(dw0, want.dw), `dw T=${T} H=${H} accumulate=${accumulate}`);
+      }
     }
-  }
-});
+  },
+);
 
 Deno.test("rmsnorm backward matches finite differences of the twin", gpuTest, async () => {
   for (const [T, H] of [[1, 97], [7, 33], [33, 7]]) {

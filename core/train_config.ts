@@ -1,0 +1,468 @@
+// The training configuration of `aha train`: its schema with defaults (the embedded arithmetic
+// run), loading from YAML plus `--set key=value` overrides, validation of every key before any
+// work starts, and the learning-rate schedule.
+//
+// Fields are snake_case, exactly as written in the YAML file, and named as in trl's GRPOConfig
+// where the concept is the same. Nested sections (dataset, arithmetic, sft, reference) are set
+// from the command line with dotted keys: `--set dataset.path=train.jsonl`. Every problem is one
+// line naming the source (the file or the --set argument), the key and what was expected.
+
+import YAML from "yaml";
+import { AhaError } from "./errors.ts";
+import type { LossType } from "./grpo.ts";
+import { DEFAULT_REFLECTION_PHRASES } from "./rewards.ts";
+
+export type SchedulerType = "constant" | "constant_with_warmup" | "linear" | "cosine";
+
+export interface TrainConfig {
+  /** A Hugging Face model directory, or null for the built-in tiny model (arithmetic only). */
+  model: string | null;
+  output_dir: string;
+  seed: number;
+
+  // Sampling: prompts_per_step prompts × num_generations completions each per step.
+  prompts_per_step: number;
+  num_generations: number;
+  max_prompt_length: number;
+  max_completion_length: number;
+  temperature: number;
+  top_p: number;
+  /** 0 = no top-k filtering. */
+  top_k: number;
+
+  // The objective (core/grpo.ts).
+  beta: number;
+  epsilon: number;
+  /** null = epsilon (a symmetric clip range). */
+  epsilon_high: number | null;
+  num_iterations: number;
+  loss_type: LossType;
+  scale_rewards: boolean;
+  reward_funcs: string[];
+  /** null = weight 1 for every reward function. */
+  reward_weights: number[] | null;
+  /** How many times a step may draw fresh prompts to replace groups whose rewards are equal. */
+  max_refill_rounds: number;
+
+  // Optimisation: AdamW with gradient clipping, in micro-batches of completions.
+  learning_rate: number;
+  lr_scheduler_type: SchedulerType;
+  warmup_steps: number;
+  max_steps: number;
+  /** 0 = no clipping. */
+  max_grad_norm: number;
+  weight_decay: number;
+  adam_beta1: number;
+  adam_beta2: number;
+  adam_epsilon: number;
+  /** Completions per forward/backward micro-batch (gradient accumulation over the step). */
+  micro_batch_size: number;
+
+  // The reference model: frozen, or pulled toward the policy every ref_model_sync_steps
+  // (ref ← α·policy + (1 − α)·ref) when sync_ref_model.
+  sync_ref_model: boolean;
+  ref_model_sync_steps: number;
+  ref_model_mixup_alpha: number;
+
+  // Logging, evaluation, checkpoints. A 0 for save_steps, eval_steps or sample_steps means only
+  // at the end (save, eval) or never (samples).
+  logging_steps: number;
+  save_steps: number;
+  eval_steps: number;
+  sample_steps: number;
+  /** How many held-out prompts a greedy evaluation uses. */
+  eval_prompts: number;
+
+  dataset: {
+    /** JSONL or Parquet file of examples; null for the built-in arithmetic task. */
+    path: string | null;
+    format: "jsonl" | "parquet" | "arithmetic";
+    question_field: string;
+    answer_field: string;
+    /** How the ground truth is read from answer_field: GSM8K's "#### 42", the last number, a LaTeX \boxed{}, or the whole field. */
+    answer_extractor: "gsm8k" | "last_number" | "boxed" | "none";
+    /** Held-out examples from their own file, else the last eval_fraction of the dataset. */
+    eval_path: string | null;
+    eval_fraction: number;
+  };
+  system_prompt: string | null;
+  /** Phrases whose appearance in completions is logged as the reflection rate ("aha moment"). */
+  reflection_phrases: string[];
+
+  // The built-in arithmetic task (data/arithmetic.ts): sums a+b with 0 ≤ a, b ≤ max_operand.
+  arithmetic: {
+    max_operand: number;
+    /** Problems held out of pretraining and RL, for evaluation. */
+    held_out: number;
+    /** Rows of the imperfect pretraining corpus. */
+    corpus_size: number;
+    /** Share of rows with a carry whose answer drops the carries. */
+    carry_error_rate: number;
+    /** Share of rows whose answer is in a non-canonical format. */
+    format_error_rate: number;
+  };
+
+  // Supervised cold start before GRPO (for the built-in model; steps 0 skips it).
+  sft: {
+    steps: number;
+    learning_rate: number;
+    batch_size: number;
+    /** {prompt, completion} JSONL rows; null = the built-in arithmetic corpus. */
+    data: string | null;
+  };
+
+  // The reference model's sibling process.
+  reference: {
+    adapter: "auto" | "same" | "vulkan" | "gl" | "metal" | "dx12";
+    engine: "webgpu" | "onnx";
+    /** Extra environment variables of the reference process. */
+    env: Record<string, string>;
+    timeout_s: number;
+    /** An ONNX export of the reference model; null = export the checkpoint when needed. */
+    onnx: string | null;
+    max_restarts: number;
+  };
+}
+
+/** The embedded default: R1-zero in miniature on the built-in arithmetic task. */
+export function defaultTrainConfig(): TrainConfig {
+  return {
+    model: null,
+    output_dir: "runs/arithmetic",
+    seed: 42,
+    prompts_per_step: 16,
+    num_generations: 8,
+    max_prompt_length: 16,
+    max_completion_length: 8,
+    temperature: 1.0,
+    top_p: 1.0,
+    top_k: 0,
+    beta: 0.04,
+    epsilon: 0.2,
+    epsilon_high: null,
+    num_iterations: 1,
+    loss_type: "grpo",
+    scale_rewards: true,
+    reward_funcs: ["arith_correct", "arith_format"],
+    reward_weights: null,
+    max_refill_rounds: 2,
+    learning_rate: 5e-4,
+    lr_scheduler_type: "constant_with_warmup",
+    warmup_steps: 5,
+    max_steps: 200,
+    max_grad_norm: 1.0,
+    weight_decay: 0.0,
+    adam_beta1: 0.9,
+    adam_beta2: 0.99,
+    adam_epsilon: 1e-8,
+    micro_batch_size: 64,
+    sync_ref_model: false,
+    ref_model_sync_steps: 512,
+    ref_model_mixup_alpha: 0.6,
+    logging_steps: 1,
+    save_steps: 0,
+    eval_steps: 20,
+    sample_steps: 20,
+    eval_prompts: 100,
+    dataset: {
+      path: null,
+      format: "arithmetic",
+      question_field: "question",
+      answer_field: "answer",
+      answer_extractor: "gsm8k",
+      eval_path: null,
+      eval_fraction: 0.05,
+    },
+    system_prompt: null,
+    reflection_phrases: [...DEFAULT_REFLECTION_PHRASES],
+    arithmetic: {
+      max_operand: 99,
+      held_out: 200,
+      corpus_size: 20000,
+      carry_error_rate: 0.6,
+      format_error_rate: 0.2,
+    },
+    sft: { steps: 300, learning_rate: 3e-3, batch_size: 64, data: null },
+    reference: {
+      adapter: "auto",
+      engine: "webgpu",
+      env: {},
+      timeout_s: 120,
+      onnx: null,
+      max_restarts: 3,
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The schema: one rule per key (dotted for sections), saying what a value must be.
+
+interface Rule {
+  expect: string;
+  accepts: (v: unknown) => boolean;
+  /** Turns an accepted value into the stored one (default: as is). */
+  convert?: (v: unknown) => unknown;
+}
+
+const isNumber = (v: unknown): v is number => typeof v === "number" && Number.isFinite(v);
+
+function int(min: number, max = Infinity): Rule {
+  const range = max === Infinity ? `≥ ${min}` : `in [${min}, ${max}]`;
+  return {
+    expect: `an integer ${range}`,
+    accepts: (v) => Number.isSafeInteger(v) && (v as number) >= min && (v as number) <= max,
+  };
+}
+
+/** A number in a range; "(" and ")" mark open ends: num("(", 0, 1, "]") is 0 < x ≤ 1. */
+function num(open: "[" | "(", min: number, max = Infinity, close: "]" | ")" = ")"): Rule {
+  const expect = max === Infinity
+    ? `a number ${open === "(" ? ">" : "≥"} ${min}`
+    : `a number in ${open}${min}, ${max}${close}`;
+  return {
+    expect,
+    accepts: (v) =>
+      isNumber(v) && (open === "(" ? v > min : v >= min) && (close === ")" ? v < max : v <= max),
+  };
+}
+
+const bool: Rule = { expect: "true or false", accepts: (v) => typeof v === "boolean" };
+const str: Rule = {
+  expect: "a non-empty string",
+  accepts: (v) => typeof v === "string" && v !== "",
+};
+const strings: Rule = {
+  expect: "a list of strings",
+  accepts: (v) => Array.isArray(v) && v.every((s) => typeof s === "string"),
+};
+
+function oneOf(...values: string[]): Rule {
+  return { expect: `one of ${values.join(" | ")}`, accepts: (v) => values.includes(v as string) };
+}
+
+function orNull(rule: Rule): Rule {
+  return { ...rule, expect: `${rule.expect} or null`, accepts: (v) => v === null || rule.accepts(v) };
+}
+
+const envMap: Rule = {
+  expect: "a mapping of variable names to values",
+  accepts: (v) =>
+    isMapping(v) && Object.values(v).every((x) => ["string", "number", "boolean"].includes(typeof x)),
+  convert: (v) =>
+    Object.fromEntries(Object.entries(v as Record<string, unknown>).map(([k, x]) => [k, String(x)])),
+};
+
+const RULES: Record<string, Rule> = {
+  model: orNull(str),
+  output_dir: str,
+  seed: int(0),
+  prompts_per_step: int(1),
+  num_generations: int(2),
+  max_prompt_length: int(1),
+  max_completion_length: int(1),
+  temperature: num("(", 0),
+  top_p: num("(", 0, 1, "]"),
+  top_k: int(0),
+  beta: num("[", 0),
+  epsilon: num("[", 0, 1),
+  epsilon_high: orNull(num("[", 0)),
+  num_iterations: int(1),
+  loss_type: oneOf("grpo", "bnpo", "dr_grpo", "dapo"),
+  scale_rewards: bool,
+  reward_funcs: { ...strings, expect: "a non-empty list of reward function names" },
+  reward_weights: orNull({
+    expect: "a list of numbers",
+    accepts: (v) => Array.isArray(v) && v.every(isNumber),
+  }),
+  max_refill_rounds: int(0),
+  learning_rate: num("(", 0),
+  lr_scheduler_type: oneOf("constant", "constant_with_warmup", "linear", "cosine"),
+  warmup_steps: int(0),
+  max_steps: int(1),
+  max_grad_norm: num("[", 0),
+  weight_decay: num("[", 0),
+  adam_beta1: num("[", 0, 1),
+  adam_beta2: num("[", 0, 1),
+  adam_epsilon: num("(", 0),
+  micro_batch_size: int(1),
+  sync_ref_model: bool,
+  ref_model_sync_steps: int(1),
+  ref_model_mixup_alpha: num("[", 0, 1, "]"),
+  logging_steps: int(1),
+  save_steps: int(0),
+  eval_steps: int(0),
+  sample_steps: int(0),
+  eval_prompts: int(1),
+  "dataset.path": orNull(str),
+  "dataset.format": oneOf("jsonl", "parquet", "arithmetic"),
+  "dataset.question_field": str,
+  "dataset.answer_field": str,
+  "dataset.answer_extractor": oneOf("gsm8k", "last_number", "boxed", "none"),
+  "dataset.eval_path": orNull(str),
+  "dataset.eval_fraction": num("[", 0, 1),
+  system_prompt: orNull({ expect: "a string", accepts: (v) => typeof v === "string" }),
+  reflection_phrases: strings,
+  "arithmetic.max_operand": int(1, 9999),
+  "arithmetic.held_out": int(1),
+  "arithmetic.corpus_size": int(1),
+  "arithmetic.carry_error_rate": num("[", 0, 1, "]"),
+  "arithmetic.format_error_rate": num("[", 0, 1, "]"),
+  "sft.steps": int(0),
+  "sft.learning_rate": num("(", 0),
+  "sft.batch_size": int(1),
+  "sft.data": orNull(str),
+  "reference.adapter": oneOf("auto", "same", "vulkan", "gl", "metal", "dx12"),
+  "reference.engine": oneOf("webgpu", "onnx"),
+  "reference.env": envMap,
+  "reference.timeout_s": num("(", 0),
+  "reference.onnx": orNull(str),
+  "reference.max_restarts": int(0),
+};
+
+const SECTIONS = new Set(["dataset", "arithmetic", "sft", "reference"]);
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+/**
+ * The defaults, then the YAML file at `path` (if any), then each `--set key=value` in order;
+ * every value validated as it is applied, then the relations between keys.
+ */
+export function loadTrainConfig(path: string | null, sets: string[]): TrainConfig {
+  const cfg = defaultTrainConfig();
+  if (path !== null) {
+    let text: string;
+    try {
+      text = Deno.readTextFileSync(path);
+    } catch (e) {
+      throw new AhaError(`${path}: cannot read: ${(e as Error).message}`);
+    }
+    let raw: unknown;
+    try {
+      raw = YAML.parse(text);
+    } catch (e) {
+      throw new AhaError(`${path}: invalid YAML: ${(e as Error).message.split("\n")[0]}`);
+    }
+    if (raw !== null) applySettings(cfg, raw, path, "");
+  }
+  for (const set of sets) {
+    const eq = set.indexOf("=");
+    if (eq <= 0) throw new AhaError(`--set ${set}: expected key=value`);
+    const keys = set.slice(0, eq).split(".");
+    let value: unknown = parseValue(set.slice(eq + 1));
+    for (const key of keys.toReversed()) value = { [key]: value };
+    applySettings(cfg, value, `--set ${set}`, "");
+  }
+  checkRelations(cfg, path ?? "--set");
+  return cfg;
+}
+
+/** A --set value as YAML ("1e-5", "true", "null", "[1, 0.5]"); text YAML rejects stays text. */
+function parseValue(text: string): unknown {
+  try {
+    return YAML.parse(text);
+  } catch {
+    return text;
+  }
+}
+
+function isMapping(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+/** Validate each key of `raw` (the mapping at `prefix`) and store it in `target`. */
+function applySettings(target: object, raw: unknown, source: string, prefix: string) {
+  if (!isMapping(raw)) {
+    const what = prefix === "" ? "the file" : `"${prefix}"`;
+    throw new AhaError(`${source}: ${what} must be a mapping of keys to values`);
+  }
+  const fields = target as Record<string, unknown>;
+  for (const [key, value] of Object.entries(raw)) {
+    const name = prefix + key;
+    if (SECTIONS.has(name)) {
+      if (value !== null) applySettings(fields[key] as object, value, source, name + ".");
+      continue;
+    }
+    const rule = RULES[name];
+    if (rule === undefined) {
+      const guess = didYouMean(name);
+      const hint = guess === null ? "" : ` (did you mean "${guess}"?)`;
+      throw new AhaError(`${source}: unknown key "${name}"${hint}`);
+    }
+    if (!rule.accepts(value)) {
+      throw new AhaError(`${source}: "${name}" must be ${rule.expect}, got ${show(value)}`);
+    }
+    fields[key] = rule.convert ? rule.convert(value) : value;
+  }
+}
+
+function show(value: unknown): string {
+  const text = JSON.stringify(value) ?? String(value);
+  return text.length > 60 ? text.slice(0, 57) + "..." : text;
+}
+
+/** Checks between keys, once everything is applied. */
+function checkRelations(cfg: TrainConfig, source: string) {
+  const fail = (message: string) => {
+    throw new AhaError(`${source}: ${message}`);
+  };
+  if (cfg.reward_funcs.length === 0) fail(`"reward_funcs" must name at least one reward function`);
+  if (cfg.reward_weights !== null && cfg.reward_weights.length !== cfg.reward_funcs.length) {
+    fail(
+      `"reward_weights" has ${cfg.reward_weights.length} values but "reward_funcs" names ` +
+        `${cfg.reward_funcs.length} functions: give one weight each`,
+    );
+  }
+  if (cfg.dataset.format !== "arithmetic" && cfg.dataset.path === null) {
+    fail(`"dataset.path" is required when "dataset.format" is ${cfg.dataset.format}`);
+  }
+  if (cfg.model === null && cfg.dataset.format !== "arithmetic") {
+    fail(`"model" must name a model directory unless "dataset.format" is arithmetic`);
+  }
+}
+
+/** The known key closest to `name` (by edit distance, also matching a section's key), or null. */
+function didYouMean(name: string): string | null {
+  const last = name.slice(name.lastIndexOf(".") + 1);
+  let best: string | null = null, bestScore = Infinity;
+  for (const known of [...Object.keys(RULES), ...SECTIONS]) {
+    const knownLast = known.slice(known.lastIndexOf(".") + 1);
+    const score = Math.min(editDistance(name, known), editDistance(last, knownLast) + 1);
+    if (score < bestScore) [best, bestScore] = [known, score];
+  }
+  return bestScore <= Math.max(2, Math.floor(name.length / 3)) ? best : null;
+}
+
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const current = [i];
+    for (let j = 1; j <= b.length; j++) {
+      const substitution = previous[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1);
+      current.push(Math.min(previous[j] + 1, current[j - 1] + 1, substitution));
+    }
+    previous = current;
+  }
+  return previous[b.length];
+}
+
+// ---------------------------------------------------------------------------------------------
+// The learning-rate schedule.
+
+/**
+ * The learning rate of update number `step` (0 for the first). Warmup ramps linearly as
+ * (step + 1) / warmup_steps, so unlike transformers' schedulers no update runs at a rate of 0;
+ * then constant, or linear / cosine decay with progress (step − warmup) / (max_steps − warmup),
+ * which reaches 0 only after the last update. "constant" ignores warmup_steps, as in
+ * transformers; "constant_with_warmup" uses them.
+ */
+export function learningRateAt(cfg: TrainConfig, step: number): number {
+  const lr = cfg.learning_rate, warmup = cfg.warmup_steps;
+  if (cfg.lr_scheduler_type === "constant") return lr;
+  if (step < warmup) return (lr * (step + 1)) / warmup;
+  if (cfg.lr_scheduler_type === "constant_with_warmup") return lr;
+  const progress = Math.min(1, (step - warmup) / Math.max(1, cfg.max_steps - warmup));
+  return cfg.lr_scheduler_type === "linear"
+    ? lr * (1 - progress)
+    : lr * 0.5 * (1 + Math.cos(Math.PI * progress));
+}

@@ -1,0 +1,122 @@
+// The CPU twin against PyTorch golden log-probs (tests/fixtures/make_golden.py), and its
+// gradients against central finite differences, all in float64.
+
+import assert from "node:assert/strict";
+import { loadCheckpoint } from "../core/checkpoint.ts";
+import { cpuForwardBackward, cpuLogprobs, type Weights } from "../core/cpu_model.ts";
+import { type ModelConfig, parseModelConfig, weightShapes } from "../core/model_config.ts";
+
+const GOLDEN = new URL("./fixtures/golden/", import.meta.url).pathname;
+const GOLDEN_NAMES = ["gqa_tied", "gqa3_untied", "mha_untied", "bf16_tied", "f16_sharded"];
+
+for (const name of GOLDEN_NAMES) {
+  Deno.test(`cpuLogprobs matches PyTorch float64 on golden/${name} within 1e-9`, async () => {
+    const { config, weights } = await loadCheckpoint(GOLDEN + name);
+    const expected = JSON.parse(await Deno.readTextFile(`${GOLDEN}${name}/expected.json`));
+    const got = cpuLogprobs(config, weights, expected.sequences);
+    assert.equal(got.length, expected.logprobs.length);
+    for (let i = 0; i < got.length; i++) {
+      assert.equal(got[i].length, expected.sequences[i].length - 1);
+      for (let t = 0; t < got[i].length; t++) {
+        const diff = Math.abs(got[i][t] - expected.logprobs[i][t]);
+        assert.ok(
+          diff <= 1e-9,
+          `sequence ${i} token ${t}: ${got[i][t]} vs ${expected.logprobs[i][t]}`,
+        );
+      }
+    }
+  });
+}
+
+/** A seeded uniform generator in [0, 1) (mulberry32). */
+function uniform(seed: number) {
+  let state = seed >>> 0;
+  return () => {
+    state = (state + 0x6d2b79f5) >>> 0;
+    let t = Math.imul(state ^ (state >>> 15), state | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Random float64 weights large enough that every path matters: matrices ±√(3/fan_in),
+ * biases ±0.3, norm weights 1 ± 0.3, embedding ±1. */
+function randomWeights(config: ModelConfig, seed: number): Map<string, Float64Array> {
+  const random = uniform(seed);
+  const weights = new Map<string, Float64Array>();
+  for (const [name, shape] of weightShapes(config)) {
+    const scale = name.endsWith(".bias") || name.endsWith("norm.weight")
+      ? 0.3
+      : name === "model.embed_tokens.weight"
+      ? 1
+      : Math.sqrt(3 / shape[1]);
+    const offset = name.endsWith("norm.weight") ? 1 : 0;
+    const data = new Float64Array(shape.reduce((a, b) => a * b, 1));
+    for (let i = 0; i < data.length; i++) data[i] = offset + scale * (2 * random() - 1);
+    weights.set(name, data);
+  }
+  return weights;
+}
+
+const SMALL_SHAPE = {
+  vocab_size: 13,
+  hidden_size: 16,
+  intermediate_size: 11,
+  num_hidden_layers: 2,
+  num_attention_heads: 4,
+  num_key_value_heads: 2,
+  rope_theta: 100,
+  rms_norm_eps: 1e-5,
+};
+
+for (const tied of [false, true]) {
+  Deno.test(`cpuForwardBackward gradients match finite differences (tied=${tied})`, () => {
+    const config = parseModelConfig({ ...SMALL_SHAPE, tie_word_embeddings: tied });
+    const weights = randomWeights(config, tied ? 7 : 8);
+    const sequences = [[3, 0, 12, 5, 5, 9], [7, 1, 2], [4]];
+    const random = uniform(99);
+    const dLogprobs = sequences.map((s) => s.slice(1).map(() => 2 * random() - 1));
+    // The scalar whose gradient is taken: Σ dLogprobs · logprobs.
+    const objective = (w: Weights) =>
+      cpuLogprobs(config, w, sequences).flat().reduce(
+        (sum, lp, i) => sum + lp * dLogprobs.flat()[i],
+        0,
+      );
+    const { logprobs, grads } = cpuForwardBackward(config, weights, sequences, dLogprobs);
+    assert.deepEqual(logprobs, cpuLogprobs(config, weights, sequences));
+    assert.deepEqual([...grads.keys()], [...weightShapes(config).keys()]);
+
+    const step = 1e-5;
+    let worst = 0;
+    for (const [name, w] of weights) {
+      // Embedding rows of tokens absent from the sequences only get gradient when tied.
+      const usedRows = [...new Set(sequences.flat())];
+      const entries = Array.from({ length: 4 }, () => {
+        if (name !== "model.embed_tokens.weight" || tied) return Math.floor(random() * w.length);
+        return usedRows[Math.floor(random() * usedRows.length)] * config.hiddenSize +
+          Math.floor(random() * config.hiddenSize);
+      });
+      for (const i of entries) {
+        const saved = w[i];
+        w[i] = saved + step;
+        const plus = objective(weights);
+        w[i] = saved - step;
+        const minus = objective(weights);
+        w[i] = saved;
+        const numeric = (plus - minus) / (2 * step);
+        const analytic = grads.get(name)![i];
+        const error = Math.abs(numeric - analytic) / Math.max(1, Math.abs(numeric));
+        worst = Math.max(worst, error);
+        assert.ok(error < 1e-7, `${name}[${i}]: analytic ${analytic}, numeric ${numeric}`);
+      }
+    }
+    if (!tied) {
+      // An embedding row never used gets exactly zero gradient.
+      const unused = 6 * config.hiddenSize;
+      assert.ok(
+        grads.get("model.embed_tokens.weight")!.subarray(unused, unused + 16).every((g) => g === 0),
+      );
+    }
+    console.log(`worst relative error ${worst.toExponential(2)}`);
+  });
+}

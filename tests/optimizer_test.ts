@@ -1,0 +1,107 @@
+// gradNorm and adamw against float64 TypeScript twins: the norm over tensors of odd sizes (and
+// bitwise-equal on a rerun), and several AdamW steps with and without gradient clipping.
+
+import assert from "node:assert/strict";
+import { adamw, type AdamwHyper } from "../gpu/adamw.ts";
+import { Gpu } from "../gpu/device.ts";
+import { gradNorm } from "../gpu/gradnorm.ts";
+
+const gpu = await Gpu.open();
+const opts = { sanitizeResources: false, sanitizeOps: false };
+
+function rng(seed: number): () => number {
+  return () => {
+    seed = (seed + 0x6d2b79f5) | 0;
+    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+    t ^= t + Math.imul(t ^ (t >>> 7), 61 | t);
+    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
+  };
+}
+
+function randomArray(n: number, scale: number, r: () => number): Float32Array {
+  return Float32Array.from({ length: n }, () => (2 * r() - 1) * scale);
+}
+
+function twinNorm(arrays: Float32Array[]): number {
+  let sum = 0;
+  for (const a of arrays) for (const x of a) sum += x * x;
+  return Math.sqrt(sum);
+}
+
+Deno.test("gradNorm matches the twin to 1e-5 and is bitwise repeatable", opts, async () => {
+  const r = rng(7);
+  const sizes = [1, 7, 33, 97, 4095, 4097, 100_003, (1 << 20) + 3];
+  const arrays = sizes.map((n, i) => randomArray(n, 10 ** (i % 4 - 2), r));
+  const grads = arrays.map((a) => gpu.upload(a));
+  const norm = gpu.zeros([1]);
+  gradNorm(gpu, grads, norm);
+  const first = await gpu.read(norm);
+  gradNorm(gpu, grads, norm);
+  const second = await gpu.read(norm);
+  const want = twinNorm(arrays);
+  assert.ok(Math.abs(first[0] - want) <= 1e-5 * want, `${first[0]} vs ${want}`);
+  assert.deepEqual(new Uint32Array(second.buffer), new Uint32Array(first.buffer));
+  gradNorm(gpu, grads.slice(0, 3), norm); // the small ones alone: one block each
+  assert.ok(Math.abs((await gpu.read(norm))[0] - twinNorm(arrays.slice(0, 3))) <= 1e-5 * want);
+  [...grads, norm].forEach((t) => t.destroy());
+});
+
+/** Float64 AdamW, as torch.optim.AdamW, with clip_grad_norm_'s scaling applied to g. */
+function twinAdamw(
+  p: Float64Array,
+  g: Float32Array,
+  m: Float64Array,
+  v: Float64Array,
+  hp: AdamwHyper,
+): void {
+  const norm = twinNorm([g]);
+  const clip = hp.maxGradNorm > 0 ? Math.min(1, hp.maxGradNorm / (norm + 1e-6)) : 1;
+  const bc1 = 1 - hp.beta1 ** hp.step, bc2 = 1 - hp.beta2 ** hp.step;
+  for (let i = 0; i < p.length; i++) {
+    const gi = g[i] * clip;
+    p[i] *= 1 - hp.lr * hp.weightDecay;
+    m[i] = hp.beta1 * m[i] + (1 - hp.beta1) * gi;
+    v[i] = hp.beta2 * v[i] + (1 - hp.beta2) * gi * gi;
+    p[i] -= (hp.lr / bc1) * m[i] / (Math.sqrt(v[i]) / Math.sqrt(bc2) + hp.eps);
+  }
+}
+
+Deno.test("adamw matches the float64 twin over several steps, clipped or not", opts, async () => {
+  // f32 tolerances: param to 2e-6 absolute (|p| ≤ 1, lr = 1e-2, five steps), m and v to 1e-5
+  // relative to their largest magnitude. Gradients have norm ~18: maxGradNorm 1 clips them,
+  // 1000 does not, 0 turns clipping off even though `norm` holds a huge value.
+  const n = 1001;
+  for (const maxGradNorm of [0, 1, 1000]) {
+    const r = rng(11 + maxGradNorm);
+    const p0 = randomArray(n, 1, r);
+    const param = gpu.upload(p0), grad = gpu.zeros([n]), m = gpu.zeros([n]), v = gpu.zeros([n]);
+    const norm = gpu.zeros([1]);
+    const want = { p: Float64Array.from(p0), m: new Float64Array(n), v: new Float64Array(n) };
+    for (let step = 1; step <= 5; step++) {
+      const hp = {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weightDecay: 0.1,
+        step,
+        maxGradNorm,
+      };
+      const g = randomArray(n, 1, r);
+      gpu.write(grad, g);
+      if (maxGradNorm > 0) gradNorm(gpu, [grad], norm);
+      else gpu.write(norm, new Float32Array([1e30]));
+      adamw(gpu, param, grad, m, v, norm, n, hp);
+      twinAdamw(want.p, g, want.m, want.v, hp);
+    }
+    const [gotP, gotM, gotV] = await gpu.readMany([param, m, v]) as Float32Array[];
+    const mScale = Math.max(...want.m.map(Math.abs)), vScale = Math.max(...want.v);
+    for (let i = 0; i < n; i++) {
+      const where = `maxGradNorm=${maxGradNorm} i=${i}`;
+      assert.ok(Math.abs(gotP[i] - want.p[i]) <= 2e-6, `p ${where}: ${gotP[i]} vs ${want.p[i]}`);
+      assert.ok(Math.abs(gotM[i] - want.m[i]) <= 1e-5 * mScale, `m ${where}`);
+      assert.ok(Math.abs(gotV[i] - want.v[i]) <= 1e-5 * vScale, `v ${where}`);
+    }
+    [param, grad, m, v, norm].forEach((t) => t.destroy());
+  }
+});
