@@ -188,6 +188,12 @@ function attentionBackward(
 
 const silu = (x: number) => x / (1 + Math.exp(-x));
 
+/** acc += x, elementwise; returns acc. */
+function addInto<A extends Float64Array>(acc: A, x: Float64Array): A {
+  for (let i = 0; i < acc.length; i++) acc[i] += x[i];
+  return acc;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The model.
 
@@ -223,8 +229,8 @@ function weight(w: Weights, name: string): Values {
   return a;
 }
 
-const headName = (c: ModelConfig) =>
-  c.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+/** The output projection: its own weight, or the embedding's when tied. */
+const headName = (c: ModelConfig) => c.tieWordEmbeddings ? "model.embed_tokens" : "lm_head";
 
 function forward(c: ModelConfig, w: Weights, ids: number[]): Trace {
   const T = ids.length, H = c.hiddenSize, I = c.intermediateSize, V = c.vocabSize;
@@ -247,46 +253,24 @@ function forward(c: ModelConfig, w: Weights, ids: number[]): Trace {
     rope(q, T, c.numHeads, c.headDim, c.ropeTheta);
     rope(k, T, c.numKvHeads, c.headDim, c.ropeTheta);
     const { out: att, probs } = attention(q, k, v, T, c);
-    const o = linear(att, W("self_attn.o_proj.weight"), null, T, H, qDim);
-    const x1 = x.map((xi, i) => xi + o[i]);
+    const x1 = addInto(linear(att, W("self_attn.o_proj.weight"), null, T, H, qDim), x);
     const norm2 = rmsnorm(x1, W("post_attention_layernorm.weight"), T, H, c.rmsNormEps);
-    const gate = linear(norm2.y, W("mlp.gate_proj.weight"), null, T, I, H);
-    const up = linear(norm2.y, W("mlp.up_proj.weight"), null, T, I, H);
+    const n2 = norm2.y, rstd2 = norm2.rstd;
+    const gate = linear(n2, W("mlp.gate_proj.weight"), null, T, I, H);
+    const up = linear(n2, W("mlp.up_proj.weight"), null, T, I, H);
     const act = gate.map((g, i) => silu(g) * up[i]);
-    const down = linear(act, W("mlp.down_proj.weight"), null, T, H, I);
-    layers.push({
-      x,
-      n1,
-      rstd1,
-      q,
-      k,
-      v,
-      probs,
-      att,
-      x1,
-      n2: norm2.y,
-      rstd2: norm2.rstd,
-      gate,
-      up,
-      act,
-    });
-    x = x1.map((xi, i) => xi + down[i]);
+    layers.push({ x, n1, rstd1, q, k, v, probs, att, x1, n2, rstd2, gate, up, act });
+    x = addInto(linear(act, W("mlp.down_proj.weight"), null, T, H, I), x1);
   }
-  const { y: normed, rstd: rstdLast } = rmsnorm(
-    x,
-    weight(w, "model.norm.weight"),
-    T,
-    H,
-    c.rmsNormEps,
-  );
-  const logp = linear(normed, weight(w, headName(c)), null, T, V, H);
+  const last = rmsnorm(x, weight(w, "model.norm.weight"), T, H, c.rmsNormEps);
+  const logp = linear(last.y, weight(w, headName(c) + ".weight"), null, T, V, H);
   for (let t = 0; t < T; t++) {
     const row = logp.subarray(t * V, (t + 1) * V);
     const max = row.reduce((a, b) => Math.max(a, b), -Infinity);
     const logSum = max + Math.log(row.reduce((sum, z) => sum + Math.exp(z - max), 0));
     for (let i = 0; i < V; i++) row[i] -= logSum;
   }
-  return { ids, layers, xLast: x, rstdLast, normed, logp };
+  return { ids, layers, xLast: x, rstdLast: last.rstd, normed: last.y, logp };
 }
 
 /** The log-prob of each next token: result[t] = logp[t][ids[t + 1]]. */
@@ -305,113 +289,53 @@ function backward(
   const T = tr.ids.length, H = c.hiddenSize, I = c.intermediateSize, V = c.vocabSize;
   const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
   const grad = (name: string) => grads.get(name)!;
+  // Backward of the projection `name` (nn.Linear [nOut, nIn], with or without bias) of input x.
+  const linearBack = (
+    name: string,
+    x: Float64Array,
+    dy: Float64Array,
+    nOut: number,
+    nIn: number,
+  ) => {
+    const weightName = name + ".weight", bias = grads.get(name + ".bias") ?? null;
+    return linearBackward(x, weight(w, weightName), dy, grad(weightName), bias, T, nOut, nIn);
+  };
+  // Backward of the RMSNorm `name` of input x.
+  const normBack = (name: string, x: Float64Array, rstd: Float64Array, dy: Float64Array) =>
+    rmsnormBackward(x, weight(w, name + ".weight"), rstd, dy, grad(name + ".weight"), T, H);
+
   // d logp[t][target] / d logits[t][i] = 1[i = target] − softmax[t][i].
   const dLogits = new Float64Array(T * V);
   for (let t = 0; t + 1 < T; t++) {
     for (let i = 0; i < V; i++) dLogits[t * V + i] = -dLogprobs[t] * Math.exp(tr.logp[t * V + i]);
     dLogits[t * V + tr.ids[t + 1]] += dLogprobs[t];
   }
-  const head = headName(c);
-  const dNormed = linearBackward(tr.normed, weight(w, head), dLogits, grad(head), null, T, V, H);
-  let dx = rmsnormBackward(
-    tr.xLast,
-    weight(w, "model.norm.weight"),
-    tr.rstdLast,
-    dNormed,
-    grad("model.norm.weight"),
-    T,
-    H,
-  );
+  const dNormed = linearBack(headName(c), tr.normed, dLogits, V, H);
+  let dx = normBack("model.norm", tr.xLast, tr.rstdLast, dNormed);
   for (let l = c.numLayers - 1; l >= 0; l--) {
     const L = tr.layers[l], p = `model.layers.${l}.`;
-    const W = (n: string) => weight(w, p + n), G = (n: string) => grad(p + n);
-    // MLP: dx flows into x1 directly and through down(silu(gate)·up).
-    const dAct = linearBackward(
-      L.act,
-      W("mlp.down_proj.weight"),
-      dx,
-      G("mlp.down_proj.weight"),
-      null,
-      T,
-      H,
-      I,
-    );
+    // MLP: dx reaches x1 directly and through down(silu(gate)·up).
+    const dAct = linearBack(p + "mlp.down_proj", L.act, dx, H, I);
     const dGate = new Float64Array(T * I), dUp = new Float64Array(T * I);
     for (let i = 0; i < T * I; i++) {
       const sigmoid = 1 / (1 + Math.exp(-L.gate[i]));
       dUp[i] = dAct[i] * L.gate[i] * sigmoid;
       dGate[i] = dAct[i] * L.up[i] * sigmoid * (1 + L.gate[i] * (1 - sigmoid));
     }
-    const dN2 = linearBackward(
-      L.n2,
-      W("mlp.gate_proj.weight"),
-      dGate,
-      G("mlp.gate_proj.weight"),
-      null,
-      T,
-      I,
-      H,
+    const dN2 = addInto(
+      linearBack(p + "mlp.gate_proj", L.n2, dGate, I, H),
+      linearBack(p + "mlp.up_proj", L.n2, dUp, I, H),
     );
-    const dN2up = linearBackward(
-      L.n2,
-      W("mlp.up_proj.weight"),
-      dUp,
-      G("mlp.up_proj.weight"),
-      null,
-      T,
-      I,
-      H,
-    );
-    for (let i = 0; i < T * H; i++) dN2[i] += dN2up[i];
-    const dX1 = rmsnormBackward(
-      L.x1,
-      W("post_attention_layernorm.weight"),
-      L.rstd2,
-      dN2,
-      G("post_attention_layernorm.weight"),
-      T,
-      H,
-    );
-    for (let i = 0; i < T * H; i++) dX1[i] += dx[i];
-    // Attention: dX1 flows into x directly and through o_proj(attention(...)).
-    const dAtt = linearBackward(
-      L.att,
-      W("self_attn.o_proj.weight"),
-      dX1,
-      G("self_attn.o_proj.weight"),
-      null,
-      T,
-      H,
-      qDim,
-    );
+    const dX1 = addInto(normBack(p + "post_attention_layernorm", L.x1, L.rstd2, dN2), dx);
+    // Attention: dX1 reaches x directly and through o_proj(attention(rope(q), rope(k), v)).
+    const dAtt = linearBack(p + "self_attn.o_proj", L.att, dX1, H, qDim);
     const { dq, dk, dv } = attentionBackward(L.q, L.k, L.v, L.probs, dAtt, T, c);
     rope(dq, T, c.numHeads, c.headDim, c.ropeTheta, -1);
     rope(dk, T, c.numKvHeads, c.headDim, c.ropeTheta, -1);
-    const dN1 = new Float64Array(T * H);
-    for (const [proj, d, n] of [["q", dq, qDim], ["k", dk, kvDim], ["v", dv, kvDim]] as const) {
-      const name = `self_attn.${proj}_proj.`;
-      const part = linearBackward(
-        L.n1,
-        W(name + "weight"),
-        d,
-        G(name + "weight"),
-        G(name + "bias"),
-        T,
-        n,
-        H,
-      );
-      for (let i = 0; i < T * H; i++) dN1[i] += part[i];
-    }
-    dx = rmsnormBackward(
-      L.x,
-      W("input_layernorm.weight"),
-      L.rstd1,
-      dN1,
-      G("input_layernorm.weight"),
-      T,
-      H,
-    );
-    for (let i = 0; i < T * H; i++) dx[i] += dX1[i];
+    const dN1 = linearBack(p + "self_attn.q_proj", L.n1, dq, qDim, H);
+    addInto(dN1, linearBack(p + "self_attn.k_proj", L.n1, dk, kvDim, H));
+    addInto(dN1, linearBack(p + "self_attn.v_proj", L.n1, dv, kvDim, H));
+    dx = addInto(normBack(p + "input_layernorm", L.x, L.rstd1, dN1), dX1);
   }
   const dEmbed = grad("model.embed_tokens.weight");
   for (let t = 0; t < T; t++) {

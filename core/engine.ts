@@ -42,12 +42,14 @@ export interface PolicyEngine {
   completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]>;
   /**
    * Forward, then backward of a loss the caller computes on the CPU: `loss` receives the
-   * completion log-probs and returns d(loss)/d(logp) in the same shape. Gradients accumulate.
+   * completion log-probs and returns d(loss)/d(logp) in the same shape (asynchronously: it may
+   * wait for the reference engine while the policy's forward has already run). Gradients
+   * accumulate.
    */
   accumulateGradients(
     batch: TokenBatch,
     invTemperature: number,
-    loss: (logprobs: number[][]) => number[][],
+    loss: (logprobs: number[][]) => Promise<number[][]>,
   ): Promise<void>;
   /** Clip by global norm, AdamW, zero the gradients. Returns the norm before clipping. */
   optimizerStep(hp: OptimizerHyper): Promise<number>;

@@ -131,7 +131,9 @@ async function readHeader(path: string, file: Deno.FsFile): Promise<SafetensorsH
     const bytes = (shape as number[]).reduce((a, b) => a * b, 1) * DTYPE_BYTES[dtype];
     if (bytes !== end - begin) {
       fail(
-        `tensor "${name}": shape [${(shape as number[]).join(", ")}] of ${dtype} needs ${bytes} bytes ` +
+        `tensor "${name}": shape [${
+          (shape as number[]).join(", ")
+        }] of ${dtype} needs ${bytes} bytes ` +
           `but data_offsets [${begin}, ${end}] cover ${end - begin}`,
       );
     }

@@ -241,15 +241,22 @@ function oneOf(...values: string[]): Rule {
 }
 
 function orNull(rule: Rule): Rule {
-  return { ...rule, expect: `${rule.expect} or null`, accepts: (v) => v === null || rule.accepts(v) };
+  return {
+    ...rule,
+    expect: `${rule.expect} or null`,
+    accepts: (v) => v === null || rule.accepts(v),
+  };
 }
 
 const envMap: Rule = {
   expect: "a mapping of variable names to values",
   accepts: (v) =>
-    isMapping(v) && Object.values(v).every((x) => ["string", "number", "boolean"].includes(typeof x)),
+    isMapping(v) &&
+    Object.values(v).every((x) => ["string", "number", "boolean"].includes(typeof x)),
   convert: (v) =>
-    Object.fromEntries(Object.entries(v as Record<string, unknown>).map(([k, x]) => [k, String(x)])),
+    Object.fromEntries(
+      Object.entries(v as Record<string, unknown>).map(([k, x]) => [k, String(x)]),
+    ),
 };
 
 const RULES: Record<string, Rule> = {
@@ -341,7 +348,8 @@ export function loadTrainConfig(path: string | null, sets: string[]): TrainConfi
     try {
       raw = YAML.parse(text);
     } catch (e) {
-      throw new AhaError(`${path}: invalid YAML: ${(e as Error).message.split("\n")[0]}`);
+      const first = (e as Error).message.split("\n")[0].replace(/:$/, "");
+      throw new AhaError(`${path}: invalid YAML: ${first}`);
     }
     if (raw !== null) applySettings(cfg, raw, path, "");
   }
@@ -357,10 +365,14 @@ export function loadTrainConfig(path: string | null, sets: string[]): TrainConfi
   return cfg;
 }
 
-/** A --set value as YAML ("1e-5", "true", "null", "[1, 0.5]"); text YAML rejects stays text. */
+/**
+ * A --set value as YAML ("1e-5", "true", "null", "[1, 0.5]", "{a: 1}"); text that YAML rejects,
+ * or reads as a mapping without braces ("Answer: briefly"), stays text.
+ */
 function parseValue(text: string): unknown {
   try {
-    return YAML.parse(text);
+    const value = YAML.parse(text);
+    return isMapping(value) && !text.trimStart().startsWith("{") ? text : value;
   } catch {
     return text;
   }
@@ -370,17 +382,17 @@ function isMapping(v: unknown): v is Record<string, unknown> {
   return typeof v === "object" && v !== null && !Array.isArray(v);
 }
 
-/** Validate each key of `raw` (the mapping at `prefix`) and store it in `target`. */
-function applySettings(target: object, raw: unknown, source: string, prefix: string) {
+/** Validate each key of `raw` (the mapping of `section`, "" at the top) and store it in `target`. */
+function applySettings(target: object, raw: unknown, source: string, section: string) {
   if (!isMapping(raw)) {
-    const what = prefix === "" ? "the file" : `"${prefix}"`;
+    const what = section === "" ? "the file" : `"${section}"`;
     throw new AhaError(`${source}: ${what} must be a mapping of keys to values`);
   }
   const fields = target as Record<string, unknown>;
   for (const [key, value] of Object.entries(raw)) {
-    const name = prefix + key;
+    const name = section === "" ? key : `${section}.${key}`;
     if (SECTIONS.has(name)) {
-      if (value !== null) applySettings(fields[key] as object, value, source, name + ".");
+      if (value !== null) applySettings(fields[key] as object, value, source, name);
       continue;
     }
     const rule = RULES[name];
@@ -415,6 +427,12 @@ function checkRelations(cfg: TrainConfig, source: string) {
   }
   if (cfg.dataset.format !== "arithmetic" && cfg.dataset.path === null) {
     fail(`"dataset.path" is required when "dataset.format" is ${cfg.dataset.format}`);
+  }
+  if (cfg.dataset.format === "arithmetic" && cfg.eval_prompts > cfg.arithmetic.held_out) {
+    fail(
+      `"eval_prompts" (${cfg.eval_prompts}) must be at most "arithmetic.held_out" ` +
+        `(${cfg.arithmetic.held_out})`,
+    );
   }
   if (cfg.model === null && cfg.dataset.format !== "arithmetic") {
     fail(`"model" must name a model directory unless "dataset.format" is arithmetic`);

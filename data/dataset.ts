@@ -1,11 +1,12 @@
 // Question/answer datasets from JSONL or Parquet files: the field mapping, answer extractors
-// (GSM8K's "#### 42"), a held-out split for evaluation, and the seeded epoch-by-epoch order in
-// which training draws prompts. Bad rows are counted and reported once, and are fatal only when
-// no row is usable.
+// (GSM8K's "#### 42", the last number, MATH's \boxed{}), a held-out split for evaluation, and
+// the seeded epoch-by-epoch order in which training draws prompts. Bad rows are counted and
+// reported once, and are fatal only when no row is usable.
 
 import { parquetReadObjects } from "hyparquet";
 import { compressors } from "hyparquet-compressors";
 import { AhaError } from "../core/errors.ts";
+import { lastNumber } from "../core/rewards.ts";
 import { Rng } from "../core/rng.ts";
 
 export interface Example {
@@ -13,12 +14,15 @@ export interface Example {
   answer: string;
 }
 
-/** Where the rows are and how to read them (config keys in parentheses). */
+/** Where the rows are and how to read them: the config's `dataset` section. */
 export interface DatasetSpec {
-  path: string; // (path) a .jsonl or .parquet file
-  questionField: string; // (question_field) default "question"
-  answerField: string; // (answer_field) default "answer"
-  answerExtractor: string; // (answer_extractor) a key of ANSWER_EXTRACTORS; default "none"
+  path: string;
+  /** By default from the file name's ending. */
+  format?: "jsonl" | "parquet";
+  question_field: string;
+  answer_field: string;
+  /** A key of ANSWER_EXTRACTORS. */
+  answer_extractor: string;
 }
 
 /** Turn a raw answer field into the ground truth, or null when the row has none. */
@@ -30,35 +34,22 @@ export const ANSWER_EXTRACTORS: Record<string, (raw: string) => string | null> =
     const answer = at < 0 ? "" : raw.slice(at + 4).trim();
     return answer === "" ? null : answer;
   },
-};
-
-/** A DatasetSpec from a config's dataset section (snake_case keys); `file` names the config. */
-export function parseDatasetSpec(json: unknown, file: string): DatasetSpec {
-  if (typeof json !== "object" || json === null || Array.isArray(json)) {
-    throw new AhaError(`${file}: dataset must be a mapping with at least "path"`);
-  }
-  const j = json as Record<string, unknown>;
-  const text = (key: string, fallback?: string): string => {
-    const v = j[key] ?? fallback;
-    if (typeof v !== "string" || v === "") {
-      throw new AhaError(`${file}: dataset field "${key}" must be a non-empty string`);
+  last_number: (raw) => {
+    const value = lastNumber(raw);
+    return value === null ? null : String(value);
+  },
+  // MATH-style solutions: the content of the last \boxed{…}, braces balanced.
+  boxed: (raw) => {
+    const start = raw.lastIndexOf("\\boxed{");
+    if (start < 0) return null;
+    let depth = 0;
+    for (let i = start + 6; i < raw.length; i++) {
+      if (raw[i] === "{") depth++;
+      else if (raw[i] === "}" && --depth === 0) return raw.slice(start + 7, i).trim() || null;
     }
-    return v;
-  };
-  const spec = {
-    path: text("path"),
-    questionField: text("question_field", "question"),
-    answerField: text("answer_field", "answer"),
-    answerExtractor: text("answer_extractor", "none"),
-  };
-  if (!(spec.answerExtractor in ANSWER_EXTRACTORS)) {
-    const known = Object.keys(ANSWER_EXTRACTORS).join(", ");
-    throw new AhaError(
-      `${file}: dataset field "answer_extractor" must be one of ${known}, got "${spec.answerExtractor}"`,
-    );
-  }
-  return spec;
-}
+    return null;
+  },
+};
 
 /**
  * Every usable row of the dataset. Unusable rows (bad JSON, a missing or empty field, no
@@ -68,22 +59,21 @@ export async function loadDataset(
   spec: DatasetSpec,
   warn: (message: string) => void = console.warn,
 ): Promise<Example[]> {
-  const rows = spec.path.endsWith(".parquet")
-    ? await readParquet(spec.path)
-    : spec.path.endsWith(".jsonl")
-    ? await readJsonl(spec.path)
-    : (() => {
-      throw new AhaError(`${spec.path}: expected a .jsonl or .parquet file`);
-    })();
-  const extract = ANSWER_EXTRACTORS[spec.answerExtractor];
-  if (!extract) {
-    throw new AhaError(`${spec.path}: unknown answer extractor "${spec.answerExtractor}"`);
+  const format = spec.format ?? spec.path.match(/\.(jsonl|parquet)$/)?.[1];
+  if (format !== "jsonl" && format !== "parquet") {
+    throw new AhaError(`${spec.path}: expected a .jsonl or .parquet file (or set dataset.format)`);
   }
+  const extract = ANSWER_EXTRACTORS[spec.answer_extractor];
+  if (!extract) {
+    const known = Object.keys(ANSWER_EXTRACTORS).join(", ");
+    throw new AhaError(`unknown answer_extractor "${spec.answer_extractor}" (known: ${known})`);
+  }
+  const rows = format === "parquet" ? await readParquet(spec.path) : await readJsonl(spec.path);
   const examples: Example[] = [];
   const problems: string[] = [];
   for (const { where, row, error } of rows) {
-    const question = row ? asText(row[spec.questionField]) : null;
-    const raw = row ? asText(row[spec.answerField]) : null;
+    const question = row ? asText(row[spec.question_field]) : null;
+    const raw = row ? asText(row[spec.answer_field]) : null;
     const answer = raw === null ? null : extract(raw);
     if (question !== null && answer !== null) {
       examples.push({ question, answer });
@@ -92,10 +82,10 @@ export async function loadDataset(
     problems.push(
       `${where}: ${
         error ?? (question === null
-          ? `missing field "${spec.questionField}"`
+          ? `field "${spec.question_field}" missing or empty`
           : raw === null
-          ? `missing field "${spec.answerField}"`
-          : `no answer found by the "${spec.answerExtractor}" extractor`)
+          ? `field "${spec.answer_field}" missing or empty`
+          : `no answer found by the "${spec.answer_extractor}" extractor`)
       }`,
     );
   }
@@ -142,7 +132,8 @@ async function readParquet(path: string): Promise<RawRow[]> {
   const bytes = await readFile(path, (p) => Deno.readFile(p));
   let objects: Record<string, unknown>[];
   try {
-    objects = await parquetReadObjects({ file: bytes.buffer as ArrayBuffer, compressors });
+    const file = bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength);
+    objects = await parquetReadObjects({ file, compressors });
   } catch (e) {
     throw new AhaError(`${path}: not a readable Parquet file: ${(e as Error).message}`);
   }

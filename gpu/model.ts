@@ -141,9 +141,10 @@ class Activations {
     gpu.write(this.kvLens, new Int32Array(B).fill(L));
   }
 
-  destroy(): void {
-    for (const layer of this.layers) for (const t of Object.values(layer)) t.destroy();
-    for (const t of Object.values(this)) if (t instanceof Tensor) t.destroy();
+  /** Free every buffer once the work recorded so far has been submitted. */
+  release(gpu: Gpu): void {
+    for (const layer of this.layers) for (const t of Object.values(layer)) gpu.release(t);
+    for (const t of Object.values(this)) if (t instanceof Tensor) gpu.release(t);
   }
 }
 
@@ -198,7 +199,7 @@ export class GpuModel {
 
   private activations(B: number, L: number): Activations {
     if (!this.acts || this.acts.B !== B || this.acts.L !== L) {
-      this.acts?.destroy();
+      this.acts?.release(this.gpu);
       this.acts = new Activations(this.gpu, this.config, B, L, this.logitChunkFloats);
     }
     return this.acts;
@@ -476,7 +477,8 @@ export class GpuModel {
   }
 
   destroy(): void {
-    this.acts?.destroy();
+    this.acts?.release(this.gpu);
+    this.gpu.flush();
     for (const t of this.params.values()) t.destroy();
     for (const t of this.grads.values()) t.destroy();
     for (const s of this.adamState.values()) {

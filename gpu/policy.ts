@@ -53,10 +53,10 @@ export class GpuPolicy implements PolicyEngine {
   async accumulateGradients(
     batch: TokenBatch,
     invTemperature: number,
-    loss: (logprobs: number[][]) => number[][],
+    loss: (logprobs: number[][]) => Promise<number[][]>,
   ): Promise<void> {
     const { B, L } = pack(batch);
-    const dLogp = loss(await completionLogprobs(this.model, batch, invTemperature));
+    const dLogp = await loss(await completionLogprobs(this.model, batch, invTemperature));
     const upstream = new Float32Array(B * L);
     dLogp.forEach((row, b) => row.forEach((d, t) => upstream[at(batch, L, b, t)] = d));
     this.model.backward(upstream, invTemperature);

@@ -195,12 +195,12 @@ export function exportOnnx(c: ModelConfig, weights: Map<string, Float32Array>): 
   const predicting = g.op("Slice", [toBL(x, H), g.int64([0]), g.int64([-1]), axis1]);
   const head = c.tieWordEmbeddings ? embed : w("lm_head.weight", [V, H]);
   const logits = linear(toRows(predicting, H), head); // [B·(L-1), V]
-  const logProbs = g.op("LogSoftmax", [logits], [int("axis", -1)]);
   const next = g.op("Slice", [ids, axis1, g.int64([Number.MAX_SAFE_INTEGER]), axis1]);
-  const picked = g.op("GatherElements", [logProbs, g.op("Reshape", [next, g.int64([-1, 1])])], [
+  const picked = g.op("GatherElements", [logits, g.op("Reshape", [next, g.int64([-1, 1])])], [
     int("axis", 1),
   ]);
-  g.op("Reshape", [picked, g.op("Shape", [next])]);
+  const lse = g.op("ReduceLogSumExp", [logits], [ints("axes", [1])]);
+  g.op("Reshape", [g.op("Sub", [picked, lse]), g.op("Shape", [next])]);
   g.nodes[g.nodes.length - 1].output = ["logprobs"];
 
   const tensorType = (elemType: number, dims: string[]): Onnx.ITypeProto => ({

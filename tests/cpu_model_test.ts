@@ -96,6 +96,7 @@ for (const tied of [false, true]) {
         return usedRows[Math.floor(random() * usedRows.length)] * config.hiddenSize +
           Math.floor(random() * config.hiddenSize);
       });
+      let sampledSize = 0;
       for (const i of entries) {
         const saved = w[i];
         w[i] = saved + step;
@@ -108,7 +109,9 @@ for (const tied of [false, true]) {
         const error = Math.abs(numeric - analytic) / Math.max(1, Math.abs(numeric));
         worst = Math.max(worst, error);
         assert.ok(error < 1e-7, `${name}[${i}]: analytic ${analytic}, numeric ${numeric}`);
+        sampledSize += Math.abs(numeric);
       }
+      assert.ok(sampledSize > 1e-3, `${name}: the sampled gradients are all ~0 (${sampledSize})`);
     }
     if (!tied) {
       // An embedding row never used gets exactly zero gradient.

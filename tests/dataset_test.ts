@@ -6,30 +6,30 @@ import { parquetWriteBuffer } from "hyparquet-writer";
 import { AhaError } from "../core/errors.ts";
 import { Rng } from "../core/rng.ts";
 import {
+  ANSWER_EXTRACTORS,
   type DatasetSpec,
   EpochSampler,
   loadDataset,
-  parseDatasetSpec,
   splitHeldOut,
 } from "../data/dataset.ts";
 
 const GSM8K = new URL("../../shared/data/gsm8k", import.meta.url).pathname;
 const spec = (path: string, more: Partial<DatasetSpec> = {}): DatasetSpec => ({
   path,
-  questionField: "question",
-  answerField: "answer",
-  answerExtractor: "none",
+  question_field: "question",
+  answer_field: "answer",
+  answer_extractor: "none",
   ...more,
 });
 
 Deno.test("GSM8K train and test load whole, with the #### answer", async () => {
   const warnings: string[] = [];
   const train = await loadDataset(
-    spec(`${GSM8K}/train.jsonl`, { answerExtractor: "gsm8k" }),
+    spec(`${GSM8K}/train.jsonl`, { answer_extractor: "gsm8k" }),
     (m) => warnings.push(m),
   );
   const test = await loadDataset(
-    spec(`${GSM8K}/test.jsonl`, { answerExtractor: "gsm8k" }),
+    spec(`${GSM8K}/test.jsonl`, { answer_extractor: "gsm8k" }),
     (m) => warnings.push(m),
   );
   assert.equal(train.length, 7473);
@@ -58,23 +58,22 @@ Deno.test("bad JSONL rows are counted and reported once, naming file and line", 
   );
   const warnings: string[] = [];
   const rows = await loadDataset(
-    spec(path, { questionField: "q", answerField: "a", answerExtractor: "gsm8k" }),
+    spec(path, { question_field: "q", answer_field: "a", answer_extractor: "gsm8k" }),
     (m) => warnings.push(m),
   );
   assert.deepEqual(rows, [{ question: "one?", answer: "1" }, { question: "four?", answer: "4" }]);
   assert.equal(warnings.length, 1);
   assert.match(warnings[0], /skipped 5 of 7 rows/);
   assert.ok(warnings[0].includes(`${path}:2: invalid JSON`), warnings[0]);
-  assert.ok(warnings[0].includes(`${path}:4: missing field "a"`), warnings[0]);
+  assert.ok(warnings[0].includes(`${path}:4: field "a" missing or empty`), warnings[0]);
   assert.ok(warnings[0].includes(`${path}:5: no answer found by the "gsm8k" extractor`));
 
   // With no usable row it is an error that says why.
   await assert.rejects(
-    () => loadDataset(spec(path, { questionField: "nope" }), () => {}),
+    () => loadDataset(spec(path, { question_field: "nope" }), () => {}),
     (e) => e instanceof AhaError && /none usable/.test(e.message) && e.message.includes(path),
   );
   await assert.rejects(() => loadDataset(spec(`${dir}/missing.jsonl`)), AhaError);
-  await assert.rejects(() => loadDataset(spec(`${dir}/rows.csv`)), /expected a .jsonl or .parquet/);
   await Deno.remove(dir, { recursive: true });
 });
 
@@ -94,30 +93,46 @@ Deno.test("Parquet rows with a field mapping, INT64 answers and nulls", async ()
   );
   const warnings: string[] = [];
   const rows = await loadDataset(
-    spec(path, { questionField: "prompt", answerField: "target" }),
+    spec(path, { question_field: "prompt", answer_field: "target" }),
     (m) => warnings.push(m),
   );
   assert.deepEqual(rows, [
     { question: "What is 6*7?", answer: "42" },
     { question: "What is 2**10?", answer: "1024" },
   ]);
-  assert.match(warnings[0], /skipped 2 of 4 rows .*row 2: missing field "prompt".*row 4/);
+  assert.match(warnings[0], /skipped 2 of 4 rows .*row 2: field "prompt" missing or empty.*row 4/);
   await Deno.writeTextFile(path, "not parquet");
   await assert.rejects(() => loadDataset(spec(path)), /not a readable Parquet file/);
   await Deno.remove(dir, { recursive: true });
 });
 
-Deno.test("dataset spec from a config section", () => {
-  assert.deepEqual(parseDatasetSpec({ path: "d.jsonl", answer_extractor: "gsm8k" }, "c.yaml"), {
-    path: "d.jsonl",
-    questionField: "question",
-    answerField: "answer",
-    answerExtractor: "gsm8k",
-  });
-  assert.throws(() => parseDatasetSpec({ path: "d.jsonl", answer_extractor: "x" }, "c.yaml"), {
-    message: 'c.yaml: dataset field "answer_extractor" must be one of none, gsm8k, got "x"',
-  });
-  assert.throws(() => parseDatasetSpec({}, "c.yaml"), /c.yaml: dataset field "path"/);
+Deno.test("answer extractors", () => {
+  const cases: [string, string, string | null][] = [
+    ["gsm8k", "work\n#### 1,080", "1,080"],
+    ["gsm8k", "no marker 42", null],
+    ["gsm8k", "####   ", null],
+    ["last_number", "so it costs $1,080.", "1080"],
+    ["last_number", "none", null],
+    ["boxed", "thus \\boxed{1} or \\boxed{\\frac{1}{2}} end", "\\frac{1}{2}"],
+    ["boxed", "\\boxed{unclosed", null],
+    ["none", "  7 \n", "7"],
+  ];
+  for (const [name, raw, expected] of cases) {
+    assert.equal(ANSWER_EXTRACTORS[name](raw), expected, `${name}: ${raw}`);
+  }
+});
+
+Deno.test("format from dataset.format or the file name; unknown extractors named", async () => {
+  const dir = await Deno.makeTempDir();
+  await Deno.writeTextFile(`${dir}/rows.txt`, '{"question": "q?", "answer": "1"}\n');
+  const rows = await loadDataset(spec(`${dir}/rows.txt`, { format: "jsonl" }));
+  assert.deepEqual(rows, [{ question: "q?", answer: "1" }]);
+  await assert.rejects(() => loadDataset(spec(`${dir}/rows.txt`)), /expected a .jsonl or .parquet/);
+  await assert.rejects(
+    () => loadDataset(spec(`${dir}/rows.txt`, { format: "jsonl", answer_extractor: "x" })),
+    { message: 'unknown answer_extractor "x" (known: none, gsm8k, last_number, boxed)' },
+  );
+  await Deno.remove(dir, { recursive: true });
 });
 
 const items = Array.from({ length: 97 }, (_, i) => i);

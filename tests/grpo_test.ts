@@ -6,11 +6,11 @@ import assert from "node:assert/strict";
 import { Rng } from "../core/rng.ts";
 import {
   completionMask,
-  type GrpoLossConfig,
-  grpoLoss,
   groupAdvantages,
-  type LossRow,
+  grpoLoss,
+  type GrpoLossConfig,
   lossNormalizer,
+  type LossRow,
   type LossType,
 } from "../core/grpo.ts";
 

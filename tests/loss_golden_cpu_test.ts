@@ -7,11 +7,11 @@ import { loadCheckpoint } from "../core/checkpoint.ts";
 import { cpuForwardBackward, cpuLogprobs } from "../core/cpu_model.ts";
 import {
   completionMask,
-  type GrpoLossConfig,
-  grpoLoss,
   groupAdvantages,
-  type LossType,
+  grpoLoss,
+  type GrpoLossConfig,
   lossNormalizer,
+  type LossType,
 } from "../core/grpo.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;

@@ -84,7 +84,10 @@ Deno.test("unknown keys: one line with a did-you-mean", () => {
     loadError(path),
     `${path}: unknown key "learning_rat" (did you mean "learning_rate"?)`,
   );
-  assert.match(loadError(null, ["dataset.pth=x.jsonl"]), /"dataset.pth" \(did you mean "dataset.path"\?\)/);
+  assert.match(
+    loadError(null, ["dataset.pth=x.jsonl"]),
+    /"dataset.pth" \(did you mean "dataset.path"\?\)/,
+  );
   assert.match(loadError(null, ["path=x.jsonl"]), /did you mean "dataset.path"/);
   assert.match(loadError(yaml("sft:\n  lerning_rate: 1\n")), /did you mean "sft.learning_rate"/);
   assert.equal(loadError(null, ["zzzzzz=1"]), `--set zzzzzz=1: unknown key "zzzzzz"`);
@@ -113,7 +116,7 @@ Deno.test("wrong types and out-of-range values: one line naming key and expectat
   }
   assert.match(loadError(null, ["learning_rate"]), /--set learning_rate: expected key=value/);
   assert.match(loadError(yaml("- 1\n- 2\n")), /the file must be a mapping/);
-  assert.match(loadError(yaml("a: [1, 2\n")), /invalid YAML: .*line 1/);
+  assert.match(loadError(yaml("a: [1, 2\n")), /invalid YAML: .* at line \d+, column \d+$/);
   assert.match(loadError(`${dir}/missing.yaml`), /missing.yaml: cannot read/);
 });
 
@@ -124,6 +127,10 @@ Deno.test("relations between keys", () => {
   );
   assert.match(loadError(null, ["reward_funcs=[]"]), /"reward_funcs" must name at least one/);
   assert.match(loadError(null, ["dataset.format=jsonl"]), /"dataset.path" is required/);
+  assert.match(
+    loadError(null, ["eval_prompts=300"]),
+    /"eval_prompts" \(300\) must be at most "arithmetic.held_out" \(200\)/,
+  );
   assert.match(
     loadError(null, ["dataset.format=jsonl", "dataset.path=a.jsonl"]),
     /"model" must name a model directory/,
@@ -142,9 +149,9 @@ Deno.test("learning-rate schedules", () => {
     steps.map((s) => learningRateAt(cfg(type), s));
   assert.deepEqual(at("constant", [0, 3, 13]), [1, 1, 1]);
   assert.deepEqual(at("constant_with_warmup", [0, 1, 3, 4, 13]), [0.25, 0.5, 1, 1, 1]);
-  assert.deepEqual(at("linear", [0, 3, 4, 9, 13, 14]), [0.25, 1, 1, 0.5, 0.1, 0]);
-  const cosine = at("cosine", [0, 4, 9, 14]);
-  assert.deepEqual(cosine.map((x) => Math.round(x * 1e12) / 1e12), [0.25, 1, 0.5, 0]);
+  const rounded = (xs: number[]) => xs.map((x) => Math.round(x * 1e12) / 1e12);
+  assert.deepEqual(rounded(at("linear", [0, 3, 4, 9, 13, 14])), [0.25, 1, 1, 0.5, 0.1, 0]);
+  assert.deepEqual(rounded(at("cosine", [0, 4, 9, 14])), [0.25, 1, 0.5, 0]);
   // Without warmup the first update runs at the full rate.
   assert.equal(learningRateAt({ ...cfg("linear"), warmup_steps: 0 }, 0), 1);
 });

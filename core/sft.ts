@@ -1,0 +1,50 @@
+// Supervised fine-tuning ("cold start"): next-token training on {prompt, completion} rows with
+// the loss on completion tokens only — the mean negative log-likelihood over every completion
+// token of the batch. It runs on the same PolicyEngine as GRPO.
+
+import type { OptimizerHyper, PolicyEngine } from "./engine.ts";
+import { Rng } from "./rng.ts";
+
+export interface SftRow {
+  promptIds: number[];
+  completionIds: number[];
+}
+
+export interface SftOptions {
+  steps: number;
+  batchSize: number;
+  optimizer: OptimizerHyper;
+  /** Linear warmup over this many steps, then constant. */
+  warmupSteps: number;
+  seed: number;
+  /** Called after every step with the step number and its mean token loss. */
+  onStep?: (step: number, loss: number) => void | Promise<void>;
+}
+
+export async function runSft(policy: PolicyEngine, rows: SftRow[], opts: SftOptions): Promise<number> {
+  const rng = new Rng(opts.seed);
+  let order: number[] = [], next = 0, loss = 0;
+  for (let step = 1; step <= opts.steps; step++) {
+    const batch: SftRow[] = [];
+    while (batch.length < opts.batchSize) {
+      if (next === order.length) [order, next] = [rng.shuffle(rows.map((_, i) => i)), 0];
+      batch.push(rows[order[next++]]);
+    }
+    const tokens = batch.reduce((n, r) => n + r.completionIds.length, 0);
+    await policy.accumulateGradients(
+      {
+        rows: batch.map((r) => [...r.promptIds, ...r.completionIds]),
+        promptLens: batch.map((r) => r.promptIds.length),
+      },
+      1,
+      (logprobs) => {
+        loss = -logprobs.flat().reduce((a, b) => a + b, 0) / tokens;
+        return Promise.resolve(logprobs.map((row) => row.map(() => -1 / tokens)));
+      },
+    );
+    const warmup = Math.min(1, step / Math.max(1, opts.warmupSteps));
+    await policy.optimizerStep({ ...opts.optimizer, lr: opts.optimizer.lr * warmup });
+    await opts.onStep?.(step, loss);
+  }
+  return loss;
+}

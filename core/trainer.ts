@@ -1,0 +1,330 @@
+// The GRPO training loop (DESIGN.md, "Data flow of one training step"):
+//
+//   1. draw prompts_per_step prompts; sample num_generations completions for each;
+//   2. score them; groups whose rewards are all equal teach nothing: drop them and refill from
+//      fresh prompts, up to max_refill_rounds times;
+//   3. advantages per group; the batch goes to the reference engine at once, and the policy's
+//      forward runs while it computes;
+//   4. the GRPO loss per completion token (core/grpo.ts), backward in micro-batches with
+//      gradient accumulation, clip, AdamW — num_iterations times over the same batch;
+//   5. metrics, samples, a greedy evaluation now and then, checkpoints.
+//
+// Everything device-specific sits behind PolicyEngine / ReferenceEngine (core/engine.ts).
+
+import type { PolicyEngine, ReferenceEngine, TokenBatch } from "./engine.ts";
+import {
+  completionMask,
+  type GrpoLossConfig,
+  grpoLoss,
+  groupAdvantages,
+  type LossRow,
+  lossNormalizer,
+} from "./grpo.ts";
+import { reflectionMatcher, scoreCompletion } from "./rewards.ts";
+import type { Task, TaskExample } from "./task.ts";
+import { learningRateAt, type TrainConfig } from "./train_config.ts";
+
+/** One line of metrics.jsonl. */
+export type Metrics = Record<string, number>;
+
+/** Where the trainer reports, and how it is told to stop; implemented by the CLI. */
+export interface TrainerIO {
+  metrics(step: number, metrics: Metrics): Promise<void>;
+  samples(step: number, samples: Record<string, unknown>[]): Promise<void>;
+  evaluation(step: number, result: Evaluation): Promise<void>;
+  /** Write a checkpoint of the current policy and trainer state. */
+  save(step: number): Promise<void>;
+  /** True once the user asked to stop (Ctrl-C): the loop saves and returns. */
+  stopRequested(): boolean;
+}
+
+export interface Evaluation {
+  accuracy: number;
+  format_rate: number;
+  completion_length: number;
+  examples: number;
+}
+
+/** One sampled completion with its scores. */
+interface Scored {
+  example: TaskExample;
+  tokens: number[];
+  logprobs: number[];
+  text: string;
+  rewards: Record<string, number>; // per function, plus `total`
+  truncated: boolean;
+}
+
+/** A stable 32-bit seed for step `step`, refill round `round` of a run seeded `seed`. */
+export function streamSeed(seed: number, step: number, round: number): number {
+  let h = (seed ^ 0x9e3779b9) >>> 0;
+  for (const x of [step, round]) h = (Math.imul(h ^ x, 0x85ebca6b) + 0x632be5ab) >>> 0;
+  return h ^ (h >>> 15);
+}
+
+export function grpoLossConfig(cfg: TrainConfig): GrpoLossConfig {
+  return {
+    beta: cfg.beta,
+    epsilon: cfg.epsilon,
+    epsilonHigh: cfg.epsilon_high ?? cfg.epsilon,
+    lossType: cfg.loss_type,
+    maxCompletionLength: cfg.max_completion_length,
+  };
+}
+
+/** Greedy completions of the held-out examples: accuracy and format rate. */
+export async function evaluate(
+  cfg: TrainConfig,
+  task: Task,
+  policy: PolicyEngine,
+): Promise<Evaluation> {
+  const examples = task.heldOut.slice(0, cfg.eval_prompts);
+  const out = await policy.generate(examples.map((e) => e.promptIds), 1, {
+    temperature: 0,
+    topP: 1,
+    topK: 0,
+    maxNewTokens: cfg.max_completion_length,
+    eosIds: task.eosIds,
+    seed: 0,
+  });
+  let correct = 0, formatted = 0, length = 0;
+  examples.forEach((example, i) => {
+    const text = task.decode(out.tokens[i]);
+    if (task.isCorrect(text, example)) correct++;
+    if (task.isFormatted(text, example) && !out.truncated[i]) formatted++;
+    length += out.tokens[i].length;
+  });
+  const n = Math.max(1, examples.length);
+  return {
+    accuracy: correct / n,
+    format_rate: formatted / n,
+    completion_length: length / n,
+    examples: examples.length,
+  };
+}
+
+export class GrpoTrainer {
+  private readonly lossConfig: GrpoLossConfig;
+  private readonly reflects: (text: string) => boolean;
+
+  constructor(
+    private readonly cfg: TrainConfig,
+    private readonly task: Task,
+    private readonly policy: PolicyEngine,
+    private readonly reference: ReferenceEngine | null,
+    private readonly io: TrainerIO,
+  ) {
+    this.lossConfig = grpoLossConfig(cfg);
+    this.reflects = reflectionMatcher(cfg.reflection_phrases);
+  }
+
+  /** Train from `startStep` (the number of steps already done) to max_steps. */
+  async run(startStep: number): Promise<number> {
+    const cfg = this.cfg;
+    for (let step = startStep + 1; step <= cfg.max_steps; step++) {
+      const metrics = await this.step(step);
+      await this.io.metrics(step, metrics);
+      const last = step === cfg.max_steps;
+      if ((cfg.eval_steps > 0 && step % cfg.eval_steps === 0) || last) {
+        await this.io.evaluation(step, await evaluate(cfg, this.task, this.policy));
+      }
+      if (cfg.sync_ref_model && this.reference && step % cfg.ref_model_sync_steps === 0) {
+        await this.reference.mixIn(await this.policy.weights(), cfg.ref_model_mixup_alpha);
+      }
+      if ((cfg.save_steps > 0 && step % cfg.save_steps === 0) || last || this.io.stopRequested()) {
+        await this.io.save(step);
+      }
+      if (this.io.stopRequested()) return step;
+    }
+    return cfg.max_steps;
+  }
+
+  /** One GRPO step; returns its metrics. */
+  async step(step: number): Promise<Metrics> {
+    const cfg = this.cfg, G = cfg.num_generations;
+    const started = performance.now();
+
+    // 1–2. Sample groups; keep those whose rewards differ, refilling the rest.
+    let generateSeconds = 0;
+    const firstRound: Scored[] = [];
+    const kept: Scored[][] = [];
+    let zeroStdFirstRound = 0;
+    for (let round = 0; round <= cfg.max_refill_rounds && kept.length < cfg.prompts_per_step; round++) {
+      const examples = this.task.nextExamples(cfg.prompts_per_step - kept.length);
+      const t0 = performance.now();
+      const groups = await this.sample(examples, streamSeed(cfg.seed, step, round));
+      generateSeconds += (performance.now() - t0) / 1000;
+      for (const group of groups) {
+        const totals = group.map((s) => s.rewards.total);
+        const hasSignal = totals.some((r) => r !== totals[0]);
+        if (hasSignal) kept.push(group);
+        if (round === 0) {
+          firstRound.push(...group);
+          if (!hasSignal) zeroStdFirstRound++;
+        }
+      }
+    }
+
+    const metrics: Metrics = {
+      ...this.sampleMetrics(firstRound),
+      frac_reward_zero_std: zeroStdFirstRound / cfg.prompts_per_step,
+      groups_trained: kept.length,
+      learning_rate: learningRateAt(cfg, step),
+      generate_s: generateSeconds,
+    };
+    if (cfg.sample_steps > 0 && (step % cfg.sample_steps === 0 || step === 1)) {
+      await this.io.samples(step, this.pickSamples(firstRound));
+    }
+    if (kept.length === 0) {
+      // Every group had equal rewards even after refilling: nothing to learn from this step.
+      return { ...metrics, loss: 0, kl: 0, clip_ratio: 0, grad_norm: 0, reference_s: 0, train_s: 0 };
+    }
+
+    // 3. The batch, its advantages and masks; the reference starts at once.
+    const completions = kept.flat();
+    const batch: TokenBatch = {
+      rows: completions.map((c) => [...c.example.promptIds, ...c.tokens]),
+      promptLens: completions.map((c) => c.example.promptIds.length),
+    };
+    const advantages = groupAdvantages(completions.map((c) => c.rewards.total), G, cfg.scale_rewards);
+    const masks = completionMask(completions.map((c) => c.tokens), this.task.eosIds);
+    const invTemperature = 1 / cfg.temperature;
+    let referenceSeconds = 0;
+    const refPromise = cfg.beta > 0 && this.reference
+      ? this.reference.completionLogprobs(batch, invTemperature)
+      : Promise.resolve(null);
+    const referenceLogprobs = async () => {
+      const waitStart = performance.now();
+      const ref = await refPromise;
+      referenceSeconds = (performance.now() - waitStart) / 1000;
+      return ref;
+    };
+
+    // 4. The update: num_iterations passes over the batch, each in micro-batches.
+    const trainStart = performance.now();
+    const normalizer = lossNormalizer(this.lossConfig, masks);
+    let loss = 0, klSum = 0, clipped = 0, tokens = 0, gradNorm = 0;
+    for (let iteration = 0; iteration < cfg.num_iterations; iteration++) {
+      loss = klSum = clipped = tokens = 0;
+      for (let start = 0; start < completions.length; start += cfg.micro_batch_size) {
+        const end = Math.min(start + cfg.micro_batch_size, completions.length);
+        const micro: TokenBatch = {
+          rows: batch.rows.slice(start, end),
+          promptLens: batch.promptLens.slice(start, end),
+        };
+        await this.policy.accumulateGradients(micro, invTemperature, async (logprobs) => {
+          const ref = await referenceLogprobs();
+          const rows: LossRow[] = logprobs.map((logp, i) => ({
+            logp,
+            // With one pass the sampling policy is the current one: ρ = 1 (trl's shortcut).
+            oldLogp: cfg.num_iterations > 1 ? completions[start + i].logprobs : null,
+            refLogp: ref ? ref[start + i] : null,
+            mask: masks[start + i],
+            advantage: advantages[start + i],
+          }));
+          const result = grpoLoss(rows, this.lossConfig, normalizer);
+          loss += result.loss;
+          klSum += result.klSum;
+          clipped += result.clippedTokens;
+          tokens += result.tokens;
+          return result.dLogp;
+        });
+      }
+      gradNorm = await this.policy.optimizerStep({
+        lr: learningRateAt(cfg, step),
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_epsilon,
+        weightDecay: cfg.weight_decay,
+        maxGradNorm: cfg.max_grad_norm,
+      });
+    }
+    const trainSeconds = (performance.now() - trainStart) / 1000 - referenceSeconds;
+    const stepSeconds = (performance.now() - started) / 1000;
+    const completionTokens = completions.reduce((n, c) => n + c.tokens.length, 0);
+    return {
+      ...metrics,
+      loss,
+      kl: tokens ? klSum / tokens : 0,
+      clip_ratio: tokens ? clipped / tokens : 0,
+      grad_norm: gradNorm,
+      tokens_per_s: (completionTokens * cfg.num_iterations + firstRound.length) / stepSeconds,
+      reference_s: referenceSeconds,
+      train_s: trainSeconds,
+      step_s: stepSeconds,
+    };
+  }
+
+  /** Generate G completions per example and score them; one group per example. */
+  private async sample(examples: TaskExample[], seed: number): Promise<Scored[][]> {
+    const cfg = this.cfg, G = cfg.num_generations;
+    const out = await this.policy.generate(examples.map((e) => e.promptIds), G, {
+      temperature: cfg.temperature,
+      topP: cfg.top_p,
+      topK: cfg.top_k,
+      maxNewTokens: cfg.max_completion_length,
+      eosIds: this.task.eosIds,
+      seed,
+    });
+    return examples.map((example, g) =>
+      Array.from({ length: G }, (_, j) => {
+        const i = g * G + j;
+        const text = this.task.decode(out.tokens[i]);
+        return {
+          example,
+          tokens: out.tokens[i],
+          logprobs: out.logprobs[i],
+          text,
+          rewards: scoreCompletion(this.task.rewards, example.prompt, text, example),
+          truncated: out.truncated[i],
+        };
+      })
+    );
+  }
+
+  /** Reward, accuracy and format statistics of a set of sampled completions. */
+  private sampleMetrics(scored: Scored[]): Metrics {
+    const n = Math.max(1, scored.length), G = this.cfg.num_generations;
+    const mean = (f: (s: Scored) => number) => scored.reduce((a, s) => a + f(s), 0) / n;
+    const metrics: Metrics = {
+      reward: mean((s) => s.rewards.total),
+      reward_std: groupStdMean(scored.map((s) => s.rewards.total), G),
+      accuracy: mean((s) => Number(this.task.isCorrect(s.text, s.example))),
+      format_rate: mean((s) => Number(this.task.isFormatted(s.text, s.example) && !s.truncated)),
+      completion_length: mean((s) => s.tokens.length),
+      truncated_rate: mean((s) => Number(s.truncated)),
+      reflection_rate: mean((s) => Number(this.reflects(s.text))),
+    };
+    for (const { name } of this.task.rewards) metrics[`rewards/${name}`] = mean((s) => s.rewards[name]);
+    return metrics;
+  }
+
+  /** The best and worst completion of the first group, and the latest reflective one. */
+  private pickSamples(scored: Scored[]): Record<string, unknown>[] {
+    const group = scored.slice(0, this.cfg.num_generations);
+    const sorted = [...group].sort((a, b) => b.rewards.total - a.rewards.total);
+    const picks = [sorted[0], sorted.at(-1)!];
+    const reflective = scored.find((s) => this.reflects(s.text));
+    if (reflective) picks.push(reflective);
+    return picks.map((s) => ({
+      prompt: s.example.prompt,
+      completion: s.text,
+      answer: s.example.answer,
+      rewards: s.rewards,
+      truncated: s.truncated,
+      reflective: this.reflects(s.text),
+    }));
+  }
+}
+
+/** The mean over groups of each group's (unbiased) reward standard deviation. */
+function groupStdMean(rewards: number[], G: number): number {
+  let total = 0, groups = 0;
+  for (let g = 0; g + G <= rewards.length; g += G) {
+    const r = rewards.slice(g, g + G);
+    const mean = r.reduce((a, b) => a + b, 0) / G;
+    total += Math.sqrt(r.reduce((a, b) => a + (b - mean) ** 2, 0) / Math.max(1, G - 1));
+    groups++;
+  }
+  return groups ? total / groups : 0;
+}

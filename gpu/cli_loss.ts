@@ -1,0 +1,146 @@
+// `aha loss`: one GRPO objective and its gradients on a given batch, without updating — for
+// checking aha's loss against other implementations (tests compare it with PyTorch).
+
+import { parseCommandArgs, required } from "../core/cli_args.ts";
+import { loadCheckpoint } from "../core/checkpoint.ts";
+import { AhaError } from "../core/errors.ts";
+import {
+  completionMask,
+  type GrpoLossConfig,
+  grpoLoss,
+  groupAdvantages,
+  type LossRow,
+  lossNormalizer,
+  type LossType,
+} from "../core/grpo.ts";
+import { Gpu } from "./device.ts";
+import { GpuModel } from "./model.ts";
+import { GpuPolicy } from "./policy.ts";
+
+export const help = `usage: aha loss --model DIR --batch BATCH.json [--output OUT.json]
+
+Computes one GRPO step's objective and gradients without updating the model.
+BATCH.json: {"prompt_len": P, "sequences": [[ids]] (prompt + completion, all the same length,
+completions right-padded with pad_id), "pad_id": N, "rewards": [..], "group_size": G,
+"beta": b, "epsilon": e, "epsilon_high"?: e2, "loss_type"?: "grpo"|"bnpo"|"dr_grpo"|"dapo",
+"ref_logprobs"?: [[..]], "old_logprobs"?: [[..]]} — log-prob rows hold one value per completion
+token; without ref the reference is the model itself, without old logp_old = logp (detached).
+Completion tokens up to and including the first pad_id (the end token) are trained on.
+
+Output: {"loss", "advantages", "grad_norm", "grads": {"<weight>": [first 8 values], ...}}`;
+
+interface LossBatch {
+  prompt_len: number;
+  sequences: number[][];
+  pad_id: number;
+  rewards: number[];
+  group_size: number;
+  beta: number;
+  epsilon: number;
+  epsilon_high?: number;
+  loss_type?: LossType;
+  ref_logprobs?: number[][];
+  old_logprobs?: number[][];
+}
+
+export async function run(args: string[]): Promise<void> {
+  const { values } = parseCommandArgs("loss", args, {
+    model: { type: "string" },
+    batch: { type: "string" },
+    output: { type: "string" },
+  });
+  const modelDir = required("loss", "model", values.model);
+  const batchPath = required("loss", "batch", values.batch);
+  const checkpoint = await loadCheckpoint(modelDir);
+  const batch = readBatch(batchPath, checkpoint.config.vocabSize);
+  const gpu = await Gpu.open();
+  const policy = new GpuPolicy(new GpuModel(gpu, checkpoint.config, checkpoint.weights));
+  const result = await computeLoss(policy, batch);
+  policy.model.destroy();
+  gpu.destroy();
+  const text = JSON.stringify(result);
+  if (values.output) await Deno.writeTextFile(values.output as string, text + "\n");
+  else console.log(text);
+}
+
+/** The objective, advantages, gradient norm and the first 8 values of every weight's gradient. */
+export async function computeLoss(policy: GpuPolicy, batch: LossBatch) {
+  const P = batch.prompt_len, completionLength = batch.sequences[0].length - P;
+  const cfg: GrpoLossConfig = {
+    beta: batch.beta,
+    epsilon: batch.epsilon,
+    epsilonHigh: batch.epsilon_high ?? batch.epsilon,
+    lossType: batch.loss_type ?? "grpo",
+    maxCompletionLength: completionLength,
+  };
+  const advantages = groupAdvantages(batch.rewards, batch.group_size, true);
+  const masks = completionMask(batch.sequences.map((s) => s.slice(P)), [batch.pad_id]);
+  const normalizer = lossNormalizer(cfg, masks);
+  let loss = 0;
+  await policy.accumulateGradients(
+    { rows: batch.sequences, promptLens: batch.sequences.map(() => P) },
+    1,
+    (logprobs) => {
+      const rows: LossRow[] = logprobs.map((logp, i) => ({
+        logp,
+        oldLogp: batch.old_logprobs?.[i] ?? null,
+        refLogp: batch.ref_logprobs?.[i] ?? null,
+        mask: masks[i],
+        advantage: advantages[i],
+      }));
+      const result = grpoLoss(rows, cfg, normalizer);
+      loss = result.loss;
+      return Promise.resolve(result.dLogp);
+    },
+  );
+  const [gradNorm] = await policy.model.gpu.read(policy.model.gradNorm());
+  const grads: Record<string, number[]> = {};
+  for (const [name, g] of await policy.model.readGrads()) grads[name] = Array.from(g.subarray(0, 8));
+  return { loss, advantages, grad_norm: gradNorm, grads };
+}
+
+/** Read and check a batch file; every problem is one line naming the file and field. */
+function readBatch(path: string, vocabSize: number): LossBatch {
+  let json: Record<string, unknown>;
+  try {
+    json = JSON.parse(Deno.readTextFileSync(path));
+  } catch (e) {
+    throw new AhaError(`${path}: ${e instanceof SyntaxError ? "not valid JSON" : (e as Error).message}`);
+  }
+  const fail = (field: string, expect: string): never => {
+    throw new AhaError(`${path}: field "${field}" must be ${expect}`);
+  };
+  const isInt = (v: unknown) => Number.isInteger(v);
+  const isNum = (v: unknown) => typeof v === "number" && Number.isFinite(v);
+  const sequences = json.sequences as number[][];
+  if (!Array.isArray(sequences) || sequences.length === 0) fail("sequences", "a non-empty array of token-id arrays");
+  const S = Array.isArray(sequences[0]) ? sequences[0].length : 0;
+  for (const s of sequences) {
+    if (!Array.isArray(s) || s.length !== S || !s.every((t) => isInt(t) && t >= 0 && t < vocabSize)) {
+      fail("sequences", `arrays of the same length with token ids in [0, ${vocabSize})`);
+    }
+  }
+  const P = json.prompt_len as number;
+  if (!isInt(P) || P < 1 || P >= S) fail("prompt_len", `an integer in [1, ${S - 1}]`);
+  if (!isInt(json.pad_id)) fail("pad_id", "an integer token id");
+  const B = sequences.length;
+  const G = json.group_size as number;
+  if (!isInt(G) || G < 1 || B % G !== 0) fail("group_size", `a positive integer dividing the ${B} sequences`);
+  const rewards = json.rewards as number[];
+  if (!Array.isArray(rewards) || rewards.length !== B || !rewards.every(isNum)) fail("rewards", `${B} numbers`);
+  if (!isNum(json.beta) || (json.beta as number) < 0) fail("beta", "a number ≥ 0");
+  if (!isNum(json.epsilon) || (json.epsilon as number) < 0) fail("epsilon", "a number ≥ 0");
+  if (json.epsilon_high !== undefined && !isNum(json.epsilon_high)) fail("epsilon_high", "a number");
+  const lossTypes = ["grpo", "bnpo", "dr_grpo", "dapo"];
+  if (json.loss_type !== undefined && !lossTypes.includes(json.loss_type as string)) {
+    fail("loss_type", `one of ${lossTypes.join(", ")}`);
+  }
+  for (const field of ["ref_logprobs", "old_logprobs"]) {
+    const rows = json[field] as number[][] | undefined;
+    if (rows === undefined) continue;
+    if (!Array.isArray(rows) || rows.length !== B || !rows.every((r) => Array.isArray(r) && r.length === S - P && r.every(isNum))) {
+      fail(field, `${B} rows of ${S - P} numbers (one per completion token)`);
+    }
+  }
+  return json as unknown as LossBatch;
+}

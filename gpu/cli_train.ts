@@ -1,0 +1,253 @@
+// `aha train`: GRPO on the policy adapter. With no config it is the embedded default — R1-zero
+// in miniature: a fresh tiny model is pretrained briefly on an imperfect corpus of sums (the
+// "base model"), then GRPO makes it reliable. This file wires the pieces together: config,
+// task, engines, console and metrics output, checkpoints, Ctrl-C.
+
+import { parseCommandArgs } from "../core/cli_args.ts";
+import { AhaError, UsageError } from "../core/errors.ts";
+import { loadCheckpoint, saveCheckpoint } from "../core/checkpoint.ts";
+import { initWeights } from "../core/init.ts";
+import { parameterCount, parseModelConfig, PRESETS, toHfConfig } from "../core/model_config.ts";
+import { Rng } from "../core/rng.ts";
+import { runSft } from "../core/sft.ts";
+import type { Task } from "../core/task.ts";
+import { loadTrainConfig, type TrainConfig } from "../core/train_config.ts";
+import { evaluate, type Evaluation, GrpoTrainer, type Metrics, type TrainerIO } from "../core/trainer.ts";
+import {
+  CONFIG_FILE,
+  loadTrainingCheckpoint,
+  saveTrainingCheckpoint,
+  type TrainerState,
+} from "../core/train_state.ts";
+import { pretrainingCorpus, splitProblems } from "../data/arithmetic.ts";
+import { arithmeticTask, ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
+import { Gpu } from "./device.ts";
+import { GpuModel } from "./model.ts";
+import { GpuPolicy, GpuReference } from "./policy.ts";
+
+export const help = `usage: aha train [CONFIG.yaml] [--set key=value ...] [--resume DIR]
+
+Trains a policy with GRPO. Without CONFIG the embedded default runs: a tiny Qwen2 model is
+pretrained on an imperfect corpus of sums (the base model), then GRPO teaches it to add
+reliably. Keys follow trl's GRPOConfig (learning_rate, num_generations, beta, ...).
+
+  --set key=value   override one config key (dotted for sections: --set sft.steps=100)
+  --resume DIR      continue exactly from a checkpoint directory written by a previous run
+
+Writes OUTPUT_DIR/metrics.jsonl (one line per step), samples.jsonl, eval.jsonl and
+checkpoint-STEP/ directories (Hugging Face format plus optimizer and trainer state).
+Ctrl-C saves a checkpoint and exits.`;
+
+export async function run(args: string[]): Promise<void> {
+  const { values, positionals } = parseCommandArgs("train", args, {
+    set: { type: "string", multiple: true },
+    resume: { type: "string" },
+  }, true);
+  if (positionals.length > 1) throw new UsageError(`train: expected at most one config file, got ${positionals.length}`);
+  const sets = (values.set ?? []) as string[];
+  const resume = values.resume as string | undefined;
+  const configPath = positionals[0] ?? (resume ? `${resume}/${CONFIG_FILE}` : null);
+  const cfg = loadTrainConfig(configPath, sets);
+  const resumed = resume ? await loadTrainingCheckpoint(resume) : null;
+
+  const task = makeTask(cfg);
+  const gpu = await Gpu.open();
+  await Deno.mkdir(cfg.output_dir, { recursive: true });
+  const console_ = new Console(cfg);
+  console_.line(`aha train: task ${task.name}, policy adapter "${gpu.description}"`);
+
+  // The model GRPO starts from, and the frozen reference (the same weights).
+  const referenceDir = resumed?.state.reference_model ?? cfg.model ?? await builtinBaseModel(cfg, gpu, console_);
+  const start = resumed ?? await loadCheckpoint(referenceDir);
+  const policy = new GpuPolicy(new GpuModel(gpu, start.config, start.weights));
+  if (resumed) {
+    policy.loadOptimizerState({ step: resumed.state.adam_step, moments: resumed.moments });
+    task.restoreSampler(resumed.state.sampler);
+  }
+  const reference = cfg.beta > 0
+    ? new GpuReference(new GpuModel(gpu, start.config, (await loadCheckpoint(referenceDir)).weights))
+    : null;
+  console_.line(
+    `model ${referenceDir} (${(parameterCount(start.config) / 1e6).toFixed(2)}M parameters); ` +
+      `reference: ${reference ? reference.description : "none (beta = 0)"}`,
+  );
+  const extraFiles = await tokenizerFiles(referenceDir);
+
+  let stop = false;
+  const onSignal = () => {
+    if (stop) Deno.exit(130);
+    stop = true;
+    console_.line("stopping after this step (Ctrl-C again to quit without saving)");
+  };
+  Deno.addSignalListener("SIGINT", onSignal);
+  Deno.addSignalListener("SIGTERM", onSignal);
+
+  const startStep = resumed?.state.step ?? 0;
+  if (startStep === 0) {
+    const base = await evaluate(cfg, task, policy);
+    console_.evaluation(0, base);
+    await appendJsonl(`${cfg.output_dir}/eval.jsonl`, { step: 0, ...base });
+  }
+  const io: TrainerIO = {
+    metrics: async (step, metrics) => {
+      console_.step(step, metrics);
+      await appendJsonl(`${cfg.output_dir}/metrics.jsonl`, { step, ...metrics });
+    },
+    samples: async (step, samples) => {
+      console_.sample(step, samples[0]);
+      for (const s of samples) await appendJsonl(`${cfg.output_dir}/samples.jsonl`, { step, ...s });
+    },
+    evaluation: async (step, result) => {
+      console_.evaluation(step, result);
+      await appendJsonl(`${cfg.output_dir}/eval.jsonl`, { step, ...result });
+    },
+    save: async (step) => {
+      const dir = `${cfg.output_dir}/checkpoint-${step}`;
+      const optimizer = await policy.optimizerState();
+      const state: TrainerState = {
+        step,
+        adam_step: optimizer.step,
+        sampler: task.samplerState(),
+        reference_model: referenceDir,
+      };
+      await saveTrainingCheckpoint(dir, start.hfConfig, await policy.weights(), optimizer.moments, state, cfg, extraFiles);
+      console_.line(`saved ${dir}`);
+    },
+    stopRequested: () => stop,
+  };
+  try {
+    await new GrpoTrainer(cfg, task, policy, reference, io).run(startStep);
+  } finally {
+    Deno.removeSignalListener("SIGINT", onSignal);
+    Deno.removeSignalListener("SIGTERM", onSignal);
+    await reference?.close();
+    console_.close();
+  }
+}
+
+export function makeTask(cfg: TrainConfig): Task {
+  if (cfg.dataset.format === "arithmetic") return arithmeticTask(cfg);
+  throw new AhaError(`dataset.format "${cfg.dataset.format}" is not supported by aha train yet`);
+}
+
+/**
+ * The embedded default's base model: a fresh tiny Qwen2 pretrained on the imperfect corpus of
+ * sums (`aha sft` in-process). Made once per output directory and reused.
+ */
+async function builtinBaseModel(cfg: TrainConfig, gpu: Gpu, console_: Console): Promise<string> {
+  const dir = `${cfg.output_dir}/base`;
+  if (await exists(`${dir}/model.safetensors`)) {
+    console_.line(`base model: ${dir} (delete it to pretrain again)`);
+    return dir;
+  }
+  const task = arithmeticTask(cfg);
+  const tokenizer = task.tokenizer;
+  const config = parseModelConfig({
+    ...PRESETS.tiny,
+    vocab_size: tokenizer.vocabSize,
+    eos_token_id: tokenizer.eosIds[0],
+  });
+  const policy = new GpuPolicy(new GpuModel(gpu, config, initWeights(config, cfg.seed)));
+  const { train } = splitProblems(cfg.arithmetic);
+  const rows = pretrainingCorpus(train, cfg.arithmetic, new Rng(cfg.seed)).map((r) => ({
+    promptIds: tokenizer.encode(r.prompt),
+    completionIds: tokenizer.encode(r.completion),
+  }));
+  console_.line(`pretraining the base model: ${cfg.sft.steps} steps on ${rows.length} imperfect worked sums`);
+  const started = performance.now();
+  await runSft(policy, rows, {
+    steps: cfg.sft.steps,
+    batchSize: cfg.sft.batch_size,
+    optimizer: { lr: cfg.sft.learning_rate, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, maxGradNorm: 1 },
+    warmupSteps: 10,
+    seed: cfg.seed,
+    onStep: (step, loss) => {
+      if (step % 50 === 0 || step === cfg.sft.steps) console_.line(`  sft step ${step}: loss ${loss.toFixed(4)}`);
+    },
+  });
+  console_.line(`base model pretrained in ${((performance.now() - started) / 1000).toFixed(1)} s`);
+  await saveCheckpoint(dir, toHfConfig(config), await policy.weights(), {
+    [ARITHMETIC_TOKENIZER_FILE]: JSON.stringify({ type: "aha-arithmetic" }) + "\n",
+  });
+  policy.model.destroy();
+  return dir;
+}
+
+/** Tokenizer files of a model directory, copied into every checkpoint. */
+async function tokenizerFiles(dir: string): Promise<Record<string, Uint8Array>> {
+  const files: Record<string, Uint8Array> = {};
+  const names = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "special_tokens_map.json",
+    ARITHMETIC_TOKENIZER_FILE,
+  ];
+  for (const name of names) {
+    try {
+      files[name] = await Deno.readFile(`${dir}/${name}`);
+    } catch {
+      // not every model has every file
+    }
+  }
+  return files;
+}
+
+const exists = (path: string) => Deno.stat(path).then(() => true, () => false);
+
+async function appendJsonl(path: string, record: Record<string, unknown>): Promise<void> {
+  await Deno.writeTextFile(path, JSON.stringify(record) + "\n", { append: true });
+}
+
+/** Console output: one line per logging step (a progress line on a terminal). */
+class Console {
+  private readonly started = performance.now();
+  private readonly tty = Deno.stdout.isTerminal();
+  private pending = false;
+
+  constructor(private readonly cfg: TrainConfig) {}
+
+  line(text: string): void {
+    if (this.pending) Deno.stdout.writeSync(new TextEncoder().encode("\n"));
+    this.pending = false;
+    console.log(text);
+  }
+
+  step(step: number, m: Metrics): void {
+    const elapsed = (performance.now() - this.started) / 1000;
+    const total = this.cfg.max_steps;
+    const width = 20, filled = Math.round((step / total) * width);
+    const bar = "█".repeat(filled) + "░".repeat(width - filled);
+    const text = `step ${String(step).padStart(String(total).length)}/${total} ${bar} ` +
+      `reward ${m.reward.toFixed(3)} acc ${(100 * m.accuracy).toFixed(1)}% ` +
+      `format ${(100 * m.format_rate).toFixed(1)}% kl ${m.kl.toFixed(4)} ` +
+      `len ${m.completion_length.toFixed(1)} ${elapsed.toFixed(0)}s`;
+    if (this.tty) {
+      Deno.stdout.writeSync(new TextEncoder().encode(`\r${text}`));
+      this.pending = true;
+    } else if (step % this.cfg.logging_steps === 0 || step === total) {
+      console.log(text);
+    }
+  }
+
+  sample(step: number, sample: Record<string, unknown> | undefined): void {
+    if (!sample) return;
+    this.line(`  sample @${step}: ${JSON.stringify(sample.prompt)} → ${JSON.stringify(sample.completion)} ` +
+      `(reward ${(sample.rewards as Record<string, number>).total.toFixed(2)})`);
+  }
+
+  evaluation(step: number, e: Evaluation): void {
+    const elapsed = (performance.now() - this.started) / 1000;
+    this.line(
+      `eval @${step} (${elapsed.toFixed(0)}s): held-out greedy accuracy ${(100 * e.accuracy).toFixed(1)}%, ` +
+        `format ${(100 * e.format_rate).toFixed(1)}% over ${e.examples} problems`,
+    );
+  }
+
+  close(): void {
+    if (this.pending) console.log();
+    this.pending = false;
+  }
+}

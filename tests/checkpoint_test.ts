@@ -1,0 +1,172 @@
+// core/checkpoint.ts: loading the golden Hugging Face directories (single file F32 and BF16,
+// sharded F16), byte-exact save → load round trips, clear errors for missing or misshapen
+// weights, and saves that replace a directory atomically.
+
+import assert from "node:assert/strict";
+import { loadCheckpoint, saveCheckpoint } from "../core/checkpoint.ts";
+import { AhaError } from "../core/errors.ts";
+import { weightShapes } from "../core/model_config.ts";
+import { readSafetensors, writeSafetensors } from "../core/safetensors.ts";
+
+const GOLDEN = new URL("./fixtures/golden/", import.meta.url).pathname;
+const dir = await Deno.makeTempDir({ prefix: "aha_checkpoint_test_" });
+globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
+
+async function copyDir(from: string, to: string) {
+  await Deno.mkdir(to, { recursive: true });
+  for await (const e of Deno.readDir(from)) {
+    await Deno.copyFile(`${from}/${e.name}`, `${to}/${e.name}`);
+  }
+}
+
+/** Rewrites <path>/model.safetensors with `edit` applied to its tensors. */
+async function editWeights(
+  path: string,
+  edit: (t: Map<string, { shape: number[]; data: Float32Array }>) => void,
+) {
+  const tensors = await readSafetensors(`${path}/model.safetensors`);
+  edit(tensors);
+  await writeSafetensors(`${path}/model.safetensors`, tensors, { format: "pt" });
+}
+
+function rejectsWith(promise: Promise<unknown>, pattern: RegExp) {
+  return assert.rejects(promise, (e: Error) => {
+    assert.ok(e instanceof AhaError, `${e}`);
+    assert.match(e.message, pattern);
+    assert.ok(!e.message.includes("\n"), "one line");
+    return true;
+  });
+}
+
+for (const name of ["gqa_tied", "gqa3_untied", "mha_untied"]) {
+  Deno.test(`load → save of golden/${name} (F32) reproduces model.safetensors byte for byte`, async () => {
+    const loaded = await loadCheckpoint(GOLDEN + name);
+    assert.deepEqual([...loaded.weights.keys()], [...weightShapes(loaded.config).keys()]);
+    const out = `${dir}/${name}`;
+    await saveCheckpoint(out, loaded.hfConfig, loaded.weights);
+    assert.deepEqual(
+      await Deno.readFile(`${out}/model.safetensors`),
+      await Deno.readFile(`${GOLDEN}${name}/model.safetensors`),
+    );
+    assert.deepEqual(JSON.parse(await Deno.readTextFile(`${out}/config.json`)), loaded.hfConfig);
+    const again = await loadCheckpoint(out);
+    assert.deepEqual(again.weights, loaded.weights);
+    assert.deepEqual(again.config, loaded.config);
+  });
+}
+
+Deno.test("loads BF16 and sharded F16 checkpoints; they survive a save → load as F32", async () => {
+  for (const name of ["bf16_tied", "f16_sharded"]) {
+    const loaded = await loadCheckpoint(GOLDEN + name);
+    const shapes = weightShapes(loaded.config);
+    assert.deepEqual([...loaded.weights.keys()], [...shapes.keys()]);
+    for (const [w, shape] of shapes) {
+      assert.equal(
+        loaded.weights.get(w)!.length,
+        shape.reduce((a, b) => a * b),
+      );
+    }
+    await saveCheckpoint(`${dir}/re_${name}`, loaded.hfConfig, loaded.weights);
+    assert.deepEqual((await loadCheckpoint(`${dir}/re_${name}`)).weights, loaded.weights);
+  }
+  // Spot value: the F16 shards hold values rounded to 11 significant bits.
+  const { weights } = await loadCheckpoint(GOLDEN + "f16_sharded");
+  for (const v of weights.get("lm_head.weight")!) assert.equal(v, new Float16Array([v])[0]);
+});
+
+Deno.test("a tied checkpoint that also stores lm_head.weight loads, ignoring it", async () => {
+  const path = `${dir}/extra_head`;
+  await copyDir(GOLDEN + "gqa_tied", path);
+  await editWeights(path, (t) => {
+    t.set("lm_head.weight", { shape: [41, 32], data: new Float32Array(41 * 32) });
+  });
+  const { weights } = await loadCheckpoint(path);
+  assert.equal(weights.has("lm_head.weight"), false);
+});
+
+Deno.test("missing weight, wrong shape and missing files are named in one line", async () => {
+  const missing = `${dir}/missing_weight`;
+  await copyDir(GOLDEN + "mha_untied", missing);
+  await editWeights(missing, (t) => t.delete("model.layers.0.mlp.up_proj.weight"));
+  await rejectsWith(
+    loadCheckpoint(missing),
+    /missing_weight\/model.safetensors: missing weight "model.layers.0.mlp.up_proj.weight" \(expected shape \[24, 16\]\)/,
+  );
+
+  const misshapen = `${dir}/wrong_shape`;
+  await copyDir(GOLDEN + "mha_untied", misshapen);
+  await editWeights(misshapen, (t) => {
+    t.set("model.layers.0.self_attn.k_proj.bias", { shape: [15], data: new Float32Array(15) });
+  });
+  await rejectsWith(
+    loadCheckpoint(misshapen),
+    /wrong_shape\/model.safetensors: weight "model.layers.0.self_attn.k_proj.bias" has shape \[15\], expected \[16\] from config.json/,
+  );
+
+  const noWeights = `${dir}/no_weights`;
+  await copyDir(GOLDEN + "mha_untied", noWeights);
+  await Deno.remove(`${noWeights}/model.safetensors`);
+  await rejectsWith(
+    loadCheckpoint(noWeights),
+    /no_weights: no model.safetensors or model.safetensors.index.json/,
+  );
+  await rejectsWith(loadCheckpoint(`${dir}/nowhere`), /nowhere\/config.json: file not found/);
+
+  const badConfig = `${dir}/bad_config`;
+  await copyDir(GOLDEN + "mha_untied", badConfig);
+  await Deno.writeTextFile(`${badConfig}/config.json`, '{"hidden_size": 16,');
+  await rejectsWith(loadCheckpoint(badConfig), /bad_config\/config.json: not valid JSON/);
+
+  const shards = `${dir}/bad_index`;
+  await copyDir(GOLDEN + "f16_sharded", shards);
+  const index = JSON.parse(await Deno.readTextFile(`${shards}/model.safetensors.index.json`));
+  delete index.weight_map["model.norm.weight"];
+  await Deno.writeTextFile(`${shards}/model.safetensors.index.json`, JSON.stringify(index));
+  await rejectsWith(
+    loadCheckpoint(shards),
+    /bad_index\/model.safetensors.index.json: weight_map has no file for weight "model.norm.weight"/,
+  );
+});
+
+Deno.test("saving replaces a directory whole, and a failed save leaves the old one intact", async () => {
+  const { hfConfig, weights } = await loadCheckpoint(GOLDEN + "mha_untied");
+  const parent = `${dir}/atomic`;
+  const path = `${parent}/ckpt`;
+  await saveCheckpoint(path, hfConfig, weights, {
+    "old.txt": "old",
+    "state.bin": Uint8Array.of(1, 2),
+  });
+  assert.equal(await Deno.readTextFile(`${path}/old.txt`), "old");
+  assert.deepEqual(await Deno.readFile(`${path}/state.bin`), Uint8Array.of(1, 2));
+  const before = await Deno.readFile(`${path}/model.safetensors`);
+
+  // Failures: a missing weight (before writing anything), then an unwritable extra file.
+  const partial = new Map(weights);
+  partial.delete("model.norm.weight");
+  await rejectsWith(
+    saveCheckpoint(path, hfConfig, partial),
+    /cannot save weight "model.norm.weight"/,
+  );
+  await rejectsWith(
+    saveCheckpoint(path, hfConfig, weights, { "no/such/dir.txt": "x" }),
+    /atomic\/ckpt: cannot save checkpoint/,
+  );
+  assert.deepEqual(await Deno.readFile(`${path}/model.safetensors`), before);
+  assert.equal(await Deno.readTextFile(`${path}/old.txt`), "old");
+
+  // A successful save replaces everything: old.txt is gone.
+  const changed = new Map(weights);
+  changed.set("model.norm.weight", new Float32Array(16).fill(2));
+  await saveCheckpoint(path + "/", hfConfig, changed, { "new.txt": "new" });
+  const names = [...Deno.readDirSync(path)].map((e) => e.name).sort();
+  assert.deepEqual(names, ["config.json", "model.safetensors", "new.txt"]);
+  assert.deepEqual(
+    (await loadCheckpoint(path)).weights.get("model.norm.weight"),
+    new Float32Array(16).fill(2),
+  );
+  assert.deepEqual(
+    [...Deno.readDirSync(parent)].map((e) => e.name),
+    ["ckpt"],
+    "no temporaries left",
+  );
+});
