@@ -11,6 +11,7 @@ interface Command {
 
 const COMMANDS: Record<string, Command> = {
   train: { summary: "train a policy with GRPO", load: () => import("./gpu/cli_train.ts") },
+  plan: { summary: "memory plan of a training run", load: () => import("./gpu/cli_plan.ts") },
   sft: {
     summary: "supervised fine-tuning on {prompt, completion} rows",
     load: () => import("./gpu/cli_sft.ts"),
@@ -35,6 +36,10 @@ const COMMANDS: Record<string, Command> = {
   rewards: {
     summary: "score {completion, answer} rows with the reward functions",
     load: () => import("./core/cli_rewards.ts"),
+  },
+  "ref-worker": {
+    summary: "(internal) the reference model's process",
+    load: () => import("./reference/worker.ts"),
   },
 };
 

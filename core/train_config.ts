@@ -10,7 +10,7 @@
 import YAML from "yaml";
 import { AhaError } from "./errors.ts";
 import type { LossType } from "./grpo.ts";
-import { DEFAULT_REFLECTION_PHRASES } from "./rewards.ts";
+import { DEFAULT_REFLECTION_PHRASES, DEFAULT_REWARDS } from "./rewards.ts";
 
 export type SchedulerType = "constant" | "constant_with_warmup" | "linear" | "cosine";
 
@@ -337,6 +337,7 @@ const SECTIONS = new Set(["dataset", "arithmetic", "sft", "reference"]);
  */
 export function loadTrainConfig(path: string | null, sets: string[]): TrainConfig {
   const cfg = defaultTrainConfig();
+  const builtinRewards = cfg.reward_funcs;
   if (path !== null) {
     let text: string;
     try {
@@ -360,6 +361,11 @@ export function loadTrainConfig(path: string | null, sets: string[]): TrainConfi
     let value: unknown = parseValue(set.slice(eq + 1));
     for (const key of keys.toReversed()) value = { [key]: value };
     applySettings(cfg, value, `--set ${set}`, "");
+  }
+  // Unless reward_funcs was given, a dataset is scored with the seed's rewards, not the
+  // arithmetic task's.
+  if (cfg.reward_funcs === builtinRewards && cfg.dataset.format !== "arithmetic") {
+    cfg.reward_funcs = [...DEFAULT_REWARDS];
   }
   checkRelations(cfg, path ?? "--set");
   return cfg;

@@ -3,16 +3,29 @@
 
 import type { Task, TaskExample } from "../core/task.ts";
 import type { TrainConfig } from "../core/train_config.ts";
-import { type SamplerState, EpochSampler } from "./dataset.ts";
 import {
-  ARITHMETIC_REWARDS,
-  ArithmeticTokenizer,
+  EpochSampler,
+  type Example,
+  loadDataset,
+  type SamplerState,
+  splitHeldOut,
+} from "./dataset.ts";
+import {
   arithCorrect,
   arithFormat,
+  ARITHMETIC_REWARDS,
+  ArithmeticTokenizer,
   splitProblems,
 } from "./arithmetic.ts";
 import { AhaError } from "../core/errors.ts";
-import type { WeightedReward } from "../core/rewards.ts";
+import {
+  correctnessReward,
+  DEFAULT_SYSTEM_PROMPT,
+  formatReward,
+  REWARD_FUNCTIONS,
+  type WeightedReward,
+} from "../core/rewards.ts";
+import type { TextTokenizer } from "../core/tokenizer.ts";
 
 /** Marks a checkpoint whose tokenizer is the arithmetic task's character tokenizer. */
 export const ARITHMETIC_TOKENIZER_FILE = "aha_tokenizer.json";
@@ -26,7 +39,9 @@ export function configRewards(
     const fn = registry[name];
     if (!fn) {
       throw new AhaError(
-        `reward_funcs: unknown reward function "${name}" for this task (known: ${Object.keys(registry).join(", ")})`,
+        `reward_funcs: unknown reward function "${name}" for this task (known: ${
+          Object.keys(registry).join(", ")
+        })`,
       );
     }
     return { name, fn, weight: cfg.reward_weights?.[i] ?? 1 };
@@ -85,4 +100,137 @@ export function arithmeticTask(cfg: TrainConfig): Task & { tokenizer: Arithmetic
     (text, example) => arithFormat(example.prompt, text) > 0,
   );
   return Object.assign(task, { tokenizer });
+}
+
+/**
+ * A question/answer dataset (the config's `dataset` section) for a Hugging Face model: each
+ * question becomes the user message after the system prompt (system_prompt, else the seed's;
+ * "" for none), rendered through the model's chat template up to the assistant's reply.
+ *
+ * Prompts are encoded when first drawn, then cached: encoding all of GSM8K up front takes
+ * ~15 s. A prompt longer than max_prompt_length is skipped, never truncated (a cut question is
+ * another question): the first skip is reported through `warn`, and a dataset whose prompts are
+ * all too long is an error. Held-out examples come from dataset.eval_path, else a seeded
+ * eval_fraction of the rows; `heldOut` holds the first eval_prompts of them that fit.
+ */
+export async function datasetTask(
+  cfg: TrainConfig,
+  tokenizer: TextTokenizer,
+  warn: (message: string) => void = console.warn,
+): Promise<Task> {
+  const { path, eval_path: evalPath } = cfg.dataset;
+  if (path === null) {
+    throw new AhaError(`dataset.path: required for a ${cfg.dataset.format} dataset`);
+  }
+  const template = tokenizer.chatTemplate;
+  if (template === null) {
+    throw new AhaError(
+      `${cfg.model}: the tokenizer has no chat template (tokenizer_config.json "chat_template")`,
+    );
+  }
+  const load = (file: string) =>
+    loadDataset({
+      path: file,
+      // The file name's ending says the format, else dataset.format does.
+      format: /\.(jsonl|parquet)$/.test(file) || cfg.dataset.format === "arithmetic"
+        ? undefined
+        : cfg.dataset.format,
+      question_field: cfg.dataset.question_field,
+      answer_field: cfg.dataset.answer_field,
+      answer_extractor: cfg.dataset.answer_extractor,
+    }, warn);
+  const rows = await load(path);
+  const { train, heldOut } = evalPath === null
+    ? splitHeldOut(rows, cfg.dataset.eval_fraction, cfg.seed)
+    : { train: rows, heldOut: await load(evalPath) };
+
+  const system = cfg.system_prompt ?? DEFAULT_SYSTEM_PROMPT;
+  const encoded = new Map<Example, TaskExample | null>(); // null: the prompt is too long
+  let warned = false;
+  const prepare = (row: Example): TaskExample | null => {
+    if (encoded.has(row)) return encoded.get(row)!;
+    const prompt = template.prompt(row.question, system === "" ? undefined : system);
+    const promptIds = tokenizer.encode(prompt);
+    const fits = promptIds.length <= cfg.max_prompt_length;
+    if (!fits && !warned) {
+      warned = true;
+      const start = JSON.stringify(row.question.slice(0, 50) + "…");
+      warn(
+        `${path}: skipping prompts longer than max_prompt_length (${cfg.max_prompt_length} ` +
+          `tokens); the first has ${promptIds.length}: ${start}`,
+      );
+    }
+    const example = fits ? { ...row, prompt, promptIds } : null;
+    encoded.set(row, example);
+    return example;
+  };
+
+  const evaluation: TaskExample[] = [];
+  for (const row of heldOut) {
+    if (evaluation.length === cfg.eval_prompts) break;
+    const example = prepare(row);
+    if (example) evaluation.push(example);
+  }
+  // Qwen2.5 base checkpoints end generation only at <|endoftext|>, while the chat template ends
+  // the assistant's turn with <|im_end|>: stop at either.
+  const turnEnd = tokenizer.tokenToId("<|im_end|>");
+  const eosIds = [...new Set([...tokenizer.eosIds, ...(turnEnd === undefined ? [] : [turnEnd])])];
+  return new DatasetTask(
+    path,
+    eosIds,
+    configRewards(cfg, REWARD_FUNCTIONS),
+    train,
+    evaluation,
+    cfg.seed,
+    prepare,
+    (ids) => tokenizer.decode(ids, true),
+  );
+}
+
+/** Draws dataset rows in seeded epochs, passing over rows whose prompt does not fit. */
+class DatasetTask implements Task {
+  private sampler: EpochSampler<Example>;
+  private readonly tooLong = new Set<Example>();
+
+  constructor(
+    readonly name: string,
+    readonly eosIds: number[],
+    readonly rewards: WeightedReward[],
+    private readonly train: Example[],
+    readonly heldOut: TaskExample[],
+    seed: number,
+    private readonly prepare: (row: Example) => TaskExample | null,
+    readonly decode: (ids: number[]) => string,
+  ) {
+    this.sampler = new EpochSampler(train, seed);
+  }
+
+  nextExamples(n: number): TaskExample[] {
+    const out: TaskExample[] = [];
+    while (out.length < n) {
+      const [row] = this.sampler.take(1);
+      const example = this.prepare(row);
+      if (example) out.push(example);
+      else if (this.tooLong.add(row).size === this.train.length) {
+        throw new AhaError(`${this.name}: every prompt is longer than max_prompt_length`);
+      }
+    }
+    return out;
+  }
+
+  samplerState(): SamplerState {
+    return this.sampler.save();
+  }
+
+  restoreSampler(state: SamplerState): void {
+    this.sampler = new EpochSampler(this.train, state);
+  }
+
+  isCorrect(completion: string, example: TaskExample): boolean {
+    return correctnessReward(example.prompt, completion, example) > 0;
+  }
+
+  isFormatted(completion: string, example: TaskExample): boolean {
+    return formatReward(example.prompt, completion) > 0;
+  }
 }

@@ -20,7 +20,10 @@ import {
   type TrainerState,
 } from "../core/train_state.ts";
 import { pretrainingCorpus, splitProblems } from "../data/arithmetic.ts";
-import { arithmeticTask, ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
+import { ARITHMETIC_TOKENIZER_FILE, arithmeticTask, datasetTask } from "../data/tasks.ts";
+import { loadTokenizer } from "../core/tokenizer.ts";
+import { checkPlan } from "../core/plan.ts";
+import { describeAdapter, planModel } from "./cli_plan.ts";
 import { Gpu } from "./device.ts";
 import { GpuModel } from "./model.ts";
 import { GpuPolicy, GpuReference } from "./policy.ts";
@@ -50,8 +53,10 @@ export async function run(args: string[]): Promise<void> {
   const cfg = loadTrainConfig(configPath, sets);
   const resumed = resume ? await loadTrainingCheckpoint(resume) : null;
 
-  const task = makeTask(cfg);
+  const task = await makeTask(cfg);
   const gpu = await Gpu.open();
+  // Refuse a run that cannot fit before loading any weights (the reference runs in-process).
+  checkPlan(cfg, (await planModel(cfg)).config, describeAdapter(gpu.adapter).limits, true);
   await Deno.mkdir(cfg.output_dir, { recursive: true });
   const console_ = new Console(cfg);
   console_.line(`aha train: task ${task.name}, policy adapter "${gpu.description}"`);
@@ -125,9 +130,15 @@ export async function run(args: string[]): Promise<void> {
   }
 }
 
-export function makeTask(cfg: TrainConfig): Task {
+export async function makeTask(cfg: TrainConfig): Promise<Task> {
   if (cfg.dataset.format === "arithmetic") return arithmeticTask(cfg);
-  throw new AhaError(`dataset.format "${cfg.dataset.format}" is not supported by aha train yet`);
+  if (cfg.model === null || !(await exists(cfg.model))) {
+    throw new AhaError(
+      `model: "${cfg.model}" is not a directory: a ${cfg.dataset.format} dataset needs a ` +
+        "Hugging Face model directory (config.json, weights, tokenizer files)",
+    );
+  }
+  return await datasetTask(cfg, await loadTokenizer(cfg.model));
 }
 
 /**

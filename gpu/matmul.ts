@@ -28,28 +28,33 @@ export interface MatmulOptions {
 }
 
 interface KernelChoice {
-  /** Invocations per workgroup along n blocks (x) and m blocks (y). */
+  /** Invocations per workgroup along column blocks (x) and row blocks (y). */
   workgroup: [number, number];
+  /** Each invocation computes 4·rowGroups rows × 4·colGroups columns of out. */
+  rowGroups: number;
+  colGroups: number;
 }
 
-const choices = new WeakMap<Gpu, KernelChoice>();
+const softwareAdapters = new WeakMap<Gpu, boolean>();
 
 /**
- * The one place the matmul kernel is chosen for an adapter. Software adapters run a workgroup
- * as SIMD lanes on one CPU core, so small workgroups of the register-blocked kernel spread work
- * over cores best. A real GPU would do better with a shared-memory tiled kernel (not written
- * yet); until then it gets the register-blocked kernel with larger workgroups.
+ * The one place the matmul kernel is chosen, from the adapter and the shape. Software adapters
+ * run a workgroup as SIMD lanes on one CPU core, where every lane's load is a gather: large
+ * register blocks (16×8 per invocation) pay for them best, smaller ones keep few rows (token
+ * by token generation) from computing clamped copies. A real GPU would do better with a
+ * shared-memory tiled kernel (not written yet); until then it gets 4×4 blocks in large
+ * workgroups.
  */
-function matmulKernel(gpu: Gpu): KernelChoice {
-  let choice = choices.get(gpu);
-  if (!choice) {
+function matmulKernel(gpu: Gpu, { M }: MatmulShape): KernelChoice {
+  let software = softwareAdapters.get(gpu);
+  if (software === undefined) {
     const info = gpu.adapter.info as GPUAdapterInfo & { isFallbackAdapter?: boolean };
-    const software = info.isFallbackAdapter === true ||
+    software = info.isFallbackAdapter === true ||
       /llvmpipe|lavapipe|swiftshader|software/i.test(info.description);
-    choice = { workgroup: software ? [8, 8] : [16, 16] };
-    choices.set(gpu, choice);
+    softwareAdapters.set(gpu, software);
   }
-  return choice;
+  if (!software) return { workgroup: [16, 16], rowGroups: 1, colGroups: 1 };
+  return { workgroup: [8, 8], rowGroups: M >= 64 ? 4 : M >= 8 ? 2 : 1, colGroups: 2 };
 }
 
 interface Variant {
@@ -60,51 +65,99 @@ interface Variant {
   kTail: boolean; // K % 4 != 0
   accumulate: boolean;
   bias: boolean;
-  workgroup: [number, number];
+  tile: KernelChoice;
 }
 
+// The WGSL for one variant. An invocation owns rows m0 .. m0+4·rowGroups and columns
+// n0 .. n0+4·colGroups of out; acc_r_c is the 4×4 block of row group r and column group c,
+// stored as a matrix whose column i is out row m0+4r+i.
 function matmulWgsl(v: Variant): string {
-  const [wx, wy] = v.workgroup;
-  const four = [0, 1, 2, 3];
+  const { workgroup: [wx, wy], rowGroups, colGroups } = v.tile;
+  const range = (n: number) => [...Array(n).keys()];
+  const rs = range(rowGroups), cs = range(colGroups), four = range(4);
   const vec4 = (f: (i: number) => string) => `vec4f(${four.map(f).join(", ")})`;
   const mat4 = (f: (i: number) => string) => `mat4x4f(${four.map(f).join(", ")})`;
-  // A 4×4 tile of op(a) at step k, as a matrix whose column i holds A(m0+i, k..k+3).
-  // rA[i] = first element of row m0+i of a (not transposed); cm[i] = clamped m0+i.
-  const tileA = v.transA
-    ? `transpose(${
-      mat4((kk) =>
-        v.vecA
-          ? `a[((k + ${kk}u) * p.M + m0) / 4u]`
-          : vec4((i) => `a[(k + ${kk}u) * p.M + cm[${i}]]`)
-      )
-    })`
-    : mat4((i) => v.vecA ? `a[(rA[${i}] + k) / 4u]` : vec4((kk) => `a[rA[${i}] + k + ${kk}u]`));
-  // A 4×4 tile of op(b) at step k, as a matrix whose column kk holds B(k+kk, n0..n0+3).
-  const tileB = v.transB
-    ? `transpose(${
-      mat4((j) => v.vecB ? `b[(rB[${j}] + k) / 4u]` : vec4((kk) => `b[rB[${j}] + k + ${kk}u]`))
-    })`
-    : mat4((kk) =>
-      v.vecB ? `b[((k + ${kk}u) * p.N + n0) / 4u]` : vec4((j) => `b[(k + ${kk}u) * p.N + cn[${j}]]`)
-    );
-  // One k of the tail (only when K % 4 != 0, so a row stride of K means scalar binding).
-  const sliceA = v.transA
-    ? (v.vecA ? `a[(k * p.M + m0) / 4u]` : vec4((i) => `a[k * p.M + cm[${i}]]`))
-    : vec4((i) => `a[rA[${i}] + k]`);
-  const sliceB = v.transB
-    ? vec4((j) => `b[rB[${j}] + k]`)
-    : (v.vecB ? `b[(k * p.N + n0) / 4u]` : vec4((j) => `b[k * p.N + cn[${j}]]`));
+  // Row group r: cm_r = its 4 rows clamped to M-1; rA_r = where they start in a [M,K];
+  // gm_r = its first row, clamped so that a vec4 along m stays inside [0, M).
+  const rowSetup = rs.map((r) =>
+    v.transA
+      ? v.vecA
+        ? `let gm${r} = min(m0 + ${4 * r}u, p.M - 4u);`
+        : `let cm${r} = clamp4(m0 + ${4 * r}u, p.M);`
+      : `let rA${r} = clamp4(m0 + ${4 * r}u, p.M) * p.K;`
+  );
+  const colSetup = cs.map((c) =>
+    v.transB
+      ? `let rB${c} = clamp4(n0 + ${4 * c}u, p.N) * p.K;`
+      : v.vecB
+      ? `let gn${c} = min(n0 + ${4 * c}u, p.N - 4u);`
+      : `let cn${c} = clamp4(n0 + ${4 * c}u, p.N);`
+  );
+  // The 4×4 tile of op(a) at step k for row group r: column i holds A(row i, k..k+3).
+  const tileA = (r: number) =>
+    v.transA
+      ? `transpose(${
+        mat4((kk) =>
+          v.vecA
+            ? `a[((k + ${kk}u) * p.M + gm${r}) / 4u]`
+            : vec4((i) => `a[(k + ${kk}u) * p.M + cm${r}[${i}]]`)
+        )
+      })`
+      : mat4((i) =>
+        v.vecA ? `a[(rA${r}[${i}] + k) / 4u]` : vec4((kk) => `a[rA${r}[${i}] + k + ${kk}u]`)
+      );
+  // The 4×4 tile of op(b) at step k for column group c: column kk holds B(k+kk, cols).
+  const tileB = (c: number) =>
+    v.transB
+      ? `transpose(${
+        mat4((j) =>
+          v.vecB ? `b[(rB${c}[${j}] + k) / 4u]` : vec4((kk) => `b[rB${c}[${j}] + k + ${kk}u]`)
+        )
+      })`
+      : mat4((kk) =>
+        v.vecB
+          ? `b[((k + ${kk}u) * p.N + gn${c}) / 4u]`
+          : vec4((j) => `b[(k + ${kk}u) * p.N + cn${c}[${j}]]`)
+      );
+  // One k of the tail (only when K % 4 != 0, so a row stride of K means a scalar binding).
+  const sliceA = (r: number) =>
+    v.transA
+      ? (v.vecA ? `a[(k * p.M + gm${r}) / 4u]` : vec4((i) => `a[k * p.M + cm${r}[${i}]]`))
+      : vec4((i) => `a[rA${r}[${i}] + k]`);
+  const sliceB = (c: number) =>
+    v.transB
+      ? vec4((j) => `b[rB${c}[${j}] + k]`)
+      : (v.vecB ? `b[(k * p.N + gn${c}) / 4u]` : vec4((j) => `b[k * p.N + cn${c}[${j}]]`));
+  const blocks = rs.flatMap((r) => cs.map((c) => [r, c]));
+  const lines = (f: (r: number, c: number) => string) =>
+    blocks.map(([r, c]) => f(r, c)).join("\n    ");
   const tail = v.kTail
     ? `
   for (var k = k4; k < p.K; k++) {
-    let av = ${sliceA};
-    let bv = ${sliceB};
-    acc += mat4x4f(bv * av.x, bv * av.y, bv * av.z, bv * av.w);
+    ${rs.map((r) => `let av${r} = ${sliceA(r)};`).join(" ")}
+    ${cs.map((c) => `let bv${c} = ${sliceB(c)};`).join(" ")}
+    ${
+      lines((r, c) =>
+        `acc${r}_${c} += mat4x4f(${four.map((i) => `bv${c} * av${r}[${i}]`).join(", ")});`
+      )
+    }
   }`
     : "";
-  let value = "acc[i][j]";
-  if (v.accumulate) value = `out[o] + ${value}`;
-  if (v.bias) value += " + bias[n]";
+  // Stores, fully unrolled: a dynamic index into acc would push it out of registers.
+  const stores = blocks.flatMap(([r, c]) =>
+    four.map((i) => {
+      const m = `m0 + ${4 * r + i}u`;
+      const row = four.map((j) => {
+        let value = `acc${r}_${c}[${i}][${j}]`;
+        if (v.accumulate) value = `out[o + ${j}u] + ${value}`;
+        if (v.bias) value += ` + bias[n0 + ${4 * c + j}u]`;
+        return `if (n0 + ${4 * c + j}u < p.N) { out[o + ${j}u] = ${value}; }`;
+      });
+      return `if (${m} < p.M) {\n    let o = (${m}) * p.N + n0 + ${4 * c}u;\n    ${
+        row.join("\n    ")
+      }\n  }`;
+    })
+  );
   return `
 struct Params { M: u32, N: u32, K: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -113,31 +166,27 @@ struct Params { M: u32, N: u32, K: u32 }
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 ${v.bias ? "@group(0) @binding(4) var<storage, read> bias: array<f32>;" : ""}
 
+// Indices first .. first+3, clamped to n-1.
+fn clamp4(first: u32, n: u32) -> vec4u {
+  return min(vec4u(first) + vec4u(0u, 1u, 2u, 3u), vec4u(n - 1u));
+}
+
 @compute @workgroup_size(${wx}, ${wy})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(local_invocation_id) lid: vec3u,
         @builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
-  let n0 = gid.x * 4u;
-  let m0 = ((wid.z * nwg.y + wid.y) * ${wy}u + lid.y) * 4u;
+  let n0 = gid.x * ${4 * colGroups}u;
+  let m0 = ((wid.z * nwg.y + wid.y) * ${wy}u + lid.y) * ${4 * rowGroups}u;
   if (n0 >= p.N || m0 >= p.M) { return; }
-  let cm = vec4u(m0, min(m0 + 1u, p.M - 1u), min(m0 + 2u, p.M - 1u), min(m0 + 3u, p.M - 1u));
-  let cn = vec4u(n0, min(n0 + 1u, p.N - 1u), min(n0 + 2u, p.N - 1u), min(n0 + 3u, p.N - 1u));
-  let rA = cm * p.K;
-  let rB = cn * p.K;
+  ${rowSetup.join("\n  ")}
+  ${colSetup.join("\n  ")}
+  ${blocks.map(([r, c]) => `var acc${r}_${c} = mat4x4f();`).join("\n  ")}
   let k4 = p.K & ~3u;
-  var acc = mat4x4f();
   for (var k = 0u; k < k4; k += 4u) {
-    acc += ${tileB} * ${tileA};
+    ${rs.map((r) => `let A${r} = ${tileA(r)};`).join("\n    ")}
+    ${cs.map((c) => `let B${c} = ${tileB(c)};`).join("\n    ")}
+    ${lines((r, c) => `acc${r}_${c} += B${c} * A${r};`)}
   }${tail}
-  for (var i = 0u; i < 4u; i++) {
-    let m = m0 + i;
-    for (var j = 0u; j < 4u; j++) {
-      let n = n0 + j;
-      if (m < p.M && n < p.N) {
-        let o = m * p.N + n;
-        out[o] = ${value};
-      }
-    }
-  }
+  ${stores.join("\n  ")}
 }
 `;
 }
@@ -156,7 +205,8 @@ export function matmul(
   const transA = opts.transA ?? false;
   const transB = opts.transB ?? false;
   const accumulate = opts.accumulate ?? false;
-  const { workgroup } = matmulKernel(gpu);
+  const tile = matmulKernel(gpu, shape);
+  const { workgroup } = tile;
   const variant: Variant = {
     transA,
     transB,
@@ -165,12 +215,12 @@ export function matmul(
     kTail: K % 4 !== 0,
     accumulate,
     bias: opts.bias !== undefined,
-    workgroup,
+    tile,
   };
   const pipeline = gpu.pipeline(matmulWgsl(variant), "matmul");
   // x covers blocks of 4 columns; blocks of 4 rows spread over y and, past 65535, z.
-  const gx = Math.ceil(N / 4 / workgroup[0]);
-  const rowGroups = Math.ceil(M / 4 / workgroup[1]);
+  const gx = Math.ceil(N / (4 * tile.colGroups * workgroup[0]));
+  const rowGroups = Math.ceil(M / (4 * tile.rowGroups * workgroup[1]));
   const gz = Math.ceil(rowGroups / 65535);
   const tensors = opts.bias ? [a, b, out, opts.bias] : [a, b, out];
   gpu.dispatch(pipeline, [gx, Math.ceil(rowGroups / gz), gz], tensors, [M, N, K]);

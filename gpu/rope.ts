@@ -8,7 +8,8 @@ import { type Gpu, grid, type Tensor } from "./device.ts";
 
 const WG = 256;
 
-// invFreq packs D/2 values into vec4s, so the shader is specialised per head size.
+// invFreq packs D/2 values into vec4s, so the shader is specialised per head size. The four
+// u32 fields put it at byte 16, where dispatch() writes the f32 values.
 const shader = (vec4s: number) => /* wgsl */ `
 struct Params { T: u32, heads: u32, D: u32, inverse: u32, invFreq: array<vec4<f32>, ${vec4s}> }
 @group(0) @binding(0) var<uniform> p: Params;

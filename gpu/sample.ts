@@ -1,13 +1,16 @@
 // Drawing the next token of every sequence on the GPU, so generation never waits on a readback.
 // One workgroup owns one row of logits [B, V] and, without sorting:
 //   1. reduces the row's max and sum of exp of z = logits/temperature (the untruncated log-softmax);
-//   2. finds the top-k threshold, the k-th largest logit, by binary search over an order-preserving
-//      u32 key of the logits, counting how many are ≥ the candidate;
-//   3. finds the top-p threshold the same way, weighing by probability instead of counting;
+//   2. finds the top-k threshold, the key of the k-th largest logit (keys: an order-preserving u32
+//      image of the logits), by a search over the key's 16 base-4 digits from the top: one pass
+//      over the row per digit, counting the tokens at or above three candidate thresholds at once;
+//   3. finds the top-p threshold the same way, weighing tokens by probability instead of counting;
 //   4. draws u in [0, 1) from a counter-based hash of (seed, step, row) and walks the allowed tokens
 //      in index order, accumulating probability until the running sum exceeds u·(allowed mass).
 // Tokens tied at a threshold are all allowed, so the top-k set may hold more than k tokens and the
 // nucleus more than the smallest set. temperature = 0 is greedy: argmax, ties to the lowest index.
+// Few passes matter beyond speed: llvmpipe ends every loop of an invocation once its loops have run
+// 65,535 iterations in total, and a thread here makes ~37 passes of V/256 (fine up to V ≈ 450k).
 
 import { AhaError } from "../core/errors.ts";
 import { Gpu, grid, Tensor } from "./device.ts";
@@ -25,6 +28,7 @@ struct Params { B: u32, V: u32, greedy: u32, topK: u32, seedLo: u32, seedHi: u32
 @group(0) @binding(4) var<storage, read_write> logp: array<f32>;
 
 var<workgroup> redF: array<f32, ${WG}>;
+var<workgroup> red4: array<vec4f, ${WG}>;
 var<workgroup> redU: array<u32, ${WG}>;
 var<workgroup> rowDone: i32;
 var<workgroup> allowedTotal: f32;
@@ -51,13 +55,13 @@ fn reduceSum(lid: u32, x: f32) -> f32 {
   return r;
 }
 
-fn reduceCount(lid: u32, x: u32) -> u32 {
-  redU[lid] = x;
+fn reduceSum4(lid: u32, x: vec4f) -> vec4f {
+  red4[lid] = x;
   for (var k = ${WG / 2}u; k > 0u; k >>= 1u) {
     workgroupBarrier();
-    if (lid < k) { redU[lid] += redU[lid + k]; }
+    if (lid < k) { red4[lid] += red4[lid + k]; }
   }
-  let r = workgroupUniformLoad(&redU[0]);
+  let r = workgroupUniformLoad(&red4[0]);
   workgroupBarrier();
   return r;
 }
@@ -92,45 +96,51 @@ fn uniform01(row: u32) -> f32 {
   return f32(h >> 8u) * (1.0 / 16777216.0);
 }
 
-fn countAtLeast(lid: u32, base: u32, t: u32) -> u32 {
-  var c = 0u;
-  for (var v = lid; v < p.V; v += ${WG}u) { c += select(0u, 1u, key(logits[base + v]) >= t); }
-  return reduceCount(lid, c);
+// Component j: the total weight of the row's tokens whose key is ≥ lo + j·2^shift. A token weighs
+// 1 (counting, for top-k) or exp(z − zMax) (its unnormalised probability, for top-p).
+fn weightsAtLeast(lid: u32, base: u32, zMax: f32, lo: u32, shift: u32, byMass: bool) -> vec4f {
+  var ge = vec4f(0.0);
+  for (var v = lid; v < p.V; v += ${WG}u) {
+    let x = logits[base + v];
+    let k = key(x);
+    if (k >= lo) {
+      let w = select(1.0, exp(p.s * x - zMax), byMass);
+      let digit = min((k - lo) >> shift, 3u);
+      ge += select(vec4f(0.0), vec4f(w), vec4u(0u, 1u, 2u, 3u) <= vec4u(digit));
+    }
+  }
+  return reduceSum4(lid, ge);
+}
+
+// The largest key t ≥ start such that the tokens with keys ≥ t weigh at least goal (the weight at
+// start must reach goal). Each pass fixes the next two bits of t.
+fn threshold(lid: u32, base: u32, zMax: f32, start: u32, byMass: bool, goal: f32) -> u32 {
+  var t = start;
+  for (var shift = 30i; shift >= 0i; shift -= 2i) {
+    let ge = weightsAtLeast(lid, base, zMax, t, u32(shift), byMass);
+    var digit = 0u;
+    for (var j = 1u; j < 4u; j++) { if (ge[j] >= goal) { digit = j; } }
+    t += digit << u32(shift);
+  }
+  return t;
+}
+
+// The allowed tokens are those whose key is ≥ the returned key; rowMass = Σ exp(z − zMax).
+fn allowedFrom(lid: u32, base: u32, zMax: f32, rowMass: f32) -> u32 {
+  var t = 0u;
+  var mass = rowMass;
+  if (p.topK > 0u && p.topK < p.V) {
+    t = threshold(lid, base, zMax, 0u, false, f32(p.topK));
+    mass = weightsAtLeast(lid, base, zMax, t, 30u, true).x;
+  }
+  if (p.topP < 1.0) { t = threshold(lid, base, zMax, t, true, p.topP * mass); }
+  return t;
 }
 
 // exp(z − zMax) of token v when its key is ≥ t, else 0.
 fn massOf(base: u32, v: u32, zMax: f32, t: u32) -> f32 {
   let x = logits[base + v];
   return select(0.0, exp(p.s * x - zMax), key(x) >= t);
-}
-
-fn massAtLeast(lid: u32, base: u32, zMax: f32, t: u32) -> f32 {
-  var m = 0.0;
-  for (var v = lid; v < p.V; v += ${WG}u) { m += massOf(base, v, zMax, t); }
-  return reduceSum(lid, m);
-}
-
-// The allowed tokens are those whose key is ≥ the returned threshold.
-fn threshold(lid: u32, base: u32, zMax: f32) -> u32 {
-  var lo = 0u;
-  if (p.topK > 0u && p.topK < p.V) {
-    // Largest t with at least topK keys ≥ t: the key of the k-th largest logit.
-    var hi = 0xffffffffu;
-    while (lo < hi) {
-      let mid = lo + (hi - lo) / 2u + 1u;
-      if (countAtLeast(lid, base, mid) >= p.topK) { lo = mid; } else { hi = mid - 1u; }
-    }
-  }
-  if (p.topP < 1.0) {
-    // Largest t whose tokens (within the top-k set) hold at least topP of its mass.
-    let goal = p.topP * massAtLeast(lid, base, zMax, lo);
-    var hi = 0xffffffffu;
-    while (lo < hi) {
-      let mid = lo + (hi - lo) / 2u + 1u;
-      if (massAtLeast(lid, base, zMax, mid) >= goal) { lo = mid; } else { hi = mid - 1u; }
-    }
-  }
-  return lo;
 }
 
 // The first allowed token, in index order, at which the running mass exceeds u·(allowed mass).
@@ -179,7 +189,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   let zMax = reduceMax(lid, m);
   var sum = 0.0;
   for (var v = lid; v < p.V; v += ${WG}u) { sum += exp(p.s * logits[base + v] - zMax); }
-  let lse = zMax + log(reduceSum(lid, sum));
+  let rowMass = reduceSum(lid, sum);
   var token: u32;
   if (p.greedy != 0u) {
     var first = p.V;
@@ -188,11 +198,11 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
     }
     token = reduceMin(lid, first);
   } else {
-    token = draw(lid, base, zMax, threshold(lid, base, zMax), uniform01(b));
+    token = draw(lid, base, zMax, allowedFrom(lid, base, zMax, rowMass), uniform01(b));
   }
   if (lid == 0u) {
     tokens[b] = i32(token);
-    logp[b] = p.s * logits[base + token] - lse;
+    logp[b] = p.s * logits[base + token] - (zMax + log(rowMass));
   }
 }`;
 

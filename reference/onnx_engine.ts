@@ -157,7 +157,7 @@ async function checkpointFiles(dir: string): Promise<string[]> {
 }
 
 /** SHA-256 over the exporter version and each file's name and bytes, streamed. */
-export async function exportKey(dir: string): Promise<string> {
+async function exportKey(dir: string): Promise<string> {
   const hash = createHash("sha256").update(`aha-onnx-export ${EXPORT_VERSION}\n`);
   const chunk = new Uint8Array(1 << 20);
   for (const path of await checkpointFiles(dir)) {

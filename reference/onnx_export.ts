@@ -7,9 +7,10 @@
 //
 // Tokens are flattened to rows [B·L, H], so every linear layer is one Gemm with transB=1 on the
 // Hugging Face [out, in] weight as stored (no transposed copies; a tied lm_head reuses the
-// embedding). RMSNorm is SimplifiedLayerNormalization; attention is com.microsoft's
-// GroupQueryAttention, which applies the rotary embedding (rotate-half, from the cos/sin tables
-// below), the causal mask, the 1/√D scale, and serves each kv head to its group of query heads.
+// embedding). RMSNorm is SimplifiedLayerNormalization and the rotary embedding (rotate-half) is
+// com.microsoft's RotaryEmbedding, both contrib ops of onnxruntime. Attention is spelled out in
+// standard ops (MatMul, Where for the causal mask, Softmax): the fused GroupQueryAttention op
+// needs a head dimension that is a multiple of 8 (16 with rotary) on the WASM backend.
 
 import onnxProto from "onnx-proto";
 import type { onnx as Onnx } from "onnx-proto";
@@ -43,32 +44,16 @@ const float = (name: string, f: number): Onnx.IAttributeProto => ({
 class GraphBuilder {
   nodes: Onnx.INodeProto[] = [];
   initializers: Onnx.ITensorProto[] = [];
-  private count = 0;
 
-  /** Appends one node and returns its outputs' names. */
-  node(
-    opType: string,
-    inputs: string[],
-    attribute: Onnx.IAttributeProto[] = [],
-    outputs = 1,
-    domain = "",
-  ): string[] {
-    const names = Array.from({ length: outputs }, (_, i) => `${opType}_${this.count}_${i}`);
-    this.nodes.push({ opType, domain, input: inputs, output: names, attribute, name: names[0] });
-    this.count++;
-    return names;
+  /** Appends one node and returns the name of its output. */
+  op(opType: string, input: string[], attribute: Onnx.IAttributeProto[] = [], domain = ""): string {
+    const name = `${opType}_${this.nodes.length}`;
+    this.nodes.push({ opType, domain, input, output: [name], attribute, name });
+    return name;
   }
 
-  op(opType: string, inputs: string[], attribute: Onnx.IAttributeProto[] = []): string {
-    return this.node(opType, inputs, attribute)[0];
-  }
-
-  tensor(name: string, dims: number[], data: Float32Array | BigInt64Array | Int32Array): string {
-    const dataType = data instanceof Float32Array
-      ? DataType.FLOAT
-      : data instanceof Int32Array
-      ? DataType.INT32
-      : DataType.INT64;
+  tensor(name: string, dims: number[], data: Float32Array | BigInt64Array): string {
+    const dataType = data instanceof Float32Array ? DataType.FLOAT : DataType.INT64;
     const rawData = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
     this.initializers.push({ name, dims, dataType, rawData });
     return name;
@@ -81,7 +66,7 @@ class GraphBuilder {
   }
 }
 
-/** The rotary tables GroupQueryAttention reads: cos/sin(pos · θ^(-2i/D)), [maxPos, D/2]. */
+/** The rotary tables RotaryEmbedding reads: cos/sin(pos · θ^(-2i/D)), [maxPos, D/2]. */
 function rotaryTables(c: ModelConfig): { cos: Float32Array; sin: Float32Array } {
   const half = c.headDim / 2;
   const cos = new Float32Array(c.maxPositionEmbeddings * half);
@@ -136,16 +121,10 @@ export function exportOnnx(c: ModelConfig, weights: Map<string, Float32Array>): 
   const sinTable = g.tensor("rotary_sin", [c.maxPositionEmbeddings, D / 2], sin);
   const firstPosition = g.int64([0]);
   const rotary = (x: string, heads: number) =>
-    g.node(
-      "RotaryEmbedding",
-      [x, firstPosition, cosTable, sinTable],
-      [
-        int("num_heads", heads),
-        int("interleaved", 0),
-      ],
-      1,
-      "com.microsoft",
-    )[0];
+    g.op("RotaryEmbedding", [x, firstPosition, cosTable, sinTable], [
+      int("num_heads", heads),
+      int("interleaved", 0),
+    ], "com.microsoft");
   const scale = g.tensor("attention_scale", [], Float32Array.of(1 / Math.sqrt(D)));
   const group = c.numHeads / c.numKvHeads;
 
@@ -195,12 +174,12 @@ export function exportOnnx(c: ModelConfig, weights: Map<string, Float32Array>): 
   const predicting = g.op("Slice", [toBL(x, H), g.int64([0]), g.int64([-1]), axis1]);
   const head = c.tieWordEmbeddings ? embed : w("lm_head.weight", [V, H]);
   const logits = linear(toRows(predicting, H), head); // [B·(L-1), V]
+  const logProbs = g.op("LogSoftmax", [logits], [int("axis", -1)]);
   const next = g.op("Slice", [ids, axis1, g.int64([Number.MAX_SAFE_INTEGER]), axis1]);
-  const picked = g.op("GatherElements", [logits, g.op("Reshape", [next, g.int64([-1, 1])])], [
+  const picked = g.op("GatherElements", [logProbs, g.op("Reshape", [next, g.int64([-1, 1])])], [
     int("axis", 1),
   ]);
-  const lse = g.op("ReduceLogSumExp", [logits], [ints("axes", [1])]);
-  g.op("Reshape", [g.op("Sub", [picked, lse]), g.op("Shape", [next])]);
+  g.op("Reshape", [picked, g.op("Shape", [next])]);
   g.nodes[g.nodes.length - 1].output = ["logprobs"];
 
   const tensorType = (elemType: number, dims: string[]): Onnx.ITypeProto => ({
@@ -222,9 +201,7 @@ export function exportOnnx(c: ModelConfig, weights: Map<string, Float32Array>): 
   const size = g.initializers.reduce((n, t) => n + t.rawData!.length, 0);
   if (size >= 2 ** 31) {
     throw new AhaError(
-      `ONNX export: the weights take ${
-        (size / 2 ** 30).toFixed(1)
-      } GiB; an ONNX file holds < 2 GiB`,
+      `ONNX export: the weights take ${(size / 2 ** 30).toFixed(1)} GiB, over ONNX's 2 GiB`,
     );
   }
   return onnx.ModelProto.encode(model).finish();

@@ -211,7 +211,7 @@ Deno.test("attention training shapes match the twin", opts, async () => {
       [training(2, 7, 4, 2, 16), 3],
       [training(3, 33, 6, 2, 8), 4],
       [training(2, 5, 3, 3, 12), 5], // multi-head attention
-      [training(1, 9, 2, 2, 128), 6], // the largest head size
+      [training(1, 9, 2, 2, 64), 6], // Qwen2.5-0.5B head size
     ] as const
   ) await check(c.s, c.kvLens, seed);
 });

@@ -143,26 +143,28 @@ Deno.test(
   "sampled frequencies follow the softmax restricted by top-k and top-p",
   opts,
   async () => {
-    // 4000 rows of the same logits, so 4000 draws keyed by (seed, step, row). Each token's count
-    // must lie within 5 binomial standard deviations of 4000·q (q = the twin's restricted
+    // 2500 rows of the same logits, so 2500 draws keyed by (seed, step, row). Each token's count
+    // must lie within 5 binomial standard deviations of 2500·q (q = the twin's restricted
     // probability); tokens outside the allowed set must never appear.
-    const B = 4000, row = [1.0, 0.5, -0.3, 2.0, 0.0], V = row.length;
-    const logits = new Float32Array(B * V).map((_, i) => row[i % V]);
-    const configs: SampleOptions[] = [
-      { temperature: 0.8, topK: 0, topP: 1, seed: 11, step: 0 },
-      { temperature: 1, topK: 3, topP: 1, seed: 12, step: 1 },
-      { temperature: 1, topK: 0, topP: 0.6, seed: 13, step: 2 }, // nucleus {3, 0}: 0.547 + 0.201
-      { temperature: 0.7, topK: 4, topP: 0.9, seed: 14, step: 3 },
+    const B = 2500, plain = [1.0, 0.5, -0.3, 2.0, 0.0], tied = [2, 1, 1, 1, 0];
+    const configs: [number[], SampleOptions][] = [
+      [plain, { temperature: 0.8, topK: 0, topP: 1, seed: 11, step: 0 }],
+      [plain, { temperature: 1, topK: 3, topP: 1, seed: 12, step: 1 }],
+      [plain, { temperature: 1, topK: 0, topP: 0.6, seed: 13, step: 2 }], // nucleus {3, 0}
+      [plain, { temperature: 0.7, topK: 4, topP: 0.9, seed: 14, step: 3 }],
+      // Ties at the threshold are all kept: both give {0, 1, 2, 3} (p = .447, .164 ×3, .060).
+      [tied, { temperature: 1, topK: 2, topP: 1, seed: 15, step: 4 }],
+      [tied, { temperature: 1, topK: 0, topP: 0.5, seed: 16, step: 5 }],
     ];
-    for (const o of configs) {
+    for (const [row, o] of configs) {
+      const V = row.length;
+      const logits = new Float32Array(B * V).map((_, i) => row[i % V]);
       const got = await run(logits, B, V, o);
       const q = allowedProbs(Float32Array.from(row), o);
       const counts = new Array(V).fill(0);
       got.tokens.forEach((t) => counts[t]++);
       for (let v = 0; v < V; v++) {
-        const where = `${JSON.stringify(o)} token ${v}: ${counts[v]} of ${B}, q = ${
-          q[v].toFixed(4)
-        }`;
+        const where = `${row} ${JSON.stringify(o)} token ${v}: ${counts[v]} of ${B}, q = ${q[v]}`;
         if (q[v] === 0) assert.equal(counts[v], 0, where);
         else {assert.ok(
             Math.abs(counts[v] - B * q[v]) <= 5 * Math.sqrt(B * q[v] * (1 - q[v])),

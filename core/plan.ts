@@ -1,0 +1,455 @@
+// The memory plan of a training run, device-free: every buffer `aha train` allocates for a config
+// and a model shape, mirroring gpu/model.ts (weights, gradients, AdamW moments, the activations
+// the forward keeps, the logit chunk) and gpu/generate.ts (KV caches, prefill and decode
+// buffers), grouped by purpose and adapter. The plan is checked against the adapter's limits —
+// each tensor is bound whole, so the largest must fit one storage binding; the totals must fit
+// the adapter's memory when it is known — and advice says which setting to lower, and to what.
+// `aha plan` prints it (gpu/cli_plan.ts); `aha train` calls checkPlan before loading anything.
+
+import { AhaError } from "./errors.ts";
+import { type ModelConfig, weightShapes } from "./model_config.ts";
+import type { TrainConfig } from "./train_config.ts";
+
+/** Logits are computed for at most this many floats at a time, in multiples of 64 tokens (gpu/model.ts). */
+const LOGIT_CHUNK_FLOATS = 16 * 1024 * 1024;
+const CHUNK_ALIGN = 64;
+/** Every element aha stores (f32, i32) takes 4 bytes. */
+const ELEMENT_BYTES = 4;
+
+export interface AdapterLimits {
+  description: string;
+  maxBufferSize: number;
+  maxStorageBufferBindingSize: number;
+  /** Bytes of memory, or null when unknown (WebGPU does not report it). */
+  memory: number | null;
+}
+
+/** One buffer: its name and shape, in elements. */
+export interface PlannedTensor {
+  name: string;
+  shape: number[];
+}
+
+export interface PlanItem {
+  adapter: "policy" | "reference";
+  what: string;
+  /** The sizes it depends on, e.g. "4 rows × 1020 tokens". */
+  detail: string;
+  tensors: PlannedTensor[];
+  bytes: number;
+}
+
+export interface Plan {
+  items: PlanItem[];
+  policyBytes: number;
+  /** 0 without a reference model (beta = 0). */
+  referenceBytes: number;
+  /** The reference shares the policy's adapter: its memory adds to the policy's. */
+  referenceShared: boolean;
+}
+
+export const tensorBytes = (t: PlannedTensor) => t.shape.reduce((a, b) => a * b, 1) * ELEMENT_BYTES;
+
+// ---------------------------------------------------------------------------------------------
+// What each part of the program allocates.
+
+/** gpu/model.ts layerBuffers: what one layer keeps for B rows of L tokens. */
+function layerTensors(c: ModelConfig, layer: string, B: number, L: number): PlannedTensor[] {
+  const T = B * L, H = c.hiddenSize, I = c.intermediateSize;
+  const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
+  const shapes: [string, number[]][] = [
+    ["input", [T, H]],
+    ["norm1", [T, H]],
+    ["rstd1", [T]],
+    ["q", [T, qDim]],
+    ["k", [T, kvDim]],
+    ["v", [T, kvDim]],
+    ["attn", [T, qDim]],
+    ["lse", [B, c.numHeads, L]],
+    ["mid", [T, H]],
+    ["norm2", [T, H]],
+    ["rstd2", [T]],
+    ["gate", [T, I]],
+    ["up", [T, I]],
+    ["act", [T, I]],
+  ];
+  return shapes.map(([name, shape]) => ({ name: `${layer}.${name}`, shape }));
+}
+
+/** gpu/model.ts Activations: a forward over B rows of L tokens, as kept for backward. */
+function forwardTensors(c: ModelConfig, B: number, L: number) {
+  const T = B * L, H = c.hiddenSize, I = c.intermediateSize, V = c.vocabSize;
+  const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
+  const fit = Math.floor(LOGIT_CHUNK_FLOATS / V / CHUNK_ALIGN) * CHUNK_ALIGN;
+  const chunk = Math.min(T, Math.max(CHUNK_ALIGN, fit));
+  const t = (name: string, ...shape: number[]): PlannedTensor => ({ name, shape });
+  const activations: PlannedTensor[] = [];
+  for (let i = 0; i < c.numLayers; i++) activations.push(...layerTensors(c, `layers.${i}`, B, L));
+  activations.push(
+    t("ids", T),
+    t("targets", T),
+    t("positions", T),
+    t("kvLens", B),
+    t("final", T, H),
+    t("finalNorm", T, H),
+    t("rstdFinal", T),
+  );
+  const logprobs = [t("logits", chunk, V), t("dLogits", chunk, V), t("logp", T), t("lse", T)];
+  const backward = [
+    t("dLogp", T),
+    t("dResidual", T, H),
+    t("dNorm", T, H),
+    t("dAttn", T, qDim),
+    t("dq", T, qDim),
+    t("dk", T, kvDim),
+    t("dv", T, kvDim),
+    t("dAct", T, I),
+    t("dGate", T, I),
+    t("dUp", T, I),
+  ];
+  return { activations, logprobs, backward, chunk };
+}
+
+/**
+ * gpu/generate.ts: G completions of up to maxNew tokens for each of P prompts of up to
+ * promptLen tokens. Everything is alive at once when decoding starts (the prefill's buffers are
+ * released only at the next submit).
+ */
+function generationTensors(
+  c: ModelConfig,
+  P: number,
+  G: number,
+  promptLen: number,
+  maxNew: number,
+) {
+  const rows = P * G, capacity = promptLen + maxNew, prefill = promptLen - 1;
+  const H = c.hiddenSize, kv = [capacity, c.numKvHeads, c.headDim];
+  const t = (name: string, ...shape: number[]): PlannedTensor => ({ name, shape });
+  const cache: PlannedTensor[] = [];
+  for (let i = 0; i < c.numLayers; i++) {
+    cache.push(t(`layers.${i}.k cache`, rows, ...kv), t(`layers.${i}.v cache`, rows, ...kv));
+    if (prefill > 0) {
+      cache.push(
+        t(`layers.${i}.k prompt cache`, P, ...kv),
+        t(`layers.${i}.v prompt cache`, P, ...kv),
+      );
+    }
+  }
+  const work: PlannedTensor[] = [];
+  if (prefill > 0) {
+    const T = P * prefill;
+    work.push(
+      ...layerTensors(c, "prefill", P, prefill),
+      t("prefill scratch", T, H),
+      t("prefill ids", T),
+      t("prefill positions", T),
+      t("prefill kvLens", P),
+    );
+  }
+  work.push(
+    ...layerTensors(c, "decode", rows, 1),
+    t("decode hidden", rows, H),
+    t("decode scratch", rows, H),
+    t("decode logits", rows, c.vocabSize),
+    ...["ids", "positions", "kvLens", "sampled", "logp", "done"].map((n) => t(`decode ${n}`, rows)),
+    t("sampled tokens", maxNew, rows),
+    t("sampled log-probs", maxNew, rows),
+  );
+  return { cache, work, rows, capacity };
+}
+
+const sumBytes = (tensors: PlannedTensor[]) => tensors.reduce((a, t) => a + tensorBytes(t), 0);
+
+/**
+ * The reference shares the policy's adapter unless reference.adapter names another backend
+ * ("auto" may find a second adapter at run time; the plan assumes the worst).
+ */
+function referenceSharesAdapter(cfg: TrainConfig): boolean {
+  return cfg.reference.adapter === "same" || cfg.reference.adapter === "auto";
+}
+
+/** Every buffer of a training run of `model` under `cfg`, by adapter and purpose. */
+export function planMemory(
+  cfg: TrainConfig,
+  model: ModelConfig,
+  referenceShared = referenceSharesAdapter(cfg),
+): Plan {
+  const items: PlanItem[] = [];
+  const add = (
+    adapter: PlanItem["adapter"],
+    what: string,
+    detail: string,
+    tensors: PlannedTensor[],
+  ) => items.push({ adapter, what, detail, tensors, bytes: sumBytes(tensors) });
+  const P = cfg.prompts_per_step, G = cfg.num_generations;
+  const L = cfg.max_prompt_length + cfg.max_completion_length;
+  const tokens = (rows: number) => `${rows} rows × ${L} tokens`;
+
+  const weights = [...weightShapes(model)].map(([name, shape]) => ({ name, shape }));
+  add("policy", "weights", `${weights.length} tensors`, weights);
+  add(
+    "policy",
+    "gradients",
+    "one per weight",
+    weights.map((w) => ({ ...w, name: `${w.name} grad` })),
+  );
+  add("policy", "AdamW moments", "m and v per weight", [
+    ...weights.map((w) => ({ ...w, name: `${w.name} exp_avg` })),
+    ...weights.map((w) => ({ ...w, name: `${w.name} exp_avg_sq` })),
+  ]);
+  // A micro-batch never holds more rows than a step has completions.
+  const micro = Math.min(cfg.micro_batch_size, P * G);
+  const train = forwardTensors(model, micro, L);
+  add("policy", "training activations", `micro_batch_size ${tokens(micro)}`, train.activations);
+  add("policy", "backward scratch", tokens(micro), train.backward);
+  add("policy", "log-prob buffers", `logit chunk ${train.chunk} tokens × vocab`, train.logprobs);
+  // Sampling (P prompts × G) or greedy evaluation (eval_prompts × 1), whichever is larger.
+  const generation = [
+    generationTensors(model, P, G, cfg.max_prompt_length, cfg.max_completion_length),
+    generationTensors(model, cfg.eval_prompts, 1, cfg.max_prompt_length, cfg.max_completion_length),
+  ].reduce((a, b) => sumBytes([...b.cache, ...b.work]) > sumBytes([...a.cache, ...a.work]) ? b : a);
+  const rows = `${generation.rows} rows × ${generation.capacity} tokens`;
+  add("policy", "generation KV cache", rows, generation.cache);
+  add(
+    "policy",
+    "generation buffers",
+    `prefill and decode, ${generation.rows} rows`,
+    generation.work,
+  );
+
+  if (cfg.beta > 0) {
+    // GpuReference scores a step's whole batch in one forward, with GpuModel's activations.
+    const ref = forwardTensors(model, P * G, L);
+    add("reference", "weights", `${weights.length} tensors`, weights);
+    add("reference", "forward activations", `whole batch, ${tokens(P * G)}`, [
+      ...ref.activations,
+      ...ref.backward,
+    ]);
+    add("reference", "log-prob buffers", `logit chunk ${ref.chunk} tokens × vocab`, ref.logprobs);
+  }
+  const total = (adapter: string) =>
+    items.filter((i) => i.adapter === adapter).reduce((a, i) => a + i.bytes, 0);
+  return {
+    items,
+    policyBytes: total("policy"),
+    referenceBytes: total("reference"),
+    referenceShared,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checking a plan against an adapter, and advice.
+
+/** The largest tensor of an item. */
+export function largestTensor(item: PlanItem): PlannedTensor {
+  return item.tensors.reduce((a, b) => tensorBytes(b) > tensorBytes(a) ? b : a);
+}
+
+export const describeTensor = (t: PlannedTensor) =>
+  `${t.name} [${t.shape.join(", ")}] (${formatBytes(tensorBytes(t))})`;
+
+/** Why the plan cannot run on the adapter (empty when it fits). */
+export function planProblems(plan: Plan, limits: AdapterLimits): string[] {
+  const problems: string[] = [];
+  const binding = Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize);
+  const limitName = limits.maxStorageBufferBindingSize <= limits.maxBufferSize
+    ? "maxStorageBufferBindingSize"
+    : "maxBufferSize";
+  // Gradients, moments and the reference's weights have the policy weights' shapes: not repeated.
+  const mirrorsWeights = (i: PlanItem) =>
+    i.what === "gradients" || i.what === "AdamW moments" ||
+    (i.adapter === "reference" && i.what === "weights");
+  for (const item of plan.items.filter((i) => !mirrorsWeights(i))) {
+    const largest = largestTensor(item);
+    if (tensorBytes(largest) > binding) {
+      problems.push(
+        `${item.adapter} ${item.what}: ${describeTensor(largest)} is over one storage binding ` +
+          `(${limitName} ${formatBytes(binding)})`,
+      );
+    }
+  }
+  if (limits.memory === null) return problems;
+  const memory = formatBytes(limits.memory);
+  if (plan.referenceShared && plan.referenceBytes > 0) {
+    const both = plan.policyBytes + plan.referenceBytes;
+    if (both > limits.memory) {
+      problems.push(
+        `the policy and reference need ${formatBytes(both)} of the adapter's ${memory}`,
+      );
+    }
+    return problems;
+  }
+  if (plan.policyBytes > limits.memory) {
+    problems.push(`the policy needs ${formatBytes(plan.policyBytes)} of the adapter's ${memory}`);
+  }
+  if (plan.referenceBytes > limits.memory) {
+    problems.push(
+      `the reference needs ${formatBytes(plan.referenceBytes)} of its adapter's ${memory} ` +
+        "(the same memory assumed)",
+    );
+  }
+  return problems;
+}
+
+/** Settings `advise` may lower, from the one that matters least to learning to the most. */
+const KNOBS = [
+  "micro_batch_size",
+  "eval_prompts",
+  "prompts_per_step",
+  "max_completion_length",
+] as const;
+
+/**
+ * What to change so the plan fits: each single setting that suffices, lowered as little as
+ * possible; else a combination; else what no setting can change.
+ */
+export function advise(
+  cfg: TrainConfig,
+  model: ModelConfig,
+  limits: AdapterLimits,
+  referenceShared = referenceSharesAdapter(cfg),
+  referenceMovable = true,
+): string[] {
+  const fits = (c: TrainConfig, shared: boolean) =>
+    planProblems(planMemory(c, model, shared), limits).length === 0;
+  /** The largest value of `knob` below the current one that fits, or null. */
+  const lower = (c: TrainConfig, knob: typeof KNOBS[number], shared: boolean) => {
+    let lo = 0, hi = c[knob] - 1; // the answer is in [lo, hi]; 0 means none
+    while (lo < hi) {
+      const mid = Math.ceil((lo + hi) / 2);
+      if (fits({ ...c, [knob]: mid }, shared)) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo > 0 ? lo : null;
+  };
+  const moveReference = referenceShared && referenceMovable && cfg.beta > 0;
+  const advice: string[] = [];
+  if (moveReference && fits(cfg, false)) {
+    advice.push(
+      "put the reference on a second adapter (reference.adapter: vulkan, gl, metal or dx12)",
+    );
+  }
+  for (const knob of KNOBS) {
+    const value = lower(cfg, knob, referenceShared);
+    if (value !== null) advice.push(`${knob} ${cfg[knob]} → ${value}`);
+  }
+  if (advice.length > 0) return [`Any one of these fits: ${advice.join("; ")}`];
+
+  // No single setting suffices: keep the ones that matter most as high as possible, each
+  // decided with those that matter less at their least.
+  let shared = referenceShared;
+  const changes: string[] = [];
+  if (moveReference) {
+    shared = false;
+    changes.push("the reference on a second adapter");
+  }
+  let c: TrainConfig = { ...cfg, ...Object.fromEntries(KNOBS.map((k) => [k, 1])) };
+  for (const knob of [...KNOBS].reverse()) {
+    c = { ...c, [knob]: cfg[knob] };
+    if (!fits(c, shared)) c = { ...c, [knob]: lower(c, knob, shared) ?? 1 };
+  }
+  changes.push(...KNOBS.filter((k) => c[k] < cfg[k]).map((k) => `${k} ${cfg[k]} → ${c[k]}`));
+  if (fits(c, shared)) return [`These together fit: ${changes.join(", ")}`];
+
+  // What is left does not depend on the settings: the model's own tensors.
+  const plan = planMemory(c, model, shared);
+  const left: string[] = [];
+  const weights = plan.items.find((i) => i.what === "weights")!;
+  const largest = largestTensor(weights);
+  if (tensorBytes(largest) > Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize)) {
+    left.push(
+      `${describeTensor(largest)} must fit one storage binding: it needs an adapter whose ` +
+        `maxStorageBufferBindingSize and maxBufferSize are at least ${
+          formatBytes(tensorBytes(largest))
+        }`,
+    );
+  }
+  const fixed = plan.items.filter((i) =>
+    i.adapter === "policy" && ["weights", "gradients", "AdamW moments"].includes(i.what)
+  ).reduce((a, i) => a + i.bytes, 0);
+  const needed = shared
+    ? plan.policyBytes + plan.referenceBytes
+    : Math.max(plan.policyBytes, plan.referenceBytes);
+  if (limits.memory !== null && fixed > limits.memory) {
+    left.push(
+      `The weights, gradients and AdamW moments alone need ${formatBytes(fixed)} of ` +
+        `${formatBytes(limits.memory)}: use a smaller model or an adapter with more memory`,
+    );
+  } else if (limits.memory !== null && needed > limits.memory) {
+    left.push(
+      `Even with ${changes.join(", ")}, an adapter needs ${formatBytes(needed)} of ` +
+        `${formatBytes(limits.memory)}: use a smaller model or an adapter with more memory`,
+    );
+  }
+  if (left.length === 0) left.push(`Even with ${changes.join(", ")}, it does not fit`);
+  return left;
+}
+
+/**
+ * Refuse a run that cannot fit the adapter, with what to change; returns the plan otherwise.
+ * `referenceShared` says where the reference runs when the caller knows.
+ */
+export function checkPlan(
+  cfg: TrainConfig,
+  model: ModelConfig,
+  limits: AdapterLimits,
+  referenceShared = referenceSharesAdapter(cfg),
+): Plan {
+  const plan = planMemory(cfg, model, referenceShared);
+  const problems = planProblems(plan, limits);
+  if (problems.length > 0) {
+    const advice = advise(cfg, model, limits, referenceShared, false);
+    throw new AhaError(
+      `this run does not fit the adapter "${limits.description}": ${problems.join("; ")}. ` +
+        `${advice.join(". ")}. ("aha plan CONFIG" shows the whole estimate.)`,
+    );
+  }
+  return plan;
+}
+
+export function formatBytes(bytes: number): string {
+  if (bytes >= 2 ** 30) return `${(bytes / 2 ** 30).toFixed(2)} GiB`;
+  if (bytes >= 2 ** 20) return `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+  return `${(bytes / 2 ** 10).toFixed(1)} KiB`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model shapes without the weights.
+
+/** The Qwen2.5 shapes (base and Instruct alike), as their config.json files give them. */
+const QWEN25_SHAPES: Record<string, Record<string, unknown>> = {
+  "0.5b": qwen25(896, 4864, 24, 14, 2, 151936, true),
+  "1.5b": qwen25(1536, 8960, 28, 12, 2, 151936, true),
+  "3b": qwen25(2048, 11008, 36, 16, 2, 151936, true),
+  "7b": qwen25(3584, 18944, 28, 28, 4, 152064, false),
+};
+
+function qwen25(
+  hidden: number,
+  intermediate: number,
+  layers: number,
+  heads: number,
+  kvHeads: number,
+  vocab: number,
+  tied: boolean,
+): Record<string, unknown> {
+  return {
+    model_type: "qwen2",
+    hidden_size: hidden,
+    intermediate_size: intermediate,
+    num_hidden_layers: layers,
+    num_attention_heads: heads,
+    num_key_value_heads: kvHeads,
+    vocab_size: vocab,
+    tie_word_embeddings: tied,
+    rms_norm_eps: 1e-6,
+    rope_theta: 1000000,
+  };
+}
+
+/** The built-in shape for a model directory named like "Qwen2.5-7B" or "Qwen2.5-0.5B-Instruct". */
+export function builtinShape(modelPath: string): Record<string, unknown> | null {
+  const name = modelPath.replace(/\/+$/, "").split("/").at(-1) ?? "";
+  const size = name.match(/qwen2\.5-(0\.5b|1\.5b|3b|7b)(?![\d.])/i)?.[1].toLowerCase();
+  return size === undefined ? null : QWEN25_SHAPES[size];
+}

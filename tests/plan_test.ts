@@ -1,0 +1,172 @@
+// The memory plan (core/plan.ts): a small config's bytes counted by hand from gpu/model.ts and
+// gpu/generate.ts, the built-in Qwen2.5 shapes against the genuine 0.5B config.json, refusals with
+// advice that names the tensor, advice whose values are the largest that fit, and `aha plan`.
+
+import assert from "node:assert/strict";
+import { AhaError } from "../core/errors.ts";
+import {
+  type ModelConfig,
+  parameterCount,
+  parseModelConfig,
+  PRESETS,
+} from "../core/model_config.ts";
+import {
+  type AdapterLimits,
+  advise,
+  builtinShape,
+  checkPlan,
+  planMemory,
+  planProblems,
+} from "../core/plan.ts";
+import { defaultTrainConfig, loadTrainConfig, type TrainConfig } from "../core/train_config.ts";
+
+const MiB = 2 ** 20, GiB = 2 ** 30;
+const limits = (binding: number, memory: number | null = null): AdapterLimits => ({
+  description: "test adapter",
+  maxStorageBufferBindingSize: binding,
+  maxBufferSize: 2 * GiB,
+  memory,
+});
+const configs = new URL("../configs/", import.meta.url).pathname;
+const qwen = (size: string) => parseModelConfig(builtinShape(`models/Qwen2.5-${size}`));
+
+Deno.test("a small plan, counted by hand", () => {
+  // vocab 10, hidden 4, intermediate 6, 1 layer, 2 heads of 2, 1 kv head, tied: 180 weights.
+  const model = parseModelConfig({
+    vocab_size: 10,
+    hidden_size: 4,
+    intermediate_size: 6,
+    num_hidden_layers: 1,
+    num_attention_heads: 2,
+    num_key_value_heads: 1,
+    tie_word_embeddings: true,
+  });
+  assert.equal(parameterCount(model), 180);
+  const cfg: TrainConfig = {
+    ...defaultTrainConfig(),
+    prompts_per_step: 2,
+    num_generations: 2,
+    max_prompt_length: 3,
+    max_completion_length: 2,
+    micro_batch_size: 2,
+    eval_prompts: 1,
+    beta: 0.04,
+  };
+  const plan = planMemory(cfg, model, true);
+  const bytes = Object.fromEntries(plan.items.map((i) => [`${i.adapter} ${i.what}`, i.bytes]));
+  // Floats, ×4 bytes. A layer keeps per token 4H + 2 + 2·qDim + 2·kvDim + heads + 3I = 50.
+  // Training: 2 rows × 5 tokens = 10 tokens.
+  //   activations: 10·50 + ids/targets/positions 30 + kvLens 2 + final, finalNorm 80 + rstd 10
+  //   backward:    dLogp 10 + dResidual, dNorm 80 + dAttn, dq 80 + dk, dv 40 + dAct, dGate, dUp 180
+  //   log-probs:   logits, dLogits 2·(10 tokens × 10) + logp, lse 20
+  // Generation (2 prompts × 2 > 1 eval prompt): 4 rows, capacity 5, prefill 2 tokens per prompt.
+  //   KV cache: 2·(4·5·2) + prompt cache 2·(2·5·2)
+  //   buffers:  prefill 4·50 + scratch 16 + ids, positions 8 + kvLens 2;
+  //             decode 4·50 + hidden, scratch 32 + logits 40 + six [4] 24 + outputs 2·(2·4)
+  // Reference: weights; 4 rows × 5 tokens = 20 tokens: 20·50 + 60 + 4 + 160 + 20, backward
+  //   20 + 160 + 160 + 80 + 360; log-probs 2·(20 × 10) + 40.
+  assert.deepEqual(bytes, {
+    "policy weights": 720,
+    "policy gradients": 720,
+    "policy AdamW moments": 1440,
+    "policy training activations": 4 * 622,
+    "policy backward scratch": 4 * 390,
+    "policy log-prob buffers": 4 * 220,
+    "policy generation KV cache": 4 * 120,
+    "policy generation buffers": 4 * (226 + 312),
+    "reference weights": 720,
+    "reference forward activations": 4 * (1244 + 780),
+    "reference log-prob buffers": 4 * 440,
+  });
+  assert.equal(plan.policyBytes, 10440);
+  assert.equal(plan.referenceBytes, 10576);
+  assert.equal(planMemory({ ...cfg, beta: 0 }, model).referenceBytes, 0);
+});
+
+Deno.test("the built-in Qwen2.5 shapes: 0.5B equals its genuine config.json", async () => {
+  const genuine = JSON.parse(
+    await Deno.readTextFile(
+      new URL("../../shared/data/qwen2-tokenizer/config.json", import.meta.url),
+    ),
+  );
+  const { bosTokenId: _b, eosTokenId: _e, maxPositionEmbeddings: _m, ...shape } = parseModelConfig(
+    genuine,
+  );
+  const { bosTokenId: _b2, eosTokenId: _e2, maxPositionEmbeddings: _m2, ...ours } = qwen("0.5B");
+  assert.deepEqual(ours, shape);
+  const millions = (m: ModelConfig) => Math.round(parameterCount(m) / 1e6);
+  assert.deepEqual(["0.5B", "1.5B", "3B", "7B"].map((s) => millions(qwen(s))), [
+    494,
+    1544,
+    3086,
+    7616,
+  ]);
+  assert.equal(qwen("7B").tieWordEmbeddings, false);
+  assert.equal(builtinShape("/models/Qwen2.5-1.5B-Instruct/")?.hidden_size, 1536);
+  assert.equal(builtinShape("models/Qwen2.5-15B"), null);
+});
+
+Deno.test("a 7B run is refused on a 128 MiB binding, naming the embedding", () => {
+  const cfg = loadTrainConfig(`${configs}qwen2.5-7b-gsm8k.yaml`, []);
+  assert.throws(
+    () => checkPlan(cfg, qwen("7B"), limits(128 * MiB)),
+    (e: Error) => {
+      assert.ok(e instanceof AhaError);
+      assert.match(e.message, /model\.embed_tokens\.weight \[152064, 3584\] \(2\.03 GiB\)/);
+      assert.match(
+        e.message,
+        /maxStorageBufferBindingSize and maxBufferSize are at least 2\.03 GiB/,
+      );
+      assert.ok(!e.message.includes("\n"), "one line");
+      return true;
+    },
+  );
+});
+
+Deno.test("a tiny run is accepted", () => {
+  const tiny = parseModelConfig({ ...PRESETS.tiny, vocab_size: 18 });
+  const plan = checkPlan(defaultTrainConfig(), tiny, limits(128 * MiB, 1 * GiB));
+  assert.ok(plan.policyBytes + plan.referenceBytes < 64 * MiB);
+});
+
+Deno.test("advice: each suggested value is the largest that fits", () => {
+  const cfg = loadTrainConfig(`${configs}qwen2.5-0.5b-gsm8k.yaml`, []);
+  const model = qwen("0.5B");
+  const adapter = limits(2 * GiB, 80 * GiB);
+  const fits = (c: TrainConfig, shared = true) =>
+    planProblems(planMemory(c, model, shared), adapter).length === 0;
+  assert.ok(!fits(cfg) && fits(cfg, false));
+  const [advice] = advise(cfg, model, adapter);
+  assert.match(advice, /^Any one of these fits: put the reference on a second adapter/);
+  const suggested = [...advice.matchAll(/(\w+) (\d+) → (\d+)/g)];
+  assert.ok(suggested.length > 0, advice);
+  for (const [, key, , value] of suggested) {
+    assert.ok(fits({ ...cfg, [key]: Number(value) }), `${key} ${value} fits`);
+    assert.ok(!fits({ ...cfg, [key]: Number(value) + 1 }), `${key} ${Number(value) + 1} does not`);
+  }
+  // In aha train the reference cannot move: then it is not suggested.
+  assert.ok(!advise(cfg, model, adapter, true, false)[0].includes("second adapter"));
+});
+
+Deno.test("aha plan prints the table and advice without asking the GPU", async () => {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      new URL("../main.ts", import.meta.url).pathname,
+      "plan",
+      `${configs}qwen2.5-0.5b-gsm8k.yaml`,
+      "--memory-gb=24",
+      "--max-binding-gb=2",
+      "--max-buffer-gb=2",
+    ],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout);
+  assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+  for (const line of ["policy adapter", "generation KV cache", "does not fit:", "advice:"]) {
+    assert.ok(text.includes(line), `${line} in:\n${text}`);
+  }
+  assert.match(text, /shape from the built-in Qwen2\.5 table/);
+});
