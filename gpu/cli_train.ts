@@ -24,9 +24,10 @@ import { ARITHMETIC_TOKENIZER_FILE, arithmeticTask, datasetTask } from "../data/
 import { loadTokenizer } from "../core/tokenizer.ts";
 import { checkPlan } from "../core/plan.ts";
 import { describeAdapter, planModel } from "./cli_plan.ts";
-import { Gpu } from "./device.ts";
+import { Gpu, summarizeAdapter } from "./device.ts";
 import { GpuModel } from "./model.ts";
-import { GpuPolicy, GpuReference } from "./policy.ts";
+import { GpuPolicy } from "./policy.ts";
+import { WorkerReference } from "../reference/client.ts";
 
 export const help = `usage: aha train [CONFIG.yaml] [--set key=value ...] [--resume DIR]
 
@@ -55,8 +56,8 @@ export async function run(args: string[]): Promise<void> {
 
   const task = await makeTask(cfg);
   const gpu = await Gpu.open();
-  // Refuse a run that cannot fit before loading any weights (the reference runs in-process).
-  checkPlan(cfg, (await planModel(cfg)).config, describeAdapter(gpu.adapter).limits, true);
+  // Refuse a run that cannot fit before loading any weights.
+  checkPlan(cfg, (await planModel(cfg)).config, describeAdapter(gpu.adapter).limits);
   await Deno.mkdir(cfg.output_dir, { recursive: true });
   const console_ = new Console(cfg);
   console_.line(`aha train: task ${task.name}, policy adapter "${gpu.description}"`);
@@ -69,8 +70,22 @@ export async function run(args: string[]): Promise<void> {
     policy.loadOptimizerState({ step: resumed.state.adam_step, moments: resumed.moments });
     task.restoreSampler(resumed.state.sampler);
   }
+  if (cfg.beta > 0 && cfg.reference.engine === "onnx" && cfg.temperature !== 1) {
+    throw new AhaError(`reference.engine onnx computes log-probs at temperature 1 only (temperature is ${cfg.temperature})`);
+  }
+  // The reference model runs in a process of its own, on another adapter when there is one.
   const reference = cfg.beta > 0
-    ? new GpuReference(new GpuModel(gpu, start.config, (await loadCheckpoint(referenceDir)).weights))
+    ? await WorkerReference.start({
+      modelDir: referenceDir,
+      adapter: cfg.reference.adapter,
+      engine: cfg.reference.engine,
+      env: cfg.reference.env,
+      timeoutS: cfg.reference.timeout_s,
+      maxRestarts: cfg.reference.max_restarts,
+      onnxPath: cfg.reference.onnx,
+      policy: { vocabSize: start.config.vocabSize, dir: resume ?? referenceDir, adapter: summarizeAdapter(gpu.adapter) },
+      log: (line) => console_.line(line),
+    })
     : null;
   console_.line(
     `model ${referenceDir} (${(parameterCount(start.config) / 1e6).toFixed(2)}M parameters); ` +

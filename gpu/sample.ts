@@ -15,10 +15,15 @@
 import { AhaError } from "../core/errors.ts";
 import { Gpu, grid, Tensor } from "./device.ts";
 
-const WG = 256;
 const MIN_TEMPERATURE = 1e-6;
 
-const SAMPLE = /* wgsl */ `
+// Threads per row: 64 for small vocabularies, where barriers dominate on llvmpipe, else 256.
+function threadsPerRow(V: number): number {
+  return V <= 4096 ? 64 : 256;
+}
+
+const sampleWgsl = (threads: number) => /* wgsl */ `
+const WG = ${threads}u;
 struct Params { B: u32, V: u32, greedy: u32, topK: u32, seedLo: u32, seedHi: u32, step: u32,
                 s: f32, topP: f32 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -27,15 +32,15 @@ struct Params { B: u32, V: u32, greedy: u32, topK: u32, seedLo: u32, seedHi: u32
 @group(0) @binding(3) var<storage, read_write> tokens: array<i32>;
 @group(0) @binding(4) var<storage, read_write> logp: array<f32>;
 
-var<workgroup> redF: array<f32, ${WG}>;
-var<workgroup> red4: array<vec4f, ${WG}>;
-var<workgroup> redU: array<u32, ${WG}>;
+var<workgroup> redF: array<f32, WG>;
+var<workgroup> red4: array<vec4f, WG>;
+var<workgroup> redU: array<u32, WG>;
 var<workgroup> rowDone: i32;
 var<workgroup> allowedTotal: f32;
 
 fn reduceMax(lid: u32, x: f32) -> f32 {
   redF[lid] = x;
-  for (var k = ${WG / 2}u; k > 0u; k >>= 1u) {
+  for (var k = WG / 2u; k > 0u; k >>= 1u) {
     workgroupBarrier();
     if (lid < k) { redF[lid] = max(redF[lid], redF[lid + k]); }
   }
@@ -46,7 +51,7 @@ fn reduceMax(lid: u32, x: f32) -> f32 {
 
 fn reduceSum(lid: u32, x: f32) -> f32 {
   redF[lid] = x;
-  for (var k = ${WG / 2}u; k > 0u; k >>= 1u) {
+  for (var k = WG / 2u; k > 0u; k >>= 1u) {
     workgroupBarrier();
     if (lid < k) { redF[lid] += redF[lid + k]; }
   }
@@ -57,7 +62,7 @@ fn reduceSum(lid: u32, x: f32) -> f32 {
 
 fn reduceSum4(lid: u32, x: vec4f) -> vec4f {
   red4[lid] = x;
-  for (var k = ${WG / 2}u; k > 0u; k >>= 1u) {
+  for (var k = WG / 2u; k > 0u; k >>= 1u) {
     workgroupBarrier();
     if (lid < k) { red4[lid] += red4[lid + k]; }
   }
@@ -68,7 +73,7 @@ fn reduceSum4(lid: u32, x: vec4f) -> vec4f {
 
 fn reduceMin(lid: u32, x: u32) -> u32 {
   redU[lid] = x;
-  for (var k = ${WG / 2}u; k > 0u; k >>= 1u) {
+  for (var k = WG / 2u; k > 0u; k >>= 1u) {
     workgroupBarrier();
     if (lid < k) { redU[lid] = min(redU[lid], redU[lid + k]); }
   }
@@ -100,7 +105,7 @@ fn uniform01(row: u32) -> f32 {
 // 1 (counting, for top-k) or exp(z − zMax) (its unnormalised probability, for top-p).
 fn weightsAtLeast(lid: u32, base: u32, zMax: f32, lo: u32, shift: u32, byMass: bool) -> vec4f {
   var ge = vec4f(0.0);
-  for (var v = lid; v < p.V; v += ${WG}u) {
+  for (var v = lid; v < p.V; v += WG) {
     let x = logits[base + v];
     let k = key(x);
     if (k >= lo) {
@@ -147,7 +152,7 @@ fn massOf(base: u32, v: u32, zMax: f32, t: u32) -> f32 {
 // Thread lid walks the contiguous chunk [begin, end); one thread scans the chunk sums in order,
 // so the running sum is one well-defined sequence of f32 additions.
 fn draw(lid: u32, base: u32, zMax: f32, t: u32, u: f32) -> u32 {
-  let chunk = (p.V + ${WG - 1}u) / ${WG}u;
+  let chunk = (p.V + WG - 1u) / WG;
   let begin = min(lid * chunk, p.V);
   let end = min(begin + chunk, p.V);
   var local = 0.0;
@@ -156,7 +161,7 @@ fn draw(lid: u32, base: u32, zMax: f32, t: u32, u: f32) -> u32 {
   workgroupBarrier();
   if (lid == 0u) {
     var run = 0.0;
-    for (var i = 0u; i < ${WG}u; i++) { run += redF[i]; redF[i] = run; }
+    for (var i = 0u; i < WG; i++) { run += redF[i]; redF[i] = run; }
     allowedTotal = run;
   }
   let total = workgroupUniformLoad(&allowedTotal); // ≥ 1: the max logit is always allowed
@@ -176,7 +181,7 @@ fn draw(lid: u32, base: u32, zMax: f32, t: u32, u: f32) -> u32 {
   return reduceMin(lid, pick);
 }
 
-@compute @workgroup_size(${WG})
+@compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
         @builtin(local_invocation_index) lid: u32) {
   let b = wid.x + wid.y * nwg.x;
@@ -185,15 +190,15 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   if (workgroupUniformLoad(&rowDone) != 0) { return; }
   let base = b * p.V;
   var m = -3.4e38;
-  for (var v = lid; v < p.V; v += ${WG}u) { m = max(m, p.s * logits[base + v]); }
+  for (var v = lid; v < p.V; v += WG) { m = max(m, p.s * logits[base + v]); }
   let zMax = reduceMax(lid, m);
   var sum = 0.0;
-  for (var v = lid; v < p.V; v += ${WG}u) { sum += exp(p.s * logits[base + v] - zMax); }
+  for (var v = lid; v < p.V; v += WG) { sum += exp(p.s * logits[base + v] - zMax); }
   let rowMass = reduceSum(lid, sum);
   var token: u32;
   if (p.greedy != 0u) {
     var first = p.V;
-    for (var v = lid; v < p.V; v += ${WG}u) {
+    for (var v = lid; v < p.V; v += WG) {
       if (p.s * logits[base + v] == zMax) { first = min(first, v); }
     }
     token = reduceMin(lid, first);
@@ -245,7 +250,7 @@ export function sample(
   const greedy = temperature === 0;
   const invTemperature = greedy ? 1 : 1 / Math.max(temperature, MIN_TEMPERATURE);
   gpu.dispatch(
-    gpu.pipeline(SAMPLE, "sample"),
+    gpu.pipeline(sampleWgsl(threadsPerRow(V)), "sample"),
     grid(B, 1),
     [logits, done, tokens, logp],
     [B, V, greedy ? 1 : 0, topK, seed >>> 0, Math.floor(seed / 2 ** 32) >>> 0, step >>> 0],

@@ -121,8 +121,8 @@ export class WorkerReference implements ReferenceEngine {
   get description(): string {
     const ready = this.worker?.ready;
     if (!ready) return "reference worker (not running)";
-    const where = ready.adapter ? ` on backend ${ready.adapter.backend}` : "";
-    return `worker pid ${ready.pid}: ${ready.engine_description}${where}`;
+    const backend = ready.adapter ? ` (backend ${ready.adapter.backend})` : "";
+    return `worker pid ${ready.pid}, ${ready.engine_description}${backend}`;
   }
 
   /** The pid of the running worker (null between a crash and its restart). */

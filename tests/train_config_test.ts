@@ -66,6 +66,8 @@ reference:
     num_generations: 6,
     loss_type: "dr_grpo",
     reward_weights: [1, 0.5],
+    // A dataset task without reward_funcs gets the seed's rewards.
+    reward_funcs: ["format", "correctness"],
     model: "/models/qwen",
     system_prompt: "Answer with a number: then stop",
     top_k: 40,
