@@ -60,6 +60,31 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   }
 }`;
 
+// Small vocabularies: one invocation per row walks the whole row, with no barriers (which are
+// expensive on CPU adapters and leave most of a 256-wide workgroup idle when V is small).
+const SERIAL_MAX_V = 1024;
+
+const FORWARD_SERIAL = /* wgsl */ `
+struct Params { T: u32, V: u32, s: f32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> targets: array<i32>;
+@group(0) @binding(3) var<storage, read_write> logp: array<f32>;
+@group(0) @binding(4) var<storage, read_write> lse: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let t = gid.x + gid.y * nwg.x * 64u;
+  if (t >= p.T) { return; }
+  let row = t * p.V;
+  var m = -3.4e38;
+  for (var v = 0u; v < p.V; v++) { m = max(m, p.s * logits[row + v]); }
+  var sum = 0.0;
+  for (var v = 0u; v < p.V; v++) { sum += exp(p.s * logits[row + v] - m); }
+  let rowLse = m + log(sum);
+  lse[t] = rowLse;
+  logp[t] = p.s * logits[row + u32(targets[t])] - rowLse;
+}`;
+
 const BACKWARD = /* wgsl */ `
 struct Params { T: u32, V: u32, s: f32 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -69,18 +94,15 @@ struct Params { T: u32, V: u32, s: f32 }
 @group(0) @binding(4) var<storage, read> dLogp: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dLogits: array<f32>;
 
+// One invocation per logit: no reduction, so every lane has work whatever V is.
 @compute @workgroup_size(${WG})
-fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-        @builtin(local_invocation_index) lid: u32) {
-  let t = wid.x + wid.y * nwg.x;
-  if (t >= p.T) { return; }
-  let row = t * p.V;
-  let tgt = u32(targets[t]);
-  let scale = dLogp[t] * p.s;
-  for (var v = lid; v < p.V; v += ${WG}u) {
-    let softmax = exp(p.s * logits[row + v] - lse[t]);
-    dLogits[row + v] = scale * (select(0.0, 1.0, v == tgt) - softmax);
-  }
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let i = gid.x + gid.y * nwg.x * ${WG}u;
+  if (i >= p.T * p.V) { return; }
+  let t = i / p.V;
+  let v = i - t * p.V;
+  let softmax = exp(p.s * logits[i] - lse[t]);
+  dLogits[i] = dLogp[t] * p.s * (select(0.0, 1.0, v == u32(targets[t])) - softmax);
 }`;
 
 /**
@@ -97,7 +119,11 @@ export function tokenLogprobs(
   V: number,
   invTemperature = 1,
 ): void {
-  gpu.dispatch(gpu.pipeline(FORWARD, "logprobs"), grid(T, 1), [logits, targets, logp, lse], [
+  const serial = V <= SERIAL_MAX_V;
+  const pipeline = serial
+    ? gpu.pipeline(FORWARD_SERIAL, "logprobs_serial")
+    : gpu.pipeline(FORWARD, "logprobs");
+  gpu.dispatch(pipeline, serial ? grid(T, 64) : grid(T, 1), [logits, targets, logp, lse], [
     T,
     V,
   ], [invTemperature]);
@@ -117,7 +143,7 @@ export function tokenLogprobsBackward(
 ): void {
   gpu.dispatch(
     gpu.pipeline(BACKWARD, "logprobs_backward"),
-    grid(T, 1),
+    grid(T * V, WG),
     [logits, targets, lse, dLogp, dLogits],
     [T, V],
     [invTemperature],

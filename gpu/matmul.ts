@@ -54,7 +54,7 @@ function matmulKernel(gpu: Gpu, { M }: MatmulShape): KernelChoice {
     softwareAdapters.set(gpu, software);
   }
   if (!software) return { workgroup: [16, 16], rowGroups: 1, colGroups: 1 };
-  return { workgroup: [8, 8], rowGroups: M >= 64 ? 4 : M >= 8 ? 2 : 1, colGroups: 2 };
+  return { workgroup: [8, 8], rowGroups: M >= 32 ? 8 : M >= 16 ? 4 : M >= 8 ? 2 : 1, colGroups: 4 };
 }
 
 interface Variant {

@@ -78,6 +78,21 @@ export interface LayerStep {
   cache?: { k: Tensor; v: Tensor }; // [B, capacity, nKv, D]
 }
 
+/** Gradients flowing back through the network, for one batch shape. */
+interface BackwardBuffers {
+  dLogits: Tensor; // one chunk [chunk, V]
+  dLogp: Tensor; // [T]
+  dResidual: Tensor; // [T,H]
+  dNorm: Tensor; // [T,H]
+  dAttn: Tensor; // [T, nH·D]
+  dq: Tensor;
+  dk: Tensor;
+  dv: Tensor;
+  dAct: Tensor; // [T,I]
+  dGate: Tensor;
+  dUp: Tensor;
+}
+
 /** Buffers for one batch shape, reused across steps. */
 class Activations {
   readonly layers: LayerActivations[] = [];
@@ -89,26 +104,15 @@ class Activations {
   readonly finalNorm: Tensor; // [T,H]
   readonly rstdFinal: Tensor;
   readonly logits: Tensor; // one chunk [chunk, V]
-  readonly dLogits: Tensor; // one chunk [chunk, V]
   readonly logp: Tensor; // [T]
   readonly lse: Tensor; // [T]
-  // Backward scratch.
-  readonly dLogp: Tensor;
-  readonly dResidual: Tensor; // [T,H]
-  readonly dNorm: Tensor; // [T,H]
-  readonly dAttn: Tensor; // [T, nH·D]
-  readonly dq: Tensor;
-  readonly dk: Tensor;
-  readonly dv: Tensor;
-  readonly dAct: Tensor; // [T,I]
-  readonly dGate: Tensor;
-  readonly dUp: Tensor;
+  readonly scratch: Tensor; // [T,H], a layer's branch output before the residual add
   readonly chunk: number;
   idsHost: Int32Array = new Int32Array(0);
+  private backward: BackwardBuffers | null = null;
 
   constructor(gpu: Gpu, c: ModelConfig, readonly B: number, readonly L: number, logitChunkFloats: number) {
-    const T = B * L, H = c.hiddenSize, I = c.intermediateSize;
-    const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
+    const T = B * L, H = c.hiddenSize;
     const fit = Math.floor(logitChunkFloats / c.vocabSize / CHUNK_ALIGN) * CHUNK_ALIGN;
     this.chunk = Math.min(T, Math.max(CHUNK_ALIGN, fit));
     const f = (...shape: number[]) => gpu.zeros(shape);
@@ -121,19 +125,9 @@ class Activations {
     this.finalNorm = f(T, H);
     this.rstdFinal = f(T);
     this.logits = f(this.chunk, c.vocabSize);
-    this.dLogits = f(this.chunk, c.vocabSize);
     this.logp = f(T);
     this.lse = f(T);
-    this.dLogp = f(T);
-    this.dResidual = f(T, H);
-    this.dNorm = f(T, H);
-    this.dAttn = f(T, qDim);
-    this.dq = f(T, qDim);
-    this.dk = f(T, kvDim);
-    this.dv = f(T, kvDim);
-    this.dAct = f(T, I);
-    this.dGate = f(T, I);
-    this.dUp = f(T, I);
+    this.scratch = f(T, H);
     // Every row holds positions 0..L-1 and attends over its own L keys.
     const positions = new Int32Array(T);
     for (let t = 0; t < T; t++) positions[t] = t % L;
@@ -141,9 +135,33 @@ class Activations {
     gpu.write(this.kvLens, new Int32Array(B).fill(L));
   }
 
+  /** The backward pass's buffers, made on its first use (inference never needs them). */
+  backwardBuffers(gpu: Gpu, c: ModelConfig): BackwardBuffers {
+    if (!this.backward) {
+      const T = this.B * this.L, H = c.hiddenSize, I = c.intermediateSize;
+      const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
+      const f = (...shape: number[]) => gpu.zeros(shape);
+      this.backward = {
+        dLogits: f(this.chunk, c.vocabSize),
+        dLogp: f(T),
+        dResidual: f(T, H),
+        dNorm: f(T, H),
+        dAttn: f(T, qDim),
+        dq: f(T, qDim),
+        dk: f(T, kvDim),
+        dv: f(T, kvDim),
+        dAct: f(T, I),
+        dGate: f(T, I),
+        dUp: f(T, I),
+      };
+    }
+    return this.backward;
+  }
+
   /** Free every buffer once the work recorded so far has been submitted. */
   release(gpu: Gpu): void {
     for (const layer of this.layers) for (const t of Object.values(layer)) gpu.release(t);
+    for (const t of Object.values(this.backward ?? {})) gpu.release(t);
     for (const t of Object.values(this)) if (t instanceof Tensor) gpu.release(t);
   }
 }
@@ -220,7 +238,7 @@ export class GpuModel {
     const shape = this.attentionShape(B, L);
 
     embedding(gpu, a.ids, this.p("model.embed_tokens.weight"), a.layers[0]?.input ?? a.final, T);
-    const step = { T, positions: a.positions, kvLens: a.kvLens, shape, scratch: a.dNorm };
+    const step = { T, positions: a.positions, kvLens: a.kvLens, shape, scratch: a.scratch };
     for (let i = 0; i < c.numLayers; i++) {
       this.layerForward(i, a.layers[i], i + 1 < c.numLayers ? a.layers[i + 1].input : a.final, step);
     }
@@ -280,7 +298,8 @@ export class GpuModel {
     if (!a) throw new Error("GpuModel.backward: no forward pass to go back through");
     const T = a.B * a.L, H = c.hiddenSize;
     const shape = this.attentionShape(a.B, a.L);
-    gpu.write(a.dLogp, dLogp);
+    const d = a.backwardBuffers(gpu, c);
+    gpu.write(d.dLogp, dLogp);
 
     // Vocabulary projection, chunk by chunk: recompute logits, then dLogits → dFinalNorm, dLmHead.
     const lmGrad = this.g(
@@ -293,19 +312,19 @@ export class GpuModel {
         a.logits,
         slice(a.targets, start, n),
         slice(a.lse, start, n),
-        slice(a.dLogp, start, n),
-        a.dLogits,
+        slice(d.dLogp, start, n),
+        d.dLogits,
         n,
         c.vocabSize,
         invTemperature,
       );
       const xs = slice(a.finalNorm, start * H, n * H);
-      matmul(gpu, a.dLogits, this.lmHead, slice(a.dNorm, start * H, n * H), {
+      matmul(gpu, d.dLogits, this.lmHead, slice(d.dNorm, start * H, n * H), {
         M: n,
         N: H,
         K: c.vocabSize,
       });
-      matmul(gpu, a.dLogits, xs, lmGrad, { M: c.vocabSize, N: H, K: n }, {
+      matmul(gpu, d.dLogits, xs, lmGrad, { M: c.vocabSize, N: H, K: n }, {
         transA: true,
         accumulate: true,
       });
@@ -315,8 +334,8 @@ export class GpuModel {
       a.final,
       this.p("model.norm.weight"),
       a.rstdFinal,
-      a.dNorm,
-      a.dResidual,
+      d.dNorm,
+      d.dResidual,
       this.g("model.norm.weight"),
       T,
       { accumulateDx: false, accumulateDw: true },
@@ -332,19 +351,19 @@ export class GpuModel {
       const down = params("mlp.down_proj"),
         gateP = params("mlp.gate_proj"),
         upP = params("mlp.up_proj");
-      linearBackward(gpu, x.act, down.w, a.dResidual, T, {
-        dx: a.dAct,
+      linearBackward(gpu, x.act, down.w, d.dResidual, T, {
+        dx: d.dAct,
         dw: down.dw,
         accumulateParams: true,
       });
-      swigluBackward(gpu, x.gate, x.up, a.dAct, a.dGate, a.dUp, T * c.intermediateSize);
-      linearBackward(gpu, x.norm2, gateP.w, a.dGate, T, {
-        dx: a.dNorm,
+      swigluBackward(gpu, x.gate, x.up, d.dAct, d.dGate, d.dUp, T * c.intermediateSize);
+      linearBackward(gpu, x.norm2, gateP.w, d.dGate, T, {
+        dx: d.dNorm,
         dw: gateP.dw,
         accumulateParams: true,
       });
-      linearBackward(gpu, x.norm2, upP.w, a.dUp, T, {
-        dx: a.dNorm,
+      linearBackward(gpu, x.norm2, upP.w, d.dUp, T, {
+        dx: d.dNorm,
         dxAccumulate: true,
         dw: upP.dw,
         accumulateParams: true,
@@ -354,16 +373,16 @@ export class GpuModel {
         x.mid,
         this.p(pre + "post_attention_layernorm.weight"),
         x.rstd2,
-        a.dNorm,
-        a.dResidual,
+        d.dNorm,
+        d.dResidual,
         this.g(pre + "post_attention_layernorm.weight"),
         T,
         { accumulateDx: true, accumulateDw: true },
       );
       // Attention branch: mid = input + o(attention(rope(q(norm1)), rope(k(norm1)), v(norm1))).
       const o = params("self_attn.o_proj");
-      linearBackward(gpu, x.attn, o.w, a.dResidual, T, {
-        dx: a.dAttn,
+      linearBackward(gpu, x.attn, o.w, d.dResidual, T, {
+        dx: d.dAttn,
         dw: o.dw,
         accumulateParams: true,
       });
@@ -375,21 +394,21 @@ export class GpuModel {
         a.kvLens,
         x.attn,
         x.lse,
-        a.dAttn,
-        a.dq,
-        a.dk,
-        a.dv,
+        d.dAttn,
+        d.dq,
+        d.dk,
+        d.dv,
         shape,
       );
-      rope(gpu, a.dq, a.positions, T, c.numHeads, c.headDim, c.ropeTheta, true);
-      rope(gpu, a.dk, a.positions, T, c.numKvHeads, c.headDim, c.ropeTheta, true);
-      const projections: [string, Tensor][] = [["q_proj", a.dq], ["k_proj", a.dk], [
+      rope(gpu, d.dq, a.positions, T, c.numHeads, c.headDim, c.ropeTheta, true);
+      rope(gpu, d.dk, a.positions, T, c.numKvHeads, c.headDim, c.ropeTheta, true);
+      const projections: [string, Tensor][] = [["q_proj", d.dq], ["k_proj", d.dk], [
         "v_proj",
-        a.dv,
+        d.dv,
       ]];
       projections.forEach(([name, dy], j) => {
         linearBackward(gpu, x.norm1, this.p(`${pre}self_attn.${name}.weight`), dy, T, {
-          dx: a.dNorm,
+          dx: d.dNorm,
           dxAccumulate: j > 0,
           dw: this.g(`${pre}self_attn.${name}.weight`),
           db: this.g(`${pre}self_attn.${name}.bias`),
@@ -401,14 +420,14 @@ export class GpuModel {
         x.input,
         this.p(pre + "input_layernorm.weight"),
         x.rstd1,
-        a.dNorm,
-        a.dResidual,
+        d.dNorm,
+        d.dResidual,
         this.g(pre + "input_layernorm.weight"),
         T,
         { accumulateDx: true, accumulateDw: true },
       );
     }
-    embeddingBackward(gpu, a.idsHost, a.dResidual, this.g("model.embed_tokens.weight"), true);
+    embeddingBackward(gpu, a.idsHost, d.dResidual, this.g("model.embed_tokens.weight"), true);
   }
 
   /** Set every accumulated gradient to zero. */

@@ -11,6 +11,7 @@ import type {
 } from "../core/engine.ts";
 import { generate } from "./generate.ts";
 import type { GpuModel } from "./model.ts";
+import { scoreSequences } from "./score.ts";
 
 /** Right-pad the rows into one [B, L] id array. */
 function pack(batch: TokenBatch): { ids: Int32Array; B: number; L: number } {
@@ -92,8 +93,10 @@ export class GpuReference implements ReferenceEngine {
     return `${this.model.gpu.description} (in-process)`;
   }
 
-  completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]> {
-    return completionLogprobs(this.model, batch, invTemperature);
+  /** Scored in token-bounded batches (scoreSequences): no backward buffers, bounded memory. */
+  async completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]> {
+    const logprobs = await scoreSequences(this.model, batch.rows, invTemperature);
+    return logprobs.map((row, b) => row.slice(batch.promptLens[b] - 1));
   }
 
   async mixIn(policy: Map<string, Float32Array>, alpha: number): Promise<void> {

@@ -8,7 +8,11 @@ import type { GpuModel } from "./model.ts";
 const BATCH_TOKENS = 8192;
 
 /** logprobs[i][t] = log p(seq_i[t+1] | seq_i[0..t]); row i has max(0, len_i − 1) values. */
-export async function scoreSequences(model: GpuModel, sequences: number[][]): Promise<number[][]> {
+export async function scoreSequences(
+  model: GpuModel,
+  sequences: number[][],
+  invTemperature = 1,
+): Promise<number[][]> {
   const result: number[][] = sequences.map(() => []);
   let start = 0;
   while (start < sequences.length) {
@@ -22,7 +26,7 @@ export async function scoreSequences(model: GpuModel, sequences: number[][]): Pr
     const B = end - start;
     const ids = new Int32Array(B * L);
     for (let b = 0; b < B; b++) ids.set(sequences[start + b], b * L);
-    const logp = await model.gpu.read(model.forward(ids, B, L));
+    const logp = await model.gpu.read(model.forward(ids, B, L, invTemperature));
     for (let b = 0; b < B; b++) {
       const n = Math.max(0, sequences[start + b].length - 1);
       result[start + b] = Array.from(logp.subarray(b * L, b * L + n));

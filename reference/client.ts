@@ -125,6 +125,11 @@ export class WorkerReference implements ReferenceEngine {
     return `worker pid ${ready.pid}, ${ready.engine_description}${backend}`;
   }
 
+  /** The worker's adapter (null for the onnx engine or while it is not running). */
+  get adapter(): AdapterSummary | null {
+    return this.worker?.ready?.adapter ?? null;
+  }
+
   /** The pid of the running worker (null between a crash and its restart). */
   get pid(): number | null {
     return this.worker?.child.pid ?? null;

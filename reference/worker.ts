@@ -238,7 +238,7 @@ async function serve(
       }
       const computeStart = performance.now();
       const logprobs = await engine.completionLogprobs(batch, invTemperature);
-      const computeSeconds = (performance.now() - computeStart) / 1000;console.error("DBG", batch.B, batch.L, computeSeconds);
+      const computeSeconds = (performance.now() - computeStart) / 1000;
       const file = await channel.write(
         replyName(path),
         new Map([["logprobs", { shape: [batch.B, logprobs.length / batch.B], data: logprobs }]]),

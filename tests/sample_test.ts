@@ -95,26 +95,28 @@ function assertLogp(
 }
 
 Deno.test(
-  "greedy picks the argmax, ties to the lowest index; done rows are untouched",
+  "greedy is the argmax, ties to the lowest index; done rows are untouched",
   opts,
   async () => {
-    const B = 33, V = 97;
-    const logits = randomLogits(B, V, 8, 1);
-    logits[3 * V + 5] = logits[3 * V + 40] = logits[3 * V + 90] = 9; // a three-way tie in row 3
-    const done = Int32Array.from({ length: B }, (_, b) => (b % 5 === 2 ? 1 : 0));
-    const o = { temperature: 0, topK: 3, topP: 0.5, seed: 1, step: 0 };
-    const got = await run(logits, B, V, o, done);
-    for (let b = 0; b < B; b++) {
-      if (done[b]) {
-        assert.equal(got.tokens[b], -7);
-        assert.equal(got.logp[b], 123);
-        continue;
+    for (const [B, V] of [[33, 97], [3, 50_000]]) { // 64 and 256 threads per row
+      const logits = randomLogits(B, V, 8, V);
+      logits[V + 5] = logits[V + 40] = logits[V + 90] = 9; // a three-way tie for the max in row 1
+      const done = Int32Array.from({ length: B }, (_, b) => (b % 5 === 2 ? 1 : 0));
+      const o = { temperature: 0, topK: 3, topP: 0.5, seed: 1, step: 0 }; // top-k/p: no effect
+      const got = await run(logits, B, V, o, done);
+      for (let b = 0; b < B; b++) {
+        if (done[b]) {
+          assert.equal(got.tokens[b], -7);
+          assert.equal(got.logp[b], 123);
+          continue;
+        }
+        const row = logits.subarray(b * V, (b + 1) * V);
+        const max = row.reduce((a, x) => Math.max(a, x), -Infinity);
+        assert.equal(got.tokens[b], row.indexOf(max), `B=${B} V=${V} row ${b}`);
       }
-      const row = logits.subarray(b * V, (b + 1) * V);
-      assert.equal(got.tokens[b], row.indexOf(Math.max(...row)), `row ${b}`);
+      assert.equal(got.tokens[1], 5);
+      assertLogp(logits, V, got, 0, (b) => done[b] !== 0);
     }
-    assert.equal(got.tokens[3], 5);
-    assertLogp(logits, V, got, 0, (b) => done[b] !== 0);
   },
 );
 
@@ -143,10 +145,10 @@ Deno.test(
   "sampled frequencies follow the softmax restricted by top-k and top-p",
   opts,
   async () => {
-    // 2500 rows of the same logits, so 2500 draws keyed by (seed, step, row). Each token's count
-    // must lie within 5 binomial standard deviations of 2500·q (q = the twin's restricted
+    // 4000 rows of the same logits, so 4000 draws keyed by (seed, step, row). Each token's count
+    // must lie within 5 binomial standard deviations of 4000·q (q = the twin's restricted
     // probability); tokens outside the allowed set must never appear.
-    const B = 2500, plain = [1.0, 0.5, -0.3, 2.0, 0.0], tied = [2, 1, 1, 1, 0];
+    const B = 4000, plain = [1.0, 0.5, -0.3, 2.0, 0.0], tied = [2, 1, 1, 1, 0];
     const configs: [number[], SampleOptions][] = [
       [plain, { temperature: 0.8, topK: 0, topP: 1, seed: 11, step: 0 }],
       [plain, { temperature: 1, topK: 3, topP: 1, seed: 12, step: 1 }],
