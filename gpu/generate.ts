@@ -16,7 +16,7 @@ import { sample } from "./sample.ts";
 import { type GpuModel, layerBuffers } from "./model.ts";
 
 /** How often (in decode steps) the CPU checks whether every row has finished. */
-const DONE_CHECK_EVERY = 8;
+const DONE_CHECK_EVERY = 4;
 
 const MARK_DONE_WGSL = `
 struct Params { B: u32, numEos: u32 }

@@ -17,9 +17,10 @@ import { Gpu, grid, Tensor } from "./device.ts";
 
 const MIN_TEMPERATURE = 1e-6;
 
-// Threads per row: 64 for small vocabularies, where barriers dominate on llvmpipe, else 256.
+// Threads per row: one thread walks a tiny vocabulary alone (no barrier has anything to wait
+// for), 64 for small ones, where barriers dominate on llvmpipe, else 256.
 function threadsPerRow(V: number): number {
-  return V <= 4096 ? 64 : 256;
+  return V <= 256 ? 1 : V <= 4096 ? 64 : 256;
 }
 
 const sampleWgsl = (threads: number) => /* wgsl */ `

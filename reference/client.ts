@@ -247,7 +247,8 @@ export class WorkerReference implements ReferenceEngine {
       const line = await within(
         w.stdout.next(),
         deadline - performance.now(),
-        () => new WorkerFault(`did not answer within ${this.opts.timeoutS} s (reference.timeout_s)`),
+        () =>
+          new WorkerFault(`did not answer within ${this.opts.timeoutS} s (reference.timeout_s)`),
       );
       if (line === null) {
         const { code, signal } = await w.child.status;
@@ -279,7 +280,9 @@ export class WorkerReference implements ReferenceEngine {
           });
           const reply = await this.receive(w, (m) => m.id === message.id);
           if (reply.ok !== true) {
-            throw new AhaError(`the reference worker refused a ${message.op} request: ${reply.error}`);
+            throw new AhaError(
+              `the reference worker refused a ${message.op} request: ${reply.error}`,
+            );
           }
           return reply;
         } catch (e) {

@@ -117,7 +117,9 @@ class OnnxReferenceEngine implements Engine {
   async completionLogprobs(batch: PackedBatch, invTemperature: number): Promise<Float32Array> {
     if (invTemperature !== 1) {
       throw new AhaError(
-        `the onnx engine computes log-probs at temperature 1 only (asked for ${1 / invTemperature})`,
+        `the onnx engine computes log-probs at temperature 1 only (asked for ${
+          1 / invTemperature
+        })`,
       );
     }
     const { B, L } = batch, out = new Float32Array(B * widest(batch));
@@ -218,7 +220,9 @@ async function serve(
     const seconds = () => (performance.now() - started) / 1000;
     if (request.op === "logprobs") {
       const invTemperature = request.inv_temperature;
-      if (typeof invTemperature !== "number" || !(invTemperature > 0 && invTemperature < Infinity)) {
+      if (
+        typeof invTemperature !== "number" || !(invTemperature > 0 && invTemperature < Infinity)
+      ) {
         throw new AhaError(`"inv_temperature" must be a positive number`);
       }
       const path = await channel.resolve(request.file);
@@ -258,7 +262,9 @@ async function serve(
         mixed.set(name, ref.map((r, i) => alpha * pol[i] + (1 - alpha) * r));
       }
       await engine.setWeights(mixed);
-      const flat = new Map([...mixed].map(([name, data]) => [name, { shape: [data.length], data }]));
+      const flat = new Map(
+        [...mixed].map(([name, data]) => [name, { shape: [data.length], data }]),
+      );
       const file = await channel.write(replyName(path), flat);
       return { reply: { id, ok: true, file, compute_s: seconds() } };
     }

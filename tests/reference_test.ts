@@ -11,7 +11,7 @@ import { initWeights } from "../core/init.ts";
 import { writeSafetensors } from "../core/safetensors.ts";
 import { selfCommand } from "../core/self_command.ts";
 import type { AdapterSummary } from "../gpu/device.ts";
-import { Channel, LineReader, writeMessage } from "../reference/channel.ts";
+import { Channel, LineReader } from "../reference/channel.ts";
 import { WorkerReference, type WorkerReferenceOptions } from "../reference/client.ts";
 
 const TOLERANCE = 1e-4;
@@ -102,8 +102,15 @@ Deno.test("the onnx engine in the worker matches the golden values", opts, async
   const ref = await start(dir, vocab, { engine: "onnx" });
   try {
     assert.equal(ref.adapter, null);
-    assertClose(await ref.completionLogprobs(asBatch(expected.sequences), 1), expected.logprobs, "onnx");
-    await assert.rejects(ref.completionLogprobs(asBatch(expected.sequences), 1.25), /temperature 1/);
+    assertClose(
+      await ref.completionLogprobs(asBatch(expected.sequences), 1),
+      expected.logprobs,
+      "onnx",
+    );
+    await assert.rejects(
+      ref.completionLogprobs(asBatch(expected.sequences), 1.25),
+      /temperature 1/,
+    );
   } finally {
     await ref.close();
   }
@@ -239,82 +246,96 @@ Deno.test("malformed requests get error replies and the worker keeps serving", o
   }
 });
 
-Deno.test("a reference with another vocabulary or tokenizer is refused at start", opts, async () => {
-  const { dir, vocab } = golden("gqa_tied");
-  const before = shmChannels();
-  await assert.rejects(start(dir, 97), (e: Error) => {
-    assert.ok(e instanceof AhaError);
-    assert.match(e.message, new RegExp(`vocab_size ${vocab} but the policy has 97`));
-    return true;
-  });
-  assert.deepEqual(shmChannels(), before, "the channel directory is removed");
-
-  const checkpoint = await loadCheckpoint(dir);
-  for (const [name, tokenizer] of [["a", '{"model": "a"}'], ["b", '{"model": "b"}']]) {
-    await saveCheckpoint(`${tmp}/tok_${name}`, checkpoint.hfConfig, checkpoint.weights, {
-      "tokenizer.json": tokenizer,
+Deno.test(
+  "a reference with another vocabulary or tokenizer is refused at start",
+  opts,
+  async () => {
+    const { dir, vocab } = golden("gqa_tied");
+    const before = shmChannels();
+    await assert.rejects(start(dir, 97), (e: Error) => {
+      assert.ok(e instanceof AhaError);
+      assert.match(e.message, new RegExp(`vocab_size ${vocab} but the policy has 97`));
+      return true;
     });
-  }
-  await assert.rejects(
-    start(`${tmp}/tok_a`, vocab, { policy: { vocabSize: vocab, dir: `${tmp}/tok_b`, adapter: defaultAdapter! } }),
-    /tok_a\/tokenizer.json \(sha256 \w+\) differs from the policy's .*tok_b\/tokenizer.json/,
-  );
-});
+    assert.deepEqual(shmChannels(), before, "the channel directory is removed");
 
-Deno.test("sync: the reference becomes α·policy + (1−α)·reference, also after a restart", opts, async () => {
-  const { dir, vocab, expected } = golden("gqa_tied");
-  const checkpoint = await loadCheckpoint(dir);
-  const policy = initWeights(checkpoint.config, 5), alpha = 0.3;
-  const mixed = new Map([...checkpoint.weights].map(([name, ref]) => {
-    const pol = policy.get(name)!;
-    return [name, ref.map((r, i) => alpha * pol[i] + (1 - alpha) * r)];
-  }));
-  await saveCheckpoint(`${tmp}/mixed`, checkpoint.hfConfig, mixed);
-  const batch = asBatch(expected.sequences);
-  const truth = await start(`${tmp}/mixed`, vocab);
-  const want = await truth.completionLogprobs(batch, 1);
-  await truth.close();
+    const checkpoint = await loadCheckpoint(dir);
+    for (const [name, tokenizer] of [["a", '{"model": "a"}'], ["b", '{"model": "b"}']]) {
+      await saveCheckpoint(`${tmp}/tok_${name}`, checkpoint.hfConfig, checkpoint.weights, {
+        "tokenizer.json": tokenizer,
+      });
+    }
+    await assert.rejects(
+      start(`${tmp}/tok_a`, vocab, {
+        policy: { vocabSize: vocab, dir: `${tmp}/tok_b`, adapter: defaultAdapter! },
+      }),
+      /tok_a\/tokenizer.json \(sha256 \w+\) differs from the policy's .*tok_b\/tokenizer.json/,
+    );
+  },
+);
 
-  const ref = await start(dir, vocab);
-  try {
-    await ref.mixIn(policy, alpha);
-    assert.deepEqual(await ref.completionLogprobs(batch, 1), want);
-    Deno.kill(ref.pid!, "SIGKILL"); // the restarted worker must load the synced weights
-    assert.deepEqual(await ref.completionLogprobs(batch, 1), want);
-    assert.equal(ref.stats.restarts, 1);
-  } finally {
-    await ref.close();
-  }
-});
+Deno.test(
+  "sync: the reference becomes α·policy + (1−α)·reference, also after a restart",
+  opts,
+  async () => {
+    const { dir, vocab, expected } = golden("gqa_tied");
+    const checkpoint = await loadCheckpoint(dir);
+    const policy = initWeights(checkpoint.config, 5), alpha = 0.3;
+    const mixed = new Map([...checkpoint.weights].map(([name, ref]) => {
+      const pol = policy.get(name)!;
+      return [name, ref.map((r, i) => alpha * pol[i] + (1 - alpha) * r)];
+    }));
+    await saveCheckpoint(`${tmp}/mixed`, checkpoint.hfConfig, mixed);
+    const batch = asBatch(expected.sequences);
+    const truth = await start(`${tmp}/mixed`, vocab);
+    const want = await truth.completionLogprobs(batch, 1);
+    await truth.close();
 
-Deno.test("a crashed or hung worker is restarted and the request resent; then it gives up", opts, async () => {
-  const { dir, vocab, expected } = golden("mha_untied");
-  const batch = asBatch(expected.sequences);
-  const lines: string[] = [];
-  const ref = await start(dir, vocab, { timeoutS: 3, log: (line) => lines.push(line) });
-  try {
-    const first = await ref.completionLogprobs(batch, 0.7);
-    Deno.kill(ref.pid!, "SIGKILL");
-    assert.deepEqual(await ref.completionLogprobs(batch, 0.7), first);
-    Deno.kill(ref.pid!, "SIGSTOP"); // hangs: no answer within timeout_s
-    assert.deepEqual(await ref.completionLogprobs(batch, 0.7), first);
-    assert.equal(ref.stats.restarts, 2);
-    assert.match(lines.join("\n"), /exited \(signal SIGKILL\)|cannot be reached/);
-    assert.match(lines.join("\n"), /did not answer within 3 s \(reference.timeout_s\)/);
-  } finally {
-    await ref.close();
-  }
-  const fragile = await start(dir, vocab, { maxRestarts: 0 });
-  const pid = fragile.pid!;
-  try {
-    Deno.kill(pid, "SIGKILL");
-    await assert.rejects(fragile.completionLogprobs(batch, 1), /giving up after 0 restarts/);
-  } finally {
-    await fragile.close();
-    await fragile.close(); // idempotent
-  }
-  assert.ok(await gone(pid));
-});
+    const ref = await start(dir, vocab);
+    try {
+      await ref.mixIn(policy, alpha);
+      assert.deepEqual(await ref.completionLogprobs(batch, 1), want);
+      Deno.kill(ref.pid!, "SIGKILL"); // the restarted worker must load the synced weights
+      assert.deepEqual(await ref.completionLogprobs(batch, 1), want);
+      assert.equal(ref.stats.restarts, 1);
+    } finally {
+      await ref.close();
+    }
+  },
+);
+
+Deno.test(
+  "a crashed or hung worker is restarted and the request resent; then it gives up",
+  opts,
+  async () => {
+    const { dir, vocab, expected } = golden("mha_untied");
+    const batch = asBatch(expected.sequences);
+    const lines: string[] = [];
+    const ref = await start(dir, vocab, { timeoutS: 3, log: (line) => lines.push(line) });
+    try {
+      const first = await ref.completionLogprobs(batch, 0.7);
+      Deno.kill(ref.pid!, "SIGKILL");
+      assert.deepEqual(await ref.completionLogprobs(batch, 0.7), first);
+      Deno.kill(ref.pid!, "SIGSTOP"); // hangs: no answer within timeout_s
+      assert.deepEqual(await ref.completionLogprobs(batch, 0.7), first);
+      assert.equal(ref.stats.restarts, 2);
+      assert.match(lines.join("\n"), /exited \(signal SIGKILL\)|cannot be reached/);
+      assert.match(lines.join("\n"), /did not answer within 3 s \(reference.timeout_s\)/);
+    } finally {
+      await ref.close();
+    }
+    const fragile = await start(dir, vocab, { maxRestarts: 0 });
+    const pid = fragile.pid!;
+    try {
+      Deno.kill(pid, "SIGKILL");
+      await assert.rejects(fragile.completionLogprobs(batch, 1), /giving up after 0 restarts/);
+    } finally {
+      await fragile.close();
+      await fragile.close(); // idempotent
+    }
+    assert.ok(await gone(pid));
+  },
+);
 
 // ---- whole training runs ------------------------------------------------------------------
 
@@ -396,48 +417,59 @@ async function assertCleanedUp(run: Run) {
 
 const weightsOf = (dir: string) => Deno.readFile(`${dir}/model.safetensors`);
 
-Deno.test("killing the worker mid-run changes no weight; nothing outlives a run", opts, async () => {
-  const undisturbed = await train(["sft.steps=20", `output_dir=${tmp}/run_a`]);
-  assert.equal(undisturbed.code, 0, undisturbed.log);
-  if (vulkan && gl) assert.match(undisturbed.log, /backend gl.*; policy on .*backend vulkan/);
-  assert.match(undisturbed.log, /\/dev\/shm\/aha-ref-|channel \//);
-  await assertCleanedUp(undisturbed);
-  const base = `model=${tmp}/run_a/base`;
+Deno.test(
+  "killing the worker mid-run changes no weight; nothing outlives a run",
+  opts,
+  async () => {
+    const undisturbed = await train(["sft.steps=20", `output_dir=${tmp}/run_a`]);
+    assert.equal(undisturbed.code, 0, undisturbed.log);
+    if (vulkan && gl) assert.match(undisturbed.log, /backend gl.*; policy on .*backend vulkan/);
+    assert.match(undisturbed.log, /\/dev\/shm\/aha-ref-|channel \//);
+    await assertCleanedUp(undisturbed);
+    const base = `model=${tmp}/run_a/base`;
 
-  let killed = 0;
-  const disturbed = await train([base, `output_dir=${tmp}/run_b`], (line, { worker }) => {
-    if (line.startsWith("step 2/") && !killed) Deno.kill(killed = worker, "SIGKILL");
-  });
-  assert.equal(disturbed.code, 0, disturbed.log);
-  assert.ok(killed > 0);
-  assert.match(disturbed.log, /reference worker .*; restarting it and resending request \d+ \(1\/3\)/);
-  assert.match(disturbed.log, /1 restarts/);
-  assert.deepEqual(
-    await weightsOf(`${tmp}/run_b/checkpoint-4`),
-    await weightsOf(`${tmp}/run_a/checkpoint-4`),
-  );
-  await assertCleanedUp(disturbed);
+    let killed = 0;
+    const disturbed = await train([base, `output_dir=${tmp}/run_b`], (line, { worker }) => {
+      if (/^step +2\//.test(line) && !killed) Deno.kill(killed = worker, "SIGKILL");
+    });
+    assert.equal(disturbed.code, 0, disturbed.log);
+    assert.ok(killed > 0);
+    assert.match(
+      disturbed.log,
+      /reference worker .*; restarting it and resending request \d+ \(1\/3\)/,
+    );
+    assert.match(disturbed.log, /1 restarts/);
+    assert.deepEqual(
+      await weightsOf(`${tmp}/run_b/checkpoint-4`),
+      await weightsOf(`${tmp}/run_a/checkpoint-4`),
+    );
+    await assertCleanedUp(disturbed);
 
-  // SIGTERM: the trainer finishes the step, saves and stops the worker.
-  const stopped = await train([base, "max_steps=100", `output_dir=${tmp}/run_c`], (line, p) => {
-    if (line.startsWith("step 2/")) Deno.kill(p.trainer, "SIGTERM");
-  });
-  assert.equal(stopped.code, 0, stopped.log);
-  assert.match(stopped.log, /saved .*run_c\/checkpoint-\d+/);
-  await assertCleanedUp(stopped);
+    // SIGTERM: the trainer finishes the step, saves and stops the worker.
+    const stopped = await train([base, "max_steps=100", `output_dir=${tmp}/run_c`], (line, p) => {
+      if (/^step +2\//.test(line)) Deno.kill(p.trainer, "SIGTERM");
+    });
+    assert.equal(stopped.code, 0, stopped.log);
+    assert.match(stopped.log, /stopping after this step/);
+    assert.match(stopped.log, /saved .*run_c\/checkpoint-[2-9]\n/);
+    await assertCleanedUp(stopped);
 
-  // A second SIGTERM quits at once (Deno.exit): the unload handler still cleans up.
-  const quit = await train([base, "max_steps=100", `output_dir=${tmp}/run_d`], (line, p) => {
-    if (line.startsWith("step 2/")) Deno.kill(p.trainer, "SIGTERM");
-    if (line.startsWith("stopping after this step")) Deno.kill(p.trainer, "SIGTERM");
-  });
-  assert.equal(quit.code, 130, quit.log);
-  await assertCleanedUp(quit);
+    // A second SIGTERM quits at once (Deno.exit): the unload handler still cleans up.
+    const quit = await train([base, "max_steps=100", `output_dir=${tmp}/run_d`], (line, p) => {
+      if (/^step +2\//.test(line)) Deno.kill(p.trainer, "SIGTERM");
+      if (line.startsWith("stopping after this step")) Deno.kill(p.trainer, "SIGTERM");
+    });
+    assert.equal(quit.code, 130, quit.log);
+    await assertCleanedUp(quit);
 
-  // SIGKILL: the worker sees its stdin end, removes the channel and exits.
-  const killedTrainer = await train([base, "max_steps=100", `output_dir=${tmp}/run_e`], (line, p) => {
-    if (line.startsWith("step 2/")) Deno.kill(p.trainer, "SIGKILL");
-  });
-  assert.equal(killedTrainer.code, 137, killedTrainer.log);
-  await assertCleanedUp(killedTrainer);
-});
+    // SIGKILL: the worker sees its stdin end, removes the channel and exits.
+    const killedTrainer = await train(
+      [base, "max_steps=100", `output_dir=${tmp}/run_e`],
+      (line, p) => {
+        if (/^step +2\//.test(line)) Deno.kill(p.trainer, "SIGKILL");
+      },
+    );
+    assert.equal(killedTrainer.code, 137, killedTrainer.log);
+    await assertCleanedUp(killedTrainer);
+  },
+);

@@ -1,0 +1,101 @@
+// `aha train` end to end on the built-in arithmetic task: GRPO raises the reward (an outcome,
+// not a timing), a resumed run ends with exactly the weights of an uninterrupted one, Ctrl-C
+// saves a checkpoint, and a bad config stops before any work with one line.
+
+import assert from "node:assert/strict";
+
+const MAIN = new URL("../main.ts", import.meta.url).pathname;
+const dir = await Deno.makeTempDir({ prefix: "aha-train-test-" });
+const opts = { sanitizeResources: false, sanitizeOps: false };
+
+// Small but real: 4 prompts × 4 samples per step on sums of operands 0–19.
+const COMMON = [
+  "arithmetic.max_operand=19",
+  "arithmetic.held_out=50",
+  "eval_prompts=20",
+  "prompts_per_step=4",
+  "num_generations=4",
+  "max_completion_length=6",
+  "sft.steps=40",
+  "eval_steps=0",
+  "sample_steps=0",
+].flatMap((s) => ["--set", s]);
+
+async function train(args: string[], signalAfterStep?: number) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", MAIN, "train", ...COMMON, ...args],
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let stdout = "";
+  const decoder = new TextDecoder();
+  for await (const chunk of child.stdout) {
+    stdout += decoder.decode(chunk);
+    if (signalAfterStep !== undefined && new RegExp(`step +${signalAfterStep}/`).test(stdout)) {
+      child.kill("SIGINT");
+      signalAfterStep = undefined;
+    }
+  }
+  const stderr = decoder.decode((await new Response(child.stderr).arrayBuffer()));
+  const { code } = await child.status;
+  return { code, stdout, stderr };
+}
+
+const readJsonl = (path: string) =>
+  Deno.readTextFileSync(path).trim().split("\n").map((line) => JSON.parse(line));
+
+Deno.test("GRPO raises the mean reward clearly above its start", opts, async () => {
+  const out = `${dir}/learn`;
+  const run = await train(["--set", `output_dir=${out}`, "--set", "max_steps=30", "--set", "learning_rate=2e-3"]);
+  assert.equal(run.code, 0, run.stderr);
+  const rewards = readJsonl(`${out}/metrics.jsonl`).map((m) => m.reward as number);
+  assert.equal(rewards.length, 30);
+  const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+  const start = mean(rewards.slice(0, 5)), end = mean(rewards.slice(-5));
+  // Rewards are in [0, 2] (correct + canonical format): a rise of 0.15 is far outside the
+  // step-to-step noise of 16 samples per step.
+  assert.ok(end > start + 0.15, `mean reward of the first 5 steps ${start}, last 5 ${end}`);
+  const evals = readJsonl(`${out}/eval.jsonl`);
+  assert.deepEqual(evals.map((e) => e.step), [0, 30]);
+  for (const key of ["reward", "reward_std", "accuracy", "format_rate", "kl", "clip_ratio", "loss", "grad_norm", "learning_rate", "tokens_per_s", "generate_s", "reference_s", "train_s", "frac_reward_zero_std", "completion_length", "rewards/arith_correct", "rewards/arith_format"]) {
+    assert.ok(key in readJsonl(`${out}/metrics.jsonl`)[0], `metrics.jsonl lacks ${key}`);
+  }
+});
+
+Deno.test("3 steps + resume + 3 steps ends with the same weights as 6 steps straight", opts, async () => {
+  const base = `${dir}/learn/base`; // made by the first test, or made here
+  const model = await Deno.stat(`${base}/model.safetensors`).then(() => ["--set", `model=${base}`], () => []);
+  const straight = await train([...model, "--set", `output_dir=${dir}/straight`, "--set", "max_steps=6"]);
+  assert.equal(straight.code, 0, straight.stderr);
+  const first = await train([...model, "--set", `output_dir=${dir}/split`, "--set", "max_steps=3"]);
+  assert.equal(first.code, 0, first.stderr);
+  const resumed = await train(["--resume", `${dir}/split/checkpoint-3`, "--set", "max_steps=6"]);
+  assert.equal(resumed.code, 0, resumed.stderr);
+  for (const file of ["model.safetensors", "optimizer.safetensors"]) {
+    const a = Deno.readFileSync(`${dir}/straight/checkpoint-6/${file}`);
+    const b = Deno.readFileSync(`${dir}/split/checkpoint-6/${file}`);
+    assert.ok(a.length === b.length && a.every((x, i) => x === b[i]), `${file} differs`);
+  }
+  const state = JSON.parse(Deno.readTextFileSync(`${dir}/split/checkpoint-6/trainer_state.json`));
+  assert.equal(state.step, 6);
+});
+
+Deno.test("Ctrl-C saves a checkpoint and exits cleanly", opts, async () => {
+  const out = `${dir}/interrupted`;
+  const run = await train(["--set", `output_dir=${out}`, "--set", "max_steps=200"], 2);
+  assert.equal(run.code, 0, run.stderr);
+  const saved = [...Deno.readDirSync(out)].map((e) => e.name).filter((n) => n.startsWith("checkpoint-"));
+  assert.equal(saved.length, 1);
+  const step = Number(saved[0].slice("checkpoint-".length));
+  assert.ok(step >= 2 && step < 200);
+  assert.equal(readJsonl(`${out}/metrics.jsonl`).length, step);
+});
+
+Deno.test("a bad config stops before any work with one line naming the key", opts, async () => {
+  const run = await train(["--set", "learning_rat=1e-3", "--set", `output_dir=${dir}/bad`]);
+  assert.equal(run.code, 1);
+  const lines = run.stderr.trim().split("\n").filter((l) => !l.includes("XDG_RUNTIME_DIR"));
+  assert.equal(lines.length, 1);
+  assert.match(lines[0], /unknown key "learning_rat" \(did you mean "learning_rate"\?\)/);
+  assert.equal(await Deno.stat(`${dir}/bad`).then(() => true, () => false), false);
+});
