@@ -14,11 +14,11 @@
 import type { PolicyEngine, ReferenceEngine, TokenBatch } from "./engine.ts";
 import {
   completionMask,
-  type GrpoLossConfig,
-  grpoLoss,
   groupAdvantages,
-  type LossRow,
+  grpoLoss,
+  type GrpoLossConfig,
   lossNormalizer,
+  type LossRow,
 } from "./grpo.ts";
 import { reflectionMatcher, scoreCompletion } from "./rewards.ts";
 import type { Task, TaskExample } from "./task.ts";
@@ -149,7 +149,11 @@ export class GrpoTrainer {
     const firstRound: Scored[] = [];
     const kept: Scored[][] = [];
     let zeroStdFirstRound = 0;
-    for (let round = 0; round <= cfg.max_refill_rounds && kept.length < cfg.prompts_per_step; round++) {
+    for (
+      let round = 0;
+      round <= cfg.max_refill_rounds && kept.length < cfg.prompts_per_step;
+      round++
+    ) {
       const examples = this.task.nextExamples(cfg.prompts_per_step - kept.length);
       const t0 = performance.now();
       const groups = await this.sample(examples, streamSeed(cfg.seed, step, round));
@@ -177,7 +181,15 @@ export class GrpoTrainer {
     }
     if (kept.length === 0) {
       // Every group had equal rewards even after refilling: nothing to learn from this step.
-      return { ...metrics, loss: 0, kl: 0, clip_ratio: 0, grad_norm: 0, reference_s: 0, train_s: 0 };
+      return {
+        ...metrics,
+        loss: 0,
+        kl: 0,
+        clip_ratio: 0,
+        grad_norm: 0,
+        reference_s: 0,
+        train_s: 0,
+      };
     }
 
     // 3. The batch, its advantages and masks; the reference starts at once.
@@ -186,7 +198,11 @@ export class GrpoTrainer {
       rows: completions.map((c) => [...c.example.promptIds, ...c.tokens]),
       promptLens: completions.map((c) => c.example.promptIds.length),
     };
-    const advantages = groupAdvantages(completions.map((c) => c.rewards.total), G, cfg.scale_rewards);
+    const advantages = groupAdvantages(
+      completions.map((c) => c.rewards.total),
+      G,
+      cfg.scale_rewards,
+    );
     const masks = completionMask(completions.map((c) => c.tokens), this.task.eosIds);
     const invTemperature = 1 / cfg.temperature;
     let referenceSeconds = 0;
@@ -196,7 +212,7 @@ export class GrpoTrainer {
     const referenceLogprobs = async () => {
       const waitStart = performance.now();
       const ref = await refPromise;
-      referenceSeconds = (performance.now() - waitStart) / 1000;
+      referenceSeconds += (performance.now() - waitStart) / 1000;
       return ref;
     };
 
@@ -205,7 +221,11 @@ export class GrpoTrainer {
     const normalizer = lossNormalizer(this.lossConfig, masks);
     let loss = 0, klSum = 0, clipped = 0, tokens = 0, gradNorm = 0;
     for (let iteration = 0; iteration < cfg.num_iterations; iteration++) {
-      loss = klSum = clipped = tokens = 0;
+      loss =
+        klSum =
+        clipped =
+        tokens =
+          0;
       for (let start = 0; start < completions.length; start += cfg.micro_batch_size) {
         const end = Math.min(start + cfg.micro_batch_size, completions.length);
         const micro: TokenBatch = {
@@ -295,7 +315,9 @@ export class GrpoTrainer {
       truncated_rate: mean((s) => Number(s.truncated)),
       reflection_rate: mean((s) => Number(this.reflects(s.text))),
     };
-    for (const { name } of this.task.rewards) metrics[`rewards/${name}`] = mean((s) => s.rewards[name]);
+    for (const { name } of this.task.rewards) {
+      metrics[`rewards/${name}`] = mean((s) => s.rewards[name]);
+    }
     return metrics;
   }
 

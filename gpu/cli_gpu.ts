@@ -3,7 +3,7 @@
 // a child process of its own.
 
 import { parseCommandArgs } from "../core/cli_args.ts";
-import { selfCommand } from "../core/self_command.ts";
+import { BACKENDS, probeAdapter, sameAdapter } from "./adapters.ts";
 import { type AdapterSummary, requestAdapter, summarizeAdapter } from "./device.ts";
 
 export const help = `usage: aha gpu [--json]
@@ -13,12 +13,6 @@ the backend from DENO_WEBGPU_BACKEND), with their key limits and features, and s
 the trainer uses (the default backend, or DENO_WEBGPU_BACKEND when set).
 
   --json   print the list as JSON`;
-
-const BACKENDS = Deno.build.os === "darwin"
-  ? ["metal"]
-  : Deno.build.os === "windows"
-  ? ["dx12", "vulkan"]
-  : ["vulkan", "gl"];
 
 export async function run(args: string[]): Promise<void> {
   const { values } = parseCommandArgs("gpu", args, {
@@ -31,26 +25,14 @@ export async function run(args: string[]): Promise<void> {
   }
   const trainerBackend = Deno.env.get("DENO_WEBGPU_BACKEND") ?? null;
   const found: (AdapterSummary & { usedByTrainer: boolean })[] = [];
-  const probe = async (backend: string | null) => {
-    const self = selfCommand(["gpu", "--probe"]);
-    const env: Record<string, string> = { XDG_RUNTIME_DIR: privateRuntimeDir() };
-    if (backend) env.DENO_WEBGPU_BACKEND = backend;
-    const out = await new Deno.Command(self.command, {
-      args: self.args,
-      env,
-      stdout: "piped",
-      stderr: "null",
-    }).output();
-    if (!out.success) return null;
-    return JSON.parse(new TextDecoder().decode(out.stdout)) as AdapterSummary;
-  };
+  const probe = (backend: string | null) =>
+    probeAdapter(backend ? { DENO_WEBGPU_BACKEND: backend } : {});
   const trainer = await probe(trainerBackend);
   for (const backend of BACKENDS) {
     const a = await probe(backend);
     if (!a) continue;
     const same = trainer !== null && trainerBackend === null
-      ? a.description === trainer.description &&
-        JSON.stringify(a.features) === JSON.stringify(trainer.features)
+      ? sameAdapter(a, trainer)
       : trainerBackend === backend;
     found.push({ ...a, backend, usedByTrainer: same });
   }
@@ -81,13 +63,4 @@ export async function run(args: string[]): Promise<void> {
       }`,
     );
   }
-}
-
-/** A private XDG_RUNTIME_DIR for children, so Mesa's Vulkan driver does not print warnings. */
-export function privateRuntimeDir(): string {
-  const existing = Deno.env.get("XDG_RUNTIME_DIR");
-  if (existing) return existing;
-  const dir = Deno.makeTempDirSync({ prefix: "aha-xdg-" });
-  Deno.chmodSync(dir, 0o700);
-  return dir;
 }

@@ -13,7 +13,7 @@ import {
   lossNormalizer,
   type LossType,
 } from "../core/grpo.ts";
-import { Gpu } from "./device.ts";
+import { Gpu, modelNeeds } from "./device.ts";
 import { GpuModel } from "./model.ts";
 import { GpuPolicy } from "./policy.ts";
 
@@ -53,7 +53,7 @@ export async function run(args: string[]): Promise<void> {
   const batchPath = required("loss", "batch", values.batch);
   const checkpoint = await loadCheckpoint(modelDir);
   const batch = readBatch(batchPath, checkpoint.config.vocabSize);
-  const gpu = await Gpu.open();
+  const gpu = await Gpu.open(modelNeeds(checkpoint.config));
   const policy = new GpuPolicy(new GpuModel(gpu, checkpoint.config, checkpoint.weights));
   const result = await computeLoss(policy, batch);
   policy.model.destroy();

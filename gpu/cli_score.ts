@@ -4,7 +4,7 @@
 import { intOption, parseCommandArgs, required } from "../core/cli_args.ts";
 import { loadCheckpoint } from "../core/checkpoint.ts";
 import { AhaError, UsageError } from "../core/errors.ts";
-import { Gpu } from "./device.ts";
+import { Gpu, modelNeeds } from "./device.ts";
 import { GpuModel } from "./model.ts";
 import { scoreSequences } from "./score.ts";
 
@@ -45,7 +45,7 @@ export async function run(args: string[]): Promise<void> {
   } else {
     const checkpoint = await loadCheckpoint(modelDir);
     checkTokenIds(inputPath, sequences, checkpoint.config.vocabSize);
-    const gpu = await Gpu.open();
+    const gpu = await Gpu.open(modelNeeds(checkpoint.config));
     const model = new GpuModel(gpu, checkpoint.config, checkpoint.weights);
     logprobs = await scoreSequences(model, sequences);
     model.destroy();

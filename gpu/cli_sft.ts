@@ -8,7 +8,7 @@ import { runSft, type SftRow } from "../core/sft.ts";
 import { loadTokenizer, type TextTokenizer } from "../core/tokenizer.ts";
 import { ArithmeticTokenizer } from "../data/arithmetic.ts";
 import { ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
-import { Gpu } from "./device.ts";
+import { Gpu, modelNeeds } from "./device.ts";
 import { GpuModel } from "./model.ts";
 import { GpuPolicy } from "./policy.ts";
 
@@ -49,7 +49,7 @@ export async function run(args: string[]): Promise<void> {
   const checkpoint = await loadCheckpoint(modelDir);
   const tokenizer = await modelTokenizer(modelDir);
   const rows = await readRows(dataPath, tokenizer, checkpoint.config.vocabSize);
-  const gpu = await Gpu.open();
+  const gpu = await Gpu.open(modelNeeds(checkpoint.config));
   const policy = new GpuPolicy(new GpuModel(gpu, checkpoint.config, checkpoint.weights));
   console.log(`aha sft: ${rows.length} rows, ${steps} steps of ${batchSize} on "${gpu.description}"`);
   await runSft(policy, rows, {

@@ -70,9 +70,6 @@ export async function run(args: string[]): Promise<void> {
     policy.loadOptimizerState({ step: resumed.state.adam_step, moments: resumed.moments });
     task.restoreSampler(resumed.state.sampler);
   }
-  if (cfg.beta > 0 && cfg.reference.engine === "onnx" && cfg.temperature !== 1) {
-    throw new AhaError(`reference.engine onnx computes log-probs at temperature 1 only (temperature is ${cfg.temperature})`);
-  }
   // The reference model runs in a process of its own, on another adapter when there is one.
   const reference = cfg.beta > 0
     ? await WorkerReference.start({

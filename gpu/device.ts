@@ -11,6 +11,7 @@
 // Kernels must use every binding they declare (pipelines use layout "auto").
 
 import { AhaError } from "../core/errors.ts";
+import { type ModelConfig, weightShapes } from "../core/model_config.ts";
 
 export type DType = "f32" | "i32" | "u32";
 
@@ -46,6 +47,12 @@ export class Tensor {
   destroy(): void {
     if (this.offset === 0) this.buffer.destroy();
   }
+}
+
+/** What a model needs of an adapter: its largest weight in one binding and one buffer. */
+export function modelNeeds(config: ModelConfig): GpuOptions {
+  const largest = Math.max(...[...weightShapes(config).values()].map((s) => s.reduce((a, b) => a * b, 1) * 4));
+  return { minStorageBinding: largest, minBufferSize: largest };
 }
 
 export interface GpuOptions {

@@ -1,4 +1,4 @@
-// Elementwise arithmetic on f32 vectors of n values: out = a + b, acc += x, x *= s.
+// Elementwise arithmetic on f32 vectors of n values: the residual add out = a + b.
 
 import { type Gpu, grid, type Tensor } from "./device.ts";
 
@@ -18,42 +18,7 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   sum[i] = a[i] + b[i];
 }`;
 
-const ADD_IN_PLACE = /* wgsl */ `
-struct Params { n: u32 }
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> acc: array<f32>;
-@group(0) @binding(2) var<storage, read> x: array<f32>;
-
-@compute @workgroup_size(${WG})
-fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
-  let i = gid.x + gid.y * nwg.x * ${WG}u;
-  if (i >= p.n) { return; }
-  acc[i] += x[i];
-}`;
-
-const SCALE_IN_PLACE = /* wgsl */ `
-struct Params { n: u32, s: f32 }
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> x: array<f32>;
-
-@compute @workgroup_size(${WG})
-fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
-  let i = gid.x + gid.y * nwg.x * ${WG}u;
-  if (i >= p.n) { return; }
-  x[i] *= p.s;
-}`;
-
 /** out = a + b over the first n values. */
 export function add(gpu: Gpu, a: Tensor, b: Tensor, out: Tensor, n: number): void {
   gpu.dispatch(gpu.pipeline(ADD, "add"), grid(n, WG), [a, b, out], [n]);
-}
-
-/** acc += x over the first n values. */
-export function addInPlace(gpu: Gpu, acc: Tensor, x: Tensor, n: number): void {
-  gpu.dispatch(gpu.pipeline(ADD_IN_PLACE, "addInPlace"), grid(n, WG), [acc, x], [n]);
-}
-
-/** x *= s over the first n values. */
-export function scaleInPlace(gpu: Gpu, x: Tensor, s: number, n: number): void {
-  gpu.dispatch(gpu.pipeline(SCALE_IN_PLACE, "scaleInPlace"), grid(n, WG), [x], [n], [s]);
 }

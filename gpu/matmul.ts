@@ -80,18 +80,16 @@ function matmulWgsl(v: Variant): string {
   // Row group r: cm_r = its 4 rows clamped to M-1; rA_r = where they start in a [M,K];
   // gm_r = its first row, clamped so that a vec4 along m stays inside [0, M).
   const rowSetup = rs.map((r) =>
-    v.transA
-      ? v.vecA
-        ? `let gm${r} = min(m0 + ${4 * r}u, p.M - 4u);`
-        : `let cm${r} = clamp4(m0 + ${4 * r}u, p.M);`
-      : `let rA${r} = clamp4(m0 + ${4 * r}u, p.M) * p.K;`
+    `let cm${r} = clamp4(m0 + ${4 * r}u, p.M);` +
+    (v.transA
+      ? (v.vecA ? ` let gm${r} = min(m0 + ${4 * r}u, p.M - 4u);` : "")
+      : ` let rA${r} = cm${r} * p.K;`)
   );
   const colSetup = cs.map((c) =>
-    v.transB
-      ? `let rB${c} = clamp4(n0 + ${4 * c}u, p.N) * p.K;`
-      : v.vecB
-      ? `let gn${c} = min(n0 + ${4 * c}u, p.N - 4u);`
-      : `let cn${c} = clamp4(n0 + ${4 * c}u, p.N);`
+    `let cn${c} = clamp4(n0 + ${4 * c}u, p.N);` +
+    (v.transB
+      ? ` let rB${c} = cn${c} * p.K;`
+      : (v.vecB ? ` let gn${c} = min(n0 + ${4 * c}u, p.N - 4u);` : ""))
   );
   // The 4×4 tile of op(a) at step k for row group r: column i holds A(row i, k..k+3).
   const tileA = (r: number) =>
@@ -143,16 +141,27 @@ function matmulWgsl(v: Variant): string {
     }
   }`
     : "";
+  // acc starts from the old out (accumulate) and the bias, read at clamped indices, so the
+  // stores at the end are plain: masked loads and stores are what make llvmpipe compile slowly.
+  const init = blocks.map(([r, c]) => {
+    const columns = four.map((i) => {
+      const terms = [];
+      if (v.accumulate) terms.push(vec4((j) => `out[cm${r}[${i}] * p.N + cn${c}[${j}]]`));
+      if (v.bias) terms.push(`bias${c}`);
+      return terms.join(" + ") || "vec4f()";
+    });
+    return `var acc${r}_${c} = mat4x4f(${columns.join(", ")});`;
+  });
+  const biasSetup = v.bias
+    ? cs.map((c) => `let bias${c} = ${vec4((j) => `bias[cn${c}[${j}]]`)};`)
+    : [];
   // Stores, fully unrolled: a dynamic index into acc would push it out of registers.
   const stores = blocks.flatMap(([r, c]) =>
     four.map((i) => {
       const m = `m0 + ${4 * r + i}u`;
-      const row = four.map((j) => {
-        let value = `acc${r}_${c}[${i}][${j}]`;
-        if (v.accumulate) value = `out[o + ${j}u] + ${value}`;
-        if (v.bias) value += ` + bias[n0 + ${4 * c + j}u]`;
-        return `if (n0 + ${4 * c + j}u < p.N) { out[o + ${j}u] = ${value}; }`;
-      });
+      const row = four.map((j) =>
+        `if (n0 + ${4 * c + j}u < p.N) { out[o + ${j}u] = acc${r}_${c}[${i}][${j}]; }`
+      );
       return `if (${m} < p.M) {\n    let o = (${m}) * p.N + n0 + ${4 * c}u;\n    ${
         row.join("\n    ")
       }\n  }`;
@@ -179,7 +188,8 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(local_invocation_id)
   if (n0 >= p.N || m0 >= p.M) { return; }
   ${rowSetup.join("\n  ")}
   ${colSetup.join("\n  ")}
-  ${blocks.map(([r, c]) => `var acc${r}_${c} = mat4x4f();`).join("\n  ")}
+  ${biasSetup.join("\n  ")}
+  ${init.join("\n  ")}
   let k4 = p.K & ~3u;
   for (var k = 0u; k < k4; k += 4u) {
     ${rs.map((r) => `let A${r} = ${tileA(r)};`).join("\n    ")}

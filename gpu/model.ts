@@ -17,7 +17,7 @@ import { linear, linearBackward, matmul } from "./matmul.ts";
 import { rope } from "./rope.ts";
 import { attention, attentionBackward, type AttentionShape, writeKvCache } from "./attention.ts";
 import { swiglu, swigluBackward } from "./swiglu.ts";
-import { add, addInPlace } from "./elementwise.ts";
+import { add } from "./elementwise.ts";
 import { tokenLogprobs, tokenLogprobsBackward } from "./logprobs.ts";
 import { gradNorm } from "./gradnorm.ts";
 import { adamw, type AdamwHyper } from "./adamw.ts";

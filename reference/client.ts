@@ -14,7 +14,7 @@ import { AhaError } from "../core/errors.ts";
 import { selfCommand } from "../core/self_command.ts";
 import type { TrainConfig } from "../core/train_config.ts";
 import { ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
-import { privateRuntimeDir } from "../gpu/cli_gpu.ts";
+import { BACKENDS, privateRuntimeDir, probeAdapter, sameAdapter } from "../gpu/adapters.ts";
 import type { AdapterSummary } from "../gpu/device.ts";
 import { Channel, LineReader, writeMessage } from "./channel.ts";
 
@@ -55,13 +55,6 @@ type Message = Record<string, unknown>;
 
 /** The worker crashed, hung or cannot be reached: worth a restart. */
 class WorkerFault extends Error {}
-
-/** The backends Deno offers on this system, in its order of preference (as `aha gpu` probes). */
-const BACKENDS = Deno.build.os === "darwin"
-  ? ["metal"]
-  : Deno.build.os === "windows"
-  ? ["dx12", "vulkan"]
-  : ["vulkan", "gl"];
 
 /** Files that define a tokenizer; the policy's and the reference's must be identical. */
 const TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt", ARITHMETIC_TOKENIZER_FILE];
@@ -339,11 +332,6 @@ async function within<T>(promise: Promise<T>, ms: number, late: () => Error): Pr
   }
 }
 
-function sameAdapter(a: AdapterSummary, b: AdapterSummary): boolean {
-  return a.description === b.description && a.isFallbackAdapter === b.isFallbackAdapter &&
-    a.features.join() === b.features.join();
-}
-
 /** DENO_WEBGPU_BACKEND for the worker: none (inherit the trainer's) for `same` and the onnx
  * engine, the named backend, or for `auto` the first backend whose adapter is not the policy's. */
 async function chooseBackend(
@@ -358,26 +346,6 @@ async function chooseBackend(
     if (found && !sameAdapter(found, opts.policy.adapter)) return { DENO_WEBGPU_BACKEND: backend };
   }
   return {};
-}
-
-/** The adapter a process with `env` gets (`aha gpu --probe`), or null when it gets none. */
-async function probeAdapter(
-  env: Record<string, string>,
-  timeoutS: number,
-): Promise<AdapterSummary | null> {
-  const self = selfCommand(["gpu", "--probe"]);
-  try {
-    const out = await new Deno.Command(self.command, {
-      args: self.args,
-      env,
-      stdout: "piped",
-      stderr: "null",
-      signal: AbortSignal.timeout(timeoutS * 1000),
-    }).output();
-    return out.success ? JSON.parse(new TextDecoder().decode(out.stdout)) : null;
-  } catch {
-    return null;
-  }
 }
 
 /** Refuses a reference whose tokenizer files differ from the policy's (files both have). */

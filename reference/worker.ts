@@ -22,6 +22,7 @@ import { type ModelConfig, parseModelConfig, weightShapes } from "../core/model_
 import { readSafetensors } from "../core/safetensors.ts";
 import { type AdapterSummary, Gpu, summarizeAdapter } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
+import { scoreSequences } from "../gpu/score.ts";
 import { Channel, LineReader, type PackedBatch, writeMessage } from "./channel.ts";
 import { OnnxEngine } from "./onnx_engine.ts";
 
@@ -33,36 +34,33 @@ export const help =
 (or its weights from --weights FILE), reports its adapter on stdout, then answers one JSON
 request per line on stdin, exchanging tensors as files in the --channel directory.`;
 
-/** Tokens per forward pass of the WebGPU engine (GpuModel keeps every activation). */
-const TOKENS_PER_PASS = 4096;
-
+/** A reference engine: log-probs in `aha score`'s format, and the weights for syncing. */
 interface Engine {
   readonly name: "webgpu" | "onnx";
   readonly description: string;
   readonly adapter: AdapterSummary | null;
-  /** [B, C] log-probs of the completion tokens (layout in channel.ts). */
-  completionLogprobs(batch: PackedBatch, invTemperature: number): Promise<Float32Array>;
+  /** logprobs[i][t] = log p(seq_i[t+1] | seq_i[0..t]) with logits · invTemperature. */
+  logprobs(sequences: number[][], invTemperature: number): Promise<number[][]>;
   weights(): Promise<Map<string, Float32Array>>;
   setWeights(weights: Map<string, Float32Array>): Promise<void>;
 }
 
-/** Scatters per-position log-probs of rows [first, first + n) into the [B, C] result. */
-function pickCompletions(
-  batch: PackedBatch,
-  out: Float32Array,
-  first: number,
-  n: number,
-  logpAt: (row: number, position: number) => number,
-) {
-  const C = out.length / batch.B;
-  for (let b = first; b < first + n; b++) {
-    const P = batch.promptLens[b];
-    for (let t = 0; t < batch.completionLens[b]; t++) out[b * C + t] = logpAt(b - first, P - 1 + t);
+/** The [B, C] completion log-probs of a request (layout in channel.ts). */
+async function completionLogprobs(engine: Engine, batch: PackedBatch, invTemperature: number) {
+  const { B, L, promptLens, completionLens } = batch;
+  const sequences = Array.from({ length: B }, (_, b) => {
+    const start = b * L;
+    return Array.from(batch.ids.subarray(start, start + promptLens[b] + completionLens[b]));
+  });
+  const logp = await engine.logprobs(sequences, invTemperature);
+  const C = Math.max(0, ...completionLens), out = new Float32Array(B * C);
+  for (let b = 0; b < B; b++) {
+    for (let t = 0; t < completionLens[b]; t++) out[b * C + t] = logp[b][promptLens[b] - 1 + t];
   }
+  return { data: out, shape: [B, C] };
 }
 
-const widest = (batch: PackedBatch) => Math.max(0, ...batch.completionLens);
-
+/** aha's own WebGPU forward pass (gpu/score.ts: token-bounded batches, no backward buffers). */
 class WebGpuEngine implements Engine {
   readonly name = "webgpu";
   constructor(private readonly model: GpuModel) {}
@@ -75,16 +73,8 @@ class WebGpuEngine implements Engine {
     return summarizeAdapter(this.model.gpu.adapter);
   }
 
-  async completionLogprobs(batch: PackedBatch, invTemperature: number): Promise<Float32Array> {
-    const { B, L } = batch, out = new Float32Array(B * widest(batch));
-    const rowsPerPass = Math.max(1, Math.floor(TOKENS_PER_PASS / L));
-    for (let first = 0; first < B; first += rowsPerPass) {
-      const n = Math.min(rowsPerPass, B - first);
-      const ids = batch.ids.subarray(first * L, (first + n) * L);
-      const logp = await this.model.gpu.read(this.model.forward(ids, n, L, invTemperature));
-      pickCompletions(batch, out, first, n, (row, position) => logp[row * L + position]);
-    }
-    return out;
+  logprobs(sequences: number[][], invTemperature: number): Promise<number[][]> {
+    return scoreSequences(this.model, sequences, invTemperature);
   }
 
   weights(): Promise<Map<string, Float32Array>> {
@@ -97,6 +87,7 @@ class WebGpuEngine implements Engine {
   }
 }
 
+/** onnxruntime-web on an ONNX export (onnx_engine.ts); a sync exports the new weights anew. */
 class OnnxReferenceEngine implements Engine {
   readonly name = "onnx";
   readonly adapter = null;
@@ -114,7 +105,7 @@ class OnnxReferenceEngine implements Engine {
     return this.engine.description;
   }
 
-  async completionLogprobs(batch: PackedBatch, invTemperature: number): Promise<Float32Array> {
+  logprobs(sequences: number[][], invTemperature: number): Promise<number[][]> {
     if (invTemperature !== 1) {
       throw new AhaError(
         `the onnx engine computes log-probs at temperature 1 only (asked for ${
@@ -122,14 +113,7 @@ class OnnxReferenceEngine implements Engine {
         })`,
       );
     }
-    const { B, L } = batch, out = new Float32Array(B * widest(batch));
-    const sequences = Array.from({ length: B }, (_, b) => {
-      const end = b * L + batch.promptLens[b] + batch.completionLens[b];
-      return Array.from(batch.ids.subarray(b * L, end));
-    });
-    const logp = await this.engine.logprobs(sequences);
-    pickCompletions(batch, out, 0, B, (row, position) => logp[row][position]);
-    return out;
+    return this.engine.logprobs(sequences);
   }
 
   async weights(): Promise<Map<string, Float32Array>> {
@@ -176,15 +160,14 @@ async function loadEngine(
   threads: number | undefined,
 ): Promise<{ engine: Engine; config: ModelConfig }> {
   let config: ModelConfig, weights: Map<string, Float32Array> | null = null;
-  if (weightsFile) {
-    const path = `${modelDir}/config.json`;
-    config = parseModelConfig(JSON.parse(await Deno.readTextFile(path)), path);
-    weights = checkWeights(weightsFile, config, await readSafetensors(weightsFile));
-  } else if (engineName === "webgpu") {
+  if (engineName === "webgpu" && !weightsFile) {
     ({ config, weights } = await loadCheckpoint(modelDir));
   } else {
     const path = `${modelDir}/config.json`;
     config = parseModelConfig(JSON.parse(await Deno.readTextFile(path)), path);
+    if (weightsFile) {
+      weights = checkWeights(weightsFile, config, await readSafetensors(weightsFile));
+    }
   }
   if (engineName === "webgpu") {
     const gpu = await Gpu.open();
@@ -216,8 +199,6 @@ async function serve(
       throw new AhaError("a request must be a JSON object");
     }
     id = request.id ?? null;
-    const started = performance.now();
-    const seconds = () => (performance.now() - started) / 1000;
     if (request.op === "logprobs") {
       const invTemperature = request.inv_temperature;
       if (
@@ -241,12 +222,9 @@ async function serve(
         );
       }
       const computeStart = performance.now();
-      const logprobs = await engine.completionLogprobs(batch, invTemperature);
+      const logprobs = await completionLogprobs(engine, batch, invTemperature);
       const computeSeconds = (performance.now() - computeStart) / 1000;
-      const file = await channel.write(
-        replyName(path),
-        new Map([["logprobs", { shape: [batch.B, logprobs.length / batch.B], data: logprobs }]]),
-      );
+      const file = await channel.write(replyName(path), new Map([["logprobs", logprobs]]));
       return { reply: { id, ok: true, file, compute_s: computeSeconds } };
     }
     if (request.op === "load_weights") {
@@ -256,17 +234,19 @@ async function serve(
       }
       const path = await channel.resolve(request.file);
       const policy = checkWeights(path, config, await readSafetensors(path));
+      const computeStart = performance.now();
       const mixed = new Map<string, Float32Array>();
       for (const [name, ref] of await engine.weights()) {
         const pol = policy.get(name)!;
         mixed.set(name, ref.map((r, i) => alpha * pol[i] + (1 - alpha) * r));
       }
       await engine.setWeights(mixed);
+      const computeSeconds = (performance.now() - computeStart) / 1000;
       const flat = new Map(
         [...mixed].map(([name, data]) => [name, { shape: [data.length], data }]),
       );
       const file = await channel.write(replyName(path), flat);
-      return { reply: { id, ok: true, file, compute_s: seconds() } };
+      return { reply: { id, ok: true, file, compute_s: computeSeconds } };
     }
     if (request.op === "shutdown") return { reply: { id, ok: true }, stop: true };
     throw new AhaError(

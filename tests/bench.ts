@@ -7,6 +7,11 @@
 
 import { Gpu, summarizeAdapter } from "../gpu/device.ts";
 import { matmul, type MatmulOptions, type MatmulShape } from "../gpu/matmul.ts";
+import { initWeights } from "../core/init.ts";
+import { parameterCount, parseModelConfig, PRESETS } from "../core/model_config.ts";
+import { generate } from "../gpu/generate.ts";
+import { GpuModel } from "../gpu/model.ts";
+import { benchReference } from "../reference/bench_reference.ts";
 
 function random(n: number): Float32Array {
   const out = new Float32Array(n);
@@ -68,10 +73,52 @@ function cpuMatmulSection(): Promise<void> {
   return Promise.resolve();
 }
 
+/** Forward and forward+backward tokens per second of the model presets. */
+async function modelSection(gpu: Gpu): Promise<void> {
+  for (const [preset, B, L, iters] of [["tiny", 64, 16, 10], ["small", 8, 128, 2]] as const) {
+    const config = parseModelConfig(PRESETS[preset]);
+    const model = new GpuModel(gpu, config, initWeights(config, 0));
+    const ids = Int32Array.from({ length: B * L }, (_, i) => (i * 7919) % config.vocabSize);
+    const upstream = new Float32Array(B * L).fill(1e-3);
+    const forward = await timeGpu(gpu, iters, () => model.forward(ids, B, L));
+    const both = await timeGpu(gpu, iters, () => {
+      model.forward(ids, B, L);
+      model.backward(upstream);
+    });
+    const label = `model ${preset} (${(parameterCount(config) / 1e6).toFixed(2)}M) ${B}×${L}`.padEnd(34);
+    console.log(
+      `${label} forward ${(B * L / forward).toFixed(0).padStart(7)} tok/s, ` +
+        `forward+backward ${(B * L / both).toFixed(0).padStart(7)} tok/s`,
+    );
+    model.destroy();
+  }
+}
+
+/** Sampled tokens per second with the KV cache (16 prompts × 8 samples, as the default run). */
+async function generationSection(gpu: Gpu): Promise<void> {
+  for (const [preset, newTokens] of [["tiny", 16], ["small", 32]] as const) {
+    const config = parseModelConfig(PRESETS[preset]);
+    const model = new GpuModel(gpu, config, initWeights(config, 0));
+    const prompts = Array.from({ length: 16 }, (_, i) => Array.from({ length: 12 }, (_, t) => (i + t * 13) % 90));
+    const sampling = { temperature: 1, topP: 1, topK: 0, maxNewTokens: newTokens, eosIds: [], seed: 1 };
+    await generate(model, prompts, 8, sampling); // compile pipelines
+    const start = performance.now();
+    const out = await generate(model, prompts, 8, sampling);
+    const seconds = (performance.now() - start) / 1000;
+    const tokens = out.tokens.reduce((n, t) => n + t.length, 0);
+    const label = `generate ${preset} 16×8 rows`.padEnd(34);
+    console.log(`${label} ${(tokens / seconds).toFixed(0).padStart(7)} tok/s (${(seconds * 1e3 / newTokens).toFixed(1)} ms per step)`);
+    model.destroy();
+  }
+}
+
 const SECTIONS: ((gpu: Gpu) => Promise<void>)[] = [
   adapterSection,
   matmulSection,
   cpuMatmulSection,
+  modelSection,
+  generationSection,
+  benchReference,
 ];
 
 const gpu = await Gpu.open();

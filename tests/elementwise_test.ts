@@ -4,7 +4,7 @@
 
 import assert from "node:assert/strict";
 import { Gpu } from "../gpu/device.ts";
-import { add, addInPlace, scaleInPlace } from "../gpu/elementwise.ts";
+import { add } from "../gpu/elementwise.ts";
 
 const gpu = await Gpu.open();
 const gpuTest = { sanitizeResources: false, sanitizeOps: false };
@@ -40,23 +40,5 @@ Deno.test("add: out = a + b", gpuTest, async () => {
     const out = gpu.upload(new Float32Array(n + SLACK).fill(SENTINEL));
     add(gpu, gpu.upload(a), gpu.upload(b), out, n);
     assertMatches(await gpu.read(out), (i) => a[i] + b[i], n, "add");
-  }
-});
-
-Deno.test("addInPlace: acc += x", gpuTest, async () => {
-  for (const n of SIZES) {
-    const acc = padded(n, 3), x = padded(n, 4);
-    const accGpu = gpu.upload(acc);
-    addInPlace(gpu, accGpu, gpu.upload(x), n);
-    assertMatches(await gpu.read(accGpu), (i) => acc[i] + x[i], n, "addInPlace");
-  }
-});
-
-Deno.test("scaleInPlace: x *= s", gpuTest, async () => {
-  for (const n of SIZES) {
-    const x = padded(n, 5), s = Math.fround(-0.7071);
-    const xGpu = gpu.upload(x);
-    scaleInPlace(gpu, xGpu, s, n);
-    assertMatches(await gpu.read(xGpu), (i) => x[i] * s, n, "scaleInPlace");
   }
 });

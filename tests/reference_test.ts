@@ -125,7 +125,7 @@ Deno.test({
     const lines: string[] = [];
     const ref = await start(dir, vocab, {
       adapter: "auto",
-      policy: { vocabSize: vocab, dir, adapter: { ...vulkan!, backend: "vulkan" } },
+      policy: { vocabSize: vocab, dir, adapter: vulkan! },
       log: (line) => lines.push(line),
     });
     try {
