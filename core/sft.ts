@@ -21,7 +21,11 @@ export interface SftOptions {
   onStep?: (step: number, loss: number) => void | Promise<void>;
 }
 
-export async function runSft(policy: PolicyEngine, rows: SftRow[], opts: SftOptions): Promise<number> {
+export async function runSft(
+  policy: PolicyEngine,
+  rows: SftRow[],
+  opts: SftOptions,
+): Promise<number> {
   const rng = new Rng(opts.seed);
   let order: number[] = [], next = 0, loss = 0;
   for (let step = 1; step <= opts.steps; step++) {

@@ -38,7 +38,9 @@ export async function saveTrainingCheckpoint(
   config: TrainConfig,
   extraFiles: Record<string, Uint8Array | string> = {},
 ): Promise<void> {
-  const optimizer = new Map([...moments].map(([name, data]) => [name, { shape: [data.length], data }]));
+  const optimizer = new Map(
+    [...moments].map(([name, data]) => [name, { shape: [data.length], data }]),
+  );
   await saveCheckpoint(dir, hfConfig, weights, {
     ...extraFiles,
     "optimizer.safetensors": encodeSafetensors(optimizer),
@@ -55,13 +57,19 @@ export async function loadTrainingCheckpoint(dir: string): Promise<TrainingCheck
     state = JSON.parse(await Deno.readTextFile(statePath));
   } catch (e) {
     throw new AhaError(
-      `${statePath}: ${e instanceof Deno.errors.NotFound ? "missing (not a training checkpoint?)" : "not valid JSON"}`,
+      `${statePath}: ${
+        e instanceof Deno.errors.NotFound
+          ? "missing (not a training checkpoint?)"
+          : "not valid JSON"
+      }`,
     );
   }
   for (const key of ["step", "adam_step", "sampler", "reference_model"] as const) {
     if (state[key] === undefined) throw new AhaError(`${statePath}: field "${key}" is missing`);
   }
   const moments = new Map<string, Float32Array>();
-  for (const [name, t] of await readSafetensors(`${dir}/optimizer.safetensors`)) moments.set(name, t.data);
+  for (const [name, t] of await readSafetensors(`${dir}/optimizer.safetensors`)) {
+    moments.set(name, t.data);
+  }
   return { ...checkpoint, state, moments };
 }

@@ -6,11 +6,11 @@ import { loadCheckpoint } from "../core/checkpoint.ts";
 import { AhaError } from "../core/errors.ts";
 import {
   completionMask,
-  type GrpoLossConfig,
-  grpoLoss,
   groupAdvantages,
-  type LossRow,
+  grpoLoss,
+  type GrpoLossConfig,
   lossNormalizer,
+  type LossRow,
   type LossType,
 } from "../core/grpo.ts";
 import { Gpu, modelNeeds } from "./device.ts";
@@ -95,7 +95,9 @@ export async function computeLoss(policy: GpuPolicy, batch: LossBatch) {
   );
   const [gradNorm] = await policy.model.gpu.read(policy.model.gradNorm());
   const grads: Record<string, number[]> = {};
-  for (const [name, g] of await policy.model.readGrads()) grads[name] = Array.from(g.subarray(0, 8));
+  for (const [name, g] of await policy.model.readGrads()) {
+    grads[name] = Array.from(g.subarray(0, 8));
+  }
   return { loss, advantages, grad_norm: gradNorm, grads };
 }
 
@@ -105,7 +107,9 @@ function readBatch(path: string, vocabSize: number): LossBatch {
   try {
     json = JSON.parse(Deno.readTextFileSync(path));
   } catch (e) {
-    throw new AhaError(`${path}: ${e instanceof SyntaxError ? "not valid JSON" : (e as Error).message}`);
+    throw new AhaError(
+      `${path}: ${e instanceof SyntaxError ? "not valid JSON" : (e as Error).message}`,
+    );
   }
   const fail = (field: string, expect: string): never => {
     throw new AhaError(`${path}: field "${field}" must be ${expect}`);
@@ -113,10 +117,14 @@ function readBatch(path: string, vocabSize: number): LossBatch {
   const isInt = (v: unknown) => Number.isInteger(v);
   const isNum = (v: unknown) => typeof v === "number" && Number.isFinite(v);
   const sequences = json.sequences as number[][];
-  if (!Array.isArray(sequences) || sequences.length === 0) fail("sequences", "a non-empty array of token-id arrays");
+  if (!Array.isArray(sequences) || sequences.length === 0) {
+    fail("sequences", "a non-empty array of token-id arrays");
+  }
   const S = Array.isArray(sequences[0]) ? sequences[0].length : 0;
   for (const s of sequences) {
-    if (!Array.isArray(s) || s.length !== S || !s.every((t) => isInt(t) && t >= 0 && t < vocabSize)) {
+    if (
+      !Array.isArray(s) || s.length !== S || !s.every((t) => isInt(t) && t >= 0 && t < vocabSize)
+    ) {
       fail("sequences", `arrays of the same length with token ids in [0, ${vocabSize})`);
     }
   }
@@ -125,12 +133,18 @@ function readBatch(path: string, vocabSize: number): LossBatch {
   if (!isInt(json.pad_id)) fail("pad_id", "an integer token id");
   const B = sequences.length;
   const G = json.group_size as number;
-  if (!isInt(G) || G < 1 || B % G !== 0) fail("group_size", `a positive integer dividing the ${B} sequences`);
+  if (!isInt(G) || G < 1 || B % G !== 0) {
+    fail("group_size", `a positive integer dividing the ${B} sequences`);
+  }
   const rewards = json.rewards as number[];
-  if (!Array.isArray(rewards) || rewards.length !== B || !rewards.every(isNum)) fail("rewards", `${B} numbers`);
+  if (!Array.isArray(rewards) || rewards.length !== B || !rewards.every(isNum)) {
+    fail("rewards", `${B} numbers`);
+  }
   if (!isNum(json.beta) || (json.beta as number) < 0) fail("beta", "a number ≥ 0");
   if (!isNum(json.epsilon) || (json.epsilon as number) < 0) fail("epsilon", "a number ≥ 0");
-  if (json.epsilon_high !== undefined && !isNum(json.epsilon_high)) fail("epsilon_high", "a number");
+  if (json.epsilon_high !== undefined && !isNum(json.epsilon_high)) {
+    fail("epsilon_high", "a number");
+  }
   const lossTypes = ["grpo", "bnpo", "dr_grpo", "dapo"];
   if (json.loss_type !== undefined && !lossTypes.includes(json.loss_type as string)) {
     fail("loss_type", `one of ${lossTypes.join(", ")}`);
@@ -138,7 +152,10 @@ function readBatch(path: string, vocabSize: number): LossBatch {
   for (const field of ["ref_logprobs", "old_logprobs"]) {
     const rows = json[field] as number[][] | undefined;
     if (rows === undefined) continue;
-    if (!Array.isArray(rows) || rows.length !== B || !rows.every((r) => Array.isArray(r) && r.length === S - P && r.every(isNum))) {
+    if (
+      !Array.isArray(rows) || rows.length !== B ||
+      !rows.every((r) => Array.isArray(r) && r.length === S - P && r.every(isNum))
+    ) {
       fail(field, `${B} rows of ${S - P} numbers (one per completion token)`);
     }
   }

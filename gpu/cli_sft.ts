@@ -44,14 +44,18 @@ export async function run(args: string[]): Promise<void> {
   const seed = intOption("sft", "seed", values.seed, 0);
   const lr = Number(values["learning-rate"] ?? 1e-3);
   if (!(lr > 0)) throw new UsageError(`sft: --learning-rate must be a positive number`);
-  if (steps < 1 || batchSize < 1) throw new UsageError(`sft: --steps and --batch-size must be at least 1`);
+  if (steps < 1 || batchSize < 1) {
+    throw new UsageError(`sft: --steps and --batch-size must be at least 1`);
+  }
 
   const checkpoint = await loadCheckpoint(modelDir);
   const tokenizer = await modelTokenizer(modelDir);
   const rows = await readRows(dataPath, tokenizer, checkpoint.config.vocabSize);
   const gpu = await Gpu.open(modelNeeds(checkpoint.config));
   const policy = new GpuPolicy(new GpuModel(gpu, checkpoint.config, checkpoint.weights));
-  console.log(`aha sft: ${rows.length} rows, ${steps} steps of ${batchSize} on "${gpu.description}"`);
+  console.log(
+    `aha sft: ${rows.length} rows, ${steps} steps of ${batchSize} on "${gpu.description}"`,
+  );
   await runSft(policy, rows, {
     steps,
     batchSize,
@@ -59,7 +63,9 @@ export async function run(args: string[]): Promise<void> {
     warmupSteps: Math.min(10, steps),
     seed,
     onStep: (step, loss) => {
-      if (step % 10 === 0 || step === steps) console.log(`step ${step}/${steps}: loss ${loss.toFixed(4)}`);
+      if (step % 10 === 0 || step === steps) {
+        console.log(`step ${step}/${steps}: loss ${loss.toFixed(4)}`);
+      }
     },
   });
   const files: Record<string, Uint8Array> = {};
@@ -75,11 +81,18 @@ export async function run(args: string[]): Promise<void> {
 
 /** The tokenizer a checkpoint was trained with: the arithmetic task's, or its Hugging Face one. */
 export async function modelTokenizer(dir: string): Promise<TextTokenizer> {
-  const arithmetic = await Deno.stat(`${dir}/${ARITHMETIC_TOKENIZER_FILE}`).then(() => true, () => false);
+  const arithmetic = await Deno.stat(`${dir}/${ARITHMETIC_TOKENIZER_FILE}`).then(
+    () => true,
+    () => false,
+  );
   return arithmetic ? new ArithmeticTokenizer() : await loadTokenizer(dir);
 }
 
-async function readRows(path: string, tokenizer: TextTokenizer, vocabSize: number): Promise<SftRow[]> {
+async function readRows(
+  path: string,
+  tokenizer: TextTokenizer,
+  vocabSize: number,
+): Promise<SftRow[]> {
   let text: string;
   try {
     text = await Deno.readTextFile(path);
@@ -95,13 +108,22 @@ async function readRows(path: string, tokenizer: TextTokenizer, vocabSize: numbe
     } catch {
       throw new AhaError(`${path}:${i + 1}: not valid JSON`);
     }
-    if (typeof row.prompt !== "string" || typeof row.completion !== "string" || row.completion === "") {
-      throw new AhaError(`${path}:${i + 1}: expected {"prompt": string, "completion": non-empty string}`);
+    if (
+      typeof row.prompt !== "string" || typeof row.completion !== "string" || row.completion === ""
+    ) {
+      throw new AhaError(
+        `${path}:${i + 1}: expected {"prompt": string, "completion": non-empty string}`,
+      );
     }
-    const promptIds = tokenizer.encode(row.prompt), completionIds = tokenizer.encode(row.completion);
-    if (promptIds.length === 0) throw new AhaError(`${path}:${i + 1}: the prompt must not be empty`);
+    const promptIds = tokenizer.encode(row.prompt),
+      completionIds = tokenizer.encode(row.completion);
+    if (promptIds.length === 0) {
+      throw new AhaError(`${path}:${i + 1}: the prompt must not be empty`);
+    }
     if ([...promptIds, ...completionIds].some((id) => id >= vocabSize)) {
-      throw new AhaError(`${path}:${i + 1}: a token id is outside the model's vocabulary of ${vocabSize}`);
+      throw new AhaError(
+        `${path}:${i + 1}: a token id is outside the model's vocabulary of ${vocabSize}`,
+      );
     }
     rows.push({ promptIds, completionIds });
   });

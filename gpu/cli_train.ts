@@ -12,7 +12,13 @@ import { Rng } from "../core/rng.ts";
 import { runSft } from "../core/sft.ts";
 import type { Task } from "../core/task.ts";
 import { loadTrainConfig, type TrainConfig } from "../core/train_config.ts";
-import { evaluate, type Evaluation, GrpoTrainer, type Metrics, type TrainerIO } from "../core/trainer.ts";
+import {
+  evaluate,
+  type Evaluation,
+  GrpoTrainer,
+  type Metrics,
+  type TrainerIO,
+} from "../core/trainer.ts";
 import {
   CONFIG_FILE,
   loadTrainingCheckpoint,
@@ -47,7 +53,9 @@ export async function run(args: string[]): Promise<void> {
     set: { type: "string", multiple: true },
     resume: { type: "string" },
   }, true);
-  if (positionals.length > 1) throw new UsageError(`train: expected at most one config file, got ${positionals.length}`);
+  if (positionals.length > 1) {
+    throw new UsageError(`train: expected at most one config file, got ${positionals.length}`);
+  }
   const sets = (values.set ?? []) as string[];
   const resume = values.resume as string | undefined;
   const configPath = positionals[0] ?? (resume ? `${resume}/${CONFIG_FILE}` : null);
@@ -63,7 +71,8 @@ export async function run(args: string[]): Promise<void> {
   console_.line(`aha train: task ${task.name}, policy adapter "${gpu.description}"`);
 
   // The model GRPO starts from, and the frozen reference (the same weights).
-  const referenceDir = resumed?.state.reference_model ?? cfg.model ?? await builtinBaseModel(cfg, gpu, console_);
+  const referenceDir = resumed?.state.reference_model ?? cfg.model ??
+    await builtinBaseModel(cfg, gpu, console_);
   const start = resumed ?? await loadCheckpoint(referenceDir);
   const policy = new GpuPolicy(new GpuModel(gpu, start.config, start.weights));
   if (resumed) {
@@ -80,7 +89,11 @@ export async function run(args: string[]): Promise<void> {
       timeoutS: cfg.reference.timeout_s,
       maxRestarts: cfg.reference.max_restarts,
       onnxPath: cfg.reference.onnx,
-      policy: { vocabSize: start.config.vocabSize, dir: resume ?? referenceDir, adapter: summarizeAdapter(gpu.adapter) },
+      policy: {
+        vocabSize: start.config.vocabSize,
+        dir: resume ?? referenceDir,
+        adapter: summarizeAdapter(gpu.adapter),
+      },
       log: (line) => console_.line(line),
     })
     : null;
@@ -127,7 +140,15 @@ export async function run(args: string[]): Promise<void> {
         sampler: task.samplerState(),
         reference_model: referenceDir,
       };
-      await saveTrainingCheckpoint(dir, start.hfConfig, await policy.weights(), optimizer.moments, state, cfg, extraFiles);
+      await saveTrainingCheckpoint(
+        dir,
+        start.hfConfig,
+        await policy.weights(),
+        optimizer.moments,
+        state,
+        cfg,
+        extraFiles,
+      );
       console_.line(`saved ${dir}`);
     },
     stopRequested: () => stop,
@@ -176,16 +197,27 @@ async function builtinBaseModel(cfg: TrainConfig, gpu: Gpu, console_: Console): 
     promptIds: tokenizer.encode(r.prompt),
     completionIds: tokenizer.encode(r.completion),
   }));
-  console_.line(`pretraining the base model: ${cfg.sft.steps} steps on ${rows.length} imperfect worked sums`);
+  console_.line(
+    `pretraining the base model: ${cfg.sft.steps} steps on ${rows.length} imperfect worked sums`,
+  );
   const started = performance.now();
   await runSft(policy, rows, {
     steps: cfg.sft.steps,
     batchSize: cfg.sft.batch_size,
-    optimizer: { lr: cfg.sft.learning_rate, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, maxGradNorm: 1 },
+    optimizer: {
+      lr: cfg.sft.learning_rate,
+      beta1: 0.9,
+      beta2: 0.99,
+      eps: 1e-8,
+      weightDecay: 0,
+      maxGradNorm: 1,
+    },
     warmupSteps: 10,
     seed: cfg.seed,
     onStep: (step, loss) => {
-      if (step % 50 === 0 || step === cfg.sft.steps) console_.line(`  sft step ${step}: loss ${loss.toFixed(4)}`);
+      if (step % 50 === 0 || step === cfg.sft.steps) {
+        console_.line(`  sft step ${step}: loss ${loss.toFixed(4)}`);
+      }
     },
   });
   console_.line(`base model pretrained in ${((performance.now() - started) / 1000).toFixed(1)} s`);
@@ -257,14 +289,20 @@ class Console {
 
   sample(step: number, sample: Record<string, unknown> | undefined): void {
     if (!sample) return;
-    this.line(`  sample @${step}: ${JSON.stringify(sample.prompt)} → ${JSON.stringify(sample.completion)} ` +
-      `(reward ${(sample.rewards as Record<string, number>).total.toFixed(2)})`);
+    this.line(
+      `  sample @${step}: ${JSON.stringify(sample.prompt)} → ${
+        JSON.stringify(sample.completion)
+      } ` +
+        `(reward ${(sample.rewards as Record<string, number>).total.toFixed(2)})`,
+    );
   }
 
   evaluation(step: number, e: Evaluation): void {
     const elapsed = (performance.now() - this.started) / 1000;
     this.line(
-      `eval @${step} (${elapsed.toFixed(0)}s): held-out greedy accuracy ${(100 * e.accuracy).toFixed(1)}%, ` +
+      `eval @${step} (${elapsed.toFixed(0)}s): held-out greedy accuracy ${
+        (100 * e.accuracy).toFixed(1)
+      }%, ` +
         `format ${(100 * e.format_rate).toFixed(1)}% over ${e.examples} problems`,
     );
   }

@@ -51,7 +51,9 @@ export class Tensor {
 
 /** What a model needs of an adapter: its largest weight in one binding and one buffer. */
 export function modelNeeds(config: ModelConfig): GpuOptions {
-  const largest = Math.max(...[...weightShapes(config).values()].map((s) => s.reduce((a, b) => a * b, 1) * 4));
+  const largest = Math.max(
+    ...[...weightShapes(config).values()].map((s) => s.reduce((a, b) => a * b, 1) * 4),
+  );
   return { minStorageBinding: largest, minBufferSize: largest };
 }
 

@@ -41,7 +41,9 @@ export async function generate(
 ): Promise<Completions> {
   const gpu = model.gpu, c = model.config;
   const P = prompts.length, B = P * groupSize, maxNew = opts.maxNewTokens;
-  if (prompts.some((p) => p.length === 0)) throw new Error("generate: every prompt needs at least one token");
+  if (prompts.some((p) => p.length === 0)) {
+    throw new Error("generate: every prompt needs at least one token");
+  }
   const capacity = Math.max(...prompts.map((p) => p.length)) + maxNew;
   const cache = kvCache(gpu, c, B, capacity);
   const prefillLen = Math.max(...prompts.map((p) => p.length - 1));
@@ -55,13 +57,18 @@ export async function generate(
   const step = layerBuffers(gpu, c, B, 1);
   const hidden = gpu.zeros([B, c.hiddenSize]), scratch = gpu.zeros([B, c.hiddenSize]);
   const logits = gpu.zeros([B, c.vocabSize]);
-  const ids = gpu.zeros([B], "i32"), positions = gpu.zeros([B], "i32"), kvLens = gpu.zeros([B], "i32");
+  const ids = gpu.zeros([B], "i32"),
+    positions = gpu.zeros([B], "i32"),
+    kvLens = gpu.zeros([B], "i32");
   const sampled = gpu.zeros([B], "i32"), logp = gpu.zeros([B]), done = gpu.zeros([B], "i32");
   const eos = gpu.upload(Int32Array.from(opts.eosIds.length ? opts.eosIds : [-1]));
   const outTokens = gpu.zeros([maxNew, B], "i32"), outLogp = gpu.zeros([maxNew, B]);
   const markDone = gpu.pipeline(MARK_DONE_WGSL, "mark_done");
   const rowLen = (b: number) => prompts[Math.floor(b / groupSize)].length;
-  gpu.write(ids, Int32Array.from({ length: B }, (_, b) => prompts[Math.floor(b / groupSize)].at(-1)!));
+  gpu.write(
+    ids,
+    Int32Array.from({ length: B }, (_, b) => prompts[Math.floor(b / groupSize)].at(-1)!),
+  );
 
   let steps = 0;
   for (let s = 0; s < maxNew; s++) {
@@ -69,10 +76,24 @@ export async function generate(
     gpu.write(positions, Int32Array.from({ length: B }, (_, b) => rowLen(b) - 1 + s));
     gpu.write(kvLens, Int32Array.from({ length: B }, (_, b) => rowLen(b) + s));
     embedding(gpu, ids, model.p("model.embed_tokens.weight"), step.input, B);
-    const shape = { B, Lq: 1, capacity, nHeads: c.numHeads, nKvHeads: c.numKvHeads, headDim: c.headDim };
+    const shape = {
+      B,
+      Lq: 1,
+      capacity,
+      nHeads: c.numHeads,
+      nKvHeads: c.numKvHeads,
+      headDim: c.headDim,
+    };
     // Each layer writes its output over its own input (read only before the output is written).
     for (let i = 0; i < c.numLayers; i++) {
-      model.layerForward(i, step, step.input, { T: B, positions, kvLens, shape, scratch, cache: cache[i] });
+      model.layerForward(i, step, step.input, {
+        T: B,
+        positions,
+        kvLens,
+        shape,
+        scratch,
+        cache: cache[i],
+      });
     }
     rmsnorm(gpu, step.input, model.p("model.norm.weight"), hidden, step.rstd1, B, c.rmsNormEps);
     linear(gpu, hidden, model.lmHead, null, logits, B);
@@ -98,7 +119,23 @@ export async function generate(
     result.logprobs.push(lps);
     result.truncated.push(!finished);
   }
-  for (const t of [...Object.values(step), hidden, scratch, logits, ids, positions, kvLens, sampled, logp, done, eos, outTokens, outLogp]) {
+  for (
+    const t of [
+      ...Object.values(step),
+      hidden,
+      scratch,
+      logits,
+      ids,
+      positions,
+      kvLens,
+      sampled,
+      logp,
+      done,
+      eos,
+      outTokens,
+      outLogp,
+    ]
+  ) {
     gpu.release(t);
   }
   for (const layer of cache) {
@@ -119,7 +156,13 @@ function kvCache(gpu: Gpu, c: ModelConfig, B: number, capacity: number): KvCache
 }
 
 /** Run all but the last token of each prompt through the layers, filling rows 0..P-1 of the cache. */
-function prefill(model: GpuModel, prompts: number[][], L: number, capacity: number, cache: KvCache): void {
+function prefill(
+  model: GpuModel,
+  prompts: number[][],
+  L: number,
+  capacity: number,
+  cache: KvCache,
+): void {
   const gpu = model.gpu, c = model.config, P = prompts.length, T = P * L;
   const ids = new Int32Array(T), positions = new Int32Array(T);
   prompts.forEach((prompt, p) => ids.set(prompt.slice(0, -1), p * L));
@@ -130,10 +173,24 @@ function prefill(model: GpuModel, prompts: number[][], L: number, capacity: numb
   const kvLens = gpu.upload(new Int32Array(P).fill(L));
   const x = layerBuffers(gpu, c, P, L);
   const scratch = gpu.zeros([T, c.hiddenSize]);
-  const shape = { B: P, Lq: L, capacity, nHeads: c.numHeads, nKvHeads: c.numKvHeads, headDim: c.headDim };
+  const shape = {
+    B: P,
+    Lq: L,
+    capacity,
+    nHeads: c.numHeads,
+    nKvHeads: c.numKvHeads,
+    headDim: c.headDim,
+  };
   embedding(gpu, idsT, model.p("model.embed_tokens.weight"), x.input, T);
   for (let i = 0; i < c.numLayers; i++) {
-    model.layerForward(i, x, x.input, { T, positions: positionsT, kvLens, shape, scratch, cache: cache[i] });
+    model.layerForward(i, x, x.input, {
+      T,
+      positions: positionsT,
+      kvLens,
+      shape,
+      scratch,
+      cache: cache[i],
+    });
   }
   for (const t of [idsT, positionsT, kvLens, scratch, ...Object.values(x)]) gpu.release(t);
 }

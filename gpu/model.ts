@@ -111,7 +111,13 @@ class Activations {
   idsHost: Int32Array = new Int32Array(0);
   private backward: BackwardBuffers | null = null;
 
-  constructor(gpu: Gpu, c: ModelConfig, readonly B: number, readonly L: number, logitChunkFloats: number) {
+  constructor(
+    gpu: Gpu,
+    c: ModelConfig,
+    readonly B: number,
+    readonly L: number,
+    logitChunkFloats: number,
+  ) {
     const T = B * L, H = c.hiddenSize;
     const fit = Math.floor(logitChunkFloats / c.vocabSize / CHUNK_ALIGN) * CHUNK_ALIGN;
     this.chunk = Math.min(T, Math.max(CHUNK_ALIGN, fit));
@@ -240,7 +246,12 @@ export class GpuModel {
     embedding(gpu, a.ids, this.p("model.embed_tokens.weight"), a.layers[0]?.input ?? a.final, T);
     const step = { T, positions: a.positions, kvLens: a.kvLens, shape, scratch: a.scratch };
     for (let i = 0; i < c.numLayers; i++) {
-      this.layerForward(i, a.layers[i], i + 1 < c.numLayers ? a.layers[i + 1].input : a.final, step);
+      this.layerForward(
+        i,
+        a.layers[i],
+        i + 1 < c.numLayers ? a.layers[i + 1].input : a.final,
+        step,
+      );
     }
     rmsnorm(gpu, a.final, this.p("model.norm.weight"), a.finalNorm, a.rstdFinal, T, c.rmsNormEps);
     this.eachLogitChunk(a, (start, n) => {
@@ -267,7 +278,15 @@ export class GpuModel {
   layerForward(i: number, x: LayerActivations, out: Tensor, step: LayerStep): void {
     const gpu = this.gpu, c = this.config, { T, positions, kvLens, shape, scratch, cache } = step;
     const pre = `model.layers.${i}.`;
-    rmsnorm(gpu, x.input, this.p(pre + "input_layernorm.weight"), x.norm1, x.rstd1, T, c.rmsNormEps);
+    rmsnorm(
+      gpu,
+      x.input,
+      this.p(pre + "input_layernorm.weight"),
+      x.norm1,
+      x.rstd1,
+      T,
+      c.rmsNormEps,
+    );
     for (const name of ["q", "k", "v"] as const) {
       const proj = `${pre}self_attn.${name}_proj`;
       linear(gpu, x.norm1, this.p(proj + ".weight"), this.p(proj + ".bias"), x[name], T);
@@ -281,7 +300,15 @@ export class GpuModel {
     attention(gpu, x.q, cache?.k ?? x.k, cache?.v ?? x.v, kvLens, x.attn, x.lse, shape);
     linear(gpu, x.attn, this.p(pre + "self_attn.o_proj.weight"), null, scratch, T);
     add(gpu, x.input, scratch, x.mid, T * c.hiddenSize);
-    rmsnorm(gpu, x.mid, this.p(pre + "post_attention_layernorm.weight"), x.norm2, x.rstd2, T, c.rmsNormEps);
+    rmsnorm(
+      gpu,
+      x.mid,
+      this.p(pre + "post_attention_layernorm.weight"),
+      x.norm2,
+      x.rstd2,
+      T,
+      c.rmsNormEps,
+    );
     linear(gpu, x.norm2, this.p(pre + "mlp.gate_proj.weight"), null, x.gate, T);
     linear(gpu, x.norm2, this.p(pre + "mlp.up_proj.weight"), null, x.up, T);
     swiglu(gpu, x.gate, x.up, x.act, T * c.intermediateSize);

@@ -114,4 +114,3 @@ export class GpuReference implements ReferenceEngine {
     return Promise.resolve();
   }
 }
-

@@ -50,7 +50,9 @@ async function matmulSection(gpu: Gpu): Promise<void> {
     const seconds = await timeGpu(gpu, iters, () => matmul(gpu, a, b, out, shape, opts));
     const gflops = 2 * M * N * K / seconds / 1e9;
     const label = `matmul ${name} ${M}×${N}×${K}`.padEnd(34);
-    console.log(`${label} ${gflops.toFixed(2).padStart(6)} GFLOPS  ${(seconds * 1e3).toFixed(1)} ms`);
+    console.log(
+      `${label} ${gflops.toFixed(2).padStart(6)} GFLOPS  ${(seconds * 1e3).toFixed(1)} ms`,
+    );
     for (const t of [a, b, out]) t.destroy();
   }
 }
@@ -85,7 +87,8 @@ async function modelSection(gpu: Gpu): Promise<void> {
       model.forward(ids, B, L);
       model.backward(upstream);
     });
-    const label = `model ${preset} (${(parameterCount(config) / 1e6).toFixed(2)}M) ${B}×${L}`.padEnd(34);
+    const label = `model ${preset} (${(parameterCount(config) / 1e6).toFixed(2)}M) ${B}×${L}`
+      .padEnd(34);
     console.log(
       `${label} forward ${(B * L / forward).toFixed(0).padStart(7)} tok/s, ` +
         `forward+backward ${(B * L / both).toFixed(0).padStart(7)} tok/s`,
@@ -99,15 +102,29 @@ async function generationSection(gpu: Gpu): Promise<void> {
   for (const [preset, newTokens] of [["tiny", 16], ["small", 32]] as const) {
     const config = parseModelConfig(PRESETS[preset]);
     const model = new GpuModel(gpu, config, initWeights(config, 0));
-    const prompts = Array.from({ length: 16 }, (_, i) => Array.from({ length: 12 }, (_, t) => (i + t * 13) % 90));
-    const sampling = { temperature: 1, topP: 1, topK: 0, maxNewTokens: newTokens, eosIds: [], seed: 1 };
+    const prompts = Array.from(
+      { length: 16 },
+      (_, i) => Array.from({ length: 12 }, (_, t) => (i + t * 13) % 90),
+    );
+    const sampling = {
+      temperature: 1,
+      topP: 1,
+      topK: 0,
+      maxNewTokens: newTokens,
+      eosIds: [],
+      seed: 1,
+    };
     await generate(model, prompts, 8, sampling); // compile pipelines
     const start = performance.now();
     const out = await generate(model, prompts, 8, sampling);
     const seconds = (performance.now() - start) / 1000;
     const tokens = out.tokens.reduce((n, t) => n + t.length, 0);
     const label = `generate ${preset} 16×8 rows`.padEnd(34);
-    console.log(`${label} ${(tokens / seconds).toFixed(0).padStart(7)} tok/s (${(seconds * 1e3 / newTokens).toFixed(1)} ms per step)`);
+    console.log(
+      `${label} ${(tokens / seconds).toFixed(0).padStart(7)} tok/s (${
+        (seconds * 1e3 / newTokens).toFixed(1)
+      } ms per step)`,
+    );
     model.destroy();
   }
 }

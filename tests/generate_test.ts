@@ -26,49 +26,67 @@ function sharpWeights(seed: number, scale: number) {
   const weights = initWeights(config, seed);
   const rng = new Rng(seed);
   for (const [name, w] of weights) {
-    if (!name.endsWith("norm.weight")) for (let i = 0; i < w.length; i++) w[i] = scale * rng.normal();
+    if (!name.endsWith("norm.weight")) {
+      for (let i = 0; i < w.length; i++) w[i] = scale * rng.normal();
+    }
   }
   return weights;
 }
 
-Deno.test("greedy decoding with the cache picks the argmax of a full recomputation at every step", opts, async () => {
-  const model = new GpuModel(gpu, config, sharpWeights(5, 0.3));
-  const prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11]]; // different lengths share one batch
-  const eos = 0;
-  const out = await generate(model, prompts, 2, {
-    temperature: 0, topP: 1, topK: 0, maxNewTokens: 6, eosIds: [eos], seed: 1,
-  });
-  assert.equal(out.tokens.length, 6);
-  for (let row = 0; row < 6; row++) {
-    const prompt = prompts[Math.floor(row / 2)];
-    // Both samples of a prompt are identical under greedy decoding.
-    assert.deepEqual(out.tokens[row], out.tokens[row - (row % 2)]);
-    for (let s = 0; s < out.tokens[row].length; s++) {
-      const prefix = [...prompt, ...out.tokens[row].slice(0, s)];
-      // Score every candidate next token without any cache; the chosen one must be the best.
-      const candidates = Array.from({ length: V }, (_, v) => [...prefix, v]);
-      const scores = (await scoreSequences(model, candidates)).map((r) => r.at(-1)!);
-      const best = scores.indexOf(Math.max(...scores));
-      assert.equal(out.tokens[row][s], best, `row ${row} step ${s}`);
-      // Greedy log-probs are under temperature 1: the full recomputation's value.
-      assert.ok(Math.abs(out.logprobs[row][s] - scores[best]) < 1e-4);
+Deno.test(
+  "greedy decoding with the cache picks the argmax of a full recomputation at every step",
+  opts,
+  async () => {
+    const model = new GpuModel(gpu, config, sharpWeights(5, 0.3));
+    const prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11]]; // different lengths share one batch
+    const eos = 0;
+    const out = await generate(model, prompts, 2, {
+      temperature: 0,
+      topP: 1,
+      topK: 0,
+      maxNewTokens: 6,
+      eosIds: [eos],
+      seed: 1,
+    });
+    assert.equal(out.tokens.length, 6);
+    for (let row = 0; row < 6; row++) {
+      const prompt = prompts[Math.floor(row / 2)];
+      // Both samples of a prompt are identical under greedy decoding.
+      assert.deepEqual(out.tokens[row], out.tokens[row - (row % 2)]);
+      for (let s = 0; s < out.tokens[row].length; s++) {
+        const prefix = [...prompt, ...out.tokens[row].slice(0, s)];
+        // Score every candidate next token without any cache; the chosen one must be the best.
+        const candidates = Array.from({ length: V }, (_, v) => [...prefix, v]);
+        const scores = (await scoreSequences(model, candidates)).map((r) => r.at(-1)!);
+        const best = scores.indexOf(Math.max(...scores));
+        assert.equal(out.tokens[row][s], best, `row ${row} step ${s}`);
+        // Greedy log-probs are under temperature 1: the full recomputation's value.
+        assert.ok(Math.abs(out.logprobs[row][s] - scores[best]) < 1e-4);
+      }
+      const ended = out.tokens[row].at(-1) === eos;
+      assert.equal(out.truncated[row], !ended);
+      if (!ended) assert.equal(out.tokens[row].length, 6);
     }
-    const ended = out.tokens[row].at(-1) === eos;
-    assert.equal(out.truncated[row], !ended);
-    if (!ended) assert.equal(out.tokens[row].length, 6);
-  }
-  model.destroy();
-});
+    model.destroy();
+  },
+);
 
 Deno.test("sampled tokens follow the model's probabilities", opts, async () => {
   const model = new GpuModel(gpu, config, sharpWeights(8, 0.1));
   const prompt = [3, 1, 4];
   const temperature = 0.7, G = 3000;
   const out = await generate(model, [prompt], G, {
-    temperature, topP: 1, topK: 0, maxNewTokens: 1, eosIds: [], seed: 42,
+    temperature,
+    topP: 1,
+    topK: 0,
+    maxNewTokens: 1,
+    eosIds: [],
+    seed: 42,
   });
   // The model's distribution at temperature 0.7, from a full recomputation.
-  const lp = (await scoreSequences(model, Array.from({ length: V }, (_, v) => [...prompt, v]))).map((r) => r.at(-1)!);
+  const lp = (await scoreSequences(model, Array.from({ length: V }, (_, v) => [...prompt, v]))).map(
+    (r) => r.at(-1)!,
+  );
   const scaled = lp.map((x) => x / temperature);
   const z = Math.log(scaled.reduce((a, x) => a + Math.exp(x), 0));
   const p = scaled.map((x) => Math.exp(x - z));
@@ -77,26 +95,42 @@ Deno.test("sampled tokens follow the model's probabilities", opts, async () => {
   for (let v = 0; v < V; v++) {
     // Binomial count within 5 standard deviations (+1 for tiny p).
     const sd = Math.sqrt(G * p[v] * (1 - p[v]));
-    assert.ok(Math.abs(counts[v] - G * p[v]) <= 5 * sd + 1, `token ${v}: ${counts[v]} vs ${G * p[v]}`);
+    assert.ok(
+      Math.abs(counts[v] - G * p[v]) <= 5 * sd + 1,
+      `token ${v}: ${counts[v]} vs ${G * p[v]}`,
+    );
   }
   // Each reported log-prob is the token's log-prob at that temperature.
-  for (const [i, t] of out.tokens.entries()) assert.ok(Math.abs(out.logprobs[i][0] - Math.log(p[t[0]])) < 1e-4);
+  for (const [i, t] of out.tokens.entries()) {
+    assert.ok(Math.abs(out.logprobs[i][0] - Math.log(p[t[0]])) < 1e-4);
+  }
   model.destroy();
 });
 
-Deno.test("sampling is reproducible for a seed, and a completion at the length limit is truncated", opts, async () => {
-  const model = new GpuModel(gpu, config, sharpWeights(9, 0.1));
-  const sampling = { temperature: 1, topP: 0.9, topK: 10, maxNewTokens: 5, eosIds: [22], seed: 7 };
-  const a = await generate(model, [[1, 2], [3]], 4, sampling);
-  const b = await generate(model, [[1, 2], [3]], 4, sampling);
-  const c = await generate(model, [[1, 2], [3]], 4, { ...sampling, seed: 8 });
-  assert.deepEqual(a, b);
-  assert.notDeepEqual(a.tokens, c.tokens);
-  a.tokens.forEach((tokens, i) => {
-    const ended = tokens.indexOf(22);
-    if (ended >= 0) assert.equal(ended, tokens.length - 1); // nothing after the end token
-    assert.equal(a.truncated[i], ended < 0);
-    if (ended < 0) assert.equal(tokens.length, 5);
-  });
-  model.destroy();
-});
+Deno.test(
+  "sampling is reproducible for a seed, and a completion at the length limit is truncated",
+  opts,
+  async () => {
+    const model = new GpuModel(gpu, config, sharpWeights(9, 0.1));
+    const sampling = {
+      temperature: 1,
+      topP: 0.9,
+      topK: 10,
+      maxNewTokens: 5,
+      eosIds: [22],
+      seed: 7,
+    };
+    const a = await generate(model, [[1, 2], [3]], 4, sampling);
+    const b = await generate(model, [[1, 2], [3]], 4, sampling);
+    const c = await generate(model, [[1, 2], [3]], 4, { ...sampling, seed: 8 });
+    assert.deepEqual(a, b);
+    assert.notDeepEqual(a.tokens, c.tokens);
+    a.tokens.forEach((tokens, i) => {
+      const ended = tokens.indexOf(22);
+      if (ended >= 0) assert.equal(ended, tokens.length - 1); // nothing after the end token
+      assert.equal(a.truncated[i], ended < 0);
+      if (ended < 0) assert.equal(tokens.length, 5);
+    });
+    model.destroy();
+  },
+);

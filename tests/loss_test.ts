@@ -14,7 +14,10 @@ const ROOT = new URL("../", import.meta.url).pathname;
 const CASES = `${ROOT}tests/fixtures/loss/`;
 
 for (const entry of Deno.readDirSync(CASES)) {
-  Deno.test(`aha loss matches PyTorch: ${entry.name}`, { sanitizeResources: false, sanitizeOps: false }, async () => {
+  Deno.test(`aha loss matches PyTorch: ${entry.name}`, {
+    sanitizeResources: false,
+    sanitizeOps: false,
+  }, async () => {
     const batch = JSON.parse(Deno.readTextFileSync(`${CASES}${entry.name}/batch.json`));
     const expected = JSON.parse(Deno.readTextFileSync(`${CASES}${entry.name}/expected.json`));
     const checkpoint = await loadCheckpoint(ROOT + expected.model);
@@ -24,11 +27,16 @@ for (const entry of Deno.readDirSync(CASES)) {
     // f32 GPU math against float64 PyTorch on the same weights.
     assert.ok(Math.abs(got.loss - expected.loss) < 1e-5, `loss ${got.loss} vs ${expected.loss}`);
     got.advantages.forEach((a, i) => assert.ok(Math.abs(a - expected.advantages[i]) < 1e-9));
-    assert.ok(Math.abs(got.grad_norm - expected.grad_norm) < 1e-4 * Math.max(1, expected.grad_norm));
+    assert.ok(
+      Math.abs(got.grad_norm - expected.grad_norm) < 1e-4 * Math.max(1, expected.grad_norm),
+    );
     assert.deepEqual(Object.keys(got.grads).sort(), Object.keys(expected.grads).sort());
     for (const [name, values] of Object.entries(expected.grads) as [string, number[]][]) {
       values.forEach((v, i) => {
-        assert.ok(Math.abs(got.grads[name][i] - v) < 1e-5 + 1e-3 * Math.abs(v), `${name}[${i}]: ${got.grads[name][i]} vs ${v}`);
+        assert.ok(
+          Math.abs(got.grads[name][i] - v) < 1e-5 + 1e-3 * Math.abs(v),
+          `${name}[${i}]: ${got.grads[name][i]} vs ${v}`,
+        );
       });
     }
   });
@@ -40,23 +48,43 @@ Deno.test("aha loss rejects a malformed batch with one line naming the field", a
   const batch = JSON.parse(Deno.readTextFileSync(`${CASES}gqa_tied_ref/batch.json`));
   await Deno.writeTextFile(path, JSON.stringify({ ...batch, group_size: 5 }));
   const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", `${ROOT}main.ts`, "loss", "--model", `${ROOT}tests/fixtures/golden/gqa_tied`, "--batch", path],
+    args: [
+      "run",
+      "-A",
+      `${ROOT}main.ts`,
+      "loss",
+      "--model",
+      `${ROOT}tests/fixtures/golden/gqa_tied`,
+      "--batch",
+      path,
+    ],
     stdout: "piped",
     stderr: "piped",
   }).output();
-  const stderr = new TextDecoder().decode(out.stderr).trim().split("\n").filter((l) => !l.includes("XDG"));
+  const stderr = new TextDecoder().decode(out.stderr).trim().split("\n").filter((l) =>
+    !l.includes("XDG")
+  );
   assert.equal(out.code, 1);
   assert.equal(stderr.length, 1);
   assert.match(stderr[0], /batch\.json: field "group_size" must be/);
   await Deno.remove(dir, { recursive: true });
 });
 
-Deno.test("gradients accumulated over micro-batches equal the un-split batch's", { sanitizeResources: false, sanitizeOps: false }, async () => {
+Deno.test("gradients accumulated over micro-batches equal the un-split batch's", {
+  sanitizeResources: false,
+  sanitizeOps: false,
+}, async () => {
   const batch = JSON.parse(Deno.readTextFileSync(`${CASES}gqa3_untied_clip/batch.json`));
   const expected = JSON.parse(Deno.readTextFileSync(`${CASES}gqa3_untied_clip/expected.json`));
   const checkpoint = await loadCheckpoint(ROOT + expected.model);
   const P = batch.prompt_len, B = batch.sequences.length;
-  const cfg = { beta: batch.beta, epsilon: batch.epsilon, epsilonHigh: batch.epsilon_high, lossType: "grpo" as const, maxCompletionLength: batch.sequences[0].length - P };
+  const cfg = {
+    beta: batch.beta,
+    epsilon: batch.epsilon,
+    epsilonHigh: batch.epsilon_high,
+    lossType: "grpo" as const,
+    maxCompletionLength: batch.sequences[0].length - P,
+  };
   const advantages = groupAdvantages(batch.rewards, batch.group_size, true);
   const masks = completionMask(batch.sequences.map((s: number[]) => s.slice(P)), [batch.pad_id]);
   const normalizer = lossNormalizer(cfg, masks);
@@ -64,14 +92,24 @@ Deno.test("gradients accumulated over micro-batches equal the un-split batch's",
     const policy = new GpuPolicy(new GpuModel(gpu, checkpoint.config, checkpoint.weights));
     for (let start = 0; start < B; start += microBatch) {
       const rows = batch.sequences.slice(start, start + microBatch);
-      await policy.accumulateGradients({ rows, promptLens: rows.map(() => P) }, 1, (logprobs) =>
-        Promise.resolve(grpoLoss(logprobs.map((logp, i) => ({
-          logp,
-          oldLogp: batch.old_logprobs[start + i],
-          refLogp: batch.ref_logprobs[start + i],
-          mask: masks[start + i],
-          advantage: advantages[start + i],
-        })), cfg, normalizer).dLogp));
+      await policy.accumulateGradients(
+        { rows, promptLens: rows.map(() => P) },
+        1,
+        (logprobs) =>
+          Promise.resolve(
+            grpoLoss(
+              logprobs.map((logp, i) => ({
+                logp,
+                oldLogp: batch.old_logprobs[start + i],
+                refLogp: batch.ref_logprobs[start + i],
+                mask: masks[start + i],
+                advantage: advantages[start + i],
+              })),
+              cfg,
+              normalizer,
+            ).dLogp,
+          ),
+      );
     }
     const grads = await policy.model.readGrads();
     policy.model.destroy();
@@ -81,6 +119,8 @@ Deno.test("gradients accumulated over micro-batches equal the un-split batch's",
   for (const [name, g] of whole) {
     const h = split.get(name)!;
     // Same sums in a different grouping: equal up to f32 rounding.
-    g.forEach((x, i) => assert.ok(Math.abs(x - h[i]) <= 1e-6 + 1e-5 * Math.abs(x), `${name}[${i}]`));
+    g.forEach((x, i) =>
+      assert.ok(Math.abs(x - h[i]) <= 1e-6 + 1e-5 * Math.abs(x), `${name}[${i}]`)
+    );
   }
 });

@@ -81,13 +81,17 @@ Deno.test("GPU gradients of every weight match the float64 CPU twin", opts, asyn
   model.destroy();
 
   for (let b = 0; b < B; b++) {
-    for (let t = 0; t < L - 1; t++) assert.ok(Math.abs(logp[b * L + t] - cpu.logprobs[b][t]) < 1e-4);
+    for (let t = 0; t < L - 1; t++) {
+      assert.ok(Math.abs(logp[b * L + t] - cpu.logprobs[b][t]) < 1e-4);
+    }
   }
   for (const [name, expected] of cpu.grads) {
     const got = grads.get(name)!;
     const scale = Math.max(...expected.map(Math.abs));
     let worst = 0;
-    for (let i = 0; i < expected.length; i++) worst = Math.max(worst, Math.abs(got[i] / 2 - expected[i]));
+    for (let i = 0; i < expected.length; i++) {
+      worst = Math.max(worst, Math.abs(got[i] / 2 - expected[i]));
+    }
     // f32 accumulation over a few hundred terms: 1e-4 of the gradient's largest entry.
     assert.ok(worst <= 1e-4 * scale + 1e-6, `${name}: max error ${worst} (scale ${scale})`);
   }
@@ -99,7 +103,8 @@ Deno.test("save → load → score gives identical log-probs", opts, async () =>
   await saveCheckpoint(dir, toHfConfig(oddConfig), weights);
   const loaded = await loadCheckpoint(dir);
   const sequences = [[1, 5, 9, 2], [3, 3, 3, 3, 3, 36, 0]];
-  const a = new GpuModel(gpu, oddConfig, weights), b = new GpuModel(gpu, loaded.config, loaded.weights);
+  const a = new GpuModel(gpu, oddConfig, weights),
+    b = new GpuModel(gpu, loaded.config, loaded.weights);
   assert.deepEqual(await scoreSequences(a, sequences), await scoreSequences(b, sequences));
   a.destroy();
   b.destroy();

@@ -36,7 +36,7 @@ async function train(args: string[], signalAfterStep?: number) {
       signalAfterStep = undefined;
     }
   }
-  const stderr = decoder.decode((await new Response(child.stderr).arrayBuffer()));
+  const stderr = decoder.decode(await new Response(child.stderr).arrayBuffer());
   const { code } = await child.status;
   return { code, stdout, stderr };
 }
@@ -46,7 +46,14 @@ const readJsonl = (path: string) =>
 
 Deno.test("GRPO raises the mean reward clearly above its start", opts, async () => {
   const out = `${dir}/learn`;
-  const run = await train(["--set", `output_dir=${out}`, "--set", "max_steps=30", "--set", "learning_rate=2e-3"]);
+  const run = await train([
+    "--set",
+    `output_dir=${out}`,
+    "--set",
+    "max_steps=30",
+    "--set",
+    "learning_rate=2e-3",
+  ]);
   assert.equal(run.code, 0, run.stderr);
   const rewards = readJsonl(`${out}/metrics.jsonl`).map((m) => m.reward as number);
   assert.equal(rewards.length, 30);
@@ -57,34 +64,75 @@ Deno.test("GRPO raises the mean reward clearly above its start", opts, async () 
   assert.ok(end > start + 0.15, `mean reward of the first 5 steps ${start}, last 5 ${end}`);
   const evals = readJsonl(`${out}/eval.jsonl`);
   assert.deepEqual(evals.map((e) => e.step), [0, 30]);
-  for (const key of ["reward", "reward_std", "accuracy", "format_rate", "kl", "clip_ratio", "loss", "grad_norm", "learning_rate", "tokens_per_s", "generate_s", "reference_s", "train_s", "frac_reward_zero_std", "completion_length", "rewards/arith_correct", "rewards/arith_format"]) {
+  for (
+    const key of [
+      "reward",
+      "reward_std",
+      "accuracy",
+      "format_rate",
+      "kl",
+      "clip_ratio",
+      "loss",
+      "grad_norm",
+      "learning_rate",
+      "tokens_per_s",
+      "generate_s",
+      "reference_s",
+      "train_s",
+      "frac_reward_zero_std",
+      "completion_length",
+      "rewards/arith_correct",
+      "rewards/arith_format",
+    ]
+  ) {
     assert.ok(key in readJsonl(`${out}/metrics.jsonl`)[0], `metrics.jsonl lacks ${key}`);
   }
 });
 
-Deno.test("3 steps + resume + 3 steps ends with the same weights as 6 steps straight", opts, async () => {
-  const base = `${dir}/learn/base`; // made by the first test, or made here
-  const model = await Deno.stat(`${base}/model.safetensors`).then(() => ["--set", `model=${base}`], () => []);
-  const straight = await train([...model, "--set", `output_dir=${dir}/straight`, "--set", "max_steps=6"]);
-  assert.equal(straight.code, 0, straight.stderr);
-  const first = await train([...model, "--set", `output_dir=${dir}/split`, "--set", "max_steps=3"]);
-  assert.equal(first.code, 0, first.stderr);
-  const resumed = await train(["--resume", `${dir}/split/checkpoint-3`, "--set", "max_steps=6"]);
-  assert.equal(resumed.code, 0, resumed.stderr);
-  for (const file of ["model.safetensors", "optimizer.safetensors"]) {
-    const a = Deno.readFileSync(`${dir}/straight/checkpoint-6/${file}`);
-    const b = Deno.readFileSync(`${dir}/split/checkpoint-6/${file}`);
-    assert.ok(a.length === b.length && a.every((x, i) => x === b[i]), `${file} differs`);
-  }
-  const state = JSON.parse(Deno.readTextFileSync(`${dir}/split/checkpoint-6/trainer_state.json`));
-  assert.equal(state.step, 6);
-});
+Deno.test(
+  "3 steps + resume + 3 steps ends with the same weights as 6 steps straight",
+  opts,
+  async () => {
+    const base = `${dir}/learn/base`; // made by the first test, or made here
+    const model = await Deno.stat(`${base}/model.safetensors`).then(
+      () => ["--set", `model=${base}`],
+      () => [],
+    );
+    const straight = await train([
+      ...model,
+      "--set",
+      `output_dir=${dir}/straight`,
+      "--set",
+      "max_steps=6",
+    ]);
+    assert.equal(straight.code, 0, straight.stderr);
+    const first = await train([
+      ...model,
+      "--set",
+      `output_dir=${dir}/split`,
+      "--set",
+      "max_steps=3",
+    ]);
+    assert.equal(first.code, 0, first.stderr);
+    const resumed = await train(["--resume", `${dir}/split/checkpoint-3`, "--set", "max_steps=6"]);
+    assert.equal(resumed.code, 0, resumed.stderr);
+    for (const file of ["model.safetensors", "optimizer.safetensors"]) {
+      const a = Deno.readFileSync(`${dir}/straight/checkpoint-6/${file}`);
+      const b = Deno.readFileSync(`${dir}/split/checkpoint-6/${file}`);
+      assert.ok(a.length === b.length && a.every((x, i) => x === b[i]), `${file} differs`);
+    }
+    const state = JSON.parse(Deno.readTextFileSync(`${dir}/split/checkpoint-6/trainer_state.json`));
+    assert.equal(state.step, 6);
+  },
+);
 
 Deno.test("Ctrl-C saves a checkpoint and exits cleanly", opts, async () => {
   const out = `${dir}/interrupted`;
   const run = await train(["--set", `output_dir=${out}`, "--set", "max_steps=200"], 2);
   assert.equal(run.code, 0, run.stderr);
-  const saved = [...Deno.readDirSync(out)].map((e) => e.name).filter((n) => n.startsWith("checkpoint-"));
+  const saved = [...Deno.readDirSync(out)].map((e) => e.name).filter((n) =>
+    n.startsWith("checkpoint-")
+  );
   assert.equal(saved.length, 1);
   const step = Number(saved[0].slice("checkpoint-".length));
   assert.ok(step >= 2 && step < 200);
