@@ -38,14 +38,17 @@ interface KernelChoice {
 const softwareAdapters = new WeakMap<Gpu, boolean>();
 
 /**
- * The one place the matmul kernel is chosen, from the adapter and the shape. Software adapters
- * run a workgroup as SIMD lanes on one CPU core, where every lane's load is a gather: large
- * register blocks (16×8 per invocation) pay for them best, smaller ones keep few rows (token
- * by token generation) from computing clamped copies. A real GPU would do better with a
+ * The one place the matmul kernel is chosen, from the adapter and the product. Software
+ * adapters run a workgroup as SIMD lanes on a CPU core, where each lane's load is a gather:
+ * the larger the block an invocation owns, the fewer gathers per multiply-add (on llvmpipe 4×4
+ * blocks reach ~5 GFLOPS per core, 16×16 ~13, 32×16 ~15). Large blocks compile slowly (a few
+ * seconds for 32×16, cached on disk by Mesa afterwards), most of all with scalar bindings, so
+ * shapes that are not multiples of 4 (rare in a model) get 8×8, and few rows (generation)
+ * get fewer rows per block rather than clamped copies. A real GPU would do better with a
  * shared-memory tiled kernel (not written yet); until then it gets 4×4 blocks in large
  * workgroups.
  */
-function matmulKernel(gpu: Gpu, { M }: MatmulShape): KernelChoice {
+function matmulKernel(gpu: Gpu, M: number, allVec4: boolean): KernelChoice {
   let software = softwareAdapters.get(gpu);
   if (software === undefined) {
     const info = gpu.adapter.info as GPUAdapterInfo & { isFallbackAdapter?: boolean };
@@ -54,7 +57,8 @@ function matmulKernel(gpu: Gpu, { M }: MatmulShape): KernelChoice {
     softwareAdapters.set(gpu, software);
   }
   if (!software) return { workgroup: [16, 16], rowGroups: 1, colGroups: 1 };
-  return { workgroup: [8, 8], rowGroups: M >= 32 ? 8 : M >= 16 ? 4 : M >= 8 ? 2 : 1, colGroups: 4 };
+  if (!allVec4) return { workgroup: [8, 8], rowGroups: 2, colGroups: 2 };
+  return { workgroup: [8, 8], rowGroups: M >= 16 ? 4 : M >= 8 ? 2 : 1, colGroups: 4 };
 }
 
 interface Variant {
@@ -63,6 +67,7 @@ interface Variant {
   vecA: boolean; // a bound as array<vec4f>
   vecB: boolean;
   kTail: boolean; // K % 4 != 0
+  vecOut: boolean; // out (and bias) bound as array<vec4f>: N % 4 == 0
   accumulate: boolean;
   bias: boolean;
   tile: KernelChoice;
@@ -85,11 +90,12 @@ function matmulWgsl(v: Variant): string {
       ? (v.vecA ? ` let gm${r} = min(m0 + ${4 * r}u, p.M - 4u);` : "")
       : ` let rA${r} = cm${r} * p.K;`)
   );
+  // Column group c: cn_c = its 4 columns clamped to N-1; rB_c = where they start in b [N,K];
+  // gn_c = its first column, clamped so that a vec4 along n stays inside [0, N).
   const colSetup = cs.map((c) =>
     `let cn${c} = clamp4(n0 + ${4 * c}u, p.N);` +
-    (v.transB
-      ? ` let rB${c} = cn${c} * p.K;`
-      : (v.vecB ? ` let gn${c} = min(n0 + ${4 * c}u, p.N - 4u);` : ""))
+    (v.transB ? ` let rB${c} = cn${c} * p.K;` : "") +
+    (v.vecOut ? ` let gn${c} = min(n0 + ${4 * c}u, p.N - 4u);` : "")
   );
   // The 4×4 tile of op(a) at step k for row group r: column i holds A(row i, k..k+3).
   const tileA = (r: number) =>
@@ -142,23 +148,34 @@ function matmulWgsl(v: Variant): string {
   }`
     : "";
   // acc starts from the old out (accumulate) and the bias, read at clamped indices, so the
-  // stores at the end are plain: masked loads and stores are what make llvmpipe compile slowly.
+  // stores at the end need no loads: masked memory accesses make llvmpipe compile slowly.
+  const oldOut = (r: number, c: number, i: number) =>
+    v.vecOut
+      ? `out[(cm${r}[${i}] * p.N + gn${c}) / 4u]`
+      : vec4((j) => `out[cm${r}[${i}] * p.N + cn${c}[${j}]]`);
+  const biasSetup = cs.map((c) =>
+    v.vecOut
+      ? `let bias${c} = bias[gn${c} / 4u];`
+      : `let bias${c} = ${vec4((j) => `bias[cn${c}[${j}]]`)};`
+  );
   const init = blocks.map(([r, c]) => {
     const columns = four.map((i) => {
       const terms = [];
-      if (v.accumulate) terms.push(vec4((j) => `out[cm${r}[${i}] * p.N + cn${c}[${j}]]`));
+      if (v.accumulate) terms.push(oldOut(r, c, i));
       if (v.bias) terms.push(`bias${c}`);
       return terms.join(" + ") || "vec4f()";
     });
     return `var acc${r}_${c} = mat4x4f(${columns.join(", ")});`;
   });
-  const biasSetup = v.bias
-    ? cs.map((c) => `let bias${c} = ${vec4((j) => `bias[cn${c}[${j}]]`)};`)
-    : [];
   // Stores, fully unrolled: a dynamic index into acc would push it out of registers.
   const stores = blocks.flatMap(([r, c]) =>
     four.map((i) => {
       const m = `m0 + ${4 * r + i}u`;
+      if (v.vecOut) {
+        return `if (${m} < p.M && n0 + ${
+          4 * c
+        }u < p.N) { out[((${m}) * p.N + n0) / 4u + ${c}u] = acc${r}_${c}[${i}]; }`;
+      }
       const row = four.map((j) =>
         `if (n0 + ${4 * c + j}u < p.N) { out[o + ${j}u] = acc${r}_${c}[${i}][${j}]; }`
       );
@@ -167,13 +184,14 @@ function matmulWgsl(v: Variant): string {
       }\n  }`;
     })
   );
+  const outType = v.vecOut ? "vec4f" : "f32";
   return `
 struct Params { M: u32, N: u32, K: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;
 @group(0) @binding(2) var<storage, read> b: array<${v.vecB ? "vec4f" : "f32"}>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
-${v.bias ? "@group(0) @binding(4) var<storage, read> bias: array<f32>;" : ""}
+@group(0) @binding(3) var<storage, read_write> out: array<${outType}>;
+${v.bias ? `@group(0) @binding(4) var<storage, read> bias: array<${outType}>;` : ""}
 
 // Indices first .. first+3, clamped to n-1.
 fn clamp4(first: u32, n: u32) -> vec4u {
@@ -188,7 +206,7 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(local_invocation_id)
   if (n0 >= p.N || m0 >= p.M) { return; }
   ${rowSetup.join("\n  ")}
   ${colSetup.join("\n  ")}
-  ${biasSetup.join("\n  ")}
+  ${v.bias ? biasSetup.join("\n  ") : ""}
   ${init.join("\n  ")}
   let k4 = p.K & ~3u;
   for (var k = 0u; k < k4; k += 4u) {
@@ -215,20 +233,23 @@ export function matmul(
   const transA = opts.transA ?? false;
   const transB = opts.transB ?? false;
   const accumulate = opts.accumulate ?? false;
-  const tile = matmulKernel(gpu, shape);
+  const vecA = (transA ? M : K) % 4 === 0, vecB = (transB ? K : N) % 4 === 0;
+  const vecOut = N % 4 === 0;
+  const tile = matmulKernel(gpu, M, vecA && vecB && vecOut);
   const { workgroup } = tile;
   const variant: Variant = {
     transA,
     transB,
-    vecA: (transA ? M : K) % 4 === 0,
-    vecB: (transB ? K : N) % 4 === 0,
+    vecA,
+    vecB,
     kTail: K % 4 !== 0,
+    vecOut,
     accumulate,
     bias: opts.bias !== undefined,
     tile,
   };
   const pipeline = gpu.pipeline(matmulWgsl(variant), "matmul");
-  // x covers blocks of 4 columns; blocks of 4 rows spread over y and, past 65535, z.
+  // x covers column blocks; row blocks spread over y and, past 65535 workgroups, z.
   const gx = Math.ceil(N / (4 * tile.colGroups * workgroup[0]));
   const rowGroups = Math.ceil(M / (4 * tile.rowGroups * workgroup[1]));
   const gz = Math.ceil(rowGroups / 65535);

@@ -100,7 +100,7 @@ Deno.test("pretraining corpus: error rates as configured, only training problems
     // Within 4 standard deviations of the configured binomial rates.
     const within = (k: number, n: number, p: number) =>
       Math.abs(k / n - p) <= 4 * Math.sqrt((p * (1 - p)) / n) + 1e-12;
-    assert.ok(carryRows > 0.5 * corpus.length);
+    assert.ok(carryRows > 0.3 * corpus.length); // enough rows exercise a carry
     assert.ok(within(wrong, carryRows, carry_error_rate), `carry errors ${wrong}/${carryRows}`);
     assert.ok(within(otherFormat, corpus.length, format_error_rate), `formats ${otherFormat}`);
   }

@@ -131,7 +131,7 @@ Deno.test("relations between keys", () => {
   assert.match(loadError(null, ["dataset.format=jsonl"]), /"dataset.path" is required/);
   assert.match(
     loadError(null, ["eval_prompts=300"]),
-    /"eval_prompts" \(300\) must be at most "arithmetic.held_out" \(200\)/,
+    /"eval_prompts" \(300\) must be at most "arithmetic.held_out" \(100\)/,
   );
   assert.match(
     loadError(null, ["dataset.format=jsonl", "dataset.path=a.jsonl"]),
