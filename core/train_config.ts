@@ -362,6 +362,11 @@ export function loadTrainConfig(path: string | null, sets: string[]): TrainConfi
     for (const key of keys.toReversed()) value = { [key]: value };
     applySettings(cfg, value, `--set ${set}`, "");
   }
+  // A dataset path without a format: the file's extension says which.
+  const extension = cfg.dataset.path?.match(/\.(jsonl|parquet)$/)?.[1];
+  if (cfg.dataset.format === "arithmetic" && extension) {
+    cfg.dataset.format = extension as "jsonl" | "parquet";
+  }
   // Unless reward_funcs was given, a dataset is scored with the seed's rewards, not the
   // arithmetic task's.
   if (cfg.reward_funcs === builtinRewards && cfg.dataset.format !== "arithmetic") {
@@ -430,6 +435,9 @@ function checkRelations(cfg: TrainConfig, source: string) {
       `"reward_weights" has ${cfg.reward_weights.length} values but "reward_funcs" names ` +
         `${cfg.reward_funcs.length} functions: give one weight each`,
     );
+  }
+  if (cfg.dataset.format === "arithmetic" && cfg.dataset.path !== null) {
+    fail(`"dataset.path" ${cfg.dataset.path} is not .jsonl or .parquet: set "dataset.format"`);
   }
   if (cfg.dataset.format !== "arithmetic" && cfg.dataset.path === null) {
     fail(`"dataset.path" is required when "dataset.format" is ${cfg.dataset.format}`);

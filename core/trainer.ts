@@ -79,21 +79,26 @@ export async function evaluate(
   policy: PolicyEngine,
 ): Promise<Evaluation> {
   const examples = task.heldOut.slice(0, cfg.eval_prompts);
-  const out = await policy.generate(examples.map((e) => e.promptIds), 1, {
-    temperature: 0,
-    topP: 1,
-    topK: 0,
-    maxNewTokens: cfg.max_completion_length,
-    eosIds: task.eosIds,
-    seed: 0,
-  });
+  // In batches no larger than a training step's, so evaluation never needs more memory.
+  const batch = cfg.prompts_per_step * cfg.num_generations;
   let correct = 0, formatted = 0, length = 0;
-  examples.forEach((example, i) => {
-    const text = task.decode(out.tokens[i]);
-    if (task.isCorrect(text, example)) correct++;
-    if (task.isFormatted(text, example) && !out.truncated[i]) formatted++;
-    length += out.tokens[i].length;
-  });
+  for (let start = 0; start < examples.length; start += batch) {
+    const chunk = examples.slice(start, start + batch);
+    const out = await policy.generate(chunk.map((e) => e.promptIds), 1, {
+      temperature: 0,
+      topP: 1,
+      topK: 0,
+      maxNewTokens: cfg.max_completion_length,
+      eosIds: task.eosIds,
+      seed: 0,
+    });
+    chunk.forEach((example, i) => {
+      const text = task.decode(out.tokens[i]);
+      if (task.isCorrect(text, example)) correct++;
+      if (task.isFormatted(text, example) && !out.truncated[i]) formatted++;
+      length += out.tokens[i].length;
+    });
+  }
   const n = Math.max(1, examples.length);
   return {
     accuracy: correct / n,

@@ -38,11 +38,15 @@ export function sameAdapter(a: AdapterSummary, b: AdapterSummary): boolean {
     a.features.join() === b.features.join();
 }
 
-/** A private XDG_RUNTIME_DIR for children, so Mesa's Vulkan driver does not print warnings. */
+/**
+ * A private XDG_RUNTIME_DIR, so Mesa's Vulkan driver does not print warnings: the one set, or
+ * one directory per user under the system's temporary directory (made once, mode 0700).
+ */
 export function privateRuntimeDir(): string {
   const existing = Deno.env.get("XDG_RUNTIME_DIR");
   if (existing) return existing;
-  const dir = Deno.makeTempDirSync({ prefix: "aha-xdg-" });
-  Deno.chmodSync(dir, 0o700);
+  const tmp = Deno.env.get("TMPDIR") ?? "/tmp";
+  const dir = `${tmp}/aha-xdg-${Deno.uid() ?? "user"}`;
+  Deno.mkdirSync(dir, { recursive: true, mode: 0o700 });
   return dir;
 }

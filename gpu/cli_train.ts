@@ -62,11 +62,11 @@ export async function run(args: string[]): Promise<void> {
   const cfg = loadTrainConfig(configPath, sets);
   const resumed = resume ? await loadTrainingCheckpoint(resume) : null;
 
+  await prepareOutputDir(cfg.output_dir, resumed?.state.step ?? null);
   const task = await makeTask(cfg);
   const gpu = await Gpu.open();
   // Refuse a run that cannot fit before loading any weights.
   checkPlan(cfg, (await planModel(cfg)).config, describeAdapter(gpu.adapter).limits);
-  await Deno.mkdir(cfg.output_dir, { recursive: true });
   const console_ = new Console(cfg);
   console_.line(`aha train: task ${task.name}, policy adapter "${gpu.description}"`);
 
@@ -160,6 +160,30 @@ export async function run(args: string[]): Promise<void> {
     Deno.removeSignalListener("SIGTERM", onSignal);
     await reference?.close();
     console_.close();
+  }
+}
+
+const LOGS = ["metrics.jsonl", "samples.jsonl", "eval.jsonl"];
+
+/**
+ * A fresh run refuses an output directory that already holds a run's logs (nothing is
+ * overwritten); a resumed run drops the log lines after the step it resumes from, so the logs
+ * read as one uninterrupted run.
+ */
+async function prepareOutputDir(dir: string, resumedStep: number | null): Promise<void> {
+  await Deno.mkdir(dir, { recursive: true });
+  for (const name of LOGS) {
+    const path = `${dir}/${name}`;
+    const text = await Deno.readTextFile(path).catch(() => null);
+    if (text === null) continue;
+    if (resumedStep === null) {
+      throw new AhaError(
+        `output_dir ${dir} already holds a run (${name}): resume it with --resume ` +
+          `${dir}/checkpoint-N, or choose another --set output_dir=...`,
+      );
+    }
+    const kept = text.split("\n").filter((line) => line && JSON.parse(line).step <= resumedStep);
+    await Deno.writeTextFile(path, kept.map((line) => line + "\n").join(""));
   }
 }
 

@@ -11,6 +11,7 @@
 // Kernels must use every binding they declare (pipelines use layout "auto").
 
 import { AhaError } from "../core/errors.ts";
+import { privateRuntimeDir } from "./adapters.ts";
 import { type ModelConfig, weightShapes } from "../core/model_config.ts";
 
 export type DType = "f32" | "i32" | "u32";
@@ -100,6 +101,8 @@ export function summarizeAdapter(adapter: GPUAdapter): AdapterSummary {
 }
 
 export async function requestAdapter(): Promise<GPUAdapter> {
+  // Mesa's Vulkan driver warns on every start unless XDG_RUNTIME_DIR names a private directory.
+  if (!Deno.env.get("XDG_RUNTIME_DIR")) Deno.env.set("XDG_RUNTIME_DIR", privateRuntimeDir());
   if (!("gpu" in navigator) || !navigator.gpu) {
     throw new AhaError("WebGPU is not available in this Deno (navigator.gpu is missing)");
   }

@@ -1,10 +1,11 @@
 // Matrix products: matmul (any of a/b transposed, optional accumulate and bias), the nn.Linear
 // forward and backward built on it, and sumRows (the bias gradient).
 //
-// The kernel is register-blocked: each invocation computes a 4×4 block of the output in
-// registers, stepping k four at a time with vec4 loads, and uses no workgroup memory. On CPU
-// adapters (llvmpipe/lavapipe) barriers are expensive and this beats shared-memory tiling by
-// 5-20×. Which kernel and workgroup shape an adapter gets is decided in `matmulKernel` alone.
+// The kernel is register-blocked: each invocation keeps a block of out (up to 16×16) in
+// registers as 4×4 matrices, steps k four at a time loading 4×4 tiles of a and b as vec4s, and
+// uses no workgroup memory. On CPU adapters (llvmpipe/lavapipe) barriers are expensive and this
+// beats shared-memory tiling by 10× or more. The block and workgroup shapes for an adapter and
+// a product are decided in `matmulKernel` alone.
 //
 // Layouts: a is [M,K] (or [K,M] when transA), b is [K,N] (or [N,K] when transB), out is
 // [M,N], all row-major. An operand is bound as array<vec4f> when its row stride is a multiple
@@ -40,8 +41,8 @@ const softwareAdapters = new WeakMap<Gpu, boolean>();
 /**
  * The one place the matmul kernel is chosen, from the adapter and the product. Software
  * adapters run a workgroup as SIMD lanes on a CPU core, where each lane's load is a gather:
- * the larger the block an invocation owns, the fewer gathers per multiply-add (on llvmpipe 4×4
- * blocks reach ~5 GFLOPS per core, 16×16 ~13, 32×16 ~15). Large blocks compile slowly (a few
+ * the larger the block an invocation owns, the fewer gathers per multiply-add (measured on
+ * llvmpipe per CPU core: 4×4 blocks ~5 GFLOPS, 8×8 ~9, 16×16 ~13, 32×16 ~15). Large blocks compile slowly (a few
  * seconds for 32×16, cached on disk by Mesa afterwards), most of all with scalar bindings, so
  * shapes that are not multiples of 4 (rare in a model) get 8×8, and few rows (generation)
  * get fewer rows per block rather than clamped copies. A real GPU would do better with a
@@ -236,7 +237,6 @@ export function matmul(
   const vecA = (transA ? M : K) % 4 === 0, vecB = (transB ? K : N) % 4 === 0;
   const vecOut = N % 4 === 0;
   const tile = matmulKernel(gpu, M, vecA && vecB && vecOut);
-  const { workgroup } = tile;
   const variant: Variant = {
     transA,
     transB,
@@ -250,15 +250,22 @@ export function matmul(
   };
   const pipeline = gpu.pipeline(matmulWgsl(variant), "matmul");
   // x covers column blocks; row blocks spread over y and, past 65535 workgroups, z.
-  const gx = Math.ceil(N / (4 * tile.colGroups * workgroup[0]));
-  const rowGroups = Math.ceil(M / (4 * tile.rowGroups * workgroup[1]));
-  const gz = Math.ceil(rowGroups / 65535);
+  const gx = Math.ceil(N / (4 * tile.colGroups * tile.workgroup[0]));
+  const gy = Math.ceil(M / (4 * tile.rowGroups * tile.workgroup[1]));
+  const gz = Math.ceil(gy / 65535);
   const tensors = opts.bias ? [a, b, out, opts.bias] : [a, b, out];
-  gpu.dispatch(pipeline, [gx, Math.ceil(rowGroups / gz), gz], tensors, [M, N, K]);
+  gpu.dispatch(pipeline, [gx, Math.ceil(gy / gz), gz], tensors, [M, N, K]);
 }
 
 /** y[T,out] = x[T,in]·Wᵀ + bias, with W [out,in] (PyTorch nn.Linear layout). */
-export function linear(gpu: Gpu, x: Tensor, w: Tensor, bias: Tensor | null, y: Tensor, T: number) {
+export function linear(
+  gpu: Gpu,
+  x: Tensor,
+  w: Tensor,
+  bias: Tensor | null,
+  y: Tensor,
+  T: number,
+): void {
   const [outF, inF] = w.shape;
   matmul(gpu, x, w, y, { M: T, N: outF, K: inF }, { transB: true, bias: bias ?? undefined });
 }

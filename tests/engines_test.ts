@@ -37,9 +37,13 @@ for (const [name, hf] of Object.entries(CASES)) {
     // Wider than init scale so the log-probs are far from uniform.
     const rng = new Rng(6);
     for (const [w, data] of weights) {
-      if (!w.endsWith("norm.weight")) for (let i = 0; i < data.length; i++) data[i] = 0.1 * rng.normal();
+      if (!w.endsWith("norm.weight")) {
+        for (let i = 0; i < data.length; i++) data[i] = 0.1 * rng.normal();
+      }
     }
-    const sequences = [17, 2, 40, 9].map((n) => Array.from({ length: n }, () => rng.int(config.vocabSize)));
+    const sequences = [17, 2, 40, 9].map((n) =>
+      Array.from({ length: n }, () => rng.int(config.vocabSize))
+    );
     const model = new GpuModel(gpu, config, weights);
     const webgpu = await scoreSequences(model, sequences);
     model.destroy();
@@ -47,7 +51,9 @@ for (const [name, hf] of Object.entries(CASES)) {
     const other = await onnx.logprobs(sequences);
     onnx.release();
     assert.deepEqual(webgpu.map((r) => r.length), other.map((r) => r.length));
-    const worst = Math.max(...webgpu.flatMap((row, i) => row.map((x, t) => Math.abs(x - other[i][t]))));
+    const worst = Math.max(
+      ...webgpu.flatMap((row, i) => row.map((x, t) => Math.abs(x - other[i][t]))),
+    );
     assert.ok(worst <= 1e-4, `max difference ${worst}`);
   });
 }

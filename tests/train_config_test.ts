@@ -157,3 +157,13 @@ Deno.test("learning-rate schedules", () => {
   // Without warmup the first update runs at the full rate.
   assert.equal(learningRateAt({ ...cfg("linear"), warmup_steps: 0 }, 0), 1);
 });
+
+Deno.test("a dataset path alone selects its format and the seed's rewards", () => {
+  const cfg = loadTrainConfig(null, ["model=/m", "dataset.path=/data/train.parquet"]);
+  assert.equal(cfg.dataset.format, "parquet");
+  assert.deepEqual(cfg.reward_funcs, ["format", "correctness"]);
+  assert.throws(
+    () => loadTrainConfig(null, ["model=/m", "dataset.path=/data/train.csv"]),
+    /"dataset.path" \/data\/train.csv is not .jsonl or .parquet: set "dataset.format"/,
+  );
+});
