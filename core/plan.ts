@@ -10,9 +10,20 @@ import { AhaError } from "./errors.ts";
 import { type ModelConfig, weightShapes } from "./model_config.ts";
 import type { TrainConfig } from "./train_config.ts";
 
-/** Logits are computed for at most this many floats at a time, in multiples of 64 tokens (gpu/model.ts). */
-const LOGIT_CHUNK_FLOATS = 16 * 1024 * 1024;
-const CHUNK_ALIGN = 64;
+// The sizes that bound the GPU engine's memory; gpu/model.ts and gpu/score.ts use these.
+
+/** Logits are computed for at most this many floats at a time (64 MiB). */
+export const LOGIT_CHUNK_FLOATS = 16 * 1024 * 1024;
+/** Token chunks are multiples of this, so every chunk's views start 256-byte aligned. */
+export const CHUNK_ALIGN = 64;
+/** Tokens per scoring forward pass (the reference model, `aha score`). */
+export const SCORE_BATCH_TOKENS = 8192;
+
+/** Tokens per logit chunk for T tokens over a vocabulary of V. */
+export function logitChunkTokens(T: number, V: number, chunkFloats = LOGIT_CHUNK_FLOATS): number {
+  const fit = Math.floor(chunkFloats / V / CHUNK_ALIGN) * CHUNK_ALIGN;
+  return Math.min(T, Math.max(CHUNK_ALIGN, fit));
+}
 /** Every element aha stores (f32, i32) takes 4 bytes. */
 const ELEMENT_BYTES = 4;
 
@@ -76,15 +87,19 @@ function layerTensors(c: ModelConfig, layer: string, B: number, L: number): Plan
   return shapes.map(([name, shape]) => ({ name: `${layer}.${name}`, shape }));
 }
 
-/** gpu/model.ts Activations: a forward over B rows of L tokens, as kept for backward. */
-function forwardTensors(c: ModelConfig, B: number, L: number) {
+/**
+ * gpu/model.ts Activations: a forward over B rows of L tokens — every layer's buffers when kept
+ * for backward, one set reused by all layers when not.
+ */
+function forwardTensors(c: ModelConfig, B: number, L: number, keep = true) {
   const T = B * L, H = c.hiddenSize, I = c.intermediateSize, V = c.vocabSize;
   const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
-  const fit = Math.floor(LOGIT_CHUNK_FLOATS / V / CHUNK_ALIGN) * CHUNK_ALIGN;
-  const chunk = Math.min(T, Math.max(CHUNK_ALIGN, fit));
+  const chunk = logitChunkTokens(T, V);
   const t = (name: string, ...shape: number[]): PlannedTensor => ({ name, shape });
   const activations: PlannedTensor[] = [];
-  for (let i = 0; i < c.numLayers; i++) activations.push(...layerTensors(c, `layers.${i}`, B, L));
+  for (let i = 0; i < (keep ? c.numLayers : 1); i++) {
+    activations.push(...layerTensors(c, `layers.${i}`, B, L));
+  }
   activations.push(
     t("ids", T),
     t("targets", T),
@@ -218,13 +233,11 @@ export function planMemory(
   );
 
   if (cfg.beta > 0) {
-    // GpuReference scores a step's whole batch in one forward, with GpuModel's activations.
-    const ref = forwardTensors(model, P * G, L);
+    // The reference scores the batch in forward passes of at most SCORE_BATCH_TOKENS tokens.
+    const rows = Math.min(P * G, Math.max(1, Math.floor(SCORE_BATCH_TOKENS / L)));
+    const ref = forwardTensors(model, rows, L, false);
     add("reference", "weights", `${weights.length} tensors`, weights);
-    add("reference", "forward activations", `whole batch, ${tokens(P * G)}`, [
-      ...ref.activations,
-      ...ref.backward,
-    ]);
+    add("reference", "forward activations", `${tokens(rows)} per pass`, ref.activations);
     add("reference", "log-prob buffers", `logit chunk ${ref.chunk} tokens × vocab`, ref.logprobs);
   }
   const total = (adapter: string) =>

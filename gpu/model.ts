@@ -10,6 +10,7 @@
 
 import type { ModelConfig } from "../core/model_config.ts";
 import { weightShapes } from "../core/model_config.ts";
+import { LOGIT_CHUNK_FLOATS, logitChunkTokens } from "../core/plan.ts";
 import { type Gpu, Tensor } from "./device.ts";
 import { embedding, embeddingBackward } from "./embedding.ts";
 import { rmsnorm, rmsnormBackward } from "./rmsnorm.ts";
@@ -21,11 +22,6 @@ import { add } from "./elementwise.ts";
 import { tokenLogprobs, tokenLogprobsBackward } from "./logprobs.ts";
 import { gradNorm } from "./gradnorm.ts";
 import { adamw, type AdamwHyper } from "./adamw.ts";
-
-/** By default logits are computed for at most this many floats at a time (64 MiB). */
-const LOGIT_CHUNK_FLOATS = 16 * 1024 * 1024;
-/** Token chunks are multiples of this, so every chunk's views start 256-byte aligned. */
-const CHUNK_ALIGN = 64;
 
 /** What one layer's forward keeps for its backward. */
 export interface LayerActivations {
@@ -111,18 +107,19 @@ class Activations {
   idsHost: Int32Array = new Int32Array(0);
   private backward: BackwardBuffers | null = null;
 
+  /** With `keep`, every layer's activations stay for backward; without, one set is reused. */
   constructor(
     gpu: Gpu,
     c: ModelConfig,
     readonly B: number,
     readonly L: number,
+    readonly keep: boolean,
     logitChunkFloats: number,
   ) {
     const T = B * L, H = c.hiddenSize;
-    const fit = Math.floor(logitChunkFloats / c.vocabSize / CHUNK_ALIGN) * CHUNK_ALIGN;
-    this.chunk = Math.min(T, Math.max(CHUNK_ALIGN, fit));
+    this.chunk = logitChunkTokens(T, c.vocabSize, logitChunkFloats);
     const f = (...shape: number[]) => gpu.zeros(shape);
-    for (let i = 0; i < c.numLayers; i++) this.layers.push(layerBuffers(gpu, c, B, L));
+    for (let i = 0; i < (keep ? c.numLayers : 1); i++) this.layers.push(layerBuffers(gpu, c, B, L));
     this.ids = gpu.zeros([T], "i32");
     this.targets = gpu.zeros([T], "i32");
     this.positions = gpu.zeros([T], "i32");
@@ -221,10 +218,10 @@ export class GpuModel {
     return t;
   }
 
-  private activations(B: number, L: number): Activations {
-    if (!this.acts || this.acts.B !== B || this.acts.L !== L) {
+  private activations(B: number, L: number, keep: boolean): Activations {
+    if (!this.acts || this.acts.B !== B || this.acts.L !== L || this.acts.keep !== keep) {
       this.acts?.release(this.gpu);
-      this.acts = new Activations(this.gpu, this.config, B, L, this.logitChunkFloats);
+      this.acts = new Activations(this.gpu, this.config, B, L, keep, this.logitChunkFloats);
     }
     return this.acts;
   }
@@ -233,9 +230,15 @@ export class GpuModel {
    * Forward over `ids` ([B, L] row-major). Returns the per-position log-prob tensor [B·L]
    * (valid for t % L < L − 1). The activations stay for backward() until the next forward.
    */
-  forward(ids: Int32Array, B: number, L: number, invTemperature = 1): Tensor {
+  forward(
+    ids: Int32Array,
+    B: number,
+    L: number,
+    invTemperature = 1,
+    keepForBackward = true,
+  ): Tensor {
     const gpu = this.gpu, c = this.config, T = B * L;
-    const a = this.activations(B, L);
+    const a = this.activations(B, L, keepForBackward);
     const targets = new Int32Array(T);
     for (let t = 0; t < T; t++) targets[t] = t % L < L - 1 ? ids[t + 1] : 0;
     gpu.write(a.ids, ids);
@@ -243,15 +246,13 @@ export class GpuModel {
     a.idsHost = ids;
     const shape = this.attentionShape(B, L);
 
-    embedding(gpu, a.ids, this.p("model.embed_tokens.weight"), a.layers[0]?.input ?? a.final, T);
+    embedding(gpu, a.ids, this.p("model.embed_tokens.weight"), a.layers[0].input, T);
     const step = { T, positions: a.positions, kvLens: a.kvLens, shape, scratch: a.scratch };
     for (let i = 0; i < c.numLayers; i++) {
-      this.layerForward(
-        i,
-        a.layers[i],
-        i + 1 < c.numLayers ? a.layers[i + 1].input : a.final,
-        step,
-      );
+      // Without backward, one set of buffers serves every layer, each writing over its input.
+      const x = a.layers[a.keep ? i : 0];
+      const next = i + 1 < c.numLayers ? a.layers[a.keep ? i + 1 : 0].input : a.final;
+      this.layerForward(i, x, next, step);
     }
     rmsnorm(gpu, a.final, this.p("model.norm.weight"), a.finalNorm, a.rstdFinal, T, c.rmsNormEps);
     this.eachLogitChunk(a, (start, n) => {
@@ -322,7 +323,7 @@ export class GpuModel {
    */
   backward(dLogp: Float32Array, invTemperature = 1): void {
     const gpu = this.gpu, c = this.config, a = this.acts;
-    if (!a) throw new Error("GpuModel.backward: no forward pass to go back through");
+    if (!a?.keep) throw new Error("GpuModel.backward: no training forward pass to go back through");
     const T = a.B * a.L, H = c.hiddenSize;
     const shape = this.attentionShape(a.B, a.L);
     const d = a.backwardBuffers(gpu, c);

@@ -2,10 +2,8 @@
 // and the WebGPU reference engine. Sequences of different lengths are right-padded into batches
 // (causal attention makes the padding invisible to the real tokens).
 
+import { SCORE_BATCH_TOKENS } from "../core/plan.ts";
 import type { GpuModel } from "./model.ts";
-
-/** Tokens per forward pass; bounds activation memory. */
-const BATCH_TOKENS = 8192;
 
 /** logprobs[i][t] = log p(seq_i[t+1] | seq_i[0..t]); row i has max(0, len_i − 1) values. */
 export async function scoreSequences(
@@ -19,14 +17,14 @@ export async function scoreSequences(
     let end = start, L = 1;
     while (end < sequences.length) {
       const longest = Math.max(L, sequences[end].length);
-      if (end > start && longest * (end - start + 1) > BATCH_TOKENS) break;
+      if (end > start && longest * (end - start + 1) > SCORE_BATCH_TOKENS) break;
       L = longest;
       end++;
     }
     const B = end - start;
     const ids = new Int32Array(B * L);
     for (let b = 0; b < B; b++) ids.set(sequences[start + b], b * L);
-    const logp = await model.gpu.read(model.forward(ids, B, L, invTemperature));
+    const logp = await model.gpu.read(model.forward(ids, B, L, invTemperature, false));
     for (let b = 0; b < B; b++) {
       const n = Math.max(0, sequences[start + b].length - 1);
       result[start + b] = Array.from(logp.subarray(b * L, b * L + n));

@@ -90,47 +90,55 @@ const LAYOUTS = [
   { transA: true, transB: true, name: "TT" },
 ];
 
+const FLAG_CASES = [
+  { accumulate: false, bias: false },
+  { accumulate: true, bias: false },
+  { accumulate: false, bias: true },
+  { accumulate: true, bias: true },
+];
+
 for (const layout of LAYOUTS) {
-  Deno.test(`matmul ${layout.name} matches the float64 twin on odd shapes`, gpuTest, async () => {
-    for (const shape of SHAPES) {
-      const { M, N, K } = shape;
-      const a = random(M * K), b = random(K * N), prev = random(M * N), bias = random(N);
-      const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
-      // The output is allocated larger than M·N: the extra elements must stay untouched.
-      const outs = [0, 1, 2, 3].map(() => gpu.upload(new Float32Array([...prev, 7, 7, 7, 7, 7])));
-      const cases = [
-        { accumulate: false, bias: false },
-        { accumulate: true, bias: false },
-        { accumulate: false, bias: true },
-        { accumulate: true, bias: true },
-      ];
-      cases.forEach((c, i) =>
-        matmul(gpu, ta, tb, outs[i], shape, {
-          transA: layout.transA,
-          transB: layout.transB,
-          accumulate: c.accumulate,
-          bias: c.bias ? tbias : undefined,
-        })
-      );
-      const results = await gpu.readMany(outs);
-      cases.forEach((c, i) => {
-        const want = twinMatmul(
-          a,
-          b,
-          shape,
-          layout.transA,
-          layout.transB,
-          c.accumulate ? prev : null,
-          c.bias ? bias : null,
+  Deno.test(
+    `matmul ${layout.name} matches the float64 twin, ± accumulate and bias`,
+    gpuTest,
+    async () => {
+      for (const shape of SHAPES) {
+        const { M, N, K } = shape;
+        const a = random(M * K), b = random(K * N), prev = random(M * N), bias = random(N);
+        const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
+        // The output is allocated larger than M·N: the extra elements must stay untouched.
+        const outs = [0, 1, 2, 3].map(() => gpu.upload(new Float32Array([...prev, 7, 7, 7, 7, 7])));
+        // Larger products take large register blocks whose kernels compile for a second each
+        // on llvmpipe: they test plain and accumulate+bias, smaller ones all four combinations.
+        const cases = M * N * K < 20000 ? FLAG_CASES : [FLAG_CASES[0], FLAG_CASES[3]];
+        cases.forEach((c, i) =>
+          matmul(gpu, ta, tb, outs[i], shape, {
+            transA: layout.transA,
+            transB: layout.transB,
+            accumulate: c.accumulate,
+            bias: c.bias ? tbias : undefined,
+          })
         );
-        const got = results[i] as Float32Array;
-        const what = `${layout.name} M=${M} N=${N} K=${K} ${JSON.stringify(c)}`;
-        assertClose(got, want, K, what);
-        assert.deepEqual([...got.subarray(M * N)], [7, 7, 7, 7, 7], `${what}: wrote past M·N`);
-      });
-      for (const t of [ta, tb, tbias, ...outs]) t.destroy();
-    }
-  });
+        const results = await gpu.readMany(outs);
+        cases.forEach((c, i) => {
+          const want = twinMatmul(
+            a,
+            b,
+            shape,
+            layout.transA,
+            layout.transB,
+            c.accumulate ? prev : null,
+            c.bias ? bias : null,
+          );
+          const got = results[i] as Float32Array;
+          const what = `${layout.name} M=${M} N=${N} K=${K} ${JSON.stringify(c)}`;
+          assertClose(got, want, K, what);
+          assert.deepEqual([...got.subarray(M * N)], [7, 7, 7, 7, 7], `${what}: wrote past M·N`);
+        });
+        for (const t of [ta, tb, tbias, ...outs]) t.destroy();
+      }
+    },
+  );
 }
 
 Deno.test("matmul handles more than 65535 row workgroups", gpuTest, async () => {

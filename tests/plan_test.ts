@@ -63,8 +63,8 @@ Deno.test("a small plan, counted by hand", () => {
   //   KV cache: 2·(4·5·2) + prompt cache 2·(2·5·2)
   //   buffers:  prefill 4·50 + scratch 16 + ids, positions 8 + kvLens 2;
   //             decode 4·50 + hidden, scratch 32 + logits 40 + six [4] 24 + outputs 2·(2·4)
-  // Reference: weights; 4 rows × 5 tokens = 20 tokens: 20·50 + 60 + 4 + 160 + 20, backward
-  //   20 + 160 + 160 + 80 + 360; log-probs 2·(20 × 10) + 40.
+  // Reference: weights; one scoring pass of 4 rows × 5 tokens = 20 tokens, forward only:
+  //   20·50 + 60 + 4 + 160 + 20; log-probs 2·(20 × 10) + 40.
   assert.deepEqual(bytes, {
     "policy weights": 720,
     "policy gradients": 720,
@@ -75,11 +75,11 @@ Deno.test("a small plan, counted by hand", () => {
     "policy generation KV cache": 4 * 120,
     "policy generation buffers": 4 * (226 + 312),
     "reference weights": 720,
-    "reference forward activations": 4 * (1244 + 780),
+    "reference forward activations": 4 * 1244,
     "reference log-prob buffers": 4 * 440,
   });
   assert.equal(plan.policyBytes, 10440);
-  assert.equal(plan.referenceBytes, 10576);
+  assert.equal(plan.referenceBytes, 7456);
   assert.equal(planMemory({ ...cfg, beta: 0 }, model).referenceBytes, 0);
 });
 
@@ -130,9 +130,9 @@ Deno.test("a tiny run is accepted", () => {
 });
 
 Deno.test("advice: each suggested value is the largest that fits", () => {
-  const cfg = loadTrainConfig(`${configs}qwen2.5-0.5b-gsm8k.yaml`, []);
-  const model = qwen("0.5B");
-  const adapter = limits(2 * GiB, 80 * GiB);
+  const cfg = loadTrainConfig(`${configs}qwen2.5-1.5b-gsm8k.yaml`, []);
+  const model = qwen("1.5B");
+  const adapter = limits(2 * GiB, 40 * GiB);
   const fits = (c: TrainConfig, shared = true) =>
     planProblems(planMemory(c, model, shared), adapter).length === 0;
   assert.ok(!fits(cfg) && fits(cfg, false));
@@ -155,7 +155,7 @@ Deno.test("aha plan prints the table and advice without asking the GPU", async (
       "-A",
       new URL("../main.ts", import.meta.url).pathname,
       "plan",
-      `${configs}qwen2.5-0.5b-gsm8k.yaml`,
+      `${configs}qwen2.5-1.5b-gsm8k.yaml`,
       "--memory-gb=24",
       "--max-binding-gb=2",
       "--max-buffer-gb=2",
