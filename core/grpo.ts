@@ -25,6 +25,25 @@ export interface GrpoLossConfig {
 }
 
 /**
+ * The batch `aha loss` reads (JSON, snake_case as in the file): sequences are prompt +
+ * completion, all the same length, completions right-padded with pad_id; log-prob rows hold one
+ * value per completion token.
+ */
+export interface LossBatch {
+  prompt_len: number;
+  sequences: number[][];
+  pad_id: number;
+  rewards: number[];
+  group_size: number;
+  beta: number;
+  epsilon: number;
+  epsilon_high?: number;
+  loss_type?: LossType;
+  ref_logprobs?: number[][];
+  old_logprobs?: number[][];
+}
+
+/**
  * Advantages per group of `groupSize` consecutive rewards: (r − mean) / (std + 1e-4) with the
  * unbiased std, or r − mean when `scaleRewards` is false. A group whose rewards are all equal
  * gets 0 everywhere; a group of one has no spread and gets 0 too.

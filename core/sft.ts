@@ -14,7 +14,7 @@ export interface SftOptions {
   steps: number;
   batchSize: number;
   optimizer: OptimizerHyper;
-  /** Linear warmup over this many steps, then constant. */
+  /** Linear warmup over this many steps, then linear decay to zero at the last step. */
   warmupSteps: number;
   seed: number;
   /** Called after every step with the step number and its mean token loss. */
@@ -47,7 +47,8 @@ export async function runSft(
       },
     );
     const warmup = Math.min(1, step / Math.max(1, opts.warmupSteps));
-    await policy.optimizerStep({ ...opts.optimizer, lr: opts.optimizer.lr * warmup });
+    const decay = (opts.steps - step + 1) / opts.steps;
+    await policy.optimizerStep({ ...opts.optimizer, lr: opts.optimizer.lr * Math.min(warmup, decay) });
     await opts.onStep?.(step, loss);
   }
   return loss;

@@ -9,9 +9,9 @@ import {
   groupAdvantages,
   grpoLoss,
   type GrpoLossConfig,
+  type LossBatch,
   lossNormalizer,
   type LossRow,
-  type LossType,
 } from "../core/grpo.ts";
 import { Gpu, modelNeeds } from "./device.ts";
 import { GpuModel } from "./model.ts";
@@ -28,20 +28,6 @@ token; without ref the reference is the model itself, without old logp_old = log
 Completion tokens up to and including the first pad_id (the end token) are trained on.
 
 Output: {"loss", "advantages", "grad_norm", "grads": {"<weight>": [first 8 values], ...}}`;
-
-interface LossBatch {
-  prompt_len: number;
-  sequences: number[][];
-  pad_id: number;
-  rewards: number[];
-  group_size: number;
-  beta: number;
-  epsilon: number;
-  epsilon_high?: number;
-  loss_type?: LossType;
-  ref_logprobs?: number[][];
-  old_logprobs?: number[][];
-}
 
 export async function run(args: string[]): Promise<void> {
   const { values } = parseCommandArgs("loss", args, {

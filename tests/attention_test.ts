@@ -11,19 +11,11 @@ import {
   type AttentionShape,
   writeKvCache,
 } from "../gpu/attention.ts";
+import { assertClose, centralDifference, gpuTest, randoms } from "./helpers.ts";
 
 const gpu = await Gpu.open();
-const opts = { sanitizeResources: false, sanitizeOps: false };
-
-function random(n: number, seed: number): Float64Array {
-  let x = seed >>> 0;
-  const out = new Float64Array(n);
-  for (let i = 0; i < n; i++) {
-    x = (Math.imul(x, 1664525) + 1013904223) >>> 0;
-    out[i] = x / 2 ** 31 - 1;
-  }
-  return out;
-}
+/** Seeded values in [−1, 1), f32-exact so that the GPU and the twin see the same inputs. */
+const random = (n: number, seed: number) => Float64Array.from(randoms(n, seed));
 
 // ---- the twin -------------------------------------------------------------------------------
 
@@ -124,20 +116,6 @@ function makeInputs(s: AttentionShape, kvLens: number[], seed: number): Inputs {
   return { q: random(s.B * s.Lq * s.nHeads * s.headDim, seed).map((t) => 2 * t), k, v, kvLens };
 }
 
-function assertClose(
-  name: string,
-  got: Float32Array,
-  want: Float64Array,
-  atol: number,
-  rtol: number,
-) {
-  assert.equal(got.length, want.length, `${name}: length`);
-  for (let i = 0; i < want.length; i++) {
-    const bad = !(Math.abs(got[i] - want[i]) <= atol + rtol * Math.abs(want[i]));
-    if (bad) assert.fail(`${name}[${i}]: gpu ${got[i]} vs twin ${want[i]}`);
-  }
-}
-
 async function check(s: AttentionShape, kvLens: number[], seed: number) {
   const x = makeInputs(s, kvLens, seed);
   const dOut = random(x.q.length, seed + 3);
@@ -154,11 +132,11 @@ async function check(s: AttentionShape, kvLens: number[], seed: number) {
   attentionBackward(gpu, q, k, v, lens, out, lse, dO, dq, dk, dv, s);
   const [gOut, gLse, gDq, gDk, gDv] = await gpu.readMany([out, lse, dq, dk, dv]) as Float32Array[];
   const want = twinForward(s, x), grads = twinBackward(s, x, dOut);
-  assertClose("out", gOut, want.out, 2e-5, 2e-4);
-  assertClose("lse", gLse, want.lse, 2e-5, 2e-4);
-  assertClose("dq", gDq, grads.dq, 1e-4, 1e-3);
-  assertClose("dk", gDk, grads.dk, 1e-4, 1e-3);
-  assertClose("dv", gDv, grads.dv, 1e-4, 1e-3);
+  assertClose(gOut, want.out, 2e-5, 2e-4, "out");
+  assertClose(gLse, want.lse, 2e-5, 2e-4, "lse");
+  assertClose(gDq, grads.dq, 1e-4, 1e-3, "dq");
+  assertClose(gDk, grads.dk, 1e-4, 1e-3, "dk");
+  assertClose(gDv, grads.dv, 1e-4, 1e-3, "dv");
   for (let b = 0; b < s.B; b++) {
     const from = kvOffset(s, b, kvLens[b], 0), to = kvOffset(s, b + 1, 0, 0);
     assert.ok(gDk.subarray(from, to).every((t) => t === 0), `dk of row ${b} past kvLens`);
@@ -188,13 +166,7 @@ Deno.test("twin backward matches finite differences", () => {
   for (const [name, t, g] of cases) {
     for (let i = 0; i < t.length; i++) {
       if (Number.isNaN(t[i])) continue;
-      const keep = t[i];
-      t[i] = keep + 1e-6;
-      const up = loss();
-      t[i] = keep - 1e-6;
-      const down = loss();
-      t[i] = keep;
-      const numeric = (up - down) / 2e-6;
+      const numeric = centralDifference(t, i, 1e-6, loss);
       assert.ok(
         Math.abs(numeric - g[i]) <= 1e-6 + 1e-6 * Math.abs(g[i]),
         `d${name}[${i}]: analytic ${g[i]} vs numeric ${numeric}`,
@@ -203,7 +175,7 @@ Deno.test("twin backward matches finite differences", () => {
   }
 });
 
-Deno.test("attention training shapes match the twin", opts, async () => {
+Deno.test("attention training shapes match the twin", gpuTest, async () => {
   for (
     const [c, seed] of [
       [training(1, 1, 1, 1, 8), 1],
@@ -216,19 +188,19 @@ Deno.test("attention training shapes match the twin", opts, async () => {
   ) await check(c.s, c.kvLens, seed);
 });
 
-Deno.test("attention decode (Lq = 1) with per-row cache lengths", opts, async () => {
+Deno.test("attention decode (Lq = 1) with per-row cache lengths", gpuTest, async () => {
   const s = { B: 3, Lq: 1, capacity: 20, nHeads: 4, nKvHeads: 2, headDim: 16 };
   await check(s, [1, 13, 20], 21);
 });
 
-Deno.test("attention prefill after some cache (Lq = 5)", opts, async () => {
+Deno.test("attention prefill after some cache (Lq = 5)", gpuTest, async () => {
   const s = { B: 4, Lq: 5, capacity: 16, nHeads: 6, nKvHeads: 3, headDim: 10 };
   // Row 0: a prompt filling part of the cache; rows 1, 2: earlier tokens cached; row 3: only 3
   // valid keys for 5 queries, so queries 0 and 1 see nothing (out 0, lse 0, no gradient).
   await check(s, [5, 9, 16, 3], 31);
 });
 
-Deno.test("writeKvCache puts new rows at kvLens − Lq + i", opts, async () => {
+Deno.test("writeKvCache puts new rows at kvLens − Lq + i", gpuTest, async () => {
   const s = { B: 3, Lq: 2, capacity: 7, nHeads: 4, nKvHeads: 2, headDim: 6 };
   const row = s.nKvHeads * s.headDim;
   const kvLens = [2, 7, 4];

@@ -5,6 +5,8 @@ import assert from "node:assert/strict";
 import { loadCheckpoint } from "../core/checkpoint.ts";
 import { cpuForwardBackward, cpuLogprobs, type Weights } from "../core/cpu_model.ts";
 import { type ModelConfig, parseModelConfig, weightShapes } from "../core/model_config.ts";
+import { Rng } from "../core/rng.ts";
+import { centralDifference } from "./helpers.ts";
 
 const GOLDEN = new URL("./fixtures/golden/", import.meta.url).pathname;
 const GOLDEN_NAMES = ["gqa_tied", "gqa3_untied", "mha_untied", "bf16_tied", "f16_sharded"];
@@ -28,21 +30,10 @@ for (const name of GOLDEN_NAMES) {
   });
 }
 
-/** A seeded uniform generator in [0, 1) (mulberry32). */
-function uniform(seed: number) {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(state ^ (state >>> 15), state | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /** Random float64 weights large enough that every path matters: matrices ±√(3/fan_in),
  * biases ±0.3, norm weights 1 ± 0.3, embedding ±1. */
 function randomWeights(config: ModelConfig, seed: number): Map<string, Float64Array> {
-  const random = uniform(seed);
+  const rng = new Rng(seed);
   const weights = new Map<string, Float64Array>();
   for (const [name, shape] of weightShapes(config)) {
     const scale = name.endsWith(".bias") || name.endsWith("norm.weight")
@@ -52,7 +43,7 @@ function randomWeights(config: ModelConfig, seed: number): Map<string, Float64Ar
       : Math.sqrt(3 / shape[1]);
     const offset = name.endsWith("norm.weight") ? 1 : 0;
     const data = new Float64Array(shape.reduce((a, b) => a * b, 1));
-    for (let i = 0; i < data.length; i++) data[i] = offset + scale * (2 * random() - 1);
+    for (let i = 0; i < data.length; i++) data[i] = offset + scale * (2 * rng.next() - 1);
     weights.set(name, data);
   }
   return weights;
@@ -74,8 +65,8 @@ for (const tied of [false, true]) {
     const config = parseModelConfig({ ...SMALL_SHAPE, tie_word_embeddings: tied });
     const weights = randomWeights(config, tied ? 7 : 8);
     const sequences = [[3, 0, 12, 5, 5, 9], [7, 1, 2], [4]];
-    const random = uniform(99);
-    const dLogprobs = sequences.map((s) => s.slice(1).map(() => 2 * random() - 1));
+    const rng = new Rng(99);
+    const dLogprobs = sequences.map((s) => s.slice(1).map(() => 2 * rng.next() - 1));
     // The scalar whose gradient is taken: Σ dLogprobs · logprobs.
     const objective = (w: Weights) =>
       cpuLogprobs(config, w, sequences).flat().reduce(
@@ -92,19 +83,12 @@ for (const tied of [false, true]) {
       // Embedding rows of tokens absent from the sequences only get gradient when tied.
       const usedRows = [...new Set(sequences.flat())];
       const entries = Array.from({ length: 4 }, () => {
-        if (name !== "model.embed_tokens.weight" || tied) return Math.floor(random() * w.length);
-        return usedRows[Math.floor(random() * usedRows.length)] * config.hiddenSize +
-          Math.floor(random() * config.hiddenSize);
+        if (name !== "model.embed_tokens.weight" || tied) return rng.int(w.length);
+        return usedRows[rng.int(usedRows.length)] * config.hiddenSize + rng.int(config.hiddenSize);
       });
       let sampledSize = 0;
       for (const i of entries) {
-        const saved = w[i];
-        w[i] = saved + step;
-        const plus = objective(weights);
-        w[i] = saved - step;
-        const minus = objective(weights);
-        w[i] = saved;
-        const numeric = (plus - minus) / (2 * step);
+        const numeric = centralDifference(w, i, step, () => objective(weights));
         const analytic = grads.get(name)![i];
         const error = Math.abs(numeric - analytic) / Math.max(1, Math.abs(numeric));
         worst = Math.max(worst, error);

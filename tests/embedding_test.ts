@@ -6,19 +6,9 @@
 import assert from "node:assert/strict";
 import { Gpu } from "../gpu/device.ts";
 import { embedding, embeddingBackward } from "../gpu/embedding.ts";
+import { gpuTest, randoms, SENTINEL, sentinels, unpad } from "./helpers.ts";
 
 const gpu = await Gpu.open();
-const gpuTest = { sanitizeResources: false, sanitizeOps: false };
-const SLACK = 5;
-const SENTINEL = 42;
-
-function randoms(n: number, seed: number): Float32Array {
-  let s = seed >>> 0;
-  return Float32Array.from({ length: n }, () => {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    return (s / 2 ** 32) * 2 - 1;
-  });
-}
 
 const tokenIds = (T: number, V: number, seed: number) =>
   Int32Array.from(randoms(T, seed), (v) => Math.min(V - 1, Math.floor((v + 1) / 2 * V)));
@@ -45,13 +35,11 @@ Deno.test("embedding forward copies table rows", gpuTest, async () => {
   const V = 50;
   for (const [T, H] of SHAPES) {
     const table = randoms(V * H, H), ids = tokenIds(T, V, T);
-    const out = gpu.upload(new Float32Array(T * H + SLACK).fill(SENTINEL));
+    const out = gpu.upload(sentinels(T * H));
     embedding(gpu, gpu.upload(ids), gpu.upload(table, [V, H]), out, T);
-    const got = await gpu.read(out);
-    for (let i = 0; i < T * H + SLACK; i++) {
-      const t = Math.floor(i / H);
-      const want = i < T * H ? table[ids[t] * H + (i % H)] : SENTINEL;
-      assert.equal(got[i], want, `out[${i}] T=${T} H=${H}`);
+    const got = unpad(await gpu.read(out), T * H, `out T=${T} H=${H}`);
+    for (let i = 0; i < T * H; i++) {
+      assert.equal(got[i], table[ids[Math.floor(i / H)] * H + (i % H)], `out[${i}] T=${T} H=${H}`);
     }
   }
 });

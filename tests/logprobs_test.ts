@@ -2,20 +2,12 @@
 // logits up to ±80 (a naive exp overflows f32 there), and the backward against finite differences.
 
 import assert from "node:assert/strict";
+import { Rng } from "../core/rng.ts";
 import { Gpu } from "../gpu/device.ts";
 import { tokenLogprobs, tokenLogprobsBackward } from "../gpu/logprobs.ts";
+import { centralDifference, gpuTest, randoms } from "./helpers.ts";
 
 const gpu = await Gpu.open();
-const opts = { sanitizeResources: false, sanitizeOps: false };
-
-function rng(seed: number): () => number {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t ^= t + Math.imul(t ^ (t >>> 7), 61 | t);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
 
 /** Float64 twin: logp[t] and lse[t] of s·logits. */
 function twinForward(logits: ArrayLike<number>, targets: Int32Array, V: number, s: number) {
@@ -53,14 +45,11 @@ function twinBackward(
 
 /** Random logits: even rows spread over ±80, odd rows over ±4. */
 function makeCase(T: number, V: number, seed: number) {
-  const r = rng(seed);
+  const rng = new Rng(seed);
   const logits = new Float32Array(T * V);
-  for (let t = 0; t < T; t++) {
-    const spread = t % 2 === 0 ? 80 : 4;
-    for (let v = 0; v < V; v++) logits[t * V + v] = (2 * r() - 1) * spread;
-  }
-  const targets = Int32Array.from({ length: T }, () => Math.floor(r() * V));
-  const dLogp = Float32Array.from({ length: T }, () => 2 * r() - 1);
+  for (let t = 0; t < T; t++) logits.set(randoms(V, rng, t % 2 === 0 ? 80 : 4), t * V);
+  const targets = Int32Array.from({ length: T }, () => rng.int(V));
+  const dLogp = randoms(T, rng);
   return { logits, targets, dLogp };
 }
 
@@ -88,7 +77,7 @@ async function runGpu(
   return { logp: gLogp, lse: gLse, dLogits: gDLogits };
 }
 
-Deno.test("tokenLogprobs forward and backward match the float64 twin", opts, async () => {
+Deno.test("tokenLogprobs forward and backward match the float64 twin", gpuTest, async () => {
   // Odd shapes plus Qwen2's vocabulary. f32 tolerances (measured worst errors 7x and 12x inside):
   // lse and logp to 1e-6·(1 + |lse|); dLogits to 1e-6·|dLogp·s|·(1 + softmax·(1 + |s·x| + |lse|)),
   // as exp(s·x − lse) inherits the rounding of s·x and lse.
@@ -120,7 +109,7 @@ Deno.test("tokenLogprobs forward and backward match the float64 twin", opts, asy
   }
 });
 
-Deno.test("tokenLogprobsBackward matches finite differences of the twin", opts, async () => {
+Deno.test("tokenLogprobsBackward matches finite differences of the twin", gpuTest, async () => {
   // Objective Σ_t dLogp[t]·logp[t]; central differences in float64 with h = 1e-4 (truncation error
   // ~h²); the f32 kernel is compared to 2e-6 absolute.
   for (const [T, V, s] of [[3, 7, 1], [2, 97, 1 / 0.6]]) {
@@ -134,13 +123,7 @@ Deno.test("tokenLogprobsBackward matches finite differences of the twin", opts, 
     const h = 1e-4;
     const x = Float64Array.from(logits);
     for (let i = 0; i < x.length; i++) {
-      const keep = x[i];
-      x[i] = keep + h;
-      const up = objective(x);
-      x[i] = keep - h;
-      const down = objective(x);
-      x[i] = keep;
-      const fd = (up - down) / (2 * h);
+      const fd = centralDifference(x, i, h, () => objective(x));
       assert.ok(
         Math.abs(got.dLogits[i] - fd) <= 2e-6,
         `T=${T} V=${V} i=${i}: ${got.dLogits[i]} vs ${fd}`,

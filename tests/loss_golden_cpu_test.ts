@@ -10,27 +10,13 @@ import {
   groupAdvantages,
   grpoLoss,
   type GrpoLossConfig,
+  type LossBatch,
   lossNormalizer,
-  type LossType,
 } from "../core/grpo.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 const CASES = `${ROOT}tests/fixtures/loss/`;
 const TOLERANCE = 1e-9; // both sides are float64 from the same stored weights
-
-interface Batch {
-  prompt_len: number;
-  sequences: number[][];
-  pad_id: number;
-  rewards: number[];
-  group_size: number;
-  beta: number;
-  epsilon: number;
-  epsilon_high?: number;
-  loss_type?: LossType;
-  ref_logprobs?: number[][];
-  old_logprobs?: number[][];
-}
 
 interface Expected {
   model: string;
@@ -51,7 +37,7 @@ Deno.test("loss golden cases exist", () => assert.ok(caseNames.length >= 3));
 
 for (const name of caseNames.sort()) {
   Deno.test(`aha loss on the CPU twin matches PyTorch: ${name}`, async () => {
-    const batch: Batch = JSON.parse(await Deno.readTextFile(`${CASES}${name}/batch.json`));
+    const batch: LossBatch = JSON.parse(await Deno.readTextFile(`${CASES}${name}/batch.json`));
     const expected: Expected = JSON.parse(await Deno.readTextFile(`${CASES}${name}/expected.json`));
     const { config, weights } = await loadCheckpoint(ROOT + expected.model);
     const P = batch.prompt_len;

@@ -12,23 +12,13 @@ import { parseModelConfig, PRESETS, toHfConfig } from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
 import { readSafetensors, writeSafetensors } from "../core/safetensors.ts";
 import { OnnxEngine } from "../reference/onnx_engine.ts";
+import { assertRowsClose } from "./helpers.ts";
 
 const TOLERANCE = 1e-4;
 const THREADS = 2;
 const GOLDEN = new URL("./fixtures/golden/", import.meta.url).pathname;
 const tmp = await Deno.makeTempDir({ prefix: "aha_onnx_test_" });
 globalThis.addEventListener("unload", () => Deno.removeSync(tmp, { recursive: true }));
-
-function assertClose(actual: number[][], expected: number[][], what: string) {
-  assert.equal(actual.length, expected.length, what);
-  actual.forEach((row, i) => {
-    assert.equal(row.length, expected[i].length, `${what}: row ${i} length`);
-    row.forEach((v, t) => {
-      const err = Math.abs(v - expected[i][t]);
-      assert.ok(err <= TOLERANCE, `${what}: [${i}][${t}] ${v} vs ${expected[i][t]} (${err})`);
-    });
-  });
-}
 
 // An untied grouped-query model (6 query heads over 2 kv heads, head dim 8) with every weight
 // random: biases and norm weights too, which initWeights leaves at 0 and 1.
@@ -64,7 +54,12 @@ Deno.test("onnx engine matches the PyTorch golden log-probs", async () => {
     const expected = JSON.parse(await Deno.readTextFile(`${dir}/expected.json`));
     // In-memory export: nothing is written into the fixture directories.
     const engine = await OnnxEngine.create(await loadCheckpoint(dir), { threads: THREADS });
-    assertClose(await engine.logprobs(expected.sequences), expected.logprobs, entry.name);
+    assertRowsClose(
+      await engine.logprobs(expected.sequences),
+      expected.logprobs,
+      TOLERANCE,
+      entry.name,
+    );
     await engine.release();
   }
 });
@@ -73,9 +68,10 @@ Deno.test("onnx engine matches the CPU twin (untied, random biases; tiny preset)
   const weights = randomWeights(7);
   const sequences = randomSequences(8, [33, 1, 7, 2, 64, 7], untied.vocabSize);
   const engine = await OnnxEngine.create({ config: untied, weights }, { threads: THREADS });
-  assertClose(
+  assertRowsClose(
     await engine.logprobs(sequences),
     cpuLogprobs(untied, weights, sequences),
+    TOLERANCE,
     "untied",
   );
   await engine.release();
@@ -84,9 +80,10 @@ Deno.test("onnx engine matches the CPU twin (untied, random biases; tiny preset)
   const tinyWeights = initWeights(tiny, 3);
   const tinySequences = randomSequences(4, [97, 5, 40], tiny.vocabSize);
   const tinyEngine = await OnnxEngine.create({ config: tiny, weights: tinyWeights });
-  assertClose(
+  assertRowsClose(
     await tinyEngine.logprobs(tinySequences),
     cpuLogprobs(tiny, tinyWeights, tinySequences),
+    TOLERANCE,
     "tiny",
   );
   await tinyEngine.release();
@@ -121,9 +118,10 @@ Deno.test("onnx export cache: re-used while the weights stay, replaced when they
   for (const [name, t] of tensors) t.data.set(newWeights.get(name)!);
   await writeSafetensors(`${dir}/model.safetensors`, tensors, { format: "pt" });
   const changed = await OnnxEngine.create(dir, { threads: THREADS });
-  assertClose(
+  assertRowsClose(
     await changed.logprobs(sequences),
     cpuLogprobs(untied, newWeights, sequences),
+    TOLERANCE,
     "after new weights",
   );
   await changed.release();

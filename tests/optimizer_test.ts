@@ -2,25 +2,13 @@
 // bitwise-equal on a rerun), and several AdamW steps with and without gradient clipping.
 
 import assert from "node:assert/strict";
+import { Rng } from "../core/rng.ts";
 import { adamw, type AdamwHyper } from "../gpu/adamw.ts";
 import { Gpu } from "../gpu/device.ts";
 import { gradNorm } from "../gpu/gradnorm.ts";
+import { gpuTest, randoms } from "./helpers.ts";
 
 const gpu = await Gpu.open();
-const opts = { sanitizeResources: false, sanitizeOps: false };
-
-function rng(seed: number): () => number {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t ^= t + Math.imul(t ^ (t >>> 7), 61 | t);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
-
-function randomArray(n: number, scale: number, r: () => number): Float32Array {
-  return Float32Array.from({ length: n }, () => (2 * r() - 1) * scale);
-}
 
 function twinNorm(arrays: Float32Array[]): number {
   let sum = 0;
@@ -28,10 +16,10 @@ function twinNorm(arrays: Float32Array[]): number {
   return Math.sqrt(sum);
 }
 
-Deno.test("gradNorm matches the twin to 1e-5 and is bitwise repeatable", opts, async () => {
-  const r = rng(7);
+Deno.test("gradNorm matches the twin to 1e-5 and is bitwise repeatable", gpuTest, async () => {
+  const rng = new Rng(7);
   const sizes = [1, 7, 33, 97, 4095, 4097, 100_003, (1 << 20) + 3];
-  const arrays = sizes.map((n, i) => randomArray(n, 10 ** (i % 4 - 2), r));
+  const arrays = sizes.map((n, i) => randoms(n, rng, 10 ** (i % 4 - 2)));
   const grads = arrays.map((a) => gpu.upload(a));
   const norm = gpu.zeros([1]);
   gradNorm(gpu, grads, norm);
@@ -66,14 +54,14 @@ function twinAdamw(
   }
 }
 
-Deno.test("adamw matches the float64 twin over several steps, clipped or not", opts, async () => {
+Deno.test("adamw matches the float64 twin over five steps, clipped or not", gpuTest, async () => {
   // f32 tolerances: param to 2e-6 absolute (|p| ≤ 1, lr = 1e-2, five steps), m and v to 1e-6
   // relative to their largest magnitude. Gradients have norm ~18: maxGradNorm 1 clips them,
   // 1000 does not, 0 turns clipping off even though `norm` holds a huge value.
   const n = 1001;
   for (const maxGradNorm of [0, 1, 1000]) {
-    const r = rng(11 + maxGradNorm);
-    const p0 = randomArray(n, 1, r);
+    const rng = new Rng(11 + maxGradNorm);
+    const p0 = randoms(n, rng);
     const param = gpu.upload(p0), grad = gpu.zeros([n]), m = gpu.zeros([n]), v = gpu.zeros([n]);
     const norm = gpu.zeros([1]);
     const want = { p: Float64Array.from(p0), m: new Float64Array(n), v: new Float64Array(n) };
@@ -87,7 +75,7 @@ Deno.test("adamw matches the float64 twin over several steps, clipped or not", o
         step,
         maxGradNorm,
       };
-      const g = randomArray(n, 1, r);
+      const g = randoms(n, rng);
       gpu.write(grad, g);
       if (maxGradNorm > 0) gradNorm(gpu, [grad], norm);
       else gpu.write(norm, new Float32Array([1e30]));

@@ -13,12 +13,12 @@ import { selfCommand } from "../core/self_command.ts";
 import type { AdapterSummary } from "../gpu/device.ts";
 import { Channel, LineReader } from "../reference/channel.ts";
 import { WorkerReference, type WorkerReferenceOptions } from "../reference/client.ts";
+import { assertRowsClose, gpuTest } from "./helpers.ts";
 
 const TOLERANCE = 1e-4;
 const GOLDEN = new URL("./fixtures/golden/", import.meta.url).pathname;
 const tmp = await Deno.makeTempDir({ prefix: "aha_reference_test_" });
 globalThis.addEventListener("unload", () => Deno.removeSync(tmp, { recursive: true }));
-const opts = { sanitizeResources: false, sanitizeOps: false };
 const XDG = { XDG_RUNTIME_DIR: Deno.env.get("XDG_RUNTIME_DIR") ?? tmp };
 
 /** The adapter a process gets with DENO_WEBGPU_BACKEND = backend (null: none there). */
@@ -47,17 +47,6 @@ function start(modelDir: string, vocabSize: number, more: Partial<WorkerReferenc
   });
 }
 
-function assertClose(actual: number[][], expected: number[][], what: string) {
-  assert.equal(actual.length, expected.length, what);
-  actual.forEach((row, i) => {
-    assert.equal(row.length, expected[i].length, `${what}: row ${i} length`);
-    row.forEach((v, t) => {
-      const err = Math.abs(v - expected[i][t]);
-      assert.ok(err <= TOLERANCE, `${what}: [${i}][${t}] ${v} vs ${expected[i][t]} (${err})`);
-    });
-  });
-}
-
 const golden = (name: string) => ({
   dir: GOLDEN + name,
   expected: JSON.parse(Deno.readTextFileSync(`${GOLDEN}${name}/expected.json`)) as {
@@ -72,20 +61,25 @@ const asBatch = (sequences: number[][]) => ({
   promptLens: sequences.map(() => 1),
 });
 
-Deno.test("the worker's log-probs match the PyTorch golden values", opts, async () => {
+Deno.test("the worker's log-probs match the PyTorch golden values", gpuTest, async () => {
   for (const entry of [...Deno.readDirSync(GOLDEN)].map((e) => e.name).sort()) {
     const { dir, expected, vocab } = golden(entry);
     const lines: string[] = [];
     const ref = await start(dir, vocab, { log: (line) => lines.push(line) });
     try {
       const got = await ref.completionLogprobs(asBatch(expected.sequences), 1);
-      assertClose(got, expected.logprobs, entry);
+      assertRowsClose(got, expected.logprobs, TOLERANCE, entry);
       // Completion-only rows: a two-token prompt drops each row's first value.
       const later = await ref.completionLogprobs({
         rows: expected.sequences,
         promptLens: expected.sequences.map(() => 2),
       }, 1);
-      assertClose(later, expected.logprobs.map((row) => row.slice(1)), `${entry} (prompt 2)`);
+      assertRowsClose(
+        later,
+        expected.logprobs.map((row) => row.slice(1)),
+        TOLERANCE,
+        `${entry} (prompt 2)`,
+      );
       // adapter "same": the policy's adapter, said so in the log.
       assert.match(lines.join("\n"), /warning: the reference shares the policy's adapter/);
     } finally {
@@ -94,7 +88,7 @@ Deno.test("the worker's log-probs match the PyTorch golden values", opts, async 
   }
 });
 
-Deno.test("the onnx engine in the worker matches the golden values", opts, async () => {
+Deno.test("the onnx engine in the worker matches the golden values", gpuTest, async () => {
   const dir = `${tmp}/onnx_gqa3_untied`; // a copy: the export is cached next to the checkpoint
   const { expected, vocab } = golden("gqa3_untied");
   const checkpoint = await loadCheckpoint(GOLDEN + "gqa3_untied");
@@ -102,9 +96,10 @@ Deno.test("the onnx engine in the worker matches the golden values", opts, async
   const ref = await start(dir, vocab, { engine: "onnx" });
   try {
     assert.equal(ref.adapter, null);
-    assertClose(
+    assertRowsClose(
       await ref.completionLogprobs(asBatch(expected.sequences), 1),
       expected.logprobs,
+      TOLERANCE,
       "onnx",
     );
     await assert.rejects(
@@ -119,7 +114,7 @@ Deno.test("the onnx engine in the worker matches the golden values", opts, async
 Deno.test({
   name: "policy on Vulkan, reference on GL: two distinct adapters",
   ignore: !vulkan || !gl,
-  ...opts,
+  ...gpuTest,
   fn: async () => {
     const { dir, vocab } = golden("gqa_tied");
     const lines: string[] = [];
@@ -142,7 +137,7 @@ Deno.test({
   },
 });
 
-Deno.test("malformed requests get error replies and the worker keeps serving", opts, async () => {
+Deno.test("malformed requests get error replies; the worker keeps serving", gpuTest, async () => {
   const { dir, vocab } = golden("gqa_tied");
   const channel = await Channel.create();
   const self = selfCommand(["ref-worker", "--model", dir, "--channel", channel.dir]);
@@ -248,7 +243,7 @@ Deno.test("malformed requests get error replies and the worker keeps serving", o
 
 Deno.test(
   "a reference with another vocabulary or tokenizer is refused at start",
-  opts,
+  gpuTest,
   async () => {
     const { dir, vocab } = golden("gqa_tied");
     const before = shmChannels();
@@ -276,7 +271,7 @@ Deno.test(
 
 Deno.test(
   "sync: the reference becomes α·policy + (1−α)·reference, also after a restart",
-  opts,
+  gpuTest,
   async () => {
     const { dir, vocab, expected } = golden("gqa_tied");
     const checkpoint = await loadCheckpoint(dir);
@@ -306,7 +301,7 @@ Deno.test(
 
 Deno.test(
   "a crashed or hung worker is restarted and the request resent; then it gives up",
-  opts,
+  gpuTest,
   async () => {
     const { dir, vocab, expected } = golden("mha_untied");
     const batch = asBatch(expected.sequences);
@@ -419,7 +414,7 @@ const weightsOf = (dir: string) => Deno.readFile(`${dir}/model.safetensors`);
 
 Deno.test(
   "killing the worker mid-run changes no weight; nothing outlives a run",
-  opts,
+  gpuTest,
   async () => {
     const undisturbed = await train(["sft.steps=20", `output_dir=${tmp}/run_a`]);
     assert.equal(undisturbed.code, 0, undisturbed.log);

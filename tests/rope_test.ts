@@ -9,20 +9,11 @@
 import assert from "node:assert/strict";
 import { Gpu } from "../gpu/device.ts";
 import { rope } from "../gpu/rope.ts";
+import { assertClose, gpuTest, padded, randoms, unpad } from "./helpers.ts";
 
 const gpu = await Gpu.open();
-const gpuTest = { sanitizeResources: false, sanitizeOps: false };
 const THETA = 1e6;
-const SLACK = 5;
-const SENTINEL = 42;
-
-function randoms(n: number, seed: number): Float32Array {
-  let s = seed >>> 0;
-  return Float32Array.from({ length: n }, () => {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    return (s / 2 ** 32) * 2 - 1;
-  });
-}
+const TOLERANCE = 2e-6; // absolute, on values in [−1, 1]
 
 /** T positions in [0, 4096): 0 first, 4095 last, random between. */
 function positionsFor(T: number): Int32Array {
@@ -50,7 +41,7 @@ function ropeTwin(x: Float32Array, pos: Int32Array, heads: number, D: number, in
   return y;
 }
 
-/** Run rope on a copy of x padded with sentinels; return the GPU result (with the padding). */
+/** Run rope on a copy of x padded with sentinels; the GPU result, its padding found intact. */
 async function ropeGpu(
   x: Float32Array,
   pos: Int32Array,
@@ -58,18 +49,9 @@ async function ropeGpu(
   D: number,
   inverse: boolean,
 ) {
-  const padded = new Float32Array(x.length + SLACK).fill(SENTINEL);
-  padded.set(x);
-  const xGpu = gpu.upload(padded);
+  const xGpu = gpu.upload(padded(x));
   rope(gpu, xGpu, gpu.upload(pos), pos.length, heads, D, THETA, inverse);
-  return await gpu.read(xGpu);
-}
-
-function assertClose(got: Float32Array, want: ArrayLike<number>, what: string) {
-  for (let i = 0; i < got.length; i++) {
-    const expected = i < want.length ? want[i] : SENTINEL;
-    assert.ok(Math.abs(got[i] - expected) <= 2e-6, `${what}[${i}] = ${got[i]}, want ${expected}`);
-  }
+  return unpad(await gpu.read(xGpu), x.length, `rope T=${pos.length} D=${D}`);
 }
 
 const SHAPES = [1, 7, 33, 97].flatMap((T) =>
@@ -81,7 +63,8 @@ Deno.test("rope matches the HF twin, forward and inverse", gpuTest, async () => 
     const x = randoms(T * heads * D, T * heads + D), pos = positionsFor(T);
     for (const inverse of [false, true]) {
       const got = await ropeGpu(x, pos, heads, D, inverse);
-      assertClose(got, ropeTwin(x, pos, heads, D, inverse), `T=${T} heads=${heads} D=${D}`);
+      const want = ropeTwin(x, pos, heads, D, inverse);
+      assertClose(got, want, TOLERANCE, 0, `T=${T} heads=${heads} D=${D} inverse=${inverse}`);
     }
   }
 });
@@ -90,11 +73,12 @@ Deno.test("rope inverse undoes rope and is its transpose", gpuTest, async () => 
   for (const [T, heads, D] of SHAPES) {
     const n = T * heads * D, pos = positionsFor(T);
     const a = randoms(n, 1), b = randoms(n, 2);
-    const rotated = (await ropeGpu(a, pos, heads, D, false)).subarray(0, n);
-    assertClose(await ropeGpu(rotated, pos, heads, D, true), a, `round trip T=${T} D=${D}`);
+    const rotated = await ropeGpu(a, pos, heads, D, false);
+    const aBack = await ropeGpu(rotated, pos, heads, D, true);
+    assertClose(aBack, a, TOLERANCE, 0, `round trip T=${T} D=${D}`);
     const dot = (u: Float32Array, v: Float32Array) => u.reduce((s, ui, i) => s + ui * v[i], 0);
-    const back = (await ropeGpu(b, pos, heads, D, true)).subarray(0, n);
-    const gap = Math.abs(dot(rotated, b) - dot(a, back));
+    const bBack = await ropeGpu(b, pos, heads, D, true);
+    const gap = Math.abs(dot(rotated, b) - dot(a, bBack));
     assert.ok(gap <= 1e-7 * n, `⟨rope(a), b⟩ − ⟨a, rope⁻¹(b)⟩ = ${gap} at T=${T} D=${D}`);
   }
 });

@@ -6,23 +6,9 @@
 import assert from "node:assert/strict";
 import { Gpu } from "../gpu/device.ts";
 import { sample, type SampleOptions } from "../gpu/sample.ts";
+import { gpuTest, randoms } from "./helpers.ts";
 
 const gpu = await Gpu.open();
-const opts = { sanitizeResources: false, sanitizeOps: false };
-
-function rng(seed: number): () => number {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t ^= t + Math.imul(t ^ (t >>> 7), 61 | t);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
-
-function randomLogits(B: number, V: number, spread: number, seed: number): Float32Array {
-  const r = rng(seed);
-  return Float32Array.from({ length: B * V }, () => (2 * r() - 1) * spread);
-}
 
 /** Run sample() on rows [B, V]; done rows start with token −7 and logp 123. */
 async function run(
@@ -96,10 +82,10 @@ function assertLogp(
 
 Deno.test(
   "greedy is the argmax, ties to the lowest index; done rows are untouched",
-  opts,
+  gpuTest,
   async () => {
     for (const [B, V] of [[33, 97], [3, 50_000]]) { // 64 and 256 threads per row
-      const logits = randomLogits(B, V, 8, V);
+      const logits = randoms(B * V, V, 8);
       logits[V + 5] = logits[V + 40] = logits[V + 90] = 9; // a three-way tie for the max in row 1
       const done = Int32Array.from({ length: B }, (_, b) => (b % 5 === 2 ? 1 : 0));
       const o = { temperature: 0, topK: 3, topP: 0.5, seed: 1, step: 0 }; // top-k/p: no effect
@@ -122,10 +108,10 @@ Deno.test(
 
 Deno.test(
   "a fixed seed and step reproduce the draw; changing either changes it",
-  opts,
+  gpuTest,
   async () => {
     const B = 257, V = 33;
-    const logits = randomLogits(B, V, 1, 2);
+    const logits = randoms(B * V, 2);
     const o = { temperature: 1, topK: 0, topP: 1, seed: 5, step: 3 };
     const a = await run(logits, B, V, o);
     const again = await run(logits, B, V, o);
@@ -143,7 +129,7 @@ Deno.test(
 
 Deno.test(
   "sampled frequencies follow the softmax restricted by top-k and top-p",
-  opts,
+  gpuTest,
   async () => {
     // 4000 rows of the same logits, so 4000 draws keyed by (seed, step, row). Each token's count
     // must lie within 5 binomial standard deviations of 4000·q (q = the twin's restricted
@@ -178,7 +164,7 @@ Deno.test(
   },
 );
 
-Deno.test("top-k and top-p never return a token outside their sets", opts, async () => {
+Deno.test("top-k and top-p never return a token outside their sets", gpuTest, async () => {
   // Membership is checked against the twin's set for topP + 1e-4: the kernel sums f32 masses, so a
   // token whose cumulative mass lies within 1e-4 of topP may fall on either side.
   const cases: [number, number, SampleOptions][] = [
@@ -188,7 +174,7 @@ Deno.test("top-k and top-p never return a token outside their sets", opts, async
     [2, 151_936, { temperature: 1, topK: 50, topP: 0.9, seed: 24, step: 0 }],
   ];
   for (const [B, V, o] of cases) {
-    const logits = randomLogits(B, V, 6, V);
+    const logits = randoms(B * V, V, 6);
     // Ties at the k-th largest logit in row 0: all tied tokens are allowed.
     if (o.topK > 0) {
       const row = logits.subarray(0, V);

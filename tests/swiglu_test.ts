@@ -3,23 +3,12 @@
 // sigmoid never overflows. Tolerance: |gpu − ref| ≤ 1e-6 + 1e-5·|ref| (f32 exp/division).
 // Outputs are allocated longer than n: the tail must stay untouched.
 
-import assert from "node:assert/strict";
 import { Gpu } from "../gpu/device.ts";
 import { swiglu, swigluBackward } from "../gpu/swiglu.ts";
+import { assertClose, gpuTest, randoms, sentinels, unpad } from "./helpers.ts";
 
 const gpu = await Gpu.open();
-const gpuTest = { sanitizeResources: false, sanitizeOps: false };
 const SIZES = [1, 7, 33, 97, 1001];
-const SLACK = 5;
-const SENTINEL = 42;
-
-function randoms(n: number, seed: number, scale = 1): Float32Array {
-  let s = seed >>> 0;
-  return Float32Array.from({ length: n }, () => {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    return ((s / 2 ** 32) * 2 - 1) * scale;
-  });
-}
 
 function gates(n: number): Float32Array {
   const g = randoms(n, 11, 12);
@@ -29,41 +18,37 @@ function gates(n: number): Float32Array {
 
 const silu = (g: number) => g / (1 + Math.exp(-g));
 
-function assertClose(got: Float32Array, want: (i: number) => number, n: number, what: string) {
-  for (let i = 0; i < n + SLACK; i++) {
-    const expected = i < n ? want(i) : SENTINEL;
-    const tol = 1e-6 + 1e-5 * Math.abs(expected);
-    assert.ok(Math.abs(got[i] - expected) <= tol, `${what}[${i}] = ${got[i]}, want ${expected}`);
-  }
+/** A padded output against want(0..n−1), to the tolerance above; the padding untouched. */
+function assertMatches(got: Float32Array, want: (i: number) => number, n: number, what: string) {
+  const expected = Float64Array.from({ length: n }, (_, i) => want(i));
+  assertClose(unpad(got, n, what), expected, 1e-6, 1e-5, what);
 }
-
-const outputs = (n: number) => gpu.upload(new Float32Array(n + SLACK).fill(SENTINEL));
 
 Deno.test("swiglu forward matches the float64 twin", gpuTest, async () => {
   for (const n of SIZES) {
     const g = gates(n), u = randoms(n, 12, 2);
-    const out = outputs(n);
+    const out = gpu.upload(sentinels(n));
     swiglu(gpu, gpu.upload(g), gpu.upload(u), out, n);
-    assertClose(await gpu.read(out), (i) => silu(g[i]) * u[i], n, `swiglu n=${n}`);
+    assertMatches(await gpu.read(out), (i) => silu(g[i]) * u[i], n, `swiglu n=${n}`);
   }
 });
 
 Deno.test("swiglu backward matches the analytic twin and finite differences", gpuTest, async () => {
   for (const n of SIZES) {
     const g = gates(n), u = randoms(n, 13, 2), d = randoms(n, 14);
-    const dGate = outputs(n), dUp = outputs(n);
+    const dGate = gpu.upload(sentinels(n)), dUp = gpu.upload(sentinels(n));
     swigluBackward(gpu, gpu.upload(g), gpu.upload(u), gpu.upload(d), dGate, dUp, n);
     const [dg, du] = (await gpu.readMany([dGate, dUp])) as Float32Array[];
     // Analytic: d silu/dg = σ(g)·(1 + g·(1 − σ(g))).
     const sigmoid = (x: number) => 1 / (1 + Math.exp(-x));
     const dSilu = (x: number) => sigmoid(x) * (1 + x * (1 - sigmoid(x)));
-    assertClose(dg, (i) => d[i] * u[i] * dSilu(g[i]), n, `dGate n=${n}`);
-    assertClose(du, (i) => d[i] * silu(g[i]), n, `dUp n=${n}`);
+    assertMatches(dg, (i) => d[i] * u[i] * dSilu(g[i]), n, `dGate n=${n}`);
+    assertMatches(du, (i) => d[i] * silu(g[i]), n, `dUp n=${n}`);
     // Central differences of L = Σ d·silu(g)·u, one value at a time (the op is elementwise).
     const loss = (i: number, gi: number, ui: number) => d[i] * silu(gi) * ui;
     const h = 1e-5;
     const fd = (f: (x: number) => number, x: number) => (f(x + h) - f(x - h)) / (2 * h);
-    assertClose(dg, (i) => fd((x) => loss(i, x, u[i]), g[i]), n, `dGate vs FD n=${n}`);
-    assertClose(du, (i) => fd((x) => loss(i, g[i], x), u[i]), n, `dUp vs FD n=${n}`);
+    assertMatches(dg, (i) => fd((x) => loss(i, x, u[i]), g[i]), n, `dGate vs FD n=${n}`);
+    assertMatches(du, (i) => fd((x) => loss(i, g[i], x), u[i]), n, `dUp vs FD n=${n}`);
   }
 });

@@ -1,0 +1,76 @@
+// What the tests share: the options GPU tests run with, seeded random inputs, outputs allocated
+// longer than the work (padded with sentinels that must stay untouched), and the checks of a
+// result against a float64 twin: within a tolerance, or against central finite differences.
+
+import assert from "node:assert/strict";
+import { Rng } from "../core/rng.ts";
+
+/** Test options for tests holding WebGPU resources, which Deno's sanitizers would report. */
+export const gpuTest = { sanitizeResources: false, sanitizeOps: false };
+
+/** n uniform f32 values in [−scale, scale) drawn from `rng`, or from a new Rng seeded by it. */
+export function randoms(n: number, rng: Rng | number, scale = 1): Float32Array {
+  const source = typeof rng === "number" ? new Rng(rng) : rng;
+  return Float32Array.from({ length: n }, () => (2 * source.next() - 1) * scale);
+}
+
+/** A padded output holds SLACK values past the work, each SENTINEL. */
+export const SLACK = 5;
+export const SENTINEL = 42;
+
+/** n + SLACK sentinels: an output in which every value the work leaves unwritten shows. */
+export function sentinels(n: number): Float32Array {
+  return new Float32Array(n + SLACK).fill(SENTINEL);
+}
+
+/** `values` followed by SLACK sentinels. */
+export function padded(values: ArrayLike<number>): Float32Array {
+  const v = sentinels(values.length);
+  v.set(values);
+  return v;
+}
+
+/** The first n values of a padded output, once its SLACK sentinels are found untouched. */
+export function unpad(got: Float32Array, n: number, what: string): Float32Array {
+  const tail = new Array(SLACK).fill(SENTINEL);
+  assert.deepEqual([...got.subarray(n)], tail, `${what}: wrote past its ${n} values`);
+  return got.subarray(0, n);
+}
+
+/** got[i] within atol + rtol·|want[i]| of want[i] at every i (NaN fails), lengths equal. */
+export function assertClose(
+  got: ArrayLike<number>,
+  want: ArrayLike<number>,
+  atol: number,
+  rtol: number,
+  what: string,
+) {
+  assert.equal(got.length, want.length, `${what}: length`);
+  for (let i = 0; i < want.length; i++) {
+    if (!(Math.abs(got[i] - want[i]) <= atol + rtol * Math.abs(want[i]))) {
+      assert.fail(`${what}[${i}] = ${got[i]}, want ${want[i]} (atol ${atol}, rtol ${rtol})`);
+    }
+  }
+}
+
+/** Rows (log-probs per sequence) of the same shape, every value within `atol`. */
+export function assertRowsClose(got: number[][], want: number[][], atol: number, what: string) {
+  assert.equal(got.length, want.length, `${what}: rows`);
+  got.forEach((row, i) => assertClose(row, want[i], atol, 0, `${what}: row ${i}`));
+}
+
+/** (f() at values[i] + h − f() at values[i] − h) / 2h; f reads `values`, values[i] is restored. */
+export function centralDifference(
+  values: Float64Array,
+  i: number,
+  h: number,
+  f: () => number,
+): number {
+  const keep = values[i];
+  values[i] = keep + h;
+  const up = f();
+  values[i] = keep - h;
+  const down = f();
+  values[i] = keep;
+  return (up - down) / (2 * h);
+}
