@@ -2,8 +2,9 @@
 // and a model shape, mirroring gpu/model.ts (weights, gradients, AdamW moments, the activations
 // the forward keeps, the logit chunk) and gpu/generate.ts (KV caches, prefill and decode
 // buffers), grouped by purpose and adapter. The plan is checked against the adapter's limits —
-// each tensor is bound whole, so the largest must fit one storage binding; the totals must fit
-// the adapter's memory when it is known — and advice says which setting to lower, and to what.
+// a weight larger than one storage binding is kept as row slices, so one row must fit; every
+// other tensor is bound whole, so the largest must fit; the totals must fit the adapter's memory
+// when it is known — and advice says which setting to lower, and to what.
 // `aha plan` prints it (gpu/cli_plan.ts); `aha train` calls checkPlan before loading anything.
 
 import { AhaError } from "./errors.ts";
@@ -26,6 +27,23 @@ export function logitChunkTokens(T: number, V: number, chunkFloats = LOGIT_CHUNK
 }
 /** Every element aha stores (f32, i32) takes 4 bytes. */
 const ELEMENT_BYTES = 4;
+
+/** Bytes of one row of a weight (a 1-D weight is one row): what splitting cannot go below. */
+export function weightRowBytes(shape: number[]): number {
+  return (shape.length > 1 ? shape.slice(1) : shape).reduce((a, b) => a * b, 1) * ELEMENT_BYTES;
+}
+
+/**
+ * Rows per slice of a weight kept as row slices of at most `maxBytes` each (gpu/model.ts): all
+ * its rows when it fits, else as many as fit, a multiple of 4 when 4 fit (each slice then writes
+ * vec4-aligned columns of its outputs); 0 when not even one row fits.
+ */
+export function weightSliceRows(shape: number[], maxBytes: number): number {
+  const rows = shape.length > 1 ? shape[0] : 1;
+  const fit = Math.floor(maxBytes / weightRowBytes(shape));
+  if (fit >= rows) return rows;
+  return fit >= 4 ? fit - fit % 4 : fit;
+}
 
 export interface AdapterLimits {
   description: string;
@@ -273,6 +291,19 @@ export function planProblems(plan: Plan, limits: AdapterLimits): string[] {
     i.what === "gradients" || i.what === "AdamW moments" ||
     (i.adapter === "reference" && i.what === "weights");
   for (const item of plan.items.filter((i) => !mirrorsWeights(i))) {
+    if (item.what === "weights") {
+      const widest = item.tensors.reduce((a, b) =>
+        weightRowBytes(b.shape) > weightRowBytes(a.shape) ? b : a
+      );
+      if (weightSliceRows(widest.shape, binding) === 0) {
+        problems.push(
+          `${item.adapter} weights: one row of ${widest.name} (${
+            formatBytes(weightRowBytes(widest.shape))
+          }) is over one storage binding (${limitName} ${formatBytes(binding)})`,
+        );
+      }
+      continue;
+    }
     const largest = largestTensor(item);
     if (tensorBytes(largest) > binding) {
       problems.push(
@@ -367,16 +398,6 @@ export function advise(
   // What is left does not depend on the settings: the model's own tensors.
   const plan = planMemory(c, model, shared);
   const left: string[] = [];
-  const weights = plan.items.find((i) => i.what === "weights")!;
-  const largest = largestTensor(weights);
-  if (tensorBytes(largest) > Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize)) {
-    left.push(
-      `${describeTensor(largest)} must fit one storage binding: it needs an adapter whose ` +
-        `maxStorageBufferBindingSize and maxBufferSize are at least ${
-          formatBytes(tensorBytes(largest))
-        }`,
-    );
-  }
   const fixed = plan.items.filter((i) =>
     i.adapter === "policy" && ["weights", "gradients", "AdamW moments"].includes(i.what)
   ).reduce((a, i) => a + i.bytes, 0);

@@ -13,6 +13,7 @@
 import { AhaError } from "../core/errors.ts";
 import { privateRuntimeDir } from "./adapters.ts";
 import { type ModelConfig, weightShapes } from "../core/model_config.ts";
+import { CHUNK_ALIGN, weightRowBytes } from "../core/plan.ts";
 
 export type DType = "f32" | "i32" | "u32";
 
@@ -50,10 +51,14 @@ export class Tensor {
   }
 }
 
-/** What a model needs of an adapter: its largest weight in one binding and one buffer. */
+/**
+ * What a model needs of an adapter in one binding and one buffer: a row of its widest weight
+ * (larger weights are kept as row slices) and the logits of one chunk of CHUNK_ALIGN tokens.
+ */
 export function modelNeeds(config: ModelConfig): GpuOptions {
   const largest = Math.max(
-    ...[...weightShapes(config).values()].map((s) => s.reduce((a, b) => a * b, 1) * 4),
+    ...[...weightShapes(config).values()].map(weightRowBytes),
+    CHUNK_ALIGN * config.vocabSize * 4,
   );
   return { minStorageBinding: largest, minBufferSize: largest };
 }

@@ -2,16 +2,18 @@
 // share a token id into that id's row of dTable. The backward has no atomics: the CPU groups
 // the positions of each distinct id (a CSR list), and one invocation owns one (id, column) of
 // dTable, summing its positions in ascending order, so results are bit-for-bit reproducible.
+// A table larger than one storage binding is kept as row slices (gpu/model.ts): each slice's
+// dispatch handles the ids that fall in its rows.
 
 import { type Gpu, grid, type Tensor } from "./device.ts";
 
 const WG = 256;
 
 const FORWARD = /* wgsl */ `
-struct Params { T: u32, H: u32 }
+struct Params { T: u32, H: u32, first: u32, rows: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<i32>;
-@group(0) @binding(2) var<storage, read> table: array<f32>;
+@group(0) @binding(2) var<storage, read> table: array<f32>; // rows first .. first+rows-1
 @group(0) @binding(3) var<storage, read_write> result: array<f32>;
 
 @compute @workgroup_size(${WG})
@@ -20,13 +22,16 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   if (i >= p.T * p.H) { return; }
   let t = i / p.H;
   let j = i - t * p.H;
-  result[i] = table[u32(ids[t]) * p.H + j];
+  let row = u32(ids[t]) - p.first; // ids below first wrap around to ≥ rows
+  if (row >= p.rows) { return; }
+  result[i] = table[row * p.H + j];
 }`;
 
 // groups = [ids: distinct] [starts: distinct + 1] [positions: T]; the positions of id k are
-// positions[starts[k] .. starts[k + 1]).
+// positions[starts[k] .. starts[k + 1]). One dispatch handles ids k0 .. k0+count-1, which lie
+// in the rows of dTable, the slice starting at row `first`.
 const BACKWARD = /* wgsl */ `
-struct Params { distinct: u32, H: u32 }
+struct Params { distinct: u32, H: u32, k0: u32, count: u32, first: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> groups: array<u32>;
 @group(0) @binding(2) var<storage, read> dOut: array<f32>;
@@ -35,41 +40,68 @@ struct Params { distinct: u32, H: u32 }
 @compute @workgroup_size(${WG})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
   let i = gid.x + gid.y * nwg.x * ${WG}u;
-  if (i >= p.distinct * p.H) { return; }
-  let k = i / p.H;
-  let j = i - k * p.H;
+  if (i >= p.count * p.H) { return; }
+  let k = p.k0 + i / p.H;
+  let j = i - (k - p.k0) * p.H;
   let positions = 2u * p.distinct + 1u;
   var sum = 0.0;
   for (var q = groups[p.distinct + k]; q < groups[p.distinct + k + 1u]; q++) {
     sum += dOut[groups[positions + q] * p.H + j];
   }
-  let at = groups[k] * p.H + j;
+  let at = (groups[k] - p.first) * p.H + j;
   dTable[at] = dTable[at] + sum;
 }`;
 
-/** out[t, :] = table[ids[t], :] for t < T; table is [V, H]. */
-export function embedding(gpu: Gpu, ids: Tensor, table: Tensor, out: Tensor, T: number): void {
-  const H = table.shape[1];
-  gpu.dispatch(gpu.pipeline(FORWARD, "embedding"), grid(T * H, WG), [ids, table, out], [T, H]);
+/** out[t, :] = table[ids[t], :] for t < T; table is [V, H], whole or as row slices in order. */
+export function embedding(
+  gpu: Gpu,
+  ids: Tensor,
+  table: Tensor | Tensor[],
+  out: Tensor,
+  T: number,
+): void {
+  const pipeline = gpu.pipeline(FORWARD, "embedding");
+  let first = 0;
+  for (const slice of [table].flat()) {
+    const [rows, H] = slice.shape;
+    gpu.dispatch(pipeline, grid(T * H, WG), [ids, slice, out], [T, H, first, rows]);
+    first += rows;
+  }
 }
 
 /**
- * dTable[v, :] (+)= Σ_{t: ids[t] = v} dOut[t, :]. Without accumulate, rows of ids that do not
- * occur end zero. Work is proportional to the distinct ids present, not to V.
+ * dTable[v, :] (+)= Σ_{t: ids[t] = v} dOut[t, :], dTable whole or as row slices in order.
+ * Without accumulate, rows of ids that do not occur end zero. Work is proportional to the
+ * distinct ids present, not to V.
  */
 export function embeddingBackward(
   gpu: Gpu,
   ids: Int32Array,
   dOut: Tensor,
-  dTable: Tensor,
+  dTable: Tensor | Tensor[],
   accumulate: boolean,
 ): void {
-  const [V, H] = dTable.shape;
+  const slices = [dTable].flat();
+  const V = slices.reduce((rows, slice) => rows + slice.shape[0], 0);
   const { distinct, packed } = groupPositions(ids, V);
   const groups = gpu.upload(packed);
-  if (!accumulate) gpu.clear(dTable);
   const pipeline = gpu.pipeline(BACKWARD, "embeddingBackward");
-  gpu.dispatch(pipeline, grid(distinct * H, WG), [groups, dOut, dTable], [distinct, H]);
+  // The distinct ids come ascending: each slice's are the next run of them.
+  let k = 0, first = 0;
+  for (const slice of slices) {
+    const [rows, H] = slice.shape, k0 = k;
+    while (k < distinct && packed[k] < first + rows) k++;
+    if (!accumulate) gpu.clear(slice);
+    const count = k - k0;
+    gpu.dispatch(pipeline, grid(count * H, WG), [groups, dOut, slice], [
+      distinct,
+      H,
+      k0,
+      count,
+      first,
+    ]);
+    first += rows;
+  }
   gpu.release(groups);
 }
 

@@ -9,9 +9,7 @@ import type { Completions, SamplingOptions } from "../core/engine.ts";
 import type { ModelConfig } from "../core/model_config.ts";
 import type { Gpu, Tensor } from "./device.ts";
 import { grid } from "./device.ts";
-import { embedding } from "./embedding.ts";
 import { rmsnorm } from "./rmsnorm.ts";
-import { linear } from "./matmul.ts";
 import { sample } from "./sample.ts";
 import { type GpuModel, layerBuffers } from "./model.ts";
 
@@ -75,7 +73,7 @@ export async function generate(
     if (s > 0) gpu.copy(sampled, ids, B);
     gpu.write(positions, Int32Array.from({ length: B }, (_, b) => rowLen(b) - 1 + s));
     gpu.write(kvLens, Int32Array.from({ length: B }, (_, b) => rowLen(b) + s));
-    embedding(gpu, ids, model.p("model.embed_tokens.weight"), step.input, B);
+    model.embed(ids, step.input, B);
     const shape = {
       B,
       Lq: 1,
@@ -96,7 +94,7 @@ export async function generate(
       });
     }
     rmsnorm(gpu, step.input, model.p("model.norm.weight"), hidden, step.rstd1, B, c.rmsNormEps);
-    linear(gpu, hidden, model.lmHead, null, logits, B);
+    model.vocabLogits(hidden, logits, B);
     sample(gpu, logits, B, c.vocabSize, { ...opts, step: s }, done, sampled, logp);
     gpu.dispatch(markDone, grid(B, 64), [sampled, eos, done], [B, opts.eosIds.length]);
     gpu.copy(sampled, outTokens, B, 0, s * B);
@@ -181,7 +179,7 @@ function prefill(
     nKvHeads: c.numKvHeads,
     headDim: c.headDim,
   };
-  embedding(gpu, idsT, model.p("model.embed_tokens.weight"), x.input, T);
+  model.embed(idsT, x.input, T);
   for (let i = 0; i < c.numLayers; i++) {
     model.layerForward(i, x, x.input, {
       T,

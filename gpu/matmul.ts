@@ -11,7 +11,9 @@
 // [M,N], all row-major. An operand is bound as array<vec4f> when its row stride is a multiple
 // of 4 (every vec4 then lies inside one row), otherwise as array<f32> read one scalar at a time.
 // Rows and columns past M and N are clamped to the last one on load (their results are never
-// stored), and a K that is not a multiple of 4 ends with a one-k-at-a-time tail loop.
+// stored), and a K that is not a multiple of 4 ends with a one-k-at-a-time tail loop. a and out
+// may be column blocks of wider matrices (a weight kept as row slices writes its block of the
+// output's columns, and its backward reads the same block of the output's gradient).
 
 import { Gpu, Tensor } from "./device.ts";
 
@@ -21,11 +23,22 @@ export interface MatmulShape {
   K: number;
 }
 
+/** Columns [first, first + width) of a row-major matrix whose rows are `stride` elements apart. */
+export interface ColumnBlock {
+  stride: number;
+  first: number;
+}
+
 export interface MatmulOptions {
   transA?: boolean;
   transB?: boolean;
   accumulate?: boolean;
+  /** Indexed by out's column in the whole matrix when out is a block. */
   bias?: Tensor;
+  /** a as a block of a wider matrix (its width is K, or M when transA). */
+  aBlock?: ColumnBlock;
+  /** out as a block of a wider matrix (its width is N). */
+  outBlock?: ColumnBlock;
 }
 
 interface KernelChoice {
@@ -68,9 +81,10 @@ interface Variant {
   vecA: boolean; // a bound as array<vec4f>
   vecB: boolean;
   kTail: boolean; // K % 4 != 0
-  vecOut: boolean; // out (and bias) bound as array<vec4f>: N % 4 == 0
+  vecOut: boolean; // out (and bias) bound as array<vec4f>: N, out's stride and first % 4 == 0
   accumulate: boolean;
   bias: boolean;
+  blocks: boolean; // a and out are column blocks: strides and first columns in Params
   tile: KernelChoice;
 }
 
@@ -83,20 +97,25 @@ function matmulWgsl(v: Variant): string {
   const rs = range(rowGroups), cs = range(colGroups), four = range(4);
   const vec4 = (f: (i: number) => string) => `vec4f(${four.map(f).join(", ")})`;
   const mat4 = (f: (i: number) => string) => `mat4x4f(${four.map(f).join(", ")})`;
+  // Where row `row` of a (a [K,M] when transA) and of out start; bias by out's whole column.
+  const rowA = (row: string) =>
+    v.blocks ? `${row} * p.strideA + p.firstA` : `${row} * ${v.transA ? "p.M" : "p.K"}`;
+  const rowOut = (row: string) => v.blocks ? `${row} * p.strideOut + p.firstOut` : `${row} * p.N`;
+  const biasAt = (column: string) => v.blocks ? `(${column} + p.firstOut)` : column;
   // Row group r: cm_r = its 4 rows clamped to M-1; rA_r = where they start in a [M,K];
   // gm_r = its first row, clamped so that a vec4 along m stays inside [0, M).
   const rowSetup = rs.map((r) =>
     `let cm${r} = clamp4(m0 + ${4 * r}u, p.M);` +
     (v.transA
       ? (v.vecA ? ` let gm${r} = min(m0 + ${4 * r}u, p.M - 4u);` : "")
-      : ` let rA${r} = cm${r} * p.K;`)
+      : ` let rA${r} = ${rowA(`cm${r}`)};`)
   );
   // Column group c: cn_c = its 4 columns clamped to N-1; rB_c = where they start in b [N,K];
   // gn_c = its first column, clamped so that a vec4 along n stays inside [0, N).
   const colSetup = cs.map((c) =>
     `let cn${c} = clamp4(n0 + ${4 * c}u, p.N);` +
     (v.transB ? ` let rB${c} = cn${c} * p.K;` : "") +
-    (v.vecOut ? ` let gn${c} = min(n0 + ${4 * c}u, p.N - 4u);` : "")
+    (v.vecOut || (v.vecB && !v.transB) ? ` let gn${c} = min(n0 + ${4 * c}u, p.N - 4u);` : "")
   );
   // The 4×4 tile of op(a) at step k for row group r: column i holds A(row i, k..k+3).
   const tileA = (r: number) =>
@@ -104,8 +123,8 @@ function matmulWgsl(v: Variant): string {
       ? `transpose(${
         mat4((kk) =>
           v.vecA
-            ? `a[((k + ${kk}u) * p.M + gm${r}) / 4u]`
-            : vec4((i) => `a[(k + ${kk}u) * p.M + cm${r}[${i}]]`)
+            ? `a[(${rowA(`(k + ${kk}u)`)} + gm${r}) / 4u]`
+            : vec4((i) => `a[${rowA(`(k + ${kk}u)`)} + cm${r}[${i}]]`)
         )
       })`
       : mat4((i) =>
@@ -127,7 +146,7 @@ function matmulWgsl(v: Variant): string {
   // One k of the tail (only when K % 4 != 0, so a row stride of K means a scalar binding).
   const sliceA = (r: number) =>
     v.transA
-      ? (v.vecA ? `a[(k * p.M + gm${r}) / 4u]` : vec4((i) => `a[k * p.M + cm${r}[${i}]]`))
+      ? (v.vecA ? `a[(${rowA("k")} + gm${r}) / 4u]` : vec4((i) => `a[${rowA("k")} + cm${r}[${i}]]`))
       : vec4((i) => `a[rA${r}[${i}] + k]`);
   const sliceB = (c: number) =>
     v.transB
@@ -152,12 +171,12 @@ function matmulWgsl(v: Variant): string {
   // stores at the end need no loads: masked memory accesses make llvmpipe compile slowly.
   const oldOut = (r: number, c: number, i: number) =>
     v.vecOut
-      ? `out[(cm${r}[${i}] * p.N + gn${c}) / 4u]`
-      : vec4((j) => `out[cm${r}[${i}] * p.N + cn${c}[${j}]]`);
+      ? `out[(${rowOut(`cm${r}[${i}]`)} + gn${c}) / 4u]`
+      : vec4((j) => `out[${rowOut(`cm${r}[${i}]`)} + cn${c}[${j}]]`);
   const biasSetup = cs.map((c) =>
     v.vecOut
-      ? `let bias${c} = bias[gn${c} / 4u];`
-      : `let bias${c} = ${vec4((j) => `bias[cn${c}[${j}]]`)};`
+      ? `let bias${c} = bias[${biasAt(`gn${c}`)} / 4u];`
+      : `let bias${c} = ${vec4((j) => `bias[${biasAt(`cn${c}[${j}]`)}]`)};`
   );
   const init = blocks.map(([r, c]) => {
     const columns = four.map((i) => {
@@ -173,21 +192,23 @@ function matmulWgsl(v: Variant): string {
     four.map((i) => {
       const m = `m0 + ${4 * r + i}u`;
       if (v.vecOut) {
-        return `if (${m} < p.M && n0 + ${
-          4 * c
-        }u < p.N) { out[((${m}) * p.N + n0) / 4u + ${c}u] = acc${r}_${c}[${i}]; }`;
+        return `if (${m} < p.M && n0 + ${4 * c}u < p.N) { out[(${
+          rowOut(`(${m})`)
+        } + n0) / 4u + ${c}u] = acc${r}_${c}[${i}]; }`;
       }
       const row = four.map((j) =>
         `if (n0 + ${4 * c + j}u < p.N) { out[o + ${j}u] = acc${r}_${c}[${i}][${j}]; }`
       );
-      return `if (${m} < p.M) {\n    let o = (${m}) * p.N + n0 + ${4 * c}u;\n    ${
+      return `if (${m} < p.M) {\n    let o = ${rowOut(`(${m})`)} + n0 + ${4 * c}u;\n    ${
         row.join("\n    ")
       }\n  }`;
     })
   );
   const outType = v.vecOut ? "vec4f" : "f32";
   return `
-struct Params { M: u32, N: u32, K: u32 }
+struct Params { M: u32, N: u32, K: u32${
+    v.blocks ? ", strideA: u32, firstA: u32, strideOut: u32, firstOut: u32" : ""
+  } }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;
 @group(0) @binding(2) var<storage, read> b: array<${v.vecB ? "vec4f" : "f32"}>;
@@ -234,8 +255,15 @@ export function matmul(
   const transA = opts.transA ?? false;
   const transB = opts.transB ?? false;
   const accumulate = opts.accumulate ?? false;
-  const vecA = (transA ? M : K) % 4 === 0, vecB = (transB ? K : N) % 4 === 0;
-  const vecOut = N % 4 === 0;
+  const aBlock = opts.aBlock ?? { stride: transA ? M : K, first: 0 };
+  const outBlock = opts.outBlock ?? { stride: N, first: 0 };
+  // A block that is the whole matrix runs the plain kernel.
+  const blocks = aBlock.stride !== (transA ? M : K) || aBlock.first !== 0 ||
+    outBlock.stride !== N || outBlock.first !== 0;
+  // A vec4 must lie inside one row of the block.
+  const aligned = (block: ColumnBlock) => block.stride % 4 === 0 && block.first % 4 === 0;
+  const vecA = (transA ? M : K) % 4 === 0 && aligned(aBlock), vecB = (transB ? K : N) % 4 === 0;
+  const vecOut = N % 4 === 0 && aligned(outBlock);
   const tile = matmulKernel(gpu, M, vecA && vecB && vecOut);
   const variant: Variant = {
     transA,
@@ -246,6 +274,7 @@ export function matmul(
     vecOut,
     accumulate,
     bias: opts.bias !== undefined,
+    blocks,
     tile,
   };
   const pipeline = gpu.pipeline(matmulWgsl(variant), "matmul");
@@ -254,7 +283,8 @@ export function matmul(
   const gy = Math.ceil(M / (4 * tile.rowGroups * tile.workgroup[1]));
   const gz = Math.ceil(gy / 65535);
   const tensors = opts.bias ? [a, b, out, opts.bias] : [a, b, out];
-  gpu.dispatch(pipeline, [gx, Math.ceil(gy / gz), gz], tensors, [M, N, K]);
+  const strides = blocks ? [aBlock.stride, aBlock.first, outBlock.stride, outBlock.first] : [];
+  gpu.dispatch(pipeline, [gx, Math.ceil(gy / gz), gz], tensors, [M, N, K, ...strides]);
 }
 
 /** y[T,out] = x[T,in]·Wᵀ + bias, with W [out,in] (PyTorch nn.Linear layout). */

@@ -7,14 +7,22 @@
 // returns dLoss/dlogp, and backward() pushes that through the network. The vocabulary
 // projection runs in token chunks, recomputed in backward, so T × vocab logits never exist at
 // once.
+//
+// A weight larger than one storage binding (Qwen's [vocab, hidden] embedding and lm_head) is
+// kept as row slices, each its own tensor, as are its gradient and AdamW moments. An embedding
+// lookup runs per slice over the ids in its rows; a linear layer runs one matmul per slice, each
+// writing its block of the output's columns (so the logits of a token chunk are whole again);
+// its backward reads the same block of the output's gradient. Reads and writes of weights,
+// gradients and moments join and split the slices, so checkpoints never see them.
 
+import { AhaError } from "../core/errors.ts";
 import type { ModelConfig } from "../core/model_config.ts";
 import { weightShapes } from "../core/model_config.ts";
-import { LOGIT_CHUNK_FLOATS, logitChunkTokens } from "../core/plan.ts";
+import { LOGIT_CHUNK_FLOATS, logitChunkTokens, weightSliceRows } from "../core/plan.ts";
 import { type Gpu, Tensor } from "./device.ts";
 import { embedding, embeddingBackward } from "./embedding.ts";
 import { rmsnorm, rmsnormBackward } from "./rmsnorm.ts";
-import { linear, linearBackward, matmul } from "./matmul.ts";
+import { matmul, sumRows } from "./matmul.ts";
 import { rope } from "./rope.ts";
 import { attention, attentionBackward, type AttentionShape, writeKvCache } from "./attention.ts";
 import { swiglu, swigluBackward } from "./swiglu.ts";
@@ -174,48 +182,94 @@ function slice(t: Tensor, start: number, count: number): Tensor {
   return start === 0 && count === t.size ? t : t.view(start, [count]);
 }
 
+/** The parts of a whole weight's values that its row slices hold, in order. */
+function splitRows(data: Float32Array, slices: Tensor[]): Float32Array[] {
+  let at = 0;
+  return slices.map((t) => data.subarray(at, at += t.size));
+}
+
+/** A whole weight's values from its row slices' values. */
+function joinRows(parts: Float32Array[]): Float32Array {
+  if (parts.length === 1) return parts[0];
+  const whole = new Float32Array(parts.reduce((n, part) => n + part.length, 0));
+  let at = 0;
+  for (const part of parts) {
+    whole.set(part, at);
+    at += part.length;
+  }
+  return whole;
+}
+
+export interface GpuModelOptions {
+  /** Floats of one token chunk's logits (default LOGIT_CHUNK_FLOATS). */
+  logitChunkFloats?: number;
+  /** Bytes of the largest weight slice (default: the device's binding and buffer limits). */
+  maxBindingBytes?: number;
+}
+
+const EMBEDDING = "model.embed_tokens.weight";
+
 export class GpuModel {
-  /** Weights by Hugging Face name. */
-  readonly params = new Map<string, Tensor>();
-  /** Gradients by name, accumulated across backward() calls until zeroGrads(). */
-  readonly grads = new Map<string, Tensor>();
-  private adamState = new Map<string, { m: Tensor; v: Tensor }>();
+  /** Weights by Hugging Face name, each as its row slices (one unless over maxBindingBytes). */
+  readonly params = new Map<string, Tensor[]>();
+  /** Gradients, sliced like the weights, accumulated across backward() until zeroGrads(). */
+  readonly grads = new Map<string, Tensor[]>();
+  private adamState = new Map<string, { m: Tensor[]; v: Tensor[] }>();
   private acts: Activations | null = null;
   private readonly norm: Tensor;
+  private readonly logitChunkFloats: number;
+  /** The vocabulary projection's module: the embedding when tied. */
+  private readonly head: string;
 
   constructor(
     readonly gpu: Gpu,
     readonly config: ModelConfig,
     weights: Map<string, Float32Array>,
-    private readonly logitChunkFloats = LOGIT_CHUNK_FLOATS,
+    options: GpuModelOptions = {},
   ) {
+    const limits = gpu.device.limits;
+    const maxBytes = options.maxBindingBytes ??
+      Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize);
+    this.logitChunkFloats = options.logitChunkFloats ?? LOGIT_CHUNK_FLOATS;
+    this.head = config.tieWordEmbeddings ? "model.embed_tokens" : "lm_head";
     for (const [name, shape] of weightShapes(config)) {
       const data = weights.get(name);
       if (!data) throw new Error(`GpuModel: missing weight ${name}`);
-      this.params.set(name, gpu.upload(data, shape, name));
+      const rows = shape.length > 1 ? shape[0] : 1, perSlice = weightSliceRows(shape, maxBytes);
+      if (perSlice === 0) {
+        throw new AhaError(`one row of weight ${name} [${shape}] is over ${maxBytes} bytes`);
+      }
+      const slices: Tensor[] = [];
+      for (let first = 0; first < rows; first += perSlice) {
+        const n = Math.min(perSlice, rows - first);
+        slices.push(gpu.zeros(shape.length > 1 ? [n, ...shape.slice(1)] : shape, "f32", name));
+      }
+      splitRows(data, slices).forEach((part, i) => gpu.write(slices[i], part));
+      this.params.set(name, slices);
     }
     this.norm = gpu.zeros([1]);
   }
 
-  /** The vocabulary projection (the embedding matrix when tied). */
-  get lmHead(): Tensor {
-    return this.params.get(
-      this.config.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight",
-    )!;
-  }
-
-  /** A weight by Hugging Face name. */
+  /** A weight kept whole (norm weights and biases always are) by Hugging Face name. */
   p(name: string): Tensor {
-    return this.params.get(name)!;
+    const slices = this.params.get(name)!;
+    if (slices.length > 1) throw new Error(`GpuModel.p: ${name} is kept as row slices`);
+    return slices[0];
   }
 
-  private g(name: string): Tensor {
-    let t = this.grads.get(name);
-    if (!t) {
-      t = this.gpu.zeros(this.params.get(name)!.shape);
-      this.grads.set(name, t);
+  /** A weight's gradient, sliced like the weight, made on first use. */
+  private gradSlices(name: string): Tensor[] {
+    let slices = this.grads.get(name);
+    if (!slices) {
+      slices = this.params.get(name)!.map((t) => this.gpu.zeros(t.shape));
+      this.grads.set(name, slices);
     }
-    return t;
+    return slices;
+  }
+
+  /** The gradient of a weight kept whole (1-D weights always are). */
+  private g(name: string): Tensor {
+    return this.gradSlices(name)[0];
   }
 
   private activations(B: number, L: number, keep: boolean): Activations {
@@ -246,7 +300,7 @@ export class GpuModel {
     a.idsHost = ids;
     const shape = this.attentionShape(B, L);
 
-    embedding(gpu, a.ids, this.p("model.embed_tokens.weight"), a.layers[0].input, T);
+    this.embed(a.ids, a.layers[0].input, T);
     const step = { T, positions: a.positions, kvLens: a.kvLens, shape, scratch: a.scratch };
     for (let i = 0; i < c.numLayers; i++) {
       // Without backward, one set of buffers serves every layer, each writing over its input.
@@ -256,7 +310,7 @@ export class GpuModel {
     }
     rmsnorm(gpu, a.final, this.p("model.norm.weight"), a.finalNorm, a.rstdFinal, T, c.rmsNormEps);
     this.eachLogitChunk(a, (start, n) => {
-      this.chunkLogits(a, start, n);
+      this.vocabLogits(slice(a.finalNorm, start * c.hiddenSize, n * c.hiddenSize), a.logits, n);
       tokenLogprobs(
         gpu,
         a.logits,
@@ -289,8 +343,7 @@ export class GpuModel {
       c.rmsNormEps,
     );
     for (const name of ["q", "k", "v"] as const) {
-      const proj = `${pre}self_attn.${name}_proj`;
-      linear(gpu, x.norm1, this.p(proj + ".weight"), this.p(proj + ".bias"), x[name], T);
+      this.linear(x.norm1, `${pre}self_attn.${name}_proj`, x[name], T);
     }
     rope(gpu, x.q, positions, T, c.numHeads, c.headDim, c.ropeTheta);
     rope(gpu, x.k, positions, T, c.numKvHeads, c.headDim, c.ropeTheta);
@@ -299,7 +352,7 @@ export class GpuModel {
       writeKvCache(gpu, x.v, cache.v, kvLens, shape);
     }
     attention(gpu, x.q, cache?.k ?? x.k, cache?.v ?? x.v, kvLens, x.attn, x.lse, shape);
-    linear(gpu, x.attn, this.p(pre + "self_attn.o_proj.weight"), null, scratch, T);
+    this.linear(x.attn, pre + "self_attn.o_proj", scratch, T);
     add(gpu, x.input, scratch, x.mid, T * c.hiddenSize);
     rmsnorm(
       gpu,
@@ -310,10 +363,10 @@ export class GpuModel {
       T,
       c.rmsNormEps,
     );
-    linear(gpu, x.norm2, this.p(pre + "mlp.gate_proj.weight"), null, x.gate, T);
-    linear(gpu, x.norm2, this.p(pre + "mlp.up_proj.weight"), null, x.up, T);
+    this.linear(x.norm2, pre + "mlp.gate_proj", x.gate, T);
+    this.linear(x.norm2, pre + "mlp.up_proj", x.up, T);
     swiglu(gpu, x.gate, x.up, x.act, T * c.intermediateSize);
-    linear(gpu, x.act, this.p(pre + "mlp.down_proj.weight"), null, scratch, T);
+    this.linear(x.act, pre + "mlp.down_proj", scratch, T);
     add(gpu, x.mid, scratch, out, T * c.hiddenSize);
   }
 
@@ -330,11 +383,9 @@ export class GpuModel {
     gpu.write(d.dLogp, dLogp);
 
     // Vocabulary projection, chunk by chunk: recompute logits, then dLogits → dFinalNorm, dLmHead.
-    const lmGrad = this.g(
-      this.config.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight",
-    );
     this.eachLogitChunk(a, (start, n) => {
-      this.chunkLogits(a, start, n);
+      const xs = slice(a.finalNorm, start * H, n * H);
+      this.vocabLogits(xs, a.logits, n);
       tokenLogprobsBackward(
         gpu,
         a.logits,
@@ -346,16 +397,7 @@ export class GpuModel {
         c.vocabSize,
         invTemperature,
       );
-      const xs = slice(a.finalNorm, start * H, n * H);
-      matmul(gpu, d.dLogits, this.lmHead, slice(d.dNorm, start * H, n * H), {
-        M: n,
-        N: H,
-        K: c.vocabSize,
-      });
-      matmul(gpu, d.dLogits, xs, lmGrad, { M: c.vocabSize, N: H, K: n }, {
-        transA: true,
-        accumulate: true,
-      });
+      this.linearBackward(xs, this.head, d.dLogits, n, slice(d.dNorm, start * H, n * H), false);
     });
     rmsnormBackward(
       gpu,
@@ -371,31 +413,11 @@ export class GpuModel {
 
     for (let i = c.numLayers - 1; i >= 0; i--) {
       const x = a.layers[i], pre = `model.layers.${i}.`;
-      const params = (name: string) => ({
-        w: this.p(pre + name + ".weight"),
-        dw: this.g(pre + name + ".weight"),
-      });
       // MLP branch: out = mid + down(silu(gate(norm2)) · up(norm2)).
-      const down = params("mlp.down_proj"),
-        gateP = params("mlp.gate_proj"),
-        upP = params("mlp.up_proj");
-      linearBackward(gpu, x.act, down.w, d.dResidual, T, {
-        dx: d.dAct,
-        dw: down.dw,
-        accumulateParams: true,
-      });
+      this.linearBackward(x.act, pre + "mlp.down_proj", d.dResidual, T, d.dAct, false);
       swigluBackward(gpu, x.gate, x.up, d.dAct, d.dGate, d.dUp, T * c.intermediateSize);
-      linearBackward(gpu, x.norm2, gateP.w, d.dGate, T, {
-        dx: d.dNorm,
-        dw: gateP.dw,
-        accumulateParams: true,
-      });
-      linearBackward(gpu, x.norm2, upP.w, d.dUp, T, {
-        dx: d.dNorm,
-        dxAccumulate: true,
-        dw: upP.dw,
-        accumulateParams: true,
-      });
+      this.linearBackward(x.norm2, pre + "mlp.gate_proj", d.dGate, T, d.dNorm, false);
+      this.linearBackward(x.norm2, pre + "mlp.up_proj", d.dUp, T, d.dNorm, true);
       rmsnormBackward(
         gpu,
         x.mid,
@@ -408,12 +430,7 @@ export class GpuModel {
         { accumulateDx: true, accumulateDw: true },
       );
       // Attention branch: mid = input + o(attention(rope(q(norm1)), rope(k(norm1)), v(norm1))).
-      const o = params("self_attn.o_proj");
-      linearBackward(gpu, x.attn, o.w, d.dResidual, T, {
-        dx: d.dAttn,
-        dw: o.dw,
-        accumulateParams: true,
-      });
+      this.linearBackward(x.attn, pre + "self_attn.o_proj", d.dResidual, T, d.dAttn, false);
       attentionBackward(
         gpu,
         x.q,
@@ -430,19 +447,9 @@ export class GpuModel {
       );
       rope(gpu, d.dq, a.positions, T, c.numHeads, c.headDim, c.ropeTheta, true);
       rope(gpu, d.dk, a.positions, T, c.numKvHeads, c.headDim, c.ropeTheta, true);
-      const projections: [string, Tensor][] = [["q_proj", d.dq], ["k_proj", d.dk], [
-        "v_proj",
-        d.dv,
-      ]];
-      projections.forEach(([name, dy], j) => {
-        linearBackward(gpu, x.norm1, this.p(`${pre}self_attn.${name}.weight`), dy, T, {
-          dx: d.dNorm,
-          dxAccumulate: j > 0,
-          dw: this.g(`${pre}self_attn.${name}.weight`),
-          db: this.g(`${pre}self_attn.${name}.bias`),
-          accumulateParams: true,
-        });
-      });
+      this.linearBackward(x.norm1, pre + "self_attn.q_proj", d.dq, T, d.dNorm, false);
+      this.linearBackward(x.norm1, pre + "self_attn.k_proj", d.dk, T, d.dNorm, true);
+      this.linearBackward(x.norm1, pre + "self_attn.v_proj", d.dv, T, d.dNorm, true);
       rmsnormBackward(
         gpu,
         x.input,
@@ -455,30 +462,32 @@ export class GpuModel {
         { accumulateDx: true, accumulateDw: true },
       );
     }
-    embeddingBackward(gpu, a.idsHost, d.dResidual, this.g("model.embed_tokens.weight"), true);
+    embeddingBackward(gpu, a.idsHost, d.dResidual, this.gradSlices(EMBEDDING), true);
   }
 
   /** Set every accumulated gradient to zero. */
   zeroGrads(): void {
-    for (const name of this.params.keys()) this.gpu.clear(this.g(name));
+    for (const name of this.params.keys()) this.gradSlices(name).forEach((t) => this.gpu.clear(t));
   }
 
   /** The global gradient norm tensor [1], computed on the GPU (read it only when needed). */
   gradNorm(): Tensor {
-    gradNorm(this.gpu, [...this.params.keys()].map((n) => this.g(n)), this.norm);
+    gradNorm(this.gpu, [...this.params.keys()].flatMap((n) => this.gradSlices(n)), this.norm);
     return this.norm;
   }
 
   /** Clip by the global gradient norm and apply AdamW to every weight; leaves gradients as they are. */
   adamwStep(hp: AdamwHyper): Tensor {
     const norm = this.gradNorm();
-    for (const [name, param] of this.params) {
+    for (const [name, slices] of this.params) {
       let state = this.adamState.get(name);
       if (!state) {
-        state = { m: this.gpu.zeros(param.shape), v: this.gpu.zeros(param.shape) };
+        const zeros = () => slices.map((t) => this.gpu.zeros(t.shape));
+        state = { m: zeros(), v: zeros() };
         this.adamState.set(name, state);
       }
-      adamw(this.gpu, param, this.g(name), state.m, state.v, norm, param.size, hp);
+      const grads = this.gradSlices(name), { m, v } = state;
+      slices.forEach((t, i) => adamw(this.gpu, t, grads[i], m[i], v[i], norm, t.size, hp));
     }
     return norm;
   }
@@ -490,13 +499,13 @@ export class GpuModel {
 
   /** Copy every accumulated gradient back to the CPU. */
   async readGrads(): Promise<Map<string, Float32Array>> {
-    for (const name of this.params.keys()) this.g(name);
+    for (const name of this.params.keys()) this.gradSlices(name);
     return await this.readMap(this.grads);
   }
 
   /** AdamW moments for checkpoints (m and v per weight). */
   async readOptimizerState(): Promise<Map<string, Float32Array>> {
-    const flat = new Map<string, Tensor>();
+    const flat = new Map<string, Tensor[]>();
     for (const [name, s] of this.adamState) {
       flat.set(`${name}.exp_avg`, s.m);
       flat.set(`${name}.exp_avg_sq`, s.v);
@@ -505,37 +514,96 @@ export class GpuModel {
   }
 
   loadOptimizerState(state: Map<string, Float32Array>): void {
-    for (const [name, param] of this.params) {
+    for (const [name, slices] of this.params) {
       const m = state.get(`${name}.exp_avg`), v = state.get(`${name}.exp_avg_sq`);
       if (!m || !v) continue;
-      this.adamState.set(name, {
-        m: this.gpu.upload(m, param.shape),
-        v: this.gpu.upload(v, param.shape),
-      });
+      const upload = (data: Float32Array) =>
+        splitRows(data, slices).map((part, i) => this.gpu.upload(part, slices[i].shape));
+      this.adamState.set(name, { m: upload(m), v: upload(v) });
     }
   }
 
   /** Replace the weights (same shapes), e.g. for reference-model syncing. */
   setWeights(weights: Map<string, Float32Array>): void {
-    for (const [name, t] of this.params) {
+    for (const [name, slices] of this.params) {
       const data = weights.get(name);
-      if (data) this.gpu.write(t, data);
+      if (data) splitRows(data, slices).forEach((part, i) => this.gpu.write(slices[i], part));
     }
   }
 
   destroy(): void {
     this.acts?.release(this.gpu);
     this.gpu.flush();
-    for (const t of this.params.values()) t.destroy();
-    for (const t of this.grads.values()) t.destroy();
-    for (const s of this.adamState.values()) {
-      s.m.destroy();
-      s.v.destroy();
-    }
+    const all = [...this.params.values(), ...this.grads.values()];
+    for (const s of this.adamState.values()) all.push(s.m, s.v);
+    for (const t of all.flat()) t.destroy();
     this.norm.destroy();
   }
 
+  /** out[T, H] = the embeddings of ids (i32 [T]). */
+  embed(ids: Tensor, out: Tensor, T: number): void {
+    embedding(this.gpu, ids, this.params.get(EMBEDDING)!, out, T);
+  }
+
+  /** logits[n, V] = x[n, H]·lm_headᵀ (the embedding matrix when tied). */
+  vocabLogits(x: Tensor, logits: Tensor, n: number): void {
+    this.linear(x, this.head, logits, n);
+  }
+
   // ---- helpers ---------------------------------------------------------------------------
+
+  /**
+   * y[T, out] = x[T, in]·Wᵀ (+ b) for the nn.Linear `module` (`module.weight`, and `module.bias`
+   * when it has one): one matmul per row slice of W, each writing its block of y's columns.
+   */
+  private linear(x: Tensor, module: string, y: Tensor, T: number): void {
+    const w = this.params.get(`${module}.weight`)!, bias = this.params.get(`${module}.bias`)?.[0];
+    const outF = w.reduce((rows, t) => rows + t.shape[0], 0), inF = w[0].shape[1];
+    let first = 0;
+    for (const slice of w) {
+      const rows = slice.shape[0];
+      matmul(this.gpu, x, slice, y, { M: T, N: rows, K: inF }, {
+        transB: true,
+        bias,
+        outBlock: { stride: outF, first },
+      });
+      first += rows;
+    }
+  }
+
+  /**
+   * The backward of linear(): dx (+)= dy·W, and accumulated dW += dyᵀ·x and db += Σ_t dy[t],
+   * one slice of W at a time, each reading its block of dy's columns.
+   */
+  private linearBackward(
+    x: Tensor,
+    module: string,
+    dy: Tensor,
+    T: number,
+    dx: Tensor,
+    dxAccumulate: boolean,
+  ): void {
+    const gpu = this.gpu, w = this.params.get(`${module}.weight`)!;
+    const dw = this.gradSlices(`${module}.weight`);
+    const outF = w.reduce((rows, t) => rows + t.shape[0], 0), inF = w[0].shape[1];
+    let first = 0;
+    w.forEach((slice, i) => {
+      const rows = slice.shape[0], dyBlock = { stride: outF, first };
+      matmul(gpu, dy, slice, dx, { M: T, N: inF, K: rows }, {
+        accumulate: dxAccumulate || i > 0,
+        aBlock: dyBlock,
+      });
+      matmul(gpu, dy, x, dw[i], { M: rows, N: inF, K: T }, {
+        transA: true,
+        accumulate: true,
+        aBlock: dyBlock,
+      });
+      first += rows;
+    });
+    if (this.params.has(`${module}.bias`)) {
+      sumRows(gpu, dy, this.g(`${module}.bias`), T, outF, true);
+    }
+  }
 
   private attentionShape(B: number, L: number): AttentionShape {
     const c = this.config;
@@ -554,15 +622,14 @@ export class GpuModel {
     for (let start = 0; start < T; start += a.chunk) body(start, Math.min(a.chunk, T - start));
   }
 
-  /** logits[0..n) = finalNorm[start..start+n) · lm_headᵀ */
-  private chunkLogits(a: Activations, start: number, n: number): void {
-    const H = this.config.hiddenSize;
-    linear(this.gpu, slice(a.finalNorm, start * H, n * H), this.lmHead, null, a.logits, n);
-  }
-
-  private async readMap(tensors: Map<string, Tensor>): Promise<Map<string, Float32Array>> {
+  /** Read tensors' values, joining each name's row slices. */
+  private async readMap(tensors: Map<string, Tensor[]>): Promise<Map<string, Float32Array>> {
     const names = [...tensors.keys()];
-    const data = await this.gpu.readMany(names.map((n) => tensors.get(n)!));
-    return new Map(names.map((n, i) => [n, data[i] as Float32Array]));
+    const data = await this.gpu.readMany(names.flatMap((n) => tensors.get(n)!));
+    let at = 0;
+    return new Map(names.map((n) => {
+      const parts = data.slice(at, at += tensors.get(n)!.length) as Float32Array[];
+      return [n, joinRows(parts)];
+    }));
   }
 }

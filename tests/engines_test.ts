@@ -9,6 +9,7 @@ import { Gpu } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
 import { OnnxEngine } from "../reference/onnx_engine.ts";
+import { gpuTest } from "./helpers.ts";
 
 const gpu = await Gpu.open();
 
@@ -28,10 +29,7 @@ const CASES = {
 };
 
 for (const [name, hf] of Object.entries(CASES)) {
-  Deno.test(`webgpu and onnx engines agree to 1e-4: ${name}`, {
-    sanitizeResources: false,
-    sanitizeOps: false,
-  }, async () => {
+  Deno.test(`webgpu and onnx engines agree to 1e-4: ${name}`, gpuTest, async () => {
     const config = parseModelConfig(hf);
     const weights = initWeights(config, 5);
     // Wider than init scale so the log-probs are far from uniform.

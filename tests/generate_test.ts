@@ -8,9 +8,9 @@ import { Gpu } from "../gpu/device.ts";
 import { generate } from "../gpu/generate.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
+import { gpuTest } from "./helpers.ts";
 
 const gpu = await Gpu.open();
-const opts = { sanitizeResources: false, sanitizeOps: false };
 const V = 23;
 const config = parseModelConfig({
   vocab_size: V,
@@ -35,7 +35,7 @@ function sharpWeights(seed: number, scale: number) {
 
 Deno.test(
   "greedy decoding with the cache picks the argmax of a full recomputation at every step",
-  opts,
+  gpuTest,
   async () => {
     const model = new GpuModel(gpu, config, sharpWeights(5, 0.3));
     const prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11]]; // different lengths share one batch
@@ -71,7 +71,7 @@ Deno.test(
   },
 );
 
-Deno.test("sampled tokens follow the model's probabilities", opts, async () => {
+Deno.test("sampled tokens follow the model's probabilities", gpuTest, async () => {
   const model = new GpuModel(gpu, config, sharpWeights(8, 0.1));
   const prompt = [3, 1, 4];
   const temperature = 0.7, G = 3000;
@@ -109,7 +109,7 @@ Deno.test("sampled tokens follow the model's probabilities", opts, async () => {
 
 Deno.test(
   "sampling is reproducible for a seed, and a completion at the length limit is truncated",
-  opts,
+  gpuTest,
   async () => {
     const model = new GpuModel(gpu, config, sharpWeights(9, 0.1));
     const sampling = {

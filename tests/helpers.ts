@@ -5,7 +5,10 @@
 import assert from "node:assert/strict";
 import { Rng } from "../core/rng.ts";
 
-/** Test options for tests holding WebGPU resources, which Deno's sanitizers would report. */
+/**
+ * Deno.test options for tests that use the GPU, in process or in a child: Deno's sanitizers
+ * would report its resources as leaks.
+ */
 export const gpuTest = { sanitizeResources: false, sanitizeOps: false };
 
 /** n uniform f32 values in [−scale, scale) drawn from `rng`, or from a new Rng seeded by it. */

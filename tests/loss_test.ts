@@ -8,16 +8,14 @@ import { Gpu } from "../gpu/device.ts";
 import { computeLoss } from "../gpu/cli_loss.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { GpuPolicy } from "../gpu/policy.ts";
+import { gpuTest } from "./helpers.ts";
 
 const gpu = await Gpu.open();
 const ROOT = new URL("../", import.meta.url).pathname;
 const CASES = `${ROOT}tests/fixtures/loss/`;
 
 for (const entry of Deno.readDirSync(CASES)) {
-  Deno.test(`aha loss matches PyTorch: ${entry.name}`, {
-    sanitizeResources: false,
-    sanitizeOps: false,
-  }, async () => {
+  Deno.test(`aha loss matches PyTorch: ${entry.name}`, gpuTest, async () => {
     const batch = JSON.parse(Deno.readTextFileSync(`${CASES}${entry.name}/batch.json`));
     const expected = JSON.parse(Deno.readTextFileSync(`${CASES}${entry.name}/expected.json`));
     const checkpoint = await loadCheckpoint(ROOT + expected.model);
@@ -70,10 +68,7 @@ Deno.test("aha loss rejects a malformed batch with one line naming the field", a
   await Deno.remove(dir, { recursive: true });
 });
 
-Deno.test("gradients accumulated over micro-batches equal the un-split batch's", {
-  sanitizeResources: false,
-  sanitizeOps: false,
-}, async () => {
+Deno.test("gradients summed over micro-batches equal the un-split batch's", gpuTest, async () => {
   const batch = JSON.parse(Deno.readTextFileSync(`${CASES}gqa3_untied_clip/batch.json`));
   const expected = JSON.parse(Deno.readTextFileSync(`${CASES}gqa3_untied_clip/expected.json`));
   const checkpoint = await loadCheckpoint(ROOT + expected.model);

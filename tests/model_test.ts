@@ -11,18 +11,13 @@ import { Rng } from "../core/rng.ts";
 import { Gpu } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
+import { assertRowsClose, gpuTest } from "./helpers.ts";
 
 const gpu = await Gpu.open();
 const GOLDEN = new URL("./fixtures/golden/", import.meta.url).pathname;
-const opts = { sanitizeResources: false, sanitizeOps: false };
-
-function maxAbsDiff(a: number[][], b: number[][]): number {
-  assert.deepEqual(a.map((r) => r.length), b.map((r) => r.length));
-  return Math.max(0, ...a.flatMap((row, i) => row.map((x, t) => Math.abs(x - b[i][t]))));
-}
 
 for (const entry of Deno.readDirSync(GOLDEN)) {
-  Deno.test(`GPU log-probs match PyTorch golden values: ${entry.name}`, opts, async () => {
+  Deno.test(`GPU log-probs match PyTorch golden values: ${entry.name}`, gpuTest, async () => {
     const dir = GOLDEN + entry.name;
     const expected = JSON.parse(Deno.readTextFileSync(`${dir}/expected.json`));
     const checkpoint = await loadCheckpoint(dir);
@@ -30,7 +25,7 @@ for (const entry of Deno.readDirSync(GOLDEN)) {
     const logprobs = await scoreSequences(model, expected.sequences);
     model.destroy();
     // f32 on the GPU against float64 in PyTorch, on the same (rounded) weights.
-    assert.ok(maxAbsDiff(logprobs, expected.logprobs) <= 1e-4);
+    assertRowsClose(logprobs, expected.logprobs, 1e-4, entry.name);
   });
 }
 
@@ -59,7 +54,7 @@ function randomWeights(seed: number) {
   return weights;
 }
 
-Deno.test("GPU gradients of every weight match the float64 CPU twin", opts, async () => {
+Deno.test("GPU gradients of every weight match the float64 CPU twin", gpuTest, async () => {
   const weights = randomWeights(7);
   const rng = new Rng(3);
   // 3 × 61 = 183 tokens: with 64-token logit chunks, three chunks, the last one partial.
@@ -68,7 +63,9 @@ Deno.test("GPU gradients of every weight match the float64 CPU twin", opts, asyn
   const dLogprobs = sequences.map((s) => Array.from({ length: s.length - 1 }, () => rng.normal()));
   const cpu = cpuForwardBackward(oddConfig, weights, sequences, dLogprobs);
 
-  const model = new GpuModel(gpu, oddConfig, weights, 64 * oddConfig.vocabSize);
+  const model = new GpuModel(gpu, oddConfig, weights, {
+    logitChunkFloats: 64 * oddConfig.vocabSize,
+  });
   const ids = Int32Array.from(sequences.flat());
   const logp = await gpu.read(model.forward(ids, B, L));
   const upstream = new Float32Array(B * L);
@@ -97,7 +94,7 @@ Deno.test("GPU gradients of every weight match the float64 CPU twin", opts, asyn
   }
 });
 
-Deno.test("save → load → score gives identical log-probs", opts, async () => {
+Deno.test("save → load → score gives identical log-probs", gpuTest, async () => {
   const weights = randomWeights(11);
   const dir = await Deno.makeTempDir();
   await saveCheckpoint(dir, toHfConfig(oddConfig), weights);

@@ -5,10 +5,10 @@
 
 import assert from "node:assert/strict";
 import { loadCheckpoint, saveCheckpoint } from "../core/checkpoint.ts";
-import { cpuLogprobs } from "../core/cpu_model.ts";
+import { cpuLogprobs, type Weights } from "../core/cpu_model.ts";
 import { AhaError } from "../core/errors.ts";
 import { initWeights } from "../core/init.ts";
-import { parseModelConfig, PRESETS, toHfConfig } from "../core/model_config.ts";
+import { type ModelConfig, parseModelConfig, PRESETS, toHfConfig } from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
 import { readSafetensors, writeSafetensors } from "../core/safetensors.ts";
 import { OnnxEngine } from "../reference/onnx_engine.ts";
@@ -48,6 +48,18 @@ function randomSequences(seed: number, lengths: number[], vocab: number) {
   return lengths.map((n) => Array.from({ length: n }, () => Math.floor(rng.next() * vocab)));
 }
 
+/** An engine's log-probs of `sequences` against the float64 CPU twin's. */
+async function assertMatchesTwin(
+  engine: OnnxEngine,
+  config: ModelConfig,
+  weights: Weights,
+  sequences: number[][],
+  what: string,
+) {
+  const want = cpuLogprobs(config, weights, sequences);
+  assertRowsClose(await engine.logprobs(sequences), want, TOLERANCE, what);
+}
+
 Deno.test("onnx engine matches the PyTorch golden log-probs", async () => {
   for await (const entry of Deno.readDir(GOLDEN)) {
     const dir = GOLDEN + entry.name;
@@ -68,24 +80,14 @@ Deno.test("onnx engine matches the CPU twin (untied, random biases; tiny preset)
   const weights = randomWeights(7);
   const sequences = randomSequences(8, [33, 1, 7, 2, 64, 7], untied.vocabSize);
   const engine = await OnnxEngine.create({ config: untied, weights }, { threads: THREADS });
-  assertRowsClose(
-    await engine.logprobs(sequences),
-    cpuLogprobs(untied, weights, sequences),
-    TOLERANCE,
-    "untied",
-  );
+  await assertMatchesTwin(engine, untied, weights, sequences, "untied");
   await engine.release();
 
   const tiny = parseModelConfig(PRESETS.tiny);
   const tinyWeights = initWeights(tiny, 3);
   const tinySequences = randomSequences(4, [97, 5, 40], tiny.vocabSize);
   const tinyEngine = await OnnxEngine.create({ config: tiny, weights: tinyWeights });
-  assertRowsClose(
-    await tinyEngine.logprobs(tinySequences),
-    cpuLogprobs(tiny, tinyWeights, tinySequences),
-    TOLERANCE,
-    "tiny",
-  );
+  await assertMatchesTwin(tinyEngine, tiny, tinyWeights, tinySequences, "tiny");
   await tinyEngine.release();
 });
 
@@ -118,12 +120,7 @@ Deno.test("onnx export cache: re-used while the weights stay, replaced when they
   for (const [name, t] of tensors) t.data.set(newWeights.get(name)!);
   await writeSafetensors(`${dir}/model.safetensors`, tensors, { format: "pt" });
   const changed = await OnnxEngine.create(dir, { threads: THREADS });
-  assertRowsClose(
-    await changed.logprobs(sequences),
-    cpuLogprobs(untied, newWeights, sequences),
-    TOLERANCE,
-    "after new weights",
-  );
+  await assertMatchesTwin(changed, untied, newWeights, sequences, "after new weights");
   await changed.release();
   const export2 = await cached();
   assert.notEqual(export2.path, export1.path);

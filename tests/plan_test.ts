@@ -1,6 +1,7 @@
 // The memory plan (core/plan.ts): a small config's bytes counted by hand from gpu/model.ts and
-// gpu/generate.ts, the built-in Qwen2.5 shapes against the genuine 0.5B config.json, refusals with
-// advice that names the tensor, advice whose values are the largest that fit, and `aha plan`.
+// gpu/generate.ts, the built-in Qwen2.5 shapes against the genuine 0.5B config.json, weights over
+// one binding split by rows, refusals with advice that names the tensor, advice whose values are
+// the largest that fit, and `aha plan`.
 
 import assert from "node:assert/strict";
 import { AhaError } from "../core/errors.ts";
@@ -17,6 +18,7 @@ import {
   checkPlan,
   planMemory,
   planProblems,
+  weightSliceRows,
 } from "../core/plan.ts";
 import { defaultTrainConfig, loadTrainConfig, type TrainConfig } from "../core/train_config.ts";
 
@@ -106,20 +108,26 @@ Deno.test("the built-in Qwen2.5 shapes: 0.5B equals its genuine config.json", as
   assert.equal(builtinShape("models/Qwen2.5-15B"), null);
 });
 
-Deno.test("a 7B run is refused on a 128 MiB binding, naming the embedding", () => {
+Deno.test("weights over one binding are split: a 7B plans on 2 GiB bindings, not on 128 MiB", () => {
   const cfg = loadTrainConfig(`${configs}qwen2.5-7b-gsm8k.yaml`, []);
+  // The 2.03 GiB embedding and lm_head are kept as two row slices each.
+  assert.equal(weightSliceRows([152064, 3584], 2 * GiB), 149796);
+  assert.deepEqual(planProblems(planMemory(cfg, qwen("7B")), limits(2 * GiB)), []);
+  // On 128 MiB the weights split too, but activations are bound whole: refused, naming them.
   assert.throws(
     () => checkPlan(cfg, qwen("7B"), limits(128 * MiB)),
     (e: Error) => {
       assert.ok(e instanceof AhaError);
-      assert.match(e.message, /model\.embed_tokens\.weight \[152064, 3584\] \(2\.03 GiB\)/);
-      assert.match(
-        e.message,
-        /maxStorageBufferBindingSize and maxBufferSize are at least 2\.03 GiB/,
-      );
+      assert.match(e.message, /layers\.0\.gate \[8160, 18944\] \(589\.7 MiB\) is over one storage/);
+      assert.ok(!e.message.includes("weights"), e.message);
       assert.ok(!e.message.includes("\n"), "one line");
       return true;
     },
+  );
+  // Below one row of a weight (down_proj's: 18944 floats) nothing helps.
+  assert.match(
+    planProblems(planMemory(cfg, qwen("7B")), limits(64 * 1024)).join("; "),
+    /policy weights: one row of model\.layers\.0\.mlp\.down_proj\.weight \(74\.0 KiB\)/,
   );
 });
 

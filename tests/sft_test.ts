@@ -10,6 +10,7 @@ import { ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
 import { Gpu } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
+import { gpuTest } from "./helpers.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const tokenizer = new ArithmeticTokenizer();
@@ -45,10 +46,7 @@ async function completionLogprob(dir: string): Promise<number> {
   }, 0) / rows.length;
 }
 
-Deno.test("aha sft raises the log-likelihood of the completions it trains on", {
-  sanitizeResources: false,
-  sanitizeOps: false,
-}, async () => {
+Deno.test("aha sft raises the log-likelihood of the trained completions", gpuTest, async () => {
   const dir = await Deno.makeTempDir();
   const config = parseModelConfig({ ...PRESETS.tiny, vocab_size: tokenizer.vocabSize });
   await saveCheckpoint(`${dir}/model`, toHfConfig(config), initWeights(config, 3), {

@@ -3,13 +3,16 @@
 // saves a checkpoint, and a bad config stops before any work with one line.
 
 import assert from "node:assert/strict";
+import { gpuTest } from "./helpers.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const dir = await Deno.makeTempDir({ prefix: "aha-train-test-" });
-const opts = { sanitizeResources: false, sanitizeOps: false };
+
+/** `--set key=value` for each setting. */
+const set = (...settings: string[]) => settings.flatMap((s) => ["--set", s]);
 
 // Small but real: 4 prompts × 4 samples per step on sums of operands 0–19.
-const COMMON = [
+const COMMON = set(
   "arithmetic.max_operand=19",
   "arithmetic.held_out=50",
   "eval_prompts=20",
@@ -19,7 +22,7 @@ const COMMON = [
   "sft.steps=40",
   "eval_steps=0",
   "sample_steps=0",
-].flatMap((s) => ["--set", s]);
+);
 
 async function train(args: string[], signalAfterStep?: number) {
   const child = new Deno.Command(Deno.execPath(), {
@@ -44,16 +47,9 @@ async function train(args: string[], signalAfterStep?: number) {
 const readJsonl = (path: string) =>
   Deno.readTextFileSync(path).trim().split("\n").map((line) => JSON.parse(line));
 
-Deno.test("GRPO raises the mean reward clearly above its start", opts, async () => {
+Deno.test("GRPO raises the mean reward clearly above its start", gpuTest, async () => {
   const out = `${dir}/learn`;
-  const run = await train([
-    "--set",
-    `output_dir=${out}`,
-    "--set",
-    "max_steps=30",
-    "--set",
-    "learning_rate=2e-3",
-  ]);
+  const run = await train(set(`output_dir=${out}`, "max_steps=30", "learning_rate=2e-3"));
   assert.equal(run.code, 0, run.stderr);
   const rewards = readJsonl(`${out}/metrics.jsonl`).map((m) => m.reward as number);
   assert.equal(rewards.length, 30);
@@ -91,30 +87,18 @@ Deno.test("GRPO raises the mean reward clearly above its start", opts, async () 
 
 Deno.test(
   "3 steps + resume + 3 steps ends with the same weights as 6 steps straight",
-  opts,
+  gpuTest,
   async () => {
     const base = `${dir}/learn/base`; // made by the first test, or made here
     const model = await Deno.stat(`${base}/model.safetensors`).then(
       () => ["--set", `model=${base}`],
       () => [],
     );
-    const straight = await train([
-      ...model,
-      "--set",
-      `output_dir=${dir}/straight`,
-      "--set",
-      "max_steps=6",
-    ]);
+    const straight = await train([...model, ...set(`output_dir=${dir}/straight`, "max_steps=6")]);
     assert.equal(straight.code, 0, straight.stderr);
-    const first = await train([
-      ...model,
-      "--set",
-      `output_dir=${dir}/split`,
-      "--set",
-      "max_steps=3",
-    ]);
+    const first = await train([...model, ...set(`output_dir=${dir}/split`, "max_steps=3")]);
     assert.equal(first.code, 0, first.stderr);
-    const resumed = await train(["--resume", `${dir}/split/checkpoint-3`, "--set", "max_steps=6"]);
+    const resumed = await train(["--resume", `${dir}/split/checkpoint-3`, ...set("max_steps=6")]);
     assert.equal(resumed.code, 0, resumed.stderr);
     for (const file of ["model.safetensors", "optimizer.safetensors"]) {
       const a = Deno.readFileSync(`${dir}/straight/checkpoint-6/${file}`);
@@ -126,9 +110,9 @@ Deno.test(
   },
 );
 
-Deno.test("Ctrl-C saves a checkpoint and exits cleanly", opts, async () => {
+Deno.test("Ctrl-C saves a checkpoint and exits cleanly", gpuTest, async () => {
   const out = `${dir}/interrupted`;
-  const run = await train(["--set", `output_dir=${out}`, "--set", "max_steps=200"], 2);
+  const run = await train(set(`output_dir=${out}`, "max_steps=200"), 2);
   assert.equal(run.code, 0, run.stderr);
   const saved = [...Deno.readDirSync(out)].map((e) => e.name).filter((n) =>
     n.startsWith("checkpoint-")
@@ -139,8 +123,8 @@ Deno.test("Ctrl-C saves a checkpoint and exits cleanly", opts, async () => {
   assert.equal(readJsonl(`${out}/metrics.jsonl`).length, step);
 });
 
-Deno.test("a bad config stops before any work with one line naming the key", opts, async () => {
-  const run = await train(["--set", "learning_rat=1e-3", "--set", `output_dir=${dir}/bad`]);
+Deno.test("a bad config stops before any work with one line naming the key", gpuTest, async () => {
+  const run = await train(set("learning_rat=1e-3", `output_dir=${dir}/bad`));
   assert.equal(run.code, 1);
   const lines = run.stderr.trim().split("\n").filter((l) => !l.includes("XDG_RUNTIME_DIR"));
   assert.equal(lines.length, 1);
