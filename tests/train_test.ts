@@ -11,15 +11,18 @@ const dir = await Deno.makeTempDir({ prefix: "aha-train-test-" });
 /** `--set key=value` for each setting. */
 const set = (...settings: string[]) => settings.flatMap((s) => ["--set", s]);
 
-// Small but real: 4 prompts × 4 samples per step on sums of operands 0–19.
+// Small but real: 4 prompts × 4 samples per step on sums of operands 0–19, after a base model
+// whose answers are right but half the time in a non-canonical format: the signal GRPO must find.
 const COMMON = set(
   "arithmetic.max_operand=19",
   "arithmetic.held_out=50",
+  "arithmetic.carry_error_rate=0",
+  "arithmetic.format_error_rate=0.5",
   "eval_prompts=20",
   "prompts_per_step=4",
   "num_generations=4",
   "max_completion_length=6",
-  "sft.steps=40",
+  "sft.steps=60",
   "eval_steps=0",
   "sample_steps=0",
 );
