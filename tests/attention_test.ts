@@ -4,16 +4,16 @@
 // twin vs central differences (h = 1e-6, float64) ≤ 1e-6 + 1e-6·|analytic|.
 
 import assert from "node:assert/strict";
-import { Gpu } from "../gpu/device.ts";
+
 import {
   attention,
   attentionBackward,
   type AttentionShape,
   writeKvCache,
 } from "../gpu/attention.ts";
-import { assertClose, centralDifference, gpuTest, randoms } from "./helpers.ts";
+import { assertClose, centralDifference, gpuTest, openGpu, randoms } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+const gpu = await openGpu();
 /** Seeded values in [−1, 1), f32-exact so that the GPU and the twin see the same inputs. */
 const random = (n: number, seed: number) => Float64Array.from(randoms(n, seed));
 

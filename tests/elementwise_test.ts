@@ -3,11 +3,11 @@
 // Tensors are allocated SLACK values longer than n: the tail must stay untouched.
 
 import assert from "node:assert/strict";
-import { Gpu } from "../gpu/device.ts";
-import { add } from "../gpu/elementwise.ts";
-import { gpuTest, padded, randoms, sentinels, unpad } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+import { add } from "../gpu/elementwise.ts";
+import { gpuTest, openGpu, padded, randoms, sentinels, unpad } from "./helpers.ts";
+
+const gpu = await openGpu();
 const SIZES = [1, 7, 33, 97, 70001];
 
 Deno.test("add: out = a + b", gpuTest, async () => {

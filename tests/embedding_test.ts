@@ -4,11 +4,11 @@
 // dTable held garbage; a vocabulary of 151,936 checks that only the ids present are touched.
 
 import assert from "node:assert/strict";
-import { Gpu } from "../gpu/device.ts";
-import { embedding, embeddingBackward } from "../gpu/embedding.ts";
-import { gpuTest, randoms, SENTINEL, sentinels, unpad } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+import { embedding, embeddingBackward } from "../gpu/embedding.ts";
+import { gpuTest, openGpu, randoms, SENTINEL, sentinels, unpad } from "./helpers.ts";
+
+const gpu = await openGpu();
 
 const tokenIds = (T: number, V: number, seed: number) =>
   Int32Array.from(randoms(T, seed), (v) => Math.min(V - 1, Math.floor((v + 1) / 2 * V)));

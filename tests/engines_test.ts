@@ -5,13 +5,13 @@ import assert from "node:assert/strict";
 import { initWeights } from "../core/init.ts";
 import { parseModelConfig, PRESETS } from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
-import { Gpu } from "../gpu/device.ts";
+
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
 import { OnnxEngine } from "../reference/onnx_engine.ts";
-import { gpuTest } from "./helpers.ts";
+import { gpuTest, openGpu } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+const gpu = await openGpu();
 
 const CASES = {
   "tiny preset (tied, 4 query heads over 2 kv heads)": PRESETS.tiny,

@@ -4,13 +4,13 @@ import assert from "node:assert/strict";
 import { initWeights } from "../core/init.ts";
 import { parseModelConfig } from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
-import { Gpu } from "../gpu/device.ts";
+
 import { generate } from "../gpu/generate.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
-import { gpuTest } from "./helpers.ts";
+import { gpuTest, openGpu } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+const gpu = await openGpu();
 const V = 23;
 const config = parseModelConfig({
   vocab_size: V,

@@ -4,12 +4,20 @@
 
 import assert from "node:assert/strict";
 import { Rng } from "../core/rng.ts";
+import { Gpu } from "../gpu/device.ts";
 
 /**
  * Deno.test options for tests that use the GPU, in process or in a child: Deno's sanitizers
  * would report its resources as leaks.
  */
 export const gpuTest = { sanitizeResources: false, sanitizeOps: false };
+
+/** The test file's device, destroyed when the module unloads (a clean WebGPU teardown). */
+export async function openGpu(): Promise<Gpu> {
+  const gpu = await Gpu.open();
+  globalThis.addEventListener("unload", () => gpu.destroy());
+  return gpu;
+}
 
 /** n uniform f32 values in [−scale, scale) drawn from `rng`, or from a new Rng seeded by it. */
 export function randoms(n: number, rng: Rng | number, scale = 1): Float32Array {

@@ -3,11 +3,11 @@
 
 import assert from "node:assert/strict";
 import { Rng } from "../core/rng.ts";
-import { Gpu } from "../gpu/device.ts";
-import { tokenLogprobs, tokenLogprobsBackward } from "../gpu/logprobs.ts";
-import { centralDifference, gpuTest, randoms } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+import { tokenLogprobs, tokenLogprobsBackward } from "../gpu/logprobs.ts";
+import { centralDifference, gpuTest, openGpu, randoms } from "./helpers.ts";
+
+const gpu = await openGpu();
 
 /** Float64 twin: logp[t] and lse[t] of s·logits. */
 function twinForward(logits: ArrayLike<number>, targets: Int32Array, V: number, s: number) {

@@ -4,13 +4,13 @@
 import assert from "node:assert/strict";
 import { loadCheckpoint } from "../core/checkpoint.ts";
 import { completionMask, groupAdvantages, grpoLoss, lossNormalizer } from "../core/grpo.ts";
-import { Gpu } from "../gpu/device.ts";
+
 import { computeLoss } from "../gpu/cli_loss.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { GpuPolicy } from "../gpu/policy.ts";
-import { gpuTest } from "./helpers.ts";
+import { gpuTest, openGpu } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+const gpu = await openGpu();
 const ROOT = new URL("../", import.meta.url).pathname;
 const CASES = `${ROOT}tests/fixtures/loss/`;
 

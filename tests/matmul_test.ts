@@ -9,11 +9,11 @@
 
 import assert from "node:assert/strict";
 import { Rng } from "../core/rng.ts";
-import { Gpu } from "../gpu/device.ts";
-import { linear, linearBackward, matmul, type MatmulShape, sumRows } from "../gpu/matmul.ts";
-import { gpuTest, padded, randoms, unpad } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+import { linear, linearBackward, matmul, type MatmulShape, sumRows } from "../gpu/matmul.ts";
+import { gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
+
+const gpu = await openGpu();
 const rng = new Rng(12345);
 const random = (n: number) => randoms(n, rng);
 

@@ -8,12 +8,12 @@ import { cpuForwardBackward } from "../core/cpu_model.ts";
 import { initWeights } from "../core/init.ts";
 import { parseModelConfig, toHfConfig } from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
-import { Gpu } from "../gpu/device.ts";
+
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
-import { assertRowsClose, gpuTest } from "./helpers.ts";
+import { assertRowsClose, gpuTest, openGpu } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+const gpu = await openGpu();
 const GOLDEN = new URL("./fixtures/golden/", import.meta.url).pathname;
 
 for (const entry of Deno.readDirSync(GOLDEN)) {

@@ -4,11 +4,11 @@
 import assert from "node:assert/strict";
 import { Rng } from "../core/rng.ts";
 import { adamw, type AdamwHyper } from "../gpu/adamw.ts";
-import { Gpu } from "../gpu/device.ts";
-import { gradNorm } from "../gpu/gradnorm.ts";
-import { gpuTest, randoms } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+import { gradNorm } from "../gpu/gradnorm.ts";
+import { gpuTest, openGpu, randoms } from "./helpers.ts";
+
+const gpu = await openGpu();
 
 function twinNorm(arrays: Float32Array[]): number {
   let sum = 0;

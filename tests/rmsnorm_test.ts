@@ -5,19 +5,19 @@
 // (measured ≤ 6e-6), whose two terms, each up to ~rstd·|w·dy| ≈ 200 in small rows, cancel.
 // Outputs are allocated longer than the work: the tail must stay untouched.
 
-import { Gpu } from "../gpu/device.ts";
 import { rmsnorm, rmsnormBackward } from "../gpu/rmsnorm.ts";
 import {
   assertClose,
   centralDifference,
   gpuTest,
+  openGpu,
   padded,
   randoms,
   sentinels,
   unpad,
 } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+const gpu = await openGpu();
 const EPS = 1e-6;
 
 /** x [T, H] whose row t has magnitude 10^(t % 5 − 2). */

@@ -7,11 +7,11 @@
 // (~1e-4 at position 4000; HF has the same error), so the twin must round them as HF does.
 
 import assert from "node:assert/strict";
-import { Gpu } from "../gpu/device.ts";
-import { rope } from "../gpu/rope.ts";
-import { assertClose, gpuTest, padded, randoms, unpad } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+import { rope } from "../gpu/rope.ts";
+import { assertClose, gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
+
+const gpu = await openGpu();
 const THETA = 1e6;
 const TOLERANCE = 2e-6; // absolute, on values in [−1, 1]
 

@@ -4,11 +4,11 @@
 // alone, and logp is the untruncated log-softmax of the chosen token.
 
 import assert from "node:assert/strict";
-import { Gpu } from "../gpu/device.ts";
-import { sample, type SampleOptions } from "../gpu/sample.ts";
-import { gpuTest, randoms } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+import { sample, type SampleOptions } from "../gpu/sample.ts";
+import { gpuTest, openGpu, randoms } from "./helpers.ts";
+
+const gpu = await openGpu();
 
 /** Run sample() on rows [B, V]; done rows start with token −7 and logp 123. */
 async function run(

@@ -7,10 +7,10 @@ import { initWeights } from "../core/init.ts";
 import { parseModelConfig, PRESETS, toHfConfig } from "../core/model_config.ts";
 import { ArithmeticTokenizer } from "../data/arithmetic.ts";
 import { ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
-import { Gpu } from "../gpu/device.ts";
+
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
-import { gpuTest } from "./helpers.ts";
+import { gpuTest, openGpu } from "./helpers.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const tokenizer = new ArithmeticTokenizer();
@@ -30,7 +30,7 @@ async function aha(...args: string[]) {
 }
 
 async function completionLogprob(dir: string): Promise<number> {
-  const gpu = await Gpu.open();
+  const gpu = await openGpu();
   const { config, weights } = await loadCheckpoint(dir);
   const model = new GpuModel(gpu, config, weights);
   const sequences = rows.map((

@@ -17,14 +17,14 @@ import { type ModelConfig, parseModelConfig, toHfConfig } from "../core/model_co
 import { Rng } from "../core/rng.ts";
 import { defaultTrainConfig } from "../core/train_config.ts";
 import { saveTrainingCheckpoint } from "../core/train_state.ts";
-import { Gpu } from "../gpu/device.ts";
+
 import { embedding, embeddingBackward } from "../gpu/embedding.ts";
 import { generate } from "../gpu/generate.ts";
 import { matmul } from "../gpu/matmul.ts";
 import { GpuModel } from "../gpu/model.ts";
-import { assertClose, gpuTest, randoms } from "./helpers.ts";
+import { assertClose, gpuTest, openGpu, randoms } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+const gpu = await openGpu();
 
 Deno.test("matmul reads a and writes out as column blocks of wider matrices", gpuTest, async () => {
   // [M, N, K], the blocks' first columns (4: vec4 bindings where the shape allows; 3: scalar).

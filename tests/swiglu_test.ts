@@ -3,11 +3,10 @@
 // sigmoid never overflows. Tolerance: |gpu − ref| ≤ 1e-6 + 1e-5·|ref| (f32 exp/division).
 // Outputs are allocated longer than n: the tail must stay untouched.
 
-import { Gpu } from "../gpu/device.ts";
 import { swiglu, swigluBackward } from "../gpu/swiglu.ts";
-import { assertClose, gpuTest, randoms, sentinels, unpad } from "./helpers.ts";
+import { assertClose, gpuTest, openGpu, randoms, sentinels, unpad } from "./helpers.ts";
 
-const gpu = await Gpu.open();
+const gpu = await openGpu();
 const SIZES = [1, 7, 33, 97, 1001];
 
 function gates(n: number): Float32Array {
