@@ -48,7 +48,10 @@ export async function runSft(
     );
     const warmup = Math.min(1, step / Math.max(1, opts.warmupSteps));
     const decay = (opts.steps - step + 1) / opts.steps;
-    await policy.optimizerStep({ ...opts.optimizer, lr: opts.optimizer.lr * Math.min(warmup, decay) });
+    await policy.optimizerStep({
+      ...opts.optimizer,
+      lr: opts.optimizer.lr * Math.min(warmup, decay),
+    });
     await opts.onStep?.(step, loss);
   }
   return loss;
