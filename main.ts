@@ -46,7 +46,7 @@ const COMMANDS: Record<string, Command> = {
 const USAGE = `usage: aha <command> [options]
 
 commands:
-${Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(10)}${c.summary}`).join("\n")}
+${Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(12)}${c.summary}`).join("\n")}
 
 Run "aha <command> --help" for a command's options.`;
 
