@@ -18,7 +18,8 @@ const INDEX_FILE = "model.safetensors.index.json";
 // Written into every model.safetensors (as transformers does), so files are byte-for-byte stable.
 const METADATA = { format: "pt" };
 
-async function readJson(path: string): Promise<unknown> {
+/** A JSON file, or an AhaError naming it (missing, unreadable, not JSON). */
+export async function readJson(path: string): Promise<unknown> {
   let text: string;
   try {
     text = await Deno.readTextFile(path);

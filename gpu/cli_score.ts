@@ -2,7 +2,8 @@
 // interface for comparing aha's numbers with any other implementation.
 
 import { intOption, parseCommandArgs, required } from "../core/cli_args.ts";
-import { loadCheckpoint } from "../core/checkpoint.ts";
+import { loadCheckpoint, readJson } from "../core/checkpoint.ts";
+import { parseModelConfig } from "../core/model_config.ts";
 import { AhaError, UsageError } from "../core/errors.ts";
 import { Gpu, modelNeeds } from "./device.ts";
 import { GpuModel } from "./model.ts";
@@ -37,6 +38,9 @@ export async function run(args: string[]): Promise<void> {
   }
   const threads = intOption("score", "threads", values.threads, 2);
   const sequences = await readSequences(inputPath);
+  const configPath = `${modelDir}/config.json`;
+  const config = parseModelConfig(await readJson(configPath), configPath);
+  checkTokenIds(inputPath, sequences, config.vocabSize);
 
   let logprobs: number[][];
   if (engine === "onnx") {
@@ -44,7 +48,6 @@ export async function run(args: string[]): Promise<void> {
     logprobs = await scoreWithOnnx(modelDir, sequences, threads);
   } else {
     const checkpoint = await loadCheckpoint(modelDir);
-    checkTokenIds(inputPath, sequences, checkpoint.config.vocabSize);
     const gpu = await Gpu.open(modelNeeds(checkpoint.config));
     const model = new GpuModel(gpu, checkpoint.config, checkpoint.weights);
     logprobs = await scoreSequences(model, sequences);
