@@ -451,12 +451,6 @@ function checkRelations(cfg: TrainConfig, source: string) {
   if (cfg.model === null && cfg.dataset.format !== "arithmetic") {
     fail(`"model" must name a model directory unless "dataset.format" is arithmetic`);
   }
-  if (cfg.beta > 0 && cfg.reference.engine === "onnx" && cfg.temperature !== 1) {
-    fail(
-      `"reference.engine" onnx computes log-probs at temperature 1 only, but "temperature" is ` +
-        `${cfg.temperature}: use the webgpu engine or temperature 1`,
-    );
-  }
 }
 
 /** The known key closest to `name` (by edit distance, also matching a section's key), or null. */

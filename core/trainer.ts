@@ -22,6 +22,7 @@ import {
 } from "./grpo.ts";
 import { reflectionMatcher, scoreCompletion } from "./rewards.ts";
 import type { Task, TaskExample } from "./task.ts";
+import type { SamplerState } from "../data/dataset.ts";
 import { learningRateAt, type TrainConfig } from "./train_config.ts";
 
 /** One line of metrics.jsonl. */
@@ -32,8 +33,11 @@ export interface TrainerIO {
   metrics(step: number, metrics: Metrics): Promise<void>;
   samples(step: number, samples: Record<string, unknown>[]): Promise<void>;
   evaluation(step: number, result: Evaluation): Promise<void>;
-  /** Write a checkpoint of the current policy and trainer state. */
-  save(step: number): Promise<void>;
+  /**
+   * Write a checkpoint of the current policy and trainer state; `sampler` overrides the task's
+   * current data position (used when the step after `step` failed midway).
+   */
+  save(step: number, sampler?: SamplerState): Promise<void>;
   /** True once the user asked to stop (Ctrl-C): the loop saves and returns. */
   stopRequested(): boolean;
 }
@@ -127,7 +131,16 @@ export class GrpoTrainer {
   async run(startStep: number): Promise<number> {
     const cfg = this.cfg;
     for (let step = startStep + 1; step <= cfg.max_steps; step++) {
-      const metrics = await this.step(step);
+      // A step that fails leaves the weights and optimizer as the previous step left them:
+      // save that step (with the data position it ended at) before giving up.
+      const sampler = this.task.samplerState();
+      let metrics: Metrics;
+      try {
+        metrics = await this.step(step);
+      } catch (error) {
+        if (step - 1 > startStep) await this.io.save(step - 1, sampler);
+        throw error;
+      }
       await this.io.metrics(step, metrics);
       const last = step === cfg.max_steps;
       if ((cfg.eval_steps > 0 && step % cfg.eval_steps === 0) || last) {
@@ -214,6 +227,8 @@ export class GrpoTrainer {
     const refPromise = cfg.beta > 0 && this.reference
       ? this.reference.completionLogprobs(batch, invTemperature)
       : Promise.resolve(null);
+    // Awaited in the loss below; a failure meanwhile must wait for that await, not end the process.
+    refPromise.catch(() => {});
     const referenceLogprobs = async () => {
       const waitStart = performance.now();
       const ref = await refPromise;

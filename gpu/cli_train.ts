@@ -131,13 +131,13 @@ export async function run(args: string[]): Promise<void> {
       console_.evaluation(step, result);
       await appendJsonl(`${cfg.output_dir}/eval.jsonl`, { step, ...result });
     },
-    save: async (step) => {
+    save: async (step, sampler = task.samplerState()) => {
       const dir = `${cfg.output_dir}/checkpoint-${step}`;
       const optimizer = await policy.optimizerState();
       const state: TrainerState = {
         step,
         adam_step: optimizer.step,
-        sampler: task.samplerState(),
+        sampler,
         reference_model: referenceDir,
       };
       await saveTrainingCheckpoint(

@@ -29,6 +29,8 @@ export class OnnxEngine {
     /** The WebAssembly threads actually in use (1 when threads are unavailable). */
     readonly threads: number,
     readonly description: string,
+    /** The export's origin (a file, or "exported in memory"), for error messages. */
+    private origin: string,
   ) {}
 
   /** An engine for a checkpoint directory (exported or taken from the cache) or for in-memory
@@ -66,13 +68,21 @@ export class OnnxEngine {
     const threads = ort.env.wasm.numThreads!;
     const description = `onnxruntime-web ${ort.env.versions.web} WASM, ${threads} ` +
       `thread${threads === 1 ? "" : "s"} (${origin})`;
-    return new OnnxEngine(session, config, threads, description);
+    return new OnnxEngine(session, config, threads, description, origin);
   }
 
-  /** logprobs[i][t] = log p(seq_i[t+1] | seq_i[0..t]), the format of `aha score`. Sequences are
-   * run longest first in right-padded batches (causal attention: padding never changes the
-   * positions before it). */
-  async logprobs(sequences: number[][]): Promise<number[][]> {
+  /** logprobs[i][t] = log p(seq_i[t+1] | seq_i[0..t]) with logits · invTemperature, the format
+   * of `aha score`. Sequences are run longest first in right-padded batches (causal attention:
+   * padding never changes the positions before it). */
+  async logprobs(sequences: number[][], invTemperature = 1): Promise<number[][]> {
+    // Exports older than the "inv_temperature" input compute plain log-probs only.
+    const scalable = this.session.inputNames.includes("inv_temperature");
+    if (!scalable && invTemperature !== 1) {
+      throw new AhaError(
+        `${this.origin}: this ONNX export has no "inv_temperature" input, so it serves ` +
+          `temperature 1 only (asked for ${1 / invTemperature}): let aha export the checkpoint`,
+      );
+    }
     const { vocabSize, maxPositionEmbeddings } = this.config;
     sequences.forEach((s, i) => {
       const bad = s.findIndex((t) => !Number.isInteger(t) || t < 0 || t >= vocabSize);
@@ -88,6 +98,7 @@ export class OnnxEngine {
         );
       }
     });
+    const scale = new ort.Tensor("float32", Float32Array.of(invTemperature), []);
     const result: number[][] = sequences.map(() => []);
     const order = sequences.map((_, i) => i).filter((i) => sequences[i].length >= 2)
       .sort((a, b) => sequences[b].length - sequences[a].length);
@@ -98,7 +109,9 @@ export class OnnxEngine {
       const ids = new BigInt64Array(batch.length * length); // padded with token 0
       batch.forEach((s, b) => ids.set(sequences[s].map(BigInt), b * length));
       const input = new ort.Tensor("int64", ids, [batch.length, length]);
-      const output = (await this.session.run({ input_ids: input })).logprobs;
+      const feeds: Record<string, ort.Tensor> = { input_ids: input };
+      if (scalable) feeds.inv_temperature = scale;
+      const output = (await this.session.run(feeds)).logprobs;
       const data = output.data as Float32Array;
       batch.forEach((s, b) => {
         const offset = b * (length - 1);
@@ -107,6 +120,7 @@ export class OnnxEngine {
       input.dispose();
       output.dispose();
     }
+    scale.dispose();
     return result;
   }
 

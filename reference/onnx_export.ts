@@ -2,8 +2,10 @@
 // onnxruntime-web can run it as aha's second, independent reference engine (onnx_engine.ts).
 //
 // The graph's interface (also what a user-supplied export must offer):
-//   input  "input_ids"  int64 [B, L], L ≥ 2
-//   output "logprobs"   float [B, L-1]   logprobs[b][t] = log p(ids[b][t+1] | ids[b][0..t])
+//   input  "input_ids"        int64 [B, L], L ≥ 2
+//   input  "inv_temperature"  float scalar: the logits are multiplied by it (1 = plain log-probs;
+//                             optional in a user-supplied export, which then serves 1 only)
+//   output "logprobs"         float [B, L-1]   logprobs[b][t] = log p(ids[b][t+1] | ids[b][0..t])
 //
 // Tokens are flattened to rows [B·L, H], so every linear layer is one Gemm with transB=1 on the
 // Hugging Face [out, in] weight as stored (no transposed copies; a tied lm_head reuses the
@@ -22,7 +24,7 @@ const { DataType } = onnx.TensorProto;
 const { AttributeType } = onnx.AttributeProto;
 
 /** Bumped whenever the graph changes, so cached exports of older graphs are not reused. */
-export const EXPORT_VERSION = 1;
+export const EXPORT_VERSION = 2;
 
 const int = (name: string, i: number): Onnx.IAttributeProto => ({
   name,
@@ -174,7 +176,8 @@ export function exportOnnx(c: ModelConfig, weights: Map<string, Float32Array>): 
   const predicting = g.op("Slice", [toBL(x, H), g.int64([0]), g.int64([-1]), axis1]);
   const head = c.tieWordEmbeddings ? embed : w("lm_head.weight", [V, H]);
   const logits = linear(toRows(predicting, H), head); // [B·(L-1), V]
-  const logProbs = g.op("LogSoftmax", [logits], [int("axis", -1)]);
+  const scaled = g.op("Mul", [logits, "inv_temperature"]);
+  const logProbs = g.op("LogSoftmax", [scaled], [int("axis", -1)]);
   const next = g.op("Slice", [ids, axis1, g.int64([Number.MAX_SAFE_INTEGER]), axis1]);
   const picked = g.op("GatherElements", [logProbs, g.op("Reshape", [next, g.int64([-1, 1])])], [
     int("axis", 1),
@@ -194,7 +197,10 @@ export function exportOnnx(c: ModelConfig, weights: Map<string, Float32Array>): 
       name: "qwen2_logprobs",
       node: g.nodes,
       initializer: g.initializers,
-      input: [{ name: ids, type: tensorType(DataType.INT64, ["batch", "length"]) }],
+      input: [
+        { name: ids, type: tensorType(DataType.INT64, ["batch", "length"]) },
+        { name: "inv_temperature", type: tensorType(DataType.FLOAT, []) },
+      ],
       output: [{ name: "logprobs", type: tensorType(DataType.FLOAT, ["batch", "length_1"]) }],
     },
   });

@@ -106,14 +106,7 @@ class OnnxReferenceEngine implements Engine {
   }
 
   logprobs(sequences: number[][], invTemperature: number): Promise<number[][]> {
-    if (invTemperature !== 1) {
-      throw new AhaError(
-        `the onnx engine computes log-probs at temperature 1 only (asked for ${
-          1 / invTemperature
-        })`,
-      );
-    }
-    return this.engine.logprobs(sequences);
+    return this.engine.logprobs(sequences, invTemperature);
   }
 
   async weights(): Promise<Map<string, Float32Array>> {

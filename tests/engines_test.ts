@@ -1,5 +1,6 @@
 // The two independent engines of the same model agree: aha's WebGPU kernels and an ONNX export
-// run by onnxruntime-web (WASM), on fresh checkpoints neither has seen.
+// run by onnxruntime-web (WASM), on fresh checkpoints neither has seen, at temperature 1 and at
+// the sampling temperature 0.7 (logits · 1/0.7 before the log-softmax).
 
 import assert from "node:assert/strict";
 import { initWeights } from "../core/init.ts";
@@ -43,15 +44,17 @@ for (const [name, hf] of Object.entries(CASES)) {
       Array.from({ length: n }, () => rng.int(config.vocabSize))
     );
     const model = new GpuModel(gpu, config, weights);
-    const webgpu = await scoreSequences(model, sequences);
-    model.destroy();
     const onnx = await OnnxEngine.create({ config, weights }, { threads: 1 });
-    const other = await onnx.logprobs(sequences);
-    onnx.release();
-    assert.deepEqual(webgpu.map((r) => r.length), other.map((r) => r.length));
-    const worst = Math.max(
-      ...webgpu.flatMap((row, i) => row.map((x, t) => Math.abs(x - other[i][t]))),
-    );
-    assert.ok(worst <= 1e-4, `max difference ${worst}`);
+    for (const invTemperature of [1, 1 / 0.7]) {
+      const webgpu = await scoreSequences(model, sequences, invTemperature);
+      const other = await onnx.logprobs(sequences, invTemperature);
+      assert.deepEqual(webgpu.map((r) => r.length), other.map((r) => r.length));
+      const worst = Math.max(
+        ...webgpu.flatMap((row, i) => row.map((x, t) => Math.abs(x - other[i][t]))),
+      );
+      assert.ok(worst <= 1e-4, `inv_temperature ${invTemperature}: max difference ${worst}`);
+    }
+    model.destroy();
+    await onnx.release();
   });
 }

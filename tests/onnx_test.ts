@@ -1,9 +1,12 @@
 // reference/onnx_export.ts + onnx_engine.ts: the ONNX export run by onnxruntime-web (WASM,
 // 2 threads) against the PyTorch golden log-probs and against the float64 CPU twin on a fresh
 // untied checkpoint (both to ≤ 1e-4 absolute), the export cache (re-used, then invalidated by
-// new weights), user-supplied exports, and clear errors for bad input.
+// new weights), user-supplied exports (one without the "inv_temperature" input serves
+// temperature 1 only), and clear errors for bad input. Temperature ≠ 1 against the WebGPU
+// engine: engines_test.ts.
 
 import assert from "node:assert/strict";
+import onnxProto from "onnx-proto";
 import { loadCheckpoint, saveCheckpoint } from "../core/checkpoint.ts";
 import { cpuLogprobs, type Weights } from "../core/cpu_model.ts";
 import { AhaError } from "../core/errors.ts";
@@ -12,6 +15,7 @@ import { type ModelConfig, parseModelConfig, PRESETS, toHfConfig } from "../core
 import { Rng } from "../core/rng.ts";
 import { readSafetensors, writeSafetensors } from "../core/safetensors.ts";
 import { OnnxEngine } from "../reference/onnx_engine.ts";
+import { exportOnnx } from "../reference/onnx_export.ts";
 import { assertRowsClose } from "./helpers.ts";
 
 const TOLERANCE = 1e-4;
@@ -155,5 +159,33 @@ Deno.test("onnx engine: clear errors for bad input", async () => {
     (e) => e instanceof AhaError && e.message.includes("max_position_embeddings (64)"),
   );
   assert.deepEqual(await engine.logprobs([[5], []]), [[], []]);
+  await engine.release();
+});
+
+Deno.test("an export without the inv_temperature input serves temperature 1 only", async () => {
+  // An older-style export: inv_temperature is a constant 1 instead of a graph input.
+  const { ModelProto } = onnxProto.onnx;
+  const weights = randomWeights(21);
+  const model = ModelProto.decode(exportOnnx(untied, weights));
+  const graph = model.graph!;
+  graph.input = graph.input!.filter((i) => i.name !== "inv_temperature");
+  graph.initializer!.push({
+    name: "inv_temperature",
+    dims: [],
+    dataType: onnxProto.onnx.TensorProto.DataType.FLOAT,
+    floatData: [1],
+  });
+  const path = `${tmp}/plain.onnx`;
+  await Deno.writeFile(path, ModelProto.encode(model).finish());
+
+  const engine = await OnnxEngine.create({ config: untied, weights }, { onnxPath: path });
+  const sequences = randomSequences(22, [9, 4], untied.vocabSize);
+  await assertMatchesTwin(engine, untied, weights, sequences, "plain export");
+  await assert.rejects(
+    engine.logprobs(sequences, 1 / 0.7),
+    (e) =>
+      e instanceof AhaError &&
+      e.message.startsWith(`${path}: this ONNX export has no "inv_temperature" input`),
+  );
   await engine.release();
 });

@@ -1,11 +1,13 @@
 // reference/: the reference model's process and its channel. The worker's log-probs against the
-// PyTorch golden values (both engines, ≤ 1e-4), two distinct adapters (policy on Vulkan,
+// PyTorch golden values (both engines, ≤ 1e-4; the onnx engine also at temperature 0.8 against
+// the float64 CPU twin), two distinct adapters (policy on Vulkan,
 // reference on GL), error replies to malformed requests, refusing a mismatched vocabulary or
 // tokenizer, reference syncing, restarts after a crash or a hang, and whole `aha train` runs:
 // killing the worker mid-run changes no weight, and no process or channel outlives the run.
 
 import assert from "node:assert/strict";
 import { loadCheckpoint, saveCheckpoint } from "../core/checkpoint.ts";
+import { cpuLogprobs } from "../core/cpu_model.ts";
 import { AhaError } from "../core/errors.ts";
 import { initWeights } from "../core/init.ts";
 import { writeSafetensors } from "../core/safetensors.ts";
@@ -88,28 +90,37 @@ Deno.test("the worker's log-probs match the PyTorch golden values", gpuTest, asy
   }
 });
 
-Deno.test("the onnx engine in the worker matches the golden values", gpuTest, async () => {
-  const dir = `${tmp}/onnx_gqa3_untied`; // a copy: the export is cached next to the checkpoint
-  const { expected, vocab } = golden("gqa3_untied");
-  const checkpoint = await loadCheckpoint(GOLDEN + "gqa3_untied");
-  await saveCheckpoint(dir, checkpoint.hfConfig, checkpoint.weights);
-  const ref = await start(dir, vocab, { engine: "onnx" });
-  try {
-    assert.equal(ref.adapter, null);
-    assertRowsClose(
-      await ref.completionLogprobs(asBatch(expected.sequences), 1),
-      expected.logprobs,
-      TOLERANCE,
-      "onnx",
-    );
-    await assert.rejects(
-      ref.completionLogprobs(asBatch(expected.sequences), 1.25),
-      /temperature 1/,
-    );
-  } finally {
-    await ref.close();
-  }
-});
+Deno.test(
+  "the onnx engine in the worker matches the golden values, also at temperature 0.8",
+  gpuTest,
+  async () => {
+    const dir = `${tmp}/onnx_gqa3_untied`; // a copy: the export is cached next to the checkpoint
+    const { expected, vocab } = golden("gqa3_untied");
+    const checkpoint = await loadCheckpoint(GOLDEN + "gqa3_untied");
+    await saveCheckpoint(dir, checkpoint.hfConfig, checkpoint.weights);
+    const ref = await start(dir, vocab, { engine: "onnx" });
+    try {
+      assert.equal(ref.adapter, null);
+      assertRowsClose(
+        await ref.completionLogprobs(asBatch(expected.sequences), 1),
+        expected.logprobs,
+        TOLERANCE,
+        "onnx",
+      );
+      // logits · 1.25 are the logits of an lm_head scaled by 1.25 (untied): the CPU twin's truth.
+      const hotter = new Map(checkpoint.weights);
+      hotter.set("lm_head.weight", checkpoint.weights.get("lm_head.weight")!.map((x) => 1.25 * x));
+      assertRowsClose(
+        await ref.completionLogprobs(asBatch(expected.sequences), 1.25),
+        cpuLogprobs(checkpoint.config, hotter, expected.sequences),
+        TOLERANCE,
+        "onnx at inv_temperature 1.25",
+      );
+    } finally {
+      await ref.close();
+    }
+  },
+);
 
 Deno.test({
   name: "policy on Vulkan, reference on GL: two distinct adapters",

@@ -27,7 +27,8 @@ const COMMON = set(
   "sample_steps=0",
 );
 
-async function train(args: string[], signalAfterStep?: number) {
+/** Run `aha train`; after step `interruptAfterStep`, Ctrl-C the trainer (or kill its worker). */
+async function train(args: string[], interruptAfterStep?: number, killWorker = false) {
   const child = new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", MAIN, "train", ...COMMON, ...args],
     stdout: "piped",
@@ -37,9 +38,12 @@ async function train(args: string[], signalAfterStep?: number) {
   const decoder = new TextDecoder();
   for await (const chunk of child.stdout) {
     stdout += decoder.decode(chunk);
-    if (signalAfterStep !== undefined && new RegExp(`step +${signalAfterStep}/`).test(stdout)) {
-      child.kill("SIGINT");
-      signalAfterStep = undefined;
+    if (
+      interruptAfterStep !== undefined && new RegExp(`step +${interruptAfterStep}/`).test(stdout)
+    ) {
+      if (killWorker) Deno.kill(Number(stdout.match(/worker pid (\d+)/)![1]), "SIGKILL");
+      else child.kill("SIGINT");
+      interruptAfterStep = undefined;
     }
   }
   const stderr = decoder.decode(await new Response(child.stderr).arrayBuffer());
@@ -134,3 +138,24 @@ Deno.test("a bad config stops before any work with one line naming the key", gpu
   assert.match(lines[0], /unknown key "learning_rat" \(did you mean "learning_rate"\?\)/);
   assert.equal(await Deno.stat(`${dir}/bad`).then(() => true, () => false), false);
 });
+
+Deno.test(
+  "a run that fails midway saves its last completed step and says why in one line",
+  gpuTest,
+  async () => {
+    const out = `${dir}/failed`;
+    const run = await train(
+      set(`output_dir=${out}`, "max_steps=200", "reference.max_restarts=0"),
+      3,
+      true,
+    );
+    assert.equal(run.code, 1);
+    assert.match(run.stderr, /aha: the reference worker .*giving up after 0 restarts/);
+    const saved = [...Deno.readDirSync(out)].map((e) => e.name).filter((n) =>
+      n.startsWith("checkpoint-")
+    );
+    assert.equal(saved.length, 1);
+    const state = JSON.parse(Deno.readTextFileSync(`${out}/${saved[0]}/trainer_state.json`));
+    assert.equal(readJsonl(`${out}/metrics.jsonl`).length, state.step);
+  },
+);
