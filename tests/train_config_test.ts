@@ -137,6 +137,9 @@ Deno.test("relations between keys", () => {
     loadError(null, ["dataset.format=jsonl", "dataset.path=a.jsonl"]),
     /"model" must name a model directory/,
   );
+  // Either reference engine serves the sampling temperature.
+  const onnx = loadTrainConfig(null, ["reference.engine=onnx", "temperature=0.9", "beta=0.04"]);
+  assert.equal(onnx.temperature, 0.9);
 });
 
 Deno.test("learning-rate schedules", () => {
