@@ -167,3 +167,29 @@ export function grpoLoss(rows: LossRow[], cfg: GrpoLossConfig, norm: LossNormali
   });
   return { loss, dLogp, klSum, clippedTokens, tokens };
 }
+
+/**
+ * The objective of one `aha loss` batch, given the policy's log-probs of its completion tokens
+ * (row i, one value per token): its advantages, and the whole batch's loss and d(loss)/d(logp).
+ * Completion tokens up to and including the first pad_id (the end token) count.
+ */
+export function lossBatchObjective(batch: LossBatch, logprobs: number[][]) {
+  const P = batch.prompt_len;
+  const cfg: GrpoLossConfig = {
+    beta: batch.beta,
+    epsilon: batch.epsilon,
+    epsilonHigh: batch.epsilon_high ?? batch.epsilon,
+    lossType: batch.loss_type ?? "grpo",
+    maxCompletionLength: batch.sequences[0].length - P,
+  };
+  const advantages = groupAdvantages(batch.rewards, batch.group_size, true);
+  const masks = completionMask(batch.sequences.map((s) => s.slice(P)), [batch.pad_id]);
+  const rows: LossRow[] = logprobs.map((logp, i) => ({
+    logp,
+    oldLogp: batch.old_logprobs?.[i] ?? null,
+    refLogp: batch.ref_logprobs?.[i] ?? null,
+    mask: masks[i],
+    advantage: advantages[i],
+  }));
+  return { advantages, ...grpoLoss(rows, cfg, lossNormalizer(cfg, masks)) };
+}

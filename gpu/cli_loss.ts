@@ -4,15 +4,7 @@
 import { parseCommandArgs, required } from "../core/cli_args.ts";
 import { loadCheckpoint } from "../core/checkpoint.ts";
 import { AhaError } from "../core/errors.ts";
-import {
-  completionMask,
-  groupAdvantages,
-  grpoLoss,
-  type GrpoLossConfig,
-  type LossBatch,
-  lossNormalizer,
-  type LossRow,
-} from "../core/grpo.ts";
+import { type LossBatch, lossBatchObjective } from "../core/grpo.ts";
 import { Gpu, modelNeeds } from "./device.ts";
 import { GpuModel } from "./model.ts";
 import { GpuPolicy } from "./policy.ts";
@@ -51,31 +43,13 @@ export async function run(args: string[]): Promise<void> {
 
 /** The objective, advantages, gradient norm and the first 8 values of every weight's gradient. */
 export async function computeLoss(policy: GpuPolicy, batch: LossBatch) {
-  const P = batch.prompt_len, completionLength = batch.sequences[0].length - P;
-  const cfg: GrpoLossConfig = {
-    beta: batch.beta,
-    epsilon: batch.epsilon,
-    epsilonHigh: batch.epsilon_high ?? batch.epsilon,
-    lossType: batch.loss_type ?? "grpo",
-    maxCompletionLength: completionLength,
-  };
-  const advantages = groupAdvantages(batch.rewards, batch.group_size, true);
-  const masks = completionMask(batch.sequences.map((s) => s.slice(P)), [batch.pad_id]);
-  const normalizer = lossNormalizer(cfg, masks);
-  let loss = 0;
+  let loss = 0, advantages: number[] = [];
   await policy.accumulateGradients(
-    { rows: batch.sequences, promptLens: batch.sequences.map(() => P) },
+    { rows: batch.sequences, promptLens: batch.sequences.map(() => batch.prompt_len) },
     1,
     (logprobs) => {
-      const rows: LossRow[] = logprobs.map((logp, i) => ({
-        logp,
-        oldLogp: batch.old_logprobs?.[i] ?? null,
-        refLogp: batch.ref_logprobs?.[i] ?? null,
-        mask: masks[i],
-        advantage: advantages[i],
-      }));
-      const result = grpoLoss(rows, cfg, normalizer);
-      loss = result.loss;
+      const result = lossBatchObjective(batch, logprobs);
+      [loss, advantages] = [result.loss, result.advantages];
       return Promise.resolve(result.dLogp);
     },
   );

@@ -5,14 +5,7 @@
 import assert from "node:assert/strict";
 import { loadCheckpoint } from "../core/checkpoint.ts";
 import { cpuForwardBackward, cpuLogprobs } from "../core/cpu_model.ts";
-import {
-  completionMask,
-  groupAdvantages,
-  grpoLoss,
-  type GrpoLossConfig,
-  type LossBatch,
-  lossNormalizer,
-} from "../core/grpo.ts";
+import { type LossBatch, lossBatchObjective } from "../core/grpo.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 const CASES = `${ROOT}tests/fixtures/loss/`;
@@ -41,27 +34,9 @@ for (const name of caseNames.sort()) {
     const expected: Expected = JSON.parse(await Deno.readTextFile(`${CASES}${name}/expected.json`));
     const { config, weights } = await loadCheckpoint(ROOT + expected.model);
     const P = batch.prompt_len;
-    const completionLength = batch.sequences[0].length - P;
-
     // The completion token at position P + t is predicted by the logits at position P − 1 + t.
     const logp = cpuLogprobs(config, weights, batch.sequences).map((row) => row.slice(P - 1));
-    const masks = completionMask(batch.sequences.map((s) => s.slice(P)), [batch.pad_id]);
-    const advantages = groupAdvantages(batch.rewards, batch.group_size, true);
-    const cfg: GrpoLossConfig = {
-      beta: batch.beta,
-      epsilon: batch.epsilon,
-      epsilonHigh: batch.epsilon_high ?? batch.epsilon,
-      lossType: batch.loss_type ?? "grpo",
-      maxCompletionLength: completionLength,
-    };
-    const rows = logp.map((row, i) => ({
-      logp: row,
-      oldLogp: batch.old_logprobs?.[i] ?? null,
-      refLogp: batch.ref_logprobs?.[i] ?? null,
-      mask: masks[i],
-      advantage: advantages[i],
-    }));
-    const { loss, dLogp } = grpoLoss(rows, cfg, lossNormalizer(cfg, masks));
+    const { loss, dLogp, advantages } = lossBatchObjective(batch, logp);
     const dLogprobs = dLogp.map((row) => [...new Array(P - 1).fill(0), ...row]);
     const { grads } = cpuForwardBackward(config, weights, batch.sequences, dLogprobs);
 
