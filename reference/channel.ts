@@ -141,12 +141,23 @@ export class Channel {
     await Deno.remove(path).catch(() => {});
   }
 
-  /** Removes the whole directory (synchronous, so it also runs in an unload handler). */
+  /**
+   * Removes the whole directory (synchronous, so it also runs in an unload handler). The worker
+   * and the trainer may both be removing it at once, and a recursive removal gives up when an
+   * entry vanishes under it: try again until the directory is gone.
+   */
   removeAll(): void {
-    try {
-      Deno.removeSync(this.dir, { recursive: true });
-    } catch {
-      // already gone
+    for (let attempt = 0; attempt < 5; attempt++) {
+      try {
+        Deno.removeSync(this.dir, { recursive: true });
+      } catch {
+        // raced with the other side, or already gone: look again
+      }
+      try {
+        Deno.statSync(this.dir);
+      } catch {
+        return;
+      }
     }
   }
 }
