@@ -10,36 +10,36 @@ interface Command {
 }
 
 const COMMANDS: Record<string, Command> = {
-  train: { summary: "train a policy with GRPO", load: () => import("./gpu/cli_train.ts") },
-  plan: { summary: "memory plan of a training run", load: () => import("./gpu/cli_plan.ts") },
+  train: { summary: "train a policy with GRPO", load: () => import("./cli/train.ts") },
+  plan: { summary: "memory plan of a training run", load: () => import("./cli/plan.ts") },
   sft: {
     summary: "supervised fine-tuning on {prompt, completion} rows",
-    load: () => import("./gpu/cli_sft.ts"),
+    load: () => import("./cli/sft.ts"),
   },
-  init: { summary: "write a random Qwen2 checkpoint", load: () => import("./core/cli_init.ts") },
+  init: { summary: "write a random Qwen2 checkpoint", load: () => import("./cli/init.ts") },
   score: {
     summary: "per-token log-probs of token sequences",
-    load: () => import("./gpu/cli_score.ts"),
+    load: () => import("./cli/score.ts"),
   },
   loss: {
     summary: "one GRPO objective and its gradients, without updating",
-    load: () => import("./gpu/cli_loss.ts"),
+    load: () => import("./cli/loss.ts"),
   },
   gpu: {
     summary: "the WebGPU adapters this machine offers",
-    load: () => import("./gpu/cli_gpu.ts"),
+    load: () => import("./cli/gpu.ts"),
   },
   tokenize: {
     summary: "token ids of a text, optionally through the chat template",
-    load: () => import("./core/cli_tokenize.ts"),
+    load: () => import("./cli/tokenize.ts"),
   },
   rewards: {
     summary: "score {completion, answer} rows with the reward functions",
-    load: () => import("./core/cli_rewards.ts"),
+    load: () => import("./cli/rewards.ts"),
   },
   "ref-worker": {
     summary: "(internal) the reference model's process",
-    load: () => import("./reference/worker.ts"),
+    load: () => import("./cli/ref_worker.ts"),
   },
 };
 

@@ -2,7 +2,7 @@
 // one-line usage errors that name the command.
 
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { UsageError } from "./errors.ts";
+import { UsageError } from "../core/errors.ts";
 
 type Options = NonNullable<ParseArgsConfig["options"]>;
 

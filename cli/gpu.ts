@@ -2,9 +2,9 @@
 // Deno gives a process one adapter, picked by DENO_WEBGPU_BACKEND, so each backend is probed in
 // a child process of its own.
 
-import { parseCommandArgs } from "../core/cli_args.ts";
-import { BACKENDS, probeAdapter, sameAdapter } from "./adapters.ts";
-import { type AdapterSummary, requestAdapter, summarizeAdapter } from "./device.ts";
+import { parseCommandArgs } from "./args.ts";
+import { BACKENDS, probeAdapter, sameAdapter } from "../gpu/adapters.ts";
+import { type AdapterSummary, requestAdapter, summarizeAdapter } from "../gpu/device.ts";
 
 export const help = `usage: aha gpu [--json]
 

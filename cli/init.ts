@@ -1,10 +1,10 @@
 // `aha init`: write a freshly initialised Qwen2 checkpoint in Hugging Face format.
 
-import { intOption, parseCommandArgs, required } from "./cli_args.ts";
-import { saveCheckpoint } from "./checkpoint.ts";
-import { AhaError, UsageError } from "./errors.ts";
-import { initWeights } from "./init.ts";
-import { parameterCount, parseModelConfig, PRESETS, toHfConfig } from "./model_config.ts";
+import { intOption, parseCommandArgs, required } from "./args.ts";
+import { saveCheckpoint } from "../core/checkpoint.ts";
+import { AhaError, UsageError } from "../core/errors.ts";
+import { initWeights } from "../core/init.ts";
+import { parameterCount, parseModelConfig, PRESETS, toHfConfig } from "../core/model_config.ts";
 
 export const help = `usage: aha init --preset NAME --out DIR [--seed N] [--config FILE] [--force]
 

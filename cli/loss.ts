@@ -1,13 +1,13 @@
 // `aha loss`: one GRPO objective and its gradients on a given batch, without updating — for
 // checking aha's loss against other implementations (tests compare it with PyTorch).
 
-import { parseCommandArgs, required } from "../core/cli_args.ts";
+import { parseCommandArgs, required } from "./args.ts";
 import { loadCheckpoint } from "../core/checkpoint.ts";
 import { AhaError } from "../core/errors.ts";
 import { type LossBatch, lossBatchObjective } from "../core/grpo.ts";
-import { Gpu, modelNeeds } from "./device.ts";
-import { GpuModel } from "./model.ts";
-import { GpuPolicy } from "./policy.ts";
+import { Gpu, modelNeeds } from "../gpu/device.ts";
+import { GpuModel } from "../gpu/model.ts";
+import { GpuPolicy } from "../gpu/policy.ts";
 
 export const help = `usage: aha loss --model DIR --batch BATCH.json [--output OUT.json]
 

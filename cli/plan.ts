@@ -1,28 +1,24 @@
 // `aha plan CONFIG`: the memory a training run needs (core/plan.ts) on the policy and reference
-// adapters, the adapter's limits, whether it fits, and what to change. Also where `aha train`
-// gets the model shape and the adapter's limits for the same check.
+// adapters, the adapter's limits, whether it fits, and what to change. `aha train` runs the
+// same check (core/plan.ts checkPlan) before it loads anything.
 
-import { parseCommandArgs } from "../core/cli_args.ts";
-import { AhaError, UsageError } from "../core/errors.ts";
-import {
-  type ModelConfig,
-  parameterCount,
-  parseModelConfig,
-  PRESETS,
-} from "../core/model_config.ts";
+import { parseCommandArgs } from "./args.ts";
+import { UsageError } from "../core/errors.ts";
+import { type ModelConfig, parameterCount } from "../core/model_config.ts";
 import {
   type AdapterLimits,
   advise,
-  builtinShape,
   describeTensor,
   formatBytes,
   largestTensor,
   planMemory,
+  planModel,
   planProblems,
 } from "../core/plan.ts";
 import { loadTrainConfig, type TrainConfig } from "../core/train_config.ts";
 import { ArithmeticTokenizer } from "../data/arithmetic.ts";
-import { requestAdapter } from "./device.ts";
+import { requestAdapter } from "../gpu/device.ts";
+import { describeAdapter, UNKNOWN_MEMORY } from "../gpu/adapters.ts";
 
 export const help = `usage: aha plan CONFIG.yaml [--set key=value ...] [options]
 
@@ -58,7 +54,11 @@ export async function run(args: string[]): Promise<void> {
     if (!(n > 0)) throw new UsageError(`plan: --${name} must be a positive number, got "${text}"`);
     return n * 2 ** 30;
   };
-  const model = await planModel(cfg, values["model-config"] as string | undefined);
+  const model = await planModel(
+    cfg,
+    new ArithmeticTokenizer().vocabSize,
+    values["model-config"] as string | undefined,
+  );
   const binding = gib("max-binding-gb"), buffer = gib("max-buffer-gb"), memory = gib("memory-gb");
   const { limits, memoryNote } = binding !== undefined && buffer !== undefined
     ? {
@@ -72,70 +72,6 @@ export async function run(args: string[]): Promise<void> {
     }
     : describeAdapter(await requestAdapter(), memory, binding, buffer);
   console.log(planReport(positionals[0], cfg, model, limits, memoryNote).join("\n"));
-}
-
-const UNKNOWN_MEMORY = "unknown: WebGPU does not report it; state it with --memory-gb N";
-
-/** The model's shape: --model-config, else MODEL/config.json, else the built-in table. */
-export async function planModel(
-  cfg: TrainConfig,
-  modelConfigFile?: string,
-): Promise<{ config: ModelConfig; source: string }> {
-  const file = modelConfigFile ?? (cfg.model === null ? null : `${cfg.model}/config.json`);
-  const text = file === null ? null : await Deno.readTextFile(file).catch((e) => {
-    if (e instanceof Deno.errors.NotFound && modelConfigFile === undefined) return null;
-    throw new AhaError(`${file}: cannot read: ${(e as Error).message}`);
-  });
-  if (file !== null && text !== null) {
-    let json: unknown;
-    try {
-      json = JSON.parse(text);
-    } catch {
-      throw new AhaError(`${file}: not valid JSON`);
-    }
-    return { config: parseModelConfig(json, file), source: file };
-  }
-  if (cfg.model === null) {
-    const vocab = new ArithmeticTokenizer().vocabSize;
-    return {
-      config: parseModelConfig({ ...PRESETS.tiny, vocab_size: vocab }),
-      source: "the built-in tiny model",
-    };
-  }
-  const shape = builtinShape(cfg.model);
-  if (shape === null) {
-    throw new AhaError(
-      `${cfg.model}/config.json: not found, and the name is not one of the built-in Qwen2.5 ` +
-        `shapes (0.5B, 1.5B, 3B, 7B): pass --model-config FILE`,
-    );
-  }
-  return { config: parseModelConfig(shape), source: `the built-in Qwen2.5 table (no ${file})` };
-}
-
-/** The adapter's limits, with its memory where known: stated, or the RAM of a software adapter. */
-export function describeAdapter(
-  adapter: GPUAdapter,
-  memoryBytes?: number,
-  maxBinding?: number,
-  maxBuffer?: number,
-): { limits: AdapterLimits; memoryNote: string } {
-  const info = adapter.info as GPUAdapterInfo & { isFallbackAdapter?: boolean };
-  const software = info.isFallbackAdapter === true ||
-    /llvmpipe|lavapipe|swiftshader|software/i.test(`${info.description} ${info.device}`);
-  const memory = memoryBytes ?? (software ? Deno.systemMemoryInfo().total : null);
-  return {
-    limits: {
-      description: info.description || info.vendor || "WebGPU adapter",
-      maxStorageBufferBindingSize: maxBinding ?? adapter.limits.maxStorageBufferBindingSize,
-      maxBufferSize: maxBuffer ?? adapter.limits.maxBufferSize,
-      memory,
-    },
-    memoryNote: memoryBytes !== undefined
-      ? "--memory-gb"
-      : software
-      ? "the system RAM: a software adapter"
-      : UNKNOWN_MEMORY,
-  };
 }
 
 /** The printed plan: the table per adapter, the limits, the verdict and advice. */

@@ -2,9 +2,14 @@
 // one JSON line per row — the way to debug reward functions before training with them.
 
 import { parse as parseYaml } from "yaml";
-import { parseCommandArgs, required } from "./cli_args.ts";
-import { AhaError } from "./errors.ts";
-import { DEFAULT_REWARDS, scoreCompletion, selectRewards, type WeightedReward } from "./rewards.ts";
+import { parseCommandArgs, required } from "./args.ts";
+import { AhaError } from "../core/errors.ts";
+import {
+  DEFAULT_REWARDS,
+  scoreCompletion,
+  selectRewards,
+  type WeightedReward,
+} from "../core/rewards.ts";
 
 export const help = `usage: aha rewards [--config CONFIG.yaml] --input FILE.jsonl
 

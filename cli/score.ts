@@ -1,13 +1,13 @@
 // `aha score`: per-token log-probs of token sequences under a checkpoint — the stable public
 // interface for comparing aha's numbers with any other implementation.
 
-import { intOption, parseCommandArgs, required } from "../core/cli_args.ts";
+import { intOption, parseCommandArgs, required } from "./args.ts";
 import { loadCheckpoint, readJson } from "../core/checkpoint.ts";
 import { parseModelConfig } from "../core/model_config.ts";
 import { AhaError, UsageError } from "../core/errors.ts";
-import { Gpu, modelNeeds } from "./device.ts";
-import { GpuModel } from "./model.ts";
-import { scoreSequences } from "./score.ts";
+import { Gpu, modelNeeds } from "../gpu/device.ts";
+import { GpuModel } from "../gpu/model.ts";
+import { scoreSequences } from "../gpu/score.ts";
 
 export const help =
   `usage: aha score --model DIR --input IN.json [--output OUT.json] [--engine webgpu|onnx]

@@ -1,16 +1,16 @@
 // `aha sft`: supervised fine-tuning of a checkpoint on {"prompt", "completion"} JSONL rows, the
 // loss on completion tokens only — the "cold start" many GRPO recipes run first.
 
-import { intOption, parseCommandArgs, required } from "../core/cli_args.ts";
+import { intOption, parseCommandArgs, required } from "./args.ts";
 import { loadCheckpoint, saveCheckpoint } from "../core/checkpoint.ts";
 import { AhaError, UsageError } from "../core/errors.ts";
 import { runSft, type SftRow } from "../core/sft.ts";
 import { loadTokenizer, type TextTokenizer } from "../core/tokenizer.ts";
 import { ArithmeticTokenizer } from "../data/arithmetic.ts";
 import { ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
-import { Gpu, modelNeeds } from "./device.ts";
-import { GpuModel } from "./model.ts";
-import { GpuPolicy } from "./policy.ts";
+import { Gpu, modelNeeds } from "../gpu/device.ts";
+import { GpuModel } from "../gpu/model.ts";
+import { GpuPolicy } from "../gpu/policy.ts";
 
 export const help = `usage: aha sft --model DIR --data FILE.jsonl [--out DIR] [options]
 

@@ -1,9 +1,9 @@
 // `aha tokenize`: the token ids of a text under a model's tokenizer, optionally after rendering
 // it as a user message through the model's chat template — to see exactly what the model sees.
 
-import { parseCommandArgs, required } from "./cli_args.ts";
-import { AhaError, UsageError } from "./errors.ts";
-import { loadTokenizer } from "./tokenizer.ts";
+import { parseCommandArgs, required } from "./args.ts";
+import { AhaError, UsageError } from "../core/errors.ts";
+import { loadTokenizer } from "../core/tokenizer.ts";
 
 export const help = `usage: aha tokenize --tokenizer DIR [--chat] [--system TEXT] TEXT
 

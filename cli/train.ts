@@ -3,7 +3,7 @@
 // "base model"), then GRPO makes it reliable. This file wires the pieces together: config,
 // task, engines, console and metrics output, checkpoints, Ctrl-C.
 
-import { parseCommandArgs } from "../core/cli_args.ts";
+import { parseCommandArgs } from "./args.ts";
 import { AhaError, UsageError } from "../core/errors.ts";
 import { loadCheckpoint, saveCheckpoint } from "../core/checkpoint.ts";
 import { initWeights } from "../core/init.ts";
@@ -25,14 +25,14 @@ import {
   saveTrainingCheckpoint,
   type TrainerState,
 } from "../core/train_state.ts";
-import { pretrainingCorpus, splitProblems } from "../data/arithmetic.ts";
+import { ArithmeticTokenizer, pretrainingCorpus, splitProblems } from "../data/arithmetic.ts";
 import { ARITHMETIC_TOKENIZER_FILE, arithmeticTask, datasetTask } from "../data/tasks.ts";
 import { loadTokenizer } from "../core/tokenizer.ts";
-import { checkPlan } from "../core/plan.ts";
-import { describeAdapter, planModel } from "./cli_plan.ts";
-import { Gpu, summarizeAdapter } from "./device.ts";
-import { GpuModel } from "./model.ts";
-import { GpuPolicy } from "./policy.ts";
+import { checkPlan, planModel } from "../core/plan.ts";
+import { describeAdapter } from "../gpu/adapters.ts";
+import { Gpu, summarizeAdapter } from "../gpu/device.ts";
+import { GpuModel } from "../gpu/model.ts";
+import { GpuPolicy } from "../gpu/policy.ts";
 import { WorkerReference } from "../reference/client.ts";
 
 export const help = `usage: aha train [CONFIG.yaml] [--set key=value ...] [--resume DIR]
@@ -66,7 +66,11 @@ export async function run(args: string[]): Promise<void> {
   const task = await makeTask(cfg);
   const gpu = await Gpu.open();
   // Refuse a run that cannot fit before loading any weights.
-  checkPlan(cfg, (await planModel(cfg)).config, describeAdapter(gpu.adapter).limits);
+  checkPlan(
+    cfg,
+    (await planModel(cfg, new ArithmeticTokenizer().vocabSize)).config,
+    describeAdapter(gpu.adapter).limits,
+  );
   const console_ = new Console(cfg);
   console_.line(`aha train: task ${task.name}, policy adapter "${gpu.description}"`);
 

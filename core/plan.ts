@@ -8,7 +8,7 @@
 // `aha plan` prints it (gpu/cli_plan.ts); `aha train` calls checkPlan before loading anything.
 
 import { AhaError } from "./errors.ts";
-import { type ModelConfig, weightShapes } from "./model_config.ts";
+import { type ModelConfig, parseModelConfig, PRESETS, weightShapes } from "./model_config.ts";
 import type { TrainConfig } from "./train_config.ts";
 
 // The sizes that bound the GPU engine's memory; gpu/model.ts and gpu/score.ts use these.
@@ -486,4 +486,43 @@ export function builtinShape(modelPath: string): Record<string, unknown> | null 
   const name = modelPath.replace(/\/+$/, "").split("/").at(-1) ?? "";
   const size = name.match(/qwen2\.5-(0\.5b|1\.5b|3b|7b)(?![\d.])/i)?.[1].toLowerCase();
   return size === undefined ? null : QWEN25_SHAPES[size];
+}
+
+/**
+ * The model's shape for a plan: a stated config.json, else MODEL/config.json, else the built-in
+ * Qwen2.5 table; the embedded default's tiny model has the built-in task's vocabulary.
+ */
+export async function planModel(
+  cfg: TrainConfig,
+  builtinVocabSize: number,
+  modelConfigFile?: string,
+): Promise<{ config: ModelConfig; source: string }> {
+  const file = modelConfigFile ?? (cfg.model === null ? null : `${cfg.model}/config.json`);
+  const text = file === null ? null : await Deno.readTextFile(file).catch((e) => {
+    if (e instanceof Deno.errors.NotFound && modelConfigFile === undefined) return null;
+    throw new AhaError(`${file}: cannot read: ${(e as Error).message}`);
+  });
+  if (file !== null && text !== null) {
+    let json: unknown;
+    try {
+      json = JSON.parse(text);
+    } catch {
+      throw new AhaError(`${file}: not valid JSON`);
+    }
+    return { config: parseModelConfig(json, file), source: file };
+  }
+  if (cfg.model === null) {
+    return {
+      config: parseModelConfig({ ...PRESETS.tiny, vocab_size: builtinVocabSize }),
+      source: "the built-in tiny model",
+    };
+  }
+  const shape = builtinShape(cfg.model);
+  if (shape === null) {
+    throw new AhaError(
+      `${cfg.model}/config.json: not found, and the name is not one of the built-in Qwen2.5 ` +
+        `shapes (0.5B, 1.5B, 3B, 7B): pass --model-config FILE`,
+    );
+  }
+  return { config: parseModelConfig(shape), source: `the built-in Qwen2.5 table (no ${file})` };
 }

@@ -3,7 +3,6 @@
 // right, is the format right). The built-in arithmetic task and file datasets (GSM8K) both
 // provide one (data/tasks.ts).
 
-import type { SamplerState } from "../data/dataset.ts";
 import type { WeightedReward } from "./rewards.ts";
 
 export interface TaskExample {
@@ -30,4 +29,11 @@ export interface Task {
   decode(ids: number[]): string;
   isCorrect(completion: string, example: TaskExample): boolean;
   isFormatted(completion: string, example: TaskExample): boolean;
+}
+
+/** Where an EpochSampler is, for checkpoints: resuming from it continues the same order. */
+export interface SamplerState {
+  epoch: number;
+  position: number;
+  rng: string; // Rng state at the start of this epoch's shuffle
 }

@@ -7,7 +7,7 @@
 import { type Checkpoint, loadCheckpoint, saveCheckpoint } from "./checkpoint.ts";
 import { AhaError } from "./errors.ts";
 import { encodeSafetensors, readSafetensors } from "./safetensors.ts";
-import type { SamplerState } from "../data/dataset.ts";
+import type { SamplerState } from "./task.ts";
 import type { TrainConfig } from "./train_config.ts";
 import YAML from "yaml";
 

@@ -22,7 +22,7 @@ import {
 } from "./grpo.ts";
 import { reflectionMatcher, scoreCompletion } from "./rewards.ts";
 import type { Task, TaskExample } from "./task.ts";
-import type { SamplerState } from "../data/dataset.ts";
+import type { SamplerState } from "./task.ts";
 import { learningRateAt, type TrainConfig } from "./train_config.ts";
 
 /** One line of metrics.jsonl. */

@@ -8,6 +8,7 @@ import { compressors } from "hyparquet-compressors";
 import { AhaError } from "../core/errors.ts";
 import { lastNumber } from "../core/rewards.ts";
 import { Rng } from "../core/rng.ts";
+import type { SamplerState } from "../core/task.ts";
 
 export interface Example {
   question: string;
@@ -169,13 +170,6 @@ export function splitHeldOut<T>(
     train: examples.filter((_, i) => !held.has(i)),
     heldOut: order.slice(0, count).sort((a, b) => a - b).map((i) => examples[i]),
   };
-}
-
-/** Where an EpochSampler is, for checkpoints: resuming from it continues the same order. */
-export interface SamplerState {
-  epoch: number;
-  position: number;
-  rng: string; // Rng state at the start of this epoch's shuffle
 }
 
 /** Draws items in a fresh seeded shuffle each epoch, every item once per epoch. */

@@ -1,15 +1,9 @@
 // The Task (core/task.ts) a training config describes: the built-in arithmetic task, or a
 // question/answer dataset rendered through a Hugging Face tokenizer and chat template.
 
-import type { Task, TaskExample } from "../core/task.ts";
+import type { SamplerState, Task, TaskExample } from "../core/task.ts";
 import type { TrainConfig } from "../core/train_config.ts";
-import {
-  EpochSampler,
-  type Example,
-  loadDataset,
-  type SamplerState,
-  splitHeldOut,
-} from "./dataset.ts";
+import { EpochSampler, type Example, loadDataset, splitHeldOut } from "./dataset.ts";
 import {
   arithCorrect,
   arithFormat,

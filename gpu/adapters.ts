@@ -2,7 +2,8 @@
 // DENO_WEBGPU_BACKEND environment variable, so each backend is probed in a child process of its
 // own (`aha gpu --probe` prints that process's adapter as JSON).
 
-import { selfCommand } from "../core/self_command.ts";
+import { privateRuntimeDir, selfCommand } from "../core/self_command.ts";
+import type { AdapterLimits } from "../core/plan.ts";
 import type { AdapterSummary } from "./device.ts";
 
 /** The backends Deno offers on this system, in its order of preference. */
@@ -38,15 +39,30 @@ export function sameAdapter(a: AdapterSummary, b: AdapterSummary): boolean {
     a.features.join() === b.features.join();
 }
 
-/**
- * A private XDG_RUNTIME_DIR, so Mesa's Vulkan driver does not print warnings: the one set, or
- * one directory per user under the system's temporary directory (made once, mode 0700).
- */
-export function privateRuntimeDir(): string {
-  const existing = Deno.env.get("XDG_RUNTIME_DIR");
-  if (existing) return existing;
-  const tmp = Deno.env.get("TMPDIR") ?? "/tmp";
-  const dir = `${tmp}/aha-xdg-${Deno.uid() ?? "user"}`;
-  Deno.mkdirSync(dir, { recursive: true, mode: 0o700 });
-  return dir;
+export const UNKNOWN_MEMORY = "unknown: WebGPU does not report it; state it with --memory-gb N";
+
+/** The adapter's limits, with its memory where known: stated, or the RAM of a software adapter. */
+export function describeAdapter(
+  adapter: GPUAdapter,
+  memoryBytes?: number,
+  maxBinding?: number,
+  maxBuffer?: number,
+): { limits: AdapterLimits; memoryNote: string } {
+  const info = adapter.info as GPUAdapterInfo & { isFallbackAdapter?: boolean };
+  const software = info.isFallbackAdapter === true ||
+    /llvmpipe|lavapipe|swiftshader|software/i.test(`${info.description} ${info.device}`);
+  const memory = memoryBytes ?? (software ? Deno.systemMemoryInfo().total : null);
+  return {
+    limits: {
+      description: info.description || info.vendor || "WebGPU adapter",
+      maxStorageBufferBindingSize: maxBinding ?? adapter.limits.maxStorageBufferBindingSize,
+      maxBufferSize: maxBuffer ?? adapter.limits.maxBufferSize,
+      memory,
+    },
+    memoryNote: memoryBytes !== undefined
+      ? "--memory-gb"
+      : software
+      ? "the system RAM: a software adapter"
+      : UNKNOWN_MEMORY,
+  };
 }

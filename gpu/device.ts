@@ -11,7 +11,7 @@
 // Kernels must use every binding they declare (pipelines use layout "auto").
 
 import { AhaError } from "../core/errors.ts";
-import { privateRuntimeDir } from "./adapters.ts";
+import { privateRuntimeDir } from "../core/self_command.ts";
 import { type ModelConfig, weightShapes } from "../core/model_config.ts";
 import { CHUNK_ALIGN, weightRowBytes } from "../core/plan.ts";
 

@@ -9,8 +9,8 @@ import type { Completions, SamplingOptions } from "../core/engine.ts";
 import type { ModelConfig } from "../core/model_config.ts";
 import type { Gpu, Tensor } from "./device.ts";
 import { grid } from "./device.ts";
-import { rmsnorm } from "./rmsnorm.ts";
-import { sample } from "./sample.ts";
+import { rmsnorm } from "./kernels/rmsnorm.ts";
+import { sample } from "./kernels/sample.ts";
 import { type GpuModel, layerBuffers } from "./model.ts";
 
 /** How often (in decode steps) the CPU checks whether every row has finished. */

@@ -20,16 +20,21 @@ import type { ModelConfig } from "../core/model_config.ts";
 import { weightShapes } from "../core/model_config.ts";
 import { LOGIT_CHUNK_FLOATS, logitChunkTokens, weightSliceRows } from "../core/plan.ts";
 import { type Gpu, Tensor } from "./device.ts";
-import { embedding, embeddingBackward } from "./embedding.ts";
-import { rmsnorm, rmsnormBackward } from "./rmsnorm.ts";
-import { matmul, sumRows } from "./matmul.ts";
-import { rope } from "./rope.ts";
-import { attention, attentionBackward, type AttentionShape, writeKvCache } from "./attention.ts";
-import { swiglu, swigluBackward } from "./swiglu.ts";
-import { add } from "./elementwise.ts";
-import { tokenLogprobs, tokenLogprobsBackward } from "./logprobs.ts";
-import { gradNorm } from "./gradnorm.ts";
-import { adamw, type AdamwHyper } from "./adamw.ts";
+import { embedding, embeddingBackward } from "./kernels/embedding.ts";
+import { rmsnorm, rmsnormBackward } from "./kernels/rmsnorm.ts";
+import { matmul, sumRows } from "./kernels/matmul.ts";
+import { rope } from "./kernels/rope.ts";
+import {
+  attention,
+  attentionBackward,
+  type AttentionShape,
+  writeKvCache,
+} from "./kernels/attention.ts";
+import { swiglu, swigluBackward } from "./kernels/swiglu.ts";
+import { add } from "./kernels/elementwise.ts";
+import { tokenLogprobs, tokenLogprobsBackward } from "./kernels/logprobs.ts";
+import { gradNorm } from "./kernels/gradnorm.ts";
+import { adamw, type AdamwHyper } from "./kernels/adamw.ts";
 
 /** What one layer's forward keeps for its backward. */
 export interface LayerActivations {

@@ -11,10 +11,10 @@
 import { createHash } from "node:crypto";
 import type { ReferenceEngine, TokenBatch } from "../core/engine.ts";
 import { AhaError } from "../core/errors.ts";
-import { selfCommand } from "../core/self_command.ts";
+import { privateRuntimeDir, selfCommand } from "../core/self_command.ts";
 import type { TrainConfig } from "../core/train_config.ts";
 import { ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
-import { BACKENDS, privateRuntimeDir, probeAdapter, sameAdapter } from "../gpu/adapters.ts";
+import { BACKENDS, probeAdapter, sameAdapter } from "../gpu/adapters.ts";
 import type { AdapterSummary } from "../gpu/device.ts";
 import { Channel, LineReader, writeMessage } from "./channel.ts";
 

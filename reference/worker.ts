@@ -15,9 +15,8 @@
 // A bad request gets {"id", "ok": false, "error"} and the worker keeps serving. When stdin ends
 // without a shutdown the trainer is gone: the worker removes the channel directory and exits.
 
-import { parseCommandArgs, required } from "../core/cli_args.ts";
 import { loadCheckpoint } from "../core/checkpoint.ts";
-import { AhaError, UsageError } from "../core/errors.ts";
+import { AhaError } from "../core/errors.ts";
 import { type ModelConfig, parseModelConfig, weightShapes } from "../core/model_config.ts";
 import { readSafetensors } from "../core/safetensors.ts";
 import { type AdapterSummary, Gpu, summarizeAdapter } from "../gpu/device.ts";
@@ -25,14 +24,6 @@ import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
 import { Channel, LineReader, type PackedBatch, writeMessage } from "./channel.ts";
 import { OnnxEngine } from "./onnx_engine.ts";
-
-export const help =
-  `usage: aha ref-worker --model DIR --channel DIR [--engine webgpu|onnx] [--onnx FILE]
-                      [--weights FILE] [--threads N]
-
-(internal) The reference model's process, started by "aha train": loads the checkpoint in DIR
-(or its weights from --weights FILE), reports its adapter on stdout, then answers one JSON
-request per line on stdin, exchanging tensors as files in the --channel directory.`;
 
 /** A reference engine: log-probs in `aha score`'s format, and the weights for syncing. */
 interface Engine {
@@ -253,29 +244,32 @@ async function serve(
 const replyName = (path: string) =>
   path.slice(path.lastIndexOf("/") + 1).replace(/(\.safetensors)?$/, ".reply.safetensors");
 
-export async function run(args: string[]): Promise<void> {
-  const { values } = parseCommandArgs("ref-worker", args, {
-    model: { type: "string" },
-    channel: { type: "string" },
-    engine: { type: "string", default: "webgpu" },
-    onnx: { type: "string" },
-    weights: { type: "string" },
-    threads: { type: "string" },
-  });
-  const modelDir = required("ref-worker", "model", values.model);
-  const channelDir = required("ref-worker", "channel", values.channel);
-  if (values.engine !== "webgpu" && values.engine !== "onnx") {
-    throw new UsageError(`ref-worker: --engine must be webgpu or onnx, got "${values.engine}"`);
-  }
+/** What the worker is started with (`aha ref-worker`'s options, cli/ref_worker.ts). */
+export interface WorkerOptions {
+  modelDir: string;
+  channelDir: string;
+  engine: "webgpu" | "onnx";
+  onnxPath?: string;
+  weightsFile?: string;
+  threads?: number;
+}
+
+/** Load the reference engine, report ready on stdout, then serve requests until shutdown. */
+export async function serveReference(opts: WorkerOptions): Promise<void> {
   // Ctrl-C reaches the whole process group; the trainer decides when this process ends.
   Deno.addSignalListener("SIGINT", () => {});
   const out = Deno.stdout.writable.getWriter();
 
   let channel: Channel, loaded: { engine: Engine; config: ModelConfig };
   try {
-    channel = await Channel.open(channelDir);
-    const threads = values.threads === undefined ? undefined : Number(values.threads);
-    loaded = await loadEngine(modelDir, values.engine, values.onnx, values.weights, threads);
+    channel = await Channel.open(opts.channelDir);
+    loaded = await loadEngine(
+      opts.modelDir,
+      opts.engine,
+      opts.onnxPath,
+      opts.weightsFile,
+      opts.threads,
+    );
   } catch (e) {
     await writeMessage(out, { ready: false, error: e instanceof Error ? e.message : String(e) });
     throw e instanceof AhaError ? e : new AhaError(`ref-worker: ${(e as Error).message}`);

@@ -10,7 +10,7 @@ import {
   attentionBackward,
   type AttentionShape,
   writeKvCache,
-} from "../gpu/attention.ts";
+} from "../gpu/kernels/attention.ts";
 import { assertClose, centralDifference, gpuTest, openGpu, randoms } from "./helpers.ts";
 
 const gpu = await openGpu();

@@ -6,12 +6,12 @@
 // wait is paid once per measurement rather than per dispatch.
 
 import { Gpu, summarizeAdapter } from "../gpu/device.ts";
-import { matmul, type MatmulOptions, type MatmulShape } from "../gpu/matmul.ts";
+import { matmul, type MatmulOptions, type MatmulShape } from "../gpu/kernels/matmul.ts";
 import { initWeights } from "../core/init.ts";
 import { parameterCount, parseModelConfig, PRESETS } from "../core/model_config.ts";
 import { generate } from "../gpu/generate.ts";
 import { GpuModel } from "../gpu/model.ts";
-import { benchReference } from "../reference/bench_reference.ts";
+import { benchReference } from "./bench_reference.ts";
 
 function random(n: number): Float32Array {
   const out = new Float32Array(n);

@@ -5,7 +5,7 @@
 
 import { initWeights } from "../core/init.ts";
 import { parameterCount, parseModelConfig, PRESETS } from "../core/model_config.ts";
-import { OnnxEngine } from "./onnx_engine.ts";
+import { OnnxEngine } from "../reference/onnx_engine.ts";
 
 export interface OnnxBenchResult {
   threads: number;

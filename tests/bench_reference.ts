@@ -8,8 +8,8 @@ import { initWeights } from "../core/init.ts";
 import { parseModelConfig, PRESETS, toHfConfig } from "../core/model_config.ts";
 import { selfCommand } from "../core/self_command.ts";
 import { type Gpu, summarizeAdapter } from "../gpu/device.ts";
-import { Channel } from "./channel.ts";
-import { WorkerReference } from "./client.ts";
+import { Channel } from "../reference/channel.ts";
+import { WorkerReference } from "../reference/client.ts";
 
 /** A checkpoint of random weights for `preset`, in `dir`. */
 async function randomCheckpoint(dir: string, preset: string) {

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
-const QWEN = new URL("../../shared/data/qwen2-tokenizer", import.meta.url).pathname;
+const QWEN = new URL("./fixtures/qwen2-tokenizer", import.meta.url).pathname;
 
 async function aha(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   const out = await new Deno.Command(Deno.execPath(), { args: ["run", "-A", MAIN, ...args] })

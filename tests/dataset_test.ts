@@ -1,4 +1,4 @@
-// Datasets: GSM8K from ../shared/data/gsm8k, JSONL with bad rows, Parquet written here with
+// Datasets: GSM8K from data/gsm8k, JSONL with bad rows, Parquet written here with
 // hyparquet-writer, the held-out split, the epoch sampler, and the seeded generator they use.
 
 import assert from "node:assert/strict";
@@ -13,7 +13,7 @@ import {
   splitHeldOut,
 } from "../data/dataset.ts";
 
-const GSM8K = new URL("../../shared/data/gsm8k", import.meta.url).pathname;
+const GSM8K = new URL("../data/gsm8k", import.meta.url).pathname;
 const spec = (path: string, more: Partial<DatasetSpec> = {}): DatasetSpec => ({
   path,
   question_field: "question",

@@ -4,7 +4,7 @@
 
 import assert from "node:assert/strict";
 
-import { add } from "../gpu/elementwise.ts";
+import { add } from "../gpu/kernels/elementwise.ts";
 import { gpuTest, openGpu, padded, randoms, sentinels, unpad } from "./helpers.ts";
 
 const gpu = await openGpu();

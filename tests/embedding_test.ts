@@ -5,7 +5,7 @@
 
 import assert from "node:assert/strict";
 
-import { embedding, embeddingBackward } from "../gpu/embedding.ts";
+import { embedding, embeddingBackward } from "../gpu/kernels/embedding.ts";
 import { gpuTest, openGpu, randoms, SENTINEL, sentinels, unpad } from "./helpers.ts";
 
 const gpu = await openGpu();

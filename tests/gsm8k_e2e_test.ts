@@ -17,7 +17,8 @@ import { loadTokenizer } from "../core/tokenizer.ts";
 import { loadTrainConfig } from "../core/train_config.ts";
 import { datasetTask } from "../data/tasks.ts";
 
-const SHARED = new URL("../../shared/data/", import.meta.url).pathname;
+const QWEN = new URL("./fixtures/qwen2-tokenizer", import.meta.url).pathname;
+const GSM8K = new URL("../data/gsm8k", import.meta.url).pathname;
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const TOKENIZER_FILES = [
   "vocab.json",
@@ -27,10 +28,10 @@ const TOKENIZER_FILES = [
 ];
 
 Deno.test("the GSM8K task: templated prompts, long ones skipped, held out, resumable", async () => {
-  const tokenizer = await loadTokenizer(`${SHARED}/qwen2-tokenizer`);
+  const tokenizer = await loadTokenizer(`${QWEN}`);
   const settings = [
     "model=unused",
-    `dataset.path=${SHARED}/gsm8k/train.jsonl`,
+    `dataset.path=${GSM8K}/train.jsonl`,
     "dataset.format=jsonl",
     "max_prompt_length=150", // the median templated question is ~160 tokens
     "eval_prompts=5",
@@ -75,12 +76,12 @@ Deno.test("the GSM8K task: templated prompts, long ones skipped, held out, resum
 
   // With eval_path, held-out prompts are that file's first rows that fit.
   const withTest = await datasetTask(
-    loadTrainConfig(null, [...settings, `dataset.eval_path=${SHARED}/gsm8k/test.jsonl`]),
+    loadTrainConfig(null, [...settings, `dataset.eval_path=${GSM8K}/test.jsonl`]),
     tokenizer,
     () => {},
   );
   const firstTest = JSON.parse(
-    (await Deno.readTextFile(`${SHARED}/gsm8k/test.jsonl`)).split("\n")[0],
+    (await Deno.readTextFile(`${GSM8K}/test.jsonl`)).split("\n")[0],
   );
   const fits =
     tokenizer.encode(tokenizer.chatTemplate!.prompt(firstTest.question, DEFAULT_SYSTEM_PROMPT))
@@ -108,13 +109,13 @@ Deno.test("aha train runs GRPO on GSM8K with a real-vocabulary tiny Qwen2", asyn
     });
     const files: Record<string, Uint8Array> = {};
     for (const name of TOKENIZER_FILES) {
-      files[name] = await Deno.readFile(`${SHARED}/qwen2-tokenizer/${name}`);
+      files[name] = await Deno.readFile(`${QWEN}/${name}`);
     }
     await saveCheckpoint(model, toHfConfig(config), initWeights(config, 7), files);
 
     const sets = {
       model,
-      "dataset.path": `${SHARED}/gsm8k/train.jsonl`,
+      "dataset.path": `${GSM8K}/train.jsonl`,
       "dataset.format": "jsonl",
       max_steps: 2,
       prompts_per_step: 2,
@@ -154,7 +155,7 @@ Deno.test("aha train runs GRPO on GSM8K with a real-vocabulary tiny Qwen2", asyn
 
     // Each sample: a templated GSM8K question, its decoded completion and the seed's rewards.
     const questions = new Map(
-      (await Deno.readTextFile(`${SHARED}/gsm8k/train.jsonl`)).trim().split("\n").map((l) => {
+      (await Deno.readTextFile(`${GSM8K}/train.jsonl`)).trim().split("\n").map((l) => {
         const row = JSON.parse(l);
         return [row.question, row.answer.split("####").at(-1).trim()];
       }),

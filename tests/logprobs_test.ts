@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { Rng } from "../core/rng.ts";
 
-import { tokenLogprobs, tokenLogprobsBackward } from "../gpu/logprobs.ts";
+import { tokenLogprobs, tokenLogprobsBackward } from "../gpu/kernels/logprobs.ts";
 import { centralDifference, gpuTest, openGpu, randoms } from "./helpers.ts";
 
 const gpu = await openGpu();

@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { loadCheckpoint } from "../core/checkpoint.ts";
 import { completionMask, groupAdvantages, grpoLoss, lossNormalizer } from "../core/grpo.ts";
 
-import { computeLoss } from "../gpu/cli_loss.ts";
+import { computeLoss } from "../cli/loss.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { GpuPolicy } from "../gpu/policy.ts";
 import { gpuTest, openGpu } from "./helpers.ts";

@@ -10,7 +10,13 @@
 import assert from "node:assert/strict";
 import { Rng } from "../core/rng.ts";
 
-import { linear, linearBackward, matmul, type MatmulShape, sumRows } from "../gpu/matmul.ts";
+import {
+  linear,
+  linearBackward,
+  matmul,
+  type MatmulShape,
+  sumRows,
+} from "../gpu/kernels/matmul.ts";
 import { gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
 
 const gpu = await openGpu();

@@ -3,9 +3,9 @@
 
 import assert from "node:assert/strict";
 import { Rng } from "../core/rng.ts";
-import { adamw, type AdamwHyper } from "../gpu/adamw.ts";
+import { adamw, type AdamwHyper } from "../gpu/kernels/adamw.ts";
 
-import { gradNorm } from "../gpu/gradnorm.ts";
+import { gradNorm } from "../gpu/kernels/gradnorm.ts";
 import { gpuTest, openGpu, randoms } from "./helpers.ts";
 
 const gpu = await openGpu();

@@ -88,7 +88,7 @@ Deno.test("a small plan, counted by hand", () => {
 Deno.test("the built-in Qwen2.5 shapes: 0.5B equals its genuine config.json", async () => {
   const genuine = JSON.parse(
     await Deno.readTextFile(
-      new URL("../../shared/data/qwen2-tokenizer/config.json", import.meta.url),
+      new URL("./fixtures/qwen2-tokenizer/config.json", import.meta.url),
     ),
   );
   const { bosTokenId: _b, eosTokenId: _e, maxPositionEmbeddings: _m, ...shape } = parseModelConfig(

@@ -5,7 +5,7 @@
 // (measured ≤ 6e-6), whose two terms, each up to ~rstd·|w·dy| ≈ 200 in small rows, cancel.
 // Outputs are allocated longer than the work: the tail must stay untouched.
 
-import { rmsnorm, rmsnormBackward } from "../gpu/rmsnorm.ts";
+import { rmsnorm, rmsnormBackward } from "../gpu/kernels/rmsnorm.ts";
 import {
   assertClose,
   centralDifference,

@@ -8,7 +8,7 @@
 
 import assert from "node:assert/strict";
 
-import { rope } from "../gpu/rope.ts";
+import { rope } from "../gpu/kernels/rope.ts";
 import { assertClose, gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
 
 const gpu = await openGpu();

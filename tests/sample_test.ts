@@ -5,7 +5,7 @@
 
 import assert from "node:assert/strict";
 
-import { sample, type SampleOptions } from "../gpu/sample.ts";
+import { sample, type SampleOptions } from "../gpu/kernels/sample.ts";
 import { gpuTest, openGpu, randoms } from "./helpers.ts";
 
 const gpu = await openGpu();

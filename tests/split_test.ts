@@ -18,9 +18,9 @@ import { Rng } from "../core/rng.ts";
 import { defaultTrainConfig } from "../core/train_config.ts";
 import { saveTrainingCheckpoint } from "../core/train_state.ts";
 
-import { embedding, embeddingBackward } from "../gpu/embedding.ts";
+import { embedding, embeddingBackward } from "../gpu/kernels/embedding.ts";
 import { generate } from "../gpu/generate.ts";
-import { matmul } from "../gpu/matmul.ts";
+import { matmul } from "../gpu/kernels/matmul.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { assertClose, gpuTest, openGpu, randoms } from "./helpers.ts";
 

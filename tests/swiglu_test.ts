@@ -3,7 +3,7 @@
 // sigmoid never overflows. Tolerance: |gpu − ref| ≤ 1e-6 + 1e-5·|ref| (f32 exp/division).
 // Outputs are allocated longer than n: the tail must stay untouched.
 
-import { swiglu, swigluBackward } from "../gpu/swiglu.ts";
+import { swiglu, swigluBackward } from "../gpu/kernels/swiglu.ts";
 import { assertClose, gpuTest, openGpu, randoms, sentinels, unpad } from "./helpers.ts";
 
 const gpu = await openGpu();

@@ -1,11 +1,11 @@
-// The Qwen2.5 tokenizer built from its slow-tokenizer files (../shared/data/qwen2-tokenizer):
+// The Qwen2.5 tokenizer built from its slow-tokenizer files (tests/fixtures/qwen2-tokenizer):
 // ids known from the official tokenizer, agreement with a plain byte-level BPE written here from
 // the published algorithm, round trips, streaming decode, and the chat template byte for byte.
 
 import assert from "node:assert/strict";
 import { loadTokenizer } from "../core/tokenizer.ts";
 
-const QWEN = new URL("../../shared/data/qwen2-tokenizer", import.meta.url).pathname;
+const QWEN = new URL("./fixtures/qwen2-tokenizer", import.meta.url).pathname;
 const tokenizer = await loadTokenizer(QWEN);
 
 Deno.test("known ids of the official Qwen2.5 tokenizer", () => {
@@ -75,7 +75,7 @@ function twinEncode(text: string): number[] {
 
 Deno.test("encode agrees with a plain byte-level BPE on GSM8K questions and mixed text", async () => {
   const gsm8k = (await Deno.readTextFile(
-    new URL("../../shared/data/gsm8k/test.jsonl", import.meta.url),
+    new URL("../data/gsm8k/test.jsonl", import.meta.url),
   )).split("\n").slice(0, 150).filter((l) => l).map((l) => JSON.parse(l));
   const texts = [...MIXED.slice(0, 5), ...gsm8k.flatMap((r) => [r.question, r.answer])];
   for (const text of texts) assert.deepEqual(tokenizer.encode(text), twinEncode(text), text);

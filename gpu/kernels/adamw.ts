@@ -3,7 +3,7 @@
 // The bias corrections are computed on the CPU in float64 and passed as f32 uniforms: β^step in
 // f32 on the GPU would lose most of the digits of 1 − β2^step early in training.
 
-import { Gpu, grid, Tensor } from "./device.ts";
+import { Gpu, grid, Tensor } from "../device.ts";
 
 const WG = 256;
 

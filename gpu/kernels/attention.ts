@@ -16,7 +16,7 @@
 // Head vectors held in private arrays make the first compile slow (llvmpipe, cold cache: ~2 s
 // CPU for D = 64, ~13 s for D = 128) but run about twice as fast as reloading them.
 
-import { type Gpu, grid, type Tensor } from "./device.ts";
+import { type Gpu, grid, type Tensor } from "../device.ts";
 
 export interface AttentionShape {
   B: number;

@@ -1,6 +1,6 @@
 // Elementwise arithmetic on f32 vectors of n values: the residual add out = a + b.
 
-import { type Gpu, grid, type Tensor } from "./device.ts";
+import { type Gpu, grid, type Tensor } from "../device.ts";
 
 const WG = 256;
 

@@ -5,7 +5,7 @@
 // A table larger than one storage binding is kept as row slices (gpu/model.ts): each slice's
 // dispatch handles the ids that fall in its rows.
 
-import { type Gpu, grid, type Tensor } from "./device.ts";
+import { type Gpu, grid, type Tensor } from "../device.ts";
 
 const WG = 256;
 

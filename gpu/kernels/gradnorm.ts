@@ -3,7 +3,7 @@
 // write the sum of squares of one fixed block of elements into a partials buffer; one last
 // workgroup adds the partials in a fixed order. No atomics: equal inputs give a bitwise-equal norm.
 
-import { Gpu, grid, Tensor } from "./device.ts";
+import { Gpu, grid, Tensor } from "../device.ts";
 
 const WG = 256;
 const PER_THREAD = 16;

@@ -3,7 +3,7 @@
 // order (the row max, then the sum of exponentials shifted by it), so results are deterministic
 // and stay finite for large logits.
 
-import { Gpu, grid, Tensor } from "./device.ts";
+import { Gpu, grid, Tensor } from "../device.ts";
 
 const WG = 256;
 

@@ -15,7 +15,7 @@
 // may be column blocks of wider matrices (a weight kept as row slices writes its block of the
 // output's columns, and its backward reads the same block of the output's gradient).
 
-import { Gpu, Tensor } from "./device.ts";
+import { Gpu, Tensor } from "../device.ts";
 
 export interface MatmulShape {
   M: number;

@@ -4,7 +4,7 @@
 // Backward, with g = w·dy:  dx = rstd·g − x·rstd³·mean_j(x·g)   and   dw[j] = Σ_t dy·x·rstd.
 // dw is summed over t in two fixed-order stages: blocks of CHUNK rows, then the blocks.
 
-import { type Gpu, grid, type Tensor } from "./device.ts";
+import { type Gpu, grid, type Tensor } from "../device.ts";
 
 const ROWS_WG = 32;
 const WG = 256;

@@ -4,7 +4,7 @@
 // is ~10 ulp off, which at position 4000 moves an angle by ~3e-3) and passed in the uniform;
 // the angle is the f32 product, as in HF. The inverse rotation (−angle) is the backward.
 
-import { type Gpu, grid, type Tensor } from "./device.ts";
+import { type Gpu, grid, type Tensor } from "../device.ts";
 
 const WG = 256;
 

@@ -12,8 +12,8 @@
 // Few passes matter beyond speed: llvmpipe ends every loop of an invocation once its loops have run
 // 65,535 iterations in total, and a thread here makes ~37 passes of V/256 (fine up to V ≈ 450k).
 
-import { AhaError } from "../core/errors.ts";
-import { Gpu, grid, Tensor } from "./device.ts";
+import { AhaError } from "../../core/errors.ts";
+import { Gpu, grid, Tensor } from "../device.ts";
 
 const MIN_TEMPERATURE = 1e-6;
 

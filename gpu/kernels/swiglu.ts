@@ -1,7 +1,7 @@
 // SwiGLU, the activation of Qwen2's MLP: out = silu(gate)·up elementwise, and its backward.
 // silu(g) = g·σ(g); d silu/dg = σ(g)·(1 + g·(1 − σ(g))).
 
-import { type Gpu, grid, type Tensor } from "./device.ts";
+import { type Gpu, grid, type Tensor } from "../device.ts";
 
 const WG = 256;
 
