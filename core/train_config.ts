@@ -3,7 +3,7 @@
 // work starts, and the learning-rate schedule.
 //
 // Fields are snake_case, exactly as written in the YAML file, and named as in trl's GRPOConfig
-// where the concept is the same. Nested sections (dataset, arithmetic, sft, reference) are set
+// where the concept is the same. Nested sections (dataset, arithmetic, sft, lora, reference) are set
 // from the command line with dotted keys: `--set dataset.path=train.jsonl`. Every problem is one
 // line naming the source (the file or the --set argument), the key and what was expected.
 
@@ -111,6 +111,18 @@ export interface TrainConfig {
     data: string | null;
   };
 
+  // LoRA (PEFT semantics): null = full fine-tuning. With a section, only the adapters' A and B
+  // matrices are trained; the base weights are frozen and the reference model is the base.
+  lora: LoraConfig | null;
+  /** An existing PEFT adapter directory to continue training (LoRA runs only). */
+  adapter: string | null;
+  /** How frozen weights are stored on the GPU; "auto" = the checkpoint's own dtype. */
+  frozen_dtype: "auto" | "bf16" | "f16" | "f32";
+  /** Keep only each layer's input in the training forward; recompute the layer in backward. */
+  gradient_checkpointing: boolean;
+  /** The generation KV cache's storage type. */
+  kv_cache_dtype: "f32" | "bf16" | "f16";
+
   // The reference model's sibling process.
   reference: {
     adapter: "auto" | "same" | "vulkan" | "gl" | "metal" | "dx12";
@@ -122,6 +134,34 @@ export interface TrainConfig {
     onnx: string | null;
     max_restarts: number;
   };
+}
+
+/** The projections a LoRA adapter may target, as PEFT names them; "all-linear" is all seven. */
+export const LORA_TARGETS = [
+  "q_proj",
+  "k_proj",
+  "v_proj",
+  "o_proj",
+  "gate_proj",
+  "up_proj",
+  "down_proj",
+] as const;
+export type LoraTarget = typeof LORA_TARGETS[number];
+
+export interface LoraConfig {
+  r: number;
+  /** PEFT's lora_alpha; the update is scaled by alpha / r (alpha / √r with use_rslora). */
+  alpha: number;
+  /** Projection names ("all-linear" in the file is stored as all seven). */
+  target_modules: LoraTarget[];
+  use_rslora: boolean;
+  /** Only 0 is implemented. */
+  dropout: number;
+}
+
+/** A LoRA section's defaults, used when a config names any lora key (trl's r 16 / alpha 32). */
+export function defaultLoraConfig(): LoraConfig {
+  return { r: 16, alpha: 32, target_modules: [...LORA_TARGETS], use_rslora: false, dropout: 0 };
 }
 
 /** The embedded default: R1-zero in miniature on the built-in arithmetic task. */
@@ -183,6 +223,11 @@ export function defaultTrainConfig(): TrainConfig {
       format_error_rate: 0.25,
     },
     sft: { steps: 800, learning_rate: 5e-3, batch_size: 128, data: null },
+    lora: null,
+    adapter: null,
+    frozen_dtype: "auto",
+    gradient_checkpointing: false,
+    kv_cache_dtype: "f32",
     reference: {
       adapter: "auto",
       engine: "webgpu",
@@ -318,6 +363,26 @@ const RULES: Record<string, Rule> = {
   "sft.learning_rate": num("(", 0),
   "sft.batch_size": int(1),
   "sft.data": orNull(str),
+  "lora.r": int(1),
+  "lora.alpha": num("(", 0),
+  "lora.lora_alpha": num("(", 0),
+  "lora.target_modules": {
+    expect: `"all-linear" or a list of ${LORA_TARGETS.join(" ")}`,
+    accepts: (v) =>
+      v === "all-linear" ||
+      (Array.isArray(v) && v.length > 0 &&
+        v.every((t) => (LORA_TARGETS as readonly string[]).includes(t as string))),
+    convert: (v) => v === "all-linear" ? [...LORA_TARGETS] : [...new Set(v as string[])],
+  },
+  "lora.use_rslora": bool,
+  "lora.dropout": {
+    expect: "0 (LoRA dropout is not implemented)",
+    accepts: (v) => v === 0,
+  },
+  adapter: orNull(str),
+  frozen_dtype: oneOf("auto", "bf16", "f16", "f32"),
+  gradient_checkpointing: bool,
+  kv_cache_dtype: oneOf("f32", "bf16", "f16"),
   "reference.adapter": oneOf("auto", "same", "vulkan", "gl", "metal", "dx12"),
   "reference.engine": oneOf("webgpu", "onnx"),
   "reference.env": envMap,
@@ -326,7 +391,7 @@ const RULES: Record<string, Rule> = {
   "reference.max_restarts": int(0),
 };
 
-const SECTIONS = new Set(["dataset", "arithmetic", "sft", "reference"]);
+const SECTIONS = new Set(["dataset", "arithmetic", "sft", "reference", "lora"]);
 
 // ---------------------------------------------------------------------------------------------
 // Loading.
@@ -402,6 +467,12 @@ function applySettings(target: object, raw: unknown, source: string, section: st
   const fields = target as Record<string, unknown>;
   for (const [key, value] of Object.entries(raw)) {
     const name = section === "" ? key : `${section}.${key}`;
+    if (name === "lora") {
+      // The optional section: null turns LoRA off, any mapping turns it on with defaults.
+      if (value === null) fields.lora = null;
+      else applySettings((fields.lora ??= defaultLoraConfig()) as object, value, source, name);
+      continue;
+    }
     if (SECTIONS.has(name)) {
       if (value !== null) applySettings(fields[key] as object, value, source, name);
       continue;
@@ -415,7 +486,9 @@ function applySettings(target: object, raw: unknown, source: string, section: st
     if (!rule.accepts(value)) {
       throw new AhaError(`${source}: "${name}" must be ${rule.expect}, got ${show(value)}`);
     }
-    fields[key] = rule.convert ? rule.convert(value) : value;
+    // PEFT's spelling of alpha is accepted and stored under one name.
+    const field = name === "lora.lora_alpha" ? "alpha" : key;
+    fields[field] = rule.convert ? rule.convert(value) : value;
   }
 }
 
@@ -447,6 +520,9 @@ function checkRelations(cfg: TrainConfig, source: string) {
       `"eval_prompts" (${cfg.eval_prompts}) must be at most "arithmetic.held_out" ` +
         `(${cfg.arithmetic.held_out})`,
     );
+  }
+  if (cfg.adapter !== null && cfg.lora === null) {
+    fail(`"adapter" continues a LoRA adapter: it needs a "lora" section (or --set lora.r=...)`);
   }
   if (cfg.model === null && cfg.dataset.format !== "arithmetic") {
     fail(`"model" must name a model directory unless "dataset.format" is arithmetic`);
