@@ -1,4 +1,4 @@
-// `deno task bundle`: dist/aha.js, one JavaScript file holding aha and every dependency, with
+// `deno task bundle [DIR]`: DIR/aha.js (default dist/), one JavaScript file holding aha and every dependency, with
 // the commit it was built from written in, and onnxruntime-web's WASM engine copied beside it
 // (onnxruntime-web loads its .mjs/.wasm pair from the directory of the module that imports it,
 // which in a bundle is the bundle's own). `deno task compile` turns that bundle into a binary.
@@ -7,7 +7,7 @@ import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
 
 const root = new URL("..", import.meta.url).pathname;
-const dist = join(root, "dist");
+const dist = Deno.args[0] ?? join(root, "dist");
 await Deno.mkdir(dist, { recursive: true });
 
 const bundle = await new Deno.Command(Deno.execPath(), {
@@ -35,4 +35,4 @@ const ort = dirname(createRequire(join(root, "main.ts")).resolve("onnxruntime-we
 for (const name of ["ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"]) {
   await Deno.copyFile(join(ort, name), join(dist, name));
 }
-console.log(`dist/aha.js (commit ${commit}) and onnxruntime-web's WASM engine beside it`);
+console.log(`${path} (commit ${commit}) and onnxruntime-web's WASM engine beside it`);
