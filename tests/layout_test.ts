@@ -130,3 +130,19 @@ Deno.test("nothing in the repository reads from outside the clone (../shared)", 
     assert.doesNotMatch(text, /\.\.\/shared\//, `${file} refers to ../shared`);
   }
 });
+
+Deno.test("the release workflow builds, smoke-tests and publishes the five binaries", () => {
+  const text = Deno.readTextFileSync(`${ROOT}.github/workflows/release.yml`);
+  for (
+    const target of [
+      "x86_64-unknown-linux-gnu",
+      "aarch64-unknown-linux-gnu",
+      "x86_64-apple-darwin",
+      "aarch64-apple-darwin",
+      "x86_64-pc-windows-msvc",
+    ]
+  ) assert.ok(text.includes(`target: ${target}`), target);
+  for (const step of ["deno task bundle", "deno compile", "--version", " gpu", " train ", "SHA"]) {
+    assert.ok(text.includes(step), step);
+  }
+});
