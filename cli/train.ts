@@ -15,6 +15,7 @@ import {
   toHfConfig,
 } from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
+import { encodeSafetensors, readSafetensors } from "../core/safetensors.ts";
 import { runSft } from "../core/sft.ts";
 import type { Task } from "../core/task.ts";
 import { loadTrainConfig, type TrainConfig } from "../core/train_config.ts";
@@ -188,6 +189,12 @@ async function train(
       log: (line) => console_.line(line),
     })
     : null;
+  // sync_ref_model: the reference the run had synced to when it saved.
+  const syncedReference = resume ? `${resume}/${SYNCED_REFERENCE_FILE}` : null;
+  if (reference && syncedReference && await exists(syncedReference)) {
+    const tensors = await readSafetensors(syncedReference);
+    await reference.mixIn(new Map([...tensors].map(([name, t]) => [name, t.data])), 1);
+  }
   console_.line(
     `model ${referenceDir} (${(parameterCount(start.config) / 1e6).toFixed(2)}M parameters); ` +
       `reference: ${reference ? reference.description : "none (beta = 0)"}`,
@@ -222,6 +229,7 @@ async function train(
         sampler,
         reference_model: referenceDir,
       };
+      const synced = cfg.sync_ref_model ? await reference?.syncedWeights() : null;
       await saveTrainingCheckpoint(
         dir,
         start.hfConfig,
@@ -229,7 +237,9 @@ async function train(
         optimizer.moments,
         state,
         cfg,
-        extraFiles,
+        synced
+          ? { ...extraFiles, [SYNCED_REFERENCE_FILE]: encodeSafetensors(flatTensors(synced)) }
+          : extraFiles,
       );
       console_.line(`saved ${dir}`);
     },
@@ -356,6 +366,12 @@ async function builtinBaseModel(cfg: TrainConfig, gpu: Gpu, console_: Console): 
   policy.model.destroy();
   return dir;
 }
+
+/** In a checkpoint of a sync_ref_model run: the reference weights as last synced. */
+const SYNCED_REFERENCE_FILE = "reference.safetensors";
+
+const flatTensors = (weights: Map<string, Float32Array>) =>
+  new Map([...weights].map(([name, data]) => [name, { shape: [data.length], data }]));
 
 /** Tokenizer files of a model directory, copied into every checkpoint. */
 async function tokenizerFiles(dir: string): Promise<Record<string, Uint8Array>> {
