@@ -490,6 +490,9 @@ function applySettings(target: object, raw: unknown, source: string, section: st
 }
 
 function show(value: unknown): string {
+  // JSON would print NaN, Infinity and an empty YAML value all as "null".
+  if (typeof value === "number" && !Number.isFinite(value)) return String(value);
+  if (value === null) return "an empty value";
   const text = JSON.stringify(value) ?? String(value);
   return text.length > 60 ? text.slice(0, 57) + "..." : text;
 }
