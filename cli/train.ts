@@ -440,6 +440,10 @@ class Console {
 
   evaluation(step: number, e: Evaluation): void {
     const elapsed = (performance.now() - this.started) / 1000;
+    if (e.examples === 0) {
+      this.line(`eval @${step} (${elapsed.toFixed(0)}s): no held-out problems, nothing measured`);
+      return;
+    }
     this.line(
       `eval @${step} (${elapsed.toFixed(0)}s): held-out greedy accuracy ${
         (100 * e.accuracy).toFixed(1)
