@@ -302,12 +302,15 @@ async function checkModelFitsTask(
 
 /** A reference.adapter named explicitly must exist before any work (pretraining included). */
 async function checkReferenceAdapter(cfg: TrainConfig): Promise<void> {
-  const adapter = cfg.reference.adapter;
-  if (cfg.reference.engine === "onnx" || adapter === "same" || adapter === "auto") return;
-  const env = { ...cfg.reference.env, DENO_WEBGPU_BACKEND: adapter };
-  if (!(await probeAdapter(env, cfg.reference.timeout_s))) {
+  const { adapter, env, engine } = cfg.reference;
+  if (engine === "onnx" || adapter === "same") return;
+  // An explicit adapter, else a backend named in reference.env; "auto" alone always finds one.
+  const backend = adapter !== "auto" ? adapter : env.DENO_WEBGPU_BACKEND;
+  if (backend === undefined) return;
+  const field = adapter !== "auto" ? "reference.adapter" : "reference.env.DENO_WEBGPU_BACKEND";
+  if (!(await probeAdapter({ ...env, DENO_WEBGPU_BACKEND: backend }, cfg.reference.timeout_s))) {
     throw new AhaError(
-      `reference.adapter: "${adapter}" gives no WebGPU adapter on this machine ` +
+      `${field}: "${backend}" gives no WebGPU adapter on this machine ` +
         `(run "aha gpu" to see which backends work)`,
     );
   }

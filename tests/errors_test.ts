@@ -144,6 +144,10 @@ const CASES: [string[], RegExp][] = [
       out("noadapter"),
     ),
   ], /reference\.adapter: "vulkan" gives no WebGPU adapter/],
+  [
+    ["train", ...set("reference.env.DENO_WEBGPU_BACKEND=nonsense", out("nobackend"))],
+    /reference\.env\.DENO_WEBGPU_BACKEND: "nonsense" gives no WebGPU adapter/,
+  ],
   // sft
   [
     ["sft", "--model", model, "--data", rowsWithNull, "--out", `${dir}/sft1`],
@@ -173,6 +177,7 @@ const CASES: [string[], RegExp][] = [
     "--out",
     `${dir}/huge`,
   ], /more than this machine's .* of memory/],
+  [["init", "--config", `{"vocab_size":1e12}`, "--out", `${dir}/i3`], /file not found/],
   [["init", "--config", config("null"), "--out", `${dir}/i2`], /expected a JSON object/],
   // score
   [

@@ -122,6 +122,16 @@ Deno.test("2. a run directory holds one process: a live lock is refused, a stale
   assert.equal(train.code, 1, train.stderr);
   assert.match(train.stderr, new RegExp(`^aha: output directory .* is in use by process ${other}`));
   assert.equal(Deno.readTextFileSync(`${run}/metrics.jsonl`), `{"step":1}\n`);
+  // A --resume of the live run is refused before it trims the live run's logs.
+  const live = await makeRun(`${dir}/live`);
+  await Deno.writeTextFile(`${live}/${LOCK_FILE}`, JSON.stringify({ pid: other }));
+  const before = Deno.readTextFileSync(`${live}/metrics.jsonl`);
+  const resume = await aha("train", "--resume", `${live}/checkpoint-3`);
+  assert.match(
+    resume.stderr,
+    new RegExp(`^aha: output directory .* is in use by process ${other}`),
+  );
+  assert.equal(Deno.readTextFileSync(`${live}/metrics.jsonl`), before);
 
   // A lock left by a process that is gone is taken over, and released at the end.
   await Deno.writeTextFile(`${run}/${LOCK_FILE}`, JSON.stringify({ pid: await deadPid() }));

@@ -138,3 +138,31 @@ Deno.test("runSft trains on completion tokens only: the batch, its masks and the
   }
   assert.ok(loss > 0);
 });
+
+Deno.test("runSft stops at a NaN loss with one line naming the step", async () => {
+  let calls = 0;
+  const policy = {
+    accumulateGradients: async (
+      batch: TokenBatch,
+      _inv: number,
+      fn: (lp: number[][]) => Promise<number[][]>,
+    ) => {
+      calls++;
+      await fn(
+        batch.rows.map((row, b) => row.slice(batch.promptLens[b]).map(() => calls > 1 ? NaN : -1)),
+      );
+    },
+    optimizerStep: () => Promise.resolve(1),
+  } as unknown as PolicyEngine;
+  await assert.rejects(
+    () =>
+      runSft(policy, [{ promptIds: [1], completionIds: [2] }], {
+        steps: 5,
+        batchSize: 1,
+        optimizer: { lr: 1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, maxGradNorm: 1 },
+        warmupSteps: 1,
+        seed: 0,
+      }),
+    /^AhaError: sft step 2: the loss is NaN; nothing was saved/,
+  );
+});

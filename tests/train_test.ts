@@ -202,3 +202,40 @@ Deno.test(
     assert.equal(readJsonl(`${out}/metrics.jsonl`).length, state.step);
   },
 );
+
+Deno.test(
+  "a signal during the built-in pretraining exits 143 at once and says so",
+  gpuTest,
+  async () => {
+    const out = `${dir}/pretraining`;
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        MAIN,
+        "train",
+        ...COMMON,
+        ...set(`output_dir=${out}`, "sft.steps=100000"),
+      ],
+      stdout: "piped",
+      stderr: "null",
+    }).spawn();
+    let stdout = "", sent = false;
+    const decoder = new TextDecoder();
+    for await (const chunk of child.stdout) {
+      stdout += decoder.decode(chunk);
+      if (!sent && stdout.includes("pretraining the base model")) {
+        child.kill("SIGTERM");
+        sent = true;
+      }
+    }
+    const { code } = await child.status;
+    assert.equal(code, 143, stdout);
+    assert.match(
+      stdout,
+      /interrupted during the built-in pretraining: the base model is not saved/,
+    );
+    assert.equal(await Deno.stat(`${out}/base`).then(() => true, () => false), false);
+    assert.equal(await Deno.stat(`${out}/.aha.lock`).then(() => true, () => false), false);
+  },
+);
