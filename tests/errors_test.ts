@@ -37,6 +37,12 @@ for (const [name, value] of [["nan", NaN], ["inf", Infinity]] as const) {
   );
   await writeSafetensors(`${dir}/${name}/model.safetensors`, tensors, { format: "pt" });
 }
+// Finite weights so large that the forward overflows: aha loss must not print NaN gradients.
+const huge = initWeights(arith, 0);
+for (const [name, w] of huge) {
+  if (name.endsWith("proj.weight")) w.forEach((x, i) => w[i] = x * 1e30);
+}
+await saveCheckpoint(`${dir}/overflow`, toHfConfig(arith), huge, marker);
 const small = parseModelConfig({ ...PRESETS.tiny, vocab_size: 10 });
 await saveCheckpoint(`${dir}/vocab10`, toHfConfig(small), initWeights(small, 0), marker);
 await saveCheckpoint(
@@ -148,6 +154,7 @@ const CASES: [string[], RegExp][] = [
     ["train", ...set("reference.env.DENO_WEBGPU_BACKEND=nonsense", out("nobackend"))],
     /reference\.env\.DENO_WEBGPU_BACKEND: "nonsense" gives no WebGPU adapter/,
   ],
+  [["train", ...set("sft.data=rows.jsonl", out("sftdata"))], /unknown key "sft\.data"/],
   // sft
   [
     ["sft", "--model", model, "--data", rowsWithNull, "--out", `${dir}/sft1`],
@@ -205,6 +212,10 @@ const CASES: [string[], RegExp][] = [
     /is a directory/,
   ],
   [["loss", "--model", `${dir}/inf`, "--batch", lossBatch({})], /holds Infinity/],
+  [
+    ["loss", "--model", `${dir}/overflow`, "--batch", lossBatch({ beta: 0.1 })],
+    /non-finite\): nothing written/,
+  ],
   // the rest
   [
     ["plan", write("plan.yaml", "model: /nowhere/qwen\n")],

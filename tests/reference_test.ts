@@ -455,7 +455,7 @@ Deno.test(
     const stopped = await train([base, "max_steps=100", `output_dir=${tmp}/run_c`], (line, p) => {
       if (/^step +2\//.test(line)) Deno.kill(p.trainer, "SIGTERM");
     });
-    assert.equal(stopped.code, 0, stopped.log);
+    assert.equal(stopped.code, 143, stopped.log); // interrupted (128 + SIGTERM), after saving
     assert.match(stopped.log, /stopping after this step/);
     assert.match(stopped.log, /saved .*run_c\/checkpoint-[2-9]\n/);
     await assertCleanedUp(stopped);
@@ -465,7 +465,7 @@ Deno.test(
       if (/^step +2\//.test(line)) Deno.kill(p.trainer, "SIGTERM");
       if (line.startsWith("stopping after this step")) Deno.kill(p.trainer, "SIGTERM");
     });
-    assert.equal(quit.code, 130, quit.log);
+    assert.equal(quit.code, 143, quit.log);
     await assertCleanedUp(quit);
 
     // SIGKILL: the worker sees its stdin end, removes the channel and exits.
