@@ -280,3 +280,21 @@ Deno.test("a NaN loss stops the run with one line and saves nothing", async () =
   );
   assert.deepEqual(saved, [], "nothing saved over the last good checkpoint");
 });
+
+Deno.test("a NaN gradient norm stops the run naming the step, nothing saved over good state", async () => {
+  const policy = new FakePolicy(), saved: number[] = [];
+  const optimizerStep = policy.optimizerStep.bind(policy);
+  policy.optimizerStep = async (hp) => {
+    const norm = await optimizerStep(hp);
+    return policy.version === 2 ? NaN : norm;
+  };
+  const trainer = new GrpoTrainer(
+    config({ max_steps: 4, save_steps: 1 }),
+    fakeTask(),
+    policy,
+    new FakeReference(),
+    silentIO(saved),
+  );
+  await assert.rejects(() => trainer.run(0), /^AhaError: step 2: the gradient norm is NaN/);
+  assert.deepEqual(saved, [1], "step 1 saved; the diverged step 2 never is");
+});
