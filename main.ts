@@ -80,7 +80,7 @@ if (import.meta.main) {
   } catch (e) {
     if (e instanceof AhaError) {
       console.error(`aha: ${e.message}`);
-      Deno.exit(e instanceof UsageError ? 2 : 1);
+      Deno.exit(e.status);
     }
     throw e;
   }

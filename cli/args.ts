@@ -2,7 +2,7 @@
 // one-line usage errors that name the command.
 
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { UsageError } from "../core/errors.ts";
+import { AhaError, UsageError } from "../core/errors.ts";
 
 type Options = NonNullable<ParseArgsConfig["options"]>;
 
@@ -44,4 +44,29 @@ export function intOption(
     throw new UsageError(`${command}: --${name} must be an integer, got "${value}"`);
   }
   return n;
+}
+
+/** Checks before any work that `path` can be written (it is created, empty, if missing). */
+export async function checkOutputPath(path: string): Promise<void> {
+  try {
+    const file = await Deno.open(path, { write: true, create: true });
+    file.close();
+  } catch (e) {
+    const why = e instanceof Deno.errors.IsADirectory || (e as Error).message.includes("directory")
+      ? "is a directory"
+      : (e as Error).message.split("\n")[0];
+    throw new AhaError(`--output ${path}: cannot write (${why})`);
+  }
+}
+
+/** Writes a command's --output file; a directory or an unwritable path is one line. */
+export async function writeOutput(path: string, text: string): Promise<void> {
+  try {
+    await Deno.writeTextFile(path, text);
+  } catch (e) {
+    const why = e instanceof Deno.errors.IsADirectory || (e as Error).message.includes("directory")
+      ? "is a directory"
+      : (e as Error).message.split("\n")[0];
+    throw new AhaError(`--output ${path}: cannot write (${why})`);
+  }
 }

@@ -63,6 +63,15 @@ export async function run(args: string[]): Promise<void> {
   const overrides = configFile === undefined ? {} : await readConfigOverrides(configFile);
   const fields = { ...(preset === undefined ? {} : PRESETS[preset]), ...overrides };
   const config = parseModelConfig(fields, configFile ?? `preset "${preset}"`);
+  // Held whole in memory as f32 while written: refuse what cannot be, before allocating.
+  const bytes = parameterCount(config) * 4, total = Deno.systemMemoryInfo().total;
+  if (bytes > total) {
+    throw new AhaError(
+      `init: ${configFile ?? `preset "${preset}"`} describes ${parameterCount(config)} ` +
+        `parameters (${(bytes / 2 ** 30).toFixed(1)} GiB in f32), more than this machine's ` +
+        `${(total / 2 ** 30).toFixed(1)} GiB of memory`,
+    );
+  }
   if (!values.force && !(await isMissingOrEmpty(out))) {
     throw new AhaError(`init: ${out} exists and is not empty (use --force to replace it)`);
   }

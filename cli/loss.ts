@@ -1,7 +1,7 @@
 // `aha loss`: one GRPO objective and its gradients on a given batch, without updating — for
 // checking aha's loss against other implementations (tests compare it with PyTorch).
 
-import { parseCommandArgs, required } from "./args.ts";
+import { checkOutputPath, parseCommandArgs, required, writeOutput } from "./args.ts";
 import { loadCheckpoint } from "../core/checkpoint.ts";
 import { AhaError } from "../core/errors.ts";
 import { type LossBatch, lossBatchObjective } from "../core/grpo.ts";
@@ -29,6 +29,7 @@ export async function run(args: string[]): Promise<void> {
   });
   const modelDir = required("loss", "model", values.model);
   const batchPath = required("loss", "batch", values.batch);
+  if (values.output) await checkOutputPath(values.output as string);
   const checkpoint = await loadCheckpoint(modelDir);
   const batch = readBatch(batchPath, checkpoint.config.vocabSize);
   const gpu = await Gpu.open(modelNeeds(checkpoint.config));
@@ -36,8 +37,9 @@ export async function run(args: string[]): Promise<void> {
   const result = await computeLoss(policy, batch);
   policy.model.destroy();
   gpu.destroy();
+  checkFiniteResult(batchPath, result);
   const text = JSON.stringify(result);
-  if (values.output) await Deno.writeTextFile(values.output as string, text + "\n");
+  if (values.output) await writeOutput(values.output as string, text + "\n");
   else console.log(text);
 }
 
@@ -61,6 +63,19 @@ export async function computeLoss(policy: GpuPolicy, batch: LossBatch) {
   return { loss, advantages, grad_norm: gradNorm, grads };
 }
 
+/** NaN or infinity anywhere in the result is an error naming where, never a silent output. */
+function checkFiniteResult(path: string, result: Awaited<ReturnType<typeof computeLoss>>): void {
+  const bad = (what: string, value: number) => {
+    throw new AhaError(`${path}: ${what} is ${value} (non-finite): nothing written`);
+  };
+  if (!Number.isFinite(result.loss)) bad("the loss", result.loss);
+  if (!Number.isFinite(result.grad_norm)) bad("the gradient norm", result.grad_norm);
+  result.advantages.forEach((a, i) => Number.isFinite(a) || bad(`advantages[${i}]`, a));
+  for (const [name, values] of Object.entries(result.grads)) {
+    values.forEach((v, i) => Number.isFinite(v) || bad(`the gradient of "${name}"[${i}]`, v));
+  }
+}
+
 /** Read and check a batch file; every problem is one line naming the file and field. */
 function readBatch(path: string, vocabSize: number): LossBatch {
   let json: Record<string, unknown>;
@@ -70,6 +85,9 @@ function readBatch(path: string, vocabSize: number): LossBatch {
     throw new AhaError(
       `${path}: ${e instanceof SyntaxError ? "not valid JSON" : (e as Error).message}`,
     );
+  }
+  if (typeof json !== "object" || json === null || Array.isArray(json)) {
+    throw new AhaError(`${path}: expected a JSON object {"prompt_len", "sequences", ...}`);
   }
   const fail = (field: string, expect: string): never => {
     throw new AhaError(`${path}: field "${field}" must be ${expect}`);
@@ -88,6 +106,7 @@ function readBatch(path: string, vocabSize: number): LossBatch {
       fail("sequences", `arrays of the same length with token ids in [0, ${vocabSize})`);
     }
   }
+  if (S < 2) fail("sequences", "arrays of at least 2 tokens (a prompt and a completion)");
   const P = json.prompt_len as number;
   if (!isInt(P) || P < 1 || P >= S) fail("prompt_len", `an integer in [1, ${S - 1}]`);
   if (!isInt(json.pad_id)) fail("pad_id", "an integer token id");

@@ -1,7 +1,7 @@
 // `aha score`: per-token log-probs of token sequences under a checkpoint — the stable public
 // interface for comparing aha's numbers with any other implementation.
 
-import { intOption, parseCommandArgs, required } from "./args.ts";
+import { checkOutputPath, intOption, parseCommandArgs, required, writeOutput } from "./args.ts";
 import { loadCheckpoint, readJson } from "../core/checkpoint.ts";
 import { parseModelConfig } from "../core/model_config.ts";
 import { AhaError, UsageError } from "../core/errors.ts";
@@ -37,10 +37,20 @@ export async function run(args: string[]): Promise<void> {
     throw new UsageError(`score: --engine must be webgpu or onnx, got "${engine}"`);
   }
   const threads = intOption("score", "threads", values.threads, 2);
+  if (values.output) await checkOutputPath(values.output as string);
   const sequences = await readSequences(inputPath);
   const configPath = `${modelDir}/config.json`;
   const config = parseModelConfig(await readJson(configPath), configPath);
   checkTokenIds(inputPath, sequences, config.vocabSize);
+  // Both engines refuse what the model cannot hold (positions past its RoPE table).
+  sequences.forEach((s, i) => {
+    if (s.length > config.maxPositionEmbeddings) {
+      throw new AhaError(
+        `${inputPath}: sequences[${i}] has ${s.length} tokens, more than the model's ` +
+          `max_position_embeddings (${config.maxPositionEmbeddings})`,
+      );
+    }
+  });
 
   let logprobs: number[][];
   if (engine === "onnx") {
@@ -55,7 +65,7 @@ export async function run(args: string[]): Promise<void> {
     gpu.destroy();
   }
   const text = JSON.stringify({ logprobs });
-  if (values.output) await Deno.writeTextFile(values.output, text + "\n");
+  if (values.output) await writeOutput(values.output, text + "\n");
   else console.log(text);
 }
 

@@ -4,11 +4,18 @@
 // task, engines, console and metrics output, checkpoints, Ctrl-C.
 
 import { parseCommandArgs } from "./args.ts";
-import { AhaError, UsageError } from "../core/errors.ts";
+import { AhaError, Interrupted, UsageError } from "../core/errors.ts";
 import { loadCheckpoint, saveCheckpoint } from "../core/checkpoint.ts";
 import { initWeights } from "../core/init.ts";
-import { parameterCount, parseModelConfig, PRESETS, toHfConfig } from "../core/model_config.ts";
+import {
+  type ModelConfig,
+  parameterCount,
+  parseModelConfig,
+  PRESETS,
+  toHfConfig,
+} from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
+import { encodeSafetensors, readSafetensors } from "../core/safetensors.ts";
 import { runSft } from "../core/sft.ts";
 import type { Task } from "../core/task.ts";
 import { loadTrainConfig, type TrainConfig } from "../core/train_config.ts";
@@ -25,17 +32,25 @@ import {
   saveTrainingCheckpoint,
   type TrainerState,
 } from "../core/train_state.ts";
+import {
+  appendLine,
+  lockRunDir,
+  prepareRunDir,
+  resolveResume,
+  type ResumeTarget,
+} from "../core/run_dir.ts";
 import { ArithmeticTokenizer, pretrainingCorpus, splitProblems } from "../data/arithmetic.ts";
 import { ARITHMETIC_TOKENIZER_FILE, arithmeticTask, datasetTask } from "../data/tasks.ts";
 import { loadTokenizer } from "../core/tokenizer.ts";
 import { checkPlan, planModel } from "../core/plan.ts";
-import { describeAdapter } from "../gpu/adapters.ts";
+import { describeAdapter, probeAdapter } from "../gpu/adapters.ts";
 import { Gpu, summarizeAdapter } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { GpuPolicy } from "../gpu/policy.ts";
 import { WorkerReference } from "../reference/client.ts";
 
-export const help = `usage: aha train [CONFIG.yaml] [--set key=value ...] [--resume DIR]
+export const help =
+  `usage: aha train [CONFIG.yaml] [--set key=value ...] [--resume DIR] [--overwrite]
 
 Trains a policy with GRPO. Without CONFIG the embedded default runs: a tiny Qwen2 model is
 pretrained on an imperfect corpus of sums (the base model), then GRPO teaches it to add
@@ -43,38 +58,114 @@ reliably. Keys follow trl's GRPOConfig (learning_rate, num_generations, beta, ..
 
   --set key=value   override one config key (dotted for sections: --set sft.steps=100)
   --resume DIR      continue exactly from a checkpoint directory written by a previous run
+                    (output goes to the run directory that holds it, wherever it now is)
+  --overwrite       start over in an output_dir that holds an earlier run (its logs and
+                    checkpoints are removed)
 
 Writes OUTPUT_DIR/metrics.jsonl (one line per step), samples.jsonl, eval.jsonl and
 checkpoint-STEP/ directories (Hugging Face format plus optimizer and trainer state).
-Ctrl-C saves a checkpoint and exits.`;
+Ctrl-C saves a checkpoint and exits with status 130 (143 after SIGTERM); during the built-in
+pretraining it exits at once, and the base model is pretrained again on the next run.
+One run per output directory at a time (a lock file, .aha.lock, holds its PID).`;
 
 export async function run(args: string[]): Promise<void> {
   const { values, positionals } = parseCommandArgs("train", args, {
     set: { type: "string", multiple: true },
     resume: { type: "string" },
+    overwrite: { type: "boolean" },
   }, true);
   if (positionals.length > 1) {
     throw new UsageError(`train: expected at most one config file, got ${positionals.length}`);
   }
   const sets = (values.set ?? []) as string[];
-  const resume = values.resume as string | undefined;
+  const target = values.resume ? await resolveResume(values.resume as string) : null;
+  const resume = target?.checkpoint;
   const configPath = positionals[0] ?? (resume ? `${resume}/${CONFIG_FILE}` : null);
   const cfg = loadTrainConfig(configPath, sets);
+  // Checked whole (weights, trainer state, optimizer) before anything on disk changes.
   const resumed = resume ? await loadTrainingCheckpoint(resume) : null;
+  if (target && resumed) rebaseResumedRun(cfg, target, resumed.state, sets);
 
   const task = await makeTask(cfg);
   const gpu = await Gpu.open();
   // Refuse a run that cannot fit before loading any weights or creating the output directory.
   const planned = await planModel(cfg, new ArithmeticTokenizer().vocabSize);
   checkPlan(cfg, planned.config, describeAdapter(gpu.adapter).limits);
-  await prepareOutputDir(cfg.output_dir, resumed?.state.step ?? null);
+
+  const lock = await lockRunDir(cfg.output_dir, "train");
+  try {
+    await prepareRunDir(cfg.output_dir, {
+      resumeStep: resumed?.state.step ?? null,
+      overwrite: values.overwrite === true,
+      log: (line) => console.log(line),
+    });
+    await train(cfg, task, gpu, resumed, resume);
+  } finally {
+    lock.release();
+  }
+}
+
+/**
+ * A resumed run writes into the run directory its checkpoint sits in (unless output_dir is set
+ * explicitly), and what the checkpoint saved under its old run directory — the built-in base
+ * model, the reference — is read from the same place under the new one.
+ */
+function rebaseResumedRun(
+  cfg: TrainConfig,
+  target: ResumeTarget,
+  state: TrainerState,
+  sets: string[],
+): void {
+  const saved = cfg.output_dir;
+  if (!sets.some((s) => s.startsWith("output_dir="))) cfg.output_dir = target.runDir;
+  if (cfg.model !== null) cfg.model = target.rebase(cfg.model, saved);
+  state.reference_model = target.rebase(state.reference_model, saved);
+}
+
+async function train(
+  cfg: TrainConfig,
+  task: Task,
+  gpu: Gpu,
+  resumed: Awaited<ReturnType<typeof loadTrainingCheckpoint>> | null,
+  resume: string | undefined,
+): Promise<void> {
   const console_ = new Console(cfg);
-  console_.line(`aha train: task ${task.name}, policy adapter "${gpu.description}"`);
+  console_.line(
+    `aha train: task ${task.name}, policy adapter "${gpu.description}", output ${cfg.output_dir}` +
+      (resume ? ` (resuming ${resume})` : ""),
+  );
+  if (cfg.beta > 0) await checkReferenceAdapter(cfg);
+
+  // Ctrl-C / SIGTERM: during the built-in pretraining, exit at once (nothing is saved); later,
+  // finish the step, save, and exit with 130 / 143.
+  let stop: "SIGINT" | "SIGTERM" | null = null;
+  let pretraining = false;
+  const listeners = (["SIGINT", "SIGTERM"] as const).map(
+    (signal) => {
+      const listener = () => {
+        if (pretraining) {
+          console_.line(
+            `interrupted during the built-in pretraining: the base model is not saved ` +
+              `(it is pretrained again on the next run)`,
+          );
+          Deno.exit(new Interrupted(signal, "").status);
+        }
+        if (stop) Deno.exit(new Interrupted(signal, "").status);
+        stop = signal;
+        console_.line("stopping after this step (Ctrl-C again to quit without saving)");
+      };
+      Deno.addSignalListener(signal, listener);
+      return () => Deno.removeSignalListener(signal, listener);
+    },
+  );
 
   // The model GRPO starts from, and the frozen reference (the same weights).
+  pretraining = !resumed && cfg.model === null;
   const referenceDir = resumed?.state.reference_model ?? cfg.model ??
     await builtinBaseModel(cfg, gpu, console_);
+  pretraining = false;
   const start = resumed ?? await loadCheckpoint(referenceDir);
+  await checkModelFitsTask(cfg, task, start.config, referenceDir);
   const policy = new GpuPolicy(new GpuModel(gpu, start.config, start.weights));
   if (resumed) {
     policy.loadOptimizerState({ step: resumed.state.adam_step, moments: resumed.moments });
@@ -98,39 +189,36 @@ export async function run(args: string[]): Promise<void> {
       log: (line) => console_.line(line),
     })
     : null;
+  // sync_ref_model: the reference the run had synced to when it saved.
+  const syncedReference = resume ? `${resume}/${SYNCED_REFERENCE_FILE}` : null;
+  if (reference && syncedReference && await exists(syncedReference)) {
+    const tensors = await readSafetensors(syncedReference);
+    await reference.mixIn(new Map([...tensors].map(([name, t]) => [name, t.data])), 1);
+  }
   console_.line(
     `model ${referenceDir} (${(parameterCount(start.config) / 1e6).toFixed(2)}M parameters); ` +
       `reference: ${reference ? reference.description : "none (beta = 0)"}`,
   );
   const extraFiles = await tokenizerFiles(referenceDir);
 
-  let stop = false;
-  const onSignal = () => {
-    if (stop) Deno.exit(130);
-    stop = true;
-    console_.line("stopping after this step (Ctrl-C again to quit without saving)");
-  };
-  Deno.addSignalListener("SIGINT", onSignal);
-  Deno.addSignalListener("SIGTERM", onSignal);
-
   const startStep = resumed?.state.step ?? 0;
   if (startStep === 0) {
     const base = await evaluate(cfg, task, policy);
     console_.evaluation(0, base);
-    await appendJsonl(`${cfg.output_dir}/eval.jsonl`, { step: 0, ...base });
+    await appendLine(`${cfg.output_dir}/eval.jsonl`, { step: 0, ...base });
   }
   const io: TrainerIO = {
     metrics: async (step, metrics) => {
       console_.step(step, metrics);
-      await appendJsonl(`${cfg.output_dir}/metrics.jsonl`, { step, ...metrics });
+      await appendLine(`${cfg.output_dir}/metrics.jsonl`, { step, ...metrics });
     },
     samples: async (step, samples) => {
       console_.sample(step, samples[0]);
-      for (const s of samples) await appendJsonl(`${cfg.output_dir}/samples.jsonl`, { step, ...s });
+      for (const s of samples) await appendLine(`${cfg.output_dir}/samples.jsonl`, { step, ...s });
     },
     evaluation: async (step, result) => {
       console_.evaluation(step, result);
-      await appendJsonl(`${cfg.output_dir}/eval.jsonl`, { step, ...result });
+      await appendLine(`${cfg.output_dir}/eval.jsonl`, { step, ...result });
     },
     save: async (step, sampler = task.samplerState()) => {
       const dir = `${cfg.output_dir}/checkpoint-${step}`;
@@ -141,6 +229,7 @@ export async function run(args: string[]): Promise<void> {
         sampler,
         reference_model: referenceDir,
       };
+      const synced = cfg.sync_ref_model ? await reference?.syncedWeights() : null;
       await saveTrainingCheckpoint(
         dir,
         start.hfConfig,
@@ -148,44 +237,23 @@ export async function run(args: string[]): Promise<void> {
         optimizer.moments,
         state,
         cfg,
-        extraFiles,
+        synced
+          ? { ...extraFiles, [SYNCED_REFERENCE_FILE]: encodeSafetensors(flatTensors(synced)) }
+          : extraFiles,
       );
       console_.line(`saved ${dir}`);
     },
-    stopRequested: () => stop,
+    stopRequested: () => stop !== null,
   };
   try {
     await new GrpoTrainer(cfg, task, policy, reference, io).run(startStep);
   } finally {
-    Deno.removeSignalListener("SIGINT", onSignal);
-    Deno.removeSignalListener("SIGTERM", onSignal);
+    for (const remove of listeners) remove();
     await reference?.close();
     console_.close();
   }
-}
-
-const LOGS = ["metrics.jsonl", "samples.jsonl", "eval.jsonl"];
-
-/**
- * A fresh run refuses an output directory that already holds a run's logs (nothing is
- * overwritten); a resumed run drops the log lines after the step it resumes from, so the logs
- * read as one uninterrupted run.
- */
-async function prepareOutputDir(dir: string, resumedStep: number | null): Promise<void> {
-  await Deno.mkdir(dir, { recursive: true });
-  for (const name of LOGS) {
-    const path = `${dir}/${name}`;
-    const text = await Deno.readTextFile(path).catch(() => null);
-    if (text === null) continue;
-    if (resumedStep === null) {
-      throw new AhaError(
-        `output_dir ${dir} already holds a run (${name}): resume it with --resume ` +
-          `${dir}/checkpoint-N, or choose another --set output_dir=...`,
-      );
-    }
-    const kept = text.split("\n").filter((line) => line && JSON.parse(line).step <= resumedStep);
-    await Deno.writeTextFile(path, kept.map((line) => line + "\n").join(""));
-  }
+  // Saved; scripts tell an interrupted run from a finished one by the status.
+  if (stop) throw new Interrupted(stop, "saved; continue with --resume");
 }
 
 export async function makeTask(cfg: TrainConfig): Promise<Task> {
@@ -197,6 +265,55 @@ export async function makeTask(cfg: TrainConfig): Promise<Task> {
     );
   }
   return await datasetTask(cfg, await loadTokenizer(cfg.model));
+}
+
+/** Checks before any work that the model can read the task's tokens and hold its sequences. */
+async function checkModelFitsTask(
+  cfg: TrainConfig,
+  task: Task,
+  config: ModelConfig,
+  modelDir: string,
+): Promise<void> {
+  if (
+    cfg.dataset.format === "arithmetic" &&
+    !(await exists(`${modelDir}/${ARITHMETIC_TOKENIZER_FILE}`))
+  ) {
+    throw new AhaError(
+      `model ${modelDir}: the arithmetic task needs a model made for its character tokenizer ` +
+        `(${ARITHMETIC_TOKENIZER_FILE}); this one has vocab_size ${config.vocabSize} and no such file`,
+    );
+  }
+  const ids = [...task.eosIds, ...task.heldOut.flatMap((e) => e.promptIds)];
+  const largest = Math.max(...ids);
+  if (largest >= config.vocabSize) {
+    throw new AhaError(
+      `model ${modelDir}: vocab_size ${config.vocabSize} is too small for the task's tokenizer ` +
+        `(token id ${largest})`,
+    );
+  }
+  const L = cfg.max_prompt_length + cfg.max_completion_length;
+  if (L > config.maxPositionEmbeddings) {
+    throw new AhaError(
+      `max_prompt_length + max_completion_length = ${L} exceeds the model's ` +
+        `max_position_embeddings (${config.maxPositionEmbeddings}) in ${modelDir}/config.json`,
+    );
+  }
+}
+
+/** A reference.adapter named explicitly must exist before any work (pretraining included). */
+async function checkReferenceAdapter(cfg: TrainConfig): Promise<void> {
+  const { adapter, env, engine } = cfg.reference;
+  if (engine === "onnx" || adapter === "same") return;
+  // An explicit adapter, else a backend named in reference.env; "auto" alone always finds one.
+  const backend = adapter !== "auto" ? adapter : env.DENO_WEBGPU_BACKEND;
+  if (backend === undefined) return;
+  const field = adapter !== "auto" ? "reference.adapter" : "reference.env.DENO_WEBGPU_BACKEND";
+  if (!(await probeAdapter({ ...env, DENO_WEBGPU_BACKEND: backend }, cfg.reference.timeout_s))) {
+    throw new AhaError(
+      `${field}: "${backend}" gives no WebGPU adapter on this machine ` +
+        `(run "aha gpu" to see which backends work)`,
+    );
+  }
 }
 
 /**
@@ -253,6 +370,12 @@ async function builtinBaseModel(cfg: TrainConfig, gpu: Gpu, console_: Console): 
   return dir;
 }
 
+/** In a checkpoint of a sync_ref_model run: the reference weights as last synced. */
+const SYNCED_REFERENCE_FILE = "reference.safetensors";
+
+const flatTensors = (weights: Map<string, Float32Array>) =>
+  new Map([...weights].map(([name, data]) => [name, { shape: [data.length], data }]));
+
 /** Tokenizer files of a model directory, copied into every checkpoint. */
 async function tokenizerFiles(dir: string): Promise<Record<string, Uint8Array>> {
   const files: Record<string, Uint8Array> = {};
@@ -276,10 +399,6 @@ async function tokenizerFiles(dir: string): Promise<Record<string, Uint8Array>> 
 }
 
 const exists = (path: string) => Deno.stat(path).then(() => true, () => false);
-
-async function appendJsonl(path: string, record: Record<string, unknown>): Promise<void> {
-  await Deno.writeTextFile(path, JSON.stringify(record) + "\n", { append: true });
-}
 
 /** Console output: one line per logging step (a progress line on a terminal). */
 class Console {
@@ -324,6 +443,10 @@ class Console {
 
   evaluation(step: number, e: Evaluation): void {
     const elapsed = (performance.now() - this.started) / 1000;
+    if (e.examples === 0) {
+      this.line(`eval @${step} (${elapsed.toFixed(0)}s): no held-out problems, nothing measured`);
+      return;
+    }
     this.line(
       `eval @${step} (${elapsed.toFixed(0)}s): held-out greedy accuracy ${
         (100 * e.accuracy).toFixed(1)

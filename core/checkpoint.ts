@@ -34,6 +34,12 @@ export async function readJson(path: string): Promise<unknown> {
   }
 }
 
+/** The index of the first NaN or infinite value, or −1. */
+export function firstNonFinite(data: ArrayLike<number>): number {
+  for (let i = 0; i < data.length; i++) if (!Number.isFinite(data[i])) return i;
+  return -1;
+}
+
 const exists = (path: string) => Deno.stat(path).then(() => true, () => false);
 const shapeText = (shape: number[]) => `[${shape.join(", ")}]`;
 
@@ -95,7 +101,17 @@ export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
     for (const [name, t] of await readSafetensors(file, names)) read.set(name, t.data);
   }
   const weights = new Map<string, Float32Array>();
-  for (const name of shapes.keys()) weights.set(name, read.get(name)!);
+  for (const name of shapes.keys()) {
+    const data = read.get(name)!;
+    const bad = firstNonFinite(data);
+    if (bad >= 0) {
+      throw new AhaError(
+        `${files.get(name)}: weight "${name}" holds ${data[bad]} at index ${bad}: ` +
+          `the checkpoint is corrupt (NaN or infinite weights)`,
+      );
+    }
+    weights.set(name, data);
+  }
   return { config, hfConfig: hfConfig as Record<string, unknown>, weights };
 }
 
@@ -116,6 +132,13 @@ export async function saveCheckpoint(
       throw new AhaError(
         `${dir}: cannot save weight "${name}": expected ${size} values (shape ` +
           `${shapeText(shape)}), got ${data ? data.length : "none"}`,
+      );
+    }
+    const bad = firstNonFinite(data);
+    if (bad >= 0) {
+      throw new AhaError(
+        `${dir}: not saved: weight "${name}" holds ${data[bad]} at index ${bad} ` +
+          `(training diverged; the previous checkpoint is kept)`,
       );
     }
     tensors.set(name, { shape, data });

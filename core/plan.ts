@@ -521,7 +521,8 @@ export async function planModel(
   if (shape === null) {
     throw new AhaError(
       `${cfg.model}/config.json: not found, and the name is not one of the built-in Qwen2.5 ` +
-        `shapes (0.5B, 1.5B, 3B, 7B): pass --model-config FILE`,
+        `shapes (0.5B, 1.5B, 3B, 7B): give "model" a directory with its config.json ` +
+        `(aha plan also takes --model-config FILE)`,
     );
   }
   return { config: parseModelConfig(shape), source: `the built-in Qwen2.5 table (no ${file})` };

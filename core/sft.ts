@@ -3,6 +3,7 @@
 // token of the batch. It runs on the same PolicyEngine as GRPO.
 
 import type { OptimizerHyper, PolicyEngine } from "./engine.ts";
+import { AhaError } from "./errors.ts";
 import { Rng } from "./rng.ts";
 
 export interface SftRow {
@@ -48,10 +49,16 @@ export async function runSft(
     );
     const warmup = Math.min(1, step / Math.max(1, opts.warmupSteps));
     const decay = (opts.steps - step + 1) / opts.steps;
-    await policy.optimizerStep({
+    if (!Number.isFinite(loss)) {
+      throw new AhaError(`sft step ${step}: the loss is ${loss}; nothing was saved`);
+    }
+    const gradNorm = await policy.optimizerStep({
       ...opts.optimizer,
       lr: opts.optimizer.lr * Math.min(warmup, decay),
     });
+    if (!Number.isFinite(gradNorm)) {
+      throw new AhaError(`sft step ${step}: the gradient norm is ${gradNorm}; nothing was saved`);
+    }
     await opts.onStep?.(step, loss);
   }
   return loss;

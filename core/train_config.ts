@@ -107,8 +107,6 @@ export interface TrainConfig {
     steps: number;
     learning_rate: number;
     batch_size: number;
-    /** {prompt, completion} JSONL rows; null = the built-in arithmetic corpus. */
-    data: string | null;
   };
 
   // LoRA (PEFT semantics): null = full fine-tuning. With a section, only the adapters' A and B
@@ -222,7 +220,7 @@ export function defaultTrainConfig(): TrainConfig {
       carry_error_rate: 0.6,
       format_error_rate: 0.25,
     },
-    sft: { steps: 800, learning_rate: 5e-3, batch_size: 128, data: null },
+    sft: { steps: 800, learning_rate: 5e-3, batch_size: 128 },
     lora: null,
     adapter: null,
     frozen_dtype: "auto",
@@ -362,7 +360,6 @@ const RULES: Record<string, Rule> = {
   "sft.steps": int(0),
   "sft.learning_rate": num("(", 0),
   "sft.batch_size": int(1),
-  "sft.data": orNull(str),
   "lora.r": int(1),
   "lora.alpha": num("(", 0),
   "lora.lora_alpha": num("(", 0),
@@ -493,6 +490,9 @@ function applySettings(target: object, raw: unknown, source: string, section: st
 }
 
 function show(value: unknown): string {
+  // JSON would print NaN, Infinity and an empty YAML value all as "null".
+  if (typeof value === "number" && !Number.isFinite(value)) return String(value);
+  if (value === null) return "an empty value";
   const text = JSON.stringify(value) ?? String(value);
   return text.length > 60 ? text.slice(0, 57) + "..." : text;
 }

@@ -12,6 +12,7 @@
 // Everything device-specific sits behind PolicyEngine / ReferenceEngine (core/engine.ts).
 
 import type { PolicyEngine, ReferenceEngine, TokenBatch } from "./engine.ts";
+import { AhaError } from "./errors.ts";
 import {
   completionMask,
   groupAdvantages,
@@ -47,6 +48,19 @@ export interface Evaluation {
   format_rate: number;
   completion_length: number;
   examples: number;
+}
+
+/** Training produced NaN or infinity: the state in memory is not worth saving. */
+export class DivergedError extends AhaError {}
+
+/** Throws DivergedError unless `value` is finite. */
+export function checkFinite(value: number, what: string, step: number): void {
+  if (!Number.isFinite(value)) {
+    throw new DivergedError(
+      `step ${step}: ${what} is ${value}; training diverged (lower the learning rate?) and ` +
+        `nothing was saved from this step on`,
+    );
+  }
 }
 
 /** One sampled completion with its scores. */
@@ -138,7 +152,10 @@ export class GrpoTrainer {
       try {
         metrics = await this.step(step);
       } catch (error) {
-        if (step - 1 > startStep) await this.io.save(step - 1, sampler);
+        // A diverged step may have written NaN into the weights: keep the last checkpoint.
+        if (step - 1 > startStep && !(error instanceof DivergedError)) {
+          await this.io.save(step - 1, sampler);
+        }
         throw error;
       }
       await this.io.metrics(step, metrics);
@@ -263,6 +280,7 @@ export class GrpoTrainer {
             advantage: advantages[start + i],
           }));
           const result = grpoLoss(rows, this.lossConfig, normalizer);
+          checkFinite(result.loss, "the loss", step);
           loss += result.loss;
           klSum += result.klSum;
           clipped += result.clippedTokens;
@@ -278,6 +296,7 @@ export class GrpoTrainer {
         weightDecay: cfg.weight_decay,
         maxGradNorm: cfg.max_grad_norm,
       });
+      checkFinite(gradNorm, "the gradient norm", step);
     }
     const trainSeconds = (performance.now() - trainStart) / 1000 - referenceSeconds;
     const stepSeconds = (performance.now() - started) / 1000;

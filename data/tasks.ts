@@ -96,6 +96,9 @@ export function arithmeticTask(cfg: TrainConfig): Task & { tokenizer: Arithmetic
   return Object.assign(task, { tokenizer });
 }
 
+/** More characters than any one token of a real vocabulary spans. */
+const MAX_CHARS_PER_TOKEN = 256;
+
 /**
  * A question/answer dataset (the config's `dataset` section) for a Hugging Face model: each
  * question becomes the user message after the system prompt (system_prompt, else the seed's;
@@ -144,14 +147,18 @@ export async function datasetTask(
   const prepare = (row: Example): TaskExample | null => {
     if (encoded.has(row)) return encoded.get(row)!;
     const prompt = template.prompt(row.question, system === "" ? undefined : system);
-    const promptIds = tokenizer.encode(prompt);
-    const fits = promptIds.length <= cfg.max_prompt_length;
+    // Measured before it is tokenized whole: no token spans MAX_CHARS_PER_TOKEN characters, so a
+    // longer text cannot fit (a 50 MB line would otherwise exhaust the tokenizer's memory).
+    const measurable = prompt.length <= cfg.max_prompt_length * MAX_CHARS_PER_TOKEN;
+    const promptIds = measurable ? tokenizer.encode(prompt) : [];
+    const fits = measurable && promptIds.length <= cfg.max_prompt_length;
     if (!fits && !warned) {
       warned = true;
       const start = JSON.stringify(row.question.slice(0, 50) + "…");
+      const size = measurable ? `${promptIds.length} tokens` : `${prompt.length} characters`;
       warn(
         `${path}: skipping prompts longer than max_prompt_length (${cfg.max_prompt_length} ` +
-          `tokens); the first has ${promptIds.length}: ${start}`,
+          `tokens); the first has ${size}: ${start}`,
       );
     }
     const example = fits ? { ...row, prompt, promptIds } : null;

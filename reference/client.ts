@@ -11,6 +11,7 @@
 import { createHash } from "node:crypto";
 import type { ReferenceEngine, TokenBatch } from "../core/engine.ts";
 import { AhaError } from "../core/errors.ts";
+import { readSafetensors } from "../core/safetensors.ts";
 import { privateRuntimeDir, selfCommand } from "../core/self_command.ts";
 import type { TrainConfig } from "../core/train_config.ts";
 import { ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
@@ -164,6 +165,14 @@ export class WorkerReference implements ReferenceEngine {
     await this.channel.remove(file);
     if (this.weightsFile) await this.channel.remove(this.weightsFile);
     this.weightsFile = weightsFile;
+  }
+
+  /** The reference weights after the last sync (flat), or null before any: what a checkpoint
+   * saves so a resumed run continues with the same reference (sync_ref_model). */
+  async syncedWeights(): Promise<Map<string, Float32Array> | null> {
+    if (!this.weightsFile) return null;
+    const tensors = await readSafetensors(this.weightsFile);
+    return new Map([...tensors].map(([name, t]) => [name, t.data]));
   }
 
   /** Stops the worker (politely, then by force) and removes the channel; safe to call twice. */

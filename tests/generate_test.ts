@@ -134,3 +134,52 @@ Deno.test(
     model.destroy();
   },
 );
+
+Deno.test(
+  "later tokens follow the model given the earlier ones, drawn with fresh random numbers",
+  gpuTest,
+  async () => {
+    const model = new GpuModel(gpu, config, sharpWeights(8, 0.1));
+    const prompt = [3, 1, 4];
+    const temperature = 0.9, G = 4000;
+    const out = await generate(model, [prompt], G, {
+      temperature,
+      topP: 1,
+      topK: 0,
+      maxNewTokens: 2,
+      eosIds: [],
+      seed: 5,
+    });
+    /** The model's next-token probabilities at `temperature` after `prefix`. */
+    const probabilities = async (prefix: number[]) => {
+      const candidates = Array.from({ length: V }, (_, v) => [...prefix, v]);
+      const lp = (await scoreSequences(model, candidates)).map((r) => r.at(-1)! / temperature);
+      const z = Math.log(lp.reduce((a, x) => a + Math.exp(x), 0));
+      return lp.map((x) => Math.exp(x - z));
+    };
+    // For each first token seen often enough, the second token's counts must follow
+    // p(· | prompt, first): a decode step that reused the first step's random number would draw
+    // the second token from a narrow slice of its distribution.
+    let checked = 0;
+    for (let first = 0; first < V; first++) {
+      const rows = out.tokens.filter((t) => t[0] === first);
+      if (rows.length < 300) continue;
+      checked++;
+      const p = await probabilities([...prompt, first]);
+      const counts = new Array(V).fill(0);
+      for (const t of rows) counts[t[1]]++;
+      for (let v = 0; v < V; v++) {
+        const n = rows.length, sd = Math.sqrt(n * p[v] * (1 - p[v]));
+        assert.ok(
+          Math.abs(counts[v] - n * p[v]) <= 5 * sd + 1,
+          `after ${first}, token ${v}: ${counts[v]} of ${n} vs ${n * p[v]}`,
+        );
+      }
+      for (const [i, t] of out.tokens.entries()) {
+        if (t[0] === first) assert.ok(Math.abs(out.logprobs[i][1] - Math.log(p[t[1]])) < 1e-4);
+      }
+    }
+    assert.ok(checked >= 2, `only ${checked} first tokens were drawn 300 times`);
+    model.destroy();
+  },
+);

@@ -90,6 +90,33 @@ Deno.test("the GSM8K task: templated prompts, long ones skipped, held out, resum
   assert.equal(withTest.heldOut[0].question === firstTest.question, fits);
 });
 
+Deno.test("a huge question is measured and skipped, never tokenized whole", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "aha_huge_row_" });
+  const rows = [
+    { question: "What is 1+1? ".repeat(400_000), answer: "#### 2" }, // 5 MB
+    { question: "What is 2+2?", answer: "#### 4" },
+  ];
+  await Deno.writeTextFile(`${tmp}/eval.jsonl`, rows.map((r) => JSON.stringify(r)).join("\n"));
+  const warnings: string[] = [];
+  const started = performance.now();
+  const task = await datasetTask(
+    loadTrainConfig(null, [
+      "model=unused",
+      `dataset.path=${GSM8K}/test.jsonl`,
+      `dataset.eval_path=${tmp}/eval.jsonl`,
+      "max_prompt_length=150",
+      "eval_prompts=1",
+    ]),
+    await loadTokenizer(QWEN),
+    (m) => warnings.push(m),
+  );
+  assert.equal(task.heldOut.length, 1);
+  assert.equal(task.heldOut[0].question, "What is 2+2?");
+  assert.match(warnings[0], /the first has 5\d{6} characters/);
+  assert.ok(performance.now() - started < 20_000, "the huge row was not tokenized");
+  await Deno.remove(tmp, { recursive: true });
+});
+
 Deno.test("aha train runs GRPO on GSM8K with a real-vocabulary tiny Qwen2", async () => {
   const tmp = await Deno.makeTempDir({ prefix: "aha_gsm8k_" });
   try {

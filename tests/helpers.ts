@@ -85,3 +85,22 @@ export function centralDifference(
   values[i] = keep;
   return (up - down) / (2 * h);
 }
+
+/** The committed golden fixtures (tests/fixtures/golden, tests/fixtures/loss), by name. */
+export const GOLDEN_CASES = ["bf16_tied", "f16_sharded", "gqa3_untied", "gqa_tied", "mha_untied"];
+export const LOSS_CASES = [
+  "bf16_tied_bnpo",
+  "gqa3_untied_clip",
+  "gqa_tied_ref",
+  "mha_untied_dr_grpo",
+];
+
+/**
+ * The case directories in `dir`, which must be exactly `expected`: a loop over fixtures must not
+ * pass by running nothing (an empty or partial fixture directory fails here).
+ */
+export function fixtureCases(dir: string, expected: string[]): string[] {
+  const found = [...Deno.readDirSync(dir)].filter((e) => e.isDirectory).map((e) => e.name).sort();
+  assert.deepEqual(found, [...expected].sort(), `${dir}: the golden cases`);
+  return found;
+}

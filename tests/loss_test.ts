@@ -8,13 +8,14 @@ import { completionMask, groupAdvantages, grpoLoss, lossNormalizer } from "../co
 import { computeLoss } from "../cli/loss.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { GpuPolicy } from "../gpu/policy.ts";
-import { gpuTest, openGpu } from "./helpers.ts";
+import { fixtureCases, gpuTest, LOSS_CASES, openGpu } from "./helpers.ts";
 
 const gpu = await openGpu();
 const ROOT = new URL("../", import.meta.url).pathname;
 const CASES = `${ROOT}tests/fixtures/loss/`;
 
-for (const entry of Deno.readDirSync(CASES)) {
+for (const name of fixtureCases(CASES, LOSS_CASES)) {
+  const entry = { name };
   Deno.test(`aha loss matches PyTorch: ${entry.name}`, gpuTest, async () => {
     const batch = JSON.parse(Deno.readTextFileSync(`${CASES}${entry.name}/batch.json`));
     const expected = JSON.parse(Deno.readTextFileSync(`${CASES}${entry.name}/expected.json`));
@@ -24,12 +25,17 @@ for (const entry of Deno.readDirSync(CASES)) {
     policy.model.destroy();
     // f32 GPU math against float64 PyTorch on the same weights.
     assert.ok(Math.abs(got.loss - expected.loss) < 1e-5, `loss ${got.loss} vs ${expected.loss}`);
+    // Lengths first: a missing value must fail, not be skipped.
+    assert.equal(got.advantages.length, batch.sequences.length, "one advantage per sequence");
+    assert.equal(expected.advantages.length, batch.sequences.length);
     got.advantages.forEach((a, i) => assert.ok(Math.abs(a - expected.advantages[i]) < 1e-9));
+    assert.ok(Number.isFinite(got.loss) && Number.isFinite(got.grad_norm));
     assert.ok(
       Math.abs(got.grad_norm - expected.grad_norm) < 1e-4 * Math.max(1, expected.grad_norm),
     );
     assert.deepEqual(Object.keys(got.grads).sort(), Object.keys(expected.grads).sort());
     for (const [name, values] of Object.entries(expected.grads) as [string, number[]][]) {
+      assert.equal(got.grads[name].length, values.length, `${name}: values`);
       values.forEach((v, i) => {
         assert.ok(
           Math.abs(got.grads[name][i] - v) < 1e-5 + 1e-3 * Math.abs(v),

@@ -11,12 +11,13 @@ import { Rng } from "../core/rng.ts";
 
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
-import { assertRowsClose, gpuTest, openGpu } from "./helpers.ts";
+import { assertRowsClose, fixtureCases, GOLDEN_CASES, gpuTest, openGpu } from "./helpers.ts";
 
 const gpu = await openGpu();
 const GOLDEN = new URL("./fixtures/golden/", import.meta.url).pathname;
 
-for (const entry of Deno.readDirSync(GOLDEN)) {
+for (const name of fixtureCases(GOLDEN, GOLDEN_CASES)) {
+  const entry = { name };
   Deno.test(`GPU log-probs match PyTorch golden values: ${entry.name}`, gpuTest, async () => {
     const dir = GOLDEN + entry.name;
     const expected = JSON.parse(Deno.readTextFileSync(`${dir}/expected.json`));

@@ -10,7 +10,9 @@ import { ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
 
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
-import { gpuTest, openGpu } from "./helpers.ts";
+import type { PolicyEngine, TokenBatch } from "../core/engine.ts";
+import { runSft } from "../core/sft.ts";
+import { assertClose, gpuTest, openGpu } from "./helpers.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const tokenizer = new ArithmeticTokenizer();
@@ -84,4 +86,83 @@ Deno.test("aha sft raises the log-likelihood of the trained completions", gpuTes
     /bad\.jsonl:1: expected \{"prompt": string, "completion": non-empty string\}/,
   );
   await Deno.remove(dir, { recursive: true });
+});
+
+Deno.test("runSft trains on completion tokens only: the batch, its masks and the loss", async () => {
+  // A fake policy records what runSft hands it; log p of each token is a known function.
+  const logp = (row: number[], t: number) => -0.1 * ((row[t] + t) % 5) - 0.2;
+  const calls: { batch: TokenBatch; dLogp: number[][]; loss: number }[] = [];
+  let loss = 0;
+  const policy = {
+    accumulateGradients: async (
+      batch: TokenBatch,
+      _inv: number,
+      fn: (lp: number[][]) => Promise<number[][]>,
+    ) => {
+      const lp = batch.rows.map((row, b) =>
+        row.slice(batch.promptLens[b]).map((_, t) => logp(row, batch.promptLens[b] + t))
+      );
+      calls.push({ batch, dLogp: await fn(lp), loss: 0 });
+    },
+    optimizerStep: () => Promise.resolve(1),
+  } as unknown as PolicyEngine;
+  const sftRows = [
+    { promptIds: [1, 2, 3], completionIds: [4, 5] },
+    { promptIds: [6], completionIds: [7, 8, 9, 10] },
+    { promptIds: [11, 12], completionIds: [13] },
+  ];
+  await runSft(policy, sftRows, {
+    steps: 2,
+    batchSize: 3,
+    optimizer: { lr: 1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, maxGradNorm: 1 },
+    warmupSteps: 1,
+    seed: 0,
+    onStep: (_step, l) => {
+      loss = l;
+      calls.at(-1)!.loss = l;
+    },
+  });
+  assert.equal(calls.length, 2);
+  for (const { batch, dLogp, loss: stepLoss } of calls) {
+    const tokens = batch.rows.reduce((n, row, b) => n + row.length - batch.promptLens[b], 0);
+    let nll = 0;
+    batch.rows.forEach((row, b) => {
+      const source = sftRows.find((r) => r.promptIds[0] === row[0])!;
+      assert.deepEqual(row, [...source.promptIds, ...source.completionIds]);
+      assert.equal(batch.promptLens[b], source.promptIds.length, "prompt tokens are masked");
+      assert.deepEqual(dLogp[b], source.completionIds.map(() => -1 / tokens));
+      source.completionIds.forEach((_, t) => nll -= logp(row, source.promptIds.length + t));
+    });
+    assert.equal(tokens, 7);
+    assertClose([stepLoss], [nll / tokens], 1e-12, 0, "mean completion-token NLL");
+  }
+  assert.ok(loss > 0);
+});
+
+Deno.test("runSft stops at a NaN loss with one line naming the step", async () => {
+  let calls = 0;
+  const policy = {
+    accumulateGradients: async (
+      batch: TokenBatch,
+      _inv: number,
+      fn: (lp: number[][]) => Promise<number[][]>,
+    ) => {
+      calls++;
+      await fn(
+        batch.rows.map((row, b) => row.slice(batch.promptLens[b]).map(() => calls > 1 ? NaN : -1)),
+      );
+    },
+    optimizerStep: () => Promise.resolve(1),
+  } as unknown as PolicyEngine;
+  await assert.rejects(
+    () =>
+      runSft(policy, [{ promptIds: [1], completionIds: [2] }], {
+        steps: 5,
+        batchSize: 1,
+        optimizer: { lr: 1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, maxGradNorm: 1 },
+        warmupSteps: 1,
+        seed: 0,
+      }),
+    /^AhaError: sft step 2: the loss is NaN; nothing was saved/,
+  );
 });

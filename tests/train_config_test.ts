@@ -109,7 +109,8 @@ Deno.test("wrong types and out-of-range values: one line naming key and expectat
     ["reward_weights=[1, x]", /"reward_weights" must be a list of numbers or null/],
     ["reference.engine=tensorrt", /"reference.engine" must be one of webgpu \| onnx/],
     ["dataset=3", /"dataset" must be a mapping/],
-    ["output_dir=", /"output_dir" must be a non-empty string, got null$/],
+    ["output_dir=", /"output_dir" must be a non-empty string, got an empty value$/],
+    ["beta=.nan", /"beta" must be a number ≥ 0, got NaN$/],
   ];
   for (const [set, pattern] of cases) {
     const message = loadError(null, [set]);

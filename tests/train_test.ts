@@ -92,35 +92,59 @@ Deno.test("GRPO raises the mean reward clearly above its start", gpuTest, async 
   }
 });
 
+/** 6 steps straight, and 3 + resume + 3, with `extra` settings: the same weights at the end. */
+async function assertExactResume(name: string, extra: string[]) {
+  const base = `${dir}/learn/base`; // made by the first test, or made here
+  const model = await Deno.stat(`${base}/model.safetensors`).then(
+    () => ["--set", `model=${base}`],
+    () => [],
+  );
+  const straight = await train([
+    ...model,
+    ...set(`output_dir=${dir}/${name}-straight`, "max_steps=6", ...extra),
+  ]);
+  assert.equal(straight.code, 0, straight.stderr);
+  const first = await train([
+    ...model,
+    ...set(`output_dir=${dir}/${name}-split`, "max_steps=3", ...extra),
+  ]);
+  assert.equal(first.code, 0, first.stderr);
+  const resumed = await train([
+    "--resume",
+    `${dir}/${name}-split/checkpoint-3`,
+    ...set("max_steps=6"),
+  ]);
+  assert.equal(resumed.code, 0, resumed.stderr);
+  for (const file of ["model.safetensors", "optimizer.safetensors"]) {
+    const a = Deno.readFileSync(`${dir}/${name}-straight/checkpoint-6/${file}`);
+    const b = Deno.readFileSync(`${dir}/${name}-split/checkpoint-6/${file}`);
+    assert.ok(a.length === b.length && a.every((x, i) => x === b[i]), `${file} differs`);
+  }
+  const kl = (run: string) => readJsonl(`${dir}/${run}/metrics.jsonl`).map((m) => m.kl);
+  assert.deepEqual(kl(`${name}-split`), kl(`${name}-straight`), "kl per step");
+  const state = JSON.parse(
+    Deno.readTextFileSync(`${dir}/${name}-split/checkpoint-6/trainer_state.json`),
+  );
+  assert.equal(state.step, 6);
+}
+
 Deno.test(
   "3 steps + resume + 3 steps ends with the same weights as 6 steps straight",
   gpuTest,
-  async () => {
-    const base = `${dir}/learn/base`; // made by the first test, or made here
-    const model = await Deno.stat(`${base}/model.safetensors`).then(
-      () => ["--set", `model=${base}`],
-      () => [],
-    );
-    const straight = await train([...model, ...set(`output_dir=${dir}/straight`, "max_steps=6")]);
-    assert.equal(straight.code, 0, straight.stderr);
-    const first = await train([...model, ...set(`output_dir=${dir}/split`, "max_steps=3")]);
-    assert.equal(first.code, 0, first.stderr);
-    const resumed = await train(["--resume", `${dir}/split/checkpoint-3`, ...set("max_steps=6")]);
-    assert.equal(resumed.code, 0, resumed.stderr);
-    for (const file of ["model.safetensors", "optimizer.safetensors"]) {
-      const a = Deno.readFileSync(`${dir}/straight/checkpoint-6/${file}`);
-      const b = Deno.readFileSync(`${dir}/split/checkpoint-6/${file}`);
-      assert.ok(a.length === b.length && a.every((x, i) => x === b[i]), `${file} differs`);
-    }
-    const state = JSON.parse(Deno.readTextFileSync(`${dir}/split/checkpoint-6/trainer_state.json`));
-    assert.equal(state.step, 6);
-  },
+  () => assertExactResume("plain", []),
 );
 
-Deno.test("Ctrl-C saves a checkpoint and exits cleanly", gpuTest, async () => {
+Deno.test(
+  "resume is exact with sync_ref_model (the synced reference is in the checkpoint)",
+  gpuTest,
+  () => assertExactResume("sync", ["sync_ref_model=true", "ref_model_sync_steps=2", "beta=0.1"]),
+);
+
+Deno.test("Ctrl-C saves a checkpoint and exits 130; the moved run resumes", gpuTest, async () => {
   const out = `${dir}/interrupted`;
   const run = await train(set(`output_dir=${out}`, "max_steps=200"), 2);
-  assert.equal(run.code, 0, run.stderr);
+  assert.equal(run.code, 130, run.stderr);
+  assert.match(run.stderr, /^aha: interrupted by SIGINT; saved/);
   const saved = [...Deno.readDirSync(out)].map((e) => e.name).filter((n) =>
     n.startsWith("checkpoint-")
   );
@@ -128,6 +152,25 @@ Deno.test("Ctrl-C saves a checkpoint and exits cleanly", gpuTest, async () => {
   const step = Number(saved[0].slice("checkpoint-".length));
   assert.ok(step >= 2 && step < 200);
   assert.equal(readJsonl(`${out}/metrics.jsonl`).length, step);
+
+  // Moved elsewhere, the run resumes from its own directory and its own base/ (the old path no
+  // longer exists, so nothing can be read or written there).
+  const moved = `${dir}/moved/interrupted`;
+  await Deno.mkdir(`${dir}/moved`);
+  await Deno.rename(out, moved);
+  const resumed = await train([
+    "--resume",
+    `${moved}/checkpoint-${step}`,
+    ...set(`max_steps=${step + 1}`),
+  ]);
+  assert.equal(resumed.code, 0, resumed.stderr);
+  assert.match(resumed.stdout, new RegExp(`output ${moved} \\(resuming`));
+  assert.equal(await Deno.stat(out).then(() => true, () => false), false);
+  assert.equal(readJsonl(`${moved}/metrics.jsonl`).length, step + 1);
+  const state = JSON.parse(
+    Deno.readTextFileSync(`${moved}/checkpoint-${step + 1}/trainer_state.json`),
+  );
+  assert.equal(state.reference_model, `${moved}/base`);
 });
 
 Deno.test("a bad config stops before any work with one line naming the key", gpuTest, async () => {
@@ -157,5 +200,42 @@ Deno.test(
     assert.equal(saved.length, 1);
     const state = JSON.parse(Deno.readTextFileSync(`${out}/${saved[0]}/trainer_state.json`));
     assert.equal(readJsonl(`${out}/metrics.jsonl`).length, state.step);
+  },
+);
+
+Deno.test(
+  "a signal during the built-in pretraining exits 143 at once and says so",
+  gpuTest,
+  async () => {
+    const out = `${dir}/pretraining`;
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        MAIN,
+        "train",
+        ...COMMON,
+        ...set(`output_dir=${out}`, "sft.steps=100000"),
+      ],
+      stdout: "piped",
+      stderr: "null",
+    }).spawn();
+    let stdout = "", sent = false;
+    const decoder = new TextDecoder();
+    for await (const chunk of child.stdout) {
+      stdout += decoder.decode(chunk);
+      if (!sent && stdout.includes("pretraining the base model")) {
+        child.kill("SIGTERM");
+        sent = true;
+      }
+    }
+    const { code } = await child.status;
+    assert.equal(code, 143, stdout);
+    assert.match(
+      stdout,
+      /interrupted during the built-in pretraining: the base model is not saved/,
+    );
+    assert.equal(await Deno.stat(`${out}/base`).then(() => true, () => false), false);
+    assert.equal(await Deno.stat(`${out}/.aha.lock`).then(() => true, () => false), false);
   },
 );

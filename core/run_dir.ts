@@ -1,0 +1,296 @@
+// A run's output directory, which `aha train` and `aha sft` write into: who may write there, what
+// a fresh run or a resume finds there, and where a resumed checkpoint's paths point.
+//
+//   - lockRunDir: one process per directory. An exclusive lock file (`.aha.lock`, holding the
+//     PID) is created with O_EXCL; a lock whose process is gone is taken over, a live one is
+//     refused with one line naming it. The lock goes when the run ends (or the process exits).
+//   - prepareRunDir: before any work — the directory is created and must be writable; stale
+//     temporaries of killed saves (`.checkpoint-N.PID.tmp`) are removed; a fresh run refuses a
+//     directory that already holds a run (or clears it with --overwrite); a resume trims the
+//     logs to the step it resumes from, tolerating a torn last line (a full disk mid-append).
+//   - resolveResume: a checkpoint's run directory is the one it sits in, wherever that was moved
+//     or copied: paths saved under the old run directory are rebased onto the new one.
+//   - appendLine: a whole JSON line in one write; a failure is one line, never a stack trace.
+//
+// Device-free and small on purpose: the CLI calls it before opening a GPU.
+
+import { basename, dirname, join, resolve } from "node:path";
+import { AhaError } from "./errors.ts";
+
+/** The lock file inside a run directory. */
+export const LOCK_FILE = ".aha.lock";
+/** The logs a training run appends to, one JSON object per line with a `step`. */
+export const RUN_LOGS = ["metrics.jsonl", "samples.jsonl", "eval.jsonl"];
+
+/** True while a process with this PID exists (signal 0 probes without sending anything). */
+export function processAlive(pid: number): boolean {
+  if (!Number.isInteger(pid) || pid <= 0) return false;
+  if (pid === Deno.pid) return true;
+  try {
+    Deno.kill(pid, 0 as unknown as Deno.Signal);
+    return true;
+  } catch (e) {
+    // EPERM: it exists but belongs to someone else.
+    return !(e instanceof Deno.errors.NotFound);
+  }
+}
+
+/** An AhaError for a directory that cannot be created or written, naming why. */
+function notWritable(dir: string, e: unknown): AhaError {
+  if (e instanceof AhaError) return e;
+  const why = e instanceof Deno.errors.AlreadyExists || e instanceof Deno.errors.NotADirectory
+    ? "a file is in the way"
+    : (e as Error).message.split("\n")[0];
+  return new AhaError(`output directory ${dir}: cannot create or write it (${why})`);
+}
+
+/** Creates `dir` (and parents) and checks that it is a directory this process can write. */
+export async function ensureWritableDir(dir: string): Promise<void> {
+  try {
+    const info = await Deno.stat(dir).catch((e) => {
+      if (e instanceof Deno.errors.NotFound) return null;
+      throw e;
+    });
+    if (info && !info.isDirectory) {
+      throw new AhaError(`output directory ${dir}: exists and is a file, not a directory`);
+    }
+    await Deno.mkdir(dir, { recursive: true });
+    const probe = join(dir, `.aha-write-test.${Deno.pid}`);
+    await Deno.writeTextFile(probe, "");
+    await Deno.remove(probe);
+  } catch (e) {
+    throw notWritable(dir, e);
+  }
+}
+
+export interface RunLock {
+  readonly path: string;
+  release(): void;
+}
+
+/**
+ * Takes the run directory's lock for this process (creating the directory), or refuses with one
+ * line naming the process that holds it. Released by `release()` or when the process exits.
+ */
+export async function lockRunDir(dir: string, command: string): Promise<RunLock> {
+  await ensureWritableDir(dir);
+  const path = join(dir, LOCK_FILE);
+  const content = JSON.stringify({ pid: Deno.pid, command, started: new Date().toISOString() });
+  for (let attempt = 0; attempt < 3; attempt++) {
+    try {
+      await Deno.writeTextFile(path, content + "\n", { createNew: true });
+      let released = false;
+      const release = () => {
+        if (released) return;
+        released = true;
+        globalThis.removeEventListener("unload", release);
+        try {
+          // Only our own lock: a takeover by another process after a crash is not ours to remove.
+          if (JSON.parse(Deno.readTextFileSync(path)).pid === Deno.pid) Deno.removeSync(path);
+        } catch {
+          // already gone
+        }
+      };
+      globalThis.addEventListener("unload", release);
+      return { path, release };
+    } catch (e) {
+      if (!(e instanceof Deno.errors.AlreadyExists)) throw notWritable(dir, e);
+    }
+    let holder: { pid?: unknown; command?: unknown; started?: unknown } = {};
+    try {
+      holder = JSON.parse(await Deno.readTextFile(path));
+    } catch {
+      // torn or empty: written by a process that died while writing it
+    }
+    const pid = Number(holder.pid);
+    if (processAlive(pid)) {
+      throw new AhaError(
+        `output directory ${dir} is in use by process ${pid} (aha ${holder.command ?? "?"}, ` +
+          `started ${holder.started ?? "?"}): wait for it to finish or stop it; if that process ` +
+          `is not aha, remove ${path}`,
+      );
+    }
+    // A stale lock of a process that is gone: take it over.
+    await Deno.remove(path).catch(() => {});
+  }
+  throw new AhaError(`output directory ${dir}: could not take the lock ${path}`);
+}
+
+/** Removes hidden temporaries (`.NAME.PID.tmp` / `.old`) left by saves of processes now gone. */
+export async function removeStaleTemporaries(dir: string): Promise<string[]> {
+  const removed: string[] = [];
+  for await (const entry of Deno.readDir(dir)) {
+    const m = entry.name.match(/^\..+\.(\d+)\.(tmp|old)$/);
+    if (!m || processAlive(Number(m[1]))) continue;
+    await Deno.remove(join(dir, entry.name), { recursive: true }).catch(() => {});
+    removed.push(entry.name);
+  }
+  return removed;
+}
+
+/** The checkpoint-N directories of a run, by step. */
+export async function checkpointSteps(dir: string): Promise<number[]> {
+  const steps: number[] = [];
+  try {
+    for await (const entry of Deno.readDir(dir)) {
+      const m = entry.name.match(/^checkpoint-(\d+)$/);
+      if (m && entry.isDirectory) steps.push(Number(m[1]));
+    }
+  } catch {
+    // no directory: no checkpoints
+  }
+  return steps.sort((a, b) => a - b);
+}
+
+/**
+ * The JSON objects of a log's complete lines. A last line that is not valid JSON (a torn append)
+ * is dropped and reported in `torn`; a bad line before the last is an error naming it.
+ */
+export function parseLog(
+  path: string,
+  text: string,
+): { records: { step: number }[]; torn: boolean } {
+  const lines = text.split("\n");
+  if (lines.at(-1) === "") lines.pop();
+  const records: { step: number }[] = [];
+  let torn = false;
+  lines.forEach((line, i) => {
+    if (line.trim() === "") return;
+    try {
+      const record = JSON.parse(line);
+      if (typeof record?.step !== "number") throw new Error("no step");
+      records.push(record);
+    } catch {
+      if (i === lines.length - 1) torn = true;
+      else throw new AhaError(`${path}:${i + 1}: not a JSON object with a "step"`);
+    }
+  });
+  return { records, torn };
+}
+
+export interface PrepareOptions {
+  /** The step a resume continues from, or null for a fresh run. */
+  resumeStep: number | null;
+  /** A fresh run may clear an old run's logs and checkpoints (`--overwrite`). */
+  overwrite: boolean;
+  /** Lines to show the user (what was cleaned up or trimmed). */
+  log?: (line: string) => void;
+}
+
+/**
+ * Makes `dir` ready for a run: removes stale temporaries; a fresh run refuses a directory that
+ * holds a run's logs (or, with overwrite, removes the logs and checkpoints); a resume trims each
+ * log to the lines at or before its step. Checks everything before changing anything.
+ */
+export async function prepareRunDir(dir: string, opts: PrepareOptions): Promise<void> {
+  const log = opts.log ?? (() => {});
+  await ensureWritableDir(dir);
+  const stale = await removeStaleTemporaries(dir);
+  if (stale.length) {
+    log(`removed ${stale.length} unfinished save(s) in ${dir}: ${stale.join(", ")}`);
+  }
+  const logs = new Map<string, string>();
+  for (const name of RUN_LOGS) {
+    const text = await Deno.readTextFile(join(dir, name)).catch(() => null);
+    if (text !== null) logs.set(name, text);
+  }
+  const checkpoints = await checkpointSteps(dir);
+  if (opts.resumeStep === null) {
+    if (logs.size === 0 && checkpoints.length === 0) return;
+    if (!opts.overwrite) {
+      const what = logs.size ? [...logs.keys()][0] : `checkpoint-${checkpoints.at(-1)}`;
+      throw new AhaError(
+        checkpoints.length
+          ? `output_dir ${dir} already holds a run (${what}): resume it with --resume ` +
+            `${join(dir, `checkpoint-${checkpoints.at(-1)}`)}, start over with --overwrite, ` +
+            `or choose another --set output_dir=...`
+          : `output_dir ${dir} holds a run that stopped before its first checkpoint (${what}): ` +
+            `there is nothing to resume; start over with --overwrite (or remove the directory), ` +
+            `or choose another --set output_dir=...`,
+      );
+    }
+    for (const name of logs.keys()) await Deno.remove(join(dir, name));
+    for (const step of checkpoints) {
+      await Deno.remove(join(dir, `checkpoint-${step}`), { recursive: true });
+    }
+    log(`--overwrite: removed ${dir}'s logs and ${checkpoints.length} checkpoint(s)`);
+    return;
+  }
+  // Parse every log before rewriting any.
+  const trimmed = new Map<string, string>();
+  for (const [name, text] of logs) {
+    const path = join(dir, name);
+    const { records, torn } = parseLog(path, text);
+    if (torn) log(`${path}: dropped a torn last line`);
+    const kept = records.filter((r) => r.step <= opts.resumeStep!);
+    trimmed.set(name, kept.map((r) => JSON.stringify(r) + "\n").join(""));
+  }
+  for (const [name, text] of trimmed) {
+    const path = join(dir, name), temporary = `${path}.${Deno.pid}.tmp`;
+    try {
+      await Deno.writeTextFile(temporary, text);
+      await Deno.rename(temporary, path);
+    } catch (e) {
+      await Deno.remove(temporary).catch(() => {});
+      throw new AhaError(`${path}: cannot rewrite (${(e as Error).message.split("\n")[0]})`);
+    }
+  }
+}
+
+/** Appends one JSON line in a single write; any failure (a full disk) is one AhaError. */
+export async function appendLine(path: string, record: Record<string, unknown>): Promise<void> {
+  const bytes = new TextEncoder().encode(JSON.stringify(record) + "\n");
+  let file: Deno.FsFile | null = null;
+  try {
+    file = await Deno.open(path, { append: true, create: true });
+    const written = await file.write(bytes);
+    if (written !== bytes.length) throw new Error(`wrote ${written} of ${bytes.length} bytes`);
+  } catch (e) {
+    throw new AhaError(
+      `${path}: cannot append a log line (${(e as Error).message.split("\n")[0]}); ` +
+        `the run stops here (its last checkpoint is intact)`,
+    );
+  } finally {
+    file?.close();
+  }
+}
+
+/** Where a resumed run's paths point, resolved against the checkpoint's own run directory. */
+export interface ResumeTarget {
+  /** The checkpoint directory, as given. */
+  checkpoint: string;
+  /** The directory the checkpoint sits in: the run being resumed, wherever it is now. */
+  runDir: string;
+  /** `path` if it does not lie under `savedOutputDir` (the run directory when the checkpoint
+   * was written), else the same place under runDir. */
+  rebase(path: string, savedOutputDir: string): string;
+}
+
+/** The run directory of `checkpointDir`, which must be a training checkpoint (checkpoint-N with
+ * a trainer_state.json). */
+export async function resolveResume(checkpointDir: string): Promise<ResumeTarget> {
+  const checkpoint = checkpointDir.replace(/\/+$/, "") || "/";
+  const info = await Deno.stat(checkpoint).catch(() => null);
+  if (!info?.isDirectory) throw new AhaError(`--resume ${checkpointDir}: no such directory`);
+  const hasState = await Deno.stat(join(checkpoint, "trainer_state.json")).then(
+    () => true,
+    () => false,
+  );
+  if (!/^checkpoint-\d+$/.test(basename(resolve(checkpoint))) || !hasState) {
+    throw new AhaError(
+      `--resume ${checkpointDir}: not a training checkpoint (expected a checkpoint-N directory ` +
+        `with trainer_state.json, inside a run's output directory)`,
+    );
+  }
+  const runDir = dirname(checkpoint);
+  return {
+    checkpoint,
+    runDir,
+    rebase: (path, savedOutputDir) => {
+      const saved = resolve(savedOutputDir), full = resolve(path);
+      if (full === saved) return runDir;
+      if (full.startsWith(saved + "/")) return join(runDir, full.slice(saved.length + 1));
+      return path;
+    },
+  };
+}

@@ -1,0 +1,285 @@
+// A run's files cannot be lost or mixed (issue 9, items 1–5 and 7): the output directory's lock,
+// what a fresh run or a resume does with an existing directory, whole-line appends and torn
+// lines, the trainer state checked whole before anything on disk changes, stale temporaries.
+// Everything here stops before a GPU is opened, so it runs in seconds.
+
+import assert from "node:assert/strict";
+import { saveCheckpoint } from "../core/checkpoint.ts";
+import { AhaError } from "../core/errors.ts";
+import { initWeights } from "../core/init.ts";
+import { parseModelConfig, PRESETS, toHfConfig, weightShapes } from "../core/model_config.ts";
+import {
+  appendLine,
+  LOCK_FILE,
+  lockRunDir,
+  parseLog,
+  prepareRunDir,
+  processAlive,
+  resolveResume,
+} from "../core/run_dir.ts";
+import { defaultTrainConfig } from "../core/train_config.ts";
+import {
+  checkMoments,
+  loadTrainingCheckpoint,
+  parseTrainerState,
+  saveTrainingCheckpoint,
+  type TrainerState,
+} from "../core/train_state.ts";
+import { ArithmeticTokenizer } from "../data/arithmetic.ts";
+import { ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
+
+const MAIN = new URL("../main.ts", import.meta.url).pathname;
+const dir = await Deno.makeTempDir({ prefix: "aha_run_dir_test_" });
+globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
+
+async function aha(...args: string[]) {
+  const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", MAIN, ...args],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = (bytes: Uint8Array) => new TextDecoder().decode(bytes).trim();
+  return { code, stdout: text(stdout), stderr: text(stderr) };
+}
+
+/** A PID that belonged to a process which has exited. */
+async function deadPid(): Promise<number> {
+  const child = new Deno.Command("true").spawn();
+  await child.status;
+  assert.equal(processAlive(child.pid), false);
+  return child.pid;
+}
+
+const tree = (path: string) => [...Deno.readDirSync(path)].map((e) => e.name).sort();
+
+const config = parseModelConfig({
+  ...PRESETS.tiny,
+  vocab_size: new ArithmeticTokenizer().vocabSize,
+});
+const weights = initWeights(config, 1);
+const moments = new Map(
+  [...weightShapes(config)].flatMap(([name, shape]) => {
+    const n = shape.reduce((a, b) => a * b, 1);
+    return [[`${name}.exp_avg`, new Float32Array(n)], [`${name}.exp_avg_sq`, new Float32Array(n)]];
+  }),
+);
+const goodState: TrainerState = {
+  step: 3,
+  adam_step: 3,
+  sampler: { epoch: 0, position: 12, rng: "0123456789abcdef0123456789abcdef" },
+  reference_model: "runs/x/base",
+};
+
+/** A run directory with a real training checkpoint at step 3 and logs through step 5. */
+async function makeRun(run: string, state: TrainerState = goodState): Promise<string> {
+  const cfg = { ...defaultTrainConfig(), output_dir: run };
+  await saveTrainingCheckpoint(
+    `${run}/checkpoint-3`,
+    toHfConfig(config),
+    weights,
+    moments,
+    state,
+    cfg,
+    { [ARITHMETIC_TOKENIZER_FILE]: "{}" },
+  );
+  for (const name of ["metrics.jsonl", "eval.jsonl", "samples.jsonl"]) {
+    const lines = [1, 2, 3, 4, 5].map((step) => JSON.stringify({ step, x: step }) + "\n");
+    await Deno.writeTextFile(`${run}/${name}`, lines.join(""));
+  }
+  return run;
+}
+
+Deno.test("1. aha sft --out refuses a non-empty directory that is not a checkpoint", async () => {
+  const model = `${dir}/sft-model`;
+  await saveCheckpoint(model, toHfConfig(config), weights, { [ARITHMETIC_TOKENIZER_FILE]: "{}" });
+  await Deno.writeTextFile(`${dir}/rows.jsonl`, `{"prompt": "1+1=", "completion": "2<end>"}\n`);
+  const out = `${dir}/precious`;
+  await Deno.mkdir(out);
+  await Deno.writeTextFile(`${out}/thesis.tex`, "years of work");
+  const run = await aha("sft", "--model", model, "--data", `${dir}/rows.jsonl`, "--out", out);
+  assert.equal(run.code, 1, run.stderr);
+  assert.match(
+    run.stderr,
+    /^aha: sft: --out .*precious exists and is not an aha checkpoint .*--force/,
+  );
+  assert.equal(Deno.readTextFileSync(`${out}/thesis.tex`), "years of work");
+  assert.deepEqual(tree(out), ["thesis.tex"]);
+});
+
+Deno.test("2. a run directory holds one process: a live lock is refused, a stale one taken over", async () => {
+  const run = `${dir}/locked`;
+  // Another live process holds the lock (this test's parent shell stands in for it).
+  const other = Deno.ppid;
+  await Deno.mkdir(run, { recursive: true });
+  await Deno.writeTextFile(`${run}/${LOCK_FILE}`, JSON.stringify({ pid: other, command: "train" }));
+  await assert.rejects(
+    () => lockRunDir(run, "train"),
+    (e: Error) => e instanceof AhaError && e.message.includes(`in use by process ${other}`),
+  );
+  // Through the command: `aha train` and `aha sft` refuse before any work, logs untouched.
+  await Deno.writeTextFile(`${run}/metrics.jsonl`, `{"step":1}\n`);
+  const train = await aha("train", "--set", `output_dir=${run}`, "--overwrite");
+  assert.equal(train.code, 1, train.stderr);
+  assert.match(train.stderr, new RegExp(`^aha: output directory .* is in use by process ${other}`));
+  assert.equal(Deno.readTextFileSync(`${run}/metrics.jsonl`), `{"step":1}\n`);
+  // A --resume of the live run is refused before it trims the live run's logs.
+  const live = await makeRun(`${dir}/live`);
+  await Deno.writeTextFile(`${live}/${LOCK_FILE}`, JSON.stringify({ pid: other }));
+  const before = Deno.readTextFileSync(`${live}/metrics.jsonl`);
+  const resume = await aha("train", "--resume", `${live}/checkpoint-3`);
+  assert.match(
+    resume.stderr,
+    new RegExp(`^aha: output directory .* is in use by process ${other}`),
+  );
+  assert.equal(Deno.readTextFileSync(`${live}/metrics.jsonl`), before);
+
+  // A lock left by a process that is gone is taken over, and released at the end.
+  await Deno.writeTextFile(`${run}/${LOCK_FILE}`, JSON.stringify({ pid: await deadPid() }));
+  const lock = await lockRunDir(run, "train");
+  assert.equal(JSON.parse(Deno.readTextFileSync(`${run}/${LOCK_FILE}`)).pid, Deno.pid);
+  // While held, a second taker (even this process's own second run) is refused.
+  await assert.rejects(() => lockRunDir(run, "train"), /in use by process/);
+  lock.release();
+  assert.equal(tree(run).includes(LOCK_FILE), false);
+});
+
+Deno.test("3. --resume resolves paths against the checkpoint's own (moved) run directory", async () => {
+  const original = await makeRun(`${dir}/original`);
+  const moved = `${dir}/elsewhere/moved`;
+  await Deno.mkdir(`${dir}/elsewhere`);
+  await Deno.rename(original, moved);
+  const target = await resolveResume(`${moved}/checkpoint-3/`);
+  assert.equal(target.runDir, moved);
+  assert.equal(target.rebase(`${original}/base`, original), `${moved}/base`);
+  assert.equal(target.rebase(original, original), moved);
+  assert.equal(target.rebase("/models/qwen", original), "/models/qwen", "outside: unchanged");
+  assert.equal(target.rebase(`${original}-other/base`, original), `${original}-other/base`);
+  // base/ and other non-checkpoints are refused by name.
+  await saveCheckpoint(`${moved}/base`, toHfConfig(config), weights);
+  await assert.rejects(() => resolveResume(`${moved}/base`), /not a training checkpoint/);
+  const run = await aha("train", "--resume", `${moved}/base`);
+  assert.equal(run.code, 1);
+  assert.match(run.stderr, /^aha: --resume .*base: not a training checkpoint/);
+});
+
+Deno.test("4. appends are whole lines, a failed append is one line, a torn last line is trimmed", async () => {
+  const run = await makeRun(`${dir}/torn`);
+  // A disk that fills mid-append: one AhaError, no stack trace.
+  await assert.rejects(
+    () => appendLine("/dev/full", { step: 6 }),
+    (e: Error) => e instanceof AhaError && /\/dev\/full: cannot append a log line/.test(e.message),
+  );
+  await Deno.writeTextFile(`${run}/metrics.jsonl`, `{"step":6,"rew`, { append: true });
+  assert.equal(parseLog("m", Deno.readTextFileSync(`${run}/metrics.jsonl`)).torn, true);
+  const said: string[] = [];
+  await prepareRunDir(run, { resumeStep: 3, overwrite: false, log: (l) => said.push(l) });
+  for (const name of ["metrics.jsonl", "eval.jsonl", "samples.jsonl"]) {
+    const text = Deno.readTextFileSync(`${run}/${name}`);
+    assert.deepEqual(text.trim().split("\n").map((l) => JSON.parse(l).step), [1, 2, 3], name);
+  }
+  assert.ok(said.some((l) => l.includes("torn last line")), said.join("\n"));
+  // A bad line before the last is not a torn append: refused, naming it, nothing rewritten.
+  await Deno.writeTextFile(`${run}/eval.jsonl`, `{"step":1}\nnot json\n{"step":2}\n`);
+  await assert.rejects(
+    () => prepareRunDir(run, { resumeStep: 1, overwrite: false }),
+    /eval\.jsonl:2: not a JSON object/,
+  );
+  assert.deepEqual(
+    Deno.readTextFileSync(`${run}/metrics.jsonl`).trim().split("\n").length,
+    3,
+  );
+});
+
+Deno.test("5. the trainer state is checked whole before anything on disk changes", async () => {
+  const path = "trainer_state.json";
+  const bad: [Record<string, unknown>, RegExp][] = [
+    [{ step: "eleven" }, /field "step" must be an integer ≥ 0, got "eleven"/],
+    [{ step: -4 }, /field "step" must be an integer ≥ 0, got -4/],
+    [{ step: 1.5 }, /"step"/],
+    [{ adam_step: -1 }, /field "adam_step"/],
+    [{ adam_step: null }, /field "adam_step" must be an integer ≥ 0, got null/],
+    [{ sampler: [] }, /field "sampler" must be an object/],
+    [{ sampler: { ...goodState.sampler, position: -1 } }, /"sampler.position"/],
+    [{ sampler: { ...goodState.sampler, epoch: "0" } }, /"sampler.epoch"/],
+    [{ sampler: { ...goodState.sampler, rng: "xyz" } }, /"sampler.rng" must be 32 hex digits/],
+    [{ sampler: { ...goodState.sampler, rng: "0".repeat(32) } }, /"sampler.rng"/],
+    [{ reference_model: 7 }, /"reference_model" must be a model directory/],
+  ];
+  assert.deepEqual(parseTrainerState(goodState, path), goodState);
+  for (const [change, message] of bad) {
+    assert.throws(() => parseTrainerState({ ...goodState, ...change }, path), message);
+  }
+  assert.throws(() => parseTrainerState([], path), /expected a JSON object/);
+
+  // Optimizer moments: empty after optimizer steps, another model's, unknown names, NaN.
+  const shapes = weightShapes(config);
+  checkMoments(moments, shapes, 3, "opt");
+  checkMoments(new Map(), shapes, 0, "opt");
+  assert.throws(() => checkMoments(new Map(), shapes, 3, "opt"), /missing tensor ".*\.exp_avg"/);
+  const other = weightShapes(parseModelConfig({ ...PRESETS.tiny, vocab_size: 97 }));
+  assert.throws(() => checkMoments(moments, other, 3, "opt"), /not this model's optimizer state/);
+  const stray = new Map(moments).set("lm_head.bias.exp_avg", new Float32Array(1));
+  assert.throws(() => checkMoments(stray, shapes, 3, "opt"), /not a moment of any weight/);
+  const nan = new Map(moments).set("model.norm.weight.exp_avg", new Float32Array(64).fill(NaN));
+  assert.throws(
+    () => checkMoments(nan, shapes, 3, "opt"),
+    /model\.norm\.weight\.exp_avg" holds NaN/,
+  );
+
+  // Through the command: a corrupt state stops with one line and the logs keep every line.
+  for (const [i, [change, message]] of bad.slice(0, 2).entries()) {
+    const run = await makeRun(`${dir}/state-${i}`, { ...goodState, ...change } as TrainerState);
+    const before = Deno.readTextFileSync(`${run}/metrics.jsonl`);
+    const out = await aha("train", "--resume", `${run}/checkpoint-3`);
+    assert.equal(out.code, 1, out.stderr);
+    assert.equal(out.stderr.split("\n").length, 1, out.stderr);
+    assert.match(out.stderr, message);
+    assert.equal(Deno.readTextFileSync(`${run}/metrics.jsonl`), before);
+  }
+  const run = await makeRun(`${dir}/state-empty-optimizer`);
+  await saveTrainingCheckpoint(
+    `${run}/checkpoint-3`,
+    toHfConfig(config),
+    weights,
+    new Map(),
+    goodState,
+    { ...defaultTrainConfig(), output_dir: run },
+  );
+  await assert.rejects(() => loadTrainingCheckpoint(`${run}/checkpoint-3`), /missing tensor/);
+});
+
+Deno.test("7. stale temporaries go; a run without a checkpoint says how to start over", async () => {
+  const run = `${dir}/no-checkpoint`;
+  await Deno.mkdir(run);
+  const stale = `.checkpoint-4.${await deadPid()}.tmp`;
+  await Deno.mkdir(`${run}/${stale}`);
+  await Deno.writeTextFile(`${run}/${stale}/model.safetensors`, "half");
+  const live = `.checkpoint-5.${Deno.ppid}.tmp`; // a save in progress in a live process
+  await Deno.mkdir(`${run}/${live}`);
+  await Deno.writeTextFile(`${run}/metrics.jsonl`, `{"step":1}\n`);
+  const refusal = await aha("train", "--set", `output_dir=${run}`);
+  assert.equal(refusal.code, 1);
+  assert.match(
+    refusal.stderr,
+    /^aha: output_dir .* holds a run that stopped before its first checkpoint .*--overwrite/,
+  );
+  assert.doesNotMatch(refusal.stderr, /resume it/);
+  assert.deepEqual(tree(run), [live, "metrics.jsonl"].sort(), "the stale temporary is gone");
+  // --overwrite starts over: logs and checkpoints removed.
+  await Deno.mkdir(`${run}/checkpoint-2`);
+  await prepareRunDir(run, { resumeStep: null, overwrite: true });
+  assert.deepEqual(tree(run), [live]);
+  // With a checkpoint, the refusal names it for --resume.
+  const withCheckpoint = await makeRun(`${dir}/has-checkpoint`);
+  await assert.rejects(
+    () => prepareRunDir(withCheckpoint, { resumeStep: null, overwrite: false }),
+    /resume it with --resume .*checkpoint-3, start over with --overwrite/,
+  );
+});
+
+Deno.test("the output directory must be creatable and writable, in one line", async () => {
+  const file = `${dir}/a-file`;
+  await Deno.writeTextFile(file, "");
+  await assert.rejects(() => lockRunDir(file, "train"), /exists and is a file/);
+  await assert.rejects(() => lockRunDir(`${file}/below`, "train"), /cannot create or write it/);
+});

@@ -1,0 +1,300 @@
+// core/trainer.ts against fake engines: what GrpoTrainer.step feeds the loss. A fake policy
+// (log-probs a known function of each row and of how many optimizer steps it has taken) and a
+// fake reference record every call; the gradient the trainer hands back for each row is
+// compared with grpoLoss on rows the test builds itself — advantages and masks by hand, the
+// sampling log-probs as logp_old, the reference's log-probs — across micro-batches that split
+// groups, num_iterations > 1, scale_rewards false, and sync_ref_model. Also: a NaN loss stops
+// the run with one line and saves nothing. No GPU.
+
+import assert from "node:assert/strict";
+import type {
+  Completions,
+  OptimizerHyper,
+  PolicyEngine,
+  ReferenceEngine,
+  SamplingOptions,
+  TokenBatch,
+} from "../core/engine.ts";
+import { AhaError } from "../core/errors.ts";
+import { grpoLoss, lossNormalizer, type LossRow } from "../core/grpo.ts";
+import type { Task, TaskExample } from "../core/task.ts";
+import { defaultTrainConfig, type TrainConfig } from "../core/train_config.ts";
+import { grpoLossConfig, GrpoTrainer, type TrainerIO } from "../core/trainer.ts";
+import { assertClose } from "./helpers.ts";
+
+const EOS = 0;
+
+/** log p the fake policy gives completion token t of `row` after `version` optimizer steps. */
+const policyLogp = (row: number[], t: number, version: number) =>
+  -0.3 - 0.07 * ((row[t] * 7 + t * 3) % 11) - 0.11 * version * Math.sin(row[t] + t);
+/** The fake reference's log-p: the policy's at version 0 shifted, plus `syncs` times 0.05. */
+const referenceLogp = (row: number[], t: number, syncs: number) =>
+  policyLogp(row, t, 0) - 0.2 + 0.013 * t + 0.05 * syncs;
+
+class FakePolicy implements PolicyEngine {
+  readonly description = "fake policy";
+  version = 0;
+  /** Per accumulateGradients call: the version, the batch and the d(loss)/d(logp) returned. */
+  calls: { version: number; batch: TokenBatch; dLogp: number[][] }[] = [];
+
+  generate(prompts: number[][], G: number, opts: SamplingOptions): Promise<Completions> {
+    const tokens: number[][] = [], logprobs: number[][] = [], truncated: boolean[] = [];
+    prompts.forEach((prompt, g) => {
+      for (let j = 0; j < G; j++) {
+        // Lengths 1–4 differ within a group (so do the rewards); even samples end with EOS.
+        const n = 1 + ((g + j + opts.seed) % 4);
+        const row = Array.from({ length: n }, (_, t) => 3 + ((prompt[0] + 5 * j + t) % 13));
+        if (j % 2 === 0) row[n - 1] = EOS;
+        const full = [...prompt, ...row];
+        tokens.push(row);
+        logprobs.push(row.map((_, t) => policyLogp(full, prompt.length + t, this.version)));
+        truncated.push(j % 2 === 1);
+      }
+    });
+    return Promise.resolve({ tokens, logprobs, truncated });
+  }
+
+  completionLogprobs(batch: TokenBatch): Promise<number[][]> {
+    return Promise.resolve(this.logprobs(batch));
+  }
+
+  private logprobs(batch: TokenBatch): number[][] {
+    return batch.rows.map((row, b) =>
+      row.slice(batch.promptLens[b]).map((_, t) =>
+        policyLogp(row, batch.promptLens[b] + t, this.version)
+      )
+    );
+  }
+
+  async accumulateGradients(
+    batch: TokenBatch,
+    _invTemperature: number,
+    loss: (logprobs: number[][]) => Promise<number[][]>,
+  ): Promise<void> {
+    const dLogp = await loss(this.logprobs(batch));
+    this.calls.push({ version: this.version, batch, dLogp });
+  }
+
+  optimizerStep(_hp: OptimizerHyper): Promise<number> {
+    this.version++;
+    return Promise.resolve(0.5);
+  }
+
+  weights(): Promise<Map<string, Float32Array>> {
+    return Promise.resolve(new Map([["w", new Float32Array([this.version])]]));
+  }
+  optimizerState() {
+    return Promise.resolve({ step: this.version, moments: new Map() });
+  }
+  loadOptimizerState(): void {}
+}
+
+class FakeReference implements ReferenceEngine {
+  readonly description = "fake reference";
+  syncs: { version: number; alpha: number }[] = [];
+  completionLogprobs(batch: TokenBatch): Promise<number[][]> {
+    return Promise.resolve(
+      batch.rows.map((row, b) =>
+        row.slice(batch.promptLens[b]).map((_, t) =>
+          referenceLogp(row, batch.promptLens[b] + t, this.syncs.length)
+        )
+      ),
+    );
+  }
+  mixIn(policy: Map<string, Float32Array>, alpha: number): Promise<void> {
+    this.syncs.push({ version: policy.get("w")![0], alpha });
+    return Promise.resolve();
+  }
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+function fakeTask(): Task {
+  let next = 0;
+  const example = (i: number): TaskExample => ({
+    prompt: `p${i}`,
+    promptIds: [1 + (i % 5), 2, 1 + (i % 3)],
+    answer: "",
+  });
+  return {
+    name: "fake",
+    eosIds: [EOS],
+    // The reward is the completion's length in tokens: it differs within every group.
+    rewards: [{ name: "length", fn: (_p, c) => c.split(" ").length, weight: 1 }],
+    heldOut: [],
+    nextExamples: (n) => Array.from({ length: n }, () => example(next++)),
+    samplerState: () => ({ epoch: 0, position: next, rng: "1".repeat(32) }),
+    restoreSampler: () => {},
+    decode: (ids) => ids.join(" "),
+    isCorrect: () => false,
+    isFormatted: () => false,
+  };
+}
+
+const silentIO = (saved: number[] = []): TrainerIO => ({
+  metrics: () => Promise.resolve(),
+  samples: () => Promise.resolve(),
+  evaluation: () => Promise.resolve(),
+  save: (step) => {
+    saved.push(step);
+    return Promise.resolve();
+  },
+  stopRequested: () => false,
+});
+
+function config(overrides: Partial<TrainConfig>): TrainConfig {
+  return {
+    ...defaultTrainConfig(),
+    prompts_per_step: 3,
+    num_generations: 4,
+    micro_batch_size: 5, // 12 rows in micro-batches of 5, 5, 2: groups split across them
+    beta: 0.1,
+    epsilon: 0.2,
+    eval_steps: 0,
+    sample_steps: 0,
+    save_steps: 0,
+    ...overrides,
+  };
+}
+
+/**
+ * Runs `steps` steps and checks every gradient the trainer handed back against grpoLoss on
+ * rows built here: per optimizer version, the concatenated micro-batches are the whole batch.
+ */
+async function checkFedToLoss(cfg: TrainConfig, steps: number) {
+  const policy = new FakePolicy(), reference = new FakeReference();
+  const trainer = new GrpoTrainer(cfg, fakeTask(), policy, reference, silentIO());
+  let callsChecked = 0;
+  for (let step = 1; step <= steps; step++) {
+    const sampled = policy.version;
+    const syncsBefore = reference.syncs.length;
+    const firstCall = policy.calls.length;
+    await trainer.step(step);
+    if (cfg.sync_ref_model && step % cfg.ref_model_sync_steps === 0) {
+      // The trainer's run() syncs; step() alone does not: do what run() does, through the fake.
+      await reference.mixIn(await policy.weights(), cfg.ref_model_mixup_alpha);
+    }
+    const calls = policy.calls.slice(firstCall);
+    const perIteration = Math.ceil(
+      (cfg.prompts_per_step * cfg.num_generations) /
+        cfg.micro_batch_size,
+    );
+    assert.equal(calls.length, cfg.num_iterations * perIteration, "micro-batches per step");
+    for (let k = 0; k < cfg.num_iterations; k++) {
+      const group = calls.slice(k * perIteration, (k + 1) * perIteration);
+      assert.ok(group.every((c) => c.version === sampled + k), "one optimizer step per pass");
+      assert.ok(
+        group.slice(0, -1).every((c) => c.batch.rows.length === cfg.micro_batch_size),
+        "micro-batch sizes",
+      );
+      const rows = group.flatMap((c) => c.batch.rows);
+      const promptLens = group.flatMap((c) => c.batch.promptLens);
+      const got = group.flatMap((c) => c.dLogp);
+      assert.equal(rows.length, cfg.prompts_per_step * cfg.num_generations);
+      // Built by hand: completions, their sampling log-probs, masks, rewards and advantages.
+      const completions = rows.map((row, b) => row.slice(promptLens[b]));
+      const masks = completions.map((c) => c.map(() => 1)); // EOS only ever ends a completion
+      const rewards = completions.map((c) => c.length);
+      const G = cfg.num_generations;
+      const advantages = rewards.map((r, i) => {
+        const g = rewards.slice(i - (i % G), i - (i % G) + G);
+        const mean = g.reduce((a, b) => a + b, 0) / G;
+        const std = Math.sqrt(g.reduce((a, x) => a + (x - mean) ** 2, 0) / (G - 1));
+        return cfg.scale_rewards ? (r - mean) / (std + 1e-4) : r - mean;
+      });
+      const lossRows: LossRow[] = rows.map((row, b) => {
+        const ts = completions[b].map((_, t) => promptLens[b] + t);
+        return {
+          logp: ts.map((t) => policyLogp(row, t, sampled + k)),
+          oldLogp: cfg.num_iterations > 1 ? ts.map((t) => policyLogp(row, t, sampled)) : null,
+          refLogp: cfg.beta > 0 ? ts.map((t) => referenceLogp(row, t, syncsBefore)) : null,
+          mask: masks[b],
+          advantage: advantages[b],
+        };
+      });
+      const lossConfig = grpoLossConfig(cfg);
+      const want = grpoLoss(lossRows, lossConfig, lossNormalizer(lossConfig, masks)).dLogp;
+      got.forEach((row, b) =>
+        assertClose(row, want[b], 1e-12, 1e-9, `step ${step} pass ${k} row ${b}`)
+      );
+      callsChecked += group.length;
+    }
+  }
+  return { callsChecked, reference };
+}
+
+Deno.test("the trainer feeds the loss the policy, old and reference log-probs, across micro-batches", async () => {
+  const { callsChecked } = await checkFedToLoss(config({}), 2);
+  assert.equal(callsChecked, 6);
+});
+
+Deno.test("num_iterations > 1: later passes use the sampling log-probs as logp_old", async () => {
+  const { callsChecked } = await checkFedToLoss(config({ num_iterations: 3 }), 2);
+  assert.equal(callsChecked, 18);
+});
+
+Deno.test("scale_rewards false: advantages are r − mean", async () => {
+  const { callsChecked } = await checkFedToLoss(config({ scale_rewards: false }), 1);
+  assert.equal(callsChecked, 3);
+});
+
+Deno.test("sync_ref_model: run() mixes the policy into the reference every N steps", async () => {
+  const cfg = config({ sync_ref_model: true, ref_model_sync_steps: 2, ref_model_mixup_alpha: 0.3 });
+  const policy = new FakePolicy(), reference = new FakeReference();
+  await new GrpoTrainer({ ...cfg, max_steps: 5 }, fakeTask(), policy, reference, silentIO())
+    .run(0);
+  // After steps 2 and 4, with the policy as it was then (one optimizer step per step).
+  assert.deepEqual(reference.syncs, [{ version: 2, alpha: 0.3 }, { version: 4, alpha: 0.3 }]);
+  // And the loss of later steps sees the synced reference.
+  const { callsChecked } = await checkFedToLoss(cfg, 4);
+  assert.equal(callsChecked, 12);
+});
+
+Deno.test("a NaN loss stops the run with one line and saves nothing", async () => {
+  const policy = new FakePolicy(), saved: number[] = [];
+  let step = 0;
+  policy.completionLogprobs = () => Promise.resolve([]);
+  const accumulate = policy.accumulateGradients.bind(policy);
+  policy.accumulateGradients = (batch, t, loss) =>
+    accumulate(
+      batch,
+      t,
+      (logprobs) => loss(step >= 2 ? logprobs.map((r) => r.map(() => NaN)) : logprobs),
+    );
+  const optimizerStep = policy.optimizerStep.bind(policy);
+  policy.optimizerStep = (hp) => {
+    step++;
+    return optimizerStep(hp);
+  };
+  const trainer = new GrpoTrainer(
+    config({ max_steps: 4 }),
+    fakeTask(),
+    policy,
+    new FakeReference(),
+    silentIO(saved),
+  );
+  await assert.rejects(
+    () => trainer.run(0),
+    (e: Error) => e instanceof AhaError && /^step 3: the loss is NaN/.test(e.message),
+  );
+  assert.deepEqual(saved, [], "nothing saved over the last good checkpoint");
+});
+
+Deno.test("a NaN gradient norm stops the run naming the step, nothing saved over good state", async () => {
+  const policy = new FakePolicy(), saved: number[] = [];
+  const optimizerStep = policy.optimizerStep.bind(policy);
+  policy.optimizerStep = async (hp) => {
+    const norm = await optimizerStep(hp);
+    return policy.version === 2 ? NaN : norm;
+  };
+  const trainer = new GrpoTrainer(
+    config({ max_steps: 4, save_steps: 1 }),
+    fakeTask(),
+    policy,
+    new FakeReference(),
+    silentIO(saved),
+  );
+  await assert.rejects(() => trainer.run(0), /^AhaError: step 2: the gradient norm is NaN/);
+  assert.deepEqual(saved, [1], "step 1 saved; the diverged step 2 never is");
+});
