@@ -34,6 +34,9 @@ import { Gpu, summarizeAdapter } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { GpuPolicy } from "../gpu/policy.ts";
 import { WorkerReference } from "../reference/client.ts";
+import { serveDashboard } from "../core/dashboard.ts";
+import { writeReport } from "../core/report.ts";
+import { TensorBoardWriter } from "../core/tensorboard.ts";
 
 export const help = `usage: aha train [CONFIG.yaml] [--set key=value ...] [--resume DIR]
 
@@ -43,15 +46,19 @@ reliably. Keys follow trl's GRPOConfig (learning_rate, num_generations, beta, ..
 
   --set key=value   override one config key (dotted for sections: --set sft.steps=100)
   --resume DIR      continue exactly from a checkpoint directory written by a previous run
+  --dashboard       serve this run's live dashboard (aha dashboard) while it trains
 
 Writes OUTPUT_DIR/metrics.jsonl (one line per step), samples.jsonl, eval.jsonl and
-checkpoint-STEP/ directories (Hugging Face format plus optimizer and trainer state).
+checkpoint-STEP/ directories (Hugging Face format plus optimizer and trainer state);
+with report_to: [tensorboard] also TensorBoard event files; the embedded default ends with
+OUTPUT_DIR/report.html (aha report).
 Ctrl-C saves a checkpoint and exits.`;
 
 export async function run(args: string[]): Promise<void> {
   const { values, positionals } = parseCommandArgs("train", args, {
     set: { type: "string", multiple: true },
     resume: { type: "string" },
+    dashboard: { type: "boolean" },
   }, true);
   if (positionals.length > 1) {
     throw new UsageError(`train: expected at most one config file, got ${positionals.length}`);
@@ -72,6 +79,11 @@ export async function run(args: string[]): Promise<void> {
     describeAdapter(gpu.adapter).limits,
   );
   const console_ = new Console(cfg);
+  const dashboard = values.dashboard ? serveDashboard([cfg.output_dir]) : null;
+  if (dashboard) console_.line(`dashboard: ${dashboard.url}`);
+  const tensorboard = cfg.report_to.includes("tensorboard")
+    ? await TensorBoardWriter.open(cfg.output_dir)
+    : null;
   console_.line(`aha train: task ${task.name}, policy adapter "${gpu.description}"`);
 
   // The model GRPO starts from, and the frozen reference (the same weights).
@@ -121,11 +133,13 @@ export async function run(args: string[]): Promise<void> {
     const base = await evaluate(cfg, task, policy);
     console_.evaluation(0, base);
     await appendJsonl(`${cfg.output_dir}/eval.jsonl`, { step: 0, ...base });
+    await tensorboard?.scalars(0, base, "eval/");
   }
   const io: TrainerIO = {
     metrics: async (step, metrics) => {
       console_.step(step, metrics);
       await appendJsonl(`${cfg.output_dir}/metrics.jsonl`, { step, ...metrics });
+      await tensorboard?.scalars(step, metrics);
     },
     samples: async (step, samples) => {
       console_.sample(step, samples[0]);
@@ -134,6 +148,7 @@ export async function run(args: string[]): Promise<void> {
     evaluation: async (step, result) => {
       console_.evaluation(step, result);
       await appendJsonl(`${cfg.output_dir}/eval.jsonl`, { step, ...result });
+      await tensorboard?.scalars(step, result, "eval/");
     },
     save: async (step, sampler = task.samplerState()) => {
       const dir = `${cfg.output_dir}/checkpoint-${step}`;
@@ -159,7 +174,14 @@ export async function run(args: string[]): Promise<void> {
   };
   try {
     await new GrpoTrainer(cfg, task, policy, reference, io).run(startStep);
+    if (positionals[0] === undefined) {
+      console_.line(
+        `report: ${await writeReport([cfg.output_dir], `${cfg.output_dir}/report.html`)}`,
+      );
+    }
   } finally {
+    tensorboard?.close();
+    await dashboard?.close();
     Deno.removeSignalListener("SIGINT", onSignal);
     Deno.removeSignalListener("SIGTERM", onSignal);
     await reference?.close();
@@ -281,7 +303,8 @@ async function tokenizerFiles(dir: string): Promise<Record<string, Uint8Array>> 
 const exists = (path: string) => Deno.stat(path).then(() => true, () => false);
 
 async function appendJsonl(path: string, record: Record<string, unknown>): Promise<void> {
-  await Deno.writeTextFile(path, JSON.stringify(record) + "\n", { append: true });
+  const time = Date.now() / 1000; // wall clock, for the dashboard's time axis
+  await Deno.writeTextFile(path, JSON.stringify({ ...record, time }) + "\n", { append: true });
 }
 
 /** Console output: one line per logging step (a progress line on a terminal). */

@@ -111,7 +111,12 @@ export function fileVersionEvent(wallTime: number): Uint8Array {
 }
 
 /** The serialized Event of one scalar: Event{wall_time, step, summary{value{tag, simple_value}}}. */
-export function scalarEvent(wallTime: number, step: number, tag: string, value: number): Uint8Array {
+export function scalarEvent(
+  wallTime: number,
+  step: number,
+  tag: string,
+  value: number,
+): Uint8Array {
   const summaryValue = new ProtoWriter().string(1, tag).float(2, value).finish();
   const summary = new ProtoWriter().message(1, summaryValue).finish();
   return new ProtoWriter().double(1, wallTime).int64(2, step).message(5, summary).finish();
@@ -132,12 +137,17 @@ export class TensorBoardWriter {
     return writer;
   }
 
-  /** One scalar event per finite value, tagged with its key (`eval/accuracy`, `rewards/format`). */
-  async scalars(step: number, values: Record<string, unknown>, wallTime = Date.now() / 1000) {
+  /** One scalar event per finite value, tagged `prefix` + its key (`eval/accuracy`). */
+  async scalars(
+    step: number,
+    values: object,
+    prefix = "",
+    wallTime = Date.now() / 1000,
+  ): Promise<void> {
     const events: Uint8Array[] = [];
     for (const [tag, value] of Object.entries(values)) {
       if (typeof value === "number" && Number.isFinite(value)) {
-        events.push(scalarEvent(wallTime, step, tag, value));
+        events.push(scalarEvent(wallTime, step, prefix + tag, value));
       }
     }
     await this.write(events);

@@ -78,9 +78,14 @@ Deno.test("event file: brain.Event:2 header, then one scalar event per metric pe
   const dir = await Deno.makeTempDir();
   try {
     const writer = await TensorBoardWriter.open(dir, 1700000000.25);
-    await writer.scalars(1, { reward: 0.5, "rewards/format": 1, kl: 1e-3, note: "x" }, 1700000001.5);
-    await writer.scalars(2, { reward: 0.75, step_s: NaN }, 1700000002.5);
-    await writer.scalars(5_000_000_000, { "eval/accuracy": 0.125 }, 1700000003.5);
+    await writer.scalars(
+      1,
+      { reward: 0.5, "rewards/format": 1, kl: 1e-3, note: "x" },
+      "",
+      1700000001.5,
+    );
+    await writer.scalars(2, { reward: 0.75, step_s: NaN }, "", 1700000002.5);
+    await writer.scalars(5_000_000_000, { accuracy: 0.125 }, "eval/", 1700000003.5);
     writer.close();
 
     const names = [...Deno.readDirSync(dir)].map((e) => e.name);
