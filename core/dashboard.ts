@@ -20,6 +20,10 @@ export class RunWatcher {
   /** The records each run gained since `cursors`; a log that was rewritten is sent whole. */
   async update(cursors: Cursors = {}): Promise<RunUpdate[]> {
     const dirs = await findRuns(this.paths);
+    // A run is named by its folder's name, or by its path where two folders share a name.
+    const base = (dir: string) => dir.split("/").at(-1)!;
+    const nameOf = (dir: string) =>
+      dirs.filter((d) => base(d) === base(dir)).length > 1 ? dir : base(dir);
     const updates: RunUpdate[] = [];
     for (const dir of dirs) {
       let run = this.runs.get(dir);
@@ -28,7 +32,7 @@ export class RunWatcher {
         this.runs.set(dir, run);
       }
       await run.logs.poll();
-      const update: RunUpdate = { dir, name: dir };
+      const update: RunUpdate = { dir, name: nameOf(dir) };
       for (const log of ["metrics", "eval", "samples"] as const) {
         const follower = run.logs.logs[log];
         if (follower.reset) run.generation[log]++;

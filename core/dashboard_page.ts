@@ -50,6 +50,7 @@ export function dashboardPage(title: string, data: PageData | null = null): stri
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <title>${escapeHtml(title)}</title>
 <style>${uplotStyle}</style>
 <style>${pageStyle}</style>
