@@ -23,7 +23,6 @@ const browserTest = { ignore: !haveChromium, sanitizeResources: false, sanitizeO
 // --- Two small recorded runs.
 
 const T0 = 1_700_000_000;
-const REWARD_FUNCS = ["format", "correctness"];
 
 /** Step `step`'s metrics line: values that differ from step to step, a time 2 s per step. */
 function metricsLine(step: number, seed: number): Record<string, number> {
