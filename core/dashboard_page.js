@@ -336,7 +336,7 @@ function renderSamples() {
       const div = document.createElement("div");
       const rewards = s.rewards ?? {};
       div.className = "sample" + (s.reflective ? " reflective" : "") +
-        (rewards.correctness > 0 ? " correct" : "");
+        (Object.entries(rewards).some(([k, v]) => /correct/.test(k) && v > 0) ? " correct" : "");
       div.dataset.step = String(s.step);
       const head = document.createElement("div");
       head.className = "sample-head";

@@ -1,10 +1,15 @@
 // The TensorBoard event writer against the format's definition: CRC-32C known-answer vectors
 // (RFC 3720 and the classic check value), the TFRecord framing read back byte by byte, and each
-// record decoded by protobufjs with TensorFlow's own Event/Summary field numbers.
+// record decoded by protobufjs with TensorFlow's own Event/Summary field numbers; then a tiny
+// `aha train --dashboard` run whose event file must hold exactly its metrics.jsonl's numbers.
 
 import assert from "node:assert/strict";
 import protobuf from "protobufjs";
 import { crc32c, maskedCrc32c, TensorBoardWriter } from "../core/tensorboard.ts";
+import { loadTrainConfig } from "../core/train_config.ts";
+import { gpuTest } from "./helpers.ts";
+
+const MAIN = new URL("../main.ts", import.meta.url).pathname;
 
 // tensorflow/core/util/event.proto and framework/summary.proto, the fields aha writes (and
 // their neighbours, so a wrong field number decodes into the wrong field and fails).
@@ -111,5 +116,92 @@ Deno.test("event file: brain.Event:2 header, then one scalar event per metric pe
     ]);
   } finally {
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test('report_to: a list of "tensorboard", or "none"; anything else is refused', () => {
+  assert.deepEqual(loadTrainConfig(null, []).report_to, []);
+  assert.deepEqual(loadTrainConfig(null, ["report_to=[tensorboard]"]).report_to, ["tensorboard"]);
+  assert.deepEqual(loadTrainConfig(null, ["report_to=tensorboard"]).report_to, ["tensorboard"]);
+  assert.deepEqual(loadTrainConfig(null, ["report_to=none"]).report_to, []);
+  assert.throws(
+    () => loadTrainConfig(null, ["report_to=[wandb]"]),
+    /report_to" must be a list of "tensorboard", or "none", got \["wandb"\]/,
+  );
+});
+
+Deno.test("aha train --dashboard with report_to: [tensorboard]", gpuTest, async () => {
+  const out = await Deno.makeTempDir({ prefix: "aha-tensorboard-train-" });
+  const settings = [
+    `output_dir=${out}`,
+    "report_to=[tensorboard]",
+    "arithmetic.max_operand=19",
+    "arithmetic.held_out=20",
+    "eval_prompts=8",
+    "prompts_per_step=2",
+    "num_generations=4",
+    "max_completion_length=6",
+    "sft.steps=5",
+    "sft.batch_size=16",
+    "max_steps=3",
+    "beta=0",
+    "eval_steps=2",
+    "sample_steps=1",
+  ];
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", MAIN, "train", "--dashboard", ...settings.flatMap((s) => ["--set", s])],
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderr = new Response(child.stderr).text();
+  let stdout = "", served: { runs: { dir: string }[] } | null = null;
+  for await (const chunk of child.stdout.pipeThrough(new TextDecoderStream())) {
+    stdout += chunk;
+    const url = /dashboard: (http:\/\/127\.0\.0\.1:\d+\/)/.exec(stdout)?.[1];
+    if (url && !served) {
+      // The dashboard answers while the run is under way.
+      const response = await fetch(`${url}api/update`, { method: "POST", body: "{}" });
+      assert.equal(response.status, 200);
+      served = await response.json();
+    }
+  }
+  const { code } = await child.status;
+  try {
+    assert.equal(code, 0, await stderr);
+    assert.deepEqual(served?.runs.map((r) => r.dir), [out]);
+
+    // The event file holds exactly metrics.jsonl's and eval.jsonl's numbers, as float32.
+    const readJsonl = (name: string) =>
+      Deno.readTextFileSync(`${out}/${name}`).trim().split("\n").map((l) => JSON.parse(l));
+    const expected: [number, string, number][] = [];
+    for (const [log, prefix] of [["eval.jsonl", "eval/"], ["metrics.jsonl", ""]] as const) {
+      for (const { step, time: _, ...values } of readJsonl(log)) {
+        for (const [k, v] of Object.entries(values)) {
+          expected.push([step, prefix + k, Math.fround(v as number)]);
+        }
+      }
+    }
+    const files = [...Deno.readDirSync(out)].filter((e) =>
+      e.name.startsWith("events.out.tfevents.")
+    );
+    assert.equal(files.length, 1);
+    const events = readEvents(await Deno.readFile(`${out}/${files[0].name}`));
+    assert.equal(events[0].file_version, "brain.Event:2");
+    const got = events.slice(1).map((
+      e,
+    ) => [e.step, e.summary!.value[0].tag, e.summary!.value[0].simple_value]);
+    const order = (a: (string | number)[], b: (string | number)[]) =>
+      String(a.slice(0, 2)).localeCompare(String(b.slice(0, 2)));
+    assert.deepEqual(got.sort(order), expected.sort(order));
+    assert.ok(expected.some(([s, tag]) => s === 3 && tag.startsWith("rewards/")));
+    assert.ok(expected.some(([s, tag]) => s === 0 && tag === "eval/accuracy"));
+
+    // The embedded default ends with its report.
+    assert.match(stdout, new RegExp(`report: ${out}/report.html`));
+    const html = await Deno.readTextFile(`${out}/report.html`);
+    assert.match(html, /globalThis.AHA_DATA|window.AHA_DATA/);
+    assert.doesNotMatch(html, /<script[^>]+src=/);
+  } finally {
+    await Deno.remove(out, { recursive: true });
   }
 });
