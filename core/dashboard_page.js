@@ -173,10 +173,12 @@ function chartData(chart) {
       const xs = [...byX.keys()].sort((a, b) => a - b);
       const ys = smooth(xs.map((v) => byX.get(v)), log === "metrics" ? state.smoothing : 0);
       tables.push([xs, ys]);
+      // One run: a colour per quantity. Several: a colour per run, a dash per quantity.
+      const several = state.runs.size > 1;
       series.push({
-        label: state.runs.size > 1 ? `${run.name}: ${label}` : label,
-        stroke: run.color,
-        dash: DASHES[j % DASHES.length],
+        label: several ? `${run.name}: ${label}` : label,
+        stroke: several ? run.color : COLORS[j % COLORS.length],
+        dash: several ? DASHES[j % DASHES.length] : [],
         width: 1.5,
         spanGaps: true,
         points: { show: log === "eval" || xs.length < 30, size: log === "eval" ? 6 : 4 },
@@ -185,6 +187,19 @@ function chartData(chart) {
   }
   const data = tables.length ? uPlot.join(tables) : [[]];
   return { data, series };
+}
+
+/** A y tick: three significant digits, exponents for the very small or large (learning rates). */
+function tickLabel(v) {
+  if (v === 0) return "0";
+  const a = Math.abs(v);
+  return a < 0.01 || a >= 1e5 ? v.toExponential(1) : String(Number(v.toPrecision(3)));
+}
+
+/** The y range: uPlot's padded one, but [0, 1] rather than [0, 100] for a flat zero. */
+function yRange(_u, min, max) {
+  if (min === max) return min === 0 ? [0, 1] : [min - Math.abs(min) / 2, max + Math.abs(max) / 2];
+  return uPlot.rangeNum(min, max, 0.1, true);
 }
 
 function render() {
@@ -212,8 +227,11 @@ function render() {
         title: chart.title,
         width,
         height: 240,
-        scales: { x: { time: false } },
-        axes: [{ label: state.xAxis === "step" ? "step" : "wall time (s)" }, { size: 60 }],
+        scales: { x: { time: false }, y: { range: yRange } },
+        axes: [
+          { label: state.xAxis === "step" ? "step" : "wall time (s)" },
+          { size: 60, values: (_u, ticks) => ticks.map(tickLabel) },
+        ],
         series: [{ label: state.xAxis }, ...series],
         legend: { live: true },
       },
