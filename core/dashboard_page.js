@@ -87,6 +87,10 @@ globalThis.aha = { charts, state, updates: 0 };
 // Data in.
 
 function ingest(update) {
+  // Each update lists every run being watched: one no longer listed (a folder of runs that
+  // stood for itself until its first run appeared) is dropped.
+  const listed = new Set(update.runs.map((r) => r.dir));
+  for (const dir of state.runs.keys()) if (!listed.has(dir)) state.runs.delete(dir);
   for (const r of update.runs) {
     let run = state.runs.get(r.dir);
     if (!run) {
