@@ -330,6 +330,45 @@ Deno.test("report: one file that opens offline with the same charts", browserTes
   }
 });
 
+const MAIN = new URL("../main.ts", import.meta.url).pathname;
+const aha = (...args: string[]) =>
+  new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", MAIN, ...args],
+    stdout: "piped",
+    stderr: "piped",
+  });
+
+Deno.test("aha dashboard and aha report on the command line", async () => {
+  await Deno.stat(`${runA}/metrics.jsonl`).catch(writeRuns);
+  const missing = await aha("dashboard", `${root}/nowhere`).output();
+  assert.equal(missing.code, 1);
+  assert.equal(
+    new TextDecoder().decode(missing.stderr),
+    `aha: ${root}/nowhere: not a run directory (no such folder)\n`,
+  );
+
+  const child = aha("dashboard", runA, "--port", "0").spawn();
+  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  const first = (await reader.read()).value ?? "";
+  const url = /^aha dashboard: 1 run\(s\) at (http:\/\/127\.0\.0\.1:\d+\/) /.exec(first)?.[1];
+  assert.ok(url, first);
+  const page = await (await fetch(url)).text();
+  assert.match(page, /uPlot \(v1\.6\.32\)/);
+  child.kill("SIGTERM");
+  assert.equal((await child.status).code, 0);
+  reader.releaseLock();
+  await child.stdout.cancel().catch(() => {});
+  await child.stderr.cancel();
+
+  const report = await aha("report", runB).output();
+  assert.equal(new TextDecoder().decode(report.stdout), `aha report: wrote ${runB}/report.html\n`);
+  assert.match(await Deno.readTextFile(`${runB}/report.html`), /AHA_DATA = \{"runs":\[\{"dir":/);
+  const empty = await Deno.makeTempDir({ dir: root });
+  const nothing = await aha("report", empty).output();
+  assert.equal(nothing.code, 1);
+  assert.match(new TextDecoder().decode(nothing.stderr), /no metrics.jsonl or eval.jsonl records/);
+});
+
 Deno.test("close the browser", browserTest, async () => {
   await context?.close();
   await browser?.close();
