@@ -23,7 +23,7 @@ await page.waitForFunction(() =>
   ((globalThis as any).aha?.state.runs.values().next().value?.metrics.length ?? 0) > 0
 );
 await page.locator("#smoothing").fill(smoothing);
-await page.waitForTimeout(500);
+await new Promise((r) => setTimeout(r, 500));
 await page.screenshot({ path: out }); // the charts, the evaluation and the newest samples
 console.log(`wrote ${out}`);
 await context.close();

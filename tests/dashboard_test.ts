@@ -369,9 +369,13 @@ Deno.test("aha dashboard and aha report on the command line", async () => {
   assert.match(new TextDecoder().decode(nothing.stderr), /no metrics.jsonl or eval.jsonl records/);
 });
 
-Deno.test("close the browser", browserTest, async () => {
-  await context?.close();
-  await browser?.close();
-  await Deno.remove(userDataDir, { recursive: true }).catch(() => {});
-  await Deno.remove(root, { recursive: true });
-});
+Deno.test(
+  "close the browser, remove the runs",
+  { sanitizeResources: false, sanitizeOps: false },
+  async () => {
+    await context?.close();
+    await browser?.close();
+    await Deno.remove(userDataDir, { recursive: true }).catch(() => {});
+    await Deno.remove(root, { recursive: true });
+  },
+);
