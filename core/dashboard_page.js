@@ -86,11 +86,15 @@ globalThis.aha = { charts, state, updates: 0 };
 // ---------------------------------------------------------------------------------------------
 // Data in.
 
+/** Takes in one update; returns whether anything changed (else the page is not redrawn). */
 function ingest(update) {
   // Each update lists every run being watched: one no longer listed (a folder of runs that
   // stood for itself until its first run appeared) is dropped.
   const listed = new Set(update.runs.map((r) => r.dir));
-  for (const dir of state.runs.keys()) if (!listed.has(dir)) state.runs.delete(dir);
+  let changed = false;
+  for (const dir of state.runs.keys()) {
+    if (!listed.has(dir)) changed = state.runs.delete(dir);
+  }
   for (const r of update.runs) {
     let run = state.runs.get(r.dir);
     if (!run) {
@@ -104,18 +108,27 @@ function ingest(update) {
         cursor: {},
       };
       state.runs.set(r.dir, run);
+      changed = true;
     }
     if (r.phrases) run.phrases = r.phrases;
-    if (r.config !== undefined) run.config = r.config;
+    if (r.config !== undefined && r.config !== run.config) {
+      run.config = r.config;
+      changed = true;
+    }
     for (const log of ["metrics", "eval", "samples"]) {
       const part = r[log];
       if (!part) continue;
-      if (part.from === 0) run[log] = [];
+      if (part.from === 0 && run[log].length) {
+        run[log] = [];
+        changed = true;
+      }
       run[log].push(...part.records);
+      changed ||= part.records.length > 0;
       run.cursor[log] = [part.generation, run[log].length];
     }
   }
   globalThis.aha.updates++;
+  return changed;
 }
 
 async function poll() {
@@ -124,9 +137,9 @@ async function poll() {
   try {
     const response = await fetch("api/update", { method: "POST", body: JSON.stringify(since) });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
-    ingest(await response.json());
+    const changed = ingest(await response.json());
     setStatus(`live · ${state.runs.size} run(s) · updated ${new Date().toLocaleTimeString()}`);
-    render();
+    if (changed || !Object.keys(charts).length) render();
   } catch (e) {
     setStatus(`disconnected (${e.message}); retrying`, true);
   }
