@@ -40,6 +40,14 @@ const COMMANDS: Record<string, Command> = {
     summary: "score {completion, answer} rows with the reward functions",
     load: () => import("./cli/rewards.ts"),
   },
+  dashboard: {
+    summary: "live curves and samples of runs in the browser",
+    load: () => import("./cli/dashboard.ts"),
+  },
+  report: {
+    summary: "one self-contained HTML report of a run",
+    load: () => import("./cli/report.ts"),
+  },
   "ref-worker": {
     summary: "(internal) the reference model's process",
     load: () => import("./cli/ref_worker.ts"),

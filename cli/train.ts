@@ -48,6 +48,9 @@ import { Gpu, summarizeAdapter } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { GpuPolicy } from "../gpu/policy.ts";
 import { WorkerReference } from "../reference/client.ts";
+import { serveDashboard } from "../core/dashboard.ts";
+import { writeReport } from "../core/report.ts";
+import { TensorBoardWriter } from "../core/tensorboard.ts";
 
 export const help =
   `usage: aha train [CONFIG.yaml] [--set key=value ...] [--resume DIR] [--overwrite]
@@ -59,6 +62,7 @@ reliably. Keys follow trl's GRPOConfig (learning_rate, num_generations, beta, ..
   --set key=value   override one config key (dotted for sections: --set sft.steps=100)
   --resume DIR      continue exactly from a checkpoint directory written by a previous run
                     (output goes to the run directory that holds it, wherever it now is)
+  --dashboard       serve this run's live dashboard (aha dashboard) while it trains
   --overwrite       start over in an output_dir that holds an earlier run (its logs and
                     checkpoints are removed)
 
@@ -66,13 +70,16 @@ Writes OUTPUT_DIR/metrics.jsonl (one line per step), samples.jsonl, eval.jsonl a
 checkpoint-STEP/ directories (Hugging Face format plus optimizer and trainer state).
 Ctrl-C saves a checkpoint and exits with status 130 (143 after SIGTERM); during the built-in
 pretraining it exits at once, and the base model is pretrained again on the next run.
-One run per output directory at a time (a lock file, .aha.lock, holds its PID).`;
+One run per output directory at a time (a lock file, .aha.lock, holds its PID).
+With report_to: [tensorboard] also TensorBoard event files; the embedded default ends with
+OUTPUT_DIR/report.html (aha report).`;
 
 export async function run(args: string[]): Promise<void> {
   const { values, positionals } = parseCommandArgs("train", args, {
     set: { type: "string", multiple: true },
     resume: { type: "string" },
     overwrite: { type: "boolean" },
+    dashboard: { type: "boolean" },
   }, true);
   if (positionals.length > 1) {
     throw new UsageError(`train: expected at most one config file, got ${positionals.length}`);
@@ -99,7 +106,10 @@ export async function run(args: string[]): Promise<void> {
       overwrite: values.overwrite === true,
       log: (line) => console.log(line),
     });
-    await train(cfg, task, gpu, resumed, resume);
+    await train(cfg, task, gpu, resumed, resume, {
+      dashboard: values.dashboard === true,
+      report: positionals[0] === undefined,
+    });
   } finally {
     lock.release();
   }
@@ -128,8 +138,15 @@ async function train(
   gpu: Gpu,
   resumed: Awaited<ReturnType<typeof loadTrainingCheckpoint>> | null,
   resume: string | undefined,
+  /** report: the embedded default ends with an HTML report of the run. */
+  options: { dashboard: boolean; report: boolean },
 ): Promise<void> {
   const console_ = new Console(cfg);
+  const dashboard = options.dashboard ? serveDashboard([cfg.output_dir]) : null;
+  if (dashboard) console_.line(`dashboard: ${dashboard.url}`);
+  const tensorboard = cfg.report_to.includes("tensorboard")
+    ? await TensorBoardWriter.open(cfg.output_dir)
+    : null;
   console_.line(
     `aha train: task ${task.name}, policy adapter "${gpu.description}", output ${cfg.output_dir}` +
       (resume ? ` (resuming ${resume})` : ""),
@@ -205,20 +222,25 @@ async function train(
   if (startStep === 0) {
     const base = await evaluate(cfg, task, policy);
     console_.evaluation(0, base);
-    await appendLine(`${cfg.output_dir}/eval.jsonl`, { step: 0, ...base });
+    await appendLogLine(`${cfg.output_dir}/eval.jsonl`, { step: 0, ...base });
+    await tensorboard?.scalars(0, base, "eval/");
   }
   const io: TrainerIO = {
     metrics: async (step, metrics) => {
       console_.step(step, metrics);
-      await appendLine(`${cfg.output_dir}/metrics.jsonl`, { step, ...metrics });
+      await appendLogLine(`${cfg.output_dir}/metrics.jsonl`, { step, ...metrics });
+      await tensorboard?.scalars(step, metrics);
     },
     samples: async (step, samples) => {
       console_.sample(step, samples[0]);
-      for (const s of samples) await appendLine(`${cfg.output_dir}/samples.jsonl`, { step, ...s });
+      for (const s of samples) {
+        await appendLogLine(`${cfg.output_dir}/samples.jsonl`, { step, ...s });
+      }
     },
     evaluation: async (step, result) => {
       console_.evaluation(step, result);
-      await appendLine(`${cfg.output_dir}/eval.jsonl`, { step, ...result });
+      await appendLogLine(`${cfg.output_dir}/eval.jsonl`, { step, ...result });
+      await tensorboard?.scalars(step, result, "eval/");
     },
     save: async (step, sampler = task.samplerState()) => {
       const dir = `${cfg.output_dir}/checkpoint-${step}`;
@@ -247,7 +269,14 @@ async function train(
   };
   try {
     await new GrpoTrainer(cfg, task, policy, reference, io).run(startStep);
+    if (options.report) {
+      console_.line(
+        `report: ${await writeReport([cfg.output_dir], `${cfg.output_dir}/report.html`)}`,
+      );
+    }
   } finally {
+    tensorboard?.close();
+    await dashboard?.close();
     for (const remove of listeners) remove();
     await reference?.close();
     console_.close();
@@ -399,6 +428,11 @@ async function tokenizerFiles(dir: string): Promise<Record<string, Uint8Array>> 
 }
 
 const exists = (path: string) => Deno.stat(path).then(() => true, () => false);
+
+/** A log line with the wall clock (for the dashboard's time axis), appended whole. */
+function appendLogLine(path: string, record: Record<string, unknown>): Promise<void> {
+  return appendLine(path, { ...record, time: Date.now() / 1000 });
+}
 
 /** Console output: one line per logging step (a progress line on a terminal). */
 class Console {

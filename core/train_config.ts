@@ -72,6 +72,8 @@ export interface TrainConfig {
   sample_steps: number;
   /** How many held-out prompts a greedy evaluation uses. */
   eval_prompts: number;
+  /** Where metrics go besides metrics.jsonl (trl's key): "tensorboard" writes event files. */
+  report_to: "tensorboard"[];
 
   dataset: {
     /** JSONL or Parquet file of examples; null for the built-in arithmetic task. */
@@ -202,6 +204,7 @@ export function defaultTrainConfig(): TrainConfig {
     eval_steps: 50,
     sample_steps: 50,
     eval_prompts: 100,
+    report_to: [],
     dataset: {
       path: null,
       format: "arithmetic",
@@ -343,6 +346,11 @@ const RULES: Record<string, Rule> = {
   eval_steps: int(0),
   sample_steps: int(0),
   eval_prompts: int(1),
+  report_to: {
+    expect: 'a list of "tensorboard", or "none"',
+    accepts: (v) => [v].flat().every((x) => x === "tensorboard" || x === "none"),
+    convert: (v) => [...new Set([v].flat().filter((x) => x !== "none"))],
+  },
   "dataset.path": orNull(str),
   "dataset.format": oneOf("jsonl", "parquet", "arithmetic"),
   "dataset.question_field": str,
