@@ -93,6 +93,7 @@ export async function run(args: string[]): Promise<void> {
       timeoutS: cfg.reference.timeout_s,
       maxRestarts: cfg.reference.max_restarts,
       onnxPath: cfg.reference.onnx,
+      frozenDtype: cfg.frozen_dtype,
       policy: {
         vocabSize: start.config.vocabSize,
         dir: resume ?? referenceDir,
