@@ -78,7 +78,11 @@ export async function run(args: string[]): Promise<void> {
   const referenceDir = resumed?.state.reference_model ?? cfg.model ??
     await builtinBaseModel(cfg, gpu, console_);
   const start = resumed ?? await loadCheckpoint(referenceDir);
-  const policy = new GpuPolicy(new GpuModel(gpu, start.config, start.weights));
+  const policy = new GpuPolicy(
+    new GpuModel(gpu, start.config, start.weights, {
+      gradientCheckpointing: cfg.gradient_checkpointing,
+    }),
+  );
   if (resumed) {
     policy.loadOptimizerState({ step: resumed.state.adam_step, moments: resumed.moments });
     task.restoreSampler(resumed.state.sampler);
@@ -220,7 +224,11 @@ async function builtinBaseModel(cfg: TrainConfig, gpu: Gpu, console_: Console): 
     vocab_size: tokenizer.vocabSize,
     eos_token_id: tokenizer.eosIds[0],
   });
-  const policy = new GpuPolicy(new GpuModel(gpu, config, initWeights(config, cfg.seed)));
+  const policy = new GpuPolicy(
+    new GpuModel(gpu, config, initWeights(config, cfg.seed), {
+      gradientCheckpointing: cfg.gradient_checkpointing,
+    }),
+  );
   const { train } = splitProblems(cfg.arithmetic);
   const rows = pretrainingCorpus(train, cfg.arithmetic, new Rng(cfg.seed)).map((r) => ({
     promptIds: tokenizer.encode(r.prompt),
