@@ -66,11 +66,8 @@ export async function run(args: string[]): Promise<void> {
   const task = await makeTask(cfg);
   const gpu = await Gpu.open();
   // Refuse a run that cannot fit before loading any weights.
-  checkPlan(
-    cfg,
-    (await planModel(cfg, new ArithmeticTokenizer().vocabSize)).config,
-    describeAdapter(gpu.adapter).limits,
-  );
+  const planned = await planModel(cfg, new ArithmeticTokenizer().vocabSize);
+  checkPlan(cfg, planned.config, describeAdapter(gpu.adapter).limits, undefined, planned.dtype);
   const console_ = new Console(cfg);
   console_.line(`aha train: task ${task.name}, policy adapter "${gpu.description}"`);
 
