@@ -78,6 +78,7 @@ export async function run(args: string[]): Promise<void> {
   const policy = new GpuPolicy(
     new GpuModel(gpu, start.config, start.weights, {
       gradientCheckpointing: cfg.gradient_checkpointing,
+      kvCacheDtype: cfg.kv_cache_dtype,
     }),
   );
   if (resumed) {
@@ -224,6 +225,7 @@ async function builtinBaseModel(cfg: TrainConfig, gpu: Gpu, console_: Console): 
   const policy = new GpuPolicy(
     new GpuModel(gpu, config, initWeights(config, cfg.seed), {
       gradientCheckpointing: cfg.gradient_checkpointing,
+      kvCacheDtype: cfg.kv_cache_dtype,
     }),
   );
   const { train } = splitProblems(cfg.arithmetic);

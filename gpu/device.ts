@@ -233,15 +233,16 @@ export class Gpu {
     this.getEncoder().clearBuffer(t.buffer, t.offset, t.bytes);
   }
 
-  /** Copy `count` elements between tensors (recorded like a dispatch). */
+  /** Copy `count` elements between tensors of one dtype (recorded like a dispatch). */
   copy(src: Tensor, dst: Tensor, count = src.size, srcOffset = 0, dstOffset = 0): void {
     this.endPass();
+    const bytes = elementBytes(src.dtype);
     this.getEncoder().copyBufferToBuffer(
       src.buffer,
-      srcOffset * 4,
+      src.offset + srcOffset * bytes,
       dst.buffer,
-      dstOffset * 4,
-      count * 4,
+      dst.offset + dstOffset * bytes,
+      count * bytes,
     );
   }
 

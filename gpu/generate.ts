@@ -11,6 +11,7 @@ import type { Gpu, Tensor } from "./device.ts";
 import { grid } from "./device.ts";
 import { rmsnorm } from "./kernels/rmsnorm.ts";
 import { sample } from "./kernels/sample.ts";
+import type { KvDtype } from "./kernels/attention.ts";
 import { type GpuModel, layerBuffers } from "./model.ts";
 
 /** How often (in decode steps) the CPU checks whether every row has finished. */
@@ -43,10 +44,10 @@ export async function generate(
     throw new Error("generate: every prompt needs at least one token");
   }
   const capacity = Math.max(...prompts.map((p) => p.length)) + maxNew;
-  const cache = kvCache(gpu, c, B, capacity);
+  const cache = kvCache(gpu, c, B, capacity, model.kvCacheDtype);
   const prefillLen = Math.max(...prompts.map((p) => p.length - 1));
   if (prefillLen > 0) {
-    const promptCache = kvCache(gpu, c, P, capacity);
+    const promptCache = kvCache(gpu, c, P, capacity, model.kvCacheDtype);
     prefill(model, prompts, prefillLen, capacity, promptCache);
     copyToGroups(gpu, promptCache, cache, groupSize);
   }
@@ -146,10 +147,11 @@ export async function generate(
 
 type KvCache = { k: Tensor; v: Tensor }[];
 
-function kvCache(gpu: Gpu, c: ModelConfig, B: number, capacity: number): KvCache {
+/** Every layer's keys and values, in f32 or 16 bits (kv_cache_dtype). */
+function kvCache(gpu: Gpu, c: ModelConfig, B: number, capacity: number, dtype: KvDtype): KvCache {
   return Array.from({ length: c.numLayers }, () => ({
-    k: gpu.zeros([B, capacity, c.numKvHeads, c.headDim]),
-    v: gpu.zeros([B, capacity, c.numKvHeads, c.headDim]),
+    k: gpu.zeros([B, capacity, c.numKvHeads, c.headDim], dtype),
+    v: gpu.zeros([B, capacity, c.numKvHeads, c.headDim], dtype),
   }));
 }
 

@@ -37,6 +37,7 @@ import {
   attention,
   attentionBackward,
   type AttentionShape,
+  type KvDtype,
   writeKvCache,
 } from "./kernels/attention.ts";
 import { swiglu, swigluBackward } from "./kernels/swiglu.ts";
@@ -247,6 +248,8 @@ export interface GpuModelOptions {
   weightDtypes?: Map<string, HalfDType>;
   /** Gradient checkpointing: keep only layer inputs in the training forward, recompute in backward. */
   gradientCheckpointing?: boolean;
+  /** How generation (gpu/generate.ts) stores its KV cache (default f32). */
+  kvCacheDtype?: KvDtype;
 }
 
 const EMBEDDING = "model.embed_tokens.weight";
@@ -261,6 +264,8 @@ export class GpuModel {
   private readonly norm: Tensor;
   private readonly logitChunkFloats: number;
   private readonly checkpointing: boolean;
+  /** Generation's KV cache storage (kv_cache_dtype). */
+  readonly kvCacheDtype: KvDtype;
   /** The vocabulary projection's module: the embedding when tied. */
   private readonly head: string;
 
@@ -275,6 +280,7 @@ export class GpuModel {
       Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize);
     this.logitChunkFloats = options.logitChunkFloats ?? LOGIT_CHUNK_FLOATS;
     this.checkpointing = options.gradientCheckpointing ?? false;
+    this.kvCacheDtype = options.kvCacheDtype ?? "f32";
     this.head = config.tieWordEmbeddings ? "model.embed_tokens" : "lm_head";
     for (const [name, shape] of weightShapes(config)) {
       const data = weights.get(name);
