@@ -23,6 +23,13 @@ export const LOGIT_CHUNK_FLOATS = 16 * 1024 * 1024;
 export const CHUNK_ALIGN = 64;
 /** Tokens per scoring forward pass (the reference model, `aha score`). */
 export const SCORE_BATCH_TOKENS = 8192;
+/** Tokens per prefill pass of generation (gpu/generate.ts prefills prompts in such batches). */
+export const PREFILL_BATCH_TOKENS = 2048;
+
+/** Prompts per prefill pass for P prompts prefilled to `prefillLen` tokens (at least one). */
+export function prefillPrompts(P: number, prefillLen: number): number {
+  return Math.min(P, Math.max(1, Math.floor(PREFILL_BATCH_TOKENS / Math.max(1, prefillLen))));
+}
 
 /** Tokens per logit chunk for T tokens over a vocabulary of V. */
 export function logitChunkTokens(T: number, V: number, chunkFloats = LOGIT_CHUNK_FLOATS): number {
@@ -238,8 +245,8 @@ function forwardTensors(
 
 /**
  * gpu/generate.ts: G completions of up to maxNew tokens for each of P prompts of up to
- * promptLen tokens. Everything is alive at once when decoding starts (the prefill's buffers are
- * released only at the next submit).
+ * promptLen tokens, prefilled in batches of prefillPrompts. Counted as if one prefill batch's
+ * buffers were alive with the decode buffers (they are released once submitted: an upper bound).
  */
 function generationTensors(
   c: ModelConfig,
@@ -251,6 +258,8 @@ function generationTensors(
   lora: LoraConfig | null = null,
 ) {
   const rows = P * G, capacity = promptLen + maxNew, prefill = promptLen - 1;
+  // Prompts are prefilled in batches; each batch's buffers go before the next is made.
+  const batch = prefillPrompts(P, prefill);
   const H = c.hiddenSize, kv = [capacity, c.numKvHeads, c.headDim];
   const t = (name: string, ...shape: number[]): PlannedTensor => ({ name, shape });
   const kvT = (name: string, ...shape: number[]): PlannedTensor =>
@@ -260,20 +269,20 @@ function generationTensors(
     cache.push(kvT(`layers.${i}.k cache`, rows, ...kv), kvT(`layers.${i}.v cache`, rows, ...kv));
     if (prefill > 0) {
       cache.push(
-        kvT(`layers.${i}.k prompt cache`, P, ...kv),
-        kvT(`layers.${i}.v prompt cache`, P, ...kv),
+        kvT(`layers.${i}.k prompt cache`, batch, ...kv),
+        kvT(`layers.${i}.v prompt cache`, batch, ...kv),
       );
     }
   }
   const work: PlannedTensor[] = [];
   if (prefill > 0) {
-    const T = P * prefill;
+    const T = batch * prefill;
     work.push(
-      ...layerTensors(c, "prefill", P, prefill, lora),
+      ...layerTensors(c, "prefill", batch, prefill, lora),
       t("prefill scratch", T, H),
       t("prefill ids", T),
       t("prefill positions", T),
-      t("prefill kvLens", P),
+      t("prefill kvLens", batch),
     );
   }
   work.push(
@@ -371,13 +380,14 @@ export function planMemory(
   );
   add("policy", "backward scratch", tokens(micro), train.backward);
   add("policy", "log-prob buffers", `logit chunk ${train.chunk} tokens × vocab`, train.logprobs);
-  // Sampling (P prompts × G) or greedy evaluation (eval_prompts × 1), whichever is larger.
+  // Sampling (P prompts × G) or greedy evaluation (eval_prompts × 1, in batches of at most P × G
+  // prompts: core/trainer.ts evaluate), whichever is larger.
   const kv = cfg.kv_cache_dtype;
   const generation = [
     generationTensors(model, P, G, cfg.max_prompt_length, cfg.max_completion_length, kv, lora),
     generationTensors(
       model,
-      cfg.eval_prompts,
+      Math.min(cfg.eval_prompts, P * G),
       1,
       cfg.max_prompt_length,
       cfg.max_completion_length,

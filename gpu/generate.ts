@@ -1,7 +1,8 @@
 // Batched sampling with a KV cache: the policy's completions for a set of prompts.
 //
 // Each prompt is prefilled once (all but its last token), its cache copied to the rows of its
-// group, and then every row decodes one token per step: embedding → layers over the cache →
+// group — prompts in batches of at most PREFILL_BATCH_TOKENS tokens, so a large evaluation
+// batch needs no more prefill memory than a few prompts — and then every row decodes one token per step: embedding → layers over the cache →
 // final norm → logits → sample, all on the GPU. Sampled tokens feed the next step without a
 // CPU round trip; the CPU reads the "done" flags only every few steps to stop early.
 
@@ -11,6 +12,7 @@ import type { Gpu, Tensor } from "./device.ts";
 import { grid } from "./device.ts";
 import { rmsnorm } from "./kernels/rmsnorm.ts";
 import { sample } from "./kernels/sample.ts";
+import { prefillPrompts } from "../core/plan.ts";
 import type { KvDtype } from "./kernels/attention.ts";
 import { type GpuModel, layerBuffers } from "./model.ts";
 
@@ -46,10 +48,13 @@ export async function generate(
   const capacity = Math.max(...prompts.map((p) => p.length)) + maxNew;
   const cache = kvCache(gpu, c, B, capacity, model.kvCacheDtype);
   const prefillLen = Math.max(...prompts.map((p) => p.length - 1));
-  if (prefillLen > 0) {
-    const promptCache = kvCache(gpu, c, P, capacity, model.kvCacheDtype);
-    prefill(model, prompts, prefillLen, capacity, promptCache);
-    copyToGroups(gpu, promptCache, cache, groupSize);
+  const perPrefill = prefillPrompts(P, prefillLen);
+  for (let first = 0; prefillLen > 0 && first < P; first += perPrefill) {
+    const part = prompts.slice(first, first + perPrefill);
+    const promptCache = kvCache(gpu, c, part.length, capacity, model.kvCacheDtype);
+    prefill(model, part, prefillLen, capacity, promptCache);
+    copyToGroups(gpu, promptCache, cache, groupSize, first);
+    gpu.flush(); // this batch's buffers go once its work is submitted
   }
 
   // Decode buffers: one token per row.
@@ -195,13 +200,18 @@ function prefill(
   for (const t of [idsT, positionsT, kvLens, scratch, ...Object.values(x)]) gpu.release(t);
 }
 
-/** Copy each prompt's cache row p to rows p·G … p·G+G−1 of the decode cache; frees `from`. */
-function copyToGroups(gpu: Gpu, from: KvCache, to: KvCache, G: number): void {
+/**
+ * Copy row p of a batch's prompt cache (prompt first + p) to rows (first + p)·G … +G−1 of the
+ * decode cache; frees `from`.
+ */
+function copyToGroups(gpu: Gpu, from: KvCache, to: KvCache, G: number, first: number): void {
   from.forEach((layer, i) => {
     for (const key of ["k", "v"] as const) {
       const src = layer[key], row = src.size / src.shape[0];
       for (let p = 0; p < src.shape[0]; p++) {
-        for (let j = 0; j < G; j++) gpu.copy(src, to[i][key], row, p * row, (p * G + j) * row);
+        for (let j = 0; j < G; j++) {
+          gpu.copy(src, to[i][key], row, p * row, ((first + p) * G + j) * row);
+        }
       }
       gpu.release(src);
     }
