@@ -158,17 +158,8 @@ export function loraShapes(c: ModelConfig, lora: LoraConfig): Map<string, number
 // ---------------------------------------------------------------------------------------------
 // What each part of the program allocates.
 
-/**
- * gpu/model.ts layerBuffers: what one layer keeps for B rows of L tokens; with LoRA also x·Aᵀ
- * [T, r] of each targeted projection (kept for the backward of B).
- */
-function layerTensors(
-  c: ModelConfig,
-  layer: string,
-  B: number,
-  L: number,
-  lora: LoraConfig | null = null,
-): PlannedTensor[] {
+/** gpu/model.ts layerBuffers: what one layer keeps for B rows of L tokens. */
+function layerTensors(c: ModelConfig, layer: string, B: number, L: number): PlannedTensor[] {
   const T = B * L, H = c.hiddenSize, I = c.intermediateSize;
   const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
   const shapes: [string, number[]][] = [
@@ -187,7 +178,6 @@ function layerTensors(
     ["up", [T, I]],
     ["act", [T, I]],
   ];
-  for (const target of lora?.target_modules ?? []) shapes.push([`${target}.lora_xa`, [T, lora!.r]]);
   return shapes.map(([name, shape]) => ({ name: `${layer}.${name}`, shape }));
 }
 
@@ -202,7 +192,6 @@ function forwardTensors(
   L: number,
   keep = true,
   checkpointed = false,
-  lora: LoraConfig | null = null,
 ) {
   const T = B * L, H = c.hiddenSize, I = c.intermediateSize, V = c.vocabSize;
   const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
@@ -211,7 +200,7 @@ function forwardTensors(
   const activations: PlannedTensor[] = [];
   const everyLayer = keep && !checkpointed;
   for (let i = 0; i < (everyLayer ? c.numLayers : 1); i++) {
-    activations.push(...layerTensors(c, `layers.${i}`, B, L, lora));
+    activations.push(...layerTensors(c, `layers.${i}`, B, L));
   }
   if (keep && checkpointed) {
     for (let i = 1; i < c.numLayers; i++) activations.push(t(`layers.${i}.input`, T, H));
@@ -238,8 +227,6 @@ function forwardTensors(
     t("dGate", T, I),
     t("dUp", T, I),
   ];
-  // LoRA's backward: dL/d(x·Aᵀ) [T, r], one buffer reused by every projection.
-  if (lora) backward.push(t("dLoraXa", T, lora.r));
   return { activations, logprobs, backward, chunk };
 }
 
@@ -255,7 +242,6 @@ function generationTensors(
   promptLen: number,
   maxNew: number,
   kvDtype: PlanDType = "f32",
-  lora: LoraConfig | null = null,
 ) {
   const rows = P * G, capacity = promptLen + maxNew, prefill = promptLen - 1;
   // Prompts are prefilled in batches; each batch's buffers go before the next is made.
@@ -278,7 +264,7 @@ function generationTensors(
   if (prefill > 0) {
     const T = batch * prefill;
     work.push(
-      ...layerTensors(c, "prefill", batch, prefill, lora),
+      ...layerTensors(c, "prefill", batch, prefill),
       t("prefill scratch", T, H),
       t("prefill ids", T),
       t("prefill positions", T),
@@ -286,7 +272,7 @@ function generationTensors(
     );
   }
   work.push(
-    ...layerTensors(c, "decode", rows, 1, lora),
+    ...layerTensors(c, "decode", rows, 1),
     t("decode hidden", rows, H),
     t("decode scratch", rows, H),
     t("decode logits", rows, c.vocabSize),
@@ -294,7 +280,8 @@ function generationTensors(
     t("sampled tokens", maxNew, rows),
     t("sampled log-probs", maxNew, rows),
   );
-  return { cache, work, rows, capacity };
+  // The most tokens one pass runs: a prefill batch, or one decode step of every row.
+  return { cache, work, rows, capacity, tokens: Math.max(batch * prefill, rows) };
 }
 
 const sumBytes = (tensors: PlannedTensor[]) => tensors.reduce((a, t) => a + tensorBytes(t), 0);
@@ -370,7 +357,7 @@ export function planMemory(
   // A micro-batch never holds more rows than a step has completions.
   const micro = Math.min(cfg.micro_batch_size, P * G);
   const checkpointed = cfg.gradient_checkpointing;
-  const train = forwardTensors(model, micro, L, true, checkpointed, lora);
+  const train = forwardTensors(model, micro, L, true, checkpointed);
   add(
     "policy",
     "training activations",
@@ -384,7 +371,7 @@ export function planMemory(
   // prompts: core/trainer.ts evaluate), whichever is larger.
   const kv = cfg.kv_cache_dtype;
   const generation = [
-    generationTensors(model, P, G, cfg.max_prompt_length, cfg.max_completion_length, kv, lora),
+    generationTensors(model, P, G, cfg.max_prompt_length, cfg.max_completion_length, kv),
     generationTensors(
       model,
       Math.min(cfg.eval_prompts, P * G),
@@ -392,7 +379,6 @@ export function planMemory(
       cfg.max_prompt_length,
       cfg.max_completion_length,
       kv,
-      lora,
     ),
   ].reduce((a, b) => sumBytes([...b.cache, ...b.work]) > sumBytes([...a.cache, ...a.work]) ? b : a);
   const rows = `${generation.rows} rows × ${generation.capacity} tokens`;
@@ -403,6 +389,15 @@ export function planMemory(
     `prefill and decode, ${generation.rows} rows`,
     generation.work,
   );
+  if (lora !== null) {
+    // gpu/model.ts loraBuffers: u = s·x·Aᵀ and its gradient, [T, r] for the largest pass the
+    // adapters run in (training, a prefill batch or a decode step; the reference runs without).
+    const T = Math.max(micro * L, generation.tokens);
+    add("policy", "LoRA scratch", `x·Aᵀ and its gradient, ${T} tokens × r`, [
+      { name: "lora u", shape: [T, lora.r] },
+      { name: "lora du", shape: [T, lora.r] },
+    ]);
+  }
 
   if (cfg.beta > 0) {
     // The reference scores the batch in forward passes of at most SCORE_BATCH_TOKENS tokens.

@@ -17,7 +17,7 @@
 //
 // A frozen matrix (every weight of a scoring model; a LoRA run's base) may be stored in 16 bits
 // (`weightDtypes`): bf16 or f16, widened to f32 inside the matmul and embedding kernels that
-// read it. It gets no gradient and no AdamW moments. Norm weights and biases stay f32.
+// read it; it can have no gradient. Norm weights and biases stay f32.
 //
 // With gradient checkpointing the training forward keeps only each layer's input (plus one set
 // of layer buffers that every layer reuses); backward recomputes a layer's forward from its input
@@ -319,16 +319,6 @@ export class GpuModel {
     return slices[0];
   }
 
-  /** Whether a weight is trained (has gradients and moments): every f32 weight is. */
-  trained(name: string): boolean {
-    return this.params.get(name)![0].dtype === "f32";
-  }
-
-  /** The names of the trained weights, in order. */
-  private trainedNames(): string[] {
-    return [...this.params.keys()].filter((name) => this.trained(name));
-  }
-
   /** Write a whole weight's f32 values into its slices, narrowed to their storage dtype. */
   private writeSlices(slices: Tensor[], data: Float32Array): void {
     splitRows(data, slices).forEach((part, i) => {
@@ -343,6 +333,10 @@ export class GpuModel {
   /** A weight's gradient, sliced like the weight, made on first use. */
   private gradSlices(name: string): Tensor[] {
     let slices = this.grads.get(name);
+    if (!slices && this.params.get(name)?.[0].dtype !== "f32") {
+      // 16-bit weights are frozen: only a LoRA run (whose base is not trained) goes through them.
+      throw new Error(`GpuModel: ${name} is stored in 16 bits, frozen: it has no gradient`);
+    }
     if (!slices) {
       slices = this.params.get(name)!.map((t) => this.gpu.zeros(t.shape));
       this.grads.set(name, slices);
@@ -558,29 +552,24 @@ export class GpuModel {
         { accumulateDx: true, accumulateDw: true },
       );
     }
-    if (this.trained(EMBEDDING)) {
-      embeddingBackward(gpu, a.idsHost, d.dResidual, this.gradSlices(EMBEDDING), true);
-    }
+    embeddingBackward(gpu, a.idsHost, d.dResidual, this.gradSlices(EMBEDDING), true);
   }
 
   /** Set every accumulated gradient to zero. */
   zeroGrads(): void {
-    for (const name of this.trainedNames()) {
-      this.gradSlices(name).forEach((t) => this.gpu.clear(t));
-    }
+    for (const name of this.params.keys()) this.gradSlices(name).forEach((t) => this.gpu.clear(t));
   }
 
   /** The global gradient norm tensor [1], computed on the GPU (read it only when needed). */
   gradNorm(): Tensor {
-    gradNorm(this.gpu, this.trainedNames().flatMap((n) => this.gradSlices(n)), this.norm);
+    gradNorm(this.gpu, [...this.params.keys()].flatMap((n) => this.gradSlices(n)), this.norm);
     return this.norm;
   }
 
   /** Clip by the global gradient norm and apply AdamW to every weight; leaves gradients as they are. */
   adamwStep(hp: AdamwHyper): Tensor {
     const norm = this.gradNorm();
-    for (const name of this.trainedNames()) {
-      const slices = this.params.get(name)!;
+    for (const [name, slices] of this.params) {
       let state = this.adamState.get(name);
       if (!state) {
         const zeros = () => slices.map((t) => this.gpu.zeros(t.shape));
@@ -600,7 +589,7 @@ export class GpuModel {
 
   /** Copy every accumulated gradient back to the CPU. */
   async readGrads(): Promise<Map<string, Float32Array>> {
-    for (const name of this.trainedNames()) this.gradSlices(name);
+    for (const name of this.params.keys()) this.gradSlices(name);
     return await this.readMap(this.grads);
   }
 
@@ -615,8 +604,7 @@ export class GpuModel {
   }
 
   loadOptimizerState(state: Map<string, Float32Array>): void {
-    for (const name of this.trainedNames()) {
-      const slices = this.params.get(name)!;
+    for (const [name, slices] of this.params) {
       const m = state.get(`${name}.exp_avg`), v = state.get(`${name}.exp_avg_sq`);
       if (!m || !v) continue;
       const upload = (data: Float32Array) =>
@@ -686,7 +674,7 @@ export class GpuModel {
     dxAccumulate: boolean,
   ): void {
     const gpu = this.gpu, w = this.params.get(`${module}.weight`)!;
-    const dw = this.trained(`${module}.weight`) ? this.gradSlices(`${module}.weight`) : null;
+    const dw = this.gradSlices(`${module}.weight`);
     const outF = w.reduce((rows, t) => rows + t.shape[0], 0), inF = w[0].shape[1];
     let first = 0;
     w.forEach((slice, i) => {
@@ -695,13 +683,11 @@ export class GpuModel {
         accumulate: dxAccumulate || i > 0,
         aBlock: dyBlock,
       });
-      if (dw) {
-        matmul(gpu, dy, x, dw[i], { M: rows, N: inF, K: T }, {
-          transA: true,
-          accumulate: true,
-          aBlock: dyBlock,
-        });
-      }
+      matmul(gpu, dy, x, dw[i], { M: rows, N: inF, K: T }, {
+        transA: true,
+        accumulate: true,
+        aBlock: dyBlock,
+      });
       first += rows;
     });
     if (this.params.has(`${module}.bias`)) {
