@@ -547,7 +547,13 @@ export function advise(
     shared = false;
     changes.push("the reference on a second adapter");
   }
-  let c: TrainConfig = { ...cfg, ...Object.fromEntries(KNOBS.map((k) => [k, 1])) };
+  // Checkpointing costs compute, not learning: on before any setting is lowered.
+  if (!cfg.gradient_checkpointing) changes.push("gradient_checkpointing: true");
+  let c: TrainConfig = {
+    ...cfg,
+    gradient_checkpointing: true,
+    ...Object.fromEntries(KNOBS.map((k) => [k, 1])),
+  };
   for (const knob of [...KNOBS].reverse()) {
     c = { ...c, [knob]: cfg[knob] };
     if (!fits(c, shared)) c = { ...c, [knob]: lower(c, knob, shared) ?? 1 };
