@@ -224,3 +224,34 @@ Deno.test(
     }
   },
 );
+
+Deno.test(
+  "aha score --frozen-dtype: a BF16 checkpoint scores the same under auto (bf16) and f32; a bad value is one line",
+  gpuTest,
+  async () => {
+    const dir = GOLDEN + "bf16_tied", main = new URL("../main.ts", import.meta.url).pathname;
+    const input = await Deno.makeTempFile({ suffix: ".json" });
+    const { sequences } = JSON.parse(Deno.readTextFileSync(`${dir}/expected.json`));
+    await Deno.writeTextFile(input, JSON.stringify({ sequences }));
+    const score = async (...extra: string[]) => {
+      const out = await new Deno.Command(Deno.execPath(), {
+        args: ["run", "-A", main, "score", "--model", dir, "--input", input, ...extra],
+      }).output();
+      const text = (b: Uint8Array) => new TextDecoder().decode(b).trim();
+      return { code: out.code, stdout: text(out.stdout), stderr: text(out.stderr) };
+    };
+    const [auto, f32, bad] = await Promise.all([
+      score(),
+      score("--frozen-dtype", "f32"),
+      score("--frozen-dtype", "bf8"),
+    ]);
+    assert.equal(auto.code, 0, auto.stderr);
+    assert.equal(auto.stdout, f32.stdout);
+    assert.equal(bad.code, 2);
+    assert.match(
+      bad.stderr,
+      /^aha: score: --frozen-dtype must be auto, bf16, f16 or f32, got "bf8"/,
+    );
+    await Deno.remove(input);
+  },
+);
