@@ -3,10 +3,13 @@
 // arguments. Each subcommand lives in its own module, which exports `help` and `run(args)`.
 
 import { AhaError, UsageError } from "./core/errors.ts";
+import { setEntryModule } from "./core/self_command.ts";
+import { versionText } from "./core/version.ts";
 
 interface Command {
   summary: string;
-  load: () => Promise<{ help: string; run: (args: string[]) => Promise<void> }>;
+  /** run() may return the exit status (default 0). */
+  load: () => Promise<{ help: string; run: (args: string[]) => Promise<void | number> }>;
 }
 
 const COMMANDS: Record<string, Command> = {
@@ -48,13 +51,17 @@ const USAGE = `usage: aha <command> [options]
 commands:
 ${Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(12)}${c.summary}`).join("\n")}
 
-Run "aha <command> --help" for a command's options.`;
+Run "aha <command> --help" for a command's options; "aha --version" for the version.`;
 
 async function main(args: string[]): Promise<number> {
   const [name, ...rest] = args;
   if (name === undefined || name === "--help" || name === "-h" || name === "help") {
     console.log(USAGE);
     return name === undefined ? 2 : 0;
+  }
+  if (name === "--version" || name === "-V" || name === "version") {
+    console.log(versionText(import.meta.url));
+    return 0;
   }
   const command = COMMANDS[name];
   if (!command) throw new UsageError(`unknown command "${name}" (run "aha --help" for the list)`);
@@ -63,11 +70,11 @@ async function main(args: string[]): Promise<number> {
     console.log(module.help);
     return 0;
   }
-  await module.run(rest);
-  return 0;
+  return (await module.run(rest)) ?? 0;
 }
 
 if (import.meta.main) {
+  setEntryModule(import.meta.url);
   try {
     Deno.exit(await main(Deno.args));
   } catch (e) {

@@ -37,7 +37,8 @@ adapter's memory; and says what to change. "aha train" runs the same check first
   --max-binding-gb N     plan for another adapter: its maxStorageBufferBindingSize in GiB
   --max-buffer-gb N      and its maxBufferSize in GiB (with both, this machine's GPU is not asked)`;
 
-export async function run(args: string[]): Promise<void> {
+/** Prints the plan; exits 1 when the run does not fit, so scripts can check before renting. */
+export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseCommandArgs("plan", args, {
     set: { type: "string", multiple: true },
     "model-config": { type: "string" },
@@ -74,6 +75,7 @@ export async function run(args: string[]): Promise<void> {
     }
     : describeAdapter(await requestAdapter(), memory, binding, buffer);
   console.log(planReport(positionals[0], cfg, model, limits, memoryNote).join("\n"));
+  return planProblems(planMemory(cfg, model.config), limits).length === 0 ? 0 : 1;
 }
 
 /** The printed plan: the table per adapter, the limits, the verdict and advice. */

@@ -62,12 +62,12 @@ export async function run(args: string[]): Promise<void> {
   const cfg = loadTrainConfig(configPath, sets);
   const resumed = resume ? await loadTrainingCheckpoint(resume) : null;
 
-  await prepareOutputDir(cfg.output_dir, resumed?.state.step ?? null);
   const task = await makeTask(cfg);
   const gpu = await Gpu.open();
-  // Refuse a run that cannot fit before loading any weights.
+  // Refuse a run that cannot fit before loading any weights or creating the output directory.
   const planned = await planModel(cfg, new ArithmeticTokenizer().vocabSize);
   checkPlan(cfg, planned.config, describeAdapter(gpu.adapter).limits, undefined, planned.dtype);
+  await prepareOutputDir(cfg.output_dir, resumed?.state.step ?? null);
   const console_ = new Console(cfg);
   console_.line(`aha train: task ${task.name}, policy adapter "${gpu.description}"`);
 

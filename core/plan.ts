@@ -9,7 +9,7 @@
 // a weight larger than one storage binding is kept as row slices, so one row must fit; every
 // other tensor is bound whole, so the largest must fit; the totals must fit the adapter's memory
 // when it is known — and advice says which setting to lower, and to what.
-// `aha plan` prints it (gpu/cli_plan.ts); `aha train` calls checkPlan before loading anything.
+// `aha plan` prints it (cli/plan.ts); `aha train` calls checkPlan before loading anything.
 
 import { AhaError } from "./errors.ts";
 import { type ModelConfig, parseModelConfig, PRESETS, weightShapes } from "./model_config.ts";

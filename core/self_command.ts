@@ -1,9 +1,16 @@
 // How to start another copy of this program (for `aha gpu` probes and the reference worker):
-// the compiled binary runs itself; under `deno run` we run the same main.ts with Deno.
+// the compiled binary runs itself; under `deno run` we run the same entry module with Deno —
+// main.ts from a checkout, or the bundle (dist/aha.js) it was bundled into. main.ts names
+// itself at start-up, because inside a bundle no module can find main.ts by a relative path.
 
 import { fileURLToPath } from "node:url";
 
-const MAIN = new URL("../main.ts", import.meta.url);
+let entry = new URL("../main.ts", import.meta.url);
+
+/** Called by main.ts with its own URL: the module a child copy of aha is started from. */
+export function setEntryModule(url: string): void {
+  entry = new URL(url);
+}
 
 /** True inside a `deno compile` binary (the executable is not Deno itself). */
 export function isCompiled(): boolean {
@@ -13,7 +20,7 @@ export function isCompiled(): boolean {
 /** The command and arguments that run `aha <args…>` in a child process. */
 export function selfCommand(args: string[]): { command: string; args: string[] } {
   if (isCompiled()) return { command: Deno.execPath(), args };
-  return { command: Deno.execPath(), args: ["run", "-A", fileURLToPath(MAIN), ...args] };
+  return { command: Deno.execPath(), args: ["run", "-A", fileURLToPath(entry), ...args] };
 }
 
 /**

@@ -9,30 +9,14 @@
 import type { Completions, SamplingOptions } from "../core/engine.ts";
 import type { ModelConfig } from "../core/model_config.ts";
 import type { Gpu, Tensor } from "./device.ts";
-import { grid } from "./device.ts";
 import { rmsnorm } from "./kernels/rmsnorm.ts";
-import { sample } from "./kernels/sample.ts";
+import { markDone, sample } from "./kernels/sample.ts";
 import { prefillPrompts } from "../core/plan.ts";
 import type { KvDtype } from "./kernels/attention.ts";
 import { type GpuModel, layerBuffers } from "./model.ts";
 
 /** How often (in decode steps) the CPU checks whether every row has finished. */
 const DONE_CHECK_EVERY = 4;
-
-const MARK_DONE_WGSL = `
-struct Params { B: u32, numEos: u32 }
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> tokens: array<i32>;
-@group(0) @binding(2) var<storage, read> eos: array<i32>;
-@group(0) @binding(3) var<storage, read_write> done: array<i32>;
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3u) {
-  let b = gid.x;
-  if (b >= p.B) { return; }
-  for (var i = 0u; i < p.numEos; i++) {
-    if (tokens[b] == eos[i]) { done[b] = 1; }
-  }
-}`;
 
 export async function generate(
   model: GpuModel,
@@ -67,7 +51,6 @@ export async function generate(
   const sampled = gpu.zeros([B], "i32"), logp = gpu.zeros([B]), done = gpu.zeros([B], "i32");
   const eos = gpu.upload(Int32Array.from(opts.eosIds.length ? opts.eosIds : [-1]));
   const outTokens = gpu.zeros([maxNew, B], "i32"), outLogp = gpu.zeros([maxNew, B]);
-  const markDone = gpu.pipeline(MARK_DONE_WGSL, "mark_done");
   const rowLen = (b: number) => prompts[Math.floor(b / groupSize)].length;
   gpu.write(
     ids,
@@ -102,7 +85,7 @@ export async function generate(
     rmsnorm(gpu, step.input, model.p("model.norm.weight"), hidden, step.rstd1, B, c.rmsNormEps);
     model.vocabLogits(hidden, logits, B);
     sample(gpu, logits, B, c.vocabSize, { ...opts, step: s }, done, sampled, logp);
-    gpu.dispatch(markDone, grid(B, 64), [sampled, eos, done], [B, opts.eosIds.length]);
+    markDone(gpu, sampled, eos, done, B, opts.eosIds.length);
     gpu.copy(sampled, outTokens, B, 0, s * B);
     gpu.copy(logp, outLogp, B, 0, s * B);
     steps = s + 1;

@@ -1,4 +1,4 @@
-// gpu/attention.ts against a plain float64 TypeScript twin; the twin's gradients against finite
+// gpu/kernels/attention.ts against a plain float64 TypeScript twin; the twin's gradients against finite
 // differences. Tolerances: |gpu − twin| ≤ 2e-5 + 2e-4·|twin| for the forward (out, lse) and
 // 1e-4 + 1e-3·|twin| for the gradients (f32 sums over up to 33 keys and 3 query heads);
 // twin vs central differences (h = 1e-6, float64) ≤ 1e-6 + 1e-6·|analytic|.

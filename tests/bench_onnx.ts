@@ -1,7 +1,7 @@
 // How fast the ONNX reference engine scores: log-probs per second on the `small` preset shape
 // (16 sequences × 128 tokens, random weights) for 1 and 2 WebAssembly threads. onnxruntime-web
 // fixes its thread count when the first session starts, so each count is measured in a child
-// process of its own: `deno run -A reference/onnx_bench.ts THREADS` prints one JSON result.
+// process of its own: `deno run -A tests/bench_onnx.ts THREADS` prints one JSON result.
 
 import { initWeights } from "../core/init.ts";
 import { parameterCount, parseModelConfig, PRESETS } from "../core/model_config.ts";

@@ -1,4 +1,4 @@
-// gpu/elementwise.ts against plain TypeScript. Each result is one correctly rounded f32
+// gpu/kernels/elementwise.ts against plain TypeScript. Each result is one correctly rounded f32
 // operation, so the GPU must match Math.fround of the exact result bit for bit (tolerance 0).
 // Tensors are allocated SLACK values longer than n: the tail must stay untouched.
 

@@ -1,4 +1,4 @@
-// gpu/embedding.ts against plain TypeScript. The forward is a copy and the backward sums the
+// gpu/kernels/embedding.ts against plain TypeScript. The forward is a copy and the backward sums the
 // positions of each id in ascending order, as the twin does in f32, so both must match bit for
 // bit (tolerance 0). Without accumulate, rows of ids that do not occur must end zero even when
 // dTable held garbage; a vocabulary of 151,936 checks that only the ids present are touched.

@@ -1,4 +1,4 @@
-// gpu/matmul.ts against a plain TypeScript twin that accumulates in float64.
+// gpu/kernels/matmul.ts against a plain TypeScript twin that accumulates in float64.
 //
 // Tolerance: inputs are the same f32 values on both sides, so the only difference is the
 // GPU's f32 accumulation over K terms. Its rounding error grows like sqrt(K)·2⁻²⁴ times the

@@ -156,27 +156,48 @@ Deno.test("advice: each suggested value is the largest that fits", () => {
   assert.ok(!advise(cfg, model, adapter, true, false)[0].includes("second adapter"));
 });
 
-Deno.test("aha plan prints the table and advice without asking the GPU", async () => {
+const MAIN = new URL("../main.ts", import.meta.url).pathname;
+
+async function aha(...args: string[]) {
   const out = await new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "-A",
-      new URL("../main.ts", import.meta.url).pathname,
-      "plan",
-      `${configs}qwen2.5-1.5b-gsm8k.yaml`,
-      "--memory-gb=24",
-      "--max-binding-gb=2",
-      "--max-buffer-gb=2",
-    ],
+    args: ["run", "-A", MAIN, ...args],
     stdout: "piped",
     stderr: "piped",
   }).output();
-  const text = new TextDecoder().decode(out.stdout);
-  assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+  const decode = (b: Uint8Array) => new TextDecoder().decode(b);
+  return { code: out.code, stdout: decode(out.stdout), stderr: decode(out.stderr) };
+}
+
+Deno.test("aha plan prints the table and advice without asking the GPU; exit 1 when it does not fit", async () => {
+  const limits = ["--max-binding-gb=2", "--max-buffer-gb=2"];
+  const big = await aha("plan", `${configs}qwen2.5-1.5b-gsm8k.yaml`, "--memory-gb=24", ...limits);
+  assert.equal(big.code, 1, big.stderr);
   for (const line of ["policy adapter", "generation KV cache", "does not fit:", "advice:"]) {
-    assert.ok(text.includes(line), `${line} in:\n${text}`);
+    assert.ok(big.stdout.includes(line), `${line} in:\n${big.stdout}`);
   }
-  assert.match(text, /shape from the built-in Qwen2\.5 table/);
+  assert.match(big.stdout, /shape from the built-in Qwen2\.5 table/);
+  const small = await aha("plan", `${configs}qwen2.5-0.5b-gsm8k.yaml`, "--memory-gb=80", ...limits);
+  assert.equal(small.code, 0, small.stderr);
+  assert.match(small.stdout, /fits this adapter/);
+  assert.doesNotMatch(small.stdout, /does not fit/);
+});
+
+Deno.test("aha train refuses a run that does not fit before creating its output directory", async () => {
+  const dir = await Deno.makeTempDir();
+  const out = `${dir}/run`;
+  const result = await aha(
+    "train",
+    "--set",
+    `output_dir=${out}`,
+    "--set",
+    "prompts_per_step=200000",
+    "--set",
+    "micro_batch_size=1000000",
+  );
+  assert.equal(result.code, 1, result.stderr);
+  assert.match(result.stderr, /^aha: this run does not fit/m);
+  assert.equal(await Deno.stat(out).then(() => true, () => false), false, "no output directory");
+  await Deno.remove(dir, { recursive: true });
 });
 
 Deno.test("a LoRA plan with 16-bit weights and cache and checkpointing, counted by hand", () => {

@@ -1,4 +1,4 @@
-// gpu/rmsnorm.ts against a float64 TypeScript twin on odd shapes, with and without the
+// gpu/kernels/rmsnorm.ts against a float64 TypeScript twin on odd shapes, with and without the
 // accumulate flags, and the backward also against central finite differences of the twin.
 // Rows are scaled from 0.01 to 100 so that eps matters in some. Tolerance: |gpu − ref| ≤
 // tol·(1 + |ref|) with tol = 1e-5 for y, rstd and dw (measured ≤ 1.7e-6), and 3e-5 for dx

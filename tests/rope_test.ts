@@ -1,4 +1,4 @@
-// gpu/rope.ts against a TypeScript twin of Hugging Face Qwen2's rotary embedding at positions
+// gpu/kernels/rope.ts against a TypeScript twin of Hugging Face Qwen2's rotary embedding at positions
 // up to 4095, plus two properties: the inverse undoes the rotation, and it is the transpose
 // (⟨rope(a), b⟩ = ⟨a, rope⁻¹(b)⟩), which makes it the backward.
 // The twin takes HF's f32 steps (inv_freq and angle = f32(pos·inv_freq)) and does the rest in

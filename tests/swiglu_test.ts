@@ -1,4 +1,4 @@
-// gpu/swiglu.ts against a float64 TypeScript twin, and its backward also against central
+// gpu/kernels/swiglu.ts against a float64 TypeScript twin, and its backward also against central
 // finite differences of that twin. Gates span ±12 plus extremes (±30, ±100, 0) to check the
 // sigmoid never overflows. Tolerance: |gpu − ref| ≤ 1e-6 + 1e-5·|ref| (f32 exp/division).
 // Outputs are allocated longer than n: the tail must stay untouched.

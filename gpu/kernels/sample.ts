@@ -258,3 +258,34 @@ export function sample(
     [invTemperature, topP],
   );
 }
+
+// Marks the rows whose newest token is an end-of-sequence id (generation stops a row there).
+const MARK_DONE_WGSL = `
+struct Params { B: u32, numEos: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> tokens: array<i32>;
+@group(0) @binding(2) var<storage, read> eos: array<i32>;
+@group(0) @binding(3) var<storage, read_write> done: array<i32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3u) {
+  let b = gid.x;
+  if (b >= p.B) { return; }
+  for (var i = 0u; i < p.numEos; i++) {
+    if (tokens[b] == eos[i]) { done[b] = 1; }
+  }
+}`;
+
+/** done[b] = 1 where tokens[b] is one of the eos ids (rows already done stay done). */
+export function markDone(
+  gpu: Gpu,
+  tokens: Tensor,
+  eos: Tensor,
+  done: Tensor,
+  rows: number,
+  numEos: number,
+): void {
+  gpu.dispatch(gpu.pipeline(MARK_DONE_WGSL, "mark_done"), grid(rows, 64), [tokens, eos, done], [
+    rows,
+    numEos,
+  ]);
+}
