@@ -2,14 +2,17 @@
 // each layer's input and backward recomputes the layer before going back through it. The same
 // kernels on the same inputs give the same values, so log-probs and every weight's gradient must
 // equal the plain run's bit for bit, on an odd shape (3 layers, GQA, untied, several logit
-// chunks), over two accumulated backward passes, and after an AdamW step.
+// chunks), over two accumulated backward passes, and after an AdamW step. And the memory plan
+// counts what checkpointing saves exactly as the engine allocates it.
 
 import assert from "node:assert/strict";
 import { initWeights } from "../core/init.ts";
 import { parseModelConfig } from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
 import { GpuModel } from "../gpu/model.ts";
-import { gpuTest, openGpu } from "./helpers.ts";
+import { planMemory } from "../core/plan.ts";
+import { defaultTrainConfig, type TrainConfig } from "../core/train_config.ts";
+import { allocatedBytes, gpuTest, openGpu } from "./helpers.ts";
 
 const gpu = await openGpu();
 
@@ -65,3 +68,36 @@ Deno.test("checkpointed gradients equal plain ones bit for bit", gpuTest, async 
   }
   for (const [name, w] of plain.after) assert.deepEqual(checkpointed.after.get(name), w, name);
 });
+
+Deno.test(
+  "the plan counts what checkpointing saves, as the engine allocates it",
+  gpuTest,
+  async () => {
+    // One micro-batch of 2 rows × 9 tokens (prompt 6 + completion 3): what a training step's
+    // forward and backward allocate, with and without checkpointing. Everything else (weights,
+    // gradients, temporaries) is the same in both, so the difference is the layer buffers saved.
+    const cfg: TrainConfig = {
+      ...defaultTrainConfig(),
+      prompts_per_step: 1,
+      num_generations: 2,
+      max_prompt_length: 6,
+      max_completion_length: 3,
+      micro_batch_size: 2,
+    };
+    const B = 2, L = 9, weights = initWeights(config, 1);
+    const engine = (gradientCheckpointing: boolean) =>
+      allocatedBytes(gpu, async () => {
+        const model = new GpuModel(gpu, config, weights, { gradientCheckpointing });
+        await gpu.read(model.forward(new Int32Array(B * L).fill(3), B, L));
+        model.backward(new Float32Array(B * L).fill(0.1));
+        await gpu.sync();
+        model.destroy();
+      });
+    const planned = (gradient_checkpointing: boolean) =>
+      planMemory({ ...cfg, gradient_checkpointing }, config).items
+        .find((i) => i.what === "training activations")!.bytes;
+    const saved = (await engine(false)) - (await engine(true));
+    assert.ok(saved > 0);
+    assert.equal(saved, planned(false) - planned(true));
+  },
+);

@@ -3,7 +3,7 @@
 // (Math.f16round; bf16 by choosing the nearer of the two neighbouring bf16 values in float64),
 // the kernels against float64 twins on the rounded values, and whole models: a BF16 checkpoint
 // scored with 16-bit storage gives exactly the log-probs of f32 storage (widening is exact), and
-// still matches PyTorch's golden values.
+// still matches PyTorch's golden values. The memory plan counts them as the model allocates them.
 //
 // f16 storage needs the adapter's shader-f16 feature (lavapipe has it, llvmpipe's GL does not):
 // those tests are skipped, with the reason in their name, where it is missing
@@ -29,7 +29,17 @@ import { embedding } from "../gpu/kernels/embedding.ts";
 import { matmul } from "../gpu/kernels/matmul.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
-import { assertRowsClose, gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
+import {
+  allocatedBytes,
+  assertRowsClose,
+  gpuTest,
+  openGpu,
+  padded,
+  randoms,
+  unpad,
+} from "./helpers.ts";
+import { planMemory } from "../core/plan.ts";
+import { defaultTrainConfig } from "../core/train_config.ts";
 
 const gpu = await openGpu();
 const GOLDEN = new URL("./fixtures/golden/", import.meta.url).pathname;
@@ -253,5 +263,25 @@ Deno.test(
       /^aha: score: --frozen-dtype must be auto, bf16, f16 or f32, got "bf8"/,
     );
     await Deno.remove(input);
+  },
+);
+
+Deno.test(
+  "the plan counts 16-bit frozen weights as the GPU model allocates them",
+  gpuTest,
+  async () => {
+    const { config, weights, dtypes } = await loadCheckpoint(GOLDEN + "gqa3_untied");
+    const engine = (frozen: "f32" | "bf16") =>
+      allocatedBytes(gpu, () => {
+        const storage = frozenWeightDtypes(frozen, weightShapes(config), dtypes, gpu.hasF16);
+        new GpuModel(gpu, config, weights, { weightDtypes: storage }).destroy();
+        return Promise.resolve();
+      });
+    const planned = (frozen_dtype: "f32" | "bf16") =>
+      planMemory({ ...defaultTrainConfig(), frozen_dtype }, config, false).items
+        .find((i) => i.adapter === "reference" && i.what === "weights")!.bytes;
+    const saved = (await engine("f32")) - (await engine("bf16"));
+    assert.ok(saved > 0);
+    assert.equal(saved, planned("f32") - planned("bf16"));
   },
 );

@@ -4,7 +4,8 @@
 // same rounded values (the f32 kernel is checked against its twin in attention_test.ts). A whole
 // generation with a 16-bit cache stays close to the f32 cache: greedy tokens equal and log-probs
 // within 0.02 on a small model whose keys are O(1) (bf16 keeps 8 bits of mantissa: ~0.4% per
-// key; f16 11 bits), not equal: sampling is no longer bit-identical to the f32 cache.
+// key; f16 11 bits), not equal: sampling is no longer bit-identical to the f32 cache. The plan
+// counts the cache as generation allocates it.
 
 import assert from "node:assert/strict";
 import { type HalfDType, packHalves, roundThrough } from "../core/half.ts";
@@ -14,7 +15,9 @@ import { Rng } from "../core/rng.ts";
 import { generate } from "../gpu/generate.ts";
 import { attention, type AttentionShape, writeKvCache } from "../gpu/kernels/attention.ts";
 import { GpuModel } from "../gpu/model.ts";
-import { gpuTest, openGpu, randoms } from "./helpers.ts";
+import { allocatedBytes, gpuTest, openGpu, randoms } from "./helpers.ts";
+import { planMemory, prefillPrompts } from "../core/plan.ts";
+import { defaultTrainConfig, type TrainConfig } from "../core/train_config.ts";
 
 const gpu = await openGpu();
 
@@ -100,3 +103,44 @@ Deno.test("generation with a 16-bit cache stays close to the f32 cache", gpuTest
     assert.ok(differs, `${dtype}: the cache is really 16-bit`);
   }
 });
+
+Deno.test(
+  "the plan counts what a 16-bit cache saves, as generation allocates it",
+  gpuTest,
+  async () => {
+    // 5 prompts of 4 tokens × 3 samples, 6 new tokens: the decode cache and the prompt caches
+    // (one prefill batch: the plan counts one, as the engine frees each before the next).
+    const config = parseModelConfig({
+      vocab_size: 23,
+      hidden_size: 32,
+      intermediate_size: 45,
+      num_hidden_layers: 2,
+      num_attention_heads: 4,
+      num_key_value_heads: 2,
+    });
+    const weights = initWeights(config, 2);
+    const prompts = Array.from({ length: 5 }, (_, p) => [p + 1, 2, 3, 4]);
+    assert.equal(prefillPrompts(5, 3), 5);
+    const cfg: TrainConfig = {
+      ...defaultTrainConfig(),
+      prompts_per_step: 5,
+      num_generations: 3,
+      max_prompt_length: 4,
+      max_completion_length: 6,
+      eval_prompts: 1,
+    };
+    const opts = { temperature: 1, topP: 1, topK: 0, maxNewTokens: 6, eosIds: [], seed: 3 };
+    const model = new GpuModel(gpu, config, weights);
+    const half = new GpuModel(gpu, config, weights, { kvCacheDtype: "bf16" });
+    const engine = (m: GpuModel) => allocatedBytes(gpu, () => generate(m, prompts, 3, opts));
+    const planned = (kv_cache_dtype: "f32" | "bf16") =>
+      planMemory({ ...cfg, kv_cache_dtype }, config).items
+        .find((i) => i.what === "generation KV cache")!.bytes;
+    const saved = (await engine(model)) - (await engine(half));
+    assert.ok(saved > 0);
+    assert.equal(saved, planned("f32") - planned("bf16"));
+    assert.equal(planned("bf16") * 2, planned("f32"));
+    model.destroy();
+    half.destroy();
+  },
+);
