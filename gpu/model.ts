@@ -333,7 +333,8 @@ export class GpuModel {
   /** A weight's gradient, sliced like the weight, made on first use. */
   private gradSlices(name: string): Tensor[] {
     let slices = this.grads.get(name);
-    if (!slices && this.params.get(name)?.[0].dtype !== "f32") {
+    const stored = this.params.get(name)?.[0].dtype;
+    if (!slices && (stored === "bf16" || stored === "f16")) {
       // 16-bit weights are frozen: only a LoRA run (whose base is not trained) goes through them.
       throw new Error(`GpuModel: ${name} is stored in 16 bits, frozen: it has no gradient`);
     }
