@@ -285,3 +285,17 @@ Deno.test(
     assert.equal(saved, planned("f32") - planned("bf16"));
   },
 );
+
+Deno.test(
+  "a 16-bit weight is frozen: going back through it for its gradient is refused",
+  gpuTest,
+  async () => {
+    const { config, weights, dtypes } = await loadCheckpoint(GOLDEN + "bf16_tied");
+    const weightDtypes = frozenWeightDtypes("auto", weightShapes(config), dtypes, gpu.hasF16);
+    const model = new GpuModel(gpu, config, weights, { weightDtypes });
+    model.forward(new Int32Array(6).fill(1), 2, 3);
+    assert.throws(() => model.backward(new Float32Array(6)), /stored in 16 bits, frozen/);
+    gpu.flush();
+    model.destroy();
+  },
+);
