@@ -11,6 +11,8 @@ import {
   describeTensor,
   formatBytes,
   largestTensor,
+  loraParameterCount,
+  type PlanDType,
   planMemory,
   planModel,
   planProblems,
@@ -80,17 +82,18 @@ export async function run(args: string[]): Promise<number> {
 export function planReport(
   source: string,
   cfg: TrainConfig,
-  model: { config: ModelConfig; source: string },
+  model: { config: ModelConfig; source: string; dtype: PlanDType },
   limits: AdapterLimits,
   memoryNote: string,
 ): string[] {
-  const plan = planMemory(cfg, model.config);
+  const plan = planMemory(cfg, model.config, undefined, model.dtype);
   const c = model.config;
   const lines = [
     `plan for ${source}`,
     `model ${cfg.model ?? "(built-in)"}: ${(parameterCount(c) / 1e6).toFixed(1)}M parameters, ` +
     `${c.numLayers} layers, hidden ${c.hiddenSize}, vocab ${c.vocabSize}` +
     `${c.tieWordEmbeddings ? " (tied)" : ""}; shape from ${model.source}`,
+    trainingLine(cfg, c, model.dtype),
     `adapter ${limits.description}: maxStorageBufferBindingSize ` +
     `${formatBytes(limits.maxStorageBufferBindingSize)}, maxBufferSize ` +
     `${formatBytes(limits.maxBufferSize)}, memory ` +
@@ -103,6 +106,9 @@ export function planReport(
     if (items.length === 0) continue;
     const where = adapter === "policy"
       ? "policy adapter"
+      : plan.referenceShared && cfg.lora !== null
+      ? `reference (reference.adapter ${cfg.reference.adapter}: the LoRA run's base, in the ` +
+        `training process with the adapters off, sharing the policy's frozen weights)`
       : plan.referenceShared
       ? `reference (reference.adapter ${cfg.reference.adapter}: on the policy adapter, adding to it)`
       : `reference (reference.adapter ${cfg.reference.adapter}: a second adapter, same limits assumed)`;
@@ -147,6 +153,20 @@ export function planReport(
     return lines;
   }
   lines.push("does not fit:", ...problems.map((p) => `  - ${p}`), "advice:");
-  lines.push(...advise(cfg, c, limits, plan.referenceShared).map((a) => `  - ${a}`));
+  lines.push(
+    ...advise(cfg, c, limits, plan.referenceShared, true, model.dtype).map((a) => `  - ${a}`),
+  );
   return lines;
+}
+
+/** What is trained and how memory is saved: LoRA or full fine-tuning, and the memory keys. */
+function trainingLine(cfg: TrainConfig, c: ModelConfig, checkpointDtype: PlanDType): string {
+  const lora = cfg.lora;
+  const what = lora === null
+    ? "full fine-tuning (every weight trained, f32)"
+    : `LoRA r ${lora.r}, alpha ${lora.alpha} on ${lora.target_modules.join(", ")}: ` +
+      `${(loraParameterCount(c, lora) / 1e6).toFixed(2)}M trained parameters`;
+  const frozen = cfg.frozen_dtype === "auto" ? `auto = ${checkpointDtype}` : cfg.frozen_dtype;
+  return `training: ${what}; frozen_dtype ${frozen}, gradient_checkpointing ` +
+    `${cfg.gradient_checkpointing}, kv_cache_dtype ${cfg.kv_cache_dtype}`;
 }

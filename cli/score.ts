@@ -3,7 +3,8 @@
 
 import { checkOutputPath, intOption, parseCommandArgs, required, writeOutput } from "./args.ts";
 import { loadCheckpoint, readJson } from "../core/checkpoint.ts";
-import { parseModelConfig } from "../core/model_config.ts";
+import { parseModelConfig, weightShapes } from "../core/model_config.ts";
+import { type FrozenDtype, frozenWeightDtypes } from "../core/half.ts";
 import { AhaError, UsageError } from "../core/errors.ts";
 import { Gpu, modelNeeds } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
@@ -11,6 +12,7 @@ import { scoreSequences } from "../gpu/score.ts";
 
 export const help =
   `usage: aha score --model DIR --input IN.json [--output OUT.json] [--engine webgpu|onnx]
+                 [--frozen-dtype auto|bf16|f16|f32]
 
 Computes per-token log-probabilities. IN.json is {"sequences": [[token ids...], ...]} (lengths
 may differ); the output is {"logprobs": [[...], ...]} where row i has len(seq_i) - 1 values and
@@ -20,7 +22,10 @@ value t is log p(seq_i[t+1] | seq_i[0..t]).
   --input FILE     the sequences
   --output FILE    where to write the result (default: standard output)
   --engine NAME    webgpu (default: aha's own kernels) or onnx (onnxruntime-web, WASM)
-  --threads N      threads for the onnx engine (default 2)`;
+  --threads N      threads for the onnx engine (default 2)
+  --frozen-dtype T how the webgpu engine stores the weight matrices: auto (default: each
+                   tensor's dtype in the checkpoint, so BF16 stays 16-bit, widened exactly in
+                   the kernels), bf16, f16 (needs shader-f16) or f32`;
 
 export async function run(args: string[]): Promise<void> {
   const { values } = parseCommandArgs("score", args, {
@@ -29,6 +34,7 @@ export async function run(args: string[]): Promise<void> {
     output: { type: "string" },
     engine: { type: "string", default: "webgpu" },
     threads: { type: "string" },
+    "frozen-dtype": { type: "string", default: "auto" },
   });
   const modelDir = required("score", "model", values.model);
   const inputPath = required("score", "input", values.input);
@@ -38,6 +44,12 @@ export async function run(args: string[]): Promise<void> {
   }
   const threads = intOption("score", "threads", values.threads, 2);
   if (values.output) await checkOutputPath(values.output as string);
+  const frozenDtype = values["frozen-dtype"];
+  if (!["auto", "bf16", "f16", "f32"].includes(frozenDtype)) {
+    throw new UsageError(
+      `score: --frozen-dtype must be auto, bf16, f16 or f32, got "${frozenDtype}"`,
+    );
+  }
   const sequences = await readSequences(inputPath);
   const configPath = `${modelDir}/config.json`;
   const config = parseModelConfig(await readJson(configPath), configPath);
@@ -59,7 +71,13 @@ export async function run(args: string[]): Promise<void> {
   } else {
     const checkpoint = await loadCheckpoint(modelDir);
     const gpu = await Gpu.open(modelNeeds(checkpoint.config));
-    const model = new GpuModel(gpu, checkpoint.config, checkpoint.weights);
+    const weightDtypes = frozenWeightDtypes(
+      frozenDtype as FrozenDtype,
+      weightShapes(checkpoint.config),
+      checkpoint.dtypes,
+      gpu.hasF16,
+    );
+    const model = new GpuModel(gpu, checkpoint.config, checkpoint.weights, { weightDtypes });
     logprobs = await scoreSequences(model, sequences);
     model.destroy();
     gpu.destroy();

@@ -97,7 +97,7 @@ export async function run(args: string[]): Promise<void> {
   const gpu = await Gpu.open();
   // Refuse a run that cannot fit before loading any weights or creating the output directory.
   const planned = await planModel(cfg, new ArithmeticTokenizer().vocabSize);
-  checkPlan(cfg, planned.config, describeAdapter(gpu.adapter).limits);
+  checkPlan(cfg, planned.config, describeAdapter(gpu.adapter).limits, undefined, planned.dtype);
 
   const lock = await lockRunDir(cfg.output_dir, "train");
   try {
@@ -183,7 +183,12 @@ async function train(
   pretraining = false;
   const start = resumed ?? await loadCheckpoint(referenceDir);
   await checkModelFitsTask(cfg, task, start.config, referenceDir);
-  const policy = new GpuPolicy(new GpuModel(gpu, start.config, start.weights));
+  const policy = new GpuPolicy(
+    new GpuModel(gpu, start.config, start.weights, {
+      gradientCheckpointing: cfg.gradient_checkpointing,
+      kvCacheDtype: cfg.kv_cache_dtype,
+    }),
+  );
   if (resumed) {
     policy.loadOptimizerState({ step: resumed.state.adam_step, moments: resumed.moments });
     task.restoreSampler(resumed.state.sampler);
@@ -198,6 +203,7 @@ async function train(
       timeoutS: cfg.reference.timeout_s,
       maxRestarts: cfg.reference.max_restarts,
       onnxPath: cfg.reference.onnx,
+      frozenDtype: cfg.frozen_dtype,
       policy: {
         vocabSize: start.config.vocabSize,
         dir: resume ?? referenceDir,
@@ -362,7 +368,12 @@ async function builtinBaseModel(cfg: TrainConfig, gpu: Gpu, console_: Console): 
     vocab_size: tokenizer.vocabSize,
     eos_token_id: tokenizer.eosIds[0],
   });
-  const policy = new GpuPolicy(new GpuModel(gpu, config, initWeights(config, cfg.seed)));
+  const policy = new GpuPolicy(
+    new GpuModel(gpu, config, initWeights(config, cfg.seed), {
+      gradientCheckpointing: cfg.gradient_checkpointing,
+      kvCacheDtype: cfg.kv_cache_dtype,
+    }),
+  );
   const { train } = splitProblems(cfg.arithmetic);
   const rows = pretrainingCorpus(train, cfg.arithmetic, new Rng(cfg.seed)).map((r) => ({
     promptIds: tokenizer.encode(r.prompt),

@@ -5,12 +5,19 @@
 
 import { AhaError } from "./errors.ts";
 import { type ModelConfig, parseModelConfig, weightShapes } from "./model_config.ts";
-import { readSafetensors, readSafetensorsHeader, writeSafetensors } from "./safetensors.ts";
+import {
+  readSafetensors,
+  readSafetensorsHeader,
+  type SafeDType,
+  writeSafetensors,
+} from "./safetensors.ts";
 
 export interface Checkpoint {
   config: ModelConfig;
   hfConfig: Record<string, unknown>;
   weights: Map<string, Float32Array>; // in weightShapes order
+  /** Each weight's dtype in the files (F32, F16 or BF16), e.g. for frozen_dtype "auto". */
+  dtypes: Map<string, SafeDType>;
 }
 
 const SINGLE_FILE = "model.safetensors";
@@ -78,6 +85,7 @@ export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
   const files = await weightFiles(dir, [...shapes.keys()]);
   const byFile = Map.groupBy(files.keys(), (name) => files.get(name)!);
   // Check every header before reading any tensor data.
+  const dtypes = new Map<string, SafeDType>();
   for (const [file, names] of byFile) {
     const { entries } = await readSafetensorsHeader(file);
     for (const name of names) {
@@ -94,6 +102,7 @@ export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
             `expected ${shapeText(expected)} from config.json`,
         );
       }
+      dtypes.set(name, entry.dtype);
     }
   }
   const read = new Map<string, Float32Array>();
@@ -112,7 +121,7 @@ export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
     }
     weights.set(name, data);
   }
-  return { config, hfConfig: hfConfig as Record<string, unknown>, weights };
+  return { config, hfConfig: hfConfig as Record<string, unknown>, weights, dtypes };
 }
 
 /** Writes config.json, model.safetensors (F32, weightShapes order) and `extraFiles` into a

@@ -1,7 +1,11 @@
 // The memory plan of a training run, device-free: every buffer `aha train` allocates for a config
 // and a model shape, mirroring gpu/model.ts (weights, gradients, AdamW moments, the activations
 // the forward keeps, the logit chunk) and gpu/generate.ts (KV caches, prefill and decode
-// buffers), grouped by purpose and adapter. The plan is checked against the adapter's limits —
+// buffers), grouped by purpose and adapter. It follows the memory settings: a LoRA run trains
+// only the adapters' A and B (gradients and moments for those alone) over a frozen base; frozen
+// weights are 16-bit per frozen_dtype; gradient checkpointing keeps each layer's input and one
+// layer's buffers; the KV cache is kv_cache_dtype; and a LoRA run's reference is its base, so on
+// one adapter it needs no weights of its own. The plan is checked against the adapter's limits —
 // a weight larger than one storage binding is kept as row slices, so one row must fit; every
 // other tensor is bound whole, so the largest must fit; the totals must fit the adapter's memory
 // when it is known — and advice says which setting to lower, and to what.
@@ -9,7 +13,7 @@
 
 import { AhaError } from "./errors.ts";
 import { type ModelConfig, parseModelConfig, PRESETS, weightShapes } from "./model_config.ts";
-import type { TrainConfig } from "./train_config.ts";
+import type { LoraConfig, TrainConfig } from "./train_config.ts";
 
 // The sizes that bound the GPU engine's memory; gpu/model.ts and gpu/score.ts use these.
 
@@ -19,14 +23,24 @@ export const LOGIT_CHUNK_FLOATS = 16 * 1024 * 1024;
 export const CHUNK_ALIGN = 64;
 /** Tokens per scoring forward pass (the reference model, `aha score`). */
 export const SCORE_BATCH_TOKENS = 8192;
+/** Tokens per prefill pass of generation (gpu/generate.ts prefills prompts in such batches). */
+export const PREFILL_BATCH_TOKENS = 2048;
+
+/** Prompts per prefill pass for P prompts prefilled to `prefillLen` tokens (at least one). */
+export function prefillPrompts(P: number, prefillLen: number): number {
+  return Math.min(P, Math.max(1, Math.floor(PREFILL_BATCH_TOKENS / Math.max(1, prefillLen))));
+}
 
 /** Tokens per logit chunk for T tokens over a vocabulary of V. */
 export function logitChunkTokens(T: number, V: number, chunkFloats = LOGIT_CHUNK_FLOATS): number {
   const fit = Math.floor(chunkFloats / V / CHUNK_ALIGN) * CHUNK_ALIGN;
   return Math.min(T, Math.max(CHUNK_ALIGN, fit));
 }
-/** Every element aha stores (f32, i32) takes 4 bytes. */
+/** Every element aha stores (f32, i32) takes 4 bytes, but 16-bit frozen weights and caches. */
 const ELEMENT_BYTES = 4;
+
+/** How a planned buffer is stored: 4-byte elements, or 2-byte (bf16/f16) ones. */
+export type PlanDType = "f32" | "bf16" | "f16";
 
 /** Bytes of one row of a weight (a 1-D weight is one row): what splitting cannot go below. */
 export function weightRowBytes(shape: number[]): number {
@@ -53,10 +67,11 @@ export interface AdapterLimits {
   memory: number | null;
 }
 
-/** One buffer: its name and shape, in elements. */
+/** One buffer: its name and shape, in elements, and its storage when not 4 bytes. */
 export interface PlannedTensor {
   name: string;
   shape: number[];
+  dtype?: PlanDType;
 }
 
 export interface PlanItem {
@@ -66,6 +81,8 @@ export interface PlanItem {
   detail: string;
   tensors: PlannedTensor[];
   bytes: number;
+  /** Model weights, kept as row slices when over one binding (so one row must fit). */
+  weights?: boolean;
 }
 
 export interface Plan {
@@ -77,7 +94,66 @@ export interface Plan {
   referenceShared: boolean;
 }
 
-export const tensorBytes = (t: PlannedTensor) => t.shape.reduce((a, b) => a * b, 1) * ELEMENT_BYTES;
+/** A buffer's bytes, as gpu/device.ts allocates them (16-bit ones padded to whole words). */
+export const tensorBytes = (t: PlannedTensor) => {
+  const size = t.shape.reduce((a, b) => a * b, 1);
+  if (t.dtype === "bf16" || t.dtype === "f16") return Math.ceil(size / 2) * 4;
+  return size * ELEMENT_BYTES;
+};
+
+/** The storage of a checkpoint's tensors, from config.json's torch_dtype (f32 when unknown). */
+export function torchDtype(hfConfig: unknown): PlanDType {
+  const name = (hfConfig as { torch_dtype?: unknown } | null)?.torch_dtype;
+  return name === "bfloat16" ? "bf16" : name === "float16" ? "f16" : "f32";
+}
+
+/**
+ * How frozen weight matrices are stored (core/half.ts frozenWeightDtypes): frozen_dtype, or for
+ * "auto" the checkpoint's own dtype (f16 needs shader-f16 on the adapter; else f32, which the
+ * plan cannot know, so it assumes the adapter has it).
+ */
+export function frozenStorage(cfg: TrainConfig, checkpointDtype: PlanDType): PlanDType {
+  return cfg.frozen_dtype === "auto" ? checkpointDtype : cfg.frozen_dtype;
+}
+
+/** A weight as stored when frozen: matrices in `dtype`, norm weights and biases in f32. */
+const frozenTensor = (name: string, shape: number[], dtype: PlanDType): PlannedTensor =>
+  shape.length === 2 && dtype !== "f32" ? { name, shape, dtype } : { name, shape };
+
+/** Parameters of a model's LoRA adapters: Σ r·(in + out) over layers and targets. */
+export function loraParameterCount(c: ModelConfig, lora: LoraConfig): number {
+  let n = 0;
+  for (const shape of loraShapes(c, lora).values()) n += shape[0] * shape[1];
+  return n;
+}
+
+/**
+ * The LoRA adapters of a model: for each layer and targeted projection, A [r, in] and B [out, r]
+ * under PEFT's names.
+ */
+export function loraShapes(c: ModelConfig, lora: LoraConfig): Map<string, number[]> {
+  const H = c.hiddenSize, I = c.intermediateSize;
+  const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
+  const inOut: Record<string, [string, number, number]> = {
+    q_proj: ["self_attn", H, qDim],
+    k_proj: ["self_attn", H, kvDim],
+    v_proj: ["self_attn", H, kvDim],
+    o_proj: ["self_attn", qDim, H],
+    gate_proj: ["mlp", H, I],
+    up_proj: ["mlp", H, I],
+    down_proj: ["mlp", I, H],
+  };
+  const shapes = new Map<string, number[]>();
+  for (let i = 0; i < c.numLayers; i++) {
+    for (const target of lora.target_modules) {
+      const [block, inF, outF] = inOut[target];
+      const module = `base_model.model.model.layers.${i}.${block}.${target}`;
+      shapes.set(`${module}.lora_A.weight`, [lora.r, inF]);
+      shapes.set(`${module}.lora_B.weight`, [outF, lora.r]);
+    }
+  }
+  return shapes;
+}
 
 // ---------------------------------------------------------------------------------------------
 // What each part of the program allocates.
@@ -107,16 +183,27 @@ function layerTensors(c: ModelConfig, layer: string, B: number, L: number): Plan
 
 /**
  * gpu/model.ts Activations: a forward over B rows of L tokens — every layer's buffers when kept
- * for backward, one set reused by all layers when not.
+ * for backward; with checkpointing, every layer's input and one set of buffers for recomputing;
+ * one set reused by all layers when not kept.
  */
-function forwardTensors(c: ModelConfig, B: number, L: number, keep = true) {
+function forwardTensors(
+  c: ModelConfig,
+  B: number,
+  L: number,
+  keep = true,
+  checkpointed = false,
+) {
   const T = B * L, H = c.hiddenSize, I = c.intermediateSize, V = c.vocabSize;
   const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
   const chunk = logitChunkTokens(T, V);
   const t = (name: string, ...shape: number[]): PlannedTensor => ({ name, shape });
   const activations: PlannedTensor[] = [];
-  for (let i = 0; i < (keep ? c.numLayers : 1); i++) {
+  const everyLayer = keep && !checkpointed;
+  for (let i = 0; i < (everyLayer ? c.numLayers : 1); i++) {
     activations.push(...layerTensors(c, `layers.${i}`, B, L));
+  }
+  if (keep && checkpointed) {
+    for (let i = 1; i < c.numLayers; i++) activations.push(t(`layers.${i}.input`, T, H));
   }
   activations.push(
     t("ids", T),
@@ -145,8 +232,8 @@ function forwardTensors(c: ModelConfig, B: number, L: number, keep = true) {
 
 /**
  * gpu/generate.ts: G completions of up to maxNew tokens for each of P prompts of up to
- * promptLen tokens. Everything is alive at once when decoding starts (the prefill's buffers are
- * released only at the next submit).
+ * promptLen tokens, prefilled in batches of prefillPrompts. Counted as if one prefill batch's
+ * buffers were alive with the decode buffers (they are released once submitted: an upper bound).
  */
 function generationTensors(
   c: ModelConfig,
@@ -154,29 +241,34 @@ function generationTensors(
   G: number,
   promptLen: number,
   maxNew: number,
+  kvDtype: PlanDType = "f32",
 ) {
   const rows = P * G, capacity = promptLen + maxNew, prefill = promptLen - 1;
+  // Prompts are prefilled in batches; each batch's buffers go before the next is made.
+  const batch = prefillPrompts(P, prefill);
   const H = c.hiddenSize, kv = [capacity, c.numKvHeads, c.headDim];
   const t = (name: string, ...shape: number[]): PlannedTensor => ({ name, shape });
+  const kvT = (name: string, ...shape: number[]): PlannedTensor =>
+    kvDtype === "f32" ? { name, shape } : { name, shape, dtype: kvDtype };
   const cache: PlannedTensor[] = [];
   for (let i = 0; i < c.numLayers; i++) {
-    cache.push(t(`layers.${i}.k cache`, rows, ...kv), t(`layers.${i}.v cache`, rows, ...kv));
+    cache.push(kvT(`layers.${i}.k cache`, rows, ...kv), kvT(`layers.${i}.v cache`, rows, ...kv));
     if (prefill > 0) {
       cache.push(
-        t(`layers.${i}.k prompt cache`, P, ...kv),
-        t(`layers.${i}.v prompt cache`, P, ...kv),
+        kvT(`layers.${i}.k prompt cache`, batch, ...kv),
+        kvT(`layers.${i}.v prompt cache`, batch, ...kv),
       );
     }
   }
   const work: PlannedTensor[] = [];
   if (prefill > 0) {
-    const T = P * prefill;
+    const T = batch * prefill;
     work.push(
-      ...layerTensors(c, "prefill", P, prefill),
+      ...layerTensors(c, "prefill", batch, prefill),
       t("prefill scratch", T, H),
       t("prefill ids", T),
       t("prefill positions", T),
-      t("prefill kvLens", P),
+      t("prefill kvLens", batch),
     );
   }
   work.push(
@@ -188,7 +280,8 @@ function generationTensors(
     t("sampled tokens", maxNew, rows),
     t("sampled log-probs", maxNew, rows),
   );
-  return { cache, work, rows, capacity };
+  // The most tokens one pass runs: a prefill batch, or one decode step of every row.
+  return { cache, work, rows, capacity, tokens: Math.max(batch * prefill, rows) };
 }
 
 const sumBytes = (tensors: PlannedTensor[]) => tensors.reduce((a, t) => a + tensorBytes(t), 0);
@@ -201,11 +294,15 @@ function referenceSharesAdapter(cfg: TrainConfig): boolean {
   return cfg.reference.adapter === "same" || cfg.reference.adapter === "auto";
 }
 
-/** Every buffer of a training run of `model` under `cfg`, by adapter and purpose. */
+/**
+ * Every buffer of a training run of `model` under `cfg`, by adapter and purpose.
+ * `checkpointDtype` is the checkpoint's storage (frozen_dtype "auto" keeps it).
+ */
 export function planMemory(
   cfg: TrainConfig,
   model: ModelConfig,
   referenceShared = referenceSharesAdapter(cfg),
+  checkpointDtype: PlanDType = "f32",
 ): Plan {
   const items: PlanItem[] = [];
   const add = (
@@ -213,48 +310,105 @@ export function planMemory(
     what: string,
     detail: string,
     tensors: PlannedTensor[],
-  ) => items.push({ adapter, what, detail, tensors, bytes: sumBytes(tensors) });
+    weights = false,
+  ) =>
+    items.push({
+      adapter,
+      what,
+      detail,
+      tensors,
+      bytes: sumBytes(tensors),
+      ...(weights ? { weights } : {}),
+    });
   const P = cfg.prompts_per_step, G = cfg.num_generations;
   const L = cfg.max_prompt_length + cfg.max_completion_length;
   const tokens = (rows: number) => `${rows} rows × ${L} tokens`;
 
-  const weights = [...weightShapes(model)].map(([name, shape]) => ({ name, shape }));
-  add("policy", "weights", `${weights.length} tensors`, weights);
-  add(
-    "policy",
-    "gradients",
-    "one per weight",
-    weights.map((w) => ({ ...w, name: `${w.name} grad` })),
+  const lora = cfg.lora;
+  const frozen = frozenStorage(cfg, checkpointDtype);
+  const frozenWeights = [...weightShapes(model)].map(([name, shape]) =>
+    frozenTensor(name, shape, frozen)
   );
-  add("policy", "AdamW moments", "m and v per weight", [
-    ...weights.map((w) => ({ ...w, name: `${w.name} exp_avg` })),
-    ...weights.map((w) => ({ ...w, name: `${w.name} exp_avg_sq` })),
-  ]);
+  // What is trained gets gradients and AdamW moments: every weight, or the LoRA adapters alone.
+  const trained = (what: string, detail: string, tensors: PlannedTensor[]) => {
+    const prefix = lora === null ? "" : "LoRA ";
+    add("policy", what, detail, tensors, lora === null);
+    add("policy", `${prefix}gradients`, "one per trained tensor", [
+      ...tensors.map((w) => ({ ...w, name: `${w.name} grad` })),
+    ]);
+    add("policy", `${prefix}AdamW moments`, "m and v per trained tensor", [
+      ...tensors.map((w) => ({ ...w, name: `${w.name} exp_avg` })),
+      ...tensors.map((w) => ({ ...w, name: `${w.name} exp_avg_sq` })),
+    ]);
+  };
+  if (lora === null) {
+    const weights = [...weightShapes(model)].map(([name, shape]) => ({ name, shape }));
+    trained("weights", `${weights.length} tensors`, weights);
+  } else {
+    const detail = `${frozenWeights.length} tensors, frozen base, matrices ${frozen}`;
+    add("policy", "weights", detail, frozenWeights, true);
+    const adapters = [...loraShapes(model, lora)].map(([name, shape]) => ({ name, shape }));
+    trained(
+      "LoRA adapters",
+      `r ${lora.r}, ${lora.target_modules.length} projections × ${model.numLayers} layers`,
+      adapters,
+    );
+  }
   // A micro-batch never holds more rows than a step has completions.
   const micro = Math.min(cfg.micro_batch_size, P * G);
-  const train = forwardTensors(model, micro, L);
-  add("policy", "training activations", `micro_batch_size ${tokens(micro)}`, train.activations);
+  const checkpointed = cfg.gradient_checkpointing;
+  const train = forwardTensors(model, micro, L, true, checkpointed);
+  add(
+    "policy",
+    "training activations",
+    `micro_batch_size ${tokens(micro)}` +
+      (checkpointed ? ", checkpointed: layer inputs + one layer" : ""),
+    train.activations,
+  );
   add("policy", "backward scratch", tokens(micro), train.backward);
   add("policy", "log-prob buffers", `logit chunk ${train.chunk} tokens × vocab`, train.logprobs);
-  // Sampling (P prompts × G) or greedy evaluation (eval_prompts × 1), whichever is larger.
+  // Sampling (P prompts × G) or greedy evaluation (eval_prompts × 1, in batches of at most P × G
+  // prompts: core/trainer.ts evaluate), whichever is larger.
+  const kv = cfg.kv_cache_dtype;
   const generation = [
-    generationTensors(model, P, G, cfg.max_prompt_length, cfg.max_completion_length),
-    generationTensors(model, cfg.eval_prompts, 1, cfg.max_prompt_length, cfg.max_completion_length),
+    generationTensors(model, P, G, cfg.max_prompt_length, cfg.max_completion_length, kv),
+    generationTensors(
+      model,
+      Math.min(cfg.eval_prompts, P * G),
+      1,
+      cfg.max_prompt_length,
+      cfg.max_completion_length,
+      kv,
+    ),
   ].reduce((a, b) => sumBytes([...b.cache, ...b.work]) > sumBytes([...a.cache, ...a.work]) ? b : a);
   const rows = `${generation.rows} rows × ${generation.capacity} tokens`;
-  add("policy", "generation KV cache", rows, generation.cache);
+  add("policy", "generation KV cache", `${rows}${kv === "f32" ? "" : `, ${kv}`}`, generation.cache);
   add(
     "policy",
     "generation buffers",
     `prefill and decode, ${generation.rows} rows`,
     generation.work,
   );
+  if (lora !== null) {
+    // gpu/model.ts loraBuffers: u = s·x·Aᵀ and its gradient, [T, r] for the largest pass the
+    // adapters run in (training, a prefill batch or a decode step; the reference runs without).
+    const T = Math.max(micro * L, generation.tokens);
+    add("policy", "LoRA scratch", `x·Aᵀ and its gradient, ${T} tokens × r`, [
+      { name: "lora u", shape: [T, lora.r] },
+      { name: "lora du", shape: [T, lora.r] },
+    ]);
+  }
 
   if (cfg.beta > 0) {
     // The reference scores the batch in forward passes of at most SCORE_BATCH_TOKENS tokens.
     const rows = Math.min(P * G, Math.max(1, Math.floor(SCORE_BATCH_TOKENS / L)));
     const ref = forwardTensors(model, rows, L, false);
-    add("reference", "weights", `${weights.length} tensors`, weights);
+    // A LoRA run's reference is its base: on the policy's adapter it runs in the training
+    // process on the policy's frozen weights, with the adapters off (no second copy).
+    if (lora === null || !referenceShared) {
+      const detail = `${frozenWeights.length} tensors, frozen, matrices ${frozen}`;
+      add("reference", "weights", detail, frozenWeights, true);
+    }
     add("reference", "forward activations", `${tokens(rows)} per pass`, ref.activations);
     add("reference", "log-prob buffers", `logit chunk ${ref.chunk} tokens × vocab`, ref.logprobs);
   }
@@ -291,7 +445,7 @@ export function planProblems(plan: Plan, limits: AdapterLimits): string[] {
     i.what === "gradients" || i.what === "AdamW moments" ||
     (i.adapter === "reference" && i.what === "weights");
   for (const item of plan.items.filter((i) => !mirrorsWeights(i))) {
-    if (item.what === "weights") {
+    if (item.weights) {
       const widest = item.tensors.reduce((a, b) =>
         weightRowBytes(b.shape) > weightRowBytes(a.shape) ? b : a
       );
@@ -353,9 +507,10 @@ export function advise(
   limits: AdapterLimits,
   referenceShared = referenceSharesAdapter(cfg),
   referenceMovable = true,
+  checkpointDtype: PlanDType = "f32",
 ): string[] {
   const fits = (c: TrainConfig, shared: boolean) =>
-    planProblems(planMemory(c, model, shared), limits).length === 0;
+    planProblems(planMemory(c, model, shared, checkpointDtype), limits).length === 0;
   /** The largest value of `knob` below the current one that fits, or null. */
   const lower = (c: TrainConfig, knob: typeof KNOBS[number], shared: boolean) => {
     let lo = 0, hi = c[knob] - 1; // the answer is in [lo, hi]; 0 means none
@@ -373,6 +528,11 @@ export function advise(
       "put the reference on a second adapter (reference.adapter: vulkan, gl, metal or dx12)",
     );
   }
+  if (
+    !cfg.gradient_checkpointing && fits({ ...cfg, gradient_checkpointing: true }, referenceShared)
+  ) {
+    advice.push("gradient_checkpointing: true");
+  }
   for (const knob of KNOBS) {
     const value = lower(cfg, knob, referenceShared);
     if (value !== null) advice.push(`${knob} ${cfg[knob]} → ${value}`);
@@ -387,7 +547,13 @@ export function advise(
     shared = false;
     changes.push("the reference on a second adapter");
   }
-  let c: TrainConfig = { ...cfg, ...Object.fromEntries(KNOBS.map((k) => [k, 1])) };
+  // Checkpointing costs compute, not learning: on before any setting is lowered.
+  if (!cfg.gradient_checkpointing) changes.push("gradient_checkpointing: true");
+  let c: TrainConfig = {
+    ...cfg,
+    gradient_checkpointing: true,
+    ...Object.fromEntries(KNOBS.map((k) => [k, 1])),
+  };
   for (const knob of [...KNOBS].reverse()) {
     c = { ...c, [knob]: cfg[knob] };
     if (!fits(c, shared)) c = { ...c, [knob]: lower(c, knob, shared) ?? 1 };
@@ -396,10 +562,17 @@ export function advise(
   if (fits(c, shared)) return [`These together fit: ${changes.join(", ")}`];
 
   // What is left does not depend on the settings: the model's own tensors.
-  const plan = planMemory(c, model, shared);
+  const plan = planMemory(c, model, shared, checkpointDtype);
   const left: string[] = [];
   const fixed = plan.items.filter((i) =>
-    i.adapter === "policy" && ["weights", "gradients", "AdamW moments"].includes(i.what)
+    i.adapter === "policy" && [
+      "weights",
+      "gradients",
+      "AdamW moments",
+      "LoRA adapters",
+      "LoRA gradients",
+      "LoRA AdamW moments",
+    ].includes(i.what)
   ).reduce((a, i) => a + i.bytes, 0);
   const needed = shared
     ? plan.policyBytes + plan.referenceBytes
@@ -428,11 +601,12 @@ export function checkPlan(
   model: ModelConfig,
   limits: AdapterLimits,
   referenceShared = referenceSharesAdapter(cfg),
+  checkpointDtype: PlanDType = "f32",
 ): Plan {
-  const plan = planMemory(cfg, model, referenceShared);
+  const plan = planMemory(cfg, model, referenceShared, checkpointDtype);
   const problems = planProblems(plan, limits);
   if (problems.length > 0) {
-    const advice = advise(cfg, model, limits, referenceShared, false);
+    const advice = advise(cfg, model, limits, referenceShared, false, checkpointDtype);
     throw new AhaError(
       `this run does not fit the adapter "${limits.description}": ${problems.join("; ")}. ` +
         `${advice.join(". ")}. ("aha plan CONFIG" shows the whole estimate.)`,
@@ -496,7 +670,7 @@ export async function planModel(
   cfg: TrainConfig,
   builtinVocabSize: number,
   modelConfigFile?: string,
-): Promise<{ config: ModelConfig; source: string }> {
+): Promise<{ config: ModelConfig; source: string; dtype: PlanDType }> {
   const file = modelConfigFile ?? (cfg.model === null ? null : `${cfg.model}/config.json`);
   const text = file === null ? null : await Deno.readTextFile(file).catch((e) => {
     if (e instanceof Deno.errors.NotFound && modelConfigFile === undefined) return null;
@@ -509,12 +683,13 @@ export async function planModel(
     } catch {
       throw new AhaError(`${file}: not valid JSON`);
     }
-    return { config: parseModelConfig(json, file), source: file };
+    return { config: parseModelConfig(json, file), source: file, dtype: torchDtype(json) };
   }
   if (cfg.model === null) {
     return {
       config: parseModelConfig({ ...PRESETS.tiny, vocab_size: builtinVocabSize }),
       source: "the built-in tiny model",
+      dtype: "f32",
     };
   }
   const shape = builtinShape(cfg.model);
@@ -525,5 +700,10 @@ export async function planModel(
         `(aha plan also takes --model-config FILE)`,
     );
   }
-  return { config: parseModelConfig(shape), source: `the built-in Qwen2.5 table (no ${file})` };
+  // The published Qwen2.5 checkpoints are BF16.
+  return {
+    config: parseModelConfig(shape),
+    source: `the built-in Qwen2.5 table (no ${file})`,
+    dtype: "bf16",
+  };
 }

@@ -15,14 +15,22 @@ import { privateRuntimeDir } from "../core/self_command.ts";
 import { type ModelConfig, weightShapes } from "../core/model_config.ts";
 import { CHUNK_ALIGN, weightRowBytes } from "../core/plan.ts";
 
-export type DType = "f32" | "i32" | "u32";
+export type DType = "f32" | "i32" | "u32" | "bf16" | "f16";
+
+/**
+ * Bytes per element: 4, or 2 for the 16-bit storage of frozen weights (bf16 packed two to a
+ * u32 and widened with shifts; f16 read as WGSL's f16 behind the shader-f16 feature).
+ */
+export function elementBytes(dtype: DType): number {
+  return dtype === "bf16" || dtype === "f16" ? 2 : 4;
+}
 
 /** Storage bindings must start at a multiple of this many bytes (WebGPU's default limit). */
 export const BINDING_ALIGNMENT = 256;
 
 /**
- * A buffer on the GPU with a shape. Elements are 4 bytes whatever the dtype. A view shares its
- * parent's buffer from `offset` bytes on.
+ * A buffer on the GPU with a shape. Elements are 4 bytes, or 2 for bf16/f16 (padded to whole
+ * 4-byte words). A view shares its parent's buffer from `offset` bytes on.
  */
 export class Tensor {
   constructor(
@@ -34,9 +42,13 @@ export class Tensor {
   get size(): number {
     return this.shape.reduce((a, b) => a * b, 1);
   }
+  /** Bytes the elements take, rounded up to whole 4-byte words (at least one). */
+  get bytes(): number {
+    return Math.max(4, Math.ceil((this.size * elementBytes(this.dtype)) / 4) * 4);
+  }
   /** A view of this tensor's elements from `start` on, with the given shape. */
   view(start: number, shape: number[]): Tensor {
-    const offset = this.offset + start * 4;
+    const offset = this.offset + start * elementBytes(this.dtype);
     const size = shape.reduce((a, b) => a * b, 1);
     if (offset % BINDING_ALIGNMENT !== 0) {
       throw new Error(`view: byte offset ${offset} is not ${BINDING_ALIGNMENT}-aligned`);
@@ -143,7 +155,10 @@ export class Gpu {
     };
     need("maxStorageBufferBindingSize", options.minStorageBinding ?? 0);
     need("maxBufferSize", options.minBufferSize ?? 0);
-    const requiredFeatures: GPUFeatureName[] = [];
+    // f16 storage of frozen weights needs shader-f16 (lavapipe has it, llvmpipe's GL does not).
+    const requiredFeatures: GPUFeatureName[] = adapter.features.has("shader-f16")
+      ? ["shader-f16"]
+      : [];
     const device = await adapter.requestDevice({
       requiredFeatures,
       requiredLimits: {
@@ -165,6 +180,11 @@ export class Gpu {
     return this.adapter.info.description;
   }
 
+  /** Whether kernels may read f16 storage (the device was opened with shader-f16). */
+  get hasF16(): boolean {
+    return this.device.features.has("shader-f16");
+  }
+
   // ---- tensors -------------------------------------------------------------------------
 
   /** A zero-filled tensor. */
@@ -172,7 +192,7 @@ export class Gpu {
     const size = shape.reduce((a, b) => a * b, 1);
     const buffer = this.device.createBuffer({
       label,
-      size: Math.max(4, size * 4),
+      size: Math.max(4, Math.ceil((size * elementBytes(dtype)) / 4) * 4),
       usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
     });
     return new Tensor(buffer, shape, dtype);
@@ -200,7 +220,7 @@ export class Gpu {
     this.flush();
     this.device.queue.writeBuffer(
       t.buffer,
-      t.offset + offsetElements * 4,
+      t.offset + offsetElements * elementBytes(t.dtype),
       data.buffer as ArrayBuffer,
       data.byteOffset,
       data.byteLength,
@@ -210,18 +230,19 @@ export class Gpu {
   /** Set every element of a tensor to zero (recorded like a dispatch). */
   clear(t: Tensor): void {
     this.endPass();
-    this.getEncoder().clearBuffer(t.buffer, t.offset, t.size * 4);
+    this.getEncoder().clearBuffer(t.buffer, t.offset, t.bytes);
   }
 
-  /** Copy `count` elements between tensors (recorded like a dispatch). */
+  /** Copy `count` elements between tensors of one dtype (recorded like a dispatch). */
   copy(src: Tensor, dst: Tensor, count = src.size, srcOffset = 0, dstOffset = 0): void {
     this.endPass();
+    const bytes = elementBytes(src.dtype);
     this.getEncoder().copyBufferToBuffer(
       src.buffer,
-      srcOffset * 4,
+      src.offset + srcOffset * bytes,
       dst.buffer,
-      dstOffset * 4,
-      count * 4,
+      dst.offset + dstOffset * bytes,
+      count * bytes,
     );
   }
 
@@ -268,7 +289,7 @@ export class Gpu {
     tensors.forEach((t, i) =>
       entries.push({
         binding: i + 1,
-        resource: { buffer: t.buffer, offset: t.offset, size: Math.max(4, t.size * 4) },
+        resource: { buffer: t.buffer, offset: t.offset, size: t.bytes },
       })
     );
     const bindGroup = this.device.createBindGroup({
@@ -324,22 +345,25 @@ export class Gpu {
     return new Int32Array(out.buffer);
   }
 
-  /** Read several tensors with one GPU wait. f32 tensors come back as Float32Array, others Int32Array/Uint32Array. */
+  /**
+   * Read several tensors with one GPU wait. f32 tensors come back as Float32Array, i32 as
+   * Int32Array, others (u32, and bf16/f16 as their packed words) as Uint32Array.
+   */
   async readMany(tensors: Tensor[]): Promise<(Float32Array | Int32Array | Uint32Array)[]> {
     this.endPass();
     const encoder = this.getEncoder();
     const staging = tensors.map((t) => {
       const b = this.device.createBuffer({
-        size: Math.max(4, t.size * 4),
+        size: t.bytes,
         usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
       });
-      encoder.copyBufferToBuffer(t.buffer, t.offset, b, 0, t.size * 4);
+      encoder.copyBufferToBuffer(t.buffer, t.offset, b, 0, t.bytes);
       return b;
     });
     this.flush();
     await Promise.all(staging.map((b) => b.mapAsync(GPUMapMode.READ)));
     return tensors.map((t, i) => {
-      const bytes = staging[i].getMappedRange().slice(0, t.size * 4);
+      const bytes = staging[i].getMappedRange().slice(0, t.bytes);
       staging[i].destroy();
       return t.dtype === "f32"
         ? new Float32Array(bytes)

@@ -1,7 +1,8 @@
 // Batched sampling with a KV cache: the policy's completions for a set of prompts.
 //
 // Each prompt is prefilled once (all but its last token), its cache copied to the rows of its
-// group, and then every row decodes one token per step: embedding → layers over the cache →
+// group — prompts in batches of at most PREFILL_BATCH_TOKENS tokens, so a large evaluation
+// batch needs no more prefill memory than a few prompts — and then every row decodes one token per step: embedding → layers over the cache →
 // final norm → logits → sample, all on the GPU. Sampled tokens feed the next step without a
 // CPU round trip; the CPU reads the "done" flags only every few steps to stop early.
 
@@ -10,6 +11,8 @@ import type { ModelConfig } from "../core/model_config.ts";
 import type { Gpu, Tensor } from "./device.ts";
 import { rmsnorm } from "./kernels/rmsnorm.ts";
 import { markDone, sample } from "./kernels/sample.ts";
+import { prefillPrompts } from "../core/plan.ts";
+import type { KvDtype } from "./kernels/attention.ts";
 import { type GpuModel, layerBuffers } from "./model.ts";
 
 /** How often (in decode steps) the CPU checks whether every row has finished. */
@@ -27,12 +30,15 @@ export async function generate(
     throw new Error("generate: every prompt needs at least one token");
   }
   const capacity = Math.max(...prompts.map((p) => p.length)) + maxNew;
-  const cache = kvCache(gpu, c, B, capacity);
+  const cache = kvCache(gpu, c, B, capacity, model.kvCacheDtype);
   const prefillLen = Math.max(...prompts.map((p) => p.length - 1));
-  if (prefillLen > 0) {
-    const promptCache = kvCache(gpu, c, P, capacity);
-    prefill(model, prompts, prefillLen, capacity, promptCache);
-    copyToGroups(gpu, promptCache, cache, groupSize);
+  const perPrefill = prefillPrompts(P, prefillLen);
+  for (let first = 0; prefillLen > 0 && first < P; first += perPrefill) {
+    const part = prompts.slice(first, first + perPrefill);
+    const promptCache = kvCache(gpu, c, part.length, capacity, model.kvCacheDtype);
+    prefill(model, part, prefillLen, capacity, promptCache);
+    copyToGroups(gpu, promptCache, cache, groupSize, first);
+    gpu.flush(); // this batch's buffers go once its work is submitted
   }
 
   // Decode buffers: one token per row.
@@ -129,10 +135,11 @@ export async function generate(
 
 type KvCache = { k: Tensor; v: Tensor }[];
 
-function kvCache(gpu: Gpu, c: ModelConfig, B: number, capacity: number): KvCache {
+/** Every layer's keys and values, in f32 or 16 bits (kv_cache_dtype). */
+function kvCache(gpu: Gpu, c: ModelConfig, B: number, capacity: number, dtype: KvDtype): KvCache {
   return Array.from({ length: c.numLayers }, () => ({
-    k: gpu.zeros([B, capacity, c.numKvHeads, c.headDim]),
-    v: gpu.zeros([B, capacity, c.numKvHeads, c.headDim]),
+    k: gpu.zeros([B, capacity, c.numKvHeads, c.headDim], dtype),
+    v: gpu.zeros([B, capacity, c.numKvHeads, c.headDim], dtype),
   }));
 }
 
@@ -176,13 +183,18 @@ function prefill(
   for (const t of [idsT, positionsT, kvLens, scratch, ...Object.values(x)]) gpu.release(t);
 }
 
-/** Copy each prompt's cache row p to rows p·G … p·G+G−1 of the decode cache; frees `from`. */
-function copyToGroups(gpu: Gpu, from: KvCache, to: KvCache, G: number): void {
+/**
+ * Copy row p of a batch's prompt cache (prompt first + p) to rows (first + p)·G … +G−1 of the
+ * decode cache; frees `from`.
+ */
+function copyToGroups(gpu: Gpu, from: KvCache, to: KvCache, G: number, first: number): void {
   from.forEach((layer, i) => {
     for (const key of ["k", "v"] as const) {
       const src = layer[key], row = src.size / src.shape[0];
       for (let p = 0; p < src.shape[0]; p++) {
-        for (let j = 0; j < G; j++) gpu.copy(src, to[i][key], row, p * row, (p * G + j) * row);
+        for (let j = 0; j < G; j++) {
+          gpu.copy(src, to[i][key], row, p * row, ((first + p) * G + j) * row);
+        }
       }
       gpu.release(src);
     }

@@ -14,12 +14,21 @@
 // writing its block of the output's columns (so the logits of a token chunk are whole again);
 // its backward reads the same block of the output's gradient. Reads and writes of weights,
 // gradients and moments join and split the slices, so checkpoints never see them.
+//
+// A frozen matrix (every weight of a scoring model; a LoRA run's base) may be stored in 16 bits
+// (`weightDtypes`): bf16 or f16, widened to f32 inside the matmul and embedding kernels that
+// read it; it can have no gradient. Norm weights and biases stay f32.
+//
+// With gradient checkpointing the training forward keeps only each layer's input (plus one set
+// of layer buffers that every layer reuses); backward recomputes a layer's forward from its input
+// with the same kernels, then runs its backward, so gradients are bit for bit those without it.
 
 import { AhaError } from "../core/errors.ts";
 import type { ModelConfig } from "../core/model_config.ts";
 import { weightShapes } from "../core/model_config.ts";
 import { LOGIT_CHUNK_FLOATS, logitChunkTokens, weightSliceRows } from "../core/plan.ts";
-import { type Gpu, Tensor } from "./device.ts";
+import { type DType, type Gpu, Tensor } from "./device.ts";
+import { type HalfDType, packHalves, unpackHalves } from "../core/half.ts";
 import { embedding, embeddingBackward } from "./kernels/embedding.ts";
 import { rmsnorm, rmsnormBackward } from "./kernels/rmsnorm.ts";
 import { matmul, sumRows } from "./kernels/matmul.ts";
@@ -28,6 +37,7 @@ import {
   attention,
   attentionBackward,
   type AttentionShape,
+  type KvDtype,
   writeKvCache,
 } from "./kernels/attention.ts";
 import { swiglu, swigluBackward } from "./kernels/swiglu.ts";
@@ -104,7 +114,10 @@ interface BackwardBuffers {
 
 /** Buffers for one batch shape, reused across steps. */
 class Activations {
+  /** Every layer's buffers (kept for backward), or one set that every layer reuses. */
   readonly layers: LayerActivations[] = [];
+  /** With checkpointing: each layer's input [T,H], all the training forward keeps of a layer. */
+  readonly inputs: Tensor[] = [];
   readonly ids: Tensor;
   readonly targets: Tensor;
   readonly positions: Tensor;
@@ -120,7 +133,10 @@ class Activations {
   idsHost: Int32Array = new Int32Array(0);
   private backward: BackwardBuffers | null = null;
 
-  /** With `keep`, every layer's activations stay for backward; without, one set is reused. */
+  /**
+   * With `keep`, every layer's activations stay for backward — or, `checkpointed`, only every
+   * layer's input, with one set of buffers for the recomputation; without, one set is reused.
+   */
   constructor(
     gpu: Gpu,
     c: ModelConfig,
@@ -128,11 +144,19 @@ class Activations {
     readonly L: number,
     readonly keep: boolean,
     logitChunkFloats: number,
+    readonly checkpointed = false,
   ) {
     const T = B * L, H = c.hiddenSize;
     this.chunk = logitChunkTokens(T, c.vocabSize, logitChunkFloats);
     const f = (...shape: number[]) => gpu.zeros(shape);
-    for (let i = 0; i < (keep ? c.numLayers : 1); i++) this.layers.push(layerBuffers(gpu, c, B, L));
+    const everyLayer = keep && !checkpointed;
+    for (let i = 0; i < (everyLayer ? c.numLayers : 1); i++) {
+      this.layers.push(layerBuffers(gpu, c, B, L));
+    }
+    if (keep && checkpointed) {
+      this.inputs.push(this.layers[0].input);
+      for (let i = 1; i < c.numLayers; i++) this.inputs.push(f(T, H));
+    }
     this.ids = gpu.zeros([T], "i32");
     this.targets = gpu.zeros([T], "i32");
     this.positions = gpu.zeros([T], "i32");
@@ -149,6 +173,12 @@ class Activations {
     for (let t = 0; t < T; t++) positions[t] = t % L;
     gpu.write(this.positions, positions);
     gpu.write(this.kvLens, new Int32Array(B).fill(L));
+  }
+
+  /** Layer i's buffers: its own, or the shared set (with its own input when checkpointed). */
+  layer(i: number): LayerActivations {
+    if (this.inputs.length > 0) return { ...this.layers[0], input: this.inputs[i] };
+    return this.layers[this.keep ? i : 0];
   }
 
   /** The backward pass's buffers, made on its first use (inference never needs them). */
@@ -177,6 +207,7 @@ class Activations {
   /** Free every buffer once the work recorded so far has been submitted. */
   release(gpu: Gpu): void {
     for (const layer of this.layers) for (const t of Object.values(layer)) gpu.release(t);
+    for (const t of this.inputs.slice(1)) gpu.release(t); // inputs[0] is layers[0].input
     for (const t of Object.values(this.backward ?? {})) gpu.release(t);
     for (const t of Object.values(this)) if (t instanceof Tensor) gpu.release(t);
   }
@@ -210,6 +241,15 @@ export interface GpuModelOptions {
   logitChunkFloats?: number;
   /** Bytes of the largest weight slice (default: the device's binding and buffer limits). */
   maxBindingBytes?: number;
+  /**
+   * Weights stored in 16 bits, frozen (no gradients, no moments), by Hugging Face name; every
+   * other weight is f32. Only matrices (2-D) may be 16-bit. See `frozenWeightDtypes`.
+   */
+  weightDtypes?: Map<string, HalfDType>;
+  /** Gradient checkpointing: keep only layer inputs in the training forward, recompute in backward. */
+  gradientCheckpointing?: boolean;
+  /** How generation (gpu/generate.ts) stores its KV cache (default f32). */
+  kvCacheDtype?: KvDtype;
 }
 
 const EMBEDDING = "model.embed_tokens.weight";
@@ -223,6 +263,9 @@ export class GpuModel {
   private acts: Activations | null = null;
   private readonly norm: Tensor;
   private readonly logitChunkFloats: number;
+  private readonly checkpointing: boolean;
+  /** Generation's KV cache storage (kv_cache_dtype). */
+  readonly kvCacheDtype: KvDtype;
   /** The vocabulary projection's module: the embedding when tied. */
   private readonly head: string;
 
@@ -236,6 +279,8 @@ export class GpuModel {
     const maxBytes = options.maxBindingBytes ??
       Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize);
     this.logitChunkFloats = options.logitChunkFloats ?? LOGIT_CHUNK_FLOATS;
+    this.checkpointing = options.gradientCheckpointing ?? false;
+    this.kvCacheDtype = options.kvCacheDtype ?? "f32";
     this.head = config.tieWordEmbeddings ? "model.embed_tokens" : "lm_head";
     for (const [name, shape] of weightShapes(config)) {
       const data = weights.get(name);
@@ -244,13 +289,25 @@ export class GpuModel {
       if (perSlice === 0) {
         throw new AhaError(`one row of weight ${name} [${shape}] is over ${maxBytes} bytes`);
       }
+      const dtype: DType = options.weightDtypes?.get(name) ?? "f32";
+      if (dtype !== "f32" && shape.length !== 2) {
+        throw new Error(
+          `GpuModel: ${name} [${shape}] cannot be stored as ${dtype} (matrices only)`,
+        );
+      }
+      if (dtype === "f16" && !gpu.hasF16) {
+        throw new AhaError(
+          `f16 storage of ${name} needs the shader-f16 feature, which the adapter ` +
+            `"${gpu.description}" lacks: use bf16 or f32`,
+        );
+      }
       const slices: Tensor[] = [];
       for (let first = 0; first < rows; first += perSlice) {
         const n = Math.min(perSlice, rows - first);
-        slices.push(gpu.zeros(shape.length > 1 ? [n, ...shape.slice(1)] : shape, "f32", name));
+        slices.push(gpu.zeros(shape.length > 1 ? [n, ...shape.slice(1)] : shape, dtype, name));
       }
-      splitRows(data, slices).forEach((part, i) => gpu.write(slices[i], part));
       this.params.set(name, slices);
+      this.writeSlices(slices, data);
     }
     this.norm = gpu.zeros([1]);
   }
@@ -262,9 +319,25 @@ export class GpuModel {
     return slices[0];
   }
 
+  /** Write a whole weight's f32 values into its slices, narrowed to their storage dtype. */
+  private writeSlices(slices: Tensor[], data: Float32Array): void {
+    splitRows(data, slices).forEach((part, i) => {
+      const dtype = slices[i].dtype;
+      this.gpu.write(
+        slices[i],
+        dtype === "bf16" || dtype === "f16" ? packHalves(part, dtype) : part,
+      );
+    });
+  }
+
   /** A weight's gradient, sliced like the weight, made on first use. */
   private gradSlices(name: string): Tensor[] {
     let slices = this.grads.get(name);
+    const stored = this.params.get(name)?.[0].dtype;
+    if (!slices && (stored === "bf16" || stored === "f16")) {
+      // 16-bit weights are frozen: only a LoRA run (whose base is not trained) goes through them.
+      throw new Error(`GpuModel: ${name} is stored in 16 bits, frozen: it has no gradient`);
+    }
     if (!slices) {
       slices = this.params.get(name)!.map((t) => this.gpu.zeros(t.shape));
       this.grads.set(name, slices);
@@ -280,7 +353,15 @@ export class GpuModel {
   private activations(B: number, L: number, keep: boolean): Activations {
     if (!this.acts || this.acts.B !== B || this.acts.L !== L || this.acts.keep !== keep) {
       this.acts?.release(this.gpu);
-      this.acts = new Activations(this.gpu, this.config, B, L, keep, this.logitChunkFloats);
+      this.acts = new Activations(
+        this.gpu,
+        this.config,
+        B,
+        L,
+        keep,
+        this.logitChunkFloats,
+        this.checkpointing,
+      );
     }
     return this.acts;
   }
@@ -305,13 +386,12 @@ export class GpuModel {
     a.idsHost = ids;
     const shape = this.attentionShape(B, L);
 
-    this.embed(a.ids, a.layers[0].input, T);
+    this.embed(a.ids, a.layer(0).input, T);
     const step = { T, positions: a.positions, kvLens: a.kvLens, shape, scratch: a.scratch };
     for (let i = 0; i < c.numLayers; i++) {
       // Without backward, one set of buffers serves every layer, each writing over its input.
-      const x = a.layers[a.keep ? i : 0];
-      const next = i + 1 < c.numLayers ? a.layers[a.keep ? i + 1 : 0].input : a.final;
-      this.layerForward(i, x, next, step);
+      const next = i + 1 < c.numLayers ? a.layer(i + 1).input : a.final;
+      this.layerForward(i, a.layer(i), next, step);
     }
     rmsnorm(gpu, a.final, this.p("model.norm.weight"), a.finalNorm, a.rstdFinal, T, c.rmsNormEps);
     this.eachLogitChunk(a, (start, n) => {
@@ -416,8 +496,14 @@ export class GpuModel {
       { accumulateDx: false, accumulateDw: true },
     );
 
+    const step = { T, positions: a.positions, kvLens: a.kvLens, shape, scratch: a.scratch };
     for (let i = c.numLayers - 1; i >= 0; i--) {
-      const x = a.layers[i], pre = `model.layers.${i}.`;
+      const x = a.layer(i), pre = `model.layers.${i}.`;
+      if (a.checkpointed) {
+        // Recompute the layer from its input. Its output lands where the forward put it (the
+        // next layer's input, already gone back through): the same kernels give the same values.
+        this.layerForward(i, x, i + 1 < c.numLayers ? a.layer(i + 1).input : a.final, step);
+      }
       // MLP branch: out = mid + down(silu(gate(norm2)) · up(norm2)).
       this.linearBackward(x.act, pre + "mlp.down_proj", d.dResidual, T, d.dAct, false);
       swigluBackward(gpu, x.gate, x.up, d.dAct, d.dGate, d.dUp, T * c.intermediateSize);
@@ -532,7 +618,7 @@ export class GpuModel {
   setWeights(weights: Map<string, Float32Array>): void {
     for (const [name, slices] of this.params) {
       const data = weights.get(name);
-      if (data) splitRows(data, slices).forEach((part, i) => this.gpu.write(slices[i], part));
+      if (data) this.writeSlices(slices, data);
     }
   }
 
@@ -627,13 +713,19 @@ export class GpuModel {
     for (let start = 0; start < T; start += a.chunk) body(start, Math.min(a.chunk, T - start));
   }
 
-  /** Read tensors' values, joining each name's row slices. */
+  /** Read tensors' values, joining each name's row slices (16-bit ones widened to f32). */
   private async readMap(tensors: Map<string, Tensor[]>): Promise<Map<string, Float32Array>> {
     const names = [...tensors.keys()];
-    const data = await this.gpu.readMany(names.flatMap((n) => tensors.get(n)!));
+    const all = names.flatMap((n) => tensors.get(n)!);
+    const data = (await this.gpu.readMany(all)).map((values, i) => {
+      const dtype = all[i].dtype;
+      return dtype === "bf16" || dtype === "f16"
+        ? unpackHalves(values as Uint32Array, all[i].size, dtype)
+        : values as Float32Array;
+    });
     let at = 0;
     return new Map(names.map((n) => {
-      const parts = data.slice(at, at += tensors.get(n)!.length) as Float32Array[];
+      const parts = data.slice(at, at += tensors.get(n)!.length);
       return [n, joinRows(parts)];
     }));
   }

@@ -30,6 +30,8 @@ export interface WorkerReferenceOptions {
   maxRestarts: number;
   /** An existing ONNX export (reference.onnx). */
   onnxPath: string | null;
+  /** How the webgpu engine stores the frozen weights (frozen_dtype; default auto). */
+  frozenDtype?: TrainConfig["frozen_dtype"];
   /** The policy's vocabulary size, model directory (for its tokenizer files) and adapter. */
   policy: { vocabSize: number; dir: string; adapter: AdapterSummary };
   /** Where progress lines go (default: console.log). */
@@ -203,6 +205,7 @@ export class WorkerReference implements ReferenceEngine {
     const args = ["ref-worker", "--model", o.modelDir, "--channel", this.channel.dir];
     args.push("--engine", o.engine);
     if (o.onnxPath) args.push("--onnx", o.onnxPath);
+    if (o.frozenDtype) args.push("--frozen-dtype", o.frozenDtype);
     if (this.weightsFile) args.push("--weights", this.weightsFile);
     const self = selfCommand(args);
     const child = new Deno.Command(self.command, {

@@ -24,6 +24,7 @@ import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
 import { Channel, LineReader, type PackedBatch, writeMessage } from "./channel.ts";
 import { OnnxEngine } from "./onnx_engine.ts";
+import { type FrozenDtype, frozenWeightDtypes } from "../core/half.ts";
 
 /** A reference engine: log-probs in `aha score`'s format, and the weights for syncing. */
 interface Engine {
@@ -142,10 +143,13 @@ async function loadEngine(
   onnxPath: string | undefined,
   weightsFile: string | undefined,
   threads: number | undefined,
+  frozenDtype: FrozenDtype,
 ): Promise<{ engine: Engine; config: ModelConfig }> {
   let config: ModelConfig, weights: Map<string, Float32Array> | null = null;
+  // Each weight's dtype in its file; weights after a sync (--weights) are F32.
+  let dtypes = new Map<string, string>();
   if (engineName === "webgpu" && !weightsFile) {
-    ({ config, weights } = await loadCheckpoint(modelDir));
+    ({ config, weights, dtypes } = await loadCheckpoint(modelDir));
   } else {
     const path = `${modelDir}/config.json`;
     config = parseModelConfig(JSON.parse(await Deno.readTextFile(path)), path);
@@ -155,7 +159,16 @@ async function loadEngine(
   }
   if (engineName === "webgpu") {
     const gpu = await Gpu.open();
-    return { engine: new WebGpuEngine(new GpuModel(gpu, config, weights!)), config };
+    const weightDtypes = frozenWeightDtypes(
+      frozenDtype,
+      weightShapes(config),
+      dtypes,
+      gpu.hasF16,
+    );
+    return {
+      engine: new WebGpuEngine(new GpuModel(gpu, config, weights!, { weightDtypes })),
+      config,
+    };
   }
   const source = weights ? { config, weights } : modelDir;
   const onnx = await OnnxEngine.create(source, { threads, onnxPath });
@@ -252,6 +265,8 @@ export interface WorkerOptions {
   onnxPath?: string;
   weightsFile?: string;
   threads?: number;
+  /** How the webgpu engine stores the weight matrices (default auto: the checkpoint's dtype). */
+  frozenDtype?: FrozenDtype;
 }
 
 /** Load the reference engine, report ready on stdout, then serve requests until shutdown. */
@@ -269,6 +284,7 @@ export async function serveReference(opts: WorkerOptions): Promise<void> {
       opts.onnxPath,
       opts.weightsFile,
       opts.threads,
+      opts.frozenDtype ?? "auto",
     );
   } catch (e) {
     await writeMessage(out, { ready: false, error: e instanceof Error ? e.message : String(e) });

@@ -9,9 +9,11 @@ const dir = new URL("../configs/", import.meta.url).pathname;
 const files = [...Deno.readDirSync(dir)].map((e) => e.name).filter((n) => n.endsWith(".yaml"))
   .sort();
 
-Deno.test("the Qwen2.5 GSM8K configs are all there", () => {
+Deno.test("the Qwen2.5 GSM8K configs are all there, with LoRA and without", () => {
   for (const size of ["0.5b", "1.5b", "3b", "7b"]) {
-    assert.ok(files.includes(`qwen2.5-${size}-gsm8k.yaml`), `configs/qwen2.5-${size}-gsm8k.yaml`);
+    for (const name of [`qwen2.5-${size}-gsm8k.yaml`, `qwen2.5-${size}-gsm8k-lora.yaml`]) {
+      assert.ok(files.includes(name), `configs/${name}`);
+    }
   }
 });
 
@@ -21,7 +23,31 @@ for (const file of files) {
     assert.equal(cfg.beta, 0.04);
     assert.equal(cfg.epsilon, 0.2);
     assert.equal(cfg.num_generations, 8);
-    assert.equal(cfg.learning_rate, 1e-6);
+    // LoRA trains few parameters at a higher rate, on all seven projections (trl's r and alpha),
+    // over a bf16 base with checkpointing; full fine-tuning keeps the seed's 1e-6.
+    if (file.endsWith("-lora.yaml")) {
+      assert.equal(cfg.learning_rate, 2e-5);
+      assert.deepEqual(cfg.lora, {
+        r: 16,
+        alpha: 32,
+        target_modules: [
+          "q_proj",
+          "k_proj",
+          "v_proj",
+          "o_proj",
+          "gate_proj",
+          "up_proj",
+          "down_proj",
+        ],
+        use_rslora: false,
+        dropout: 0,
+      });
+      assert.equal(cfg.frozen_dtype, "bf16");
+      assert.equal(cfg.gradient_checkpointing, true);
+    } else {
+      assert.equal(cfg.learning_rate, 1e-6);
+      assert.equal(cfg.lora, null);
+    }
     assert.equal(cfg.temperature, 0.9);
     assert.equal(cfg.max_completion_length, 700);
     assert.deepEqual(cfg.reward_funcs, ["format", "correctness"]);

@@ -6,6 +6,7 @@ import { parseModelConfig } from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
 
 import { generate } from "../gpu/generate.ts";
+import { prefillPrompts } from "../core/plan.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
 import { gpuTest, openGpu } from "./helpers.ts";
@@ -180,6 +181,30 @@ Deno.test(
       }
     }
     assert.ok(checked >= 2, `only ${checked} first tokens were drawn 300 times`);
+    model.destroy();
+  },
+);
+
+Deno.test(
+  "long prompts are prefilled in batches: the same as one prompt at a time",
+  gpuTest,
+  async () => {
+    const model = new GpuModel(gpu, config, sharpWeights(12, 0.3));
+    // Prefills of 1099–1299 tokens: one prompt per PREFILL_BATCH_TOKENS (2048) batch.
+    const rng = new Rng(4);
+    const prompts = [1100, 1300, 1200].map((n) => Array.from({ length: n }, () => rng.int(V)));
+    assert.equal(prefillPrompts(prompts.length, 1299), 1);
+    const opts = { temperature: 0, topP: 1, topK: 0, maxNewTokens: 3, eosIds: [], seed: 1 };
+    const together = await generate(model, prompts, 2, opts);
+    for (let p = 0; p < prompts.length; p++) {
+      const alone = await generate(model, [prompts[p]], 2, opts);
+      for (const j of [0, 1]) {
+        assert.deepEqual(together.tokens[2 * p + j], alone.tokens[j], `prompt ${p}`);
+        together.logprobs[2 * p + j].forEach((x, t) =>
+          assert.ok(Math.abs(x - alone.logprobs[j][t]) < 1e-5, `prompt ${p} token ${t}`)
+        );
+      }
+    }
     model.destroy();
   },
 );

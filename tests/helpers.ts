@@ -19,6 +19,26 @@ export async function openGpu(): Promise<Gpu> {
   return gpu;
 }
 
+/**
+ * Bytes `gpu.zeros` (and so `gpu.upload`) allocates while `body` runs: the engine's side of the
+ * memory plan (core/plan.ts).
+ */
+export async function allocatedBytes(gpu: Gpu, body: () => Promise<unknown>): Promise<number> {
+  const zeros = gpu.zeros;
+  let bytes = 0;
+  gpu.zeros = (...args: Parameters<typeof zeros>) => {
+    const t = zeros.apply(gpu, args);
+    bytes += t.bytes;
+    return t;
+  };
+  try {
+    await body();
+  } finally {
+    gpu.zeros = zeros;
+  }
+  return bytes;
+}
+
 /** n uniform f32 values in [−scale, scale) drawn from `rng`, or from a new Rng seeded by it. */
 export function randoms(n: number, rng: Rng | number, scale = 1): Float32Array {
   const source = typeof rng === "number" ? new Rng(rng) : rng;

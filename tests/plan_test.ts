@@ -199,3 +199,112 @@ Deno.test("aha train refuses a run that does not fit before creating its output 
   assert.equal(await Deno.stat(out).then(() => true, () => false), false, "no output directory");
   await Deno.remove(dir, { recursive: true });
 });
+
+Deno.test("a LoRA plan with 16-bit weights and cache and checkpointing, counted by hand", () => {
+  // vocab 10, hidden 4, intermediate 6, 2 layers, 2 heads of 2, 1 kv head, tied. Per layer 120
+  // matrix values (q 16, k 8, v 8, o 16, gate, up, down 24 each) and 16 norm and bias values.
+  const model = parseModelConfig({
+    vocab_size: 10,
+    hidden_size: 4,
+    intermediate_size: 6,
+    num_hidden_layers: 2,
+    num_attention_heads: 2,
+    num_key_value_heads: 1,
+    tie_word_embeddings: true,
+  });
+  const cfg: TrainConfig = {
+    ...defaultTrainConfig(),
+    prompts_per_step: 2,
+    num_generations: 2,
+    max_prompt_length: 3,
+    max_completion_length: 2,
+    micro_batch_size: 2,
+    eval_prompts: 1,
+    beta: 0.04,
+    lora: {
+      r: 2,
+      alpha: 4,
+      target_modules: ["q_proj", "down_proj"],
+      use_rslora: false,
+      dropout: 0,
+    },
+    frozen_dtype: "bf16",
+    gradient_checkpointing: true,
+    kv_cache_dtype: "bf16",
+  };
+  const plan = planMemory(cfg, model, true);
+  const bytes = Object.fromEntries(plan.items.map((i) => [`${i.adapter} ${i.what}`, i.bytes]));
+  // Weights: embedding 40 + 2·120 matrix values at 2 bytes; 2·16 + final norm 4 at 4 bytes.
+  // LoRA: q_proj A [2,4] B [4,2], down_proj A [2,6] B [4,2]: 36 per layer, 72 floats.
+  // Training, 10 tokens, checkpointed: one layer's buffers 10·50, layer 1's input 40, then as
+  //   without: ids/targets/positions 30 + kvLens 2 + final, finalNorm 80 + rstd 10.
+  // Generation: 4 rows × capacity 5 in bf16 caches [4,5,1,2] and prompt caches [2,5,1,2]: per
+  //   layer 2·40 + 2·20 values at 2 bytes. Buffers as in the full plan: 226 + 312 floats.
+  // LoRA scratch: u and du [10 tokens, r 2]. Reference: the base, on the policy's adapter: no
+  //   weights of its own; its scoring pass as without LoRA.
+  assert.deepEqual(bytes, {
+    "policy weights": 2 * 280 + 4 * 36,
+    "policy LoRA adapters": 4 * 72,
+    "policy LoRA gradients": 4 * 72,
+    "policy LoRA AdamW moments": 4 * 144,
+    "policy training activations": 4 * 662,
+    "policy backward scratch": 4 * 390,
+    "policy log-prob buffers": 4 * 220,
+    "policy generation KV cache": 2 * 2 * 120,
+    "policy generation buffers": 4 * 538,
+    "policy LoRA scratch": 4 * 40,
+    "reference forward activations": 4 * 1244,
+    "reference log-prob buffers": 4 * 440,
+  });
+  assert.equal(plan.policyBytes, 9736);
+  assert.equal(plan.referenceBytes, 6736);
+  // On a second adapter the reference holds the base itself, frozen in bf16.
+  assert.equal(planMemory(cfg, model, false).referenceBytes, 6736 + 704);
+  // frozen_dtype auto keeps the checkpoint's dtype: f32 here, as the policy's own base.
+  const auto = planMemory({ ...cfg, frozen_dtype: "auto" }, model, true, "f32");
+  assert.equal(auto.items.find((i) => i.what === "weights")!.bytes, 4 * 316);
+});
+
+Deno.test("the LoRA configs fit their targets as aha plan reports them", () => {
+  // --max-binding-gb 2 --max-buffer-gb 2 --memory-gb N, the reference on the policy's adapter.
+  const target = (gib: number): AdapterLimits => ({
+    description: "target",
+    maxStorageBufferBindingSize: 2 * GiB,
+    maxBufferSize: 2 * GiB,
+    memory: gib * GiB,
+  });
+  for (const [size, gib] of [["7B", 24], ["3B", 16], ["1.5B", 8], ["0.5B", 8]] as const) {
+    const cfg = loadTrainConfig(`${configs}qwen2.5-${size.toLowerCase()}-gsm8k-lora.yaml`, []);
+    const plan = planMemory(cfg, qwen(size), true, "bf16");
+    assert.deepEqual(planProblems(plan, target(gib)), [], `${size} LoRA on ${gib} GiB`);
+    const what = plan.items.map((i) => `${i.adapter} ${i.what}`);
+    for (const item of ["LoRA adapters", "LoRA gradients", "LoRA AdamW moments", "LoRA scratch"]) {
+      assert.ok(what.includes(`policy ${item}`), `${size}: ${item}`);
+    }
+    // The frozen base has no gradients or moments, and the reference shares it.
+    assert.ok(!what.includes("policy gradients") && !what.includes("reference weights"), size);
+  }
+  // 7B LoRA: the bf16 base (14.2 GiB) and adapters of r 16 on all seven projections (40.4M).
+  const cfg7 = loadTrainConfig(`${configs}qwen2.5-7b-gsm8k-lora.yaml`, []);
+  const plan7 = planMemory(cfg7, qwen("7B"), true, "bf16");
+  const item = (what: string) => plan7.items.find((i) => i.what === what)!;
+  assert.equal(item("LoRA adapters").bytes, 4 * 40_370_176);
+  // Matrices at 2 bytes; the 333,312 norm and bias values (per layer two norms of 3584, biases
+  // of 3584 + 512 + 512; the final norm) at 4.
+  const vectors = 28 * (3 * 3584 + 2 * 512) + 3584;
+  assert.equal(item("weights").bytes, 2 * parameterCount(qwen("7B")) + 2 * vectors);
+  // Without the 16-bit base or without checkpointing it would not fit 24 GiB.
+  for (const change of [{ frozen_dtype: "f32" as const }, { gradient_checkpointing: false }]) {
+    const plan = planMemory({ ...cfg7, ...change }, qwen("7B"), true, "bf16");
+    assert.notDeepEqual(planProblems(plan, target(24)), [], JSON.stringify(change));
+  }
+  // Full fine-tuning of 0.5B fits 16 GiB with checkpointing, and not without.
+  const full = loadTrainConfig(`${configs}qwen2.5-0.5b-gsm8k.yaml`, []);
+  const on = planMemory({ ...full, gradient_checkpointing: true }, qwen("0.5B"), true, "bf16");
+  assert.deepEqual(planProblems(on, target(16)), []);
+  assert.notDeepEqual(planProblems(planMemory(full, qwen("0.5B"), true, "bf16"), target(16)), []);
+  assert.match(
+    advise(full, qwen("0.5B"), target(16), true, true, "bf16")[0],
+    /gradient_checkpointing: true/,
+  );
+});

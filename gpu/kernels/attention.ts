@@ -15,8 +15,16 @@
 //            queries that see key j, in fixed order, recomputing p = exp(s − lse). Deterministic.
 // Head vectors held in private arrays make the first compile slow (llvmpipe, cold cache: ~2 s
 // CPU for D = 64, ~13 s for D = 128) but run about twice as fast as reloading them.
+//
+// Generation's cache may be kept in 16 bits (kv_cache_dtype): bf16 or f16, two values packed in
+// a u32 (D is even, so a head vector is whole words). writeKvCache rounds to nearest on the way
+// in; the forward kernel widens on load (bf16 by shift + bitcast, f16 by unpack2x16float — core
+// WGSL, so neither needs shader-f16) and computes in f32 as before.
 
 import { type Gpu, grid, type Tensor } from "../device.ts";
+
+/** How the KV cache is stored. */
+export type KvDtype = "f32" | "bf16" | "f16";
 
 export interface AttentionShape {
   B: number;
@@ -42,7 +50,36 @@ fn flatIndex(gid: vec3u, nwg: vec3u) -> u32 { return gid.x + gid.y * nwg.x * ${W
 fn firstQueryPos(b: u32) -> i32 { return kvLens[b] - i32(p.Lq); }
 `;
 
-const forwardWgsl = (D: number) =>
+/**
+ * A 16-bit cache's declarations and loads: each Chunk (vec4f or vec2f) is 2 or 1 packed words,
+ * so chunk indices stay as they are.
+ */
+function cacheLoads(kv: "bf16" | "f16", D: number): string {
+  const four = chunkWidth(D) === 4, word = four ? "vec2u" : "u32";
+  const widen = kv === "bf16"
+    ? (w: string) => `bitcast<vec2f>(vec2u(${w} << 16u, ${w} & 0xffff0000u))`
+    : (w: string) => `unpack2x16float(${w})`;
+  const body = four ? `vec4f(${widen("w.x")}, ${widen("w.y")})` : widen("w");
+  return `
+@group(0) @binding(2) var<storage, read> k: array<${word}>;
+@group(0) @binding(3) var<storage, read> v: array<${word}>;
+fn loadK(i: u32) -> Chunk { let w = k[i]; return ${body}; }
+fn loadV(i: u32) -> Chunk { let w = v[i]; return ${body}; }`;
+}
+
+const forwardWgsl = (D: number, kv: KvDtype = "f32") => {
+  const wgsl = forwardF32Wgsl(D);
+  if (kv === "f32") return wgsl;
+  return wgsl
+    .replace(
+      /@group\(0\) @binding\(2\)[^\n]*\n@group\(0\) @binding\(3\)[^\n]*/,
+      cacheLoads(kv, D).trim(),
+    )
+    .replace("dot(qs[d], k[kv + d])", "dot(qs[d], loadK(kv + d))")
+    .replace("w * v[kv + d]", "w * loadV(kv + d)");
+};
+
+const forwardF32Wgsl = (D: number) =>
   header(D) + `
 @group(0) @binding(1) var<storage, read> q: array<Chunk>;
 @group(0) @binding(2) var<storage, read> k: array<Chunk>;
@@ -201,6 +238,35 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   cache[(b * p.capacity + u32(pos)) * p.rowSize + c] = kNew[n];
 }`;
 
+// The 16-bit cache: one invocation per pair of values (a row of nKvHeads·D values is whole words).
+const writeKvCache16Wgsl = (kv: "bf16" | "f16") => `
+struct Params { B: u32, Lq: u32, capacity: u32, rowWords: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> kNew: array<vec2f>;
+@group(0) @binding(2) var<storage, read_write> cache: array<u32>;
+@group(0) @binding(3) var<storage, read> kvLens: array<i32>;
+
+// bf16 bits of x, rounded to nearest even.
+fn bf16(x: f32) -> u32 {
+  let u = bitcast<u32>(x);
+  return (u + 0x7fffu + ((u >> 16u) & 1u)) >> 16u;
+}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let n = gid.x + gid.y * nwg.x * ${WG}u;          // n = (b·Lq + i)·rowWords + c
+  if (n >= p.B * p.Lq * p.rowWords) { return; }
+  let c = n % p.rowWords;
+  let i = (n / p.rowWords) % p.Lq;
+  let b = n / (p.rowWords * p.Lq);
+  let pos = kvLens[b] - i32(p.Lq) + i32(i);
+  if (pos < 0 || pos >= i32(p.capacity)) { return; }
+  let x = kNew[n];
+  cache[(b * p.capacity + u32(pos)) * p.rowWords + c] = ${
+  kv === "bf16" ? "bf16(x.x) | (bf16(x.y) << 16u)" : "pack2x16float(x)"
+};
+}`;
+
 function params(s: AttentionShape): [number[], number[]] {
   if (s.nHeads % s.nKvHeads !== 0 || s.headDim % 2 !== 0) {
     throw new Error(
@@ -221,7 +287,8 @@ export function attention(
   s: AttentionShape,
 ): void {
   const [u32s, f32s] = params(s);
-  const pipeline = gpu.pipeline(forwardWgsl(s.headDim), "attention");
+  if (k.dtype !== v.dtype) throw new Error(`attention: k is ${k.dtype}, v ${v.dtype}`);
+  const pipeline = gpu.pipeline(forwardWgsl(s.headDim, cacheDtype(k)), "attention");
   gpu.dispatch(pipeline, grid(s.B * s.Lq * s.nHeads, WG), [q, k, v, kvLens, out, lse], u32s, f32s);
 }
 
@@ -258,6 +325,13 @@ export function attentionBackward(
   gpu.release(delta);
 }
 
+/** How a key or value tensor is stored (training's own k and v are f32). */
+function cacheDtype(t: Tensor): KvDtype {
+  if (t.dtype === "f32" || t.dtype === "bf16" || t.dtype === "f16") return t.dtype;
+  throw new Error(`attention: keys and values must be f32, bf16 or f16, got ${t.dtype}`);
+}
+
+/** Write this call's keys (or values) into the cache, rounded to the cache's dtype. */
 export function writeKvCache(
   gpu: Gpu,
   kNew: Tensor,
@@ -265,7 +339,17 @@ export function writeKvCache(
   kvLens: Tensor,
   s: AttentionShape,
 ): void {
-  const rowSize = s.nKvHeads * s.headDim;
+  const rowSize = s.nKvHeads * s.headDim, kv = cacheDtype(cache);
+  if (kv !== "f32") {
+    const rowWords = rowSize / 2;
+    gpu.dispatch(
+      gpu.pipeline(writeKvCache16Wgsl(kv), "write kv cache"),
+      grid(s.B * s.Lq * rowWords, WG),
+      [kNew, cache, kvLens],
+      [s.B, s.Lq, s.capacity, rowWords],
+    );
+    return;
+  }
   gpu.dispatch(
     gpu.pipeline(writeKvCacheWgsl, "write kv cache"),
     grid(s.B * s.Lq * rowSize, WG),

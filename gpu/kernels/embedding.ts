@@ -9,11 +9,23 @@ import { type Gpu, grid, type Tensor } from "../device.ts";
 
 const WG = 256;
 
-const FORWARD = /* wgsl */ `
+// The table may be a frozen weight in 16 bits, widened as it is read (see gpu/kernels/matmul.ts).
+const TABLE = {
+  f32: { decl: "array<f32>", read: "table[e]" },
+  f16: { decl: "array<f16>", read: "f32(table[e])" },
+  bf16: {
+    decl: "array<u32>",
+    read:
+      "bitcast<f32>(select(table[e >> 1u] << 16u, table[e >> 1u] & 0xffff0000u, (e & 1u) == 1u))",
+  },
+};
+
+const forwardWgsl = (dtype: keyof typeof TABLE) =>
+  /* wgsl */ `${dtype === "f16" ? "enable f16;" : ""}
 struct Params { T: u32, H: u32, first: u32, rows: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<i32>;
-@group(0) @binding(2) var<storage, read> table: array<f32>; // rows first .. first+rows-1
+@group(0) @binding(2) var<storage, read> table: ${TABLE[dtype].decl}; // rows first .. first+rows-1
 @group(0) @binding(3) var<storage, read_write> result: array<f32>;
 
 @compute @workgroup_size(${WG})
@@ -24,7 +36,8 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   let j = i - t * p.H;
   let row = u32(ids[t]) - p.first; // ids below first wrap around to ≥ rows
   if (row >= p.rows) { return; }
-  result[i] = table[row * p.H + j];
+  let e = row * p.H + j;
+  result[i] = ${TABLE[dtype].read};
 }`;
 
 // groups = [ids: distinct] [starts: distinct + 1] [positions: T]; the positions of id k are
@@ -52,7 +65,10 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   dTable[at] = dTable[at] + sum;
 }`;
 
-/** out[t, :] = table[ids[t], :] for t < T; table is [V, H], whole or as row slices in order. */
+/**
+ * out[t, :] = table[ids[t], :] for t < T; table is [V, H], whole or as row slices in order,
+ * stored f32, bf16 or f16.
+ */
 export function embedding(
   gpu: Gpu,
   ids: Tensor,
@@ -60,9 +76,13 @@ export function embedding(
   out: Tensor,
   T: number,
 ): void {
-  const pipeline = gpu.pipeline(FORWARD, "embedding");
   let first = 0;
   for (const slice of [table].flat()) {
+    const dtype = slice.dtype;
+    if (dtype !== "f32" && dtype !== "bf16" && dtype !== "f16") {
+      throw new Error(`embedding: the table must be f32, bf16 or f16, got ${dtype}`);
+    }
+    const pipeline = gpu.pipeline(forwardWgsl(dtype), "embedding");
     const [rows, H] = slice.shape;
     gpu.dispatch(pipeline, grid(T * H, WG), [ids, slice, out], [T, H, first, rows]);
     first += rows;

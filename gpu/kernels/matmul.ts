@@ -14,6 +14,9 @@
 // stored), and a K that is not a multiple of 4 ends with a one-k-at-a-time tail loop. a and out
 // may be column blocks of wider matrices (a weight kept as row slices writes its block of the
 // output's columns, and its backward reads the same block of the output's gradient).
+// b may be a frozen weight stored in 16 bits (bf16 packed two to a u32, widened with a shift and
+// a bitcast, which every adapter can do; or f16 behind shader-f16): it is widened to f32 as it
+// is loaded, so the products and sums are the f32 kernel's own.
 
 import { Gpu, Tensor } from "../device.ts";
 
@@ -85,7 +88,45 @@ interface Variant {
   accumulate: boolean;
   bias: boolean;
   blocks: boolean; // a and out are column blocks: strides and first columns in Params
+  bType: "f32" | "bf16" | "f16"; // how b is stored
   tile: KernelChoice;
+}
+
+// b's declaration and its loads: `vec(i)` is the vec4 at vec4 index i, `one(i)` the element i.
+function bStorage(bType: Variant["bType"], vec: boolean) {
+  if (bType === "f32") {
+    return {
+      decl: `var<storage, read> b: array<${vec ? "vec4f" : "f32"}>;`,
+      helpers: "",
+      vec: (i: string) => `b[${i}]`,
+      one: (i: string) => `b[${i}]`,
+    };
+  }
+  if (bType === "f16") {
+    return {
+      decl: `var<storage, read> b: array<${vec ? "vec4<f16>" : "f16"}>;`,
+      helpers: "",
+      vec: (i: string) => `vec4f(b[${i}])`,
+      one: (i: string) => `f32(b[${i}])`,
+    };
+  }
+  // bf16: element 2i is the low half of word i, 2i+1 the high half; a bf16 is an f32's top half.
+  return {
+    decl: `var<storage, read> b: array<${vec ? "vec2u" : "u32"}>;`,
+    helpers: vec
+      ? `
+fn loadB4(i: u32) -> vec4f {
+  let w = b[i];
+  return bitcast<vec4f>(vec4u(w.x << 16u, w.x & 0xffff0000u, w.y << 16u, w.y & 0xffff0000u));
+}`
+      : `
+fn loadB1(i: u32) -> f32 {
+  let w = b[i >> 1u];
+  return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u));
+}`,
+    vec: (i: string) => `loadB4(${i})`,
+    one: (i: string) => `loadB1(${i})`,
+  };
 }
 
 // The WGSL for one variant. An invocation owns rows m0 .. m0+4·rowGroups and columns
@@ -94,6 +135,7 @@ interface Variant {
 function matmulWgsl(v: Variant): string {
   const { workgroup: [wx, wy], rowGroups, colGroups } = v.tile;
   const range = (n: number) => [...Array(n).keys()];
+  const bs = bStorage(v.bType, v.vecB);
   const rs = range(rowGroups), cs = range(colGroups), four = range(4);
   const vec4 = (f: (i: number) => string) => `vec4f(${four.map(f).join(", ")})`;
   const mat4 = (f: (i: number) => string) => `mat4x4f(${four.map(f).join(", ")})`;
@@ -135,13 +177,15 @@ function matmulWgsl(v: Variant): string {
     v.transB
       ? `transpose(${
         mat4((j) =>
-          v.vecB ? `b[(rB${c}[${j}] + k) / 4u]` : vec4((kk) => `b[rB${c}[${j}] + k + ${kk}u]`)
+          v.vecB
+            ? bs.vec(`(rB${c}[${j}] + k) / 4u`)
+            : vec4((kk) => bs.one(`rB${c}[${j}] + k + ${kk}u`))
         )
       })`
       : mat4((kk) =>
         v.vecB
-          ? `b[((k + ${kk}u) * p.N + gn${c}) / 4u]`
-          : vec4((j) => `b[(k + ${kk}u) * p.N + cn${c}[${j}]]`)
+          ? bs.vec(`((k + ${kk}u) * p.N + gn${c}) / 4u`)
+          : vec4((j) => bs.one(`(k + ${kk}u) * p.N + cn${c}[${j}]`))
       );
   // One k of the tail (only when K % 4 != 0, so a row stride of K means a scalar binding).
   const sliceA = (r: number) =>
@@ -150,8 +194,10 @@ function matmulWgsl(v: Variant): string {
       : vec4((i) => `a[rA${r}[${i}] + k]`);
   const sliceB = (c: number) =>
     v.transB
-      ? vec4((j) => `b[rB${c}[${j}] + k]`)
-      : (v.vecB ? `b[(k * p.N + gn${c}) / 4u]` : vec4((j) => `b[k * p.N + cn${c}[${j}]]`));
+      ? vec4((j) => bs.one(`rB${c}[${j}] + k`))
+      : (v.vecB
+        ? bs.vec(`(k * p.N + gn${c}) / 4u`)
+        : vec4((j) => bs.one(`k * p.N + cn${c}[${j}]`)));
   const blocks = rs.flatMap((r) => cs.map((c) => [r, c]));
   const lines = (f: (r: number, c: number) => string) =>
     blocks.map(([r, c]) => f(r, c)).join("\n    ");
@@ -205,15 +251,17 @@ function matmulWgsl(v: Variant): string {
     })
   );
   const outType = v.vecOut ? "vec4f" : "f32";
-  return `
+  return `${v.bType === "f16" ? "enable f16;" : ""}
 struct Params { M: u32, N: u32, K: u32${
     v.blocks ? ", strideA: u32, firstA: u32, strideOut: u32, firstOut: u32" : ""
   } }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;
-@group(0) @binding(2) var<storage, read> b: array<${v.vecB ? "vec4f" : "f32"}>;
+@group(0) @binding(2) ${bs.decl}
 @group(0) @binding(3) var<storage, read_write> out: array<${outType}>;
 ${v.bias ? `@group(0) @binding(4) var<storage, read> bias: array<${outType}>;` : ""}
+
+${bs.helpers}
 
 // Indices first .. first+3, clamped to n-1.
 fn clamp4(first: u32, n: u32) -> vec4u {
@@ -241,7 +289,16 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(local_invocation_id)
 `;
 }
 
-/** out[M,N] (+)= op(a)·op(b) (+ bias[N]); op transposes a [K,M] / b [N,K] when asked. */
+/** How a tensor read as a float operand is stored. */
+function storedAs(t: Tensor): Variant["bType"] {
+  if (t.dtype === "bf16" || t.dtype === "f16" || t.dtype === "f32") return t.dtype;
+  throw new Error(`matmul: b must be f32, bf16 or f16, got ${t.dtype}`);
+}
+
+/**
+ * out[M,N] (+)= op(a)·op(b) (+ bias[N]); op transposes a [K,M] / b [N,K] when asked. b may be
+ * stored in 16 bits (a frozen weight); a, out and bias are f32.
+ */
 export function matmul(
   gpu: Gpu,
   a: Tensor,
@@ -275,6 +332,7 @@ export function matmul(
     accumulate,
     bias: opts.bias !== undefined,
     blocks,
+    bType: storedAs(b),
     tile,
   };
   const pipeline = gpu.pipeline(matmulWgsl(variant), "matmul");
