@@ -16,6 +16,10 @@ const COMMANDS: Record<string, Command> = {
     summary: "supervised fine-tuning on {prompt, completion} rows",
     load: () => import("./cli/sft.ts"),
   },
+  download: {
+    summary: "a model or dataset from the Hugging Face Hub into its cache",
+    load: () => import("./cli/download.ts"),
+  },
   init: { summary: "write a random Qwen2 checkpoint", load: () => import("./cli/init.ts") },
   score: {
     summary: "per-token log-probs of token sequences",
