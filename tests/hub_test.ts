@@ -14,7 +14,6 @@ import { initWeights } from "../core/init.ts";
 import { parseModelConfig, PRESETS, toHfConfig, weightShapes } from "../core/model_config.ts";
 import { encodeSafetensors } from "../core/safetensors.ts";
 import {
-  downloadRepo,
   globMatcher,
   hubSettings,
   parseHubId,
