@@ -26,7 +26,14 @@ import {
   type TrainerState,
 } from "../core/train_state.ts";
 import { ArithmeticTokenizer, pretrainingCorpus, splitProblems } from "../data/arithmetic.ts";
-import { ARITHMETIC_TOKENIZER_FILE, arithmeticTask, datasetTask } from "../data/tasks.ts";
+import {
+  ARITHMETIC_TOKENIZER_FILE,
+  arithmeticTask,
+  datasetTask,
+  loadRewardModules,
+} from "../data/tasks.ts";
+import { resolveModel } from "../data/hub.ts";
+import { evalSelection } from "../core/evaluate.ts";
 import { loadTokenizer } from "../core/tokenizer.ts";
 import { checkPlan, planModel } from "../core/plan.ts";
 import { describeAdapter } from "../gpu/adapters.ts";
@@ -60,6 +67,9 @@ export async function run(args: string[]): Promise<void> {
   const resume = values.resume as string | undefined;
   const configPath = positionals[0] ?? (resume ? `${resume}/${CONFIG_FILE}` : null);
   const cfg = loadTrainConfig(configPath, sets);
+  // Hub ids become their snapshot directories in the Hugging Face cache (fetched if missing).
+  if (cfg.model !== null) cfg.model = await resolveModel(cfg.model);
+  if (cfg.adapter !== null) cfg.adapter = await resolveModel(cfg.adapter, "adapter");
   const resumed = resume ? await loadTrainingCheckpoint(resume) : null;
 
   await prepareOutputDir(cfg.output_dir, resumed?.state.step ?? null);
@@ -117,6 +127,7 @@ export async function run(args: string[]): Promise<void> {
   Deno.addSignalListener("SIGTERM", onSignal);
 
   const startStep = resumed?.state.step ?? 0;
+  console_.line(`evaluation: ${evalSelection(cfg.eval_prompts, task.heldOut.length).note}`);
   if (startStep === 0) {
     const base = await evaluate(cfg, task, policy);
     console_.evaluation(0, base);
@@ -192,14 +203,18 @@ async function prepareOutputDir(dir: string, resumedStep: number | null): Promis
 }
 
 export async function makeTask(cfg: TrainConfig): Promise<Task> {
-  if (cfg.dataset.format === "arithmetic") return arithmeticTask(cfg);
+  if (cfg.dataset.format === "arithmetic") {
+    return arithmeticTask(cfg, await loadRewardModules(cfg));
+  }
   if (cfg.model === null || !(await exists(cfg.model))) {
     throw new AhaError(
       `model: "${cfg.model}" is not a directory: a ${cfg.dataset.format} dataset needs a ` +
         "Hugging Face model directory (config.json, weights, tokenizer files)",
     );
   }
-  return await datasetTask(cfg, await loadTokenizer(cfg.model));
+  // The user's reward modules are imported first: a bad one stops before any work.
+  const modules = await loadRewardModules(cfg);
+  return await datasetTask(cfg, await loadTokenizer(cfg.model), console.warn, modules);
 }
 
 /**

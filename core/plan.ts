@@ -236,10 +236,12 @@ export function planMemory(
   add("policy", "training activations", `micro_batch_size ${tokens(micro)}`, train.activations);
   add("policy", "backward scratch", tokens(micro), train.backward);
   add("policy", "log-prob buffers", `logit chunk ${train.chunk} tokens × vocab`, train.logprobs);
-  // Sampling (P prompts × G) or greedy evaluation (eval_prompts × 1), whichever is larger.
+  // Sampling (P prompts × G) or evaluation (core/evaluate.ts: batches of at most P × G rows),
+  // whichever is larger.
+  const evalRows = Math.min(cfg.eval_prompts ?? P * G, P * G);
   const generation = [
     generationTensors(model, P, G, cfg.max_prompt_length, cfg.max_completion_length),
-    generationTensors(model, cfg.eval_prompts, 1, cfg.max_prompt_length, cfg.max_completion_length),
+    generationTensors(model, evalRows, 1, cfg.max_prompt_length, cfg.max_completion_length),
   ].reduce((a, b) => sumBytes([...b.cache, ...b.work]) > sumBytes([...a.cache, ...a.work]) ? b : a);
   const rows = `${generation.rows} rows × ${generation.capacity} tokens`;
   add("policy", "generation KV cache", rows, generation.cache);
@@ -338,7 +340,6 @@ export function planProblems(plan: Plan, limits: AdapterLimits): string[] {
 /** Settings `advise` may lower, from the one that matters least to learning to the most. */
 const KNOBS = [
   "micro_batch_size",
-  "eval_prompts",
   "prompts_per_step",
   "max_completion_length",
 ] as const;
