@@ -16,6 +16,10 @@ const COMMANDS: Record<string, Command> = {
     summary: "supervised fine-tuning on {prompt, completion} rows",
     load: () => import("./cli/sft.ts"),
   },
+  eval: {
+    summary: "accuracy, format rate and pass@k of a model on held-out prompts",
+    load: () => import("./cli/eval.ts"),
+  },
   download: {
     summary: "a model or dataset from the Hugging Face Hub into its cache",
     load: () => import("./cli/download.ts"),

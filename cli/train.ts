@@ -26,15 +26,9 @@ import {
   type TrainerState,
 } from "../core/train_state.ts";
 import { ArithmeticTokenizer, pretrainingCorpus, splitProblems } from "../data/arithmetic.ts";
-import {
-  ARITHMETIC_TOKENIZER_FILE,
-  arithmeticTask,
-  datasetTask,
-  loadRewardModules,
-} from "../data/tasks.ts";
+import { ARITHMETIC_TOKENIZER_FILE, arithmeticTask, configTask } from "../data/tasks.ts";
 import { resolveModel } from "../data/hub.ts";
 import { evalSelection } from "../core/evaluate.ts";
-import { loadTokenizer } from "../core/tokenizer.ts";
 import { checkPlan, planModel } from "../core/plan.ts";
 import { describeAdapter } from "../gpu/adapters.ts";
 import { Gpu, summarizeAdapter } from "../gpu/device.ts";
@@ -203,18 +197,7 @@ async function prepareOutputDir(dir: string, resumedStep: number | null): Promis
 }
 
 export async function makeTask(cfg: TrainConfig): Promise<Task> {
-  if (cfg.dataset.format === "arithmetic") {
-    return arithmeticTask(cfg, await loadRewardModules(cfg));
-  }
-  if (cfg.model === null || !(await exists(cfg.model))) {
-    throw new AhaError(
-      `model: "${cfg.model}" is not a directory: a ${cfg.dataset.format} dataset needs a ` +
-        "Hugging Face model directory (config.json, weights, tokenizer files)",
-    );
-  }
-  // The user's reward modules are imported first: a bad one stops before any work.
-  const modules = await loadRewardModules(cfg);
-  return await datasetTask(cfg, await loadTokenizer(cfg.model), console.warn, modules);
+  return await configTask(cfg);
 }
 
 /**

@@ -267,7 +267,9 @@ export function anchorRewardModules(entries: string[], dir: string): string[] {
 export function anchorRewardModule(entry: string, dir: string): string {
   if (!isRewardModule(entry) || entry.startsWith("/") || /^\w+:/.test(entry)) return entry;
   const base = dir.startsWith("/") ? dir : `${Deno.cwd()}/${dir}`;
-  return new URL(entry, `file://${base.replace(/\/?$/, "/")}`).pathname;
+  const [file, exported] = entry.split("#");
+  const path = decodeURIComponent(new URL(file, `file://${base.replace(/\/?$/, "/")}`).pathname);
+  return exported === undefined ? path : `${path}#${exported}`;
 }
 
 /**

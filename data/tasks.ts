@@ -24,7 +24,7 @@ import {
   rewardModuleName,
   type WeightedReward,
 } from "../core/rewards.ts";
-import type { TextTokenizer } from "../core/tokenizer.ts";
+import { loadTokenizer, type TextTokenizer } from "../core/tokenizer.ts";
 
 /** Marks a checkpoint whose tokenizer is the arithmetic task's character tokenizer. */
 export const ARITHMETIC_TOKENIZER_FILE = "aha_tokenizer.json";
@@ -70,6 +70,28 @@ export async function loadRewardModules(
     modules.set(name, await loadRewardModule(name));
   }
   return modules;
+}
+
+/**
+ * The task a training config describes, with the user's reward modules imported first (a bad
+ * one stops before any work): the built-in arithmetic task, or the dataset rendered through the
+ * model's tokenizer (cfg.model must be a directory by now: resolve Hub ids first).
+ */
+export async function configTask(
+  cfg: TrainConfig,
+  warn: (message: string) => void = console.warn,
+): Promise<Task> {
+  const modules = await loadRewardModules(cfg);
+  if (cfg.dataset.format === "arithmetic") return arithmeticTask(cfg, modules);
+  const isDir = cfg.model !== null &&
+    await Deno.stat(cfg.model).then((s) => s.isDirectory, () => false);
+  if (!isDir) {
+    throw new AhaError(
+      `model: "${cfg.model}" is not a directory: a ${cfg.dataset.format} dataset needs a ` +
+        "Hugging Face model directory (config.json, weights, tokenizer files) or a Hub id",
+    );
+  }
+  return await datasetTask(cfg, await loadTokenizer(cfg.model!), warn, modules);
 }
 
 /** A task over fixed example lists, drawing training examples in seeded epochs. */
