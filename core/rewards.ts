@@ -146,34 +146,55 @@ export async function scoreBatch(
   let errors = 0;
   const columns = await Promise.all(rewards.map(async (reward) => {
     if (!reward.batch) return items.map((x) => reward.fn(x.prompt, x.completion, x.example));
+    const what = `reward function "${reward.name}" (${reward.source})`;
+    const stop = (problem: string, i: number) =>
+      new AhaError(
+        `${what} ${problem} for completion ${i + 1} of ${items.length} (question ` +
+          `${describeRow(items[i])}); set reward_errors: skip to score such completions 0`,
+      );
     const result = await runUserReward(reward.batch, items);
-    if (result.ok) return result.values;
-    // Find the completions it fails on, one at a time, to name them.
+    if (result.kind === "ok") return result.values;
+    if (result.kind === "count") {
+      // Not one completion's fault: the whole batch scores 0.
+      if (onError === "fail") {
+        throw new AhaError(
+          `${what} ${result.problem} (a batch beginning with question ${describeRow(items[0])})`,
+        );
+      }
+      errors += items.length;
+      return items.map(() => 0);
+    }
+    if (result.kind === "value") {
+      const bad = result.values.map((v, i) => Number.isFinite(v) ? -1 : i).filter((i) => i >= 0);
+      if (onError === "fail") throw stop(`returned ${result.values[bad[0]]}`, bad[0]);
+      errors += bad.length;
+      return result.values.map((v) => Number.isFinite(v) ? v : 0);
+    }
+    // It threw: call it on one completion at a time to name the ones it fails on.
     const values: number[] = [];
     let failed = 0;
     for (let i = 0; i < items.length; i++) {
       const one = await runUserReward(reward.batch, [items[i]]);
-      if (one.ok) {
+      if (one.kind === "ok") {
         values.push(one.values[0]);
         continue;
       }
-      if (onError === "fail") {
-        throw new AhaError(
-          `reward function "${reward.name}" (${reward.source}) ${one.problem} for completion ` +
-            `${i + 1} of ${items.length} (question ${describeRow(items[i])}); set ` +
-            `reward_errors: skip to score such completions 0`,
-        );
-      }
+      const problem = one.kind === "value" ? `returned ${one.values[0]}` : one.problem;
+      if (onError === "fail") throw stop(problem, i);
       values.push(0);
       failed++;
     }
-    errors += failed;
-    if (failed === 0 && onError === "fail") {
-      throw new AhaError(
-        `reward function "${reward.name}" (${reward.source}) ${result.problem} for a batch of ` +
-          `${items.length} completions, though not for any one alone`,
-      );
+    if (failed === 0) {
+      if (onError === "fail") {
+        throw new AhaError(
+          `${what} ${result.problem} for a batch of ${items.length} completions, though not ` +
+            "for any one alone",
+        );
+      }
+      errors += items.length;
+      return items.map(() => 0);
     }
+    errors += failed;
     return values;
   }));
   const scores = items.map((_, i) => {
@@ -188,28 +209,25 @@ export async function scoreBatch(
   return { scores, errors };
 }
 
-type UserResult = { ok: true; values: number[] } | { ok: false; problem: string };
+type UserResult =
+  | { kind: "ok"; values: number[] }
+  | { kind: "value"; values: number[] } // some value is not a finite number
+  | { kind: "count" | "threw"; problem: string };
 
 async function runUserReward(fn: BatchRewardFunction, items: ToScore[]): Promise<UserResult> {
   let out: unknown;
   try {
     out = await fn(rewardBatch(items));
   } catch (e) {
-    return { ok: false, problem: `threw "${(e as Error)?.message ?? e}"` };
+    return { kind: "threw", problem: `threw "${(e as Error)?.message ?? e}"` };
   }
-  if (
-    !(Array.isArray(out) || ArrayBuffer.isView(out)) ||
-    (out as ArrayLike<unknown>).length !== items.length
-  ) {
-    const got = Array.isArray(out) || ArrayBuffer.isView(out)
-      ? `${(out as ArrayLike<unknown>).length} values`
-      : typeof out;
-    return { ok: false, problem: `returned ${got} for ${items.length} completions` };
+  const list = Array.isArray(out) || ArrayBuffer.isView(out);
+  if (!list || (out as ArrayLike<unknown>).length !== items.length) {
+    const got = list ? `${(out as ArrayLike<unknown>).length} values` : typeof out;
+    return { kind: "count", problem: `returned ${got} for ${items.length} completions` };
   }
-  const values = Array.from(out as ArrayLike<unknown>);
-  const bad = values.findIndex((v) => typeof v !== "number" || !Number.isFinite(v));
-  if (bad >= 0) return { ok: false, problem: `returned ${String(values[bad])}` };
-  return { ok: true, values: values as number[] };
+  const values = Array.from(out as ArrayLike<unknown>, (v) => typeof v === "number" ? v : NaN);
+  return { kind: values.every(Number.isFinite) ? "ok" : "value", values };
 }
 
 /** trl's shape: prompts, completions, and each dataset column as one array over the batch. */
