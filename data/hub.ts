@@ -102,9 +102,9 @@ const TOKENIZER_FILES = [
 ];
 
 /**
- * A model directory for `pathOrId`: the path itself when it exists, else the snapshot of the
- * Hub id in the cache, fetching what is missing (config.json, tokenizer files, and the weights:
- * model.safetensors, or the shards model.safetensors.index.json lists).
+ * A model directory for `pathOrId`: the path itself when it exists (or is no Hub id), else the
+ * snapshot of the Hub id in the cache, fetching what is missing (config.json, tokenizer files,
+ * and the weights: model.safetensors, or the shards model.safetensors.index.json lists).
  */
 export async function resolveModel(
   pathOrId: string,
@@ -113,12 +113,16 @@ export async function resolveModel(
 ): Promise<string> {
   if (await pathExists(pathOrId)) return pathOrId;
   const repo = parseHubId(pathOrId);
-  if (repo === null) {
-    throw new AhaError(
-      `${pathOrId}: no such model directory, and not a Hub id (ORG/NAME[@revision])`,
-    );
+  // Not shaped like an id: a path, whose loader says what is missing there.
+  if (repo === null) return pathOrId;
+  try {
+    return await fetchSnapshot(repo, modelFileList(files), settings, false);
+  } catch (e) {
+    if (e instanceof AhaError && / not found on /.test(e.message)) {
+      throw new AhaError(`${pathOrId}: no such local directory, and ${e.message}`);
+    }
+    throw e;
   }
-  return await fetchSnapshot(repo, modelFileList(files), settings, false);
 }
 
 /** The files of a model snapshot, as `fetchSnapshot` takes them. */

@@ -186,7 +186,10 @@ Deno.test("offline mode, 401 without a token, 404, and the token file", async ()
       resolveModel("o/private", "model", online),
       /o\/private@main \(config\.json\): the Hub refused access \(401\).*set HF_TOKEN/,
     );
-    await assert.rejects(resolveModel("o/nothing", "model", online), /o\/nothing@main.*not found/);
+    await assert.rejects(
+      resolveModel("o/nothing", "model", online),
+      /^AhaError: o\/nothing: no such local directory, and o\/nothing@main.*not found on/,
+    );
     await assert.rejects(resolveModel("o/public@v9", "model", online), /not found/);
     // The token from the token file ($HF_HOME/token) is sent to the Hub, not to the blob host.
     await Deno.writeTextFile(`${cache}/token`, "hf_secret\n");
