@@ -21,6 +21,7 @@ import {
   resolveModel,
 } from "../data/hub.ts";
 import { loadDataset } from "../data/dataset.ts";
+import { loadTrainConfig } from "../core/train_config.ts";
 import { etagOf, StandInHub, type StandInRepo } from "./stand_in_hub.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
@@ -67,7 +68,19 @@ function settingsFor(hub: StandInHub, cache: string, extra: Record<string, strin
   return { settings, logs };
 }
 
-Deno.test("Hub ids: ORG/NAME[@revision]; globs", () => {
+Deno.test("Hub ids: ORG/NAME[@revision]; globs; a dataset id in a config", () => {
+  const cfg = loadTrainConfig(null, [
+    "model=Qwen/Qwen2.5-0.5B",
+    "dataset.path=openai/gsm8k",
+    "dataset.config=main",
+    "dataset.eval_split=test",
+  ]);
+  assert.equal(cfg.dataset.format, "parquet");
+  assert.deepEqual([cfg.dataset.config, cfg.dataset.split, cfg.dataset.eval_split], [
+    "main",
+    "train",
+    "test",
+  ]);
   assert.deepEqual(parseHubId("Qwen/Qwen2.5-0.5B"), {
     type: "model",
     name: "Qwen/Qwen2.5-0.5B",
