@@ -22,9 +22,12 @@ import {
 } from "../data/hub.ts";
 import { loadDataset } from "../data/dataset.ts";
 import { loadTrainConfig } from "../core/train_config.ts";
+import { loadTokenizer } from "../core/tokenizer.ts";
+import { datasetTask } from "../data/tasks.ts";
 import { etagOf, StandInHub, type StandInRepo } from "./stand_in_hub.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
+const QWEN = new URL("./fixtures/qwen2-tokenizer", import.meta.url).pathname;
 const COMMIT = "0123456789abcdef0123456789abcdef01234567";
 const text = (s: string) => new TextEncoder().encode(s);
 
@@ -267,6 +270,30 @@ Deno.test("a Hub dataset's Parquet split from refs/convert/parquet", async () =>
       answer_extractor: "gsm8k",
     });
     assert.deepEqual(rows.map((r) => r.question), ["a?", "b?", "c?"]);
+
+    // A training config naming the id: train from its train split, hold out its test split,
+    // from the cache alone.
+    await resolveDatasetSplit("o/gsm", "main", "test", settings);
+    Deno.env.set("HF_HUB_CACHE", cache);
+    Deno.env.set("HF_HUB_OFFLINE", "1");
+    try {
+      const task = await datasetTask(
+        loadTrainConfig(null, [
+          "model=unused",
+          "dataset.path=o/gsm",
+          "dataset.config=main",
+          "dataset.eval_split=test",
+          "max_prompt_length=300",
+        ]),
+        await loadTokenizer(QWEN),
+      );
+      assert.deepEqual(task.heldOut.map((e) => e.question), ["t?"]);
+      assert.deepEqual(task.nextExamples(3).map((e) => e.question).sort(), ["a?", "b?", "c?"]);
+      assert.equal(task.heldOut[0].answer, "1");
+    } finally {
+      Deno.env.delete("HF_HUB_CACHE");
+      Deno.env.delete("HF_HUB_OFFLINE");
+    }
   } finally {
     await hub.close();
     await Deno.remove(cache, { recursive: true });
