@@ -5,7 +5,7 @@
 import { parseCommandArgs } from "./args.ts";
 import { AhaError, UsageError } from "../core/errors.ts";
 import { loadCheckpoint } from "../core/checkpoint.ts";
-import { type EvalRecord, evalSelection, evaluatePolicy } from "../core/evaluate.ts";
+import { type EvalRecord, evaluatePolicy } from "../core/evaluate.ts";
 import { loadTrainConfig } from "../core/train_config.ts";
 import { evalOptions } from "../core/trainer.ts";
 import { resolveModel } from "../data/hub.ts";
@@ -70,7 +70,7 @@ export async function run(args: string[]): Promise<void> {
     throw new UsageError(`eval: give --model DIR|ID (or a config whose "model" names one)`);
   }
   // Every held-out prompt unless --limit: an evaluation is the measurement, not a glimpse.
-  cfg.eval_prompts = limit ?? null;
+  cfg.eval_prompts = null;
   if (values.adapter !== undefined) {
     throw new AhaError(
       `--adapter ${values.adapter}: this build cannot apply LoRA adapters yet (the LoRA engine ` +
@@ -102,11 +102,11 @@ export async function run(args: string[]): Promise<void> {
       Deno.stderr.writeSync(new TextEncoder().encode(`\r${done}/${examples.length} prompts`));
     }
   };
-  console.log(
-    `aha eval: ${model} on ${task.name}, ${
-      evalSelection(limit ?? null, task.heldOut.length).note
-    }, on "${gpu.description}"`,
-  );
+  const available = task.heldOut.length;
+  const selection = limit === undefined || limit >= available
+    ? `all ${available} held-out prompts`
+    : `the first ${limit} of ${available} held-out prompts (--limit)`;
+  console.log(`aha eval: ${model} on ${task.name}, ${selection}, on "${gpu.description}"`);
   let result;
   try {
     result = await evaluatePolicy(task, policy, examples, opts, onRecord);
