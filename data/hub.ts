@@ -125,6 +125,20 @@ export async function resolveModel(
   }
 }
 
+/** `path` of the Hub id's snapshot when the cache already has it (never asks the Hub), else null:
+ * for commands that only peek, like `aha plan` reading config.json. */
+export async function cachedFile(
+  id: string,
+  path: string,
+  settings: HubSettings = hubSettings(),
+): Promise<string | null> {
+  const repo = parseHubId(id);
+  if (repo === null || await pathExists(id)) return null;
+  const commit = await readRef(repoFolder(repo, settings), repo.revision);
+  const file = `${repoFolder(repo, settings)}/snapshots/${commit}/${path}`;
+  return commit !== null && await fileExists(file) ? file : null;
+}
+
 /** The files of a model snapshot, as `fetchSnapshot` takes them. */
 function modelFileList(files: ModelFiles): FileList {
   if (files === "adapter") {

@@ -14,6 +14,7 @@ import { initWeights } from "../core/init.ts";
 import { parseModelConfig, PRESETS, toHfConfig, weightShapes } from "../core/model_config.ts";
 import { encodeSafetensors } from "../core/safetensors.ts";
 import {
+  cachedFile,
   globMatcher,
   hubSettings,
   parseHubId,
@@ -108,7 +109,13 @@ Deno.test("a sharded model from the stand-in Hub into the huggingface_hub cache 
   try {
     hub.dropOnce.add("model-00002-of-00002.safetensors");
     const { settings } = settingsFor(hub, cache);
+    assert.equal(await cachedFile("tiny-org/tiny", "config.json", settings), null);
     const dir = await resolveModel("tiny-org/tiny", "model", settings);
+    assert.equal(
+      await cachedFile("tiny-org/tiny", "config.json", settings),
+      `${dir}/config.json`,
+      "aha plan peeks at a cached config",
+    );
     const repo = `${cache}/models--tiny-org--tiny`;
     assert.equal(dir, `${repo}/snapshots/${COMMIT}`);
     assert.equal(await Deno.readTextFile(`${repo}/refs/main`), COMMIT);
