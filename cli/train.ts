@@ -329,7 +329,9 @@ class Console {
       `eval @${step} (${elapsed.toFixed(0)}s): held-out greedy accuracy ${
         (100 * e.accuracy).toFixed(1)
       }%, ` +
-        `format ${(100 * e.format_rate).toFixed(1)}% over ${e.examples} problems`,
+        `format ${(100 * e.format_rate).toFixed(1)}% over ${e.examples} problems` +
+        Object.keys(e).filter((k) => k.startsWith("pass@"))
+          .map((k) => `, ${k} ${(100 * e[k]).toFixed(1)}%`).join(""),
     );
   }
 

@@ -5,7 +5,8 @@
 // file is discarded; a second resolve needs no request; offline mode reads the cache or names
 // what is missing; a private repository needs the token (from HF_TOKEN or the token file); a
 // dataset's Parquet split comes from refs/convert/parquet; and `aha score` and `aha download`
-// read the model back by id in a subprocess, offline, giving what the local directory gives.
+// read the model back by id in a subprocess, offline, giving what the local directory gives,
+// and `aha train` starts from it.
 
 import assert from "node:assert/strict";
 import { parquetWriteBuffer } from "hyparquet-writer";
@@ -349,6 +350,18 @@ Deno.test("aha download and aha score by id, offline, as from the local director
     assert.equal(byDir.code, 0, byDir.stderr);
     assert.deepEqual(JSON.parse(byId.stdout), JSON.parse(byDir.stdout));
     assert.equal(JSON.parse(byId.stdout).logprobs[0].length, 3);
+
+    // aha train starts from the id too (the built-in task on this small model), offline.
+    const train = await aha([
+      "train",
+      ...["model=o/m", "max_steps=1", "beta=0", "prompts_per_step=2", "num_generations=2"]
+        .flatMap((s) => ["--set", s]),
+      ...["max_completion_length=3", "eval_prompts=2", `output_dir=${cache}/run`]
+        .flatMap((s) => ["--set", s]),
+    ], { HF_HUB_OFFLINE: "1" });
+    assert.equal(train.code, 0, train.stderr);
+    assert.match(train.stdout, new RegExp(`model ${dir} \\(`));
+    assert.ok(await Deno.stat(`${cache}/run/checkpoint-1/model.safetensors`));
 
     const missing = await aha(["score", "--model", "o/other", "--input", input], {
       HF_HUB_OFFLINE: "1",
