@@ -19,6 +19,14 @@ const COMMANDS: Record<string, Command> = {
     summary: "supervised fine-tuning on {prompt, completion} rows",
     load: () => import("./cli/sft.ts"),
   },
+  eval: {
+    summary: "accuracy, format rate and pass@k of a model on held-out prompts",
+    load: () => import("./cli/eval.ts"),
+  },
+  download: {
+    summary: "a model or dataset from the Hugging Face Hub into its cache",
+    load: () => import("./cli/download.ts"),
+  },
   init: { summary: "write a random Qwen2 checkpoint", load: () => import("./cli/init.ts") },
   score: {
     summary: "per-token log-probs of token sequences",

@@ -7,6 +7,7 @@ import { AhaError } from "../core/errors.ts";
 import { type LossBatch, lossBatchObjective } from "../core/grpo.ts";
 import { Gpu, modelNeeds } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
+import { resolveModel } from "../data/hub.ts";
 import { GpuPolicy } from "../gpu/policy.ts";
 
 export const help = `usage: aha loss --model DIR --batch BATCH.json [--output OUT.json]
@@ -27,7 +28,7 @@ export async function run(args: string[]): Promise<void> {
     batch: { type: "string" },
     output: { type: "string" },
   });
-  const modelDir = required("loss", "model", values.model);
+  const modelDir = await resolveModel(required("loss", "model", values.model));
   const batchPath = required("loss", "batch", values.batch);
   if (values.output) await checkOutputPath(values.output as string);
   const checkpoint = await loadCheckpoint(modelDir);

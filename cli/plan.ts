@@ -19,6 +19,7 @@ import {
 } from "../core/plan.ts";
 import { loadTrainConfig, type TrainConfig } from "../core/train_config.ts";
 import { ArithmeticTokenizer } from "../data/arithmetic.ts";
+import { cachedFile } from "../data/hub.ts";
 import { requestAdapter } from "../gpu/device.ts";
 import { describeAdapter, UNKNOWN_MEMORY } from "../gpu/adapters.ts";
 
@@ -57,10 +58,12 @@ export async function run(args: string[]): Promise<number> {
     if (!(n > 0)) throw new UsageError(`plan: --${name} must be a positive number, got "${text}"`);
     return n * 2 ** 30;
   };
+  // A Hub id's config.json from the Hugging Face cache when it is there (nothing is fetched).
+  const cachedConfig = cfg.model === null ? null : await cachedFile(cfg.model, "config.json");
   const model = await planModel(
     cfg,
     new ArithmeticTokenizer().vocabSize,
-    values["model-config"] as string | undefined,
+    (values["model-config"] as string | undefined) ?? cachedConfig ?? undefined,
   );
   const binding = gib("max-binding-gb"), buffer = gib("max-buffer-gb"), memory = gib("memory-gb");
   const { limits, memoryNote } = binding !== undefined && buffer !== undefined

@@ -9,6 +9,7 @@ import { AhaError, UsageError } from "../core/errors.ts";
 import { Gpu, modelNeeds } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
+import { resolveModel } from "../data/hub.ts";
 
 export const help =
   `usage: aha score --model DIR --input IN.json [--output OUT.json] [--engine webgpu|onnx]
@@ -18,7 +19,8 @@ Computes per-token log-probabilities. IN.json is {"sequences": [[token ids...], 
 may differ); the output is {"logprobs": [[...], ...]} where row i has len(seq_i) - 1 values and
 value t is log p(seq_i[t+1] | seq_i[0..t]).
 
-  --model DIR      Hugging Face checkpoint directory (config.json + model.safetensors)
+  --model DIR|ID   Hugging Face checkpoint directory (config.json + model.safetensors), or a
+                   Hub id ORG/NAME[@revision] (fetched into the Hugging Face cache if missing)
   --input FILE     the sequences
   --output FILE    where to write the result (default: standard output)
   --engine NAME    webgpu (default: aha's own kernels) or onnx (onnxruntime-web, WASM)
@@ -36,7 +38,7 @@ export async function run(args: string[]): Promise<void> {
     threads: { type: "string" },
     "frozen-dtype": { type: "string", default: "auto" },
   });
-  const modelDir = required("score", "model", values.model);
+  const modelDir = await resolveModel(required("score", "model", values.model));
   const inputPath = required("score", "input", values.input);
   const engine = values.engine;
   if (engine !== "webgpu" && engine !== "onnx") {

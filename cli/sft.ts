@@ -12,6 +12,7 @@ import { ArithmeticTokenizer } from "../data/arithmetic.ts";
 import { ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
 import { Gpu, modelNeeds } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
+import { resolveModel } from "../data/hub.ts";
 import { GpuPolicy } from "../gpu/policy.ts";
 
 export const help = `usage: aha sft --model DIR --data FILE.jsonl [--out DIR] [--force] [options]
@@ -20,7 +21,7 @@ Fine-tunes a checkpoint on {"prompt": ..., "completion": ...} rows (one JSON obj
 the loss on completion tokens only. Text is tokenized as is with the model's tokenizer (no chat
 template): put the template into the prompts if the model expects one.
 
-  --model DIR          the checkpoint to start from (with its tokenizer files)
+  --model DIR|ID       the checkpoint to start from (with its tokenizer files), or a Hub id
   --data FILE          JSONL rows {"prompt", "completion"}
   --out DIR            where to write the result (default: DIR-sft); refused if it exists, is
                        not empty and is not a checkpoint (config.json + model weights)
@@ -41,9 +42,12 @@ export async function run(args: string[]): Promise<void> {
     seed: { type: "string" },
     force: { type: "boolean" },
   });
-  const modelDir = required("sft", "model", values.model);
+  const modelArg = required("sft", "model", values.model);
   const dataPath = required("sft", "data", values.data);
-  const out = values.out ?? `${modelDir.replace(/\/+$/, "")}-sft`;
+  const modelDir = await resolveModel(modelArg);
+  // Beside a local model; in the current directory for a Hub id (never inside the cache).
+  const out = values.out ??
+    `${modelDir === modelArg ? modelArg.replace(/\/+$/, "") : modelArg.split(/[@/]/)[1]}-sft`;
   const steps = intOption("sft", "steps", values.steps, 200);
   const batchSize = intOption("sft", "batch-size", values["batch-size"], 32);
   const seed = intOption("sft", "seed", values.seed, 0);

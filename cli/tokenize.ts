@@ -4,6 +4,7 @@
 import { parseCommandArgs, required } from "./args.ts";
 import { AhaError, UsageError } from "../core/errors.ts";
 import { loadTokenizer } from "../core/tokenizer.ts";
+import { resolveModel } from "../data/hub.ts";
 
 export const help = `usage: aha tokenize --tokenizer DIR [--chat] [--system TEXT] TEXT
 
@@ -28,7 +29,7 @@ export async function run(args: string[]): Promise<void> {
   if (values.system !== undefined && !values.chat) {
     throw new UsageError("tokenize: --system needs --chat");
   }
-  const tokenizer = await loadTokenizer(dir);
+  const tokenizer = await loadTokenizer(await resolveModel(dir, "config"));
   let text = positionals[0];
   if (values.chat) {
     if (!tokenizer.chatTemplate) throw new AhaError(`${dir}: the tokenizer has no chat template`);

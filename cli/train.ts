@@ -40,8 +40,9 @@ import {
   type ResumeTarget,
 } from "../core/run_dir.ts";
 import { ArithmeticTokenizer, pretrainingCorpus, splitProblems } from "../data/arithmetic.ts";
-import { ARITHMETIC_TOKENIZER_FILE, arithmeticTask, datasetTask } from "../data/tasks.ts";
-import { loadTokenizer } from "../core/tokenizer.ts";
+import { ARITHMETIC_TOKENIZER_FILE, arithmeticTask, configTask } from "../data/tasks.ts";
+import { resolveModel } from "../data/hub.ts";
+import { evalSelection } from "../core/evaluate.ts";
 import { checkPlan, planModel } from "../core/plan.ts";
 import { describeAdapter, probeAdapter } from "../gpu/adapters.ts";
 import { Gpu, summarizeAdapter } from "../gpu/device.ts";
@@ -89,6 +90,9 @@ export async function run(args: string[]): Promise<void> {
   const resume = target?.checkpoint;
   const configPath = positionals[0] ?? (resume ? `${resume}/${CONFIG_FILE}` : null);
   const cfg = loadTrainConfig(configPath, sets);
+  // Hub ids become their snapshot directories in the Hugging Face cache (fetched if missing).
+  if (cfg.model !== null) cfg.model = await resolveModel(cfg.model);
+  if (cfg.adapter !== null) cfg.adapter = await resolveModel(cfg.adapter, "adapter");
   // Checked whole (weights, trainer state, optimizer) before anything on disk changes.
   const resumed = resume ? await loadTrainingCheckpoint(resume) : null;
   if (target && resumed) rebaseResumedRun(cfg, target, resumed.state, sets);
@@ -225,6 +229,7 @@ async function train(
   const extraFiles = await tokenizerFiles(referenceDir);
 
   const startStep = resumed?.state.step ?? 0;
+  console_.line(`evaluation: ${evalSelection(cfg.eval_prompts, task.heldOut.length).note}`);
   if (startStep === 0) {
     const base = await evaluate(cfg, task, policy);
     console_.evaluation(0, base);
@@ -292,14 +297,7 @@ async function train(
 }
 
 export async function makeTask(cfg: TrainConfig): Promise<Task> {
-  if (cfg.dataset.format === "arithmetic") return arithmeticTask(cfg);
-  if (cfg.model === null || !(await exists(cfg.model))) {
-    throw new AhaError(
-      `model: "${cfg.model}" is not a directory: a ${cfg.dataset.format} dataset needs a ` +
-        "Hugging Face model directory (config.json, weights, tokenizer files)",
-    );
-  }
-  return await datasetTask(cfg, await loadTokenizer(cfg.model));
+  return await configTask(cfg);
 }
 
 /** Checks before any work that the model can read the task's tokens and hold its sequences. */
@@ -496,7 +494,9 @@ class Console {
       `eval @${step} (${elapsed.toFixed(0)}s): held-out greedy accuracy ${
         (100 * e.accuracy).toFixed(1)
       }%, ` +
-        `format ${(100 * e.format_rate).toFixed(1)}% over ${e.examples} problems`,
+        `format ${(100 * e.format_rate).toFixed(1)}% over ${e.examples} problems` +
+        Object.keys(e).filter((k) => k.startsWith("pass@"))
+          .map((k) => `, ${k} ${(100 * e[k]).toFixed(1)}%`).join(""),
     );
   }
 

@@ -367,19 +367,13 @@ export function planMemory(
   );
   add("policy", "backward scratch", tokens(micro), train.backward);
   add("policy", "log-prob buffers", `logit chunk ${train.chunk} tokens × vocab`, train.logprobs);
-  // Sampling (P prompts × G) or greedy evaluation (eval_prompts × 1, in batches of at most P × G
-  // prompts: core/trainer.ts evaluate), whichever is larger.
+  // Sampling (P prompts × G) or evaluation (core/evaluate.ts: batches of at most P × G rows),
+  // whichever is larger.
   const kv = cfg.kv_cache_dtype;
+  const evalRows = Math.min(cfg.eval_prompts ?? P * G, P * G);
   const generation = [
     generationTensors(model, P, G, cfg.max_prompt_length, cfg.max_completion_length, kv),
-    generationTensors(
-      model,
-      Math.min(cfg.eval_prompts, P * G),
-      1,
-      cfg.max_prompt_length,
-      cfg.max_completion_length,
-      kv,
-    ),
+    generationTensors(model, evalRows, 1, cfg.max_prompt_length, cfg.max_completion_length, kv),
   ].reduce((a, b) => sumBytes([...b.cache, ...b.work]) > sumBytes([...a.cache, ...a.work]) ? b : a);
   const rows = `${generation.rows} rows × ${generation.capacity} tokens`;
   add("policy", "generation KV cache", `${rows}${kv === "f32" ? "" : `, ${kv}`}`, generation.cache);
@@ -492,7 +486,6 @@ export function planProblems(plan: Plan, limits: AdapterLimits): string[] {
 /** Settings `advise` may lower, from the one that matters least to learning to the most. */
 const KNOBS = [
   "micro_batch_size",
-  "eval_prompts",
   "prompts_per_step",
   "max_completion_length",
 ] as const;

@@ -10,7 +10,7 @@
 import YAML from "yaml";
 import { AhaError } from "./errors.ts";
 import type { LossType } from "./grpo.ts";
-import { DEFAULT_REFLECTION_PHRASES, DEFAULT_REWARDS } from "./rewards.ts";
+import { anchorRewardModules, DEFAULT_REFLECTION_PHRASES, DEFAULT_REWARDS } from "./rewards.ts";
 
 export type SchedulerType = "constant" | "constant_with_warmup" | "linear" | "cosine";
 
@@ -70,8 +70,14 @@ export interface TrainConfig {
   save_steps: number;
   eval_steps: number;
   sample_steps: number;
-  /** How many held-out prompts a greedy evaluation uses. */
-  eval_prompts: number;
+  /** How many held-out prompts a greedy evaluation uses; null: all of them when there are at
+   * most EVAL_ALL_LIMIT (core/evaluate.ts), else the first EVAL_ALL_LIMIT (stated in the log). */
+  eval_prompts: number | null;
+  /** Besides the greedy completion, this many samples per evaluation prompt (at `temperature`)
+   * for pass@k and the mean reward; 0: greedy only. */
+  eval_num_samples: number;
+  /** A user reward function that throws or returns a bad value: stop (fail) or score 0 (skip). */
+  reward_errors: "fail" | "skip";
   /** Where metrics go besides metrics.jsonl (trl's key): "tensorboard" writes event files. */
   report_to: "tensorboard"[];
 
@@ -86,6 +92,11 @@ export interface TrainConfig {
     /** Held-out examples from their own file, else the last eval_fraction of the dataset. */
     eval_path: string | null;
     eval_fraction: number;
+    /** When `path` is a Hub dataset id (ORG/NAME): its config, its training split, and the
+     * split held-out examples come from (null: eval_path, else eval_fraction of the rows). */
+    config: string;
+    split: string;
+    eval_split: string | null;
   };
   system_prompt: string | null;
   /** Phrases whose appearance in completions is logged as the reflection rate ("aha moment"). */
@@ -203,7 +214,9 @@ export function defaultTrainConfig(): TrainConfig {
     save_steps: 0,
     eval_steps: 50,
     sample_steps: 50,
-    eval_prompts: 100,
+    eval_prompts: null,
+    eval_num_samples: 0,
+    reward_errors: "fail",
     report_to: [],
     dataset: {
       path: null,
@@ -213,6 +226,9 @@ export function defaultTrainConfig(): TrainConfig {
       answer_extractor: "gsm8k",
       eval_path: null,
       eval_fraction: 0.05,
+      config: "default",
+      split: "train",
+      eval_split: null,
     },
     system_prompt: null,
     reflection_phrases: [...DEFAULT_REFLECTION_PHRASES],
@@ -345,7 +361,9 @@ const RULES: Record<string, Rule> = {
   save_steps: int(0),
   eval_steps: int(0),
   sample_steps: int(0),
-  eval_prompts: int(1),
+  eval_prompts: orNull(int(1)),
+  eval_num_samples: int(0),
+  reward_errors: oneOf("fail", "skip"),
   report_to: {
     expect: 'a list of "tensorboard", or "none"',
     accepts: (v) => [v].flat().every((x) => x === "tensorboard" || x === "none"),
@@ -358,6 +376,9 @@ const RULES: Record<string, Rule> = {
   "dataset.answer_extractor": oneOf("gsm8k", "last_number", "boxed", "none"),
   "dataset.eval_path": orNull(str),
   "dataset.eval_fraction": num("[", 0, 1),
+  "dataset.config": str,
+  "dataset.split": str,
+  "dataset.eval_split": orNull(str),
   system_prompt: orNull({ expect: "a string", accepts: (v) => typeof v === "string" }),
   reflection_phrases: strings,
   "arithmetic.max_operand": int(1, 9999),
@@ -423,6 +444,9 @@ export function loadTrainConfig(path: string | null, sets: string[]): TrainConfi
       throw new AhaError(`${path}: invalid YAML: ${first}`);
     }
     if (raw !== null) applySettings(cfg, raw, path, "");
+    // The user's reward modules are found relative to the config file that names them.
+    const dir = path.includes("/") ? path.slice(0, path.lastIndexOf("/")) || "/" : ".";
+    cfg.reward_funcs = anchorRewardModules(cfg.reward_funcs, dir);
   }
   for (const set of sets) {
     const eq = set.indexOf("=");
@@ -432,8 +456,13 @@ export function loadTrainConfig(path: string | null, sets: string[]): TrainConfi
     for (const key of keys.toReversed()) value = { [key]: value };
     applySettings(cfg, value, `--set ${set}`, "");
   }
-  // A dataset path without a format: the file's extension says which.
-  const extension = cfg.dataset.path?.match(/\.(jsonl|parquet)$/)?.[1];
+  // …and relative to the current directory when given with --set.
+  cfg.reward_funcs = anchorRewardModules(cfg.reward_funcs, Deno.cwd());
+  // A dataset path without a format: the file's extension says which; a Hub id (ORG/NAME, the
+  // shape data/hub.ts resolves) is read from the Parquet files the Hub publishes.
+  const hubId = /^[A-Za-z0-9][\w.-]*\/[\w.-]+(@.+)?$/.test(cfg.dataset.path ?? "") &&
+    !/\.(jsonl|parquet)$/.test(cfg.dataset.path!);
+  const extension = hubId ? "parquet" : cfg.dataset.path?.match(/\.(jsonl|parquet)$/)?.[1];
   if (cfg.dataset.format === "arithmetic" && extension) {
     cfg.dataset.format = extension as "jsonl" | "parquet";
   }
@@ -523,7 +552,10 @@ function checkRelations(cfg: TrainConfig, source: string) {
   if (cfg.dataset.format !== "arithmetic" && cfg.dataset.path === null) {
     fail(`"dataset.path" is required when "dataset.format" is ${cfg.dataset.format}`);
   }
-  if (cfg.dataset.format === "arithmetic" && cfg.eval_prompts > cfg.arithmetic.held_out) {
+  if (
+    cfg.dataset.format === "arithmetic" && cfg.eval_prompts !== null &&
+    cfg.eval_prompts > cfg.arithmetic.held_out
+  ) {
     fail(
       `"eval_prompts" (${cfg.eval_prompts}) must be at most "arithmetic.held_out" ` +
         `(${cfg.arithmetic.held_out})`,

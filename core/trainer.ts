@@ -21,7 +21,8 @@ import {
   lossNormalizer,
   type LossRow,
 } from "./grpo.ts";
-import { reflectionMatcher, scoreCompletion } from "./rewards.ts";
+import { type EvalOptions, evalSelection, evaluatePolicy, type Evaluation } from "./evaluate.ts";
+import { reflectionMatcher, scoreBatch } from "./rewards.ts";
 import type { Task, TaskExample } from "./task.ts";
 import type { SamplerState } from "./task.ts";
 import { learningRateAt, type TrainConfig } from "./train_config.ts";
@@ -43,12 +44,7 @@ export interface TrainerIO {
   stopRequested(): boolean;
 }
 
-export interface Evaluation {
-  accuracy: number;
-  format_rate: number;
-  completion_length: number;
-  examples: number;
-}
+export type { Evaluation } from "./evaluate.ts";
 
 /** Training produced NaN or infinity: the state in memory is not worth saving. */
 export class DivergedError extends AhaError {}
@@ -90,45 +86,37 @@ export function grpoLossConfig(cfg: TrainConfig): GrpoLossConfig {
   };
 }
 
-/** Greedy completions of the held-out examples: accuracy and format rate. */
+/** The evaluation options a training config implies (core/evaluate.ts). */
+export function evalOptions(cfg: TrainConfig): EvalOptions {
+  return {
+    numSamples: cfg.eval_num_samples,
+    temperature: cfg.temperature,
+    topP: cfg.top_p,
+    topK: cfg.top_k,
+    maxNewTokens: cfg.max_completion_length,
+    // In batches no larger than a training step's, so evaluation never needs more memory.
+    batchRows: cfg.prompts_per_step * cfg.num_generations,
+    seed: cfg.seed,
+    rewardErrors: cfg.reward_errors,
+  };
+}
+
+/** The held-out evaluation logged during training: evalSelection's prompts, evaluatePolicy's
+ * figures. */
 export async function evaluate(
   cfg: TrainConfig,
   task: Task,
   policy: PolicyEngine,
 ): Promise<Evaluation> {
-  const examples = task.heldOut.slice(0, cfg.eval_prompts);
-  // In batches no larger than a training step's, so evaluation never needs more memory.
-  const batch = cfg.prompts_per_step * cfg.num_generations;
-  let correct = 0, formatted = 0, length = 0;
-  for (let start = 0; start < examples.length; start += batch) {
-    const chunk = examples.slice(start, start + batch);
-    const out = await policy.generate(chunk.map((e) => e.promptIds), 1, {
-      temperature: 0,
-      topP: 1,
-      topK: 0,
-      maxNewTokens: cfg.max_completion_length,
-      eosIds: task.eosIds,
-      seed: 0,
-    });
-    chunk.forEach((example, i) => {
-      const text = task.decode(out.tokens[i]);
-      if (task.isCorrect(text, example)) correct++;
-      if (task.isFormatted(text, example) && !out.truncated[i]) formatted++;
-      length += out.tokens[i].length;
-    });
-  }
-  const n = Math.max(1, examples.length);
-  return {
-    accuracy: correct / n,
-    format_rate: formatted / n,
-    completion_length: length / n,
-    examples: examples.length,
-  };
+  const { count } = evalSelection(cfg.eval_prompts, task.heldOut.length);
+  return await evaluatePolicy(task, policy, task.heldOut.slice(0, count), evalOptions(cfg));
 }
 
 export class GrpoTrainer {
   private readonly lossConfig: GrpoLossConfig;
   private readonly reflects: (text: string) => boolean;
+  /** Completions a user reward function failed on this step (reward_errors: skip). */
+  private rewardErrors = 0;
 
   constructor(
     private readonly cfg: TrainConfig,
@@ -178,6 +166,7 @@ export class GrpoTrainer {
   async step(step: number): Promise<Metrics> {
     const cfg = this.cfg, G = cfg.num_generations;
     const started = performance.now();
+    this.rewardErrors = 0;
 
     // 1–2. Sample groups; keep those whose rewards differ, refilling the rest.
     let generateSeconds = 0;
@@ -211,6 +200,7 @@ export class GrpoTrainer {
       learning_rate: learningRateAt(cfg, step),
       generate_s: generateSeconds,
     };
+    if (cfg.reward_errors === "skip") metrics.reward_errors = this.rewardErrors;
     if (cfg.sample_steps > 0 && (step % cfg.sample_steps === 0 || step === 1)) {
       await this.io.samples(step, this.pickSamples(firstRound));
     }
@@ -325,16 +315,29 @@ export class GrpoTrainer {
       eosIds: this.task.eosIds,
       seed,
     });
+    // Every reward function scores the whole batch at once (a user's async ones concurrently).
+    // They cannot overlap the next generation: which groups are kept, and so whether more
+    // prompts must be sampled, depends on these scores, and the next step samples from weights
+    // that this step's advantages update.
+    const texts = out.tokens.map((tokens) => this.task.decode(tokens));
+    const { scores, errors } = await scoreBatch(
+      this.task.rewards,
+      texts.map((completion, i) => {
+        const example = examples[Math.floor(i / G)];
+        return { prompt: example.prompt, completion, example };
+      }),
+      cfg.reward_errors,
+    );
+    this.rewardErrors += errors;
     return examples.map((example, g) =>
       Array.from({ length: G }, (_, j) => {
         const i = g * G + j;
-        const text = this.task.decode(out.tokens[i]);
         return {
           example,
           tokens: out.tokens[i],
           logprobs: out.logprobs[i],
-          text,
-          rewards: scoreCompletion(this.task.rewards, example.prompt, text, example),
+          text: texts[i],
+          rewards: scores[i],
           truncated: out.truncated[i],
         };
       })

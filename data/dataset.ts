@@ -9,10 +9,14 @@ import { AhaError } from "../core/errors.ts";
 import { lastNumber } from "../core/rewards.ts";
 import { Rng } from "../core/rng.ts";
 import type { SamplerState } from "../core/task.ts";
+import { type HubSettings, isHubId, resolveDatasetSplit } from "./hub.ts";
 
 export interface Example {
   question: string;
+  /** The ground truth, as the extractor found it. */
   answer: string;
+  /** Every column of the row as the file has it (user reward functions receive them). */
+  columns: Record<string, unknown>;
 }
 
 /** Where the rows are and how to read them: the config's `dataset` section. */
@@ -24,6 +28,8 @@ export interface DatasetSpec {
   answer_field: string;
   /** A key of ANSWER_EXTRACTORS. */
   answer_extractor: string;
+  /** When `path` is a Hub dataset id: which config and split of its Parquet conversion. */
+  hub?: { config: string; split: string; settings?: HubSettings };
 }
 
 /** Turn a raw answer field into the ground truth, or null when the row has none. */
@@ -60,16 +66,32 @@ export async function loadDataset(
   spec: DatasetSpec,
   warn: (message: string) => void = console.warn,
 ): Promise<Example[]> {
+  if (await isHubId(spec.path)) {
+    // A Hub id: the Parquet files of its config and split, read as one table.
+    const { config = "default", split = "train", settings } = spec.hub ?? {};
+    const files = await resolveDatasetSplit(spec.path, config, split, settings);
+    const rows = (await Promise.all(files.map(readParquet))).flat();
+    return usableRows({ ...spec, path: `${spec.path} (${config}/${split})` }, rows, warn);
+  }
   const format = spec.format ?? spec.path.match(/\.(jsonl|parquet)$/)?.[1];
   if (format !== "jsonl" && format !== "parquet") {
     throw new AhaError(`${spec.path}: expected a .jsonl or .parquet file (or set dataset.format)`);
   }
+  const rows = format === "parquet" ? await readParquet(spec.path) : await readJsonl(spec.path);
+  return usableRows(spec, rows, warn);
+}
+
+/** The rows whose question and answer are usable; the others summarised in one warning. */
+function usableRows(
+  spec: DatasetSpec,
+  rows: RawRow[],
+  warn: (message: string) => void,
+): Example[] {
   const extract = ANSWER_EXTRACTORS[spec.answer_extractor];
   if (!extract) {
     const known = Object.keys(ANSWER_EXTRACTORS).join(", ");
     throw new AhaError(`unknown answer_extractor "${spec.answer_extractor}" (known: ${known})`);
   }
-  const rows = format === "parquet" ? await readParquet(spec.path) : await readJsonl(spec.path);
   const examples: Example[] = [];
   const problems: string[] = [];
   for (const { where, row, error } of rows) {
@@ -77,7 +99,7 @@ export async function loadDataset(
     const raw = row ? asText(row[spec.answer_field]) : null;
     const answer = raw === null ? null : extract(raw);
     if (question !== null && answer !== null) {
-      examples.push({ question, answer });
+      examples.push({ question, answer, columns: plainColumns(row!) });
       continue;
     }
     problems.push(
@@ -98,6 +120,13 @@ export async function loadDataset(
   }
   if (problems.length > 0) warn(summary);
   return examples;
+}
+
+/** A row's columns, Parquet's BigInt integers as numbers. */
+function plainColumns(row: Record<string, unknown>): Record<string, unknown> {
+  return Object.fromEntries(
+    Object.entries(row).map(([k, v]) => [k, typeof v === "bigint" ? Number(v) : v]),
+  );
 }
 
 /** A field as text: strings (non-blank) and numbers (Parquet INT64 arrives as BigInt). */

@@ -13,23 +13,42 @@ import {
 } from "./arithmetic.ts";
 import { AhaError } from "../core/errors.ts";
 import {
+  type BatchRewardFunction,
   correctnessReward,
   DEFAULT_SYSTEM_PROMPT,
   formatReward,
+  isRewardModule,
+  loadRewardModule,
   REWARD_FUNCTIONS,
+  type RewardFunction,
+  rewardModuleName,
   type WeightedReward,
 } from "../core/rewards.ts";
-import type { TextTokenizer } from "../core/tokenizer.ts";
+import { loadTokenizer, type TextTokenizer } from "../core/tokenizer.ts";
 
 /** Marks a checkpoint whose tokenizer is the arithmetic task's character tokenizer. */
 export const ARITHMETIC_TOKENIZER_FILE = "aha_tokenizer.json";
 
-/** Reward functions by name from `registry`, weighted as the config says. */
+/**
+ * Reward functions by name from `registry`, or from the user's modules (`file.ts#export`:
+ * `modules` holds them once loaded by loadRewardModules, else each loads on first use), weighted
+ * as the config says.
+ */
 export function configRewards(
   cfg: TrainConfig,
-  registry: Record<string, WeightedReward["fn"]>,
+  registry: Record<string, RewardFunction>,
+  modules: Map<string, BatchRewardFunction> = new Map(),
 ): WeightedReward[] {
   return cfg.reward_funcs.map((name, i) => {
+    const weight = cfg.reward_weights?.[i] ?? 1;
+    if (isRewardModule(name)) {
+      let loaded = modules.get(name);
+      const batch: BatchRewardFunction = async (rows) => {
+        loaded ??= await loadRewardModule(name);
+        return await loaded(rows);
+      };
+      return { name: rewardModuleName(name), batch, source: name, weight };
+    }
     const fn = registry[name];
     if (!fn) {
       throw new AhaError(
@@ -38,8 +57,41 @@ export function configRewards(
         })`,
       );
     }
-    return { name, fn, weight: cfg.reward_weights?.[i] ?? 1 };
+    return { name, fn, weight };
   });
+}
+
+/** The user's reward modules of a config, imported now so a bad one stops before any work. */
+export async function loadRewardModules(
+  cfg: TrainConfig,
+): Promise<Map<string, BatchRewardFunction>> {
+  const modules = new Map<string, BatchRewardFunction>();
+  for (const name of cfg.reward_funcs.filter(isRewardModule)) {
+    modules.set(name, await loadRewardModule(name));
+  }
+  return modules;
+}
+
+/**
+ * The task a training config describes, with the user's reward modules imported first (a bad
+ * one stops before any work): the built-in arithmetic task, or the dataset rendered through the
+ * model's tokenizer (cfg.model must be a directory by now: resolve Hub ids first).
+ */
+export async function configTask(
+  cfg: TrainConfig,
+  warn: (message: string) => void = console.warn,
+): Promise<Task> {
+  const modules = await loadRewardModules(cfg);
+  if (cfg.dataset.format === "arithmetic") return arithmeticTask(cfg, modules);
+  const isDir = cfg.model !== null &&
+    await Deno.stat(cfg.model).then((s) => s.isDirectory, () => false);
+  if (!isDir) {
+    throw new AhaError(
+      `model: "${cfg.model}" is not a directory: a ${cfg.dataset.format} dataset needs a ` +
+        "Hugging Face model directory (config.json, weights, tokenizer files) or a Hub id",
+    );
+  }
+  return await datasetTask(cfg, await loadTokenizer(cfg.model!), warn, modules);
 }
 
 /** A task over fixed example lists, drawing training examples in seeded epochs. */
@@ -74,7 +126,10 @@ class ExampleTask implements Task {
 }
 
 /** The built-in task: "17+25=" → "42<end>", on a character-level tokenizer. */
-export function arithmeticTask(cfg: TrainConfig): Task & { tokenizer: ArithmeticTokenizer } {
+export function arithmeticTask(
+  cfg: TrainConfig,
+  modules?: Map<string, BatchRewardFunction>,
+): Task & { tokenizer: ArithmeticTokenizer } {
   const tokenizer = new ArithmeticTokenizer();
   const { train, heldOut } = splitProblems(cfg.arithmetic);
   const toExample = (p: { question: string; answer: string }): TaskExample => ({
@@ -85,7 +140,7 @@ export function arithmeticTask(cfg: TrainConfig): Task & { tokenizer: Arithmetic
   const task = new ExampleTask(
     "arithmetic",
     tokenizer.eosIds,
-    configRewards(cfg, ARITHMETIC_REWARDS),
+    configRewards(cfg, ARITHMETIC_REWARDS, modules),
     train.map(toExample),
     heldOut.map(toExample),
     cfg.seed,
@@ -114,6 +169,7 @@ export async function datasetTask(
   cfg: TrainConfig,
   tokenizer: TextTokenizer,
   warn: (message: string) => void = console.warn,
+  modules?: Map<string, BatchRewardFunction>,
 ): Promise<Task> {
   const { path, eval_path: evalPath } = cfg.dataset;
   if (path === null) {
@@ -125,9 +181,10 @@ export async function datasetTask(
       `${cfg.model}: the tokenizer has no chat template (tokenizer_config.json "chat_template")`,
     );
   }
-  const load = (file: string) =>
+  const load = (file: string, split = cfg.dataset.split) =>
     loadDataset({
       path: file,
+      hub: { config: cfg.dataset.config, split },
       // The file name's ending says the format, else dataset.format does.
       format: /\.(jsonl|parquet)$/.test(file) || cfg.dataset.format === "arithmetic"
         ? undefined
@@ -137,9 +194,11 @@ export async function datasetTask(
       answer_extractor: cfg.dataset.answer_extractor,
     }, warn);
   const rows = await load(path);
-  const { train, heldOut } = evalPath === null
-    ? splitHeldOut(rows, cfg.dataset.eval_fraction, cfg.seed)
-    : { train: rows, heldOut: await load(evalPath) };
+  const { train, heldOut } = evalPath !== null
+    ? { train: rows, heldOut: await load(evalPath) }
+    : cfg.dataset.eval_split !== null
+    ? { train: rows, heldOut: await load(path, cfg.dataset.eval_split) }
+    : splitHeldOut(rows, cfg.dataset.eval_fraction, cfg.seed);
 
   const system = cfg.system_prompt ?? DEFAULT_SYSTEM_PROMPT;
   const encoded = new Map<Example, TaskExample | null>(); // null: the prompt is too long
@@ -179,7 +238,7 @@ export async function datasetTask(
   return new DatasetTask(
     path,
     eosIds,
-    configRewards(cfg, REWARD_FUNCTIONS),
+    configRewards(cfg, REWARD_FUNCTIONS, modules),
     train,
     evaluation,
     cfg.seed,

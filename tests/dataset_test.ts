@@ -61,7 +61,10 @@ Deno.test("bad JSONL rows are counted and reported once, naming file and line", 
     spec(path, { question_field: "q", answer_field: "a", answer_extractor: "gsm8k" }),
     (m) => warnings.push(m),
   );
-  assert.deepEqual(rows, [{ question: "one?", answer: "1" }, { question: "four?", answer: "4" }]);
+  assert.deepEqual(rows, [
+    { question: "one?", answer: "1", columns: { q: "one?", a: "so #### 1" } },
+    { question: "four?", answer: "4", columns: { q: "four?", a: "#### 4" } },
+  ]);
   assert.equal(warnings.length, 1);
   assert.match(warnings[0], /skipped 5 of 7 rows/);
   assert.ok(warnings[0].includes(`${path}:2: invalid JSON`), warnings[0]);
@@ -96,10 +99,11 @@ Deno.test("Parquet rows with a field mapping, INT64 answers and nulls", async ()
     spec(path, { question_field: "prompt", answer_field: "target" }),
     (m) => warnings.push(m),
   );
-  assert.deepEqual(rows, [
+  assert.deepEqual(rows.map(({ question, answer }) => ({ question, answer })), [
     { question: "What is 6*7?", answer: "42" },
     { question: "What is 2**10?", answer: "1024" },
   ]);
+  assert.equal(rows[0].columns.target, 42, "INT64 columns arrive as numbers");
   assert.match(warnings[0], /skipped 2 of 4 rows .*row 2: field "prompt" missing or empty.*row 4/);
   await Deno.writeTextFile(path, "not parquet");
   await assert.rejects(() => loadDataset(spec(path)), /not a readable Parquet file/);
@@ -126,7 +130,11 @@ Deno.test("format from dataset.format or the file name; unknown extractors named
   const dir = await Deno.makeTempDir();
   await Deno.writeTextFile(`${dir}/rows.txt`, '{"question": "q?", "answer": "1"}\n');
   const rows = await loadDataset(spec(`${dir}/rows.txt`, { format: "jsonl" }));
-  assert.deepEqual(rows, [{ question: "q?", answer: "1" }]);
+  assert.deepEqual(rows, [{
+    question: "q?",
+    answer: "1",
+    columns: { question: "q?", answer: "1" },
+  }]);
   await assert.rejects(() => loadDataset(spec(`${dir}/rows.txt`)), /expected a .jsonl or .parquet/);
   await assert.rejects(
     () => loadDataset(spec(`${dir}/rows.txt`, { format: "jsonl", answer_extractor: "x" })),
