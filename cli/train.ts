@@ -5,7 +5,15 @@
 
 import { parseCommandArgs } from "./args.ts";
 import { AhaError, UsageError } from "../core/errors.ts";
-import { loadCheckpoint, saveCheckpoint } from "../core/checkpoint.ts";
+import { loadCheckpoint, readJson, saveCheckpoint } from "../core/checkpoint.ts";
+import {
+  type Adapter,
+  initLora,
+  loadAdapter,
+  loraParameterCount,
+  loraScale,
+  referenceSharesBase,
+} from "../core/lora.ts";
 import { initWeights } from "../core/init.ts";
 import { parameterCount, parseModelConfig, PRESETS, toHfConfig } from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
@@ -22,6 +30,7 @@ import {
 import {
   CONFIG_FILE,
   loadTrainingCheckpoint,
+  saveAdapterTrainingCheckpoint,
   saveTrainingCheckpoint,
   type TrainerState,
 } from "../core/train_state.ts";
@@ -32,8 +41,10 @@ import { checkPlan, planModel } from "../core/plan.ts";
 import { describeAdapter } from "../gpu/adapters.ts";
 import { Gpu, summarizeAdapter } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
-import { GpuPolicy } from "../gpu/policy.ts";
-import { WorkerReference } from "../reference/client.ts";
+import { GpuBaseReference, GpuPolicy } from "../gpu/policy.ts";
+import type { ReferenceEngine } from "../core/engine.ts";
+import { otherAdapterBackend, WorkerReference } from "../reference/client.ts";
+import { privateRuntimeDir } from "../core/self_command.ts";
 
 export const help = `usage: aha train [CONFIG.yaml] [--set key=value ...] [--resume DIR]
 
@@ -43,24 +54,33 @@ reliably. Keys follow trl's GRPOConfig (learning_rate, num_generations, beta, ..
 
   --set key=value   override one config key (dotted for sections: --set sft.steps=100)
   --resume DIR      continue exactly from a checkpoint directory written by a previous run
+  --adapter DIR     continue training an existing PEFT LoRA adapter (same as --set adapter=DIR)
 
 Writes OUTPUT_DIR/metrics.jsonl (one line per step), samples.jsonl, eval.jsonl and
-checkpoint-STEP/ directories (Hugging Face format plus optimizer and trainer state).
+checkpoint-STEP/ directories (Hugging Face format plus optimizer and trainer state; with a
+lora section, PEFT adapter directories: only the adapter is trained and saved).
 Ctrl-C saves a checkpoint and exits.`;
 
 export async function run(args: string[]): Promise<void> {
   const { values, positionals } = parseCommandArgs("train", args, {
     set: { type: "string", multiple: true },
     resume: { type: "string" },
+    adapter: { type: "string" },
   }, true);
   if (positionals.length > 1) {
     throw new UsageError(`train: expected at most one config file, got ${positionals.length}`);
   }
   const sets = (values.set ?? []) as string[];
+  if (values.adapter !== undefined) sets.push(`adapter=${values.adapter}`);
   const resume = values.resume as string | undefined;
   const configPath = positionals[0] ?? (resume ? `${resume}/${CONFIG_FILE}` : null);
   const cfg = loadTrainConfig(configPath, sets);
   const resumed = resume ? await loadTrainingCheckpoint(resume) : null;
+  // An adapter to continue is checked against its base before any work.
+  if (!resumed && cfg.adapter !== null && cfg.model !== null) {
+    const configPath = `${cfg.model}/config.json`;
+    await loadAdapter(cfg.adapter, parseModelConfig(await readJson(configPath), configPath));
+  }
 
   await prepareOutputDir(cfg.output_dir, resumed?.state.step ?? null);
   const task = await makeTask(cfg);
@@ -78,16 +98,46 @@ export async function run(args: string[]): Promise<void> {
   const referenceDir = resumed?.state.reference_model ?? cfg.model ??
     await builtinBaseModel(cfg, gpu, console_);
   const start = resumed ?? await loadCheckpoint(referenceDir);
-  const policy = new GpuPolicy(new GpuModel(gpu, start.config, start.weights));
+  // A LoRA run trains an adapter on the frozen base: the checkpoint's, an existing one
+  // (`adapter:`, whose own r, alpha and targets then apply) or a fresh one (PEFT's init).
+  let adapter: Adapter | null = null;
+  if (cfg.lora !== null) {
+    adapter = resumed?.adapter ??
+      (cfg.adapter !== null ? await loadAdapter(cfg.adapter, start.config) : {
+        lora: cfg.lora,
+        tensors: initLora(start.config, cfg.lora, new Rng(cfg.seed)),
+      });
+    cfg.lora = adapter.lora;
+  }
+  const policy = new GpuPolicy(
+    new GpuModel(gpu, start.config, start.weights, { lora: adapter ?? undefined }),
+  );
   if (resumed) {
     policy.loadOptimizerState({ step: resumed.state.adam_step, moments: resumed.moments });
     task.restoreSampler(resumed.state.sampler);
   }
-  // The reference model runs in a process of its own, on another adapter when there is one.
-  const reference = cfg.beta > 0
-    ? await WorkerReference.start({
+  // The reference model runs in a process of its own, on another adapter when there is one. A
+  // LoRA run's reference is the base model: sharing the policy's adapter, it is the policy's
+  // own frozen weights with the adapter switched off.
+  let referenceAdapter = cfg.reference.adapter;
+  if (cfg.lora !== null && referenceAdapter === "auto" && referenceSharesBase(cfg, false)) {
+    const env = { XDG_RUNTIME_DIR: privateRuntimeDir(), ...cfg.reference.env };
+    const other = await otherAdapterBackend(
+      summarizeAdapter(gpu.adapter),
+      env,
+      cfg.reference.timeout_s,
+    );
+    if (other) referenceAdapter = other as typeof referenceAdapter;
+  }
+  const sharesBase = referenceSharesBase(
+    cfg,
+    referenceAdapter !== "auto" && referenceAdapter !== "same",
+  );
+  const reference: ReferenceEngine | null = cfg.beta === 0 ? null : sharesBase
+    ? new GpuBaseReference(policy.model)
+    : await WorkerReference.start({
       modelDir: referenceDir,
-      adapter: cfg.reference.adapter,
+      adapter: referenceAdapter,
       engine: cfg.reference.engine,
       env: cfg.reference.env,
       timeoutS: cfg.reference.timeout_s,
@@ -99,12 +149,20 @@ export async function run(args: string[]): Promise<void> {
         adapter: summarizeAdapter(gpu.adapter),
       },
       log: (line) => console_.line(line),
-    })
-    : null;
+    });
   console_.line(
     `model ${referenceDir} (${(parameterCount(start.config) / 1e6).toFixed(2)}M parameters); ` +
-      `reference: ${reference ? reference.description : "none (beta = 0)"}`,
+      `reference: ${reference ? reference.description : "none (beta = 0)"}` +
+      (cfg.lora && reference && !sharesBase ? " (its own copy of the base model)" : ""),
   );
+  if (cfg.lora !== null) {
+    const l = cfg.lora;
+    console_.line(
+      `LoRA: r ${l.r}, alpha ${l.alpha} (scale ${loraScale(l).toPrecision(4)}), targets ` +
+        `${l.target_modules.join(" ")}: ${loraParameterCount(start.config, l)} trained ` +
+        `parameters, base frozen${resumed ? "" : cfg.adapter ? `; continuing ${cfg.adapter}` : ""}`,
+    );
+  }
   const extraFiles = await tokenizerFiles(referenceDir);
 
   let stop = false;
@@ -144,15 +202,29 @@ export async function run(args: string[]): Promise<void> {
         sampler,
         reference_model: referenceDir,
       };
-      await saveTrainingCheckpoint(
-        dir,
-        start.hfConfig,
-        await policy.weights(),
-        optimizer.moments,
-        state,
-        cfg,
-        extraFiles,
-      );
+      if (cfg.lora !== null) {
+        // A LoRA run saves its adapter only, never the frozen base.
+        const tensors = await policy.weights();
+        await saveAdapterTrainingCheckpoint(
+          dir,
+          { lora: cfg.lora, tensors },
+          start.config,
+          optimizer.moments,
+          state,
+          cfg,
+          extraFiles,
+        );
+      } else {
+        await saveTrainingCheckpoint(
+          dir,
+          start.hfConfig,
+          await policy.weights(),
+          optimizer.moments,
+          state,
+          cfg,
+          extraFiles,
+        );
+      }
       console_.line(`saved ${dir}`);
     },
     stopRequested: () => stop,
