@@ -5,18 +5,22 @@ import { intOption, parseCommandArgs, required } from "./args.ts";
 import { loadCheckpoint, readJson } from "../core/checkpoint.ts";
 import { parseModelConfig } from "../core/model_config.ts";
 import { AhaError, UsageError } from "../core/errors.ts";
+import { loadAdapter } from "../core/lora.ts";
 import { Gpu, modelNeeds } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
 
 export const help =
-  `usage: aha score --model DIR --input IN.json [--output OUT.json] [--engine webgpu|onnx]
+  `usage: aha score --model DIR [--adapter DIR] --input IN.json [--output OUT.json]
+                 [--engine webgpu|onnx]
 
 Computes per-token log-probabilities. IN.json is {"sequences": [[token ids...], ...]} (lengths
 may differ); the output is {"logprobs": [[...], ...]} where row i has len(seq_i) - 1 values and
 value t is log p(seq_i[t+1] | seq_i[0..t]).
 
   --model DIR      Hugging Face checkpoint directory (config.json + model.safetensors)
+  --adapter DIR    a PEFT LoRA adapter of that model (adapter_config.json +
+                   adapter_model.safetensors); webgpu engine only
   --input FILE     the sequences
   --output FILE    where to write the result (default: standard output)
   --engine NAME    webgpu (default: aha's own kernels) or onnx (onnxruntime-web, WASM)
@@ -25,6 +29,7 @@ value t is log p(seq_i[t+1] | seq_i[0..t]).
 export async function run(args: string[]): Promise<void> {
   const { values } = parseCommandArgs("score", args, {
     model: { type: "string" },
+    adapter: { type: "string" },
     input: { type: "string" },
     output: { type: "string" },
     engine: { type: "string", default: "webgpu" },
@@ -37,6 +42,9 @@ export async function run(args: string[]): Promise<void> {
     throw new UsageError(`score: --engine must be webgpu or onnx, got "${engine}"`);
   }
   const threads = intOption("score", "threads", values.threads, 2);
+  if (values.adapter !== undefined && engine === "onnx") {
+    throw new UsageError("score: --adapter needs --engine webgpu (or merge it first: aha merge)");
+  }
   const sequences = await readSequences(inputPath);
   const configPath = `${modelDir}/config.json`;
   const config = parseModelConfig(await readJson(configPath), configPath);
@@ -48,8 +56,11 @@ export async function run(args: string[]): Promise<void> {
     logprobs = await scoreWithOnnx(modelDir, sequences, threads);
   } else {
     const checkpoint = await loadCheckpoint(modelDir);
+    const lora = values.adapter === undefined
+      ? undefined
+      : await loadAdapter(values.adapter, checkpoint.config);
     const gpu = await Gpu.open(modelNeeds(checkpoint.config));
-    const model = new GpuModel(gpu, checkpoint.config, checkpoint.weights);
+    const model = new GpuModel(gpu, checkpoint.config, checkpoint.weights, { lora });
     logprobs = await scoreSequences(model, sequences);
     model.destroy();
     gpu.destroy();

@@ -35,7 +35,12 @@ import {
   type TrainerState,
 } from "../core/train_state.ts";
 import { ArithmeticTokenizer, pretrainingCorpus, splitProblems } from "../data/arithmetic.ts";
-import { ARITHMETIC_TOKENIZER_FILE, arithmeticTask, datasetTask } from "../data/tasks.ts";
+import {
+  ARITHMETIC_TOKENIZER_FILE,
+  arithmeticTask,
+  datasetTask,
+  tokenizerFiles,
+} from "../data/tasks.ts";
 import { loadTokenizer } from "../core/tokenizer.ts";
 import { checkPlan, planModel } from "../core/plan.ts";
 import { describeAdapter } from "../gpu/adapters.ts";
@@ -133,7 +138,9 @@ export async function run(args: string[]): Promise<void> {
     cfg,
     referenceAdapter !== "auto" && referenceAdapter !== "same",
   );
-  const reference: ReferenceEngine | null = cfg.beta === 0 ? null : sharesBase
+  const reference: ReferenceEngine | null = cfg.beta === 0
+    ? null
+    : sharesBase
     ? new GpuBaseReference(policy.model)
     : await WorkerReference.start({
       modelDir: referenceDir,
@@ -326,28 +333,6 @@ async function builtinBaseModel(cfg: TrainConfig, gpu: Gpu, console_: Console): 
   });
   policy.model.destroy();
   return dir;
-}
-
-/** Tokenizer files of a model directory, copied into every checkpoint. */
-async function tokenizerFiles(dir: string): Promise<Record<string, Uint8Array>> {
-  const files: Record<string, Uint8Array> = {};
-  const names = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-    "special_tokens_map.json",
-    ARITHMETIC_TOKENIZER_FILE,
-  ];
-  for (const name of names) {
-    try {
-      files[name] = await Deno.readFile(`${dir}/${name}`);
-    } catch {
-      // not every model has every file
-    }
-  }
-  return files;
 }
 
 const exists = (path: string) => Deno.stat(path).then(() => true, () => false);
