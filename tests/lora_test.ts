@@ -1,14 +1,16 @@
 // LoRA against an independent PyTorch LoRA written from PEFT's definition
 // (tests/fixtures/lora_torch.py, cases by tests/fixtures/make_lora_golden.py): log-probs with
 // each adapter, `aha loss` gradients of every lora_A / lora_B, and `aha merge` scoring as the
-// unmerged adapter; then the adapter files' errors, each one line naming the file and tensor.
+// unmerged adapter; then the adapter files' errors, each one line naming the file and tensor, and
+// the reference of a LoRA run that shares the policy's frozen base.
 
 import assert from "node:assert/strict";
 import { computeLoss } from "../cli/loss.ts";
 import { loadCheckpoint } from "../core/checkpoint.ts";
-import { loadAdapter } from "../core/lora.ts";
+import { loadAdapter, referenceSharesBase } from "../core/lora.ts";
+import { loadTrainConfig } from "../core/train_config.ts";
 import { GpuModel } from "../gpu/model.ts";
-import { GpuPolicy } from "../gpu/policy.ts";
+import { GpuBaseReference, GpuPolicy, GpuReference } from "../gpu/policy.ts";
 import { scoreSequences } from "../gpu/score.ts";
 import { assertRowsClose, gpuTest, openGpu } from "./helpers.ts";
 
@@ -228,3 +230,51 @@ Deno.test("adapter errors are one line naming the file and the tensor", gpuTest,
 Deno.test("every PyTorch LoRA case ran", () => {
   assert.equal(ran, NAMES.length);
 });
+
+Deno.test("the reference shares the base only for LoRA runs on the policy's adapter", () => {
+  const cfg = (sets: string[]) => loadTrainConfig(null, sets);
+  const lora = ["lora.r=8"];
+  assert.equal(referenceSharesBase(cfg(lora), false), true);
+  assert.equal(referenceSharesBase(cfg(lora), true), false);
+  assert.equal(referenceSharesBase(cfg([...lora, "reference.adapter=same"]), true), true);
+  assert.equal(referenceSharesBase(cfg([...lora, "reference.engine=onnx"]), false), false);
+  assert.equal(referenceSharesBase(cfg([...lora, "beta=0"]), false), false);
+  assert.equal(referenceSharesBase(cfg([]), false), false);
+  assert.throws(
+    () => cfg([...lora, "sync_ref_model=true"]),
+    /"sync_ref_model" cannot be used with "lora"/,
+  );
+});
+
+Deno.test(
+  "the in-process base reference scores between the policy's forward and backward",
+  gpuTest,
+  async () => {
+    const dir = `${CASES}gqa_tied_all_linear`, expected = readJson(`${dir}/expected.json`);
+    const base = await loadCheckpoint(ROOT + expected.model);
+    const adapter = await loadAdapter(dir, base.config);
+    const batch = readJson(`${dir}/batch.json`);
+    const rows = { rows: batch.sequences, promptLens: batch.sequences.map(() => batch.prompt_len) };
+    const plain = new GpuModel(gpu, base.config, base.weights);
+    const want = await new GpuReference(plain).completionLogprobs(rows, 1);
+    // The same policy gradients with and without the reference scoring in between.
+    const gradients = async (withReference: boolean) => {
+      const policy = new GpuPolicy(new GpuModel(gpu, base.config, base.weights, { lora: adapter }));
+      const reference = new GpuBaseReference(policy.model);
+      let ref: number[][] = [];
+      await policy.accumulateGradients(rows, 1, async (logprobs) => {
+        if (withReference) ref = await reference.completionLogprobs(rows, 1);
+        return logprobs.map((row) => row.map((_, t) => (t % 3) - 1));
+      });
+      const grads = await policy.model.readGrads();
+      await reference.close();
+      policy.model.destroy();
+      return { grads, ref };
+    };
+    const alone = await gradients(false), interleaved = await gradients(true);
+    assert.deepEqual(interleaved.grads, alone.grads);
+    // The adapter switched off is the base model exactly.
+    assert.deepEqual(interleaved.ref, want);
+    plain.destroy();
+  },
+);
