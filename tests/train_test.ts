@@ -261,3 +261,25 @@ Deno.test(
     assert.equal(await Deno.stat(`${dir}/wrong-run`).then(() => true, () => false), false);
   },
 );
+
+Deno.test(
+  "LoRA: a reference on another adapter is a worker with its own copy of the base",
+  gpuTest,
+  async () => {
+    const base = `${dir}/learn/base`; // made by the first test, or made here
+    const model = await Deno.stat(`${base}/model.safetensors`).then(
+      () => ["--set", `model=${base}`],
+      () => [],
+    );
+    const run = await train([
+      ...model,
+      ...set(`output_dir=${dir}/lora-worker`, "max_steps=1"),
+      ...set("lora.r=2", "lora.target_modules=[q_proj, down_proj]", "reference.adapter=gl"),
+    ]);
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(run.stdout, /reference: worker pid \d+, .*\(its own copy of the base model\)/);
+    assert.match(run.stdout, /LoRA: r 2, alpha 32 \(scale 16\.00\), targets q_proj down_proj/);
+    const files = [...Deno.readDirSync(`${dir}/lora-worker/checkpoint-1`)].map((e) => e.name);
+    assert.ok(files.includes("adapter_model.safetensors") && !files.includes("model.safetensors"));
+  },
+);
