@@ -76,7 +76,8 @@ export async function run(args: string[]): Promise<void> {
     throw new UsageError(`train: expected at most one config file, got ${positionals.length}`);
   }
   const sets = (values.set ?? []) as string[];
-  if (values.adapter !== undefined) sets.push(`adapter=${values.adapter}`);
+  // --adapter implies a LoRA run (the adapter's own settings apply; the section may be empty).
+  if (values.adapter !== undefined) sets.push("lora={}", `adapter=${values.adapter}`);
   const resume = values.resume as string | undefined;
   const configPath = positionals[0] ?? (resume ? `${resume}/${CONFIG_FILE}` : null);
   const cfg = loadTrainConfig(configPath, sets);
