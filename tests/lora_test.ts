@@ -7,8 +7,16 @@
 import assert from "node:assert/strict";
 import { computeLoss } from "../cli/loss.ts";
 import { loadCheckpoint } from "../core/checkpoint.ts";
-import { loadAdapter, referenceSharesBase } from "../core/lora.ts";
-import { loadTrainConfig } from "../core/train_config.ts";
+import {
+  initLora,
+  loadAdapter,
+  loraModules,
+  loraShapes,
+  referenceSharesBase,
+} from "../core/lora.ts";
+import { parseModelConfig, PRESETS } from "../core/model_config.ts";
+import { Rng } from "../core/rng.ts";
+import { defaultLoraConfig, loadTrainConfig } from "../core/train_config.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { GpuBaseReference, GpuPolicy, GpuReference } from "../gpu/policy.ts";
 import { scoreSequences } from "../gpu/score.ts";
@@ -278,3 +286,22 @@ Deno.test(
     plain.destroy();
   },
 );
+
+Deno.test("PEFT's init: A uniform in ±1/√in (Kaiming, a = √5), B zero, seeded", () => {
+  const config = parseModelConfig({ ...PRESETS.tiny, vocab_size: 20 });
+  const lora = { ...defaultLoraConfig(), r: 8 };
+  const tensors = initLora(config, lora, new Rng(42));
+  assert.deepEqual([...tensors.keys()], [...loraShapes(config, lora).keys()]);
+  for (const m of loraModules(config, lora)) {
+    const a = tensors.get(m.a)!, bound = 1 / Math.sqrt(m.inFeatures);
+    assert.ok(a.every((x) => Math.abs(x) <= bound), m.a);
+    const mean = a.reduce((s, x) => s + x, 0) / a.length;
+    const variance = a.reduce((s, x) => s + x * x, 0) / a.length;
+    // U(−b, b): mean 0, variance b²/3 (within sampling error of a few hundred values).
+    assert.ok(Math.abs(mean) < 0.2 * bound, `${m.a}: mean ${mean}`);
+    assert.ok(Math.abs(variance / (bound * bound / 3) - 1) < 0.25, `${m.a}: variance ${variance}`);
+    assert.ok(tensors.get(m.b)!.every((x) => x === 0), m.b);
+  }
+  assert.deepEqual(initLora(config, lora, new Rng(42)), tensors);
+  assert.notDeepEqual(initLora(config, lora, new Rng(43)), tensors);
+});
