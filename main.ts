@@ -36,6 +36,10 @@ const COMMANDS: Record<string, Command> = {
     summary: "one GRPO objective and its gradients, without updating",
     load: () => import("./cli/loss.ts"),
   },
+  merge: {
+    summary: "fold a LoRA adapter into its base model",
+    load: () => import("./cli/merge.ts"),
+  },
   gpu: {
     summary: "the WebGPU adapters this machine offers",
     load: () => import("./cli/gpu.ts"),

@@ -4,13 +4,15 @@
 import { checkOutputPath, parseCommandArgs, required, writeOutput } from "./args.ts";
 import { loadCheckpoint } from "../core/checkpoint.ts";
 import { AhaError } from "../core/errors.ts";
+import { loadAdapter } from "../core/lora.ts";
 import { type LossBatch, lossBatchObjective } from "../core/grpo.ts";
 import { Gpu, modelNeeds } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { resolveModel } from "../data/hub.ts";
 import { GpuPolicy } from "../gpu/policy.ts";
 
-export const help = `usage: aha loss --model DIR --batch BATCH.json [--output OUT.json]
+export const help =
+  `usage: aha loss --model DIR [--adapter DIR] --batch BATCH.json [--output OUT.json]
 
 Computes one GRPO step's objective and gradients without updating the model.
 BATCH.json: {"prompt_len": P, "sequences": [[ids]] (prompt + completion, all the same length,
@@ -20,11 +22,15 @@ completions right-padded with pad_id), "pad_id": N, "rewards": [..], "group_size
 token; without ref the reference is the model itself, without old logp_old = logp (detached).
 Completion tokens up to and including the first pad_id (the end token) are trained on.
 
+With --adapter DIR (a PEFT LoRA adapter of the model) only the adapter is trained: the
+gradients are those of its lora_A / lora_B matrices, keyed by their PEFT tensor names.
+
 Output: {"loss", "advantages", "grad_norm", "grads": {"<weight>": [first 8 values], ...}}`;
 
 export async function run(args: string[]): Promise<void> {
   const { values } = parseCommandArgs("loss", args, {
     model: { type: "string" },
+    adapter: { type: "string" },
     batch: { type: "string" },
     output: { type: "string" },
   });
@@ -32,9 +38,14 @@ export async function run(args: string[]): Promise<void> {
   const batchPath = required("loss", "batch", values.batch);
   if (values.output) await checkOutputPath(values.output as string);
   const checkpoint = await loadCheckpoint(modelDir);
+  const lora = values.adapter === undefined
+    ? undefined
+    : await loadAdapter(values.adapter as string, checkpoint.config);
   const batch = readBatch(batchPath, checkpoint.config.vocabSize);
   const gpu = await Gpu.open(modelNeeds(checkpoint.config));
-  const policy = new GpuPolicy(new GpuModel(gpu, checkpoint.config, checkpoint.weights));
+  const policy = new GpuPolicy(
+    new GpuModel(gpu, checkpoint.config, checkpoint.weights, { lora }),
+  );
   const result = await computeLoss(policy, batch);
   policy.model.destroy();
   gpu.destroy();
@@ -44,7 +55,8 @@ export async function run(args: string[]): Promise<void> {
   else console.log(text);
 }
 
-/** The objective, advantages, gradient norm and the first 8 values of every weight's gradient. */
+/** The objective, advantages, gradient norm and the first 8 values of every trained tensor's
+ * gradient (every weight, or a LoRA adapter's matrices). */
 export async function computeLoss(policy: GpuPolicy, batch: LossBatch) {
   let loss = 0, advantages: number[] = [];
   await policy.accumulateGradients(

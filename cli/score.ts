@@ -6,14 +6,15 @@ import { loadCheckpoint, readJson } from "../core/checkpoint.ts";
 import { parseModelConfig, weightShapes } from "../core/model_config.ts";
 import { type FrozenDtype, frozenWeightDtypes } from "../core/half.ts";
 import { AhaError, UsageError } from "../core/errors.ts";
+import { loadAdapter } from "../core/lora.ts";
 import { Gpu, modelNeeds } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
 import { resolveModel } from "../data/hub.ts";
 
 export const help =
-  `usage: aha score --model DIR --input IN.json [--output OUT.json] [--engine webgpu|onnx]
-                 [--frozen-dtype auto|bf16|f16|f32]
+  `usage: aha score --model DIR [--adapter DIR] --input IN.json [--output OUT.json]
+                 [--engine webgpu|onnx] [--frozen-dtype auto|bf16|f16|f32]
 
 Computes per-token log-probabilities. IN.json is {"sequences": [[token ids...], ...]} (lengths
 may differ); the output is {"logprobs": [[...], ...]} where row i has len(seq_i) - 1 values and
@@ -21,6 +22,8 @@ value t is log p(seq_i[t+1] | seq_i[0..t]).
 
   --model DIR|ID   Hugging Face checkpoint directory (config.json + model.safetensors), or a
                    Hub id ORG/NAME[@revision] (fetched into the Hugging Face cache if missing)
+  --adapter DIR    a PEFT LoRA adapter of that model (adapter_config.json +
+                   adapter_model.safetensors); webgpu engine only
   --input FILE     the sequences
   --output FILE    where to write the result (default: standard output)
   --engine NAME    webgpu (default: aha's own kernels) or onnx (onnxruntime-web, WASM)
@@ -32,6 +35,7 @@ value t is log p(seq_i[t+1] | seq_i[0..t]).
 export async function run(args: string[]): Promise<void> {
   const { values } = parseCommandArgs("score", args, {
     model: { type: "string" },
+    adapter: { type: "string" },
     input: { type: "string" },
     output: { type: "string" },
     engine: { type: "string", default: "webgpu" },
@@ -51,6 +55,9 @@ export async function run(args: string[]): Promise<void> {
     throw new UsageError(
       `score: --frozen-dtype must be auto, bf16, f16 or f32, got "${frozenDtype}"`,
     );
+  }
+  if (values.adapter !== undefined && engine === "onnx") {
+    throw new UsageError("score: --adapter needs --engine webgpu (or merge it first: aha merge)");
   }
   const sequences = await readSequences(inputPath);
   const configPath = `${modelDir}/config.json`;
@@ -72,6 +79,9 @@ export async function run(args: string[]): Promise<void> {
     logprobs = await scoreWithOnnx(modelDir, sequences, threads);
   } else {
     const checkpoint = await loadCheckpoint(modelDir);
+    const lora = values.adapter === undefined
+      ? undefined
+      : await loadAdapter(values.adapter, checkpoint.config);
     const gpu = await Gpu.open(modelNeeds(checkpoint.config));
     const weightDtypes = frozenWeightDtypes(
       frozenDtype as FrozenDtype,
@@ -79,7 +89,7 @@ export async function run(args: string[]): Promise<void> {
       checkpoint.dtypes,
       gpu.hasF16,
     );
-    const model = new GpuModel(gpu, checkpoint.config, checkpoint.weights, { weightDtypes });
+    const model = new GpuModel(gpu, checkpoint.config, checkpoint.weights, { weightDtypes, lora });
     logprobs = await scoreSequences(model, sequences);
     model.destroy();
     gpu.destroy();

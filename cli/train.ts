@@ -5,7 +5,15 @@
 
 import { parseCommandArgs } from "./args.ts";
 import { AhaError, Interrupted, UsageError } from "../core/errors.ts";
-import { loadCheckpoint, saveCheckpoint } from "../core/checkpoint.ts";
+import { loadCheckpoint, readJson, saveCheckpoint } from "../core/checkpoint.ts";
+import {
+  type Adapter,
+  initLora,
+  loadAdapter,
+  loraParameterCount,
+  loraScale,
+  referenceSharesBase,
+} from "../core/lora.ts";
 import { initWeights } from "../core/init.ts";
 import {
   type ModelConfig,
@@ -13,6 +21,7 @@ import {
   parseModelConfig,
   PRESETS,
   toHfConfig,
+  weightShapes,
 } from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
 import { encodeSafetensors, readSafetensors } from "../core/safetensors.ts";
@@ -29,6 +38,7 @@ import {
 import {
   CONFIG_FILE,
   loadTrainingCheckpoint,
+  saveAdapterTrainingCheckpoint,
   saveTrainingCheckpoint,
   type TrainerState,
 } from "../core/train_state.ts";
@@ -40,18 +50,26 @@ import {
   type ResumeTarget,
 } from "../core/run_dir.ts";
 import { ArithmeticTokenizer, pretrainingCorpus, splitProblems } from "../data/arithmetic.ts";
-import { ARITHMETIC_TOKENIZER_FILE, arithmeticTask, configTask } from "../data/tasks.ts";
+import {
+  ARITHMETIC_TOKENIZER_FILE,
+  arithmeticTask,
+  configTask,
+  tokenizerFiles,
+} from "../data/tasks.ts";
 import { resolveModel } from "../data/hub.ts";
 import { evalSelection } from "../core/evaluate.ts";
 import { checkPlan, planModel } from "../core/plan.ts";
 import { describeAdapter, probeAdapter } from "../gpu/adapters.ts";
 import { Gpu, summarizeAdapter } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
-import { GpuPolicy } from "../gpu/policy.ts";
-import { WorkerReference } from "../reference/client.ts";
+import { GpuBaseReference, GpuPolicy } from "../gpu/policy.ts";
+import type { ReferenceEngine } from "../core/engine.ts";
+import { otherAdapterBackend, WorkerReference } from "../reference/client.ts";
+import { privateRuntimeDir } from "../core/self_command.ts";
 import { serveDashboard } from "../core/dashboard.ts";
 import { writeReport } from "../core/report.ts";
 import { TensorBoardWriter } from "../core/tensorboard.ts";
+import { frozenWeightDtypes } from "../core/half.ts";
 
 export const help =
   `usage: aha train [CONFIG.yaml] [--set key=value ...] [--resume DIR] [--overwrite]
@@ -63,12 +81,14 @@ reliably. Keys follow trl's GRPOConfig (learning_rate, num_generations, beta, ..
   --set key=value   override one config key (dotted for sections: --set sft.steps=100)
   --resume DIR      continue exactly from a checkpoint directory written by a previous run
                     (output goes to the run directory that holds it, wherever it now is)
+  --adapter DIR     continue training an existing PEFT LoRA adapter (same as --set adapter=DIR)
   --dashboard       serve this run's live dashboard (aha dashboard) while it trains
   --overwrite       start over in an output_dir that holds an earlier run (its logs and
                     checkpoints are removed)
 
 Writes OUTPUT_DIR/metrics.jsonl (one line per step), samples.jsonl, eval.jsonl and
-checkpoint-STEP/ directories (Hugging Face format plus optimizer and trainer state).
+checkpoint-STEP/ directories (Hugging Face format plus optimizer and trainer state; with a
+lora section, PEFT adapter directories: only the adapter is trained and saved).
 Ctrl-C saves a checkpoint and exits with status 130 (143 after SIGTERM); during the built-in
 pretraining it exits at once, and the base model is pretrained again on the next run.
 One run per output directory at a time (a lock file, .aha.lock, holds its PID).
@@ -81,11 +101,14 @@ export async function run(args: string[]): Promise<void> {
     resume: { type: "string" },
     overwrite: { type: "boolean" },
     dashboard: { type: "boolean" },
+    adapter: { type: "string" },
   }, true);
   if (positionals.length > 1) {
     throw new UsageError(`train: expected at most one config file, got ${positionals.length}`);
   }
   const sets = (values.set ?? []) as string[];
+  // --adapter implies a LoRA run (the adapter's own settings apply; the section may be empty).
+  if (values.adapter !== undefined) sets.push("lora={}", `adapter=${values.adapter}`);
   const target = values.resume ? await resolveResume(values.resume as string) : null;
   const resume = target?.checkpoint;
   const configPath = positionals[0] ?? (resume ? `${resume}/${CONFIG_FILE}` : null);
@@ -96,6 +119,11 @@ export async function run(args: string[]): Promise<void> {
   // Checked whole (weights, trainer state, optimizer) before anything on disk changes.
   const resumed = resume ? await loadTrainingCheckpoint(resume) : null;
   if (target && resumed) rebaseResumedRun(cfg, target, resumed.state, sets);
+  // An adapter to continue is checked against its base before any work.
+  if (!resumed && cfg.adapter !== null && cfg.model !== null) {
+    const configPath = `${cfg.model}/config.json`;
+    await loadAdapter(cfg.adapter, parseModelConfig(await readJson(configPath), configPath));
+  }
 
   const task = await makeTask(cfg);
   const gpu = await Gpu.open();
@@ -187,8 +215,27 @@ async function train(
   pretraining = false;
   const start = resumed ?? await loadCheckpoint(referenceDir);
   await checkModelFitsTask(cfg, task, start.config, referenceDir);
+  // A LoRA run trains an adapter on the frozen base: the checkpoint's, an existing one
+  // (`adapter:`, whose own r, alpha and targets then apply) or a fresh one (PEFT's init).
+  let adapter: Adapter | null = null;
+  if (cfg.lora !== null) {
+    adapter = resumed?.adapter ??
+      (cfg.adapter !== null ? await loadAdapter(cfg.adapter, start.config) : {
+        lora: cfg.lora,
+        tensors: initLora(start.config, cfg.lora, new Rng(cfg.seed)),
+      });
+    cfg.lora = adapter.lora;
+  }
   const policy = new GpuPolicy(
     new GpuModel(gpu, start.config, start.weights, {
+      lora: adapter ?? undefined,
+      // A LoRA run's base is frozen: kept as frozen_dtype says (auto: the checkpoint's dtype).
+      weightDtypes: adapter === null ? undefined : frozenWeightDtypes(
+        cfg.frozen_dtype,
+        weightShapes(start.config),
+        start.dtypes,
+        gpu.hasF16,
+      ),
       gradientCheckpointing: cfg.gradient_checkpointing,
       kvCacheDtype: cfg.kv_cache_dtype,
     }),
@@ -197,11 +244,30 @@ async function train(
     policy.loadOptimizerState({ step: resumed.state.adam_step, moments: resumed.moments });
     task.restoreSampler(resumed.state.sampler);
   }
-  // The reference model runs in a process of its own, on another adapter when there is one.
-  const reference = cfg.beta > 0
-    ? await WorkerReference.start({
+  // The reference model runs in a process of its own, on another adapter when there is one. A
+  // LoRA run's reference is the base model: sharing the policy's adapter, it is the policy's
+  // own frozen weights with the adapter switched off.
+  let referenceAdapter = cfg.reference.adapter;
+  if (cfg.lora !== null && referenceAdapter === "auto" && referenceSharesBase(cfg, false)) {
+    const env = { XDG_RUNTIME_DIR: privateRuntimeDir(), ...cfg.reference.env };
+    const other = await otherAdapterBackend(
+      summarizeAdapter(gpu.adapter),
+      env,
+      cfg.reference.timeout_s,
+    );
+    if (other) referenceAdapter = other as typeof referenceAdapter;
+  }
+  const sharesBase = referenceSharesBase(
+    cfg,
+    referenceAdapter !== "auto" && referenceAdapter !== "same",
+  );
+  const reference: ReferenceEngine | null = cfg.beta === 0
+    ? null
+    : sharesBase
+    ? new GpuBaseReference(policy.model)
+    : await WorkerReference.start({
       modelDir: referenceDir,
-      adapter: cfg.reference.adapter,
+      adapter: referenceAdapter,
       engine: cfg.reference.engine,
       env: cfg.reference.env,
       timeoutS: cfg.reference.timeout_s,
@@ -214,8 +280,7 @@ async function train(
         adapter: summarizeAdapter(gpu.adapter),
       },
       log: (line) => console_.line(line),
-    })
-    : null;
+    });
   // sync_ref_model: the reference the run had synced to when it saved.
   const syncedReference = resume ? `${resume}/${SYNCED_REFERENCE_FILE}` : null;
   if (reference && syncedReference && await exists(syncedReference)) {
@@ -224,8 +289,17 @@ async function train(
   }
   console_.line(
     `model ${referenceDir} (${(parameterCount(start.config) / 1e6).toFixed(2)}M parameters); ` +
-      `reference: ${reference ? reference.description : "none (beta = 0)"}`,
+      `reference: ${reference ? reference.description : "none (beta = 0)"}` +
+      (cfg.lora && reference && !sharesBase ? " (its own copy of the base model)" : ""),
   );
+  if (cfg.lora !== null) {
+    const l = cfg.lora;
+    console_.line(
+      `LoRA: r ${l.r}, alpha ${l.alpha} (scale ${loraScale(l).toPrecision(4)}), targets ` +
+        `${l.target_modules.join(" ")}: ${loraParameterCount(start.config, l)} trained ` +
+        `parameters, base frozen${resumed ? "" : cfg.adapter ? `; continuing ${cfg.adapter}` : ""}`,
+    );
+  }
   const extraFiles = await tokenizerFiles(referenceDir);
 
   const startStep = resumed?.state.step ?? 0;
@@ -262,18 +336,34 @@ async function train(
         sampler,
         reference_model: referenceDir,
       };
-      const synced = cfg.sync_ref_model ? await reference?.syncedWeights() : null;
-      await saveTrainingCheckpoint(
-        dir,
-        start.hfConfig,
-        await policy.weights(),
-        optimizer.moments,
-        state,
-        cfg,
-        synced
-          ? { ...extraFiles, [SYNCED_REFERENCE_FILE]: encodeSafetensors(flatTensors(synced)) }
-          : extraFiles,
-      );
+      if (cfg.lora !== null) {
+        // A LoRA run saves its adapter only, never the frozen base.
+        const tensors = await policy.weights();
+        await saveAdapterTrainingCheckpoint(
+          dir,
+          { lora: cfg.lora, tensors },
+          start.config,
+          optimizer.moments,
+          state,
+          cfg,
+          extraFiles,
+        );
+      } else {
+        const synced = cfg.sync_ref_model && reference instanceof WorkerReference
+          ? await reference.syncedWeights()
+          : null;
+        await saveTrainingCheckpoint(
+          dir,
+          start.hfConfig,
+          await policy.weights(),
+          optimizer.moments,
+          state,
+          cfg,
+          synced
+            ? { ...extraFiles, [SYNCED_REFERENCE_FILE]: encodeSafetensors(flatTensors(synced)) }
+            : extraFiles,
+        );
+      }
       console_.line(`saved ${dir}`);
     },
     stopRequested: () => stop !== null,
@@ -413,28 +503,6 @@ const SYNCED_REFERENCE_FILE = "reference.safetensors";
 
 const flatTensors = (weights: Map<string, Float32Array>) =>
   new Map([...weights].map(([name, data]) => [name, { shape: [data.length], data }]));
-
-/** Tokenizer files of a model directory, copied into every checkpoint. */
-async function tokenizerFiles(dir: string): Promise<Record<string, Uint8Array>> {
-  const files: Record<string, Uint8Array> = {};
-  const names = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-    "special_tokens_map.json",
-    ARITHMETIC_TOKENIZER_FILE,
-  ];
-  for (const name of names) {
-    try {
-      files[name] = await Deno.readFile(`${dir}/${name}`);
-    } catch {
-      // not every model has every file
-    }
-  }
-  return files;
-}
 
 const exists = (path: string) => Deno.stat(path).then(() => true, () => false);
 

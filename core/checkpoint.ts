@@ -6,6 +6,8 @@
 import { AhaError } from "./errors.ts";
 import { type ModelConfig, parseModelConfig, weightShapes } from "./model_config.ts";
 import {
+  float32ToBfloat16,
+  float32ToFloat16,
   readSafetensors,
   readSafetensorsHeader,
   type SafeDType,
@@ -124,16 +126,21 @@ export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
   return { config, hfConfig: hfConfig as Record<string, unknown>, weights, dtypes };
 }
 
-/** Writes config.json, model.safetensors (F32, weightShapes order) and `extraFiles` into a
- * temporary sibling directory, then renames it to `dir`, replacing any previous one. */
+/** Writes config.json, model.safetensors (F32 unless `dtype` says BF16/F16, weightShapes order)
+ * and `extraFiles` into a temporary sibling directory, then renames it to `dir`, replacing any
+ * previous one. */
 export async function saveCheckpoint(
   dir: string,
   hfConfig: Record<string, unknown>,
   weights: Map<string, Float32Array>,
   extraFiles: Record<string, Uint8Array | string> = {},
+  dtype: "f32" | "bf16" | "f16" = "f32",
 ): Promise<void> {
   const shapes = weightShapes(parseModelConfig(hfConfig, `${dir}/config.json`));
-  const tensors = new Map<string, { shape: number[]; data: Float32Array }>();
+  const tensors = new Map<
+    string,
+    { shape: number[]; data: Float32Array | Uint16Array; dtype?: "BF16" | "F16" }
+  >();
   for (const [name, shape] of shapes) {
     const data = weights.get(name);
     const size = shape.reduce((a, b) => a * b, 1);
@@ -150,8 +157,35 @@ export async function saveCheckpoint(
           `(training diverged; the previous checkpoint is kept)`,
       );
     }
-    tensors.set(name, { shape, data });
+    if (dtype === "f32") tensors.set(name, { shape, data });
+    else if (dtype === "bf16") {
+      tensors.set(name, { shape, data: float32ToBfloat16(data), dtype: "BF16" });
+    } else tensors.set(name, { shape, data: float32ToFloat16(data), dtype: "F16" });
   }
+  await writeDirectory(dir, async (temporary) => {
+    await Deno.writeTextFile(`${temporary}/config.json`, JSON.stringify(hfConfig, null, 2) + "\n");
+    await writeSafetensors(`${temporary}/${SINGLE_FILE}`, tensors, METADATA);
+    await writeFiles(temporary, extraFiles);
+  });
+}
+
+/** Writes small files (text or bytes) into a directory. */
+export async function writeFiles(
+  dir: string,
+  files: Record<string, Uint8Array | string>,
+): Promise<void> {
+  for (const [name, content] of Object.entries(files)) {
+    if (typeof content === "string") await Deno.writeTextFile(`${dir}/${name}`, content);
+    else await Deno.writeFile(`${dir}/${name}`, content);
+  }
+}
+
+/** Fills a temporary sibling directory with `write`, then renames it to `dir`, replacing any
+ * previous one only once the new one is complete. */
+export async function writeDirectory(
+  dir: string,
+  write: (temporary: string) => Promise<void>,
+): Promise<void> {
   const path = dir.replace(/\/+$/, "");
   const slash = path.lastIndexOf("/");
   const parent = slash < 0 ? "." : path.slice(0, slash) || "/";
@@ -161,12 +195,7 @@ export async function saveCheckpoint(
   try {
     await Deno.remove(temporary, { recursive: true }).catch(() => {});
     await Deno.mkdir(temporary, { recursive: true });
-    await Deno.writeTextFile(`${temporary}/config.json`, JSON.stringify(hfConfig, null, 2) + "\n");
-    await writeSafetensors(`${temporary}/${SINGLE_FILE}`, tensors, METADATA);
-    for (const [name, content] of Object.entries(extraFiles)) {
-      if (typeof content === "string") await Deno.writeTextFile(`${temporary}/${name}`, content);
-      else await Deno.writeFile(`${temporary}/${name}`, content);
-    }
+    await write(temporary);
     // A directory cannot be renamed over a non-empty one: move the old one aside first, and
     // back again if the new one cannot take its place.
     const replacing = await exists(path);

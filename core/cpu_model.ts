@@ -5,13 +5,22 @@
 //
 // Per layer:  x += o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))), n = rmsnorm(x)
 //             x += down_proj(silu(gate_proj(n)) · up_proj(n)),                    n = rmsnorm(x)
-// then logits = lm_head(rmsnorm(x)), lm_head being the embedding when tied.
+// then logits = lm_head(rmsnorm(x)), lm_head being the embedding when tied. With a LoRA adapter
+// (core/lora.ts) each adapted projection adds s·(x·Aᵀ)·Bᵀ, and its A and B get gradients too.
 
 import { AhaError } from "./errors.ts";
+import { loraModules, loraScale } from "./lora.ts";
 import { type ModelConfig, weightShapes } from "./model_config.ts";
+import type { LoraConfig } from "./train_config.ts";
 
 export type Weights = Map<string, Float64Array | Float32Array>;
 type Values = ArrayLike<number>;
+
+/** A LoRA adapter for the twin: its settings and its A, B matrices by PEFT name. */
+export interface CpuAdapter {
+  lora: LoraConfig;
+  tensors: Weights;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Building blocks. Activations are row-major [T, features].
@@ -52,6 +61,53 @@ function linearBackward(
     }
   }
   return dx;
+}
+
+/** y = xWᵀ for W [nOut, nIn] given as values (no bias): a helper of the LoRA branch. */
+const matmulT = (x: Values, w: Values, T: number, nOut: number, nIn: number) =>
+  linear(x, w, null, T, nOut, nIn);
+
+/** The adapter of one projection: A [r, in], B [out, r] and the scale s. */
+interface LoraBranch {
+  a: Values;
+  b: Values;
+  r: number;
+  s: number;
+  aName: string;
+  bName: string;
+}
+
+/** y += s·(x·Aᵀ)·Bᵀ. */
+function loraForward(
+  x: Values,
+  y: Float64Array,
+  l: LoraBranch,
+  T: number,
+  nOut: number,
+  nIn: number,
+) {
+  const u = matmulT(x, l.a, T, l.r, nIn);
+  const delta = matmulT(u, l.b, T, nOut, l.r);
+  for (let i = 0; i < y.length; i++) y[i] += l.s * delta[i];
+}
+
+/** Backward of loraForward: dA += s·(dy·B)ᵀ·x, dB += s·dyᵀ·(x·Aᵀ), dx += s·(dy·B)·A. */
+function loraBackward(
+  x: Values,
+  dy: Float64Array,
+  dx: Float64Array,
+  l: LoraBranch,
+  dA: Float64Array,
+  dB: Float64Array,
+  T: number,
+  nOut: number,
+  nIn: number,
+) {
+  const u = matmulT(x, l.a, T, l.r, nIn);
+  const scaledDy = dy.map((g) => g * l.s);
+  // u·Bᵀ is a linear of u by B: its backward gives du and dB.
+  const du = linearBackward(u, l.b, scaledDy, dB, null, T, nOut, l.r);
+  addInto(dx, linearBackward(x, l.a, du, dA, null, T, l.r, nIn));
 }
 
 /** y = x · r · w with r = 1/sqrt(mean(x²) + eps) per row; r is kept for the backward. */
@@ -232,7 +288,30 @@ function weight(w: Weights, name: string): Values {
 /** The output projection: its own weight, or the embedding's when tied. */
 const headName = (c: ModelConfig) => c.tieWordEmbeddings ? "model.embed_tokens" : "lm_head";
 
-function forward(c: ModelConfig, w: Weights, ids: number[]): Trace {
+/** The LoRA branch of each adapted module ("model.layers.0.self_attn.q_proj"). */
+function loraBranches(c: ModelConfig, adapter: CpuAdapter | null): Map<string, LoraBranch> {
+  const branches = new Map<string, LoraBranch>();
+  if (!adapter) return branches;
+  const s = loraScale(adapter.lora);
+  for (const m of loraModules(c, adapter.lora)) {
+    branches.set(m.module, {
+      a: weight(adapter.tensors, m.a),
+      b: weight(adapter.tensors, m.b),
+      r: adapter.lora.r,
+      s,
+      aName: m.a,
+      bName: m.b,
+    });
+  }
+  return branches;
+}
+
+function forward(
+  c: ModelConfig,
+  w: Weights,
+  ids: number[],
+  lora: Map<string, LoraBranch> = new Map(),
+): Trace {
   const T = ids.length, H = c.hiddenSize, I = c.intermediateSize, V = c.vocabSize;
   const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
   const embed = weight(w, "model.embed_tokens.weight");
@@ -246,21 +325,28 @@ function forward(c: ModelConfig, w: Weights, ids: number[]): Trace {
   const layers: LayerTrace[] = [];
   for (let l = 0; l < c.numLayers; l++) {
     const p = `model.layers.${l}.`, W = (n: string) => weight(w, p + n);
+    // A projection: its nn.Linear, plus the adapter's branch when it has one.
+    const project = (name: string, x: Values, nOut: number, nIn: number, bias: boolean) => {
+      const y = linear(x, W(name + ".weight"), bias ? W(name + ".bias") : null, T, nOut, nIn);
+      const branch = lora.get(p + name);
+      if (branch) loraForward(x, y, branch, T, nOut, nIn);
+      return y;
+    };
     const { y: n1, rstd: rstd1 } = rmsnorm(x, W("input_layernorm.weight"), T, H, c.rmsNormEps);
-    const q = linear(n1, W("self_attn.q_proj.weight"), W("self_attn.q_proj.bias"), T, qDim, H);
-    const k = linear(n1, W("self_attn.k_proj.weight"), W("self_attn.k_proj.bias"), T, kvDim, H);
-    const v = linear(n1, W("self_attn.v_proj.weight"), W("self_attn.v_proj.bias"), T, kvDim, H);
+    const q = project("self_attn.q_proj", n1, qDim, H, true);
+    const k = project("self_attn.k_proj", n1, kvDim, H, true);
+    const v = project("self_attn.v_proj", n1, kvDim, H, true);
     rope(q, T, c.numHeads, c.headDim, c.ropeTheta);
     rope(k, T, c.numKvHeads, c.headDim, c.ropeTheta);
     const { out: att, probs } = attention(q, k, v, T, c);
-    const x1 = addInto(linear(att, W("self_attn.o_proj.weight"), null, T, H, qDim), x);
+    const x1 = addInto(project("self_attn.o_proj", att, H, qDim, false), x);
     const norm2 = rmsnorm(x1, W("post_attention_layernorm.weight"), T, H, c.rmsNormEps);
     const n2 = norm2.y, rstd2 = norm2.rstd;
-    const gate = linear(n2, W("mlp.gate_proj.weight"), null, T, I, H);
-    const up = linear(n2, W("mlp.up_proj.weight"), null, T, I, H);
+    const gate = project("mlp.gate_proj", n2, I, H, false);
+    const up = project("mlp.up_proj", n2, I, H, false);
     const act = gate.map((g, i) => silu(g) * up[i]);
     layers.push({ x, n1, rstd1, q, k, v, probs, att, x1, n2, rstd2, gate, up, act });
-    x = addInto(linear(act, W("mlp.down_proj.weight"), null, T, H, I), x1);
+    x = addInto(project("mlp.down_proj", act, H, I, false), x1);
   }
   const last = rmsnorm(x, weight(w, "model.norm.weight"), T, H, c.rmsNormEps);
   const logp = linear(last.y, weight(w, headName(c) + ".weight"), null, T, V, H);
@@ -285,6 +371,7 @@ function backward(
   tr: Trace,
   dLogprobs: number[],
   grads: Map<string, Float64Array>,
+  lora: Map<string, LoraBranch> = new Map(),
 ) {
   const T = tr.ids.length, H = c.hiddenSize, I = c.intermediateSize, V = c.vocabSize;
   const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
@@ -298,7 +385,12 @@ function backward(
     nIn: number,
   ) => {
     const weightName = name + ".weight", bias = grads.get(name + ".bias") ?? null;
-    return linearBackward(x, weight(w, weightName), dy, grad(weightName), bias, T, nOut, nIn);
+    const dx = linearBackward(x, weight(w, weightName), dy, grad(weightName), bias, T, nOut, nIn);
+    const branch = lora.get(name);
+    if (branch) {
+      loraBackward(x, dy, dx, branch, grad(branch.aName), grad(branch.bName), T, nOut, nIn);
+    }
+    return dx;
   };
   // Backward of the RMSNorm `name` of input x.
   const normBack = (name: string, x: Float64Array, rstd: Float64Array, dy: Float64Array) =>
@@ -351,32 +443,41 @@ export function cpuLogprobs(
   config: ModelConfig,
   weights: Weights,
   sequences: number[][],
+  adapter: CpuAdapter | null = null,
 ): number[][] {
+  const lora = loraBranches(config, adapter);
   return sequences.map((ids) =>
-    ids.length < 2 ? [] : tokenLogprobs(forward(config, weights, ids), config.vocabSize)
+    ids.length < 2 ? [] : tokenLogprobs(forward(config, weights, ids, lora), config.vocabSize)
   );
 }
 
-/** The log-probs and the gradient of a scalar with respect to every weight (HF names), given
- * dLogprobs[i][t] = d(scalar)/d(logprobs[i][t]). For tied embeddings the lm_head part is
- * added to model.embed_tokens.weight. */
+/** The log-probs and the gradient of a scalar with respect to every weight (HF names) and,
+ * with an adapter, every LoRA matrix (PEFT names), given dLogprobs[i][t] =
+ * d(scalar)/d(logprobs[i][t]). For tied embeddings the lm_head part is added to
+ * model.embed_tokens.weight. */
 export function cpuForwardBackward(
   config: ModelConfig,
   weights: Weights,
   sequences: number[][],
   dLogprobs: number[][],
+  adapter: CpuAdapter | null = null,
 ): { logprobs: number[][]; grads: Map<string, Float64Array> } {
   const grads = new Map<string, Float64Array>();
   for (const [name, shape] of weightShapes(config)) {
     grads.set(name, new Float64Array(shape.reduce((a, b) => a * b, 1)));
+  }
+  const lora = loraBranches(config, adapter);
+  for (const branch of lora.values()) {
+    grads.set(branch.aName, new Float64Array(branch.a.length));
+    grads.set(branch.bName, new Float64Array(branch.b.length));
   }
   const logprobs = sequences.map((ids, i) => {
     if (ids.length < 2) return [];
     if (dLogprobs[i]?.length !== ids.length - 1) {
       throw new AhaError(`cpu model: dLogprobs[${i}] must have ${ids.length - 1} values`);
     }
-    const trace = forward(config, weights, ids);
-    backward(config, weights, trace, dLogprobs[i], grads);
+    const trace = forward(config, weights, ids, lora);
+    backward(config, weights, trace, dLogprobs[i], grads, lora);
     return tokenLogprobs(trace, config.vocabSize);
   });
   return { logprobs, grads };

@@ -265,20 +265,44 @@ function bfloat16ToFloat32(src: Uint16Array, dst: Float32Array) {
   for (let i = 0; i < src.length; i++) bits[i] = src[i] << 16;
 }
 
-type WritableTensors = Map<string, { shape: number[]; data: Float32Array | Int32Array }>;
+/** Tensors to write: Float32Array as F32, Int32Array as I32, Uint16Array as the 16-bit `dtype`. */
+type WritableTensors = Map<
+  string,
+  { shape: number[]; data: Float32Array | Int32Array | Uint16Array; dtype?: "BF16" | "F16" }
+>;
+
+/** float32 values rounded to bfloat16 bits (nearest, ties to even; NaN stays NaN). */
+export function float32ToBfloat16(src: Float32Array): Uint16Array {
+  const bits = new Uint32Array(src.buffer, src.byteOffset, src.length);
+  const out = new Uint16Array(src.length);
+  for (let i = 0; i < src.length; i++) {
+    const b = bits[i];
+    out[i] = Number.isNaN(src[i]) ? 0x7fc0 : (b + 0x7fff + ((b >>> 16) & 1)) >>> 16;
+  }
+  return out;
+}
+
+/** float32 values rounded to IEEE half-precision bits (nearest, ties to even). */
+export function float32ToFloat16(src: Float32Array): Uint16Array {
+  return new Uint16Array(Float16Array.from(src).buffer);
+}
 
 /** The header bytes (length prefix + JSON padded to 8 bytes) for tensors laid out in order. */
 function encodeHeader(path: string, tensors: WritableTensors, metadata?: Record<string, string>) {
   const header: Record<string, unknown> = {};
   if (metadata) header.__metadata__ = metadata;
   let offset = 0;
-  for (const [name, { shape, data }] of tensors) {
+  for (const [name, { shape, data, dtype: half }] of tensors) {
     if (shape.reduce((a, b) => a * b, 1) !== data.length) {
       throw new AhaError(
         `${path}: tensor "${name}" has ${data.length} values for shape [${shape}]`,
       );
     }
-    const dtype = data instanceof Float32Array ? "F32" : "I32";
+    const dtype = data instanceof Uint16Array
+      ? half ?? "BF16"
+      : data instanceof Float32Array
+      ? "F32"
+      : "I32";
     header[name] = { dtype, shape, data_offsets: [offset, offset + data.byteLength] };
     offset += data.byteLength;
   }
@@ -291,7 +315,7 @@ function encodeHeader(path: string, tensors: WritableTensors, metadata?: Record<
   return out;
 }
 
-const bytesOf = (a: Float32Array | Int32Array) =>
+const bytesOf = (a: Float32Array | Int32Array | Uint16Array) =>
   new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 
 /** The whole file's bytes, for small files kept in memory (e.g. `saveCheckpoint` extra files). */

@@ -564,6 +564,9 @@ function checkRelations(cfg: TrainConfig, source: string) {
   if (cfg.adapter !== null && cfg.lora === null) {
     fail(`"adapter" continues a LoRA adapter: it needs a "lora" section (or --set lora.r=...)`);
   }
+  if (cfg.lora !== null && cfg.sync_ref_model) {
+    fail(`"sync_ref_model" cannot be used with "lora": a LoRA run's reference is its frozen base`);
+  }
   if (cfg.model === null && cfg.dataset.format !== "arithmetic") {
     fail(`"model" must name a model directory unless "dataset.format" is arithmetic`);
   }

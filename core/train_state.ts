@@ -3,10 +3,16 @@
 // and the trainer state (trainer_state.json: step, optimizer step count, data position, the
 // reference model), with the resolved config beside them (train_config.yaml, which --resume
 // reads back). Written to a temporary directory and renamed into place.
+//
+// A LoRA run's checkpoint is a PEFT adapter directory instead of a model (adapter_config.json,
+// adapter_model.safetensors; never the frozen base weights), with the same tokenizer files,
+// trainer state and config; its moments are keyed by the adapter's PEFT tensor names and
+// trainer_state.json's reference_model names the base it adapts.
 
 import { type Checkpoint, loadCheckpoint, saveCheckpoint } from "./checkpoint.ts";
 import { AhaError } from "./errors.ts";
-import { weightShapes } from "./model_config.ts";
+import { type Adapter, isAdapterDir, loadAdapter, loraShapes, saveAdapter } from "./lora.ts";
+import { type ModelConfig, weightShapes } from "./model_config.ts";
 import { encodeSafetensors, readSafetensors } from "./safetensors.ts";
 import type { SamplerState } from "./task.ts";
 import type { TrainConfig } from "./train_config.ts";
@@ -25,9 +31,27 @@ export interface TrainerState {
   reference_model: string;
 }
 
+/** A training checkpoint: the model to continue (for a LoRA run, its base) and its adapter. */
 export interface TrainingCheckpoint extends Checkpoint {
   state: TrainerState;
   moments: Map<string, Float32Array>;
+  adapter: Adapter | null;
+}
+
+/** What every training checkpoint holds beside its weights. */
+function stateFiles(
+  moments: Map<string, Float32Array>,
+  state: TrainerState,
+  config: TrainConfig,
+): Record<string, Uint8Array | string> {
+  const optimizer = new Map(
+    [...moments].map(([name, data]) => [name, { shape: [data.length], data }]),
+  );
+  return {
+    "optimizer.safetensors": encodeSafetensors(optimizer),
+    "trainer_state.json": JSON.stringify(state, null, 2) + "\n",
+    [CONFIG_FILE]: YAML.stringify(config),
+  };
 }
 
 export async function saveTrainingCheckpoint(
@@ -39,14 +63,25 @@ export async function saveTrainingCheckpoint(
   config: TrainConfig,
   extraFiles: Record<string, Uint8Array | string> = {},
 ): Promise<void> {
-  const optimizer = new Map(
-    [...moments].map(([name, data]) => [name, { shape: [data.length], data }]),
-  );
   await saveCheckpoint(dir, hfConfig, weights, {
     ...extraFiles,
-    "optimizer.safetensors": encodeSafetensors(optimizer),
-    "trainer_state.json": JSON.stringify(state, null, 2) + "\n",
-    [CONFIG_FILE]: YAML.stringify(config),
+    ...stateFiles(moments, state, config),
+  });
+}
+
+/** A LoRA run's checkpoint: the adapter (PEFT files), its moments and the trainer state. */
+export async function saveAdapterTrainingCheckpoint(
+  dir: string,
+  adapter: Adapter,
+  modelConfig: ModelConfig,
+  moments: Map<string, Float32Array>,
+  state: TrainerState,
+  config: TrainConfig,
+  extraFiles: Record<string, Uint8Array | string> = {},
+): Promise<void> {
+  await saveAdapter(dir, adapter, modelConfig, state.reference_model, {
+    ...extraFiles,
+    ...stateFiles(moments, state, config),
   });
 }
 
@@ -152,10 +187,17 @@ export async function loadTrainingCheckpoint(dir: string): Promise<TrainingCheck
     throw new AhaError(`${statePath}: not valid JSON`);
   }
   const state = parseTrainerState(json, statePath);
-  const checkpoint = await loadCheckpoint(dir);
   const optimizerPath = `${dir}/optimizer.safetensors`;
   const moments = new Map<string, Float32Array>();
   for (const [name, t] of await readSafetensors(optimizerPath)) moments.set(name, t.data);
+  if (await isAdapterDir(dir)) {
+    // A LoRA checkpoint: the base it adapts, and the adapter itself.
+    const base = await loadCheckpoint(state.reference_model);
+    const adapter = await loadAdapter(dir, base.config);
+    checkMoments(moments, loraShapes(base.config, adapter.lora), state.adam_step, optimizerPath);
+    return { ...base, state, moments, adapter };
+  }
+  const checkpoint = await loadCheckpoint(dir);
   checkMoments(moments, weightShapes(checkpoint.config), state.adam_step, optimizerPath);
-  return { ...checkpoint, state, moments };
+  return { ...checkpoint, state, moments, adapter: null };
 }

@@ -294,3 +294,25 @@ class DatasetTask implements Task {
     return formatReward(example.prompt, completion) > 0;
   }
 }
+
+/** Tokenizer files of a model directory (those it has), copied into checkpoints beside weights. */
+export async function tokenizerFiles(dir: string): Promise<Record<string, Uint8Array>> {
+  const files: Record<string, Uint8Array> = {};
+  const names = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "special_tokens_map.json",
+    ARITHMETIC_TOKENIZER_FILE,
+  ];
+  for (const name of names) {
+    try {
+      files[name] = await Deno.readFile(`${dir}/${name}`);
+    } catch {
+      // not every model has every file
+    }
+  }
+  return files;
+}

@@ -22,6 +22,11 @@
 // With gradient checkpointing the training forward keeps only each layer's input (plus one set
 // of layer buffers that every layer reuses); backward recomputes a layer's forward from its input
 // with the same kernels, then runs its backward, so gradients are bit for bit those without it.
+//
+// With a LoRA adapter (core/lora.ts) every targeted projection adds s·(x·Aᵀ)·Bᵀ to its output
+// through two small matmuls (B·A is never formed), the base weights are frozen (no gradients, no
+// moments) and only A and B — `trained`, by PEFT name — are optimised, read and saved. A forward
+// with `adapter: false` skips the adapter: the base model, which is a LoRA run's reference.
 
 import { AhaError } from "../core/errors.ts";
 import type { ModelConfig } from "../core/model_config.ts";
@@ -41,7 +46,8 @@ import {
   writeKvCache,
 } from "./kernels/attention.ts";
 import { swiglu, swigluBackward } from "./kernels/swiglu.ts";
-import { add } from "./kernels/elementwise.ts";
+import { add, scale } from "./kernels/elementwise.ts";
+import { type Adapter, loraModules, loraScale } from "../core/lora.ts";
 import { tokenLogprobs, tokenLogprobsBackward } from "./kernels/logprobs.ts";
 import { gradNorm } from "./kernels/gradnorm.ts";
 import { adamw, type AdamwHyper } from "./kernels/adamw.ts";
@@ -95,6 +101,8 @@ export interface LayerStep {
   shape: AttentionShape;
   scratch: Tensor; // [T,H]
   cache?: { k: Tensor; v: Tensor }; // [B, capacity, nKv, D]
+  /** false: the LoRA adapter is skipped (the base model); default true. */
+  adapter?: boolean;
 }
 
 /** Gradients flowing back through the network, for one batch shape. */
@@ -250,6 +258,16 @@ export interface GpuModelOptions {
   gradientCheckpointing?: boolean;
   /** How generation (gpu/generate.ts) stores its KV cache (default f32). */
   kvCacheDtype?: KvDtype;
+  /** A LoRA adapter: its A and B are trained, every base weight is frozen. */
+  lora?: Adapter;
+}
+
+/** One adapted projection on the GPU: A [r, in], B [out, r] and their PEFT names. */
+interface LoraPair {
+  a: Tensor;
+  b: Tensor;
+  aName: string;
+  bName: string;
 }
 
 const EMBEDDING = "model.embed_tokens.weight";
@@ -257,10 +275,22 @@ const EMBEDDING = "model.embed_tokens.weight";
 export class GpuModel {
   /** Weights by Hugging Face name, each as its row slices (one unless over maxBindingBytes). */
   readonly params = new Map<string, Tensor[]>();
-  /** Gradients, sliced like the weights, accumulated across backward() until zeroGrads(). */
+  /**
+   * What the optimizer updates, by checkpoint name: every weight (params itself), or with a
+   * LoRA adapter only its A and B matrices, by PEFT name.
+   */
+  readonly trained: Map<string, Tensor[]>;
+  /** Gradients of `trained`, sliced alike, accumulated across backward() until zeroGrads(). */
   readonly grads = new Map<string, Tensor[]>();
   private adamState = new Map<string, { m: Tensor[]; v: Tensor[] }>();
+  /** The training forward's activations, and those of forwards without backward (scoring). */
   private acts: Activations | null = null;
+  private scoringActs: Activations | null = null;
+  /** The adapter's matrices by module ("model.layers.0.self_attn.q_proj"); empty without. */
+  private readonly lora = new Map<string, LoraPair>();
+  private readonly loraScale: number;
+  /** The adapter branch's x·Aᵀ and its gradient, [T, r] each, grown to the largest T seen. */
+  private loraScratch: { u: Tensor; du: Tensor } | null = null;
   private readonly norm: Tensor;
   private readonly logitChunkFloats: number;
   private readonly checkpointing: boolean;
@@ -310,6 +340,30 @@ export class GpuModel {
       this.writeSlices(slices, data);
     }
     this.norm = gpu.zeros([1]);
+    this.trained = this.params;
+    this.loraScale = options.lora ? loraScale(options.lora.lora) : 0;
+    if (options.lora) {
+      this.trained = new Map();
+      const { lora, tensors } = options.lora;
+      for (const m of loraModules(config, lora)) {
+        const upload = (name: string, shape: number[]) => {
+          const data = tensors.get(name);
+          if (data?.length !== shape[0] * shape[1]) {
+            throw new Error(`GpuModel: LoRA tensor ${name} must hold ${shape} values`);
+          }
+          const t = gpu.upload(data, shape, name);
+          this.trained.set(name, [t]);
+          return t;
+        };
+        const a = upload(m.a, [lora.r, m.inFeatures]), b = upload(m.b, [m.outFeatures, lora.r]);
+        this.lora.set(m.module, { a, b, aName: m.a, bName: m.b });
+      }
+    }
+  }
+
+  /** Whether the base weights are trained (no LoRA adapter). */
+  get trainsBase(): boolean {
+    return this.trained === this.params;
   }
 
   /** A weight kept whole (norm weights and biases always are) by Hugging Face name. */
@@ -331,6 +385,7 @@ export class GpuModel {
   }
 
   /** A weight's gradient, sliced like the weight, made on first use. */
+  /** A trained tensor's gradient, sliced like the tensor, made on first use. */
   private gradSlices(name: string): Tensor[] {
     let slices = this.grads.get(name);
     const stored = this.params.get(name)?.[0].dtype;
@@ -339,31 +394,35 @@ export class GpuModel {
       throw new Error(`GpuModel: ${name} is stored in 16 bits, frozen: it has no gradient`);
     }
     if (!slices) {
-      slices = this.params.get(name)!.map((t) => this.gpu.zeros(t.shape));
+      slices = this.trained.get(name)!.map((t) => this.gpu.zeros(t.shape));
       this.grads.set(name, slices);
     }
     return slices;
   }
 
-  /** The gradient of a weight kept whole (1-D weights always are). */
-  private g(name: string): Tensor {
-    return this.gradSlices(name)[0];
+  /** The gradient of a weight kept whole (1-D weights always are); null when it is frozen. */
+  private g(name: string): Tensor | null {
+    return this.trained.has(name) ? this.gradSlices(name)[0] : null;
   }
 
   private activations(B: number, L: number, keep: boolean): Activations {
-    if (!this.acts || this.acts.B !== B || this.acts.L !== L || this.acts.keep !== keep) {
-      this.acts?.release(this.gpu);
-      this.acts = new Activations(
-        this.gpu,
-        this.config,
-        B,
-        L,
-        keep,
-        this.logitChunkFloats,
-        this.checkpointing,
-      );
-    }
-    return this.acts;
+    // Training and scoring keep separate buffers: a LoRA run's in-process reference scores
+    // between the policy's forward and its backward.
+    const current = keep ? this.acts : this.scoringActs;
+    if (current && current.B === B && current.L === L) return current;
+    current?.release(this.gpu);
+    const a = new Activations(
+      this.gpu,
+      this.config,
+      B,
+      L,
+      keep,
+      this.logitChunkFloats,
+      this.checkpointing,
+    );
+    if (keep) this.acts = a;
+    else this.scoringActs = a;
+    return a;
   }
 
   /**
@@ -376,6 +435,7 @@ export class GpuModel {
     L: number,
     invTemperature = 1,
     keepForBackward = true,
+    adapter = true,
   ): Tensor {
     const gpu = this.gpu, c = this.config, T = B * L;
     const a = this.activations(B, L, keepForBackward);
@@ -387,7 +447,14 @@ export class GpuModel {
     const shape = this.attentionShape(B, L);
 
     this.embed(a.ids, a.layer(0).input, T);
-    const step = { T, positions: a.positions, kvLens: a.kvLens, shape, scratch: a.scratch };
+    const step = {
+      T,
+      positions: a.positions,
+      kvLens: a.kvLens,
+      shape,
+      scratch: a.scratch,
+      adapter,
+    };
     for (let i = 0; i < c.numLayers; i++) {
       // Without backward, one set of buffers serves every layer, each writing over its input.
       const next = i + 1 < c.numLayers ? a.layer(i + 1).input : a.final;
@@ -417,6 +484,7 @@ export class GpuModel {
    */
   layerForward(i: number, x: LayerActivations, out: Tensor, step: LayerStep): void {
     const gpu = this.gpu, c = this.config, { T, positions, kvLens, shape, scratch, cache } = step;
+    const adapter = step.adapter ?? true;
     const pre = `model.layers.${i}.`;
     rmsnorm(
       gpu,
@@ -428,7 +496,7 @@ export class GpuModel {
       c.rmsNormEps,
     );
     for (const name of ["q", "k", "v"] as const) {
-      this.linear(x.norm1, `${pre}self_attn.${name}_proj`, x[name], T);
+      this.linear(x.norm1, `${pre}self_attn.${name}_proj`, x[name], T, adapter);
     }
     rope(gpu, x.q, positions, T, c.numHeads, c.headDim, c.ropeTheta);
     rope(gpu, x.k, positions, T, c.numKvHeads, c.headDim, c.ropeTheta);
@@ -437,7 +505,7 @@ export class GpuModel {
       writeKvCache(gpu, x.v, cache.v, kvLens, shape);
     }
     attention(gpu, x.q, cache?.k ?? x.k, cache?.v ?? x.v, kvLens, x.attn, x.lse, shape);
-    this.linear(x.attn, pre + "self_attn.o_proj", scratch, T);
+    this.linear(x.attn, pre + "self_attn.o_proj", scratch, T, adapter);
     add(gpu, x.input, scratch, x.mid, T * c.hiddenSize);
     rmsnorm(
       gpu,
@@ -448,10 +516,10 @@ export class GpuModel {
       T,
       c.rmsNormEps,
     );
-    this.linear(x.norm2, pre + "mlp.gate_proj", x.gate, T);
-    this.linear(x.norm2, pre + "mlp.up_proj", x.up, T);
+    this.linear(x.norm2, pre + "mlp.gate_proj", x.gate, T, adapter);
+    this.linear(x.norm2, pre + "mlp.up_proj", x.up, T, adapter);
     swiglu(gpu, x.gate, x.up, x.act, T * c.intermediateSize);
-    this.linear(x.act, pre + "mlp.down_proj", scratch, T);
+    this.linear(x.act, pre + "mlp.down_proj", scratch, T, adapter);
     add(gpu, x.mid, scratch, out, T * c.hiddenSize);
   }
 
@@ -461,7 +529,7 @@ export class GpuModel {
    */
   backward(dLogp: Float32Array, invTemperature = 1): void {
     const gpu = this.gpu, c = this.config, a = this.acts;
-    if (!a?.keep) throw new Error("GpuModel.backward: no training forward pass to go back through");
+    if (!a) throw new Error("GpuModel.backward: no training forward pass to go back through");
     const T = a.B * a.L, H = c.hiddenSize;
     const shape = this.attentionShape(a.B, a.L);
     const d = a.backwardBuffers(gpu, c);
@@ -553,24 +621,26 @@ export class GpuModel {
         { accumulateDx: true, accumulateDw: true },
       );
     }
-    embeddingBackward(gpu, a.idsHost, d.dResidual, this.gradSlices(EMBEDDING), true);
+    if (this.trainsBase) {
+      embeddingBackward(gpu, a.idsHost, d.dResidual, this.gradSlices(EMBEDDING), true);
+    }
   }
 
   /** Set every accumulated gradient to zero. */
   zeroGrads(): void {
-    for (const name of this.params.keys()) this.gradSlices(name).forEach((t) => this.gpu.clear(t));
+    for (const name of this.trained.keys()) this.gradSlices(name).forEach((t) => this.gpu.clear(t));
   }
 
   /** The global gradient norm tensor [1], computed on the GPU (read it only when needed). */
   gradNorm(): Tensor {
-    gradNorm(this.gpu, [...this.params.keys()].flatMap((n) => this.gradSlices(n)), this.norm);
+    gradNorm(this.gpu, [...this.trained.keys()].flatMap((n) => this.gradSlices(n)), this.norm);
     return this.norm;
   }
 
-  /** Clip by the global gradient norm and apply AdamW to every weight; leaves gradients as they are. */
+  /** Clip by the global gradient norm and apply AdamW to every trained tensor; leaves gradients as they are. */
   adamwStep(hp: AdamwHyper): Tensor {
     const norm = this.gradNorm();
-    for (const [name, slices] of this.params) {
+    for (const [name, slices] of this.trained) {
       let state = this.adamState.get(name);
       if (!state) {
         const zeros = () => slices.map((t) => this.gpu.zeros(t.shape));
@@ -583,15 +653,15 @@ export class GpuModel {
     return norm;
   }
 
-  /** Copy every weight back to the CPU. */
+  /** Copy every trained tensor back to the CPU (with LoRA: the adapter's A and B). */
   async readWeights(): Promise<Map<string, Float32Array>> {
-    return await this.readMap(this.params);
+    return await this.readMap(this.trained);
   }
 
-  /** Copy every accumulated gradient back to the CPU. */
+  /** Copy every accumulated gradient of the trained tensors back to the CPU. */
   async readGrads(): Promise<Map<string, Float32Array>> {
-    for (const name of this.params.keys()) this.gradSlices(name);
-    return await this.readMap(this.grads);
+    const names = [...this.trained.keys()];
+    return await this.readMap(new Map(names.map((name) => [name, this.gradSlices(name)])));
   }
 
   /** AdamW moments for checkpoints (m and v per weight). */
@@ -605,7 +675,7 @@ export class GpuModel {
   }
 
   loadOptimizerState(state: Map<string, Float32Array>): void {
-    for (const [name, slices] of this.params) {
+    for (const [name, slices] of this.trained) {
       const m = state.get(`${name}.exp_avg`), v = state.get(`${name}.exp_avg_sq`);
       if (!m || !v) continue;
       const upload = (data: Float32Array) =>
@@ -614,9 +684,9 @@ export class GpuModel {
     }
   }
 
-  /** Replace the weights (same shapes), e.g. for reference-model syncing. */
+  /** Replace the trained tensors (same shapes), e.g. for reference-model syncing. */
   setWeights(weights: Map<string, Float32Array>): void {
-    for (const [name, slices] of this.params) {
+    for (const [name, slices] of this.trained) {
       const data = weights.get(name);
       if (data) this.writeSlices(slices, data);
     }
@@ -624,8 +694,11 @@ export class GpuModel {
 
   destroy(): void {
     this.acts?.release(this.gpu);
+    this.scoringActs?.release(this.gpu);
     this.gpu.flush();
     const all = [...this.params.values(), ...this.grads.values()];
+    for (const pair of this.lora.values()) all.push([pair.a, pair.b]);
+    if (this.loraScratch) all.push([this.loraScratch.u, this.loraScratch.du]);
     for (const s of this.adamState.values()) all.push(s.m, s.v);
     for (const t of all.flat()) t.destroy();
     this.norm.destroy();
@@ -646,8 +719,9 @@ export class GpuModel {
   /**
    * y[T, out] = x[T, in]·Wᵀ (+ b) for the nn.Linear `module` (`module.weight`, and `module.bias`
    * when it has one): one matmul per row slice of W, each writing its block of y's columns.
+   * An adapted module then adds s·(x·Aᵀ)·Bᵀ, unless `adapter` is false.
    */
-  private linear(x: Tensor, module: string, y: Tensor, T: number): void {
+  private linear(x: Tensor, module: string, y: Tensor, T: number, adapter = true): void {
     const w = this.params.get(`${module}.weight`)!, bias = this.params.get(`${module}.bias`)?.[0];
     const outF = w.reduce((rows, t) => rows + t.shape[0], 0), inF = w[0].shape[1];
     let first = 0;
@@ -660,6 +734,27 @@ export class GpuModel {
       });
       first += rows;
     }
+    const pair = adapter ? this.lora.get(module) : undefined;
+    if (pair) {
+      // u = s·(x·Aᵀ) [T, r];  y += u·Bᵀ.
+      const r = pair.a.shape[0], { u } = this.loraBuffers(T, r);
+      matmul(this.gpu, x, pair.a, u, { M: T, N: r, K: inF }, { transB: true });
+      scale(this.gpu, u, this.loraScale, T * r);
+      matmul(this.gpu, u, pair.b, y, { M: T, N: outF, K: r }, { transB: true, accumulate: true });
+    }
+  }
+
+  /** The adapter branch's [T, r] buffers (views of ones grown to the largest T seen). */
+  private loraBuffers(T: number, r: number): { u: Tensor; du: Tensor } {
+    if (!this.loraScratch || this.loraScratch.u.size < T * r) {
+      if (this.loraScratch) {
+        this.gpu.release(this.loraScratch.u);
+        this.gpu.release(this.loraScratch.du);
+      }
+      this.loraScratch = { u: this.gpu.zeros([T, r]), du: this.gpu.zeros([T, r]) };
+    }
+    const { u, du } = this.loraScratch;
+    return { u: slice(u, 0, T * r), du: slice(du, 0, T * r) };
   }
 
   /**
@@ -675,7 +770,8 @@ export class GpuModel {
     dxAccumulate: boolean,
   ): void {
     const gpu = this.gpu, w = this.params.get(`${module}.weight`)!;
-    const dw = this.gradSlices(`${module}.weight`);
+    // Frozen weights (a LoRA run's base) get no gradient.
+    const dw = this.trained.has(`${module}.weight`) ? this.gradSlices(`${module}.weight`) : null;
     const outF = w.reduce((rows, t) => rows + t.shape[0], 0), inF = w[0].shape[1];
     let first = 0;
     w.forEach((slice, i) => {
@@ -684,15 +780,29 @@ export class GpuModel {
         accumulate: dxAccumulate || i > 0,
         aBlock: dyBlock,
       });
-      matmul(gpu, dy, x, dw[i], { M: rows, N: inF, K: T }, {
-        transA: true,
-        accumulate: true,
-        aBlock: dyBlock,
-      });
+      if (dw) {
+        matmul(gpu, dy, x, dw[i], { M: rows, N: inF, K: T }, {
+          transA: true,
+          accumulate: true,
+          aBlock: dyBlock,
+        });
+      }
       first += rows;
     });
-    if (this.params.has(`${module}.bias`)) {
-      sumRows(gpu, dy, this.g(`${module}.bias`), T, outF, true);
+    const db = this.g(`${module}.bias`);
+    if (db) sumRows(gpu, dy, db, T, outF, true);
+    const pair = this.lora.get(module);
+    if (pair) {
+      // y = … + u·Bᵀ with u = s·(x·Aᵀ):  dB += dyᵀ·u;  du = s·(dy·B);  dA += duᵀ·x;  dx += du·A.
+      const r = pair.a.shape[0], { u, du } = this.loraBuffers(T, r);
+      const [dA] = this.gradSlices(pair.aName), [dB] = this.gradSlices(pair.bName);
+      matmul(gpu, x, pair.a, u, { M: T, N: r, K: inF }, { transB: true });
+      scale(gpu, u, this.loraScale, T * r);
+      matmul(gpu, dy, u, dB, { M: outF, N: r, K: T }, { transA: true, accumulate: true });
+      matmul(gpu, dy, pair.b, du, { M: T, N: r, K: outF });
+      scale(gpu, du, this.loraScale, T * r);
+      matmul(gpu, du, x, dA, { M: r, N: inF, K: T }, { transA: true, accumulate: true });
+      matmul(gpu, du, pair.a, dx, { M: T, N: inF, K: r }, { accumulate: true });
     }
   }
 

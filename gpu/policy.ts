@@ -1,5 +1,6 @@
 // The WebGPU engines the trainer uses: the policy (sampling, log-probs, gradients, AdamW) and
-// the in-process reference model (frozen log-probs), both over GpuModel.
+// the in-process reference model (frozen log-probs), both over GpuModel. A LoRA run's reference
+// can be the policy's own model with its adapter switched off (GpuBaseReference).
 
 import type {
   Completions,
@@ -9,6 +10,7 @@ import type {
   SamplingOptions,
   TokenBatch,
 } from "../core/engine.ts";
+import { AhaError } from "../core/errors.ts";
 import { generate } from "./generate.ts";
 import type { GpuModel } from "./model.ts";
 import { scoreSequences } from "./score.ts";
@@ -85,6 +87,45 @@ export class GpuPolicy implements PolicyEngine {
   }
 }
 
+/** Completion log-probs of a frozen model, scored in token-bounded batches (scoreSequences): no
+ * backward buffers, bounded memory. */
+async function frozenLogprobs(
+  model: GpuModel,
+  batch: TokenBatch,
+  invTemperature: number,
+  adapter: boolean,
+): Promise<number[][]> {
+  const logprobs = await scoreSequences(model, batch.rows, invTemperature, adapter);
+  return logprobs.map((row, b) => row.slice(batch.promptLens[b] - 1));
+}
+
+/**
+ * The reference of a LoRA run when it would share the policy's adapter: the base model is the
+ * policy's own frozen weights with the adapter switched off, so no second copy exists. Its
+ * scoring uses buffers of its own, so it may run between the policy's forward and backward.
+ */
+export class GpuBaseReference implements ReferenceEngine {
+  constructor(readonly model: GpuModel) {}
+
+  get description(): string {
+    return `the base model in this process on "${this.model.gpu.description}", sharing the ` +
+      "policy's frozen weights with the adapter switched off";
+  }
+
+  completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]> {
+    return frozenLogprobs(this.model, batch, invTemperature, false);
+  }
+
+  mixIn(): Promise<void> {
+    throw new AhaError("sync_ref_model: the reference of a LoRA run is the frozen base model");
+  }
+
+  /** The weights belong to the policy: nothing to free. */
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
 /** The frozen reference model in the trainer's own process, on the policy's device. */
 export class GpuReference implements ReferenceEngine {
   constructor(readonly model: GpuModel) {}
@@ -93,10 +134,8 @@ export class GpuReference implements ReferenceEngine {
     return `${this.model.gpu.description} (in-process)`;
   }
 
-  /** Scored in token-bounded batches (scoreSequences): no backward buffers, bounded memory. */
-  async completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]> {
-    const logprobs = await scoreSequences(this.model, batch.rows, invTemperature);
-    return logprobs.map((row, b) => row.slice(batch.promptLens[b] - 1));
+  completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]> {
+    return frozenLogprobs(this.model, batch, invTemperature, true);
   }
 
   async mixIn(policy: Map<string, Float32Array>, alpha: number): Promise<void> {

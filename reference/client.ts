@@ -352,12 +352,22 @@ async function chooseBackend(
 ): Promise<Record<string, string>> {
   if (opts.engine === "onnx" || opts.adapter === "same") return {};
   if (opts.adapter !== "auto") return { DENO_WEBGPU_BACKEND: opts.adapter };
+  const backend = await otherAdapterBackend(opts.policy.adapter, env, opts.timeoutS);
+  return backend ? { DENO_WEBGPU_BACKEND: backend } : {};
+}
+
+/** A backend whose adapter is not the policy's (probed in a child with `env`), or null. */
+export async function otherAdapterBackend(
+  policy: AdapterSummary,
+  env: Record<string, string>,
+  timeoutS: number,
+): Promise<string | null> {
   for (const backend of BACKENDS) {
     if (backend === Deno.env.get("DENO_WEBGPU_BACKEND")) continue;
-    const found = await probeAdapter({ ...env, DENO_WEBGPU_BACKEND: backend }, opts.timeoutS);
-    if (found && !sameAdapter(found, opts.policy.adapter)) return { DENO_WEBGPU_BACKEND: backend };
+    const found = await probeAdapter({ ...env, DENO_WEBGPU_BACKEND: backend }, timeoutS);
+    if (found && !sameAdapter(found, policy)) return backend;
   }
-  return {};
+  return null;
 }
 
 /** Refuses a reference whose tokenizer files differ from the policy's (files both have). */

@@ -1,11 +1,15 @@
 // The whole GPU model against independent math: log-probs against golden values from a PyTorch
 // Qwen2 (tests/fixtures/make_golden.py), every weight's gradient against the float64 CPU twin,
-// and save → load → score.
+// and save → load → score. With a LoRA adapter: every A and B gradient against the twin, the
+// base weights frozen (no gradients, no moments), PEFT's init and the adapter switched off
+// leaving the base model's log-probs.
 
 import assert from "node:assert/strict";
 import { loadCheckpoint, saveCheckpoint } from "../core/checkpoint.ts";
 import { cpuForwardBackward } from "../core/cpu_model.ts";
 import { initWeights } from "../core/init.ts";
+import { type Adapter, initLora } from "../core/lora.ts";
+import { defaultLoraConfig, type LoraConfig } from "../core/train_config.ts";
 import { parseModelConfig, toHfConfig } from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
 
@@ -107,4 +111,140 @@ Deno.test("save → load → score gives identical log-probs", gpuTest, async ()
   a.destroy();
   b.destroy();
   await Deno.remove(dir, { recursive: true });
+});
+
+// LoRA on the odd shape: r 3 (not a multiple of 4) on all seven projections, and rsLoRA r 4 on
+// three of them. B is random here (PEFT's B = 0 would give A no gradient).
+const LORA_CASES: [string, LoraConfig][] = [
+  ["all seven, r 3", { ...defaultLoraConfig(), r: 3, alpha: 7 }],
+  [
+    "q v down, rsLoRA r 4",
+    {
+      r: 4,
+      alpha: 3,
+      target_modules: ["q_proj", "v_proj", "down_proj"],
+      use_rslora: true,
+      dropout: 0,
+    },
+  ],
+];
+
+function randomAdapter(lora: LoraConfig, seed: number): Adapter {
+  const tensors = initLora(oddConfig, lora, new Rng(seed));
+  const rng = new Rng(seed + 1);
+  for (const [name, t] of tensors) {
+    if (name.includes("lora_B")) { for (let i = 0; i < t.length; i++) t[i] = 0.3 * rng.normal(); }
+  }
+  return { lora, tensors };
+}
+
+for (const [label, lora] of LORA_CASES) {
+  Deno.test(
+    `GPU LoRA gradients of every A and B match the CPU twin (${label})`,
+    gpuTest,
+    async () => {
+      const weights = randomWeights(7);
+      const adapter = randomAdapter(lora, 5);
+      const rng = new Rng(4);
+      const B = 2, L = 45;
+      const sequences = Array.from(
+        { length: B },
+        () => Array.from({ length: L }, () => rng.int(37)),
+      );
+      const dLogprobs = sequences.map((s) => s.slice(1).map(() => rng.normal()));
+      const cpu = cpuForwardBackward(oddConfig, weights, sequences, dLogprobs, adapter);
+
+      const model = new GpuModel(gpu, oddConfig, weights, { lora: adapter });
+      const ids = Int32Array.from(sequences.flat());
+      const logp = await gpu.read(model.forward(ids, B, L));
+      const upstream = new Float32Array(B * L);
+      dLogprobs.forEach((row, b) => row.forEach((d, t) => upstream[b * L + t] = d));
+      model.backward(upstream);
+      const grads = await model.readGrads();
+      // Only the adapter is trained: no gradient exists for any base weight.
+      assert.deepEqual([...grads.keys()], [...adapter.tensors.keys()]);
+      assert.deepEqual([...model.grads.keys()].sort(), [...adapter.tensors.keys()].sort());
+      model.destroy();
+
+      for (let b = 0; b < B; b++) {
+        for (let t = 0; t < L - 1; t++) {
+          assert.ok(Math.abs(logp[b * L + t] - cpu.logprobs[b][t]) < 1e-4, `logp ${b},${t}`);
+        }
+      }
+      let checked = 0;
+      for (const [name, got] of grads) {
+        const expected = cpu.grads.get(name)!;
+        const scale = Math.max(...expected.map(Math.abs));
+        assert.ok(scale > 1e-3, `${name}: the expected gradient is ~0`);
+        let worst = 0;
+        for (let i = 0; i < expected.length; i++) {
+          worst = Math.max(worst, Math.abs(got[i] - expected[i]));
+        }
+        assert.ok(worst <= 1e-4 * scale + 1e-6, `${name}: max error ${worst} (scale ${scale})`);
+        checked++;
+      }
+      assert.equal(checked, 2 * lora.target_modules.length * oddConfig.numLayers);
+    },
+  );
+}
+
+Deno.test(
+  "LoRA at PEFT's init and with the adapter off give the base model's log-probs",
+  gpuTest,
+  async () => {
+    const weights = randomWeights(13);
+    const lora = { ...defaultLoraConfig(), r: 3 };
+    const sequences = [[1, 5, 9, 2, 30], [3, 3, 3, 3, 3, 36, 0]];
+    const base = new GpuModel(gpu, oddConfig, weights);
+    const want = await scoreSequences(base, sequences);
+    base.destroy();
+    const fresh = new GpuModel(gpu, oddConfig, weights, {
+      lora: { lora, tensors: initLora(oddConfig, lora, new Rng(1)) },
+    });
+    assert.deepEqual(await scoreSequences(fresh, sequences), want);
+    fresh.destroy();
+    const trained = new GpuModel(gpu, oddConfig, weights, { lora: randomAdapter(lora, 2) });
+    assert.notDeepEqual(await scoreSequences(trained, sequences), want);
+    assert.deepEqual(await scoreSequences(trained, sequences, 1, false), want);
+    trained.destroy();
+  },
+);
+
+Deno.test("a LoRA AdamW step moves A and B only, with moments for them only", gpuTest, async () => {
+  const weights = randomWeights(17);
+  const adapter = randomAdapter({
+    ...defaultLoraConfig(),
+    r: 2,
+    target_modules: ["k_proj", "up_proj"],
+  }, 9);
+  const model = new GpuModel(gpu, oddConfig, weights, { lora: adapter });
+  const ids = Int32Array.from({ length: 20 }, (_, i) => (i * 7) % 37);
+  model.forward(ids, 2, 10);
+  model.backward(new Float32Array(20).fill(1));
+  model.adamwStep({
+    lr: 1e-2,
+    beta1: 0.9,
+    beta2: 0.99,
+    eps: 1e-8,
+    weightDecay: 0,
+    maxGradNorm: 1,
+    step: 1,
+  });
+  const moments = await model.readOptimizerState();
+  assert.deepEqual(
+    [...moments.keys()],
+    [...adapter.tensors.keys()].flatMap((n) => [`${n}.exp_avg`, `${n}.exp_avg_sq`]),
+  );
+  const after = await model.readWeights();
+  assert.deepEqual([...after.keys()], [...adapter.tensors.keys()]);
+  for (const [name, t] of after) assert.notDeepEqual(t, adapter.tensors.get(name), name);
+  // The base is untouched: the adapter switched off still scores as the base model.
+  const base = new GpuModel(gpu, oddConfig, weights);
+  const sequences = [[1, 2, 3, 4, 5, 6]];
+  assert.deepEqual(
+    await scoreSequences(model, sequences, 1, false),
+    await scoreSequences(base, sequences),
+  );
+  model.destroy();
+  base.destroy();
 });

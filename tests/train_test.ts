@@ -239,3 +239,128 @@ Deno.test(
     assert.equal(await Deno.stat(`${out}/.aha.lock`).then(() => true, () => false), false);
   },
 );
+
+// LoRA: the same exactness with an adapter on the frozen base, the reference being that base in
+// the trainer's process (reference.adapter=same); checkpoints are PEFT adapter directories.
+const LORA = set("lora.r=4", "lora.alpha=8", "learning_rate=1e-2", "reference.adapter=same");
+
+Deno.test(
+  "LoRA: 3 steps + resume + 3 steps ends with the same adapter as 6 steps straight",
+  gpuTest,
+  async () => {
+    const base = `${dir}/learn/base`;
+    const model = await Deno.stat(`${base}/model.safetensors`).then(
+      () => ["--set", `model=${base}`],
+      () => [],
+    );
+    const straight = await train([
+      ...model,
+      ...LORA,
+      ...set(`output_dir=${dir}/lora-straight`, "max_steps=6"),
+    ]);
+    assert.equal(straight.code, 0, straight.stderr);
+    assert.match(
+      straight.stdout,
+      /reference: the base model in this process .*sharing the policy's frozen weights/,
+    );
+    assert.match(straight.stdout, /LoRA: r 4, alpha 8 \(scale 2\.000\)/);
+    const first = await train([
+      ...model,
+      ...LORA,
+      ...set(`output_dir=${dir}/lora-split`, "max_steps=3"),
+    ]);
+    assert.equal(first.code, 0, first.stderr);
+    const resumed = await train([
+      "--resume",
+      `${dir}/lora-split/checkpoint-3`,
+      ...set("max_steps=6"),
+    ]);
+    assert.equal(resumed.code, 0, resumed.stderr);
+    for (const file of ["adapter_model.safetensors", "optimizer.safetensors"]) {
+      const a = Deno.readFileSync(`${dir}/lora-straight/checkpoint-6/${file}`);
+      const b = Deno.readFileSync(`${dir}/lora-split/checkpoint-6/${file}`);
+      assert.ok(a.length === b.length && a.every((x, i) => x === b[i]), `${file} differs`);
+    }
+    const files = [...Deno.readDirSync(`${dir}/lora-split/checkpoint-6`)].map((e) => e.name);
+    assert.ok(!files.includes("model.safetensors"), "a LoRA checkpoint holds no base weights");
+    assert.ok(files.includes("adapter_config.json"));
+    const peft = JSON.parse(
+      Deno.readTextFileSync(`${dir}/lora-split/checkpoint-6/adapter_config.json`),
+    );
+    assert.equal(peft.peft_type, "LORA");
+    assert.equal(peft.r, 4);
+    assert.equal(peft.lora_alpha, 8);
+    // The adapter trained: step 6's differs from step 3's.
+    const a3 = Deno.readFileSync(`${dir}/lora-split/checkpoint-3/adapter_model.safetensors`);
+    const a6 = Deno.readFileSync(`${dir}/lora-split/checkpoint-6/adapter_model.safetensors`);
+    assert.ok(a3.some((x, i) => x !== a6[i]));
+
+    // Continuing that adapter (--adapter) starts where it ended: its greedy evaluation at step 0
+    // is the split run's at step 6.
+    const continued = await train([
+      ...model,
+      ...LORA,
+      "--adapter",
+      `${dir}/lora-split/checkpoint-6`,
+      ...set(`output_dir=${dir}/lora-continued`, "max_steps=1"),
+    ]);
+    assert.equal(continued.code, 0, continued.stderr);
+    assert.match(continued.stdout, /continuing .*lora-split\/checkpoint-6/);
+    const evalAt = (path: string, step: number) => readJsonl(path).find((e) => e.step === step);
+    // (Every log line also carries its wall-clock `time`, which naturally differs.)
+    const { step: _a, time: _t, ...before } = evalAt(`${dir}/lora-split/eval.jsonl`, 6);
+    const { step: _b, time: _u, ...after } = evalAt(`${dir}/lora-continued/eval.jsonl`, 0);
+    assert.deepEqual(after, before);
+  },
+);
+
+Deno.test(
+  "LoRA: an adapter whose shapes do not match the base stops with one line",
+  gpuTest,
+  async () => {
+    const adapterDir = `${dir}/lora-split/checkpoint-6`;
+    const peft = JSON.parse(Deno.readTextFileSync(`${adapterDir}/adapter_config.json`));
+    const wrong = `${dir}/wrong-adapter`;
+    await Deno.mkdir(wrong, { recursive: true });
+    Deno.copyFileSync(
+      `${adapterDir}/adapter_model.safetensors`,
+      `${wrong}/adapter_model.safetensors`,
+    );
+    Deno.writeTextFileSync(`${wrong}/adapter_config.json`, JSON.stringify({ ...peft, r: 5 }));
+    const run = await train([
+      ...set(`model=${dir}/learn/base`, `output_dir=${dir}/wrong-run`, "lora.r=5"),
+      "--adapter",
+      wrong,
+    ]);
+    assert.equal(run.code, 1);
+    const lines = run.stderr.trim().split("\n").filter((l) => !l.includes("XDG_RUNTIME_DIR"));
+    assert.equal(lines.length, 1, run.stderr);
+    assert.match(
+      lines[0],
+      /adapter_model\.safetensors: tensor "base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight" has shape \[4, 64\], expected \[5, 64\]/,
+    );
+    assert.equal(await Deno.stat(`${dir}/wrong-run`).then(() => true, () => false), false);
+  },
+);
+
+Deno.test(
+  "LoRA: a reference on another adapter is a worker with its own copy of the base",
+  gpuTest,
+  async () => {
+    const base = `${dir}/learn/base`; // made by the first test, or made here
+    const model = await Deno.stat(`${base}/model.safetensors`).then(
+      () => ["--set", `model=${base}`],
+      () => [],
+    );
+    const run = await train([
+      ...model,
+      ...set(`output_dir=${dir}/lora-worker`, "max_steps=1"),
+      ...set("lora.r=2", "lora.target_modules=[q_proj, down_proj]", "reference.adapter=gl"),
+    ]);
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(run.stdout, /reference: worker pid \d+, .*\(its own copy of the base model\)/);
+    assert.match(run.stdout, /LoRA: r 2, alpha 32 \(scale 16\.00\), targets q_proj down_proj/);
+    const files = [...Deno.readDirSync(`${dir}/lora-worker/checkpoint-1`)].map((e) => e.name);
+    assert.ok(files.includes("adapter_model.safetensors") && !files.includes("model.safetensors"));
+  },
+);

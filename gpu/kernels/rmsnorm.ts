@@ -115,7 +115,8 @@ export function rmsnorm(
   gpu.dispatch(gpu.pipeline(FORWARD, "rmsnorm"), grid(T, ROWS_WG), [x, w, y, rstd], [T, H], [eps]);
 }
 
-/** dx (+)= ∂L/∂x and dw (+)= ∂L/∂w given dy = ∂L/∂y and the forward's rstd. */
+/** dx (+)= ∂L/∂x and dw (+)= ∂L/∂w given dy = ∂L/∂y and the forward's rstd (dw null: a frozen
+ * weight, no dw). */
 export function rmsnormBackward(
   gpu: Gpu,
   x: Tensor,
@@ -123,7 +124,7 @@ export function rmsnormBackward(
   rstd: Tensor,
   dy: Tensor,
   dx: Tensor,
-  dw: Tensor,
+  dw: Tensor | null,
   T: number,
   opts: { accumulateDx: boolean; accumulateDw: boolean },
 ): void {
@@ -135,6 +136,7 @@ export function rmsnormBackward(
     [x, w, rstd, dy, dx],
     [T, H, opts.accumulateDx ? 1 : 0],
   );
+  if (!dw) return;
   const partial = gpu.zeros([chunks, H], "f32", "rmsnorm dw partial");
   gpu.dispatch(
     gpu.pipeline(BACKWARD_DW_CHUNKS, "rmsnormBackwardDwChunks"),
