@@ -127,6 +127,8 @@ export class Gpu {
   private pendingUniforms: GPUBuffer[] = [];
   /** Dispatches recorded since the device was opened (for benchmarks). */
   dispatchCount = 0;
+  /** GPU→CPU waits (mapAsync reads, onSubmittedWorkDone) since the device was opened. */
+  waitCount = 0;
 
   private constructor(readonly adapter: GPUAdapter, readonly device: GPUDevice) {}
 
@@ -309,6 +311,7 @@ export class Gpu {
   /** Wait until the GPU has finished all submitted work. */
   async sync(): Promise<void> {
     this.flush();
+    this.waitCount++;
     await this.device.queue.onSubmittedWorkDone();
   }
 
@@ -337,6 +340,7 @@ export class Gpu {
       return b;
     });
     this.flush();
+    this.waitCount++;
     await Promise.all(staging.map((b) => b.mapAsync(GPUMapMode.READ)));
     return tensors.map((t, i) => {
       const bytes = staging[i].getMappedRange().slice(0, t.size * 4);

@@ -12,6 +12,7 @@ import { parameterCount, parseModelConfig, PRESETS } from "../core/model_config.
 import { generate } from "../gpu/generate.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { benchReference } from "./bench_reference.ts";
+import { sideBySide } from "./bench_torch.ts";
 
 function random(n: number): Float32Array {
   const out = new Float32Array(n);
@@ -142,8 +143,13 @@ const SECTIONS: ((gpu: Gpu) => Promise<void>)[] = [
   modelSection,
   generationSection,
   benchReference,
+  sideBySide,
 ];
 
+// `deno task bench sideBySide matmul` runs only the sections whose names contain an argument.
+const chosen = SECTIONS.filter((s) =>
+  Deno.args.length === 0 || s === adapterSection || Deno.args.some((a) => s.name.includes(a))
+);
 const gpu = await Gpu.open();
-for (const section of SECTIONS) await section(gpu);
+for (const section of chosen) await section(gpu);
 gpu.destroy();
