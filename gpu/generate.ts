@@ -3,33 +3,167 @@
 // Each prompt is prefilled once (all but its last token), its cache copied to the rows of its
 // group, and then every row decodes one token per step: embedding → layers over the cache →
 // final norm → logits → sample, all on the GPU. Sampled tokens feed the next step without a
-// CPU round trip; the CPU reads the "done" flags only every few steps to stop early.
+// CPU round trip (nor any upload); the CPU reads the "done" flags only every few steps to stop
+// early. The buffers of a shape are kept on the model between calls (`GpuModel.kept`).
 
 import type { Completions, SamplingOptions } from "../core/engine.ts";
 import type { ModelConfig } from "../core/model_config.ts";
-import type { Gpu, Tensor } from "./device.ts";
-import { grid } from "./device.ts";
+import { type Gpu, grid, Tensor } from "./device.ts";
 import { rmsnorm } from "./kernels/rmsnorm.ts";
 import { sample } from "./kernels/sample.ts";
-import { type GpuModel, layerBuffers } from "./model.ts";
+import { type GpuModel, type LayerActivations, layerBuffers } from "./model.ts";
 
 /** How often (in decode steps) the CPU checks whether every row has finished. */
 const DONE_CHECK_EVERY = 4;
+/** Cache lengths and prefill lengths are rounded up to multiples of these, so that shapes repeat. */
+const CAPACITY_ROUND = 16;
+const PREFILL_ROUND = 4;
 
-const MARK_DONE_WGSL = `
-struct Params { B: u32, numEos: u32 }
+// After each sampled token, in one dispatch: record it and its log-prob at step s, mark rows
+// that sampled an EOS as done, and make it the next step's input one position further on.
+const AFTER_SAMPLE_WGSL = `
+struct Params { B: u32, numEos: u32, s: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> tokens: array<i32>;
-@group(0) @binding(2) var<storage, read> eos: array<i32>;
-@group(0) @binding(3) var<storage, read_write> done: array<i32>;
+@group(0) @binding(1) var<storage, read> sampled: array<i32>;
+@group(0) @binding(2) var<storage, read> logp: array<f32>;
+@group(0) @binding(3) var<storage, read> eos: array<i32>;
+@group(0) @binding(4) var<storage, read_write> done: array<i32>;
+@group(0) @binding(5) var<storage, read_write> outTokens: array<i32>;
+@group(0) @binding(6) var<storage, read_write> outLogp: array<f32>;
+@group(0) @binding(7) var<storage, read_write> ids: array<i32>;
+@group(0) @binding(8) var<storage, read_write> positions: array<i32>;
+@group(0) @binding(9) var<storage, read_write> kvLens: array<i32>;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3u) {
   let b = gid.x;
   if (b >= p.B) { return; }
+  let token = sampled[b];
   for (var i = 0u; i < p.numEos; i++) {
-    if (tokens[b] == eos[i]) { done[b] = 1; }
+    if (token == eos[i]) { done[b] = 1; }
   }
+  outTokens[p.s * p.B + b] = token;
+  outLogp[p.s * p.B + b] = logp[b];
+  ids[b] = token;
+  positions[b] += 1;
+  kvLens[b] += 1;
 }`;
+
+// Each prompt's cache row p goes to rows p·G … p·G+G−1 of the decode cache.
+const COPY_TO_GROUPS_WGSL = `
+struct Params { n: u32, rowSize: u32, G: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let i = gid.x + gid.y * nwg.x * 64u;
+  if (i >= p.n) { return; }
+  let row = i / p.rowSize;
+  dst[i] = src[(row / p.G) * p.rowSize + i % p.rowSize];
+}`;
+
+type KvCache = { k: Tensor; v: Tensor }[];
+
+/**
+ * Everything one generation shape needs, made once and kept across calls (as training keeps its
+ * activations): the KV caches, the prefill and decode buffers, the outputs.
+ */
+class Buffers {
+  readonly cache: KvCache;
+  readonly promptCache: KvCache;
+  readonly prefill: LayerActivations;
+  readonly prefillIds: Tensor;
+  readonly prefillPositions: Tensor;
+  readonly prefillKvLens: Tensor;
+  readonly prefillScratch: Tensor;
+  readonly step: LayerActivations;
+  readonly hidden: Tensor;
+  readonly scratch: Tensor;
+  readonly logits: Tensor;
+  readonly ids: Tensor;
+  readonly positions: Tensor;
+  readonly kvLens: Tensor;
+  readonly sampled: Tensor;
+  readonly logp: Tensor;
+  readonly done: Tensor;
+  readonly eos: Tensor;
+  readonly outTokens: Tensor;
+  readonly outLogp: Tensor;
+
+  constructor(
+    gpu: Gpu,
+    c: ModelConfig,
+    readonly P: number,
+    readonly G: number,
+    readonly capacity: number,
+    readonly prefillLen: number,
+    readonly maxNew: number,
+    readonly numEos: number,
+  ) {
+    const B = P * G;
+    this.cache = kvCache(gpu, c, B, capacity);
+    this.promptCache = prefillLen > 0 ? kvCache(gpu, c, P, capacity) : [];
+    const L = Math.max(prefillLen, 1), T = P * L;
+    this.prefill = layerBuffers(gpu, c, P, L);
+    this.prefillIds = gpu.zeros([T], "i32");
+    this.prefillPositions = gpu.zeros([T], "i32");
+    this.prefillKvLens = gpu.zeros([P], "i32");
+    this.prefillScratch = gpu.zeros([T, c.hiddenSize]);
+    this.step = layerBuffers(gpu, c, B, 1);
+    this.hidden = gpu.zeros([B, c.hiddenSize]);
+    this.scratch = gpu.zeros([B, c.hiddenSize]);
+    this.logits = gpu.zeros([B, c.vocabSize]);
+    this.ids = gpu.zeros([B], "i32");
+    this.positions = gpu.zeros([B], "i32");
+    this.kvLens = gpu.zeros([B], "i32");
+    this.sampled = gpu.zeros([B], "i32");
+    this.logp = gpu.zeros([B]);
+    this.done = gpu.zeros([B], "i32");
+    this.eos = gpu.zeros([Math.max(numEos, 1)], "i32");
+    this.outTokens = gpu.zeros([maxNew, B], "i32");
+    this.outLogp = gpu.zeros([maxNew, B]);
+  }
+
+  key(): string {
+    return Buffers.key(this.P, this.G, this.capacity, this.prefillLen, this.maxNew, this.numEos);
+  }
+
+  static key(...dims: number[]): string {
+    return `generate ${dims.join(",")}`;
+  }
+
+  release(gpu: Gpu): void {
+    for (const layer of [...this.cache, ...this.promptCache]) {
+      gpu.release(layer.k);
+      gpu.release(layer.v);
+    }
+    for (const t of [...Object.values(this.prefill), ...Object.values(this.step)]) gpu.release(t);
+    for (const t of Object.values(this)) if (t instanceof Tensor) gpu.release(t);
+  }
+}
+
+/** Shapes kept per model: a training step's and an evaluation's. */
+const KEPT_SHAPES = 2;
+
+/** The buffers for a shape: kept ones, else new ones (forgetting the least recently used). */
+function buffersFor(model: GpuModel, ...dims: ConstructorParameters<typeof Buffers>): Buffers {
+  const [, , P, G, capacity, prefillLen, maxNew, numEos] = dims;
+  const key = Buffers.key(P, G, capacity, prefillLen, maxNew, numEos);
+  let buffers = model.kept.get(key) as Buffers | undefined;
+  if (buffers) {
+    model.kept.delete(key); // re-inserted below as the most recent
+  } else {
+    const ours = [...model.kept.entries()].filter(([, b]) => b instanceof Buffers);
+    if (ours.length >= KEPT_SHAPES) {
+      const [oldest, old] = ours[0];
+      old.release(model.gpu);
+      model.kept.delete(oldest);
+    }
+    buffers = new Buffers(...dims);
+  }
+  model.kept.set(key, buffers);
+  return buffers;
+}
 
 export async function generate(
   model: GpuModel,
@@ -42,68 +176,96 @@ export async function generate(
   if (prompts.some((p) => p.length === 0)) {
     throw new Error("generate: every prompt needs at least one token");
   }
-  const capacity = Math.max(...prompts.map((p) => p.length)) + maxNew;
-  const cache = kvCache(gpu, c, B, capacity);
-  const prefillLen = Math.max(...prompts.map((p) => p.length - 1));
+  const longest = Math.max(...prompts.map((p) => p.length));
+  // Rounding up pads the prefill: its padding lands in the cache at positions the decode steps
+  // overwrite before any query can see them, and causal attention hides it from real tokens.
+  const prefillLen = longest > 1 ? roundUp(longest - 1, PREFILL_ROUND) : 0;
+  const capacity = roundUp(Math.max(longest + maxNew, prefillLen), CAPACITY_ROUND);
+  const eosIds = opts.eosIds.length ? opts.eosIds : [-1];
+  const bufs = buffersFor(model, gpu, c, P, groupSize, capacity, prefillLen, maxNew, eosIds.length);
+  const { cache, step } = bufs;
   if (prefillLen > 0) {
-    const promptCache = kvCache(gpu, c, P, capacity);
-    prefill(model, prompts, prefillLen, capacity, promptCache);
-    copyToGroups(gpu, promptCache, cache, groupSize);
+    prefill(model, prompts, bufs);
+    copyToGroups(gpu, bufs.promptCache, cache, groupSize);
   }
 
-  // Decode buffers: one token per row.
-  const step = layerBuffers(gpu, c, B, 1);
-  const hidden = gpu.zeros([B, c.hiddenSize]), scratch = gpu.zeros([B, c.hiddenSize]);
-  const logits = gpu.zeros([B, c.vocabSize]);
-  const ids = gpu.zeros([B], "i32"),
-    positions = gpu.zeros([B], "i32"),
-    kvLens = gpu.zeros([B], "i32");
-  const sampled = gpu.zeros([B], "i32"), logp = gpu.zeros([B]), done = gpu.zeros([B], "i32");
-  const eos = gpu.upload(Int32Array.from(opts.eosIds.length ? opts.eosIds : [-1]));
-  const outTokens = gpu.zeros([maxNew, B], "i32"), outLogp = gpu.zeros([maxNew, B]);
-  const markDone = gpu.pipeline(MARK_DONE_WGSL, "mark_done");
   const rowLen = (b: number) => prompts[Math.floor(b / groupSize)].length;
+  gpu.write(bufs.eos, Int32Array.from(eosIds));
+  gpu.write(bufs.done, new Int32Array(B));
   gpu.write(
-    ids,
+    bufs.ids,
     Int32Array.from({ length: B }, (_, b) => prompts[Math.floor(b / groupSize)].at(-1)!),
   );
+  gpu.write(bufs.positions, Int32Array.from({ length: B }, (_, b) => rowLen(b) - 1));
+  gpu.write(bufs.kvLens, Int32Array.from({ length: B }, (_, b) => rowLen(b)));
+  const afterSample = gpu.pipeline(AFTER_SAMPLE_WGSL, "after sample");
+  const shape = {
+    B,
+    Lq: 1,
+    capacity,
+    nHeads: c.numHeads,
+    nKvHeads: c.numKvHeads,
+    headDim: c.headDim,
+  };
 
   let steps = 0;
   for (let s = 0; s < maxNew; s++) {
-    if (s > 0) gpu.copy(sampled, ids, B);
-    gpu.write(positions, Int32Array.from({ length: B }, (_, b) => rowLen(b) - 1 + s));
-    gpu.write(kvLens, Int32Array.from({ length: B }, (_, b) => rowLen(b) + s));
-    model.embed(ids, step.input, B);
-    const shape = {
-      B,
-      Lq: 1,
-      capacity,
-      nHeads: c.numHeads,
-      nKvHeads: c.numKvHeads,
-      headDim: c.headDim,
-    };
+    model.embed(bufs.ids, step.input, B);
     // Each layer writes its output over its own input (read only before the output is written).
     for (let i = 0; i < c.numLayers; i++) {
       model.layerForward(i, step, step.input, {
         T: B,
-        positions,
-        kvLens,
+        positions: bufs.positions,
+        kvLens: bufs.kvLens,
         shape,
-        scratch,
+        scratch: bufs.scratch,
         cache: cache[i],
       });
     }
-    rmsnorm(gpu, step.input, model.p("model.norm.weight"), hidden, step.rstd1, B, c.rmsNormEps);
-    model.vocabLogits(hidden, logits, B);
-    sample(gpu, logits, B, c.vocabSize, { ...opts, step: s }, done, sampled, logp);
-    gpu.dispatch(markDone, grid(B, 64), [sampled, eos, done], [B, opts.eosIds.length]);
-    gpu.copy(sampled, outTokens, B, 0, s * B);
-    gpu.copy(logp, outLogp, B, 0, s * B);
+    rmsnorm(
+      gpu,
+      step.input,
+      model.p("model.norm.weight"),
+      bufs.hidden,
+      step.rstd1,
+      B,
+      c.rmsNormEps,
+    );
+    model.vocabLogits(bufs.hidden, bufs.logits, B);
+    sample(
+      gpu,
+      bufs.logits,
+      B,
+      c.vocabSize,
+      { ...opts, step: s },
+      bufs.done,
+      bufs.sampled,
+      bufs.logp,
+    );
+    gpu.dispatch(
+      afterSample,
+      grid(B, 64),
+      [
+        bufs.sampled,
+        bufs.logp,
+        bufs.eos,
+        bufs.done,
+        bufs.outTokens,
+        bufs.outLogp,
+        bufs.ids,
+        bufs.positions,
+        bufs.kvLens,
+      ],
+      [B, opts.eosIds.length, s],
+    );
     steps = s + 1;
-    if (steps % DONE_CHECK_EVERY === 0 && (await gpu.readInt(done)).every((d) => d !== 0)) break;
+    if (
+      steps % DONE_CHECK_EVERY === 0 && steps < maxNew &&
+      (await gpu.readInt(bufs.done)).every((d) => d !== 0)
+    ) break;
   }
 
-  const [tokenData, logpData] = await gpu.readMany([outTokens, outLogp]);
+  const [tokenData, logpData] = await gpu.readMany([bufs.outTokens, bufs.outLogp]);
   const result: Completions = { tokens: [], logprobs: [], truncated: [] };
   for (let b = 0; b < B; b++) {
     const tokens: number[] = [], lps: number[] = [];
@@ -117,34 +279,12 @@ export async function generate(
     result.logprobs.push(lps);
     result.truncated.push(!finished);
   }
-  for (
-    const t of [
-      ...Object.values(step),
-      hidden,
-      scratch,
-      logits,
-      ids,
-      positions,
-      kvLens,
-      sampled,
-      logp,
-      done,
-      eos,
-      outTokens,
-      outLogp,
-    ]
-  ) {
-    gpu.release(t);
-  }
-  for (const layer of cache) {
-    gpu.release(layer.k);
-    gpu.release(layer.v);
-  }
-  gpu.flush();
   return result;
 }
 
-type KvCache = { k: Tensor; v: Tensor }[];
+function roundUp(n: number, multiple: number): number {
+  return Math.ceil(n / multiple) * multiple;
+}
 
 function kvCache(gpu: Gpu, c: ModelConfig, B: number, capacity: number): KvCache {
   return Array.from({ length: c.numLayers }, () => ({
@@ -153,55 +293,44 @@ function kvCache(gpu: Gpu, c: ModelConfig, B: number, capacity: number): KvCache
   }));
 }
 
-/** Run all but the last token of each prompt through the layers, filling rows 0..P-1 of the cache. */
-function prefill(
-  model: GpuModel,
-  prompts: number[][],
-  L: number,
-  capacity: number,
-  cache: KvCache,
-): void {
-  const gpu = model.gpu, c = model.config, P = prompts.length, T = P * L;
+/** Run the first prefillLen tokens of each prompt through the layers, into the prompt cache. */
+function prefill(model: GpuModel, prompts: number[][], bufs: Buffers): void {
+  const gpu = model.gpu, c = model.config, P = prompts.length, L = bufs.prefillLen, T = P * L;
   const ids = new Int32Array(T), positions = new Int32Array(T);
   prompts.forEach((prompt, p) => ids.set(prompt.slice(0, -1), p * L));
   for (let t = 0; t < T; t++) positions[t] = t % L;
-  const idsT = gpu.upload(ids), positionsT = gpu.upload(positions);
-  // Rows shorter than L are padded; their padding lands in the cache at positions the decode
-  // steps overwrite before any query can see them.
-  const kvLens = gpu.upload(new Int32Array(P).fill(L));
-  const x = layerBuffers(gpu, c, P, L);
-  const scratch = gpu.zeros([T, c.hiddenSize]);
+  gpu.write(bufs.prefillIds, ids);
+  gpu.write(bufs.prefillPositions, positions);
+  gpu.write(bufs.prefillKvLens, new Int32Array(P).fill(L));
+  const x = bufs.prefill;
   const shape = {
     B: P,
     Lq: L,
-    capacity,
+    capacity: bufs.capacity,
     nHeads: c.numHeads,
     nKvHeads: c.numKvHeads,
     headDim: c.headDim,
   };
-  model.embed(idsT, x.input, T);
+  model.embed(bufs.prefillIds, x.input, T);
   for (let i = 0; i < c.numLayers; i++) {
     model.layerForward(i, x, x.input, {
       T,
-      positions: positionsT,
-      kvLens,
+      positions: bufs.prefillPositions,
+      kvLens: bufs.prefillKvLens,
       shape,
-      scratch,
-      cache: cache[i],
+      scratch: bufs.prefillScratch,
+      cache: bufs.promptCache[i],
     });
   }
-  for (const t of [idsT, positionsT, kvLens, scratch, ...Object.values(x)]) gpu.release(t);
 }
 
-/** Copy each prompt's cache row p to rows p·G … p·G+G−1 of the decode cache; frees `from`. */
+/** Copy each prompt's cache row p to rows p·G … p·G+G−1 of the decode cache. */
 function copyToGroups(gpu: Gpu, from: KvCache, to: KvCache, G: number): void {
+  const pipeline = gpu.pipeline(COPY_TO_GROUPS_WGSL, "copy to groups");
   from.forEach((layer, i) => {
     for (const key of ["k", "v"] as const) {
-      const src = layer[key], row = src.size / src.shape[0];
-      for (let p = 0; p < src.shape[0]; p++) {
-        for (let j = 0; j < G; j++) gpu.copy(src, to[i][key], row, p * row, (p * G + j) * row);
-      }
-      gpu.release(src);
+      const n = to[i][key].size, rowSize = layer[key].size / layer[key].shape[0];
+      gpu.dispatch(pipeline, grid(n, 64), [layer[key], to[i][key]], [n, rowSize, G]);
     }
   });
 }

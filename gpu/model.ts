@@ -221,6 +221,8 @@ export class GpuModel {
   readonly grads = new Map<string, Tensor[]>();
   private adamState = new Map<string, { m: Tensor[]; v: Tensor[] }>();
   private acts: Activations | null = null;
+  /** Buffers other modules keep for this model (generation's, by shape); freed by destroy(). */
+  readonly kept = new Map<string, { release(gpu: Gpu): void }>();
   private readonly norm: Tensor;
   private readonly logitChunkFloats: number;
   /** The vocabulary projection's module: the embedding when tied. */
@@ -538,6 +540,8 @@ export class GpuModel {
 
   destroy(): void {
     this.acts?.release(this.gpu);
+    for (const buffers of this.kept.values()) buffers.release(this.gpu);
+    this.kept.clear();
     this.gpu.flush();
     const all = [...this.params.values(), ...this.grads.values()];
     for (const s of this.adamState.values()) all.push(s.m, s.v);
