@@ -15,6 +15,7 @@
 // may be column blocks of wider matrices (a weight kept as row slices writes its block of the
 // output's columns, and its backward reads the same block of the output's gradient).
 
+import { AhaError } from "../../core/errors.ts";
 import { Gpu, Tensor } from "../device.ts";
 
 export interface MatmulShape {
@@ -39,7 +40,15 @@ export interface MatmulOptions {
   aBlock?: ColumnBlock;
   /** out as a block of a wider matrix (its width is N). */
   outBlock?: ColumnBlock;
+  /** Force a kernel (tests); else AHA_MATMUL, else the adapter decides (`matmulKernel`). */
+  kernel?: MatmulKernel;
 }
+
+/**
+ * "blocked": register blocks, no workgroup memory (CPU adapters). "tiled": 64×64 tiles staged
+ * through workgroup memory, 8 along k, 8×8 outputs per invocation (hardware GPUs).
+ */
+export type MatmulKernel = "blocked" | "tiled";
 
 interface KernelChoice {
   /** Invocations per workgroup along column blocks (x) and row blocks (y). */
@@ -51,18 +60,25 @@ interface KernelChoice {
 
 const softwareAdapters = new WeakMap<Gpu, boolean>();
 
-/**
- * The one place the matmul kernel is chosen, from the adapter and the product. Software
- * adapters run a workgroup as SIMD lanes on a CPU core, where each lane's load is a gather:
- * the larger the block an invocation owns, the fewer gathers per multiply-add (measured on
- * llvmpipe per CPU core: 4×4 blocks ~5 GFLOPS, 8×8 ~9, 16×16 ~13, 32×16 ~15). Large blocks compile slowly (a few
- * seconds for 32×16, cached on disk by Mesa afterwards), most of all with scalar bindings, so
- * shapes that are not multiples of 4 (rare in a model) get 8×8, and few rows (generation)
- * get fewer rows per block rather than clamped copies. A real GPU would do better with a
- * shared-memory tiled kernel (not written yet); until then it gets 4×4 blocks in large
- * workgroups.
- */
-function matmulKernel(gpu: Gpu, M: number, allVec4: boolean): KernelChoice {
+/** The kernel the environment forces (AHA_MATMUL=tiled|blocked), read once. */
+let forcedKernel: MatmulKernel | null | undefined;
+function envKernel(): MatmulKernel | null {
+  if (forcedKernel === undefined) {
+    let value: string | undefined;
+    try {
+      value = Deno.env.get("AHA_MATMUL");
+    } catch {
+      value = undefined; // no --allow-env: nothing forced
+    }
+    if (value !== undefined && value !== "" && value !== "tiled" && value !== "blocked") {
+      throw new AhaError(`AHA_MATMUL must be "tiled" or "blocked", got "${value}"`);
+    }
+    forcedKernel = (value || null) as MatmulKernel | null;
+  }
+  return forcedKernel;
+}
+
+function isSoftware(gpu: Gpu): boolean {
   let software = softwareAdapters.get(gpu);
   if (software === undefined) {
     const info = gpu.adapter.info as GPUAdapterInfo & { isFallbackAdapter?: boolean };
@@ -70,7 +86,28 @@ function matmulKernel(gpu: Gpu, M: number, allVec4: boolean): KernelChoice {
       /llvmpipe|lavapipe|swiftshader|software/i.test(info.description);
     softwareAdapters.set(gpu, software);
   }
-  if (!software) return { workgroup: [16, 16], rowGroups: 1, colGroups: 1 };
+  return software;
+}
+
+/**
+ * The one place the matmul kernel is chosen, from the adapter and the product. Software
+ * adapters run a workgroup as SIMD lanes on a CPU core, where each lane's load is a gather:
+ * the larger the block an invocation owns, the fewer gathers per multiply-add (measured on
+ * llvmpipe per CPU core: 4×4 blocks ~5 GFLOPS, 8×8 ~9, 16×16 ~13, 32×16 ~15). Large blocks compile slowly (a few
+ * seconds for 32×16, cached on disk by Mesa afterwards), most of all with scalar bindings, so
+ * shapes that are not multiples of 4 (rare in a model) get 8×8, and few rows (generation)
+ * get fewer rows per block rather than clamped copies. Hardware adapters get the tiled kernel
+ * (tiledMatmulWgsl). AHA_MATMUL=tiled|blocked or the `kernel` option overrides the choice.
+ */
+function matmulKernel(
+  gpu: Gpu,
+  M: number,
+  allVec4: boolean,
+  forced?: MatmulKernel,
+): KernelChoice | "tiled" {
+  const kernel = forced ?? envKernel() ?? (isSoftware(gpu) ? "blocked" : "tiled");
+  if (kernel === "tiled") return "tiled";
+  if (!isSoftware(gpu)) return { workgroup: [16, 16], rowGroups: 1, colGroups: 1 };
   if (!allVec4) return { workgroup: [8, 8], rowGroups: 2, colGroups: 2 };
   return { workgroup: [8, 8], rowGroups: M >= 16 ? 4 : M >= 8 ? 2 : 1, colGroups: 4 };
 }
@@ -241,6 +278,178 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(local_invocation_id)
 `;
 }
 
+// ---- the tiled kernel, for hardware GPUs ------------------------------------------------------
+//
+// A workgroup of 8×8 invocations owns a 64×64 tile of out. Per step of 8 along k it stages the
+// 64×8 slice of op(a) and the 8×64 slice of op(b) in workgroup memory (coalesced: neighbouring
+// invocations load neighbouring elements of whichever dimension is contiguous in memory, four
+// at a time as a vec4 when that dimension is a multiple of 4), then each invocation multiplies
+// its 8 rows × 8 columns from there. Loads past M, N or K read zero; stores are bounds-checked.
+
+/** Rows and columns of out per workgroup, and k per staged slice. */
+const TILE = 64;
+const TILE_K = 8;
+
+interface TiledVariant {
+  transA: boolean;
+  transB: boolean;
+  vecA: boolean;
+  vecB: boolean;
+  vecOut: boolean;
+  accumulate: boolean;
+  bias: boolean;
+  blocks: boolean;
+}
+
+function tiledMatmulWgsl(v: TiledVariant): string {
+  const eight = [...Array(8).keys()];
+  // Element (row, col) of a as stored: a [M,K], or [K,M] when transA; b [K,N], or [N,K].
+  const aIndex = (m: string, k: string) =>
+    v.transA
+      ? (v.blocks ? `(${k}) * p.strideA + p.firstA + ${m}` : `(${k}) * p.M + ${m}`)
+      : (v.blocks ? `(${m}) * p.strideA + p.firstA + ${k}` : `(${m}) * p.K + ${k}`);
+  const bIndex = (k: string, n: string) => v.transB ? `(${n}) * p.K + ${k}` : `(${k}) * p.N + ${n}`;
+  const rowOut = (m: string) => v.blocks ? `(${m}) * p.strideOut + p.firstOut` : `(${m}) * p.N`;
+  // Staging a: 512 values, 8 per invocation (2 vec4s). Contiguous along k unless transA.
+  const loadA = v.vecA
+    ? v.transA
+      ? `for (var e = 0u; e < 2u; e++) {
+      let idx = e * 64u + tid; let kk = idx / 16u; let mq = (idx % 16u) * 4u;
+      let m = tileM + mq; let k = k0 + kk;
+      var x = vec4f();
+      if (m < p.M && k < p.K) { x = a[(${aIndex("m", "k")}) / 4u]; }
+      As[kk * 16u + mq / 4u] = x;
+    }`
+      : `for (var e = 0u; e < 2u; e++) {
+      let idx = e * 64u + tid; let mm = idx / 2u; let kq = (idx % 2u) * 4u;
+      let m = tileM + mm; let k = k0 + kq;
+      var x = vec4f();
+      if (m < p.M && k < p.K) { x = a[(${aIndex("m", "k")}) / 4u]; }
+      for (var i = 0u; i < 4u; i++) { As[(kq + i) * 16u + mm / 4u][mm % 4u] = x[i]; }
+    }`
+    : v.transA
+    ? `for (var e = 0u; e < 8u; e++) {
+      let idx = e * 64u + tid; let kk = idx / 64u; let mm = idx % 64u;
+      let m = tileM + mm; let k = k0 + kk;
+      var x = 0.0;
+      if (m < p.M && k < p.K) { x = a[${aIndex("m", "k")}]; }
+      As[kk * 16u + mm / 4u][mm % 4u] = x;
+    }`
+    : `for (var e = 0u; e < 8u; e++) {
+      let idx = e * 64u + tid; let mm = idx / 8u; let kk = idx % 8u;
+      let m = tileM + mm; let k = k0 + kk;
+      var x = 0.0;
+      if (m < p.M && k < p.K) { x = a[${aIndex("m", "k")}]; }
+      As[kk * 16u + mm / 4u][mm % 4u] = x;
+    }`;
+  // Staging b: contiguous along n unless transB.
+  const loadB = v.vecB
+    ? v.transB
+      ? `for (var e = 0u; e < 2u; e++) {
+      let idx = e * 64u + tid; let nn = idx / 2u; let kq = (idx % 2u) * 4u;
+      let n = tileN + nn; let k = k0 + kq;
+      var x = vec4f();
+      if (n < p.N && k < p.K) { x = b[(${bIndex("k", "n")}) / 4u]; }
+      for (var i = 0u; i < 4u; i++) { Bs[(kq + i) * 16u + nn / 4u][nn % 4u] = x[i]; }
+    }`
+      : `for (var e = 0u; e < 2u; e++) {
+      let idx = e * 64u + tid; let kk = idx / 16u; let nq = (idx % 16u) * 4u;
+      let n = tileN + nq; let k = k0 + kk;
+      var x = vec4f();
+      if (n < p.N && k < p.K) { x = b[(${bIndex("k", "n")}) / 4u]; }
+      Bs[kk * 16u + nq / 4u] = x;
+    }`
+    : v.transB
+    ? `for (var e = 0u; e < 8u; e++) {
+      let idx = e * 64u + tid; let nn = idx / 8u; let kk = idx % 8u;
+      let n = tileN + nn; let k = k0 + kk;
+      var x = 0.0;
+      if (n < p.N && k < p.K) { x = b[${bIndex("k", "n")}]; }
+      Bs[kk * 16u + nn / 4u][nn % 4u] = x;
+    }`
+    : `for (var e = 0u; e < 8u; e++) {
+      let idx = e * 64u + tid; let kk = idx / 64u; let nn = idx % 64u;
+      let n = tileN + nn; let k = k0 + kk;
+      var x = 0.0;
+      if (n < p.N && k < p.K) { x = b[${bIndex("k", "n")}]; }
+      Bs[kk * 16u + nn / 4u][nn % 4u] = x;
+    }`;
+  // Invocation (lx, ly) owns rows tileM + 8·ly + i and columns tileN + 8·lx + 0..7, held as
+  // two vec4s per row: acc_i_0 (columns 0..3) and acc_i_1 (4..7).
+  const accs = eight.map((i) => `var acc${i}_0 = vec4f(); var acc${i}_1 = vec4f();`).join("\n  ");
+  const fma = eight.map((i) =>
+    `acc${i}_0 += a${Math.floor(i / 4)}[${i % 4}] * b0; acc${i}_1 += a${Math.floor(i / 4)}[${
+      i % 4
+    }] * b1;`
+  ).join("\n      ");
+  const stores = eight.map((i) => {
+    const m = `m0 + ${i}u`;
+    const halves = [0, 1].map((h) => {
+      const n = `n0 + ${4 * h}u`;
+      if (v.vecOut) {
+        const at = `(${rowOut(m)} + ${n}) / 4u`;
+        const extra = [
+          v.accumulate ? `out[${at}]` : "",
+          v.bias ? `bias[${at.replace(rowOut(m), v.blocks ? "p.firstOut" : "0u")}]` : "",
+        ]
+          .filter((x) => x).map((x) => ` + ${x}`).join("");
+        return `if (${n} < p.N) { out[${at}] = acc${i}_${h}${extra}; }`;
+      }
+      return [0, 1, 2, 3].map((j) => {
+        const col = `${n} + ${j}u`;
+        const at = `${rowOut(m)} + ${col}`;
+        const extra = [
+          v.accumulate ? `out[${at}]` : "",
+          v.bias ? `bias[${v.blocks ? `p.firstOut + ${col}` : col}]` : "",
+        ].filter((x) => x).map((x) => ` + ${x}`).join("");
+        return `if (${col} < p.N) { out[${at}] = acc${i}_${h}[${j}]${extra}; }`;
+      }).join("\n      ");
+    }).join("\n      ");
+    return `if (${m} < p.M) {\n      ${halves}\n    }`;
+  }).join("\n    ");
+  const outType = v.vecOut ? "vec4f" : "f32";
+  return `
+struct Params { M: u32, N: u32, K: u32${
+    v.blocks ? ", strideA: u32, firstA: u32, strideOut: u32, firstOut: u32" : ""
+  } }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;
+@group(0) @binding(2) var<storage, read> b: array<${v.vecB ? "vec4f" : "f32"}>;
+@group(0) @binding(3) var<storage, read_write> out: array<${outType}>;
+${v.bias ? `@group(0) @binding(4) var<storage, read> bias: array<${outType}>;` : ""}
+
+// Slices of op(a) [k][m] and op(b) [k][n], as vec4s: element [k][x] is at [k·16 + x/4][x%4].
+var<workgroup> As: array<vec4f, ${TILE_K * TILE / 4}>;
+var<workgroup> Bs: array<vec4f, ${TILE_K * TILE / 4}>;
+
+@compute @workgroup_size(8, 8)
+fn main(@builtin(local_invocation_id) lid: vec3u, @builtin(workgroup_id) wid: vec3u,
+        @builtin(num_workgroups) nwg: vec3u) {
+  let tileN = wid.x * ${TILE}u;
+  let tileM = (wid.z * nwg.y + wid.y) * ${TILE}u;
+  let tid = lid.y * 8u + lid.x;
+  ${accs}
+  for (var k0 = 0u; k0 < p.K; k0 += ${TILE_K}u) {
+    ${loadA}
+    ${loadB}
+    workgroupBarrier();
+    for (var kk = 0u; kk < ${TILE_K}u; kk++) {
+      let a0 = As[kk * 16u + lid.y * 2u];
+      let a1 = As[kk * 16u + lid.y * 2u + 1u];
+      let b0 = Bs[kk * 16u + lid.x * 2u];
+      let b1 = Bs[kk * 16u + lid.x * 2u + 1u];
+      ${fma}
+    }
+    workgroupBarrier();
+  }
+  let m0 = tileM + lid.y * 8u;
+  let n0 = tileN + lid.x * 8u;
+  if (m0 >= p.M || n0 >= p.N) { return; }
+  ${stores}
+}
+`;
+}
+
 /** out[M,N] (+)= op(a)·op(b) (+ bias[N]); op transposes a [K,M] / b [N,K] when asked. */
 export function matmul(
   gpu: Gpu,
@@ -264,7 +473,30 @@ export function matmul(
   const aligned = (block: ColumnBlock) => block.stride % 4 === 0 && block.first % 4 === 0;
   const vecA = (transA ? M : K) % 4 === 0 && aligned(aBlock), vecB = (transB ? K : N) % 4 === 0;
   const vecOut = N % 4 === 0 && aligned(outBlock);
-  const tile = matmulKernel(gpu, M, vecA && vecB && vecOut);
+  const tile = matmulKernel(gpu, M, vecA && vecB && vecOut, opts.kernel);
+  const tensors = opts.bias ? [a, b, out, opts.bias] : [a, b, out];
+  const strides = blocks ? [aBlock.stride, aBlock.first, outBlock.stride, outBlock.first] : [];
+  if (tile === "tiled") {
+    const tiled: TiledVariant = {
+      transA,
+      transB,
+      vecA,
+      vecB,
+      vecOut,
+      accumulate,
+      bias: opts.bias !== undefined,
+      blocks,
+    };
+    const pipeline = gpu.pipeline(tiledMatmulWgsl(tiled), "matmul tiled");
+    const gy = Math.ceil(M / TILE), gz = Math.ceil(gy / 65535);
+    gpu.dispatch(pipeline, [Math.ceil(N / TILE), Math.ceil(gy / gz), gz], tensors, [
+      M,
+      N,
+      K,
+      ...strides,
+    ]);
+    return;
+  }
   const variant: Variant = {
     transA,
     transB,
@@ -282,8 +514,6 @@ export function matmul(
   const gx = Math.ceil(N / (4 * tile.colGroups * tile.workgroup[0]));
   const gy = Math.ceil(M / (4 * tile.rowGroups * tile.workgroup[1]));
   const gz = Math.ceil(gy / 65535);
-  const tensors = opts.bias ? [a, b, out, opts.bias] : [a, b, out];
-  const strides = blocks ? [aBlock.stride, aBlock.first, outBlock.stride, outBlock.first] : [];
   gpu.dispatch(pipeline, [gx, Math.ceil(gy / gz), gz], tensors, [M, N, K, ...strides]);
 }
 
