@@ -367,8 +367,15 @@ export class Gpu {
     return new Int32Array(out.buffer);
   }
 
-  /** Read several tensors with one GPU wait. f32 tensors come back as Float32Array, others Int32Array/Uint32Array. */
-  async readMany(tensors: Tensor[]): Promise<(Float32Array | Int32Array | Uint32Array)[]> {
+  /**
+   * Read several tensors with one GPU wait. f32 tensors come back as Float32Array, others
+   * Int32Array/Uint32Array. The copies are recorded before this returns. `deferred`: the caller
+   * will not wait on the result before the next read, so it is not counted as a wait.
+   */
+  async readMany(
+    tensors: Tensor[],
+    options: { deferred?: boolean } = {},
+  ): Promise<(Float32Array | Int32Array | Uint32Array)[]> {
     this.endPass();
     const encoder = this.getEncoder();
     const staging = tensors.map((t) => {
@@ -380,7 +387,7 @@ export class Gpu {
       return b;
     });
     this.flush();
-    this.waitCount++;
+    if (!options.deferred) this.waitCount++;
     await Promise.all(staging.map((b) => b.mapAsync(GPUMapMode.READ)));
     return tensors.map((t, i) => {
       const bytes = staging[i].getMappedRange().slice(0, t.size * 4);
