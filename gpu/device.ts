@@ -285,11 +285,12 @@ export class Gpu {
       throw new Error(`dispatch of [${x}, ${y}, ${z}] workgroups exceeds ${limit} per dimension`);
     }
     if (x === 0 || y === 0 || z === 0) return;
-    if (u32s.length + f32s.length > UNIFORM_SLOT_WORDS) {
-      throw new Error(`dispatch: ${u32s.length + f32s.length} Params words exceed a slot`);
-    }
-    if (this.slotsUsed === UNIFORM_SLOTS) this.flush();
-    const slot = this.slotsUsed++;
+    // Params longer than a slot (rope's frequencies) take several consecutive slots.
+    const slots = Math.max(1, Math.ceil((u32s.length + f32s.length) / UNIFORM_SLOT_WORDS));
+    if (slots > UNIFORM_SLOTS) throw new Error(`dispatch: Params of ${slots} slots`);
+    if (this.slotsUsed + slots > UNIFORM_SLOTS) this.flush();
+    const slot = this.slotsUsed;
+    this.slotsUsed += slots;
     const base = slot * UNIFORM_SLOT_WORDS;
     for (let i = 0; i < u32s.length; i++) this.uniformData[base + i] = u32s[i] >>> 0;
     for (let i = 0; i < f32s.length; i++) this.uniformFloats[base + u32s.length + i] = f32s[i];

@@ -23,13 +23,8 @@ import { type Gpu, Tensor } from "./device.ts";
 import { embedding, embeddingBackward } from "./kernels/embedding.ts";
 import { rmsnorm, rmsnormBackward } from "./kernels/rmsnorm.ts";
 import { matmul, sumRows } from "./kernels/matmul.ts";
-import { rope } from "./kernels/rope.ts";
-import {
-  attention,
-  attentionBackward,
-  type AttentionShape,
-  writeKvCache,
-} from "./kernels/attention.ts";
+import { ropeQk } from "./kernels/rope.ts";
+import { attention, attentionBackward, type AttentionShape } from "./kernels/attention.ts";
 import { swiglu, swigluBackward } from "./kernels/swiglu.ts";
 import { add } from "./kernels/elementwise.ts";
 import { tokenLogprobs, tokenLogprobsBackward } from "./kernels/logprobs.ts";
@@ -352,12 +347,21 @@ export class GpuModel {
     for (const name of ["q", "k", "v"] as const) {
       this.linear(x.norm1, `${pre}self_attn.${name}_proj`, x[name], T);
     }
-    rope(gpu, x.q, positions, T, c.numHeads, c.headDim, c.ropeTheta);
-    rope(gpu, x.k, positions, T, c.numKvHeads, c.headDim, c.ropeTheta);
-    if (cache) {
-      writeKvCache(gpu, x.k, cache.k, kvLens, shape);
-      writeKvCache(gpu, x.v, cache.v, kvLens, shape);
-    }
+    // Rotary embedding of q and k, and in generation the cache writes, in one dispatch.
+    const toCache = cache && { v: x.v, kvLens, k: cache.k, vCache: cache.v, shape };
+    ropeQk(
+      gpu,
+      x.q,
+      x.k,
+      positions,
+      T,
+      c.numHeads,
+      c.numKvHeads,
+      c.headDim,
+      c.ropeTheta,
+      false,
+      toCache,
+    );
     attention(gpu, x.q, cache?.k ?? x.k, cache?.v ?? x.v, kvLens, x.attn, x.lse, shape);
     this.linear(x.attn, pre + "self_attn.o_proj", scratch, T);
     add(gpu, x.input, scratch, x.mid, T * c.hiddenSize);
@@ -452,8 +456,18 @@ export class GpuModel {
         d.dv,
         shape,
       );
-      rope(gpu, d.dq, a.positions, T, c.numHeads, c.headDim, c.ropeTheta, true);
-      rope(gpu, d.dk, a.positions, T, c.numKvHeads, c.headDim, c.ropeTheta, true);
+      ropeQk(
+        gpu,
+        d.dq,
+        d.dk,
+        a.positions,
+        T,
+        c.numHeads,
+        c.numKvHeads,
+        c.headDim,
+        c.ropeTheta,
+        true,
+      );
       this.linearBackward(x.norm1, pre + "self_attn.q_proj", d.dq, T, d.dNorm, false);
       this.linearBackward(x.norm1, pre + "self_attn.k_proj", d.dk, T, d.dNorm, true);
       this.linearBackward(x.norm1, pre + "self_attn.v_proj", d.dv, T, d.dNorm, true);
