@@ -30,7 +30,7 @@ export async function runSft(
   let order: number[] = [], next = 0, loss = 0;
   // The gradient norm is not needed here: the optimizer step is not waited for (its read
   // completes with the next step's), saving a GPU round trip per step.
-  let pending: Promise<number> = Promise.resolve(0);
+  let pending: PromiseLike<number> = Promise.resolve(0);
   for (let step = 1; step <= opts.steps; step++) {
     const batch: SftRow[] = [];
     while (batch.length < opts.batchSize) {
@@ -56,7 +56,6 @@ export async function runSft(
       ...opts.optimizer,
       lr: opts.optimizer.lr * Math.min(warmup, decay),
     });
-    pending.catch(() => {}); // a failure surfaces at the await above or below, not unhandled
     await opts.onStep?.(step, loss);
   }
   await pending;

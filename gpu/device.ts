@@ -369,13 +369,21 @@ export class Gpu {
   }
 
   /**
+   * Start reading tensors without waiting: the copies are recorded and submitted now, and the
+   * values arrive with the next read anyone waits for. Waiting on it before then counts as a
+   * GPU wait; after, it is free.
+   */
+  readLater(tensors: Tensor[]): PendingRead<(Float32Array | Int32Array | Uint32Array)[]> {
+    return new PendingRead(this.readMany(tensors, true), () => this.waitCount++);
+  }
+
+  /**
    * Read several tensors with one GPU wait. f32 tensors come back as Float32Array, others
-   * Int32Array/Uint32Array. The copies are recorded before this returns. `deferred`: the caller
-   * will not wait on the result before the next read, so it is not counted as a wait.
+   * Int32Array/Uint32Array. The copies are recorded before this returns.
    */
   async readMany(
     tensors: Tensor[],
-    options: { deferred?: boolean } = {},
+    uncounted = false,
   ): Promise<(Float32Array | Int32Array | Uint32Array)[]> {
     this.endPass();
     const encoder = this.getEncoder();
@@ -388,7 +396,7 @@ export class Gpu {
       return b;
     });
     this.flush();
-    if (!options.deferred) this.waitCount++;
+    if (!uncounted) this.waitCount++;
     await Promise.all(staging.map((b) => b.mapAsync(GPUMapMode.READ)));
     return tensors.map((t, i) => {
       const bytes = staging[i].getMappedRange().slice(0, t.size * 4);
@@ -435,6 +443,35 @@ export class Gpu {
       this.pass.end();
       this.pass = null;
     }
+  }
+}
+
+/** A read in flight (Gpu.readLater): awaiting it before its values arrived is a GPU wait. */
+export class PendingRead<T> implements PromiseLike<T> {
+  private arrived = false;
+  private readonly values: Promise<T>;
+
+  constructor(values: Promise<T>, private readonly onWait: () => void) {
+    this.values = values.then((v) => {
+      this.arrived = true;
+      return v;
+    });
+  }
+
+  then<A = T, B = never>(
+    onArrived?: ((value: T) => A | PromiseLike<A>) | null,
+    onFailed?: ((reason: unknown) => B | PromiseLike<B>) | null,
+  ): Promise<A | B> {
+    if (!this.arrived) {
+      this.onWait();
+      this.arrived = true; // counted once
+    }
+    return this.values.then(onArrived, onFailed);
+  }
+
+  /** The same read, its values transformed when they arrive. */
+  map<U>(f: (value: T) => U): PendingRead<U> {
+    return new PendingRead(this.values.then(f), this.onWait);
   }
 }
 

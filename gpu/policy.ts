@@ -63,14 +63,14 @@ export class GpuPolicy implements PolicyEngine {
     this.model.backward(upstream, invTemperature);
   }
 
-  optimizerStep(hp: OptimizerHyper): Promise<number> {
+  optimizerStep(hp: OptimizerHyper): PromiseLike<number> {
     this.adamStep++;
     const norm = this.model.adamwStep({ ...hp, step: this.adamStep });
     // The read is recorded now and the gradients cleared after it; whoever wants the norm
     // waits for it, a caller that does not (SFT) goes on recording the next step.
-    const value = this.model.gpu.readMany([norm], { deferred: true });
+    const value = this.model.gpu.readLater([norm]).map(([data]) => data[0]);
     this.model.zeroGrads();
-    return value.then(([data]) => data[0]);
+    return value;
   }
 
   weights(): Promise<Map<string, Float32Array>> {

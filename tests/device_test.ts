@@ -78,3 +78,23 @@ Deno.test("a view binds its own range: cached bind groups tell views apart", gpu
   assert.deepEqual([got[0], got[63], got[64], got[127]], [3, 3, 30, 30]);
   whole.destroy();
 });
+
+Deno.test(
+  "a read started early and awaited after a later read is not a second wait",
+  gpuTest,
+  async () => {
+    const x = gpu.upload(Float32Array.from([1, 2, 3])), y = gpu.upload(Float32Array.from([4]));
+    let waits = gpu.waitCount;
+    const early = gpu.readLater([x]);
+    gpu.write(x, Float32Array.from([7, 8, 9])); // after the early read's copy: not seen by it
+    assert.deepEqual([...await gpu.read(y)], [4]);
+    assert.deepEqual([...(await early)[0]], [1, 2, 3]);
+    assert.equal(gpu.waitCount - waits, 1, "only the awaited read waited");
+    waits = gpu.waitCount;
+    const value = await gpu.readLater([x]).map(([data]) => data[2]);
+    assert.equal(value, 9);
+    assert.equal(gpu.waitCount - waits, 1, "awaiting a read in flight is a wait");
+    x.destroy();
+    y.destroy();
+  },
+);
