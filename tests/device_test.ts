@@ -88,6 +88,7 @@ Deno.test(
     const early = gpu.readLater([x]);
     gpu.write(x, Float32Array.from([7, 8, 9])); // after the early read's copy: not seen by it
     assert.deepEqual([...await gpu.read(y)], [4]);
+    await new Promise((resolve) => setTimeout(resolve, 0)); // let the early read arrive
     assert.deepEqual([...(await early)[0]], [1, 2, 3]);
     assert.equal(gpu.waitCount - waits, 1, "only the awaited read waited");
     waits = gpu.waitCount;
