@@ -15,7 +15,14 @@
 //            queries that see key j, in fixed order, recomputing p = exp(s − lse). Deterministic.
 // Head vectors held in private arrays make the first compile slow (llvmpipe, cold cache: ~2 s
 // CPU for D = 64, ~13 s for D = 128) but run about twice as fast as reloading them.
+//
+// Hardware GPUs get a FlashAttention-style forward instead ("flash"): a workgroup owns 64
+// consecutive queries of one (row, head), stages blocks of keys and values in workgroup memory
+// once for all of them, and each invocation runs the same online softmax over the staged block.
+// `attentionKernel` chooses; AHA_ATTENTION=flash|streaming or the `kernel` argument forces it.
+// Its speed on a GPU is not measured yet; the backward is the streaming one on every adapter.
 
+import { AhaError } from "../../core/errors.ts";
 import { type Gpu, grid, type Tensor } from "../device.ts";
 
 export interface AttentionShape {
@@ -182,6 +189,87 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   }
 }`;
 
+/** Queries per workgroup of the flash forward, and keys per staged block for head size D. */
+const FLASH_QUERIES = 64;
+const flashKeys = (D: number) => Math.max(1, Math.min(64, Math.floor(16384 / (2 * 4 * D))));
+
+const flashForwardWgsl = (D: number) =>
+  header(D) + `
+@group(0) @binding(1) var<storage, read> q: array<Chunk>;
+@group(0) @binding(2) var<storage, read> k: array<Chunk>;
+@group(0) @binding(3) var<storage, read> v: array<Chunk>;
+@group(0) @binding(4) var<storage, read> kvLens: array<i32>;
+@group(0) @binding(5) var<storage, read_write> out: array<Chunk>;
+@group(0) @binding(6) var<storage, read_write> lse: array<f32>;
+
+const BK = ${flashKeys(D)}u;
+var<workgroup> Ks: array<Chunk, ${flashKeys(D) * (D / chunkWidth(D))}>;
+var<workgroup> Vs: array<Chunk, ${flashKeys(D) * (D / chunkWidth(D))}>;
+var<workgroup> blockLast: i32;
+
+@compute @workgroup_size(${FLASH_QUERIES})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+  // Workgroup w = ((b·nHeads + h)·blocks + qb); invocation lid is query qb·64 + lid.
+  let blocks = (p.Lq + ${FLASH_QUERIES - 1}u) / ${FLASH_QUERIES}u;
+  let w = wid.x + wid.y * nwg.x;
+  if (w >= p.B * p.nHeads * blocks) { return; }    // uniform: the whole workgroup leaves
+  let qb = w % blocks;
+  let h = (w / blocks) % p.nHeads;
+  let b = w / (blocks * p.nHeads);
+  let kvh = h / (p.nHeads / p.nKvHeads);
+  let i = qb * ${FLASH_QUERIES}u + lid;
+  let isQuery = i < p.Lq;
+  let last = min(firstQueryPos(b) + i32(min(i, p.Lq - 1u)), i32(p.capacity) - 1);
+  // The block's last visible key: that of its last query.
+  if (lid == 0u) {
+    let lastQuery = min(qb * ${FLASH_QUERIES}u + ${FLASH_QUERIES - 1}u, p.Lq - 1u);
+    blockLast = min(firstQueryPos(b) + i32(lastQuery), i32(p.capacity) - 1);
+  }
+  let keysEnd = workgroupUniformLoad(&blockLast) + 1;
+  let n = (b * p.Lq + min(i, p.Lq - 1u)) * p.nHeads + h;
+
+  var qs: array<Chunk, C>;
+  var acc: array<Chunk, C>;
+  for (var d = 0u; d < C; d++) { qs[d] = q[n * C + d] * p.scale; acc[d] = Chunk(); }
+  var m = -3.0e38;
+  var l = 0.0;
+  for (var j0 = 0; j0 < keysEnd; j0 += i32(BK)) {
+    // Stage keys j0 .. j0+BK-1 (those past keysEnd as zeros).
+    for (var e = lid; e < BK * C; e += ${FLASH_QUERIES}u) {
+      let j = j0 + i32(e / C);
+      var kx = Chunk();
+      var vx = Chunk();
+      if (j < keysEnd) {
+        let at = ((b * p.capacity + u32(j)) * p.nKvHeads + kvh) * C + e % C;
+        kx = k[at];
+        vx = v[at];
+      }
+      Ks[e] = kx;
+      Vs[e] = vx;
+    }
+    workgroupBarrier();
+    let visible = min(last - j0 + 1, i32(BK));      // keys of this block this query sees
+    if (isQuery) {
+      for (var jj = 0; jj < visible; jj++) {
+        var s = 0.0;
+        for (var d = 0u; d < C; d++) { s += dot(qs[d], Ks[u32(jj) * C + d]); }
+        let mNew = max(m, s);
+        let correction = exp(m - mNew);
+        let wj = exp(s - mNew);
+        l = l * correction + wj;
+        for (var d = 0u; d < C; d++) { acc[d] = acc[d] * correction + wj * Vs[u32(jj) * C + d]; }
+        m = mNew;
+      }
+    }
+    workgroupBarrier();
+  }
+  if (!isQuery) { return; }
+  let invL = select(0.0, 1.0 / l, l > 0.0);
+  for (var d = 0u; d < C; d++) { out[n * C + d] = acc[d] * invL; }
+  lse[(b * p.nHeads + h) * p.Lq + i] = select(0.0, m + log(l), l > 0.0);
+}`;
+
 const writeKvCacheWgsl = `
 struct Params { B: u32, Lq: u32, capacity: u32, rowSize: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -210,6 +298,32 @@ function params(s: AttentionShape): [number[], number[]] {
   return [[s.B, s.Lq, s.capacity, s.nHeads, s.nKvHeads], [1 / Math.sqrt(s.headDim)]];
 }
 
+/** "streaming": one invocation per query, keys from global memory (CPU adapters); "flash". */
+export type AttentionKernel = "streaming" | "flash";
+
+let forcedKernel: AttentionKernel | null | undefined;
+
+/** The forward kernel for an adapter: AHA_ATTENTION if set, else flash on hardware GPUs. */
+export function attentionKernel(gpu: Gpu): AttentionKernel {
+  if (forcedKernel === undefined) {
+    let value: string | undefined;
+    try {
+      value = Deno.env.get("AHA_ATTENTION");
+    } catch {
+      value = undefined;
+    }
+    if (value !== undefined && value !== "" && value !== "flash" && value !== "streaming") {
+      throw new AhaError(`AHA_ATTENTION must be "flash" or "streaming", got "${value}"`);
+    }
+    forcedKernel = (value || null) as AttentionKernel | null;
+  }
+  if (forcedKernel) return forcedKernel;
+  const info = gpu.adapter.info as GPUAdapterInfo & { isFallbackAdapter?: boolean };
+  const software = info.isFallbackAdapter === true ||
+    /llvmpipe|lavapipe|swiftshader|software/i.test(info.description);
+  return software ? "streaming" : "flash";
+}
+
 export function attention(
   gpu: Gpu,
   q: Tensor,
@@ -219,10 +333,18 @@ export function attention(
   out: Tensor,
   lse: Tensor,
   s: AttentionShape,
+  kernel: AttentionKernel = attentionKernel(gpu),
 ): void {
   const [u32s, f32s] = params(s);
+  const tensors = [q, k, v, kvLens, out, lse];
+  if (kernel === "flash") {
+    const pipeline = gpu.pipeline(flashForwardWgsl(s.headDim), "attention flash");
+    const blocks = Math.ceil(s.Lq / FLASH_QUERIES);
+    gpu.dispatch(pipeline, grid(s.B * s.nHeads * blocks, 1), tensors, u32s, f32s);
+    return;
+  }
   const pipeline = gpu.pipeline(forwardWgsl(s.headDim), "attention");
-  gpu.dispatch(pipeline, grid(s.B * s.Lq * s.nHeads, WG), [q, k, v, kvLens, out, lse], u32s, f32s);
+  gpu.dispatch(pipeline, grid(s.B * s.Lq * s.nHeads, WG), tensors, u32s, f32s);
 }
 
 export function attentionBackward(

@@ -382,31 +382,34 @@ function tiledMatmulWgsl(v: TiledVariant): string {
       i % 4
     }] * b1;`
   ).join("\n      ");
-  const stores = eight.map((i) => {
-    const m = `m0 + ${i}u`;
-    const halves = [0, 1].map((h) => {
-      const n = `n0 + ${4 * h}u`;
-      if (v.vecOut) {
-        const at = `(${rowOut(m)} + ${n}) / 4u`;
-        const extra = [
-          v.accumulate ? `out[${at}]` : "",
-          v.bias ? `bias[${at.replace(rowOut(m), v.blocks ? "p.firstOut" : "0u")}]` : "",
-        ]
-          .filter((x) => x).map((x) => ` + ${x}`).join("");
-        return `if (${n} < p.N) { out[${at}] = acc${i}_${h}${extra}; }`;
-      }
-      return [0, 1, 2, 3].map((j) => {
-        const col = `${n} + ${j}u`;
-        const at = `${rowOut(m)} + ${col}`;
-        const extra = [
-          v.accumulate ? `out[${at}]` : "",
-          v.bias ? `bias[${v.blocks ? `p.firstOut + ${col}` : col}]` : "",
-        ].filter((x) => x).map((x) => ` + ${x}`).join("");
-        return `if (${col} < p.N) { out[${at}] = acc${i}_${h}[${j}]${extra}; }`;
+  // acc starts from the old out and the bias (as the blocked kernel's does, so that a product
+  // split along k into accumulated pieces sums in the same order as the whole one).
+  const perElement = (f: (i: number, h: number, at: string, biasAt: string, j: number) => string) =>
+    eight.map((i) => {
+      const m = `m0 + ${i}u`;
+      const halves = [0, 1].map((h) => {
+        const n = `n0 + ${4 * h}u`;
+        if (v.vecOut) {
+          const at = `(${rowOut(m)} + ${n}) / 4u`;
+          const biasAt = `(${v.blocks ? "p.firstOut + " : ""}${n}) / 4u`;
+          return `if (${n} < p.N) { ${f(i, h, at, biasAt, -1)} }`;
+        }
+        return [0, 1, 2, 3].map((j) => {
+          const col = `${n} + ${j}u`;
+          const biasAt = v.blocks ? `p.firstOut + ${col}` : col;
+          return `if (${col} < p.N) { ${f(i, h, `${rowOut(m)} + ${col}`, biasAt, j)} }`;
+        }).join("\n      ");
       }).join("\n      ");
-    }).join("\n      ");
-    return `if (${m} < p.M) {\n      ${halves}\n    }`;
-  }).join("\n    ");
+      return `if (${m} < p.M) {\n      ${halves}\n    }`;
+    }).join("\n    ");
+  const acc = (i: number, h: number, j: number) => `acc${i}_${h}${j < 0 ? "" : `[${j}]`}`;
+  const inits = v.accumulate || v.bias
+    ? perElement((i, h, at, biasAt, j) => {
+      const terms = [v.accumulate ? `out[${at}]` : "", v.bias ? `bias[${biasAt}]` : ""];
+      return `${acc(i, h, j)} = ${terms.filter((t) => t).join(" + ")};`;
+    })
+    : "";
+  const stores = perElement((i, h, at, _biasAt, j) => `out[${at}] = ${acc(i, h, j)};`);
   const outType = v.vecOut ? "vec4f" : "f32";
   return `
 struct Params { M: u32, N: u32, K: u32${
@@ -428,7 +431,10 @@ fn main(@builtin(local_invocation_id) lid: vec3u, @builtin(workgroup_id) wid: ve
   let tileN = wid.x * ${TILE}u;
   let tileM = (wid.z * nwg.y + wid.y) * ${TILE}u;
   let tid = lid.y * 8u + lid.x;
+  let m0 = tileM + lid.y * 8u;
+  let n0 = tileN + lid.x * 8u;
   ${accs}
+  ${inits}
   for (var k0 = 0u; k0 < p.K; k0 += ${TILE_K}u) {
     ${loadA}
     ${loadB}
@@ -442,8 +448,6 @@ fn main(@builtin(local_invocation_id) lid: vec3u, @builtin(workgroup_id) wid: ve
     }
     workgroupBarrier();
   }
-  let m0 = tileM + lid.y * 8u;
-  let n0 = tileN + lid.x * 8u;
   if (m0 >= p.M || n0 >= p.N) { return; }
   ${stores}
 }
