@@ -13,7 +13,10 @@ import { rmsnorm } from "./kernels/rmsnorm.ts";
 import { sample } from "./kernels/sample.ts";
 import { type GpuModel, type LayerActivations, layerBuffers } from "./model.ts";
 
-/** How often (in decode steps) the CPU checks whether every row has finished. */
+/**
+ * How often (in decode steps) the CPU checks whether every row has finished: a check is a GPU
+ * wait, worth it only while at least that many steps remain to be saved.
+ */
 const DONE_CHECK_EVERY = 4;
 /** Cache lengths and prefill lengths are rounded up to multiples of these, so that shapes repeat. */
 const CAPACITY_ROUND = 16;
@@ -260,7 +263,7 @@ export async function generate(
     );
     steps = s + 1;
     if (
-      steps % DONE_CHECK_EVERY === 0 && steps < maxNew &&
+      steps % DONE_CHECK_EVERY === 0 && maxNew - steps >= DONE_CHECK_EVERY &&
       (await gpu.readInt(bufs.done)).every((d) => d !== 0)
     ) break;
   }
