@@ -362,7 +362,7 @@ export function attentionBackward(
   s: AttentionShape,
 ): void {
   const [u32s, f32s] = params(s);
-  const delta = gpu.zeros([s.B, s.nHeads, s.Lq], "f32", "attention delta");
+  const delta = deltaBuffer(gpu, s.B * s.nHeads * s.Lq);
   gpu.dispatch(
     gpu.pipeline(dqWgsl(s.headDim), "attention dq"),
     grid(s.B * s.Lq * s.nHeads, WG),
@@ -377,7 +377,18 @@ export function attentionBackward(
     u32s,
     f32s,
   );
-  gpu.release(delta);
+}
+
+/** dq's scratch delta [B, nHeads, Lq], kept per device and grown when a batch needs more. */
+const deltas = new WeakMap<Gpu, Tensor>();
+function deltaBuffer(gpu: Gpu, size: number): Tensor {
+  let delta = deltas.get(gpu);
+  if (!delta || delta.size < size) {
+    if (delta) gpu.release(delta);
+    delta = gpu.zeros([size], "f32", "attention delta");
+    deltas.set(gpu, delta);
+  }
+  return delta;
 }
 
 export function writeKvCache(
