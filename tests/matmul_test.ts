@@ -255,3 +255,48 @@ Deno.test("sumRows is deterministic and matches the twin", gpuTest, async () => 
     for (const t of [tx, a, b, c]) t.destroy();
   }
 });
+
+Deno.test(
+  "split-k products (few outputs, long k) match the twin, ± accumulate and bias",
+  gpuTest,
+  async () => {
+    // On software adapters a product with few workgroups and K ≥ 256 is split along k into
+    // parallel partial sums added up in order; on others these run whole. Odd and vec4 shapes.
+    const shapes: MatmulShape[] = [
+      { M: 33, N: 20, K: 1001 },
+      { M: 64, N: 64, K: 1664 },
+      { M: 7, N: 5, K: 300 },
+    ];
+    for (const shape of shapes) {
+      const { M, N, K } = shape;
+      for (const layout of LAYOUTS) {
+        const a = random(M * K), b = random(K * N), prev = random(M * N), bias = random(N);
+        const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
+        const outs = FLAG_CASES.map(() => gpu.upload(padded(prev)));
+        FLAG_CASES.forEach((c, i) =>
+          matmul(gpu, ta, tb, outs[i], shape, {
+            transA: layout.transA,
+            transB: layout.transB,
+            accumulate: c.accumulate,
+            bias: c.bias ? tbias : undefined,
+          })
+        );
+        const results = await gpu.readMany(outs);
+        FLAG_CASES.forEach((c, i) => {
+          const want = twinMatmul(
+            a,
+            b,
+            shape,
+            layout.transA,
+            layout.transB,
+            c.accumulate ? prev : null,
+            c.bias ? bias : null,
+          );
+          const what = `split-k ${layout.name} M=${M} N=${N} K=${K} ${JSON.stringify(c)}`;
+          assertClose(unpad(results[i] as Float32Array, M * N, what), want, K, what);
+        });
+        for (const t of [ta, tb, tbias, ...outs]) t.destroy();
+      }
+    }
+  },
+);

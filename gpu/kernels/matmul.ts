@@ -16,7 +16,7 @@
 // output's columns, and its backward reads the same block of the output's gradient).
 
 import { AhaError } from "../../core/errors.ts";
-import { Gpu, Tensor } from "../device.ts";
+import { Gpu, grid, Tensor } from "../device.ts";
 
 export interface MatmulShape {
   M: number;
@@ -123,6 +123,8 @@ interface Variant {
   bias: boolean;
   blocks: boolean; // a and out are column blocks: strides and first columns in Params
   tile: KernelChoice;
+  /** Workgroup z picks a range of p.kLen along k; out is the partial sums [z, M, N]. */
+  splitK?: boolean;
 }
 
 // The WGSL for one variant. An invocation owns rows m0 .. m0+4·rowGroups and columns
@@ -137,7 +139,12 @@ function matmulWgsl(v: Variant): string {
   // Where row `row` of a (a [K,M] when transA) and of out start; bias by out's whole column.
   const rowA = (row: string) =>
     v.blocks ? `${row} * p.strideA + p.firstA` : `${row} * ${v.transA ? "p.M" : "p.K"}`;
-  const rowOut = (row: string) => v.blocks ? `${row} * p.strideOut + p.firstOut` : `${row} * p.N`;
+  const rowOut = (row: string) =>
+    v.blocks
+      ? `${row} * p.strideOut + p.firstOut`
+      : v.splitK
+      ? `(${row} + wid.z * p.M) * p.N`
+      : `${row} * p.N`;
   const biasAt = (column: string) => v.blocks ? `(${column} + p.firstOut)` : column;
   // Row group r: cm_r = its 4 rows clamped to M-1; rA_r = where they start in a [M,K];
   // gm_r = its first row, clamped so that a vec4 along m stays inside [0, M).
@@ -194,7 +201,7 @@ function matmulWgsl(v: Variant): string {
     blocks.map(([r, c]) => f(r, c)).join("\n    ");
   const tail = v.kTail
     ? `
-  for (var k = k4; k < p.K; k++) {
+  for (var k = k4; k < kEnd; k++) {
     ${rs.map((r) => `let av${r} = ${sliceA(r)};`).join(" ")}
     ${cs.map((c) => `let bv${c} = ${sliceB(c)};`).join(" ")}
     ${
@@ -245,7 +252,7 @@ function matmulWgsl(v: Variant): string {
   return `
 struct Params { M: u32, N: u32, K: u32${
     v.blocks ? ", strideA: u32, firstA: u32, strideOut: u32, firstOut: u32" : ""
-  } }
+  }${v.splitK ? ", kLen: u32" : ""} }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;
 @group(0) @binding(2) var<storage, read> b: array<${v.vecB ? "vec4f" : "f32"}>;
@@ -261,14 +268,16 @@ fn clamp4(first: u32, n: u32) -> vec4u {
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(local_invocation_id) lid: vec3u,
         @builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
   let n0 = gid.x * ${4 * colGroups}u;
-  let m0 = ((wid.z * nwg.y + wid.y) * ${wy}u + lid.y) * ${4 * rowGroups}u;
+  let m0 = ((${v.splitK ? "" : "wid.z * nwg.y + "}wid.y) * ${wy}u + lid.y) * ${4 * rowGroups}u;
   if (n0 >= p.N || m0 >= p.M) { return; }
+  let kBegin = ${v.splitK ? "wid.z * p.kLen" : "0u"};
+  let kEnd = ${v.splitK ? "min(p.K, kBegin + p.kLen)" : "p.K"};
   ${rowSetup.join("\n  ")}
   ${colSetup.join("\n  ")}
   ${v.bias ? biasSetup.join("\n  ") : ""}
   ${init.join("\n  ")}
-  let k4 = p.K & ~3u;
-  for (var k = 0u; k < k4; k += 4u) {
+  let k4 = kBegin + ((kEnd - kBegin) & ~3u);
+  for (var k = kBegin; k < k4; k += 4u) {
     ${rs.map((r) => `let A${r} = ${tileA(r)};`).join("\n    ")}
     ${cs.map((c) => `let B${c} = ${tileB(c)};`).join("\n    ")}
     ${lines((r, c) => `acc${r}_${c} += B${c} * A${r};`)}
@@ -513,12 +522,86 @@ export function matmul(
     blocks,
     tile,
   };
-  const pipeline = gpu.pipeline(matmulWgsl(variant), "matmul");
   // x covers column blocks; row blocks spread over y and, past 65535 workgroups, z.
   const gx = Math.ceil(N / (4 * tile.colGroups * tile.workgroup[0]));
   const gy = Math.ceil(M / (4 * tile.rowGroups * tile.workgroup[1]));
   const gz = Math.ceil(gy / 65535);
+  const chunks = splitKChunks(gpu, gx * gy, K, blocks);
+  if (chunks) {
+    // Few workgroups over a long k (weight gradients of small layers): llvmpipe runs one
+    // workgroup per CPU thread, so split k into ranges that run in parallel into partial sums,
+    // then add them up in order (deterministic).
+    const partials = partialBuffer(gpu, chunks.count * M * N);
+    const split = { ...variant, accumulate: false, bias: false, splitK: true };
+    gpu.dispatch(
+      gpu.pipeline(matmulWgsl(split), "matmul split-k"),
+      [gx, gy, chunks.count],
+      [a, b, partials],
+      [M, N, K, chunks.kLen],
+    );
+    const reduce = gpu.pipeline(
+      sumPartialsWgsl(accumulate, opts.bias !== undefined),
+      "sum partials",
+    );
+    gpu.dispatch(
+      reduce,
+      grid(M * N, SUM_ROWS_SIZE),
+      opts.bias ? [partials, out, opts.bias] : [partials, out],
+      [M * N, N, chunks.count],
+    );
+    return;
+  }
+  const pipeline = gpu.pipeline(matmulWgsl(variant), "matmul");
   gpu.dispatch(pipeline, [gx, Math.ceil(gy / gz), gz], tensors, [M, N, K, ...strides]);
+}
+
+/** Fewer workgroups than this leave CPU threads idle: split k (software adapters only). */
+const SPLIT_K_WORKGROUPS = 8;
+/** Each k range is at least this long. */
+const SPLIT_K_MIN = 128;
+
+function splitKChunks(
+  gpu: Gpu,
+  workgroups: number,
+  K: number,
+  blocks: boolean,
+): { count: number; kLen: number } | null {
+  if (!isSoftware(gpu) || blocks || workgroups >= SPLIT_K_WORKGROUPS / 2) return null;
+  const wanted = Math.min(Math.ceil(SPLIT_K_WORKGROUPS / workgroups), Math.floor(K / SPLIT_K_MIN));
+  if (wanted < 2) return null;
+  const kLen = Math.ceil(K / wanted / 4) * 4;
+  return { count: Math.ceil(K / kLen), kLen };
+}
+
+/** Split-k partial sums, kept per device and grown when a product needs more. */
+const partialBuffers = new WeakMap<Gpu, Tensor>();
+function partialBuffer(gpu: Gpu, size: number): Tensor {
+  let t = partialBuffers.get(gpu);
+  if (!t || t.size < size) {
+    if (t) gpu.release(t);
+    t = gpu.zeros([size], "f32", "matmul partial sums");
+    partialBuffers.set(gpu, t);
+  }
+  return t;
+}
+
+// out[i] = (out[i] +) (bias[i % N] +) Σ_s partials[s·n + i], the partials added in order.
+function sumPartialsWgsl(accumulate: boolean, bias: boolean): string {
+  const start = [accumulate ? "out[i]" : "", bias ? "bias[i % p.N]" : ""].filter((t) => t);
+  return `
+struct Params { n: u32, N: u32, count: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> partials: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+${bias ? "@group(0) @binding(3) var<storage, read> bias: array<f32>;" : ""}
+@compute @workgroup_size(${SUM_ROWS_SIZE})
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let i = gid.x + gid.y * nwg.x * ${SUM_ROWS_SIZE}u;
+  if (i >= p.n) { return; }
+  var s = ${start.length ? start.join(" + ") : "0.0"};
+  for (var c = 0u; c < p.count; c++) { s += partials[c * p.n + i]; }
+  out[i] = s;
+}`;
 }
 
 /** y[T,out] = x[T,in]·Wᵀ + bias, with W [out,in] (PyTorch nn.Linear layout). */
