@@ -12,6 +12,7 @@ import { parseModelConfig, PRESETS } from "../core/model_config.ts";
 import { completionMask, groupAdvantages, grpoLoss, lossNormalizer } from "../core/grpo.ts";
 import type { TokenBatch } from "../core/engine.ts";
 import { Rng } from "../core/rng.ts";
+import { runSft } from "../core/sft.ts";
 import { defaultTrainConfig } from "../core/train_config.ts";
 import { ArithmeticTokenizer, pretrainingCorpus, splitProblems } from "../data/arithmetic.ts";
 import type { Gpu } from "../gpu/device.ts";
@@ -198,34 +199,41 @@ async function ahaGrpoStep(gpu: Gpu, reps: number) {
   return { phases: { ...phases, total }, counts, perDecodeStep };
 }
 
-/** One supervised step of the default's pretraining (128 rows of worked sums). */
+/**
+ * One supervised step of the default's pretraining (128 rows of worked sums), as runSft runs
+ * it (the optimizer's norm is not waited for): milliseconds per step over runs of 5 steps.
+ */
 async function ahaSftStep(gpu: Gpu, reps: number) {
   const cfg = defaultTrainConfig(), config = defaultModelConfig();
   const tokenizer = new ArithmeticTokenizer();
   const { train } = splitProblems(cfg.arithmetic);
   const rows = pretrainingCorpus(train, cfg.arithmetic, new Rng(cfg.seed))
     .slice(0, cfg.sft.batch_size)
-    .map((r) => [...tokenizer.encode(r.prompt), ...tokenizer.encode(r.completion)]);
-  const promptLens = rows.map(() => 1);
+    .map((r) => ({
+      promptIds: tokenizer.encode(r.prompt),
+      completionIds: tokenizer.encode(r.completion),
+    }));
   const policy = new GpuPolicy(new GpuModel(gpu, config, initWeights(config, 0)));
-  const step = async () => {
-    await policy.accumulateGradients({ rows, promptLens }, 1, (logprobs) => {
-      const tokens = logprobs.flat().length;
-      return Promise.resolve(logprobs.map((row) => row.map(() => -1 / tokens)));
-    });
-    await policy.optimizerStep({
-      lr: 1e-3,
-      beta1: 0.9,
-      beta2: 0.99,
-      eps: 1e-8,
-      weightDecay: 0,
-      maxGradNorm: 1,
+  const run = async (steps: number) => {
+    await runSft(policy, rows, {
+      steps,
+      batchSize: rows.length,
+      optimizer: { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, maxGradNorm: 1 },
+      warmupSteps: 1,
+      seed: 1,
     });
   };
-  const seconds = await best(reps, step);
-  const counts = await count(gpu, step);
+  const steps = 5;
+  const seconds = await best(reps, () => run(steps)) / steps;
+  const counted = await count(gpu, () => run(steps));
   policy.model.destroy();
-  return { seconds, counts, B: rows.length, L: Math.max(...rows.map((r) => r.length)) };
+  const L = Math.max(...rows.map((r) => r.promptIds.length + r.completionIds.length));
+  return {
+    seconds,
+    counts: { dispatches: counted.dispatches / steps, waits: counted.waits / steps },
+    B: rows.length,
+    L,
+  };
 }
 
 async function runTorch(args: Record<string, number>): Promise<TorchResult | null> {
@@ -272,7 +280,7 @@ export async function sideBySide(gpu: Gpu): Promise<void> {
   const tiny = await ahaForwardBackward(gpu, "tiny", 64, 16);
   const small = await ahaForwardBackward(gpu, "small", 8, 128);
   const grpo = await ahaGrpoStep(gpu, 5);
-  const sft = await ahaSftStep(gpu, 5);
+  const sft = await ahaSftStep(gpu, 3);
   const torch = await runTorch({
     vocab: defaultModelConfig().vocabSize,
     sft_batch: sft.B,
