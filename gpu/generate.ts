@@ -127,12 +127,14 @@ class Buffers {
     this.outLogp = gpu.zeros([maxNew, B]);
   }
 
-  key(): string {
-    return Buffers.key(this.P, this.G, this.capacity, this.prefillLen, this.maxNew, this.numEos);
+  /** Buffers are kept per group size, completion length and EOS count (see buffersFor). */
+  static key(G: number, maxNew: number, numEos: number): string {
+    return `generate ${G},${maxNew},${numEos}`;
   }
 
-  static key(...dims: number[]): string {
-    return `generate ${dims.join(",")}`;
+  /** Whether these buffers hold a call of P prompts, cache length and prefill length. */
+  holds(P: number, capacity: number, prefillLen: number): boolean {
+    return this.P >= P && this.capacity >= capacity && this.prefillLen >= prefillLen;
   }
 
   release(gpu: Gpu): void {
@@ -145,24 +147,40 @@ class Buffers {
   }
 }
 
-/** Shapes kept per model: a training step's and an evaluation's. */
+/** Kinds of call kept per model: a training step's and an evaluation's. */
 const KEPT_SHAPES = 2;
 
-/** The buffers for a shape: kept ones, else new ones (forgetting the least recently used). */
-function buffersFor(model: GpuModel, ...dims: ConstructorParameters<typeof Buffers>): Buffers {
-  const [, , P, G, capacity, prefillLen, maxNew, numEos] = dims;
-  const key = Buffers.key(P, G, capacity, prefillLen, maxNew, numEos);
+/**
+ * The buffers for a call: kept ones when they are large enough, else new ones sized for the
+ * largest call seen, so that refill rounds (fewer prompts) and shorter prompts reuse them.
+ * Kernels are told the call's own sizes; rows and positions past them are never read.
+ */
+function buffersFor(...dims: [GpuModel, ...ConstructorParameters<typeof Buffers>]): Buffers {
+  const [model, gpu, c, P, G, capacity, prefillLen, maxNew, numEos] = dims;
+  const key = Buffers.key(G, maxNew, numEos);
   let buffers = model.kept.get(key) as Buffers | undefined;
-  if (buffers) {
-    model.kept.delete(key); // re-inserted below as the most recent
-  } else {
+  if (buffers) model.kept.delete(key); // re-inserted below as the most recent
+  if (buffers && !buffers.holds(P, capacity, prefillLen)) {
+    buffers.release(gpu);
+    buffers = new Buffers(
+      gpu,
+      c,
+      Math.max(P, buffers.P),
+      G,
+      Math.max(capacity, buffers.capacity),
+      Math.max(prefillLen, buffers.prefillLen),
+      maxNew,
+      numEos,
+    );
+  }
+  if (!buffers) {
     const ours = [...model.kept.entries()].filter(([, b]) => b instanceof Buffers);
     if (ours.length >= KEPT_SHAPES) {
       const [oldest, old] = ours[0];
-      old.release(model.gpu);
+      old.release(gpu);
       model.kept.delete(oldest);
     }
-    buffers = new Buffers(...dims);
+    buffers = new Buffers(gpu, c, P, G, capacity, prefillLen, maxNew, numEos);
   }
   model.kept.set(key, buffers);
   return buffers;
@@ -188,7 +206,7 @@ export async function generate(
   const bufs = buffersFor(model, gpu, c, P, groupSize, capacity, prefillLen, maxNew, eosIds.length);
   const { cache, step } = bufs;
   if (prefillLen > 0) {
-    prefill(model, prompts, bufs);
+    prefill(model, prompts, prefillLen, bufs);
     copyToGroups(gpu, bufs.promptCache, cache, groupSize);
   }
 
@@ -205,7 +223,7 @@ export async function generate(
   const shape = {
     B,
     Lq: 1,
-    capacity,
+    capacity: bufs.capacity,
     nHeads: c.numHeads,
     nKvHeads: c.numKvHeads,
     headDim: c.headDim,
@@ -297,8 +315,8 @@ function kvCache(gpu: Gpu, c: ModelConfig, B: number, capacity: number): KvCache
 }
 
 /** Run the first prefillLen tokens of each prompt through the layers, into the prompt cache. */
-function prefill(model: GpuModel, prompts: number[][], bufs: Buffers): void {
-  const gpu = model.gpu, c = model.config, P = prompts.length, L = bufs.prefillLen, T = P * L;
+function prefill(model: GpuModel, prompts: number[][], L: number, bufs: Buffers): void {
+  const gpu = model.gpu, c = model.config, P = prompts.length, T = P * L;
   const ids = new Int32Array(T), positions = new Int32Array(T);
   prompts.forEach((prompt, p) => ids.set(prompt.slice(0, -1), p * L));
   for (let t = 0; t < T; t++) positions[t] = t % L;

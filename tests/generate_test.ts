@@ -139,8 +139,8 @@ Deno.test(
   "kept generation buffers: any order of shapes gives what a fresh model gives",
   gpuTest,
   async () => {
-    // Buffers are kept per shape (two at a time) and reused: nothing from an earlier call (done
-    // flags, positions, cache rows, old tokens) may leak into a later one.
+    // Buffers are kept per kind of call (two at a time), grown to the largest call and reused:
+    // nothing from an earlier call (done flags, positions, cache rows, old tokens) may leak.
     const sampling = {
       temperature: 1,
       topP: 1,
@@ -156,6 +156,9 @@ Deno.test(
       [[[3]], 5, 6],
       [[[6, 6, 6, 6, 6]], 1, 3],
       [[[7, 8, 9, 10, 11, 12], [2, 2]], 2, 4],
+      [[[1, 2, 3], [4]], 3, 6],
+      [[[2, 1]], 3, 6], // fewer prompts: the kept buffers serve
+      [[[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]], 3, 6], // longer: they grow
       [[[1, 2, 3], [4]], 3, 6],
     ];
     const weights = sharpWeights(4, 0.3);
