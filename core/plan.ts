@@ -17,6 +17,12 @@ import type { TrainConfig } from "./train_config.ts";
 export const LOGIT_CHUNK_FLOATS = 16 * 1024 * 1024;
 /** Token chunks are multiples of this, so every chunk's views start 256-byte aligned. */
 export const CHUNK_ALIGN = 64;
+/**
+ * Generation rounds its KV cache length and prefill length up to multiples of these, so that
+ * calls of nearby shapes reuse the buffers gpu/generate.ts keeps.
+ */
+export const CAPACITY_ROUND = 16;
+export const PREFILL_ROUND = 4;
 /** Tokens per scoring forward pass (the reference model, `aha score`). */
 export const SCORE_BATCH_TOKENS = 8192;
 
@@ -145,8 +151,7 @@ function forwardTensors(c: ModelConfig, B: number, L: number, keep = true) {
 
 /**
  * gpu/generate.ts: G completions of up to maxNew tokens for each of P prompts of up to
- * promptLen tokens. Everything is alive at once when decoding starts (the prefill's buffers are
- * released only at the next submit).
+ * promptLen tokens. Everything stays allocated between calls (kept on the model).
  */
 function generationTensors(
   c: ModelConfig,
@@ -155,7 +160,9 @@ function generationTensors(
   promptLen: number,
   maxNew: number,
 ) {
-  const rows = P * G, capacity = promptLen + maxNew, prefill = promptLen - 1;
+  const round = (n: number, m: number) => Math.ceil(n / m) * m;
+  const rows = P * G, prefill = promptLen > 1 ? round(promptLen - 1, PREFILL_ROUND) : 0;
+  const capacity = round(Math.max(promptLen + maxNew, prefill), CAPACITY_ROUND);
   const H = c.hiddenSize, kv = [capacity, c.numKvHeads, c.headDim];
   const t = (name: string, ...shape: number[]): PlannedTensor => ({ name, shape });
   const cache: PlannedTensor[] = [];
@@ -236,18 +243,30 @@ export function planMemory(
   add("policy", "training activations", `micro_batch_size ${tokens(micro)}`, train.activations);
   add("policy", "backward scratch", tokens(micro), train.backward);
   add("policy", "log-prob buffers", `logit chunk ${train.chunk} tokens × vocab`, train.logprobs);
-  // Sampling (P prompts × G) or greedy evaluation (eval_prompts × 1), whichever is larger.
-  const generation = [
-    generationTensors(model, P, G, cfg.max_prompt_length, cfg.max_completion_length),
-    generationTensors(model, cfg.eval_prompts, 1, cfg.max_prompt_length, cfg.max_completion_length),
-  ].reduce((a, b) => sumBytes([...b.cache, ...b.work]) > sumBytes([...a.cache, ...a.work]) ? b : a);
-  const rows = `${generation.rows} rows × ${generation.capacity} tokens`;
-  add("policy", "generation KV cache", rows, generation.cache);
+  // Sampling (P prompts × G) and greedy evaluation (eval_prompts × 1, in batches no larger than a
+  // step's): generate.ts keeps the buffers of both.
+  const evalRows = Math.min(cfg.eval_prompts, P * G);
+  const sampling = generationTensors(
+    model,
+    P,
+    G,
+    cfg.max_prompt_length,
+    cfg.max_completion_length,
+  );
+  const evaluation = generationTensors(
+    model,
+    evalRows,
+    1,
+    cfg.max_prompt_length,
+    cfg.max_completion_length,
+  );
+  const rows = `${sampling.rows} + ${evaluation.rows} rows × ${sampling.capacity} tokens`;
+  add("policy", "generation KV cache", rows, [...sampling.cache, ...evaluation.cache]);
   add(
     "policy",
     "generation buffers",
-    `prefill and decode, ${generation.rows} rows`,
-    generation.work,
+    `prefill and decode, sampling and evaluation`,
+    [...sampling.work, ...evaluation.work],
   );
 
   if (cfg.beta > 0) {

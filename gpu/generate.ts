@@ -8,6 +8,7 @@
 
 import type { Completions, SamplingOptions } from "../core/engine.ts";
 import type { ModelConfig } from "../core/model_config.ts";
+import { CAPACITY_ROUND, PREFILL_ROUND } from "../core/plan.ts";
 import { type Gpu, grid, Tensor } from "./device.ts";
 import { rmsnorm } from "./kernels/rmsnorm.ts";
 import { sample } from "./kernels/sample.ts";
@@ -18,9 +19,6 @@ import { type GpuModel, type LayerActivations, layerBuffers } from "./model.ts";
  * wait, worth it only while at least that many steps remain to be saved.
  */
 const DONE_CHECK_EVERY = 4;
-/** Cache lengths and prefill lengths are rounded up to multiples of these, so that shapes repeat. */
-const CAPACITY_ROUND = 16;
-const PREFILL_ROUND = 4;
 
 // After each sampled token, in one dispatch: record it and its log-prob at step s, mark rows
 // that sampled an EOS as done, and make it the next step's input one position further on.
