@@ -243,30 +243,20 @@ export function planMemory(
   add("policy", "training activations", `micro_batch_size ${tokens(micro)}`, train.activations);
   add("policy", "backward scratch", tokens(micro), train.backward);
   add("policy", "log-prob buffers", `logit chunk ${train.chunk} tokens × vocab`, train.logprobs);
-  // Sampling (P prompts × G) and greedy evaluation (eval_prompts × 1, in batches no larger than a
-  // step's): generate.ts keeps the buffers of both.
+  // Sampling (P prompts × G) or greedy evaluation (eval_prompts × 1, in batches no larger than
+  // a step's), whichever is larger: generate.ts keeps one set of buffers at a time.
   const evalRows = Math.min(cfg.eval_prompts, P * G);
-  const sampling = generationTensors(
-    model,
-    P,
-    G,
-    cfg.max_prompt_length,
-    cfg.max_completion_length,
-  );
-  const evaluation = generationTensors(
-    model,
-    evalRows,
-    1,
-    cfg.max_prompt_length,
-    cfg.max_completion_length,
-  );
-  const rows = `${sampling.rows} + ${evaluation.rows} rows × ${sampling.capacity} tokens`;
-  add("policy", "generation KV cache", rows, [...sampling.cache, ...evaluation.cache]);
+  const generation = [
+    generationTensors(model, P, G, cfg.max_prompt_length, cfg.max_completion_length),
+    generationTensors(model, evalRows, 1, cfg.max_prompt_length, cfg.max_completion_length),
+  ].reduce((a, b) => sumBytes([...b.cache, ...b.work]) > sumBytes([...a.cache, ...a.work]) ? b : a);
+  const rows = `${generation.rows} rows × ${generation.capacity} tokens`;
+  add("policy", "generation KV cache", rows, generation.cache);
   add(
     "policy",
     "generation buffers",
-    `prefill and decode, sampling and evaluation`,
-    [...sampling.work, ...evaluation.work],
+    `prefill and decode, ${generation.rows} rows`,
+    generation.work,
   );
 
   if (cfg.beta > 0) {

@@ -145,8 +145,11 @@ class Buffers {
   }
 }
 
-/** Kinds of call kept per model: a training step's and an evaluation's. */
-const KEPT_SHAPES = 2;
+/**
+ * Kinds of call kept per model. One: an evaluation (every eval_steps) replaces the sampling
+ * buffers and the next step remakes them, so memory never holds both (core/plan.ts counts one).
+ */
+const KEPT_SHAPES = 1;
 
 /**
  * The buffers for a call: kept ones when they are large enough, else new ones sized for the
@@ -160,6 +163,7 @@ function buffersFor(...dims: [GpuModel, ...ConstructorParameters<typeof Buffers>
   if (buffers) model.kept.delete(key); // re-inserted below as the most recent
   if (buffers && !buffers.holds(P, capacity, prefillLen)) {
     buffers.release(gpu);
+    gpu.flush(); // destroyed now, before the new ones are made
     buffers = new Buffers(
       gpu,
       c,
@@ -176,6 +180,7 @@ function buffersFor(...dims: [GpuModel, ...ConstructorParameters<typeof Buffers>
     if (ours.length >= KEPT_SHAPES) {
       const [oldest, old] = ours[0];
       old.release(gpu);
+      gpu.flush();
       model.kept.delete(oldest);
     }
     buffers = new Buffers(gpu, c, P, G, capacity, prefillLen, maxNew, numEos);

@@ -61,12 +61,11 @@ Deno.test("a small plan, counted by hand", () => {
   //   activations: 10·50 + ids/targets/positions 30 + kvLens 2 + final, finalNorm 80 + rstd 10
   //   backward:    dLogp 10 + dResidual, dNorm 80 + dAttn, dq 80 + dk, dv 40 + dAct, dGate, dUp 180
   //   log-probs:   logits, dLogits 2·(10 tokens × 10) + logp, lse 20
-  // Generation, sampling (2 prompts × 2) and evaluation (1 prompt × 1) kept at once; capacity 5
-  // and prefill 2 rounded up to 16 and 4 (CAPACITY_ROUND, PREFILL_ROUND).
-  //   KV cache: sampling 2·(4·16·2) + prompt cache 2·(2·16·2); evaluation 2·(16·2) + 2·(16·2)
-  //   buffers:  sampling prefill 8·50 + scratch 32 + ids, positions 16 + kvLens 2;
-  //             decode 4·50 + hidden, scratch 32 + logits 40 + six [4] 24 + outputs 2·(2·4);
-  //             evaluation prefill 4·50 + 16 + 8 + 1; decode 50 + 8 + 10 + 6 + 2·2
+  // Generation (2 prompts × 2 > 1 eval prompt): 4 rows; capacity 5 and prefill 2 rounded up to
+  // 16 and 4 (CAPACITY_ROUND, PREFILL_ROUND).
+  //   KV cache: 2·(4·16·2) + prompt cache 2·(2·16·2)
+  //   buffers:  prefill 8·50 + scratch 32 + ids, positions 16 + kvLens 2;
+  //             decode 4·50 + hidden, scratch 32 + logits 40 + six [4] 24 + outputs 2·(2·4)
   // Reference: weights; one scoring pass of 4 rows × 5 tokens = 20 tokens, forward only:
   //   20·50 + 60 + 4 + 160 + 20; log-probs 2·(20 × 10) + 40.
   assert.deepEqual(bytes, {
@@ -76,13 +75,13 @@ Deno.test("a small plan, counted by hand", () => {
     "policy training activations": 4 * 622,
     "policy backward scratch": 4 * 390,
     "policy log-prob buffers": 4 * 220,
-    "policy generation KV cache": 4 * (384 + 128),
-    "policy generation buffers": 4 * (450 + 312 + 225 + 78),
+    "policy generation KV cache": 4 * 384,
+    "policy generation buffers": 4 * (450 + 312),
     "reference weights": 720,
     "reference forward activations": 4 * 1244,
     "reference log-prob buffers": 4 * 440,
   });
-  assert.equal(plan.policyBytes, 14116);
+  assert.equal(plan.policyBytes, 12392);
   assert.equal(plan.referenceBytes, 7456);
   assert.equal(planMemory({ ...cfg, beta: 0 }, model).referenceBytes, 0);
 });
