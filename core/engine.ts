@@ -51,8 +51,11 @@ export interface PolicyEngine {
     invTemperature: number,
     loss: (logprobs: number[][]) => Promise<number[][]>,
   ): Promise<void>;
-  /** Clip by global norm, AdamW, zero the gradients. Returns the norm before clipping. */
-  optimizerStep(hp: OptimizerHyper): Promise<number>;
+  /**
+   * Clip by global norm, AdamW, zero the gradients. Resolves to the norm before clipping; a
+   * caller that does not need it now may await it later (a GPU engine then need not wait).
+   */
+  optimizerStep(hp: OptimizerHyper): PromiseLike<number>;
   weights(): Promise<Map<string, Float32Array>>;
   optimizerState(): Promise<{ step: number; moments: Map<string, Float32Array> }>;
   loadOptimizerState(state: { step: number; moments: Map<string, Float32Array> }): void;

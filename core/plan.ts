@@ -21,6 +21,12 @@ import type { LoraConfig, TrainConfig } from "./train_config.ts";
 export const LOGIT_CHUNK_FLOATS = 16 * 1024 * 1024;
 /** Token chunks are multiples of this, so every chunk's views start 256-byte aligned. */
 export const CHUNK_ALIGN = 64;
+/**
+ * Generation rounds its KV cache length and prefill length up to multiples of these, so that
+ * calls of nearby shapes reuse the buffers gpu/generate.ts keeps.
+ */
+export const CAPACITY_ROUND = 16;
+export const PREFILL_ROUND = 4;
 /** Tokens per scoring forward pass (the reference model, `aha score`). */
 export const SCORE_BATCH_TOKENS = 8192;
 /** Tokens per prefill pass of generation (gpu/generate.ts prefills prompts in such batches). */
@@ -232,8 +238,8 @@ function forwardTensors(
 
 /**
  * gpu/generate.ts: G completions of up to maxNew tokens for each of P prompts of up to
- * promptLen tokens, prefilled in batches of prefillPrompts. Counted as if one prefill batch's
- * buffers were alive with the decode buffers (they are released once submitted: an upper bound).
+ * promptLen tokens (rounded up as generate.ts rounds them), prefilled in batches of
+ * prefillPrompts. Everything stays allocated between calls (kept on the model).
  */
 function generationTensors(
   c: ModelConfig,
@@ -243,8 +249,10 @@ function generationTensors(
   maxNew: number,
   kvDtype: PlanDType = "f32",
 ) {
-  const rows = P * G, capacity = promptLen + maxNew, prefill = promptLen - 1;
-  // Prompts are prefilled in batches; each batch's buffers go before the next is made.
+  const round = (n: number, m: number) => Math.ceil(n / m) * m;
+  const rows = P * G, prefill = promptLen > 1 ? round(promptLen - 1, PREFILL_ROUND) : 0;
+  const capacity = round(Math.max(promptLen + maxNew, prefill), CAPACITY_ROUND);
+  // Prompts are prefilled in batches: the prompt cache and prefill buffers hold one batch.
   const batch = prefillPrompts(P, prefill);
   const H = c.hiddenSize, kv = [capacity, c.numKvHeads, c.headDim];
   const t = (name: string, ...shape: number[]): PlannedTensor => ({ name, shape });

@@ -3,7 +3,9 @@
 // `Gpu` owns the adapter, the device, a cache of compiled pipelines and one open command
 // encoder. Kernels call `gpu.dispatch(...)`, which only records work; nothing reaches the GPU
 // until `flush()` (or a read, which flushes). Reading back costs ~11 ms per wait on llvmpipe,
-// so read as rarely as possible and batch reads with `readMany`.
+// so read as rarely as possible and batch reads with `readMany` (`waitCount` counts them).
+// A dispatch allocates nothing: its Params go to a slot of one uniform ring buffer, uploaded
+// once per submit, and its bind group is cached, so repeated work reuses both.
 //
 // Binding convention for every WGSL kernel in gpu/:
 //   @group(0) @binding(0) var<uniform> p: Params;   // u32 fields first, then f32 fields
@@ -27,6 +29,12 @@ export function elementBytes(dtype: DType): number {
 
 /** Storage bindings must start at a multiple of this many bytes (WebGPU's default limit). */
 export const BINDING_ALIGNMENT = 256;
+
+/** Uniform slots per submit (a submit is made when they run out) and 32-bit words per slot. */
+const UNIFORM_SLOTS = 1024;
+const UNIFORM_SLOT_WORDS = BINDING_ALIGNMENT / 4;
+/** Bind groups kept before the cache is emptied. */
+const MAX_BIND_GROUPS = 20000;
 
 /**
  * A buffer on the GPU with a shape. Elements are 4 bytes, or 2 for bf16/f16 (padded to whole
@@ -136,9 +144,27 @@ export class Gpu {
   private pipelines = new Map<string, GPUComputePipeline>();
   private encoder: GPUCommandEncoder | null = null;
   private pass: GPUComputePassEncoder | null = null;
-  private pendingUniforms: GPUBuffer[] = [];
+  private pendingDestroy: GPUBuffer[] = [];
+  /**
+   * Every dispatch's Params live in one slot of a ring of uniform slots: written to `uniformData`
+   * on the CPU, and to the GPU with one writeBuffer when the work is submitted. A submit's
+   * writeBuffer runs after the work submitted before it, so the ring is reused at every flush.
+   */
+  private uniformRing: GPUBuffer | null = null;
+  private uniformData = new Uint32Array(UNIFORM_SLOTS * UNIFORM_SLOT_WORDS);
+  private uniformFloats = new Float32Array(this.uniformData.buffer);
+  private slotsUsed = 0;
+  /**
+   * Bind groups by pipeline, uniform slot and tensors. A repeated sequence of dispatches (a decode
+   * step, a training step with buffers cached by shape) finds its bind groups here.
+   */
+  private bindGroups = new Map<string, GPUBindGroup>();
+  private ids = new WeakMap<object, number>();
+  private nextId = 1;
   /** Dispatches recorded since the device was opened (for benchmarks). */
   dispatchCount = 0;
+  /** GPU→CPU waits (mapAsync reads, onSubmittedWorkDone) since the device was opened. */
+  waitCount = 0;
 
   private constructor(readonly adapter: GPUAdapter, readonly device: GPUDevice) {}
 
@@ -274,62 +300,80 @@ export class Gpu {
     u32s: number[] = [],
     f32s: number[] = [],
   ): void {
-    const words = Math.max(4, Math.ceil((u32s.length + f32s.length) / 4) * 4);
-    const uniform = this.device.createBuffer({
-      size: words * 4,
-      usage: GPUBufferUsage.UNIFORM,
-      mappedAtCreation: true,
-    });
-    const range = uniform.getMappedRange();
-    new Uint32Array(range).set(u32s.map((v) => v >>> 0));
-    new Float32Array(range).set(f32s, u32s.length);
-    uniform.unmap();
-    this.pendingUniforms.push(uniform);
-    const entries: GPUBindGroupEntry[] = [{ binding: 0, resource: { buffer: uniform } }];
-    tensors.forEach((t, i) =>
-      entries.push({
-        binding: i + 1,
-        resource: { buffer: t.buffer, offset: t.offset, size: t.bytes },
-      })
-    );
-    const bindGroup = this.device.createBindGroup({
-      layout: pipeline.getBindGroupLayout(0),
-      entries,
-    });
     const [x, y = 1, z = 1] = workgroups;
     const limit = this.device.limits.maxComputeWorkgroupsPerDimension;
     if (x > limit || y > limit || z > limit) {
       throw new Error(`dispatch of [${x}, ${y}, ${z}] workgroups exceeds ${limit} per dimension`);
     }
     if (x === 0 || y === 0 || z === 0) return;
+    // Params longer than a slot (rope's frequencies) take several consecutive slots.
+    const slots = Math.max(1, Math.ceil((u32s.length + f32s.length) / UNIFORM_SLOT_WORDS));
+    if (slots > UNIFORM_SLOTS) throw new Error(`dispatch: Params of ${slots} slots`);
+    if (this.slotsUsed + slots > UNIFORM_SLOTS) this.flush();
+    const slot = this.slotsUsed;
+    this.slotsUsed += slots;
+    const base = slot * UNIFORM_SLOT_WORDS;
+    for (let i = 0; i < u32s.length; i++) this.uniformData[base + i] = u32s[i] >>> 0;
+    for (let i = 0; i < f32s.length; i++) this.uniformFloats[base + u32s.length + i] = f32s[i];
+    let key = `${this.id(pipeline)}:${slot}`;
+    for (const t of tensors) key += `:${this.id(t.buffer)}@${t.offset}+${t.size}`;
+    let bindGroup = this.bindGroups.get(key);
+    if (!bindGroup) {
+      // Bind groups of destroyed buffers are never asked for again (ids are never reused):
+      // forget them all now and then.
+      if (this.bindGroups.size >= MAX_BIND_GROUPS) this.bindGroups.clear();
+      const words = Math.max(4, Math.ceil((u32s.length + f32s.length) / 4) * 4);
+      const entries: GPUBindGroupEntry[] = [{
+        binding: 0,
+        resource: { buffer: this.ring(), offset: base * 4, size: words * 4 },
+      }];
+      tensors.forEach((t, i) =>
+        entries.push({
+          binding: i + 1,
+          resource: { buffer: t.buffer, offset: t.offset, size: t.bytes },
+        })
+      );
+      bindGroup = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
+      this.bindGroups.set(key, bindGroup);
+    }
     if (!this.pass) this.pass = this.getEncoder().beginComputePass();
     this.pass.setPipeline(pipeline);
     this.pass.setBindGroup(0, bindGroup);
     this.pass.dispatchWorkgroups(x, y, z);
     this.dispatchCount++;
-    if (this.pendingUniforms.length >= 512) this.flush();
   }
 
   /** Destroy a temporary tensor once the work recorded so far has been submitted. */
   release(t: Tensor): void {
-    this.pendingUniforms.push(t.buffer);
+    this.pendingDestroy.push(t.buffer);
   }
 
   /** Submit everything recorded so far. Does not wait. */
   flush(): void {
     this.endPass();
+    if (this.slotsUsed > 0) {
+      this.device.queue.writeBuffer(
+        this.ring(),
+        0,
+        this.uniformData.buffer,
+        0,
+        this.slotsUsed * UNIFORM_SLOT_WORDS * 4,
+      );
+      this.slotsUsed = 0;
+    }
     if (this.encoder) {
       this.device.queue.submit([this.encoder.finish()]);
       this.encoder = null;
     }
     // Buffers used by submitted work may be destroyed now: the GPU keeps them until done.
-    for (const u of this.pendingUniforms) u.destroy();
-    this.pendingUniforms = [];
+    for (const u of this.pendingDestroy) u.destroy();
+    this.pendingDestroy = [];
   }
 
   /** Wait until the GPU has finished all submitted work. */
   async sync(): Promise<void> {
     this.flush();
+    this.waitCount++;
     await this.device.queue.onSubmittedWorkDone();
   }
 
@@ -346,10 +390,22 @@ export class Gpu {
   }
 
   /**
-   * Read several tensors with one GPU wait. f32 tensors come back as Float32Array, i32 as
-   * Int32Array, others (u32, and bf16/f16 as their packed words) as Uint32Array.
+   * Start reading tensors without waiting: the copies are recorded and submitted now, and the
+   * values arrive with the next read anyone waits for. Waiting on it before then counts as a
+   * GPU wait; after, it is free.
    */
-  async readMany(tensors: Tensor[]): Promise<(Float32Array | Int32Array | Uint32Array)[]> {
+  readLater(tensors: Tensor[]): PendingRead<(Float32Array | Int32Array | Uint32Array)[]> {
+    return new PendingRead(this.readMany(tensors, true), () => this.waitCount++);
+  }
+
+  /**
+   * Read several tensors with one GPU wait. f32 tensors come back as Float32Array, i32 as
+   * Int32Array, others (u32, and bf16/f16 as their packed words) as Uint32Array. The copies are recorded before this returns.
+   */
+  async readMany(
+    tensors: Tensor[],
+    uncounted = false,
+  ): Promise<(Float32Array | Int32Array | Uint32Array)[]> {
     this.endPass();
     const encoder = this.getEncoder();
     const staging = tensors.map((t) => {
@@ -361,6 +417,7 @@ export class Gpu {
       return b;
     });
     this.flush();
+    if (!uncounted) this.waitCount++;
     await Promise.all(staging.map((b) => b.mapAsync(GPUMapMode.READ)));
     return tensors.map((t, i) => {
       const bytes = staging[i].getMappedRange().slice(0, t.bytes);
@@ -378,6 +435,25 @@ export class Gpu {
     this.device.destroy();
   }
 
+  /** The uniform ring, made on first use. */
+  private ring(): GPUBuffer {
+    if (!this.uniformRing) {
+      this.uniformRing = this.device.createBuffer({
+        label: "uniform ring",
+        size: this.uniformData.byteLength,
+        usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+      });
+    }
+    return this.uniformRing;
+  }
+
+  /** A small number naming a buffer or pipeline in bind-group keys. */
+  private id(o: object): number {
+    let id = this.ids.get(o);
+    if (id === undefined) this.ids.set(o, id = this.nextId++);
+    return id;
+  }
+
   private getEncoder(): GPUCommandEncoder {
     if (!this.encoder) this.encoder = this.device.createCommandEncoder();
     return this.encoder;
@@ -388,6 +464,35 @@ export class Gpu {
       this.pass.end();
       this.pass = null;
     }
+  }
+}
+
+/** A read in flight (Gpu.readLater): awaiting it before its values arrived is a GPU wait. */
+export class PendingRead<T> implements PromiseLike<T> {
+  private arrived = false;
+  private readonly values: Promise<T>;
+
+  constructor(values: Promise<T>, private readonly onWait: () => void) {
+    this.values = values.then((v) => {
+      this.arrived = true;
+      return v;
+    });
+  }
+
+  then<A = T, B = never>(
+    onArrived?: ((value: T) => A | PromiseLike<A>) | null,
+    onFailed?: ((reason: unknown) => B | PromiseLike<B>) | null,
+  ): Promise<A | B> {
+    if (!this.arrived) {
+      this.onWait();
+      this.arrived = true; // counted once
+    }
+    return this.values.then(onArrived, onFailed);
+  }
+
+  /** The same read, its values transformed when they arrive. */
+  map<U>(f: (value: T) => U): PendingRead<U> {
+    return new PendingRead(this.values.then(f), this.onWait);
   }
 }
 

@@ -2,21 +2,159 @@
 //
 // Each prompt is prefilled once (all but its last token), its cache copied to the rows of its
 // group — prompts in batches of at most PREFILL_BATCH_TOKENS tokens, so a large evaluation
-// batch needs no more prefill memory than a few prompts — and then every row decodes one token per step: embedding → layers over the cache →
-// final norm → logits → sample, all on the GPU. Sampled tokens feed the next step without a
-// CPU round trip; the CPU reads the "done" flags only every few steps to stop early.
+// batch needs no more prefill memory than a few prompts — and then every row decodes one token
+// per step: embedding → layers over the cache → final norm → logits → sample, all on the GPU.
+// Sampled tokens feed the next step without a CPU round trip (nor any upload); the CPU reads
+// the "done" flags only every few steps to stop early. The cache is f32 or 16 bits
+// (kv_cache_dtype). The buffers of a shape are kept on the model between calls
+// (`GpuModel.kept`).
 
 import type { Completions, SamplingOptions } from "../core/engine.ts";
 import type { ModelConfig } from "../core/model_config.ts";
-import type { Gpu, Tensor } from "./device.ts";
+import { CAPACITY_ROUND, PREFILL_ROUND, prefillPrompts } from "../core/plan.ts";
+import { type Gpu, Tensor } from "./device.ts";
+import { copyCacheToGroups, type KvDtype } from "./kernels/attention.ts";
 import { rmsnorm } from "./kernels/rmsnorm.ts";
-import { markDone, sample } from "./kernels/sample.ts";
-import { prefillPrompts } from "../core/plan.ts";
-import type { KvDtype } from "./kernels/attention.ts";
-import { type GpuModel, layerBuffers } from "./model.ts";
+import { afterSample, sample } from "./kernels/sample.ts";
+import { type GpuModel, type LayerActivations, layerBuffers } from "./model.ts";
 
-/** How often (in decode steps) the CPU checks whether every row has finished. */
+/**
+ * How often (in decode steps) the CPU checks whether every row has finished: a check is a GPU
+ * wait, worth it only while at least that many steps remain to be saved.
+ */
 const DONE_CHECK_EVERY = 4;
+
+type KvCache = { k: Tensor; v: Tensor }[];
+
+/**
+ * Everything one generation shape needs, made once and kept across calls (as training keeps its
+ * activations): the KV caches, the prefill and decode buffers, the outputs.
+ */
+class Buffers {
+  readonly cache: KvCache;
+  /** Prompts per prefill pass these buffers hold. */
+  readonly batch: number;
+  readonly promptCache: KvCache;
+  readonly prefill: LayerActivations;
+  readonly prefillIds: Tensor;
+  readonly prefillPositions: Tensor;
+  readonly prefillKvLens: Tensor;
+  readonly prefillScratch: Tensor;
+  readonly step: LayerActivations;
+  readonly hidden: Tensor;
+  readonly scratch: Tensor;
+  readonly logits: Tensor;
+  readonly ids: Tensor;
+  readonly positions: Tensor;
+  readonly kvLens: Tensor;
+  readonly sampled: Tensor;
+  readonly logp: Tensor;
+  readonly done: Tensor;
+  readonly eos: Tensor;
+  readonly outTokens: Tensor;
+  readonly outLogp: Tensor;
+
+  constructor(
+    gpu: Gpu,
+    c: ModelConfig,
+    readonly P: number,
+    readonly G: number,
+    readonly capacity: number,
+    readonly prefillLen: number,
+    readonly maxNew: number,
+    readonly numEos: number,
+    readonly kvDtype: KvDtype,
+  ) {
+    const B = P * G;
+    // Prompts are prefilled `batch` at a time (core/plan.ts prefillPrompts).
+    const batch = this.batch = prefillPrompts(P, prefillLen);
+    this.cache = kvCache(gpu, c, B, capacity, kvDtype);
+    this.promptCache = prefillLen > 0 ? kvCache(gpu, c, batch, capacity, kvDtype) : [];
+    const L = Math.max(prefillLen, 1), T = batch * L;
+    this.prefill = layerBuffers(gpu, c, batch, L);
+    this.prefillIds = gpu.zeros([T], "i32");
+    this.prefillPositions = gpu.zeros([T], "i32");
+    this.prefillKvLens = gpu.zeros([batch], "i32");
+    this.prefillScratch = gpu.zeros([T, c.hiddenSize]);
+    this.step = layerBuffers(gpu, c, B, 1);
+    this.hidden = gpu.zeros([B, c.hiddenSize]);
+    this.scratch = gpu.zeros([B, c.hiddenSize]);
+    this.logits = gpu.zeros([B, c.vocabSize]);
+    this.ids = gpu.zeros([B], "i32");
+    this.positions = gpu.zeros([B], "i32");
+    this.kvLens = gpu.zeros([B], "i32");
+    this.sampled = gpu.zeros([B], "i32");
+    this.logp = gpu.zeros([B]);
+    this.done = gpu.zeros([B], "i32");
+    this.eos = gpu.zeros([Math.max(numEos, 1)], "i32");
+    this.outTokens = gpu.zeros([maxNew, B], "i32");
+    this.outLogp = gpu.zeros([maxNew, B]);
+  }
+
+  /** Buffers are kept per group size, completion length and EOS count (see buffersFor). */
+  static key(G: number, maxNew: number, numEos: number): string {
+    return `generate ${G},${maxNew},${numEos}`;
+  }
+
+  /** Whether these buffers hold a call of P prompts, cache length and prefill length. */
+  holds(P: number, capacity: number, prefillLen: number): boolean {
+    return this.P >= P && this.capacity >= capacity && this.prefillLen >= prefillLen;
+  }
+
+  release(gpu: Gpu): void {
+    for (const layer of [...this.cache, ...this.promptCache]) {
+      gpu.release(layer.k);
+      gpu.release(layer.v);
+    }
+    for (const t of [...Object.values(this.prefill), ...Object.values(this.step)]) gpu.release(t);
+    for (const t of Object.values(this)) if (t instanceof Tensor) gpu.release(t);
+  }
+}
+
+/**
+ * Kinds of call kept per model. One: an evaluation (every eval_steps) replaces the sampling
+ * buffers and the next step remakes them, so memory never holds both (core/plan.ts counts one).
+ */
+const KEPT_SHAPES = 1;
+
+/**
+ * The buffers for a call: kept ones when they are large enough, else new ones sized for the
+ * largest call seen, so that refill rounds (fewer prompts) and shorter prompts reuse them.
+ * Kernels are told the call's own sizes; rows and positions past them are never read.
+ */
+function buffersFor(...dims: [GpuModel, ...ConstructorParameters<typeof Buffers>]): Buffers {
+  const [model, gpu, c, P, G, capacity, prefillLen, maxNew, numEos, kvDtype] = dims;
+  const key = Buffers.key(G, maxNew, numEos);
+  let buffers = model.kept.get(key) as Buffers | undefined;
+  if (buffers) model.kept.delete(key); // re-inserted below as the most recent
+  if (buffers && !buffers.holds(P, capacity, prefillLen)) {
+    buffers.release(gpu);
+    gpu.flush(); // destroyed now, before the new ones are made
+    buffers = new Buffers(
+      gpu,
+      c,
+      Math.max(P, buffers.P),
+      G,
+      Math.max(capacity, buffers.capacity),
+      Math.max(prefillLen, buffers.prefillLen),
+      maxNew,
+      numEos,
+      kvDtype,
+    );
+  }
+  if (!buffers) {
+    const ours = [...model.kept.entries()].filter(([, b]) => b instanceof Buffers);
+    if (ours.length >= KEPT_SHAPES) {
+      const [oldest, old] = ours[0];
+      old.release(gpu);
+      gpu.flush();
+      model.kept.delete(oldest);
+    }
+    buffers = new Buffers(gpu, c, P, G, capacity, prefillLen, maxNew, numEos, kvDtype);
+  }
+  model.kept.set(key, buffers);
+  return buffers;
+}
 
 export async function generate(
   model: GpuModel,
@@ -29,70 +167,93 @@ export async function generate(
   if (prompts.some((p) => p.length === 0)) {
     throw new Error("generate: every prompt needs at least one token");
   }
-  const capacity = Math.max(...prompts.map((p) => p.length)) + maxNew;
-  const cache = kvCache(gpu, c, B, capacity, model.kvCacheDtype);
-  const prefillLen = Math.max(...prompts.map((p) => p.length - 1));
-  const perPrefill = prefillPrompts(P, prefillLen);
+  const longest = Math.max(...prompts.map((p) => p.length));
+  // Rounding up pads the prefill: its padding lands in the cache at positions the decode steps
+  // overwrite before any query can see them, and causal attention hides it from real tokens.
+  const prefillLen = longest > 1 ? roundUp(longest - 1, PREFILL_ROUND) : 0;
+  const capacity = roundUp(Math.max(longest + maxNew, prefillLen), CAPACITY_ROUND);
+  const eosIds = opts.eosIds.length ? opts.eosIds : [-1];
+  const bufs = buffersFor(
+    model,
+    gpu,
+    c,
+    P,
+    groupSize,
+    capacity,
+    prefillLen,
+    maxNew,
+    eosIds.length,
+    model.kvCacheDtype,
+  );
+  const { cache, step } = bufs;
+  const perPrefill = Math.min(prefillPrompts(P, prefillLen), bufs.batch);
   for (let first = 0; prefillLen > 0 && first < P; first += perPrefill) {
     const part = prompts.slice(first, first + perPrefill);
-    const promptCache = kvCache(gpu, c, part.length, capacity, model.kvCacheDtype);
-    prefill(model, part, prefillLen, capacity, promptCache);
-    copyToGroups(gpu, promptCache, cache, groupSize, first);
-    gpu.flush(); // this batch's buffers go once its work is submitted
+    prefill(model, part, prefillLen, bufs);
+    copyToGroups(gpu, bufs.promptCache, cache, groupSize, first, part.length);
   }
 
-  // Decode buffers: one token per row.
-  const step = layerBuffers(gpu, c, B, 1);
-  const hidden = gpu.zeros([B, c.hiddenSize]), scratch = gpu.zeros([B, c.hiddenSize]);
-  const logits = gpu.zeros([B, c.vocabSize]);
-  const ids = gpu.zeros([B], "i32"),
-    positions = gpu.zeros([B], "i32"),
-    kvLens = gpu.zeros([B], "i32");
-  const sampled = gpu.zeros([B], "i32"), logp = gpu.zeros([B]), done = gpu.zeros([B], "i32");
-  const eos = gpu.upload(Int32Array.from(opts.eosIds.length ? opts.eosIds : [-1]));
-  const outTokens = gpu.zeros([maxNew, B], "i32"), outLogp = gpu.zeros([maxNew, B]);
   const rowLen = (b: number) => prompts[Math.floor(b / groupSize)].length;
+  gpu.write(bufs.eos, Int32Array.from(eosIds));
+  gpu.write(bufs.done, new Int32Array(B));
   gpu.write(
-    ids,
+    bufs.ids,
     Int32Array.from({ length: B }, (_, b) => prompts[Math.floor(b / groupSize)].at(-1)!),
   );
+  gpu.write(bufs.positions, Int32Array.from({ length: B }, (_, b) => rowLen(b) - 1));
+  gpu.write(bufs.kvLens, Int32Array.from({ length: B }, (_, b) => rowLen(b)));
+  const shape = {
+    B,
+    Lq: 1,
+    capacity: bufs.capacity,
+    nHeads: c.numHeads,
+    nKvHeads: c.numKvHeads,
+    headDim: c.headDim,
+  };
 
   let steps = 0;
   for (let s = 0; s < maxNew; s++) {
-    if (s > 0) gpu.copy(sampled, ids, B);
-    gpu.write(positions, Int32Array.from({ length: B }, (_, b) => rowLen(b) - 1 + s));
-    gpu.write(kvLens, Int32Array.from({ length: B }, (_, b) => rowLen(b) + s));
-    model.embed(ids, step.input, B);
-    const shape = {
-      B,
-      Lq: 1,
-      capacity,
-      nHeads: c.numHeads,
-      nKvHeads: c.numKvHeads,
-      headDim: c.headDim,
-    };
+    model.embed(bufs.ids, step.input, B);
     // Each layer writes its output over its own input (read only before the output is written).
     for (let i = 0; i < c.numLayers; i++) {
       model.layerForward(i, step, step.input, {
         T: B,
-        positions,
-        kvLens,
+        positions: bufs.positions,
+        kvLens: bufs.kvLens,
         shape,
-        scratch,
+        scratch: bufs.scratch,
         cache: cache[i],
       });
     }
-    rmsnorm(gpu, step.input, model.p("model.norm.weight"), hidden, step.rstd1, B, c.rmsNormEps);
-    model.vocabLogits(hidden, logits, B);
-    sample(gpu, logits, B, c.vocabSize, { ...opts, step: s }, done, sampled, logp);
-    markDone(gpu, sampled, eos, done, B, opts.eosIds.length);
-    gpu.copy(sampled, outTokens, B, 0, s * B);
-    gpu.copy(logp, outLogp, B, 0, s * B);
+    rmsnorm(
+      gpu,
+      step.input,
+      model.p("model.norm.weight"),
+      bufs.hidden,
+      step.rstd1,
+      B,
+      c.rmsNormEps,
+    );
+    model.vocabLogits(bufs.hidden, bufs.logits, B);
+    sample(
+      gpu,
+      bufs.logits,
+      B,
+      c.vocabSize,
+      { ...opts, step: s },
+      bufs.done,
+      bufs.sampled,
+      bufs.logp,
+    );
+    afterSample(gpu, bufs, B, opts.eosIds.length, s);
     steps = s + 1;
-    if (steps % DONE_CHECK_EVERY === 0 && (await gpu.readInt(done)).every((d) => d !== 0)) break;
+    if (
+      steps % DONE_CHECK_EVERY === 0 && maxNew - steps >= DONE_CHECK_EVERY &&
+      (await gpu.readInt(bufs.done)).every((d) => d !== 0)
+    ) break;
   }
 
-  const [tokenData, logpData] = await gpu.readMany([outTokens, outLogp]);
+  const [tokenData, logpData] = await gpu.readMany([bufs.outTokens, bufs.outLogp]);
   const result: Completions = { tokens: [], logprobs: [], truncated: [] };
   for (let b = 0; b < B; b++) {
     const tokens: number[] = [], lps: number[] = [];
@@ -106,34 +267,12 @@ export async function generate(
     result.logprobs.push(lps);
     result.truncated.push(!finished);
   }
-  for (
-    const t of [
-      ...Object.values(step),
-      hidden,
-      scratch,
-      logits,
-      ids,
-      positions,
-      kvLens,
-      sampled,
-      logp,
-      done,
-      eos,
-      outTokens,
-      outLogp,
-    ]
-  ) {
-    gpu.release(t);
-  }
-  for (const layer of cache) {
-    gpu.release(layer.k);
-    gpu.release(layer.v);
-  }
-  gpu.flush();
   return result;
 }
 
-type KvCache = { k: Tensor; v: Tensor }[];
+function roundUp(n: number, multiple: number): number {
+  return Math.ceil(n / multiple) * multiple;
+}
 
 /** Every layer's keys and values, in f32 or 16 bits (kv_cache_dtype). */
 function kvCache(gpu: Gpu, c: ModelConfig, B: number, capacity: number, dtype: KvDtype): KvCache {
@@ -143,60 +282,55 @@ function kvCache(gpu: Gpu, c: ModelConfig, B: number, capacity: number, dtype: K
   }));
 }
 
-/** Run all but the last token of each prompt through the layers, filling rows 0..P-1 of the cache. */
-function prefill(
-  model: GpuModel,
-  prompts: number[][],
-  L: number,
-  capacity: number,
-  cache: KvCache,
-): void {
+/**
+ * Run the first prefillLen tokens of each of these prompts (one prefill batch) through the
+ * layers, into rows 0… of the prompt cache.
+ */
+function prefill(model: GpuModel, prompts: number[][], L: number, bufs: Buffers): void {
   const gpu = model.gpu, c = model.config, P = prompts.length, T = P * L;
   const ids = new Int32Array(T), positions = new Int32Array(T);
   prompts.forEach((prompt, p) => ids.set(prompt.slice(0, -1), p * L));
   for (let t = 0; t < T; t++) positions[t] = t % L;
-  const idsT = gpu.upload(ids), positionsT = gpu.upload(positions);
-  // Rows shorter than L are padded; their padding lands in the cache at positions the decode
-  // steps overwrite before any query can see them.
-  const kvLens = gpu.upload(new Int32Array(P).fill(L));
-  const x = layerBuffers(gpu, c, P, L);
-  const scratch = gpu.zeros([T, c.hiddenSize]);
+  gpu.write(bufs.prefillIds, ids);
+  gpu.write(bufs.prefillPositions, positions);
+  gpu.write(bufs.prefillKvLens, new Int32Array(P).fill(L));
+  const x = bufs.prefill;
   const shape = {
     B: P,
     Lq: L,
-    capacity,
+    capacity: bufs.capacity,
     nHeads: c.numHeads,
     nKvHeads: c.numKvHeads,
     headDim: c.headDim,
   };
-  model.embed(idsT, x.input, T);
+  model.embed(bufs.prefillIds, x.input, T);
   for (let i = 0; i < c.numLayers; i++) {
     model.layerForward(i, x, x.input, {
       T,
-      positions: positionsT,
-      kvLens,
+      positions: bufs.prefillPositions,
+      kvLens: bufs.prefillKvLens,
       shape,
-      scratch,
-      cache: cache[i],
+      scratch: bufs.prefillScratch,
+      cache: bufs.promptCache[i],
     });
   }
-  for (const t of [idsT, positionsT, kvLens, scratch, ...Object.values(x)]) gpu.release(t);
 }
 
 /**
- * Copy row p of a batch's prompt cache (prompt first + p) to rows (first + p)·G … +G−1 of the
- * decode cache; frees `from`.
+ * Copy rows 0…count−1 of the prompt cache (prompts first…first+count−1) to rows
+ * (first + p)·G … (first + p)·G + G − 1 of the decode cache.
  */
-function copyToGroups(gpu: Gpu, from: KvCache, to: KvCache, G: number, first: number): void {
+function copyToGroups(
+  gpu: Gpu,
+  from: KvCache,
+  to: KvCache,
+  G: number,
+  first: number,
+  count: number,
+): void {
   from.forEach((layer, i) => {
     for (const key of ["k", "v"] as const) {
-      const src = layer[key], row = src.size / src.shape[0];
-      for (let p = 0; p < src.shape[0]; p++) {
-        for (let j = 0; j < G; j++) {
-          gpu.copy(src, to[i][key], row, p * row, ((first + p) * G + j) * row);
-        }
-      }
-      gpu.release(src);
+      copyCacheToGroups(gpu, layer[key], to[i][key], G, first, count);
     }
   });
 }

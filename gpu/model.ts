@@ -37,7 +37,7 @@ import { type HalfDType, packHalves, unpackHalves } from "../core/half.ts";
 import { embedding, embeddingBackward } from "./kernels/embedding.ts";
 import { rmsnorm, rmsnormBackward } from "./kernels/rmsnorm.ts";
 import { matmul, sumRows } from "./kernels/matmul.ts";
-import { rope } from "./kernels/rope.ts";
+import { ropeQk } from "./kernels/rope.ts";
 import {
   attention,
   attentionBackward,
@@ -291,6 +291,8 @@ export class GpuModel {
   private readonly loraScale: number;
   /** The adapter branch's x·Aᵀ and its gradient, [T, r] each, grown to the largest T seen. */
   private loraScratch: { u: Tensor; du: Tensor } | null = null;
+  /** Buffers other modules keep for this model (generation's, by shape); freed by destroy(). */
+  readonly kept = new Map<string, { release(gpu: Gpu): void }>();
   private readonly norm: Tensor;
   private readonly logitChunkFloats: number;
   private readonly checkpointing: boolean;
@@ -498,9 +500,24 @@ export class GpuModel {
     for (const name of ["q", "k", "v"] as const) {
       this.linear(x.norm1, `${pre}self_attn.${name}_proj`, x[name], T, adapter);
     }
-    rope(gpu, x.q, positions, T, c.numHeads, c.headDim, c.ropeTheta);
-    rope(gpu, x.k, positions, T, c.numKvHeads, c.headDim, c.ropeTheta);
-    if (cache) {
+    // Rotary embedding of q and k, and in generation the cache writes, in one dispatch; a
+    // 16-bit cache (kv_cache_dtype) is written by writeKvCache, which rounds on the way in.
+    const fused = cache !== undefined && cache.k.dtype === "f32";
+    const toCache = fused ? { v: x.v, kvLens, k: cache.k, vCache: cache.v, shape } : undefined;
+    ropeQk(
+      gpu,
+      x.q,
+      x.k,
+      positions,
+      T,
+      c.numHeads,
+      c.numKvHeads,
+      c.headDim,
+      c.ropeTheta,
+      false,
+      toCache,
+    );
+    if (cache && !fused) {
       writeKvCache(gpu, x.k, cache.k, kvLens, shape);
       writeKvCache(gpu, x.v, cache.v, kvLens, shape);
     }
@@ -604,8 +621,18 @@ export class GpuModel {
         d.dv,
         shape,
       );
-      rope(gpu, d.dq, a.positions, T, c.numHeads, c.headDim, c.ropeTheta, true);
-      rope(gpu, d.dk, a.positions, T, c.numKvHeads, c.headDim, c.ropeTheta, true);
+      ropeQk(
+        gpu,
+        d.dq,
+        d.dk,
+        a.positions,
+        T,
+        c.numHeads,
+        c.numKvHeads,
+        c.headDim,
+        c.ropeTheta,
+        true,
+      );
       this.linearBackward(x.norm1, pre + "self_attn.q_proj", d.dq, T, d.dNorm, false);
       this.linearBackward(x.norm1, pre + "self_attn.k_proj", d.dk, T, d.dNorm, true);
       this.linearBackward(x.norm1, pre + "self_attn.v_proj", d.dv, T, d.dNorm, true);
@@ -695,6 +722,8 @@ export class GpuModel {
   destroy(): void {
     this.acts?.release(this.gpu);
     this.scoringActs?.release(this.gpu);
+    for (const buffers of this.kept.values()) buffers.release(this.gpu);
+    this.kept.clear();
     this.gpu.flush();
     const all = [...this.params.values(), ...this.grads.values()];
     for (const pair of this.lora.values()) all.push([pair.a, pair.b]);

@@ -65,10 +65,12 @@ export class GpuPolicy implements PolicyEngine {
     this.model.backward(upstream, invTemperature);
   }
 
-  async optimizerStep(hp: OptimizerHyper): Promise<number> {
+  optimizerStep(hp: OptimizerHyper): PromiseLike<number> {
     this.adamStep++;
     const norm = this.model.adamwStep({ ...hp, step: this.adamStep });
-    const [value] = await this.model.gpu.read(norm);
+    // The read is recorded now and the gradients cleared after it; whoever wants the norm
+    // waits for it, a caller that does not (SFT) goes on recording the next step.
+    const value = this.model.gpu.readLater([norm]).map(([data]) => data[0]);
     this.model.zeroGrads();
     return value;
   }

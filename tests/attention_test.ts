@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import {
   attention,
   attentionBackward,
+  type AttentionKernel,
   type AttentionShape,
   writeKvCache,
 } from "../gpu/kernels/attention.ts";
@@ -116,7 +117,12 @@ function makeInputs(s: AttentionShape, kvLens: number[], seed: number): Inputs {
   return { q: random(s.B * s.Lq * s.nHeads * s.headDim, seed).map((t) => 2 * t), k, v, kvLens };
 }
 
-async function check(s: AttentionShape, kvLens: number[], seed: number) {
+async function check(
+  s: AttentionShape,
+  kvLens: number[],
+  seed: number,
+  kernel: AttentionKernel = "streaming",
+) {
   const x = makeInputs(s, kvLens, seed);
   const dOut = random(x.q.length, seed + 3);
   const f32 = (a: Float64Array) => new Float32Array(a);
@@ -128,7 +134,7 @@ async function check(s: AttentionShape, kvLens: number[], seed: number) {
   const dk = gpu.upload(f32(random(x.k.length, 8)));
   const dv = gpu.upload(f32(random(x.v.length, 9)));
   const dO = gpu.upload(f32(dOut));
-  attention(gpu, q, k, v, lens, out, lse, s);
+  attention(gpu, q, k, v, lens, out, lse, s, kernel);
   attentionBackward(gpu, q, k, v, lens, out, lse, dO, dq, dk, dv, s);
   const [gOut, gLse, gDq, gDk, gDv] = await gpu.readMany([out, lse, dq, dk, dv]) as Float32Array[];
   const want = twinForward(s, x), grads = twinBackward(s, x, dOut);
@@ -223,3 +229,31 @@ Deno.test("writeKvCache puts new rows at kvLens − Lq + i", gpuTest, async () =
   assert.deepEqual(got, want);
   for (const t of [cache, k, lens]) t.destroy();
 });
+
+Deno.test(
+  "flash attention forward matches the twin (training, decode, prefill)",
+  gpuTest,
+  async () => {
+    // Query blocks of 64 and key blocks of 64 (D 8, 16) or 32 (D 64): odd lengths cross both.
+    for (
+      const [c, seed] of [
+        [training(1, 1, 1, 1, 8), 51],
+        [training(2, 7, 4, 2, 16), 52],
+        [training(1, 97, 2, 1, 8), 53],
+        [training(1, 70, 2, 2, 64), 54],
+      ] as const
+    ) await check(c.s, c.kvLens, seed, "flash");
+    await check(
+      { B: 3, Lq: 1, capacity: 20, nHeads: 4, nKvHeads: 2, headDim: 16 },
+      [1, 13, 20],
+      55,
+      "flash",
+    );
+    await check(
+      { B: 4, Lq: 5, capacity: 16, nHeads: 6, nKvHeads: 3, headDim: 10 },
+      [5, 9, 16, 3],
+      56,
+      "flash",
+    );
+  },
+);

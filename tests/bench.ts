@@ -7,11 +7,13 @@
 
 import { Gpu, summarizeAdapter } from "../gpu/device.ts";
 import { matmul, type MatmulOptions, type MatmulShape } from "../gpu/kernels/matmul.ts";
+import { attention } from "../gpu/kernels/attention.ts";
 import { initWeights } from "../core/init.ts";
 import { parameterCount, parseModelConfig, PRESETS } from "../core/model_config.ts";
 import { generate } from "../gpu/generate.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { benchReference } from "./bench_reference.ts";
+import { sideBySide } from "./bench_torch.ts";
 
 function random(n: number): Float32Array {
   const out = new Float32Array(n);
@@ -45,6 +47,13 @@ async function matmulSection(gpu: Gpu): Promise<void> {
     { name: "dy·W", shape: { M: 512, N: 896, K: 4864 }, opts: {}, iters: 2 },
     { name: "dyᵀ·x", shape: { M: 896, N: 896, K: 1024 }, opts: { transA: true }, iters: 3 },
     { name: "x·Wᵀ odd", shape: { M: 97, N: 1001, K: 899 }, opts: { transB: true }, iters: 5 },
+    // The tiled kernel meant for hardware GPUs, run here only for scale (barriers are slow).
+    {
+      name: "x·Wᵀ tiled",
+      shape: { M: 512, N: 4864, K: 896 },
+      opts: { transB: true, kernel: "tiled" },
+      iters: 1,
+    },
   ];
   for (const { name, shape, opts, iters } of cases) {
     const { M, N, K } = shape;
@@ -61,6 +70,38 @@ async function matmulSection(gpu: Gpu): Promise<void> {
     );
     for (const t of [a, b, out]) t.destroy();
   }
+}
+
+/**
+ * Attention forward at GSM8K lengths (1 row × 1,024 tokens, Qwen2.5-0.5B's 14 query and 2 kv
+ * heads of 64): the streaming kernel (CPU adapters) and the flash one (hardware GPUs).
+ */
+async function attentionSection(gpu: Gpu): Promise<void> {
+  const shape = { B: 1, Lq: 1024, capacity: 1024, nHeads: 14, nKvHeads: 2, headDim: 64 };
+  const T = shape.B * shape.Lq;
+  const q = gpu.upload(random(T * 14 * 64)), k = gpu.upload(random(T * 2 * 64));
+  const v = gpu.upload(random(T * 2 * 64)), kvLens = gpu.upload(Int32Array.from([1024]));
+  const out = gpu.zeros([T * 14 * 64]), lse = gpu.zeros([14 * T]);
+  // Causal: half the score matrix, two products of D per score.
+  const flops = 2 * 2 * 64 * 14 * (T * (T + 1)) / 2;
+  for (const kernel of ["streaming", "flash"] as const) {
+    let seconds = Infinity;
+    for (let run = 0; run < 2; run++) {
+      const s = await timeGpu(
+        gpu,
+        1,
+        () => attention(gpu, q, k, v, kvLens, out, lse, shape, kernel),
+      );
+      seconds = Math.min(seconds, s);
+    }
+    const label = `attention ${kernel} 1×1024, 14/2 heads of 64`.padEnd(34);
+    console.log(
+      `${label} ${(flops / seconds / 1e9).toFixed(2).padStart(6)} GFLOPS  ${
+        (seconds * 1e3).toFixed(1)
+      } ms`,
+    );
+  }
+  for (const t of [q, k, v, kvLens, out, lse]) t.destroy();
 }
 
 function cpuMatmulSection(): Promise<void> {
@@ -138,12 +179,18 @@ async function generationSection(gpu: Gpu): Promise<void> {
 const SECTIONS: ((gpu: Gpu) => Promise<void>)[] = [
   adapterSection,
   matmulSection,
+  attentionSection,
   cpuMatmulSection,
   modelSection,
   generationSection,
   benchReference,
+  sideBySide,
 ];
 
+// `deno task bench sideBySide matmul` runs only the sections whose names contain an argument.
+const chosen = SECTIONS.filter((s) =>
+  Deno.args.length === 0 || s === adapterSection || Deno.args.some((a) => s.name.includes(a))
+);
 const gpu = await Gpu.open();
-for (const section of SECTIONS) await section(gpu);
+for (const section of chosen) await section(gpu);
 gpu.destroy();

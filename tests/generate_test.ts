@@ -208,3 +208,43 @@ Deno.test(
     model.destroy();
   },
 );
+
+Deno.test(
+  "kept generation buffers: any order of shapes gives what a fresh model gives",
+  gpuTest,
+  async () => {
+    // Buffers are kept per kind of call (two at a time), grown to the largest call and reused:
+    // nothing from an earlier call (done flags, positions, cache rows, old tokens) may leak.
+    const sampling = {
+      temperature: 1,
+      topP: 1,
+      topK: 0,
+      maxNewTokens: 6,
+      eosIds: [12, 21, 7],
+      seed: 3,
+    };
+    const calls: [number[][], number, number][] = [
+      [[[1, 2, 3], [4]], 3, 6],
+      [[[7, 8, 9, 10, 11, 12], [2, 2]], 2, 4],
+      [[[1, 2, 3], [4]], 3, 6],
+      [[[3]], 5, 6],
+      [[[6, 6, 6, 6, 6]], 1, 3],
+      [[[7, 8, 9, 10, 11, 12], [2, 2]], 2, 4],
+      [[[1, 2, 3], [4]], 3, 6],
+      [[[2, 1]], 3, 6], // fewer prompts: the kept buffers serve
+      [[[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]], 3, 6], // longer: they grow
+      [[[1, 2, 3], [4]], 3, 6],
+    ];
+    const weights = sharpWeights(4, 0.3);
+    const kept = new GpuModel(gpu, config, weights);
+    for (const [i, [prompts, G, maxNewTokens]] of calls.entries()) {
+      const fresh = new GpuModel(gpu, config, weights);
+      const want = await generate(fresh, prompts, G, { ...sampling, maxNewTokens });
+      fresh.destroy();
+      const got = await generate(kept, prompts, G, { ...sampling, maxNewTokens });
+      assert.deepEqual(got, want, `call ${i}`);
+    }
+    assert.ok(kept.kept.size <= 1, "one kind of call kept");
+    kept.destroy();
+  },
+);

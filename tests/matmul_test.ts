@@ -14,6 +14,7 @@ import {
   linear,
   linearBackward,
   matmul,
+  type MatmulKernel,
   type MatmulShape,
   sumRows,
 } from "../gpu/kernels/matmul.ts";
@@ -96,46 +97,64 @@ const FLAG_CASES = [
   { accumulate: true, bias: true },
 ];
 
-for (const layout of LAYOUTS) {
-  Deno.test(
-    `matmul ${layout.name} matches the float64 twin, ± accumulate and bias`,
-    gpuTest,
-    async () => {
-      for (const shape of SHAPES) {
-        const { M, N, K } = shape;
-        const a = random(M * K), b = random(K * N), prev = random(M * N), bias = random(N);
-        const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
-        // The output is allocated larger than M·N: the extra elements must stay untouched.
-        const outs = [0, 1, 2, 3].map(() => gpu.upload(padded(prev)));
-        // Larger products take large register blocks whose kernels compile for a second each
-        // on llvmpipe: they test plain and accumulate+bias, smaller ones all four combinations.
-        const cases = M * N * K < 20000 ? FLAG_CASES : [FLAG_CASES[0], FLAG_CASES[3]];
-        cases.forEach((c, i) =>
-          matmul(gpu, ta, tb, outs[i], shape, {
-            transA: layout.transA,
-            transB: layout.transB,
-            accumulate: c.accumulate,
-            bias: c.bias ? tbias : undefined,
-          })
-        );
-        const results = await gpu.readMany(outs);
-        cases.forEach((c, i) => {
-          const want = twinMatmul(
-            a,
-            b,
-            shape,
-            layout.transA,
-            layout.transB,
-            c.accumulate ? prev : null,
-            c.bias ? bias : null,
+// Both kernels run here whatever the adapter: the tiled one (hardware GPUs) and the
+// register-blocked one (CPU adapters).
+const KERNELS: MatmulKernel[] = ["blocked", "tiled"];
+// The tiled kernel is slow on llvmpipe (barriers): fewer shapes, still odd, crossing 64-tiles
+// in every dimension, with vec4 and scalar bindings.
+const TILED_SHAPES: MatmulShape[] = [
+  { M: 1, N: 1, K: 1 },
+  { M: 7, N: 33, K: 97 },
+  { M: 97, N: 7, K: 33 },
+  { M: 33, N: 97, K: 7 },
+  { M: 12, N: 36, K: 20 },
+  { M: 97, N: 132, K: 68 },
+  { M: 130, N: 257, K: 75 },
+];
+
+for (const kernel of KERNELS) {
+  for (const layout of LAYOUTS) {
+    Deno.test(
+      `matmul ${layout.name} (${kernel}) matches the float64 twin, ± accumulate and bias`,
+      gpuTest,
+      async () => {
+        for (const shape of kernel === "tiled" ? TILED_SHAPES : SHAPES) {
+          const { M, N, K } = shape;
+          const a = random(M * K), b = random(K * N), prev = random(M * N), bias = random(N);
+          const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
+          // The output is allocated larger than M·N: the extra elements must stay untouched.
+          const outs = [0, 1, 2, 3].map(() => gpu.upload(padded(prev)));
+          // Larger products take large register blocks whose kernels compile for a second each
+          // on llvmpipe: they test plain and accumulate+bias, smaller ones all four combinations.
+          const cases = M * N * K < 20000 ? FLAG_CASES : [FLAG_CASES[0], FLAG_CASES[3]];
+          cases.forEach((c, i) =>
+            matmul(gpu, ta, tb, outs[i], shape, {
+              transA: layout.transA,
+              transB: layout.transB,
+              accumulate: c.accumulate,
+              bias: c.bias ? tbias : undefined,
+              kernel,
+            })
           );
-          const what = `${layout.name} M=${M} N=${N} K=${K} ${JSON.stringify(c)}`;
-          assertClose(unpad(results[i] as Float32Array, M * N, what), want, K, what);
-        });
-        for (const t of [ta, tb, tbias, ...outs]) t.destroy();
-      }
-    },
-  );
+          const results = await gpu.readMany(outs);
+          cases.forEach((c, i) => {
+            const want = twinMatmul(
+              a,
+              b,
+              shape,
+              layout.transA,
+              layout.transB,
+              c.accumulate ? prev : null,
+              c.bias ? bias : null,
+            );
+            const what = `${layout.name} M=${M} N=${N} K=${K} ${JSON.stringify(c)}`;
+            assertClose(unpad(results[i] as Float32Array, M * N, what), want, K, what);
+          });
+          for (const t of [ta, tb, tbias, ...outs]) t.destroy();
+        }
+      },
+    );
+  }
 }
 
 Deno.test("matmul handles more than 65535 row workgroups", gpuTest, async () => {
@@ -236,3 +255,48 @@ Deno.test("sumRows is deterministic and matches the twin", gpuTest, async () => 
     for (const t of [tx, a, b, c]) t.destroy();
   }
 });
+
+Deno.test(
+  "split-k products (few outputs, long k) match the twin, ± accumulate and bias",
+  gpuTest,
+  async () => {
+    // On software adapters a product with few workgroups and K ≥ 256 is split along k into
+    // parallel partial sums added up in order; on others these run whole. Odd and vec4 shapes.
+    const shapes: MatmulShape[] = [
+      { M: 33, N: 20, K: 1001 },
+      { M: 64, N: 64, K: 1664 },
+      { M: 7, N: 5, K: 300 },
+    ];
+    for (const shape of shapes) {
+      const { M, N, K } = shape;
+      for (const layout of LAYOUTS) {
+        const a = random(M * K), b = random(K * N), prev = random(M * N), bias = random(N);
+        const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
+        const outs = FLAG_CASES.map(() => gpu.upload(padded(prev)));
+        FLAG_CASES.forEach((c, i) =>
+          matmul(gpu, ta, tb, outs[i], shape, {
+            transA: layout.transA,
+            transB: layout.transB,
+            accumulate: c.accumulate,
+            bias: c.bias ? tbias : undefined,
+          })
+        );
+        const results = await gpu.readMany(outs);
+        FLAG_CASES.forEach((c, i) => {
+          const want = twinMatmul(
+            a,
+            b,
+            shape,
+            layout.transA,
+            layout.transB,
+            c.accumulate ? prev : null,
+            c.bias ? bias : null,
+          );
+          const what = `split-k ${layout.name} M=${M} N=${N} K=${K} ${JSON.stringify(c)}`;
+          assertClose(unpad(results[i] as Float32Array, M * N, what), want, K, what);
+        });
+        for (const t of [ta, tb, tbias, ...outs]) t.destroy();
+      }
+    }
+  },
+);

@@ -61,9 +61,10 @@ Deno.test("a small plan, counted by hand", () => {
   //   activations: 10·50 + ids/targets/positions 30 + kvLens 2 + final, finalNorm 80 + rstd 10
   //   backward:    dLogp 10 + dResidual, dNorm 80 + dAttn, dq 80 + dk, dv 40 + dAct, dGate, dUp 180
   //   log-probs:   logits, dLogits 2·(10 tokens × 10) + logp, lse 20
-  // Generation (2 prompts × 2 > 1 eval prompt): 4 rows, capacity 5, prefill 2 tokens per prompt.
-  //   KV cache: 2·(4·5·2) + prompt cache 2·(2·5·2)
-  //   buffers:  prefill 4·50 + scratch 16 + ids, positions 8 + kvLens 2;
+  // Generation (2 prompts × 2 > 1 eval prompt): 4 rows; capacity 5 and prefill 2 rounded up to
+  // 16 and 4 (CAPACITY_ROUND, PREFILL_ROUND).
+  //   KV cache: 2·(4·16·2) + prompt cache 2·(2·16·2)
+  //   buffers:  prefill 8·50 + scratch 32 + ids, positions 16 + kvLens 2;
   //             decode 4·50 + hidden, scratch 32 + logits 40 + six [4] 24 + outputs 2·(2·4)
   // Reference: weights; one scoring pass of 4 rows × 5 tokens = 20 tokens, forward only:
   //   20·50 + 60 + 4 + 160 + 20; log-probs 2·(20 × 10) + 40.
@@ -74,13 +75,13 @@ Deno.test("a small plan, counted by hand", () => {
     "policy training activations": 4 * 622,
     "policy backward scratch": 4 * 390,
     "policy log-prob buffers": 4 * 220,
-    "policy generation KV cache": 4 * 120,
-    "policy generation buffers": 4 * (226 + 312),
+    "policy generation KV cache": 4 * 384,
+    "policy generation buffers": 4 * (450 + 312),
     "reference weights": 720,
     "reference forward activations": 4 * 1244,
     "reference log-prob buffers": 4 * 440,
   });
-  assert.equal(plan.policyBytes, 10440);
+  assert.equal(plan.policyBytes, 12392);
   assert.equal(plan.referenceBytes, 7456);
   assert.equal(planMemory({ ...cfg, beta: 0 }, model).referenceBytes, 0);
 });
@@ -238,8 +239,10 @@ Deno.test("a LoRA plan with 16-bit weights and cache and checkpointing, counted 
   // LoRA: q_proj A [2,4] B [4,2], down_proj A [2,6] B [4,2]: 36 per layer, 72 floats.
   // Training, 10 tokens, checkpointed: one layer's buffers 10·50, layer 1's input 40, then as
   //   without: ids/targets/positions 30 + kvLens 2 + final, finalNorm 80 + rstd 10.
-  // Generation: 4 rows × capacity 5 in bf16 caches [4,5,1,2] and prompt caches [2,5,1,2]: per
-  //   layer 2·40 + 2·20 values at 2 bytes. Buffers as in the full plan: 226 + 312 floats.
+  // Generation: prompts of 3 prefill 2 tokens, rounded up to 4 (PREFILL_ROUND); capacity 5
+  //   rounded up to 16 (CAPACITY_ROUND). 4 rows in bf16 caches [4,16,1,2] and one prefill batch
+  //   of both prompts in prompt caches [2,16,1,2]: per layer 2·128 + 2·64 values at 2 bytes.
+  //   Buffers: prefill of 8 tokens 8·50 + scratch 32 + ids, positions 16 + kvLens 2; decode 312.
   // LoRA scratch: u and du [10 tokens, r 2]. Reference: the base, on the policy's adapter: no
   //   weights of its own; its scoring pass as without LoRA.
   assert.deepEqual(bytes, {
@@ -250,13 +253,13 @@ Deno.test("a LoRA plan with 16-bit weights and cache and checkpointing, counted 
     "policy training activations": 4 * 662,
     "policy backward scratch": 4 * 390,
     "policy log-prob buffers": 4 * 220,
-    "policy generation KV cache": 2 * 2 * 120,
-    "policy generation buffers": 4 * 538,
+    "policy generation KV cache": 2 * 2 * 384,
+    "policy generation buffers": 4 * (450 + 312),
     "policy LoRA scratch": 4 * 40,
     "reference forward activations": 4 * 1244,
     "reference log-prob buffers": 4 * 440,
   });
-  assert.equal(plan.policyBytes, 9736);
+  assert.equal(plan.policyBytes, 9736 - 480 - 4 * 538 + 2 * 2 * 384 + 4 * (450 + 312));
   assert.equal(plan.referenceBytes, 6736);
   // On a second adapter the reference holds the base itself, frozen in bf16.
   assert.equal(planMemory(cfg, model, false).referenceBytes, 6736 + 704);

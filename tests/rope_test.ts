@@ -8,7 +8,8 @@
 
 import assert from "node:assert/strict";
 
-import { rope } from "../gpu/kernels/rope.ts";
+import { rope, ropeQk } from "../gpu/kernels/rope.ts";
+import { writeKvCache } from "../gpu/kernels/attention.ts";
 import { assertClose, gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
 
 const gpu = await openGpu();
@@ -82,3 +83,54 @@ Deno.test("rope inverse undoes rope and is its transpose", gpuTest, async () => 
     assert.ok(gap <= 1e-7 * n, `⟨rope(a), b⟩ − ⟨a, rope⁻¹(b)⟩ = ${gap} at T=${T} D=${D}`);
   }
 });
+
+Deno.test(
+  "ropeQk equals rope of q and k, then writeKvCache of k and v, bit for bit",
+  gpuTest,
+  async () => {
+    // The fused kernel does the same f32 operations: results must be identical, in training
+    // (no cache, forward and inverse) and in generation (caches with per-row lengths).
+    const B = 3, Lq = 5, T = B * Lq, nH = 6, nKv = 2, D = 10, capacity = 9;
+    const shape = { B, Lq, capacity, nHeads: nH, nKvHeads: nKv, headDim: D };
+    const q = randoms(T * nH * D, 1), k = randoms(T * nKv * D, 2), v = randoms(T * nKv * D, 3);
+    const pos = gpu.upload(positionsFor(T)), kvLens = gpu.upload(Int32Array.from([5, 9, 7]));
+    for (const [inverse, withCache] of [[false, false], [true, false], [false, true]]) {
+      const cacheSize = B * capacity * nKv * D;
+      const sep = {
+        q: gpu.upload(q),
+        k: gpu.upload(k),
+        kc: gpu.upload(padded(new Float32Array(cacheSize))),
+        vc: gpu.upload(padded(new Float32Array(cacheSize))),
+      };
+      const fused = {
+        q: gpu.upload(q),
+        k: gpu.upload(k),
+        kc: gpu.upload(padded(new Float32Array(cacheSize))),
+        vc: gpu.upload(padded(new Float32Array(cacheSize))),
+      };
+      const tv = gpu.upload(v);
+      rope(gpu, sep.q, pos, T, nH, D, THETA, inverse);
+      rope(gpu, sep.k, pos, T, nKv, D, THETA, inverse);
+      if (withCache) {
+        writeKvCache(gpu, sep.k, sep.kc, kvLens, shape);
+        writeKvCache(gpu, tv, sep.vc, kvLens, shape);
+      }
+      const cache = withCache ? { v: tv, kvLens, k: fused.kc, vCache: fused.vc, shape } : undefined;
+      ropeQk(gpu, fused.q, fused.k, pos, T, nH, nKv, D, THETA, inverse, cache);
+      const got = await gpu.readMany([
+        sep.q,
+        sep.k,
+        sep.kc,
+        sep.vc,
+        fused.q,
+        fused.k,
+        fused.kc,
+        fused.vc,
+      ]);
+      for (let i = 0; i < 4; i++) {
+        assert.deepEqual(got[i + 4], got[i], `tensor ${i}, inverse ${inverse}, cache ${withCache}`);
+      }
+      if (withCache) assert.ok(got[6].some((x) => x !== 0), "the cache was written");
+    }
+  },
+);

@@ -31,35 +31,45 @@ Deno.test("matmul reads a and writes out as column blocks of wider matrices", gp
   const cases = [[7, 8, 12, 4], [5, 5, 9, 3], [33, 12, 1, 3]];
   for (const [M, N, K, first] of cases) {
     // NT as in linear(), NN and TN as in its backward: a is the block of columns
-    // [first, first + width) of a matrix 7 columns wider; so is out.
-    for (const [transA, transB] of [[false, true], [false, false], [true, false]]) {
-      const aRows = transA ? K : M, aWidth = transA ? M : K, aStride = aWidth + 7;
-      const outStride = N + 7, bias = transB ? randoms(outStride, 1) : undefined;
-      const a = randoms(aRows * aStride, 2),
-        b = randoms(K * N, 3),
-        prior = randoms(M * outStride, 4);
-      const out = gpu.upload(prior);
-      matmul(gpu, gpu.upload(a), gpu.upload(b), out, { M, N, K }, {
-        transA,
-        transB,
-        accumulate: !transB,
-        bias: bias && gpu.upload(bias),
-        aBlock: { stride: aStride, first },
-        outBlock: { stride: outStride, first },
-      });
-      const want = Float64Array.from(prior);
-      for (let m = 0; m < M; m++) {
-        for (let n = 0; n < N; n++) {
-          let s = transB ? bias![first + n] : prior[m * outStride + first + n];
-          for (let k = 0; k < K; k++) {
-            const av = transA ? a[k * aStride + first + m] : a[m * aStride + first + k];
-            s += av * (transB ? b[n * K + k] : b[k * N + n]);
+    // [first, first + width) of a matrix 7 columns wider; so is out. Both kernels.
+    const layouts: [boolean, boolean][] = [[false, true], [false, false], [true, false]];
+    for (const [transA, transB] of layouts) {
+      for (const kernel of ["blocked", "tiled"] as const) {
+        const aRows = transA ? K : M, aWidth = transA ? M : K, aStride = aWidth + 7;
+        const outStride = N + 7, bias = transB ? randoms(outStride, 1) : undefined;
+        const a = randoms(aRows * aStride, 2),
+          b = randoms(K * N, 3),
+          prior = randoms(M * outStride, 4);
+        const out = gpu.upload(prior);
+        matmul(gpu, gpu.upload(a), gpu.upload(b), out, { M, N, K }, {
+          transA,
+          transB,
+          accumulate: !transB,
+          bias: bias && gpu.upload(bias),
+          aBlock: { stride: aStride, first },
+          outBlock: { stride: outStride, first },
+          kernel,
+        });
+        const want = Float64Array.from(prior);
+        for (let m = 0; m < M; m++) {
+          for (let n = 0; n < N; n++) {
+            let s = transB ? bias![first + n] : prior[m * outStride + first + n];
+            for (let k = 0; k < K; k++) {
+              const av = transA ? a[k * aStride + first + m] : a[m * aStride + first + k];
+              s += av * (transB ? b[n * K + k] : b[k * N + n]);
+            }
+            want[m * outStride + first + n] = s;
           }
-          want[m * outStride + first + n] = s;
         }
+        // Sums of at most 14 terms below 1 in size: within 1e-5. Outside the block: untouched.
+        assertClose(
+          await gpu.read(out),
+          want,
+          1e-5,
+          0,
+          `[${M},${N},${K}] ${transA} ${transB} ${kernel}`,
+        );
       }
-      // Sums of at most 14 terms below 1 in size: within 1e-5. Outside the block: untouched.
-      assertClose(await gpu.read(out), want, 1e-5, 0, `[${M},${N},${K}] ${transA} ${transB}`);
     }
   }
 });

@@ -20,7 +20,14 @@
 // a u32 (D is even, so a head vector is whole words). writeKvCache rounds to nearest on the way
 // in; the forward kernel widens on load (bf16 by shift + bitcast, f16 by unpack2x16float — core
 // WGSL, so neither needs shader-f16) and computes in f32 as before.
+//
+// Hardware GPUs get a FlashAttention-style forward instead ("flash"): a workgroup owns 64
+// consecutive queries of one (row, head), stages blocks of keys and values in workgroup memory
+// once for all of them, and each invocation runs the same online softmax over the staged block.
+// `attentionKernel` chooses; AHA_ATTENTION=flash|streaming or the `kernel` argument forces it.
+// Its speed on a GPU is not measured yet; the backward is the streaming one on every adapter.
 
+import { AhaError } from "../../core/errors.ts";
 import { type Gpu, grid, type Tensor } from "../device.ts";
 
 /** How the KV cache is stored. */
@@ -219,6 +226,87 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   }
 }`;
 
+/** Queries per workgroup of the flash forward, and keys per staged block for head size D. */
+const FLASH_QUERIES = 64;
+const flashKeys = (D: number) => Math.max(1, Math.min(64, Math.floor(16384 / (2 * 4 * D))));
+
+const flashForwardWgsl = (D: number) =>
+  header(D) + `
+@group(0) @binding(1) var<storage, read> q: array<Chunk>;
+@group(0) @binding(2) var<storage, read> k: array<Chunk>;
+@group(0) @binding(3) var<storage, read> v: array<Chunk>;
+@group(0) @binding(4) var<storage, read> kvLens: array<i32>;
+@group(0) @binding(5) var<storage, read_write> out: array<Chunk>;
+@group(0) @binding(6) var<storage, read_write> lse: array<f32>;
+
+const BK = ${flashKeys(D)}u;
+var<workgroup> Ks: array<Chunk, ${flashKeys(D) * (D / chunkWidth(D))}>;
+var<workgroup> Vs: array<Chunk, ${flashKeys(D) * (D / chunkWidth(D))}>;
+var<workgroup> blockLast: i32;
+
+@compute @workgroup_size(${FLASH_QUERIES})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+  // Workgroup w = ((b·nHeads + h)·blocks + qb); invocation lid is query qb·64 + lid.
+  let blocks = (p.Lq + ${FLASH_QUERIES - 1}u) / ${FLASH_QUERIES}u;
+  let w = wid.x + wid.y * nwg.x;
+  if (w >= p.B * p.nHeads * blocks) { return; }    // uniform: the whole workgroup leaves
+  let qb = w % blocks;
+  let h = (w / blocks) % p.nHeads;
+  let b = w / (blocks * p.nHeads);
+  let kvh = h / (p.nHeads / p.nKvHeads);
+  let i = qb * ${FLASH_QUERIES}u + lid;
+  let isQuery = i < p.Lq;
+  let last = min(firstQueryPos(b) + i32(min(i, p.Lq - 1u)), i32(p.capacity) - 1);
+  // The block's last visible key: that of its last query.
+  if (lid == 0u) {
+    let lastQuery = min(qb * ${FLASH_QUERIES}u + ${FLASH_QUERIES - 1}u, p.Lq - 1u);
+    blockLast = min(firstQueryPos(b) + i32(lastQuery), i32(p.capacity) - 1);
+  }
+  let keysEnd = workgroupUniformLoad(&blockLast) + 1;
+  let n = (b * p.Lq + min(i, p.Lq - 1u)) * p.nHeads + h;
+
+  var qs: array<Chunk, C>;
+  var acc: array<Chunk, C>;
+  for (var d = 0u; d < C; d++) { qs[d] = q[n * C + d] * p.scale; acc[d] = Chunk(); }
+  var m = -3.0e38;
+  var l = 0.0;
+  for (var j0 = 0; j0 < keysEnd; j0 += i32(BK)) {
+    // Stage keys j0 .. j0+BK-1 (those past keysEnd as zeros).
+    for (var e = lid; e < BK * C; e += ${FLASH_QUERIES}u) {
+      let j = j0 + i32(e / C);
+      var kx = Chunk();
+      var vx = Chunk();
+      if (j < keysEnd) {
+        let at = ((b * p.capacity + u32(j)) * p.nKvHeads + kvh) * C + e % C;
+        kx = k[at];
+        vx = v[at];
+      }
+      Ks[e] = kx;
+      Vs[e] = vx;
+    }
+    workgroupBarrier();
+    let visible = min(last - j0 + 1, i32(BK));      // keys of this block this query sees
+    if (isQuery) {
+      for (var jj = 0; jj < visible; jj++) {
+        var s = 0.0;
+        for (var d = 0u; d < C; d++) { s += dot(qs[d], Ks[u32(jj) * C + d]); }
+        let mNew = max(m, s);
+        let correction = exp(m - mNew);
+        let wj = exp(s - mNew);
+        l = l * correction + wj;
+        for (var d = 0u; d < C; d++) { acc[d] = acc[d] * correction + wj * Vs[u32(jj) * C + d]; }
+        m = mNew;
+      }
+    }
+    workgroupBarrier();
+  }
+  if (!isQuery) { return; }
+  let invL = select(0.0, 1.0 / l, l > 0.0);
+  for (var d = 0u; d < C; d++) { out[n * C + d] = acc[d] * invL; }
+  lse[(b * p.nHeads + h) * p.Lq + i] = select(0.0, m + log(l), l > 0.0);
+}`;
+
 const writeKvCacheWgsl = `
 struct Params { B: u32, Lq: u32, capacity: u32, rowSize: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -276,6 +364,32 @@ function params(s: AttentionShape): [number[], number[]] {
   return [[s.B, s.Lq, s.capacity, s.nHeads, s.nKvHeads], [1 / Math.sqrt(s.headDim)]];
 }
 
+/** "streaming": one invocation per query, keys from global memory (CPU adapters); "flash". */
+export type AttentionKernel = "streaming" | "flash";
+
+let forcedKernel: AttentionKernel | null | undefined;
+
+/** The forward kernel for an adapter: AHA_ATTENTION if set, else flash on hardware GPUs. */
+export function attentionKernel(gpu: Gpu): AttentionKernel {
+  if (forcedKernel === undefined) {
+    let value: string | undefined;
+    try {
+      value = Deno.env.get("AHA_ATTENTION");
+    } catch {
+      value = undefined;
+    }
+    if (value !== undefined && value !== "" && value !== "flash" && value !== "streaming") {
+      throw new AhaError(`AHA_ATTENTION must be "flash" or "streaming", got "${value}"`);
+    }
+    forcedKernel = (value || null) as AttentionKernel | null;
+  }
+  if (forcedKernel) return forcedKernel;
+  const info = gpu.adapter.info as GPUAdapterInfo & { isFallbackAdapter?: boolean };
+  const software = info.isFallbackAdapter === true ||
+    /llvmpipe|lavapipe|swiftshader|software/i.test(info.description);
+  return software ? "streaming" : "flash";
+}
+
 export function attention(
   gpu: Gpu,
   q: Tensor,
@@ -285,11 +399,20 @@ export function attention(
   out: Tensor,
   lse: Tensor,
   s: AttentionShape,
+  kernel: AttentionKernel = attentionKernel(gpu),
 ): void {
   const [u32s, f32s] = params(s);
   if (k.dtype !== v.dtype) throw new Error(`attention: k is ${k.dtype}, v ${v.dtype}`);
+  const tensors = [q, k, v, kvLens, out, lse];
+  // The flash kernel reads an f32 cache; a 16-bit cache takes the streaming kernel.
+  if (kernel === "flash" && cacheDtype(k) === "f32") {
+    const pipeline = gpu.pipeline(flashForwardWgsl(s.headDim), "attention flash");
+    const blocks = Math.ceil(s.Lq / FLASH_QUERIES);
+    gpu.dispatch(pipeline, grid(s.B * s.nHeads * blocks, 1), tensors, u32s, f32s);
+    return;
+  }
   const pipeline = gpu.pipeline(forwardWgsl(s.headDim, cacheDtype(k)), "attention");
-  gpu.dispatch(pipeline, grid(s.B * s.Lq * s.nHeads, WG), [q, k, v, kvLens, out, lse], u32s, f32s);
+  gpu.dispatch(pipeline, grid(s.B * s.Lq * s.nHeads, WG), tensors, u32s, f32s);
 }
 
 export function attentionBackward(
@@ -307,7 +430,7 @@ export function attentionBackward(
   s: AttentionShape,
 ): void {
   const [u32s, f32s] = params(s);
-  const delta = gpu.zeros([s.B, s.nHeads, s.Lq], "f32", "attention delta");
+  const delta = deltaBuffer(gpu, s.B * s.nHeads * s.Lq);
   gpu.dispatch(
     gpu.pipeline(dqWgsl(s.headDim), "attention dq"),
     grid(s.B * s.Lq * s.nHeads, WG),
@@ -322,7 +445,18 @@ export function attentionBackward(
     u32s,
     f32s,
   );
-  gpu.release(delta);
+}
+
+/** dq's scratch delta [B, nHeads, Lq], kept per device and grown when a batch needs more. */
+const deltas = new WeakMap<Gpu, Tensor>();
+function deltaBuffer(gpu: Gpu, size: number): Tensor {
+  let delta = deltas.get(gpu);
+  if (!delta || delta.size < size) {
+    if (delta) gpu.release(delta);
+    delta = gpu.zeros([size], "f32", "attention delta");
+    deltas.set(gpu, delta);
+  }
+  return delta;
 }
 
 /** How a key or value tensor is stored (training's own k and v are f32). */
@@ -355,5 +489,42 @@ export function writeKvCache(
     grid(s.B * s.Lq * rowSize, WG),
     [kNew, cache, kvLens],
     [s.B, s.Lq, s.capacity, rowSize],
+  );
+}
+
+// Generation prefills each prompt once and then copies its cache row to the G rows of its group:
+// row p of a prefill batch's cache goes to rows (first + p)·G … + G − 1 of the decode cache.
+// Copied as 32-bit words, so an f32 and a packed 16-bit cache copy alike, bit for bit.
+const COPY_TO_GROUPS_WGSL = `
+struct Params { n: u32, rowWords: u32, G: u32, dstFirst: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<u32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let i = gid.x + gid.y * nwg.x * 64u;
+  if (i >= p.n) { return; }
+  let row = i / p.rowWords;
+  dst[p.dstFirst + i] = src[(row / p.G) * p.rowWords + i % p.rowWords];
+}`;
+
+/** Rows 0…count−1 of `src` [P, capacity, …] to rows (first + p)·G + j of `dst` [B, capacity, …]. */
+export function copyCacheToGroups(
+  gpu: Gpu,
+  src: Tensor,
+  dst: Tensor,
+  G: number,
+  first: number,
+  count: number,
+): void {
+  if (src.dtype !== dst.dtype) throw new Error(`copyCacheToGroups: ${src.dtype} → ${dst.dtype}`);
+  const rowWords = src.bytes / src.shape[0] / 4;
+  if (!Number.isInteger(rowWords)) throw new Error("copyCacheToGroups: rows of whole words");
+  const n = count * G * rowWords;
+  gpu.dispatch(
+    gpu.pipeline(COPY_TO_GROUPS_WGSL, "copy to groups"),
+    grid(n, 64),
+    [src, dst],
+    [n, rowWords, G, first * G * rowWords],
   );
 }

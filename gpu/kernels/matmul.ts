@@ -18,7 +18,8 @@
 // a bitcast, which every adapter can do; or f16 behind shader-f16): it is widened to f32 as it
 // is loaded, so the products and sums are the f32 kernel's own.
 
-import { Gpu, Tensor } from "../device.ts";
+import { AhaError } from "../../core/errors.ts";
+import { Gpu, grid, Tensor } from "../device.ts";
 
 export interface MatmulShape {
   M: number;
@@ -42,7 +43,15 @@ export interface MatmulOptions {
   aBlock?: ColumnBlock;
   /** out as a block of a wider matrix (its width is N). */
   outBlock?: ColumnBlock;
+  /** Force a kernel (tests); else AHA_MATMUL, else the adapter decides (`matmulKernel`). */
+  kernel?: MatmulKernel;
 }
+
+/**
+ * "blocked": register blocks, no workgroup memory (CPU adapters). "tiled": 64×64 tiles staged
+ * through workgroup memory, 8 along k, 8×8 outputs per invocation (hardware GPUs).
+ */
+export type MatmulKernel = "blocked" | "tiled";
 
 interface KernelChoice {
   /** Invocations per workgroup along column blocks (x) and row blocks (y). */
@@ -54,18 +63,25 @@ interface KernelChoice {
 
 const softwareAdapters = new WeakMap<Gpu, boolean>();
 
-/**
- * The one place the matmul kernel is chosen, from the adapter and the product. Software
- * adapters run a workgroup as SIMD lanes on a CPU core, where each lane's load is a gather:
- * the larger the block an invocation owns, the fewer gathers per multiply-add (measured on
- * llvmpipe per CPU core: 4×4 blocks ~5 GFLOPS, 8×8 ~9, 16×16 ~13, 32×16 ~15). Large blocks compile slowly (a few
- * seconds for 32×16, cached on disk by Mesa afterwards), most of all with scalar bindings, so
- * shapes that are not multiples of 4 (rare in a model) get 8×8, and few rows (generation)
- * get fewer rows per block rather than clamped copies. A real GPU would do better with a
- * shared-memory tiled kernel (not written yet); until then it gets 4×4 blocks in large
- * workgroups.
- */
-function matmulKernel(gpu: Gpu, M: number, allVec4: boolean): KernelChoice {
+/** The kernel the environment forces (AHA_MATMUL=tiled|blocked), read once. */
+let forcedKernel: MatmulKernel | null | undefined;
+function envKernel(): MatmulKernel | null {
+  if (forcedKernel === undefined) {
+    let value: string | undefined;
+    try {
+      value = Deno.env.get("AHA_MATMUL");
+    } catch {
+      value = undefined; // no --allow-env: nothing forced
+    }
+    if (value !== undefined && value !== "" && value !== "tiled" && value !== "blocked") {
+      throw new AhaError(`AHA_MATMUL must be "tiled" or "blocked", got "${value}"`);
+    }
+    forcedKernel = (value || null) as MatmulKernel | null;
+  }
+  return forcedKernel;
+}
+
+function isSoftware(gpu: Gpu): boolean {
   let software = softwareAdapters.get(gpu);
   if (software === undefined) {
     const info = gpu.adapter.info as GPUAdapterInfo & { isFallbackAdapter?: boolean };
@@ -73,7 +89,28 @@ function matmulKernel(gpu: Gpu, M: number, allVec4: boolean): KernelChoice {
       /llvmpipe|lavapipe|swiftshader|software/i.test(info.description);
     softwareAdapters.set(gpu, software);
   }
-  if (!software) return { workgroup: [16, 16], rowGroups: 1, colGroups: 1 };
+  return software;
+}
+
+/**
+ * The one place the matmul kernel is chosen, from the adapter and the product. Software
+ * adapters run a workgroup as SIMD lanes on a CPU core, where each lane's load is a gather:
+ * the larger the block an invocation owns, the fewer gathers per multiply-add (measured on
+ * llvmpipe per CPU core: 4×4 blocks ~5 GFLOPS, 8×8 ~9, 16×16 ~13, 32×16 ~15). Large blocks compile slowly (a few
+ * seconds for 32×16, cached on disk by Mesa afterwards), most of all with scalar bindings, so
+ * shapes that are not multiples of 4 (rare in a model) get 8×8, and few rows (generation)
+ * get fewer rows per block rather than clamped copies. Hardware adapters get the tiled kernel
+ * (tiledMatmulWgsl). AHA_MATMUL=tiled|blocked or the `kernel` option overrides the choice.
+ */
+function matmulKernel(
+  gpu: Gpu,
+  M: number,
+  allVec4: boolean,
+  forced?: MatmulKernel,
+): KernelChoice | "tiled" {
+  const kernel = forced ?? envKernel() ?? (isSoftware(gpu) ? "blocked" : "tiled");
+  if (kernel === "tiled") return "tiled";
+  if (!isSoftware(gpu)) return { workgroup: [16, 16], rowGroups: 1, colGroups: 1 };
   if (!allVec4) return { workgroup: [8, 8], rowGroups: 2, colGroups: 2 };
   return { workgroup: [8, 8], rowGroups: M >= 16 ? 4 : M >= 8 ? 2 : 1, colGroups: 4 };
 }
@@ -90,6 +127,8 @@ interface Variant {
   blocks: boolean; // a and out are column blocks: strides and first columns in Params
   bType: "f32" | "bf16" | "f16"; // how b is stored
   tile: KernelChoice;
+  /** Workgroup z picks a range of p.kLen along k; out is the partial sums [z, M, N]. */
+  splitK?: boolean;
 }
 
 // b's declaration and its loads: `vec(i)` is the vec4 at vec4 index i, `one(i)` the element i.
@@ -142,7 +181,12 @@ function matmulWgsl(v: Variant): string {
   // Where row `row` of a (a [K,M] when transA) and of out start; bias by out's whole column.
   const rowA = (row: string) =>
     v.blocks ? `${row} * p.strideA + p.firstA` : `${row} * ${v.transA ? "p.M" : "p.K"}`;
-  const rowOut = (row: string) => v.blocks ? `${row} * p.strideOut + p.firstOut` : `${row} * p.N`;
+  const rowOut = (row: string) =>
+    v.blocks
+      ? `${row} * p.strideOut + p.firstOut`
+      : v.splitK
+      ? `(${row} + wid.z * p.M) * p.N`
+      : `${row} * p.N`;
   const biasAt = (column: string) => v.blocks ? `(${column} + p.firstOut)` : column;
   // Row group r: cm_r = its 4 rows clamped to M-1; rA_r = where they start in a [M,K];
   // gm_r = its first row, clamped so that a vec4 along m stays inside [0, M).
@@ -203,7 +247,7 @@ function matmulWgsl(v: Variant): string {
     blocks.map(([r, c]) => f(r, c)).join("\n    ");
   const tail = v.kTail
     ? `
-  for (var k = k4; k < p.K; k++) {
+  for (var k = k4; k < kEnd; k++) {
     ${rs.map((r) => `let av${r} = ${sliceA(r)};`).join(" ")}
     ${cs.map((c) => `let bv${c} = ${sliceB(c)};`).join(" ")}
     ${
@@ -254,7 +298,7 @@ function matmulWgsl(v: Variant): string {
   return `${v.bType === "f16" ? "enable f16;" : ""}
 struct Params { M: u32, N: u32, K: u32${
     v.blocks ? ", strideA: u32, firstA: u32, strideOut: u32, firstOut: u32" : ""
-  } }
+  }${v.splitK ? ", kLen: u32" : ""} }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;
 @group(0) @binding(2) ${bs.decl}
@@ -272,14 +316,16 @@ fn clamp4(first: u32, n: u32) -> vec4u {
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(local_invocation_id) lid: vec3u,
         @builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
   let n0 = gid.x * ${4 * colGroups}u;
-  let m0 = ((wid.z * nwg.y + wid.y) * ${wy}u + lid.y) * ${4 * rowGroups}u;
+  let m0 = ((${v.splitK ? "" : "wid.z * nwg.y + "}wid.y) * ${wy}u + lid.y) * ${4 * rowGroups}u;
   if (n0 >= p.N || m0 >= p.M) { return; }
+  let kBegin = ${v.splitK ? "wid.z * p.kLen" : "0u"};
+  let kEnd = ${v.splitK ? "min(p.K, kBegin + p.kLen)" : "p.K"};
   ${rowSetup.join("\n  ")}
   ${colSetup.join("\n  ")}
   ${v.bias ? biasSetup.join("\n  ") : ""}
   ${init.join("\n  ")}
-  let k4 = p.K & ~3u;
-  for (var k = 0u; k < k4; k += 4u) {
+  let k4 = kBegin + ((kEnd - kBegin) & ~3u);
+  for (var k = kBegin; k < k4; k += 4u) {
     ${rs.map((r) => `let A${r} = ${tileA(r)};`).join("\n    ")}
     ${cs.map((c) => `let B${c} = ${tileB(c)};`).join("\n    ")}
     ${lines((r, c) => `acc${r}_${c} += B${c} * A${r};`)}
@@ -293,6 +339,182 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(local_invocation_id)
 function storedAs(t: Tensor): Variant["bType"] {
   if (t.dtype === "bf16" || t.dtype === "f16" || t.dtype === "f32") return t.dtype;
   throw new Error(`matmul: b must be f32, bf16 or f16, got ${t.dtype}`);
+}
+
+// ---- the tiled kernel, for hardware GPUs ------------------------------------------------------
+//
+// A workgroup of 8×8 invocations owns a 64×64 tile of out. Per step of 8 along k it stages the
+// 64×8 slice of op(a) and the 8×64 slice of op(b) in workgroup memory (coalesced: neighbouring
+// invocations load neighbouring elements of whichever dimension is contiguous in memory, four
+// at a time as a vec4 when that dimension is a multiple of 4), then each invocation multiplies
+// its 8 rows × 8 columns from there. Loads past M, N or K read zero; stores are bounds-checked.
+
+/** Rows and columns of out per workgroup, and k per staged slice. */
+const TILE = 64;
+const TILE_K = 8;
+
+interface TiledVariant {
+  transA: boolean;
+  transB: boolean;
+  vecA: boolean;
+  vecB: boolean;
+  vecOut: boolean;
+  accumulate: boolean;
+  bias: boolean;
+  blocks: boolean;
+}
+
+function tiledMatmulWgsl(v: TiledVariant): string {
+  const eight = [...Array(8).keys()];
+  // Element (row, col) of a as stored: a [M,K], or [K,M] when transA; b [K,N], or [N,K].
+  const aIndex = (m: string, k: string) =>
+    v.transA
+      ? (v.blocks ? `(${k}) * p.strideA + p.firstA + ${m}` : `(${k}) * p.M + ${m}`)
+      : (v.blocks ? `(${m}) * p.strideA + p.firstA + ${k}` : `(${m}) * p.K + ${k}`);
+  const bIndex = (k: string, n: string) => v.transB ? `(${n}) * p.K + ${k}` : `(${k}) * p.N + ${n}`;
+  const rowOut = (m: string) => v.blocks ? `(${m}) * p.strideOut + p.firstOut` : `(${m}) * p.N`;
+  // Staging a: 512 values, 8 per invocation (2 vec4s). Contiguous along k unless transA.
+  const loadA = v.vecA
+    ? v.transA
+      ? `for (var e = 0u; e < 2u; e++) {
+      let idx = e * 64u + tid; let kk = idx / 16u; let mq = (idx % 16u) * 4u;
+      let m = tileM + mq; let k = k0 + kk;
+      var x = vec4f();
+      if (m < p.M && k < p.K) { x = a[(${aIndex("m", "k")}) / 4u]; }
+      As[kk * 16u + mq / 4u] = x;
+    }`
+      : `for (var e = 0u; e < 2u; e++) {
+      let idx = e * 64u + tid; let mm = idx / 2u; let kq = (idx % 2u) * 4u;
+      let m = tileM + mm; let k = k0 + kq;
+      var x = vec4f();
+      if (m < p.M && k < p.K) { x = a[(${aIndex("m", "k")}) / 4u]; }
+      for (var i = 0u; i < 4u; i++) { As[(kq + i) * 16u + mm / 4u][mm % 4u] = x[i]; }
+    }`
+    : v.transA
+    ? `for (var e = 0u; e < 8u; e++) {
+      let idx = e * 64u + tid; let kk = idx / 64u; let mm = idx % 64u;
+      let m = tileM + mm; let k = k0 + kk;
+      var x = 0.0;
+      if (m < p.M && k < p.K) { x = a[${aIndex("m", "k")}]; }
+      As[kk * 16u + mm / 4u][mm % 4u] = x;
+    }`
+    : `for (var e = 0u; e < 8u; e++) {
+      let idx = e * 64u + tid; let mm = idx / 8u; let kk = idx % 8u;
+      let m = tileM + mm; let k = k0 + kk;
+      var x = 0.0;
+      if (m < p.M && k < p.K) { x = a[${aIndex("m", "k")}]; }
+      As[kk * 16u + mm / 4u][mm % 4u] = x;
+    }`;
+  // Staging b: contiguous along n unless transB.
+  const loadB = v.vecB
+    ? v.transB
+      ? `for (var e = 0u; e < 2u; e++) {
+      let idx = e * 64u + tid; let nn = idx / 2u; let kq = (idx % 2u) * 4u;
+      let n = tileN + nn; let k = k0 + kq;
+      var x = vec4f();
+      if (n < p.N && k < p.K) { x = b[(${bIndex("k", "n")}) / 4u]; }
+      for (var i = 0u; i < 4u; i++) { Bs[(kq + i) * 16u + nn / 4u][nn % 4u] = x[i]; }
+    }`
+      : `for (var e = 0u; e < 2u; e++) {
+      let idx = e * 64u + tid; let kk = idx / 16u; let nq = (idx % 16u) * 4u;
+      let n = tileN + nq; let k = k0 + kk;
+      var x = vec4f();
+      if (n < p.N && k < p.K) { x = b[(${bIndex("k", "n")}) / 4u]; }
+      Bs[kk * 16u + nq / 4u] = x;
+    }`
+    : v.transB
+    ? `for (var e = 0u; e < 8u; e++) {
+      let idx = e * 64u + tid; let nn = idx / 8u; let kk = idx % 8u;
+      let n = tileN + nn; let k = k0 + kk;
+      var x = 0.0;
+      if (n < p.N && k < p.K) { x = b[${bIndex("k", "n")}]; }
+      Bs[kk * 16u + nn / 4u][nn % 4u] = x;
+    }`
+    : `for (var e = 0u; e < 8u; e++) {
+      let idx = e * 64u + tid; let kk = idx / 64u; let nn = idx % 64u;
+      let n = tileN + nn; let k = k0 + kk;
+      var x = 0.0;
+      if (n < p.N && k < p.K) { x = b[${bIndex("k", "n")}]; }
+      Bs[kk * 16u + nn / 4u][nn % 4u] = x;
+    }`;
+  // Invocation (lx, ly) owns rows tileM + 8·ly + i and columns tileN + 8·lx + 0..7, held as
+  // two vec4s per row: acc_i_0 (columns 0..3) and acc_i_1 (4..7).
+  const accs = eight.map((i) => `var acc${i}_0 = vec4f(); var acc${i}_1 = vec4f();`).join("\n  ");
+  const fma = eight.map((i) =>
+    `acc${i}_0 += a${Math.floor(i / 4)}[${i % 4}] * b0; acc${i}_1 += a${Math.floor(i / 4)}[${
+      i % 4
+    }] * b1;`
+  ).join("\n      ");
+  // acc starts from the old out and the bias (as the blocked kernel's does, so that a product
+  // split along k into accumulated pieces sums in the same order as the whole one).
+  const perElement = (f: (i: number, h: number, at: string, biasAt: string, j: number) => string) =>
+    eight.map((i) => {
+      const m = `m0 + ${i}u`;
+      const halves = [0, 1].map((h) => {
+        const n = `n0 + ${4 * h}u`;
+        if (v.vecOut) {
+          const at = `(${rowOut(m)} + ${n}) / 4u`;
+          const biasAt = `(${v.blocks ? "p.firstOut + " : ""}${n}) / 4u`;
+          return `if (${n} < p.N) { ${f(i, h, at, biasAt, -1)} }`;
+        }
+        return [0, 1, 2, 3].map((j) => {
+          const col = `${n} + ${j}u`;
+          const biasAt = v.blocks ? `p.firstOut + ${col}` : col;
+          return `if (${col} < p.N) { ${f(i, h, `${rowOut(m)} + ${col}`, biasAt, j)} }`;
+        }).join("\n      ");
+      }).join("\n      ");
+      return `if (${m} < p.M) {\n      ${halves}\n    }`;
+    }).join("\n    ");
+  const acc = (i: number, h: number, j: number) => `acc${i}_${h}${j < 0 ? "" : `[${j}]`}`;
+  const inits = v.accumulate || v.bias
+    ? perElement((i, h, at, biasAt, j) => {
+      const terms = [v.accumulate ? `out[${at}]` : "", v.bias ? `bias[${biasAt}]` : ""];
+      return `${acc(i, h, j)} = ${terms.filter((t) => t).join(" + ")};`;
+    })
+    : "";
+  const stores = perElement((i, h, at, _biasAt, j) => `out[${at}] = ${acc(i, h, j)};`);
+  const outType = v.vecOut ? "vec4f" : "f32";
+  return `
+struct Params { M: u32, N: u32, K: u32${
+    v.blocks ? ", strideA: u32, firstA: u32, strideOut: u32, firstOut: u32" : ""
+  } }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;
+@group(0) @binding(2) var<storage, read> b: array<${v.vecB ? "vec4f" : "f32"}>;
+@group(0) @binding(3) var<storage, read_write> out: array<${outType}>;
+${v.bias ? `@group(0) @binding(4) var<storage, read> bias: array<${outType}>;` : ""}
+
+// Slices of op(a) [k][m] and op(b) [k][n], as vec4s: element [k][x] is at [k·16 + x/4][x%4].
+var<workgroup> As: array<vec4f, ${TILE_K * TILE / 4}>;
+var<workgroup> Bs: array<vec4f, ${TILE_K * TILE / 4}>;
+
+@compute @workgroup_size(8, 8)
+fn main(@builtin(local_invocation_id) lid: vec3u, @builtin(workgroup_id) wid: vec3u,
+        @builtin(num_workgroups) nwg: vec3u) {
+  let tileN = wid.x * ${TILE}u;
+  let tileM = (wid.z * nwg.y + wid.y) * ${TILE}u;
+  let tid = lid.y * 8u + lid.x;
+  let m0 = tileM + lid.y * 8u;
+  let n0 = tileN + lid.x * 8u;
+  ${accs}
+  ${inits}
+  for (var k0 = 0u; k0 < p.K; k0 += ${TILE_K}u) {
+    ${loadA}
+    ${loadB}
+    workgroupBarrier();
+    for (var kk = 0u; kk < ${TILE_K}u; kk++) {
+      let a0 = As[kk * 16u + lid.y * 2u];
+      let a1 = As[kk * 16u + lid.y * 2u + 1u];
+      let b0 = Bs[kk * 16u + lid.x * 2u];
+      let b1 = Bs[kk * 16u + lid.x * 2u + 1u];
+      ${fma}
+    }
+    workgroupBarrier();
+  }
+  if (m0 >= p.M || n0 >= p.N) { return; }
+  ${stores}
+}
+`;
 }
 
 /**
@@ -321,7 +543,33 @@ export function matmul(
   const aligned = (block: ColumnBlock) => block.stride % 4 === 0 && block.first % 4 === 0;
   const vecA = (transA ? M : K) % 4 === 0 && aligned(aBlock), vecB = (transB ? K : N) % 4 === 0;
   const vecOut = N % 4 === 0 && aligned(outBlock);
-  const tile = matmulKernel(gpu, M, vecA && vecB && vecOut);
+  // The tiled kernel reads an f32 b; a 16-bit b (a frozen weight) takes the blocked kernel.
+  const bType = storedAs(b);
+  const forced = bType === "f32" ? opts.kernel : "blocked";
+  const tile = matmulKernel(gpu, M, vecA && vecB && vecOut, forced);
+  const tensors = opts.bias ? [a, b, out, opts.bias] : [a, b, out];
+  const strides = blocks ? [aBlock.stride, aBlock.first, outBlock.stride, outBlock.first] : [];
+  if (tile === "tiled") {
+    const tiled: TiledVariant = {
+      transA,
+      transB,
+      vecA,
+      vecB,
+      vecOut,
+      accumulate,
+      bias: opts.bias !== undefined,
+      blocks,
+    };
+    const pipeline = gpu.pipeline(tiledMatmulWgsl(tiled), "matmul tiled");
+    const gy = Math.ceil(M / TILE), gz = Math.ceil(gy / 65535);
+    gpu.dispatch(pipeline, [Math.ceil(N / TILE), Math.ceil(gy / gz), gz], tensors, [
+      M,
+      N,
+      K,
+      ...strides,
+    ]);
+    return;
+  }
   const variant: Variant = {
     transA,
     transB,
@@ -332,17 +580,89 @@ export function matmul(
     accumulate,
     bias: opts.bias !== undefined,
     blocks,
-    bType: storedAs(b),
+    bType,
     tile,
   };
-  const pipeline = gpu.pipeline(matmulWgsl(variant), "matmul");
   // x covers column blocks; row blocks spread over y and, past 65535 workgroups, z.
   const gx = Math.ceil(N / (4 * tile.colGroups * tile.workgroup[0]));
   const gy = Math.ceil(M / (4 * tile.rowGroups * tile.workgroup[1]));
   const gz = Math.ceil(gy / 65535);
-  const tensors = opts.bias ? [a, b, out, opts.bias] : [a, b, out];
-  const strides = blocks ? [aBlock.stride, aBlock.first, outBlock.stride, outBlock.first] : [];
+  const chunks = splitKChunks(gpu, gx * gy, K, blocks);
+  if (chunks) {
+    // Few workgroups over a long k (weight gradients of small layers): llvmpipe runs one
+    // workgroup per CPU thread, so split k into ranges that run in parallel into partial sums,
+    // then add them up in order (deterministic).
+    const partials = partialBuffer(gpu, chunks.count * M * N);
+    const split = { ...variant, accumulate: false, bias: false, splitK: true };
+    gpu.dispatch(
+      gpu.pipeline(matmulWgsl(split), "matmul split-k"),
+      [gx, gy, chunks.count],
+      [a, b, partials],
+      [M, N, K, chunks.kLen],
+    );
+    const reduce = gpu.pipeline(
+      sumPartialsWgsl(accumulate, opts.bias !== undefined),
+      "sum partials",
+    );
+    gpu.dispatch(
+      reduce,
+      grid(M * N, SUM_ROWS_SIZE),
+      opts.bias ? [partials, out, opts.bias] : [partials, out],
+      [M * N, N, chunks.count],
+    );
+    return;
+  }
+  const pipeline = gpu.pipeline(matmulWgsl(variant), "matmul");
   gpu.dispatch(pipeline, [gx, Math.ceil(gy / gz), gz], tensors, [M, N, K, ...strides]);
+}
+
+/** Fewer workgroups than this leave CPU threads idle: split k (software adapters only). */
+const SPLIT_K_WORKGROUPS = 8;
+/** Each k range is at least this long. */
+const SPLIT_K_MIN = 128;
+
+function splitKChunks(
+  gpu: Gpu,
+  workgroups: number,
+  K: number,
+  blocks: boolean,
+): { count: number; kLen: number } | null {
+  if (!isSoftware(gpu) || blocks || workgroups >= SPLIT_K_WORKGROUPS / 2) return null;
+  const wanted = Math.min(Math.ceil(SPLIT_K_WORKGROUPS / workgroups), Math.floor(K / SPLIT_K_MIN));
+  if (wanted < 2) return null;
+  const kLen = Math.ceil(K / wanted / 4) * 4;
+  return { count: Math.ceil(K / kLen), kLen };
+}
+
+/** Split-k partial sums, kept per device and grown when a product needs more. */
+const partialBuffers = new WeakMap<Gpu, Tensor>();
+function partialBuffer(gpu: Gpu, size: number): Tensor {
+  let t = partialBuffers.get(gpu);
+  if (!t || t.size < size) {
+    if (t) gpu.release(t);
+    t = gpu.zeros([size], "f32", "matmul partial sums");
+    partialBuffers.set(gpu, t);
+  }
+  return t;
+}
+
+// out[i] = (out[i] +) (bias[i % N] +) Σ_s partials[s·n + i], the partials added in order.
+function sumPartialsWgsl(accumulate: boolean, bias: boolean): string {
+  const start = [accumulate ? "out[i]" : "", bias ? "bias[i % p.N]" : ""].filter((t) => t);
+  return `
+struct Params { n: u32, N: u32, count: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> partials: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+${bias ? "@group(0) @binding(3) var<storage, read> bias: array<f32>;" : ""}
+@compute @workgroup_size(${SUM_ROWS_SIZE})
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let i = gid.x + gid.y * nwg.x * ${SUM_ROWS_SIZE}u;
+  if (i >= p.n) { return; }
+  var s = ${start.length ? start.join(" + ") : "0.0"};
+  for (var c = 0u; c < p.count; c++) { s += partials[c * p.n + i]; }
+  out[i] = s;
+}`;
 }
 
 /** y[T,out] = x[T,in]·Wᵀ + bias, with W [out,in] (PyTorch nn.Linear layout). */

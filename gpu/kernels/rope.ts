@@ -3,8 +3,11 @@
 // inv_freq[i] = 1/theta^(2i/D) is computed on the CPU exactly as HF does in f32 (the GPU's pow
 // is ~10 ulp off, which at position 4000 moves an angle by ~3e-3) and passed in the uniform;
 // the angle is the f32 product, as in HF. The inverse rotation (−angle) is the backward.
+// `ropeQk` rotates q and k in one dispatch and, in generation, writes the rotated keys and the
+// values into the KV cache in the same pass (one dispatch where four were).
 
 import { type Gpu, grid, type Tensor } from "../device.ts";
+import type { AttentionShape } from "./attention.ts";
 
 const WG = 256;
 
@@ -61,6 +64,113 @@ export function rope(
     grid((T * heads * headDim) / 2, WG),
     [x, positions],
     [T, heads, headDim, inverse ? 1 : 0],
+    Array.from(invFreq),
+  );
+}
+
+// One invocation per rotated pair: first the q pairs [T, nH, D/2], then the k pairs
+// [T, nKv, D/2]. With a cache, a k pair also stores its two rotated keys and the two values at
+// the same places into the caches [B, capacity, nKv, D], at position kvLens[b] − Lq + i for
+// token t = b·Lq + i (as writeKvCache does).
+const qkShader = (vec4s: number, cache: boolean) => /* wgsl */ `
+struct Params {
+  T: u32, nH: u32, nKv: u32, D: u32, inverse: u32, Lq: u32, capacity: u32, pad: u32,
+  invFreq: array<vec4<f32>, ${vec4s}>,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> q: array<f32>;
+@group(0) @binding(2) var<storage, read_write> k: array<f32>;
+@group(0) @binding(3) var<storage, read> positions: array<i32>;
+${
+  cache
+    ? `@group(0) @binding(4) var<storage, read> v: array<f32>;
+@group(0) @binding(5) var<storage, read> kvLens: array<i32>;
+@group(0) @binding(6) var<storage, read_write> kCache: array<f32>;
+@group(0) @binding(7) var<storage, read_write> vCache: array<f32>;`
+    : ""
+}
+
+fn rotate(x1: f32, x2: f32, angle: f32) -> vec2f {
+  let c = cos(angle);
+  let s = select(sin(angle), -sin(angle), p.inverse != 0u);
+  return vec2f(x1 * c - x2 * s, x2 * c + x1 * s);
+}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let n = gid.x + gid.y * nwg.x * ${WG}u;
+  let half = p.D / 2u;
+  let qPairs = p.T * p.nH * half;
+  if (n < qPairs) {
+    let head = n / half;       // t * nH + h
+    let i = n - head * half;
+    let at = head * p.D + i;
+    let r = rotate(q[at], q[at + half], f32(positions[head / p.nH]) * p.invFreq[i / 4u][i % 4u]);
+    q[at] = r.x;
+    q[at + half] = r.y;
+    return;
+  }
+  let m = n - qPairs;
+  if (m >= p.T * p.nKv * half) { return; }
+  let head = m / half;         // t * nKv + h
+  let i = m - head * half;
+  let at = head * p.D + i;
+  let t = head / p.nKv;
+  let r = rotate(k[at], k[at + half], f32(positions[t]) * p.invFreq[i / 4u][i % 4u]);
+  k[at] = r.x;
+  k[at + half] = r.y;
+  ${
+  cache
+    ? `let b = t / p.Lq;
+  let pos = kvLens[b] - i32(p.Lq) + i32(t % p.Lq);
+  if (pos < 0 || pos >= i32(p.capacity)) { return; }
+  let rowSize = p.nKv * p.D;
+  let to = (b * p.capacity + u32(pos)) * rowSize + (head % p.nKv) * p.D + i;
+  kCache[to] = r.x;
+  kCache[to + half] = r.y;
+  vCache[to] = v[at];
+  vCache[to + half] = v[at + half];`
+    : ""
+}
+}`;
+
+/** Where ropeQk also writes the rotated keys and the values (generation). */
+export interface RopeCache {
+  v: Tensor; // [T, nKv·D]
+  kvLens: Tensor; // i32 [B]
+  k: Tensor; // [B, capacity, nKv, D]
+  vCache: Tensor;
+  shape: AttentionShape;
+}
+
+/**
+ * rope() of q [T, nH, D] and k [T, nKv, D] in one dispatch (inverse = the backward); with
+ * `cache`, also writeKvCache() of the rotated k and of v.
+ */
+export function ropeQk(
+  gpu: Gpu,
+  q: Tensor,
+  k: Tensor,
+  positions: Tensor,
+  T: number,
+  nH: number,
+  nKv: number,
+  headDim: number,
+  theta: number,
+  inverse = false,
+  cache?: RopeCache,
+): void {
+  const vec4s = Math.ceil(headDim / 8);
+  const invFreq = new Float32Array(vec4s * 4);
+  invFreq.set(ropeInvFreq(headDim, theta));
+  const tensors = cache
+    ? [q, k, positions, cache.v, cache.kvLens, cache.k, cache.vCache]
+    : [q, k, positions];
+  gpu.dispatch(
+    gpu.pipeline(qkShader(vec4s, cache !== undefined), "rope q k"),
+    grid((T * (nH + nKv) * headDim) / 2, WG),
+    tensors,
+    [T, nH, nKv, headDim, inverse ? 1 : 0, cache?.shape.Lq ?? 1, cache?.shape.capacity ?? 0, 0],
     Array.from(invFreq),
   );
 }

@@ -259,33 +259,60 @@ export function sample(
   );
 }
 
-// Marks the rows whose newest token is an end-of-sequence id (generation stops a row there).
-const MARK_DONE_WGSL = `
-struct Params { B: u32, numEos: u32 }
+// After each sampled token, in one dispatch: record it and its log-prob at step s, mark rows
+// that sampled an EOS as done, and make it the next step's input one position further on.
+const AFTER_SAMPLE_WGSL = `
+struct Params { B: u32, numEos: u32, s: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> tokens: array<i32>;
-@group(0) @binding(2) var<storage, read> eos: array<i32>;
-@group(0) @binding(3) var<storage, read_write> done: array<i32>;
+@group(0) @binding(1) var<storage, read> sampled: array<i32>;
+@group(0) @binding(2) var<storage, read> logp: array<f32>;
+@group(0) @binding(3) var<storage, read> eos: array<i32>;
+@group(0) @binding(4) var<storage, read_write> done: array<i32>;
+@group(0) @binding(5) var<storage, read_write> outTokens: array<i32>;
+@group(0) @binding(6) var<storage, read_write> outLogp: array<f32>;
+@group(0) @binding(7) var<storage, read_write> ids: array<i32>;
+@group(0) @binding(8) var<storage, read_write> positions: array<i32>;
+@group(0) @binding(9) var<storage, read_write> kvLens: array<i32>;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3u) {
   let b = gid.x;
   if (b >= p.B) { return; }
+  let token = sampled[b];
   for (var i = 0u; i < p.numEos; i++) {
-    if (tokens[b] == eos[i]) { done[b] = 1; }
+    if (token == eos[i]) { done[b] = 1; }
   }
+  outTokens[p.s * p.B + b] = token;
+  outLogp[p.s * p.B + b] = logp[b];
+  ids[b] = token;
+  positions[b] += 1;
+  kvLens[b] += 1;
 }`;
 
-/** done[b] = 1 where tokens[b] is one of the eos ids (rows already done stay done). */
-export function markDone(
+/** The decode state afterSample reads and advances (gpu/generate.ts keeps it). */
+export interface DecodeState {
+  sampled: Tensor;
+  logp: Tensor;
+  eos: Tensor;
+  done: Tensor;
+  outTokens: Tensor;
+  outLogp: Tensor;
+  ids: Tensor;
+  positions: Tensor;
+  kvLens: Tensor;
+}
+
+/** Record decode step `s`'s tokens, mark finished rows, and step every row one position on. */
+export function afterSample(
   gpu: Gpu,
-  tokens: Tensor,
-  eos: Tensor,
-  done: Tensor,
+  d: DecodeState,
   rows: number,
   numEos: number,
+  s: number,
 ): void {
-  gpu.dispatch(gpu.pipeline(MARK_DONE_WGSL, "mark_done"), grid(rows, 64), [tokens, eos, done], [
-    rows,
-    numEos,
-  ]);
+  gpu.dispatch(
+    gpu.pipeline(AFTER_SAMPLE_WGSL, "after sample"),
+    grid(rows, 64),
+    [d.sampled, d.logp, d.eos, d.done, d.outTokens, d.outLogp, d.ids, d.positions, d.kvLens],
+    [rows, numEos, s],
+  );
 }

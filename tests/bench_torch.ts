@@ -1,0 +1,333 @@
+// The side-by-side section of `deno task bench`: aha and PyTorch-CPU (tests/fixtures/
+// bench_torch.py, run with /usr/bin/python3 when it has torch) measured back to back on the same
+// machine, each figure with the ratio aha / PyTorch (higher is better for aha). The machine is
+// shared, so every figure is the best of several repetitions; ratios from one run are what count.
+//
+// It also counts what a step costs in dispatches and GPU→CPU waits (Gpu.dispatchCount and
+// Gpu.waitCount): per decode step, per training forward + backward and per GRPO step.
+// AHA_BENCH_TORCH=0 skips the PyTorch side.
+
+import { initWeights } from "../core/init.ts";
+import { parseModelConfig, PRESETS } from "../core/model_config.ts";
+import { completionMask, groupAdvantages, grpoLoss, lossNormalizer } from "../core/grpo.ts";
+import type { TokenBatch } from "../core/engine.ts";
+import { Rng } from "../core/rng.ts";
+import { runSft } from "../core/sft.ts";
+import { defaultTrainConfig } from "../core/train_config.ts";
+import { ArithmeticTokenizer, pretrainingCorpus, splitProblems } from "../data/arithmetic.ts";
+import type { Gpu } from "../gpu/device.ts";
+import { matmul } from "../gpu/kernels/matmul.ts";
+import { GpuModel } from "../gpu/model.ts";
+import { GpuPolicy, GpuReference } from "../gpu/policy.ts";
+
+const PYTHON = "/usr/bin/python3";
+
+interface TorchResult {
+  threads: number;
+  torch: string;
+  matmul_gflops: number;
+  tiny_fwd_bwd_tok_s: number;
+  small_fwd_bwd_tok_s: number;
+  grpo_step_s: Record<"generate" | "reference" | "train" | "optimizer" | "total", number>;
+  sft_step_s: number;
+}
+
+function random(n: number, rng: Rng): Float32Array {
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = rng.next() - 0.5;
+  return out;
+}
+
+/** Best wall seconds of `reps` calls of `fn` (after one warm-up). */
+async function best(reps: number, fn: () => Promise<void>): Promise<number> {
+  await fn();
+  let seconds = Infinity;
+  for (let r = 0; r < reps; r++) {
+    const start = performance.now();
+    await fn();
+    seconds = Math.min(seconds, (performance.now() - start) / 1000);
+  }
+  return seconds;
+}
+
+/** Dispatches and waits that `fn` adds. */
+async function count(
+  gpu: Gpu,
+  fn: () => Promise<void>,
+): Promise<{ dispatches: number; waits: number }> {
+  const d = gpu.dispatchCount, w = gpu.waitCount;
+  await fn();
+  return { dispatches: gpu.dispatchCount - d, waits: gpu.waitCount - w };
+}
+
+async function ahaMatmul(gpu: Gpu): Promise<number> {
+  const M = 512, N = 4864, K = 896, rng = new Rng(1);
+  const a = gpu.upload(random(M * K, rng)), b = gpu.upload(random(N * K, rng));
+  const out = gpu.zeros([M, N]);
+  const seconds = await best(3, async () => {
+    for (let i = 0; i < 2; i++) matmul(gpu, a, b, out, { M, N, K }, { transB: true });
+    await gpu.sync();
+  }) / 2;
+  for (const t of [a, b, out]) t.destroy();
+  return 2 * M * N * K / seconds / 1e9;
+}
+
+async function ahaForwardBackward(gpu: Gpu, preset: "tiny" | "small", B: number, L: number) {
+  const config = parseModelConfig(PRESETS[preset]);
+  const model = new GpuModel(gpu, config, initWeights(config, 0));
+  const ids = Int32Array.from({ length: B * L }, (_, i) => (i * 7919) % config.vocabSize);
+  const upstream = new Float32Array(B * L).fill(1e-3);
+  const once = async () => {
+    model.forward(ids, B, L);
+    model.backward(upstream);
+    await gpu.sync();
+  };
+  const seconds = await best(3, once);
+  const counts = await count(gpu, async () => {
+    model.forward(ids, B, L);
+    model.backward(upstream);
+    await gpu.sync();
+  });
+  model.destroy();
+  return { tokensPerSecond: B * L / seconds, dispatches: counts.dispatches };
+}
+
+/** The embedded default's model: the tiny preset over the arithmetic tokenizer. */
+function defaultModelConfig() {
+  const tokenizer = new ArithmeticTokenizer();
+  return parseModelConfig({
+    ...PRESETS.tiny,
+    vocab_size: tokenizer.vocabSize,
+    eos_token_id: tokenizer.eosIds[0],
+  });
+}
+
+/**
+ * One GRPO step of the default's shape (16 prompts × 8 samples, prompts of 7 tokens, 6 new
+ * tokens, micro-batches of 64) the way the trainer runs it, with the reference in-process and
+ * no EOS (every completion has 6 tokens, as PyTorch's). Seconds per phase, best of `reps`.
+ */
+async function ahaGrpoStep(gpu: Gpu, reps: number) {
+  const cfg = defaultTrainConfig(), config = defaultModelConfig(), V = config.vocabSize;
+  const policy = new GpuPolicy(new GpuModel(gpu, config, initWeights(config, 0)));
+  const reference = new GpuReference(new GpuModel(gpu, config, initWeights(config, 0)));
+  const rng = new Rng(2);
+  const P = cfg.prompts_per_step, G = cfg.num_generations, N = cfg.max_completion_length;
+  const prompts = Array.from({ length: P }, () => Array.from({ length: 7 }, () => rng.int(V)));
+  const lossConfig = {
+    beta: cfg.beta,
+    epsilon: cfg.epsilon,
+    epsilonHigh: cfg.epsilon,
+    lossType: cfg.loss_type,
+    maxCompletionLength: N,
+  };
+  const phases = { generate: 0, reference: 0, train: 0, optimizer: 0 };
+  const step = async (time: boolean) => {
+    let t = performance.now();
+    const lap = (phase: keyof typeof phases) => {
+      const now = performance.now();
+      if (time) phases[phase] = Math.min(phases[phase] || Infinity, (now - t) / 1000);
+      t = now;
+    };
+    const out = await policy.generate(prompts, G, {
+      temperature: 1,
+      topP: 1,
+      topK: 0,
+      maxNewTokens: N,
+      eosIds: [],
+      seed: rng.int(1 << 30),
+    });
+    lap("generate");
+    const batch: TokenBatch = {
+      rows: out.tokens.map((c, i) => [...prompts[Math.floor(i / G)], ...c]),
+      promptLens: out.tokens.map(() => 7),
+    };
+    const advantages = groupAdvantages(out.tokens.map(() => rng.next()), G, true);
+    const masks = completionMask(out.tokens, []);
+    const ref = await reference.completionLogprobs(batch, 1);
+    lap("reference");
+    const normalizer = lossNormalizer(lossConfig, masks);
+    for (let start = 0; start < batch.rows.length; start += cfg.micro_batch_size) {
+      const end = Math.min(start + cfg.micro_batch_size, batch.rows.length);
+      const micro = {
+        rows: batch.rows.slice(start, end),
+        promptLens: batch.promptLens.slice(start, end),
+      };
+      await policy.accumulateGradients(micro, 1, (logprobs) =>
+        Promise.resolve(
+          grpoLoss(
+            logprobs.map((logp, i) => ({
+              logp,
+              oldLogp: null,
+              refLogp: ref[start + i],
+              mask: masks[start + i],
+              advantage: advantages[start + i],
+            })),
+            lossConfig,
+            normalizer,
+          ).dLogp,
+        ));
+    }
+    lap("train");
+    await policy.optimizerStep({
+      lr: 1e-3,
+      beta1: 0.9,
+      beta2: 0.99,
+      eps: 1e-8,
+      weightDecay: 0,
+      maxGradNorm: 1,
+    });
+    lap("optimizer");
+  };
+  const total = await best(reps, () => step(true));
+  const counts = await count(gpu, () => step(false));
+  // Per decode step: a generation of 2 tokens minus one of 1 token.
+  const decode = async (n: number) =>
+    (await count(gpu, async () => {
+      await policy.generate(prompts, G, {
+        temperature: 1,
+        topP: 1,
+        topK: 0,
+        maxNewTokens: n,
+        eosIds: [],
+        seed: 1,
+      });
+    })).dispatches;
+  const perDecodeStep = await decode(2) - await decode(1);
+  policy.model.destroy();
+  await reference.close();
+  return { phases: { ...phases, total }, counts, perDecodeStep };
+}
+
+/**
+ * One supervised step of the default's pretraining (128 rows of worked sums), as runSft runs
+ * it (the optimizer's norm is not waited for): milliseconds per step over runs of 5 steps.
+ */
+async function ahaSftStep(gpu: Gpu, reps: number) {
+  const cfg = defaultTrainConfig(), config = defaultModelConfig();
+  const tokenizer = new ArithmeticTokenizer();
+  const { train } = splitProblems(cfg.arithmetic);
+  const rows = pretrainingCorpus(train, cfg.arithmetic, new Rng(cfg.seed))
+    .slice(0, cfg.sft.batch_size)
+    .map((r) => ({
+      promptIds: tokenizer.encode(r.prompt),
+      completionIds: tokenizer.encode(r.completion),
+    }));
+  const policy = new GpuPolicy(new GpuModel(gpu, config, initWeights(config, 0)));
+  const run = async (steps: number) => {
+    await runSft(policy, rows, {
+      steps,
+      batchSize: rows.length,
+      optimizer: { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, maxGradNorm: 1 },
+      warmupSteps: 1,
+      seed: 1,
+    });
+  };
+  const steps = 5;
+  const seconds = await best(reps, () => run(steps)) / steps;
+  const counted = await count(gpu, () => run(steps));
+  policy.model.destroy();
+  const L = Math.max(...rows.map((r) => r.promptIds.length + r.completionIds.length));
+  return {
+    seconds,
+    counts: { dispatches: counted.dispatches / steps, waits: counted.waits / steps },
+    B: rows.length,
+    L,
+  };
+}
+
+async function runTorch(args: Record<string, number>): Promise<TorchResult | null> {
+  if (Deno.env.get("AHA_BENCH_TORCH") === "0") return null;
+  try {
+    const out = await new Deno.Command(PYTHON, {
+      args: [new URL("./fixtures/bench_torch.py", import.meta.url).pathname, JSON.stringify(args)],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    if (!out.success) {
+      console.log(
+        `PyTorch side skipped: ${new TextDecoder().decode(out.stderr).trim().split("\n").at(-1)}`,
+      );
+      return null;
+    }
+    return JSON.parse(new TextDecoder().decode(out.stdout));
+  } catch (error) {
+    console.log(`PyTorch side skipped: ${(error as Error).message}`);
+    return null;
+  }
+}
+
+function row(
+  name: string,
+  aha: number,
+  torch: number | undefined,
+  unit: string,
+  lowerIsBetter: boolean,
+) {
+  const fmt = (v: number) => (v >= 100 ? v.toFixed(0) : v.toFixed(2)).padStart(9);
+  const ratio = torch === undefined
+    ? ""
+    : (lowerIsBetter ? torch / aha : aha / torch).toFixed(2).padStart(7);
+  console.log(
+    `${name.padEnd(36)} ${fmt(aha)} ${
+      torch === undefined ? "".padStart(9) : fmt(torch)
+    } ${ratio}  ${unit}`,
+  );
+}
+
+export async function sideBySide(gpu: Gpu): Promise<void> {
+  const matmulGflops = await ahaMatmul(gpu);
+  const tiny = await ahaForwardBackward(gpu, "tiny", 64, 16);
+  const small = await ahaForwardBackward(gpu, "small", 8, 128);
+  const grpo = await ahaGrpoStep(gpu, 5);
+  const sft = await ahaSftStep(gpu, 3);
+  const torch = await runTorch({
+    vocab: defaultModelConfig().vocabSize,
+    sft_batch: sft.B,
+    sft_len: sft.L,
+  });
+
+  console.log(
+    `\ncounts: ${grpo.perDecodeStep} dispatches per decode step (16×8 rows); ` +
+      `${tiny.dispatches} per training forward+backward (tiny 64×16); ` +
+      `${grpo.counts.dispatches} dispatches and ${grpo.counts.waits} GPU→CPU waits per GRPO step; ` +
+      `${sft.counts.dispatches} dispatches and ${sft.counts.waits} waits per SFT step`,
+  );
+  console.log(
+    `\n${"side by side".padEnd(36)} ${"aha".padStart(9)} ${"PyTorch".padStart(9)} ${
+      "ratio".padStart(7)
+    }` +
+      (torch ? `  (torch ${torch.torch}, ${torch.threads} threads)` : ""),
+  );
+  row("matmul x·Wᵀ 512×4864×896", matmulGflops, torch?.matmul_gflops, "GFLOPS", false);
+  row(
+    "forward+backward tiny 64×16",
+    tiny.tokensPerSecond,
+    torch?.tiny_fwd_bwd_tok_s,
+    "tok/s",
+    false,
+  );
+  row(
+    "forward+backward small 8×128",
+    small.tokensPerSecond,
+    torch?.small_fwd_bwd_tok_s,
+    "tok/s",
+    false,
+  );
+  for (const phase of ["generate", "reference", "train", "optimizer", "total"] as const) {
+    row(
+      `GRPO step 16×8, ${phase}`,
+      grpo.phases[phase] * 1e3,
+      torch ? torch.grpo_step_s[phase] * 1e3 : undefined,
+      "ms",
+      true,
+    );
+  }
+  row(
+    `SFT step ${sft.B}×${sft.L}`,
+    sft.seconds * 1e3,
+    torch ? torch.sft_step_s * 1e3 : undefined,
+    "ms",
+    true,
+  );
+}

@@ -1,0 +1,101 @@
+// gpu/device.ts's dispatch machinery: Params in slots of one uniform ring (uploaded once per
+// submit, reused at the next) and cached bind groups. The property checked: every dispatch sees
+// its own Params and tensors, however many dispatches share a submit, repeat a bind group or
+// outrun the ring, and the counters count what they say.
+
+import assert from "node:assert/strict";
+import { Tensor } from "../gpu/device.ts";
+import { gpuTest, openGpu } from "./helpers.ts";
+
+const gpu = await openGpu();
+
+// out[i] = out[i] · p.scale + p.add, for i < p.n. With scales ±1 and integer adds the result is
+// exact and remembers every step, so a dispatch that saw another's Params shows at the end.
+const STEP_WGSL = `
+struct Params { n: u32, add: f32, scale: f32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3u) {
+  if (gid.x < p.n) { out[gid.x] = out[gid.x] * p.scale + p.add; }
+}`;
+
+/** The same recurrence on the CPU in f32. */
+function twin(values: number[], steps: { add: number; scale: number }[]): number[] {
+  return values.map((v) => {
+    let x = Math.fround(v);
+    for (const s of steps) {
+      x = Math.fround(Math.fround(x * Math.fround(s.scale)) + Math.fround(s.add));
+    }
+    return x;
+  });
+}
+
+Deno.test("every dispatch sees its own Params, past the uniform ring's size", gpuTest, async () => {
+  const pipeline = gpu.pipeline(STEP_WGSL, "step");
+  const a = gpu.upload(Float32Array.from([1, 2, 3, 4, 5])), b = gpu.upload(new Float32Array(3));
+  const stepsA: { add: number; scale: number }[] = [], stepsB: typeof stepsA = [];
+  const dispatches = gpu.dispatchCount;
+  // 2,500 dispatches in one submit window (the ring has 1,024 slots), alternating tensors and
+  // sizes, so bind groups repeat in different slots with different Params.
+  for (let i = 0; i < 2500; i++) {
+    const step = { add: (i % 7) - 3, scale: i % 3 === 0 ? -1 : 1 };
+    if (i % 2 === 0) {
+      gpu.dispatch(pipeline, [1], [a], [5], [step.add, step.scale]);
+      stepsA.push(step);
+    } else {
+      gpu.dispatch(pipeline, [1], [b], [3], [step.add, step.scale]);
+      stepsB.push(step);
+    }
+    // A write between dispatches submits early (the ring restarts at slot 0) and resets b.
+    if (i === 1700) {
+      gpu.write(b, Float32Array.from([0, 0, 0]));
+      stepsB.length = 0;
+    }
+  }
+  assert.equal(gpu.dispatchCount - dispatches, 2500);
+  const waits = gpu.waitCount;
+  const [gotA, gotB] = await gpu.readMany([a, b]);
+  assert.equal(gpu.waitCount - waits, 1, "readMany is one wait");
+  assert.deepEqual([...gotA], twin([1, 2, 3, 4, 5], stepsA));
+  assert.deepEqual([...gotB], twin([0, 0, 0], stepsB));
+  a.destroy();
+  b.destroy();
+});
+
+Deno.test("a view binds its own range: cached bind groups tell views apart", gpuTest, async () => {
+  const pipeline = gpu.pipeline(STEP_WGSL, "step");
+  const whole = gpu.upload(new Float32Array(128));
+  const first = new Tensor(whole.buffer, [64]), second = whole.view(64, [64]);
+  // Each dispatch in a submit of its own: both use slot 0 of the ring.
+  for (let i = 0; i < 3; i++) {
+    gpu.dispatch(pipeline, [1], [first], [64], [1, 1]);
+    gpu.flush();
+    gpu.dispatch(pipeline, [1], [second], [64], [10, 1]);
+    gpu.flush();
+  }
+  const got = await gpu.read(whole);
+  assert.deepEqual([got[0], got[63], got[64], got[127]], [3, 3, 30, 30]);
+  whole.destroy();
+});
+
+Deno.test(
+  "a read started early and awaited after a later read is not a second wait",
+  gpuTest,
+  async () => {
+    const x = gpu.upload(Float32Array.from([1, 2, 3])), y = gpu.upload(Float32Array.from([4]));
+    let waits = gpu.waitCount;
+    const early = gpu.readLater([x]);
+    gpu.write(x, Float32Array.from([7, 8, 9])); // after the early read's copy: not seen by it
+    assert.deepEqual([...await gpu.read(y)], [4]);
+    await new Promise((resolve) => setTimeout(resolve, 0)); // let the early read arrive
+    assert.deepEqual([...(await early)[0]], [1, 2, 3]);
+    assert.equal(gpu.waitCount - waits, 1, "only the awaited read waited");
+    waits = gpu.waitCount;
+    const value = await gpu.readLater([x]).map(([data]) => data[2]);
+    assert.equal(value, 9);
+    assert.equal(gpu.waitCount - waits, 1, "awaiting a read in flight is a wait");
+    x.destroy();
+    y.destroy();
+  },
+);
