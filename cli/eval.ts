@@ -5,6 +5,7 @@
 import { parseCommandArgs } from "./args.ts";
 import { AhaError, UsageError } from "../core/errors.ts";
 import { loadCheckpoint } from "../core/checkpoint.ts";
+import { loadAdapter } from "../core/lora.ts";
 import { type EvalRecord, evaluatePolicy } from "../core/evaluate.ts";
 import { loadTrainConfig } from "../core/train_config.ts";
 import { evalOptions } from "../core/trainer.ts";
@@ -71,20 +72,21 @@ export async function run(args: string[]): Promise<void> {
   }
   // Every held-out prompt unless --limit: an evaluation is the measurement, not a glimpse.
   cfg.eval_prompts = null;
-  if (values.adapter !== undefined) {
-    throw new AhaError(
-      `--adapter ${values.adapter}: this build cannot apply LoRA adapters yet (the LoRA engine ` +
-        "adds them); merge the adapter into the model, or evaluate the base model",
-    );
-  }
   cfg.model = await resolveModel(model);
+  const adapterDir = values.adapter === undefined
+    ? undefined
+    : await resolveModel(values.adapter as string, "adapter");
   const task = await configTask(cfg);
   const examples = task.heldOut.slice(0, limit ?? task.heldOut.length);
   if (examples.length === 0) throw new AhaError(`${task.name}: no held-out prompts to evaluate`);
 
   const checkpoint = await loadCheckpoint(cfg.model);
+  // A LoRA adapter is checked against the model (names, shapes) before any GPU work.
+  const lora = adapterDir === undefined
+    ? undefined
+    : await loadAdapter(adapterDir, checkpoint.config);
   const gpu = await Gpu.open(modelNeeds(checkpoint.config));
-  const policy = new GpuPolicy(new GpuModel(gpu, checkpoint.config, checkpoint.weights));
+  const policy = new GpuPolicy(new GpuModel(gpu, checkpoint.config, checkpoint.weights, { lora }));
   const opts = {
     ...evalOptions(cfg),
     numSamples,
@@ -106,7 +108,8 @@ export async function run(args: string[]): Promise<void> {
   const selection = limit === undefined || limit >= available
     ? `all ${available} held-out prompts`
     : `the first ${limit} of ${available} held-out prompts (--limit)`;
-  console.log(`aha eval: ${model} on ${task.name}, ${selection}, on "${gpu.description}"`);
+  const what = adapterDir === undefined ? model : `${model} with the adapter ${adapterDir}`;
+  console.log(`aha eval: ${what} on ${task.name}, ${selection}, on "${gpu.description}"`);
   let result;
   try {
     result = await evaluatePolicy(task, policy, examples, opts, onRecord);

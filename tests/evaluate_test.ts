@@ -2,7 +2,8 @@
 // k-subset of the samples; evaluatePolicy on a scripted policy whose right answers per prompt
 // are known (greedy accuracy, format rate, pass@k, mean rewards, one record per prompt, the
 // user's async reward function overlapping generation); the eval_prompts selection; and
-// `aha eval` on a tiny model in a subprocess, its summary recomputed from its own JSONL lines.
+// `aha eval` on a tiny model in a subprocess, its summary recomputed from its own JSONL lines,
+// and with a LoRA adapter, equal to the merged model's.
 
 import assert from "node:assert/strict";
 import { saveCheckpoint } from "../core/checkpoint.ts";
@@ -16,8 +17,10 @@ import {
   reportedKs,
 } from "../core/evaluate.ts";
 import { initWeights } from "../core/init.ts";
+import { initLora, saveAdapter } from "../core/lora.ts";
+import { Rng } from "../core/rng.ts";
 import { parseModelConfig, PRESETS, toHfConfig } from "../core/model_config.ts";
-import { loadTrainConfig } from "../core/train_config.ts";
+import { defaultLoraConfig, loadTrainConfig } from "../core/train_config.ts";
 import { arithCorrect, arithFormat, ArithmeticTokenizer } from "../data/arithmetic.ts";
 import { ARITHMETIC_TOKENIZER_FILE, arithmeticTask } from "../data/tasks.ts";
 import { gpuTest } from "./helpers.ts";
@@ -242,11 +245,38 @@ Deno.test(
         );
       }
 
-      const adapter = await new Deno.Command(Deno.execPath(), {
-        args: ["run", "-A", MAIN, "eval", "--model", `${dir}/m`, "--adapter", `${dir}/a`],
-      }).output();
-      assert.equal(adapter.code, 1);
-      assert.match(new TextDecoder().decode(adapter.stderr), /^aha: --adapter .*cannot apply LoRA/);
+      // With a LoRA adapter: the greedy completions are those of the model with the adapter
+      // merged in (aha merge, itself checked against PyTorch), and not the base model's.
+      const lora = { ...defaultLoraConfig(), r: 2, alpha: 4 };
+      const tensors = initLora(config, lora, new Rng(5));
+      const rng = new Rng(6);
+      for (const [name, t] of tensors) {
+        if (name.includes("lora_B")) { for (let i = 0; i < t.length; i++) t[i] = 2 * rng.normal(); }
+      }
+      await saveAdapter(`${dir}/a`, { lora, tensors }, config, `${dir}/m`);
+      const aha = async (...args: string[]) => {
+        const run = await new Deno.Command(Deno.execPath(), { args: ["run", "-A", MAIN, ...args] })
+          .output();
+        assert.equal(run.code, 0, new TextDecoder().decode(run.stderr));
+      };
+      const held = ["--set", "arithmetic.held_out=6", "--set", "max_completion_length=5"];
+      await aha("merge", "--model", `${dir}/m`, "--adapter", `${dir}/a`, "--out", `${dir}/merged`);
+      await aha(
+        "eval",
+        "--model",
+        `${dir}/m`,
+        "--adapter",
+        `${dir}/a`,
+        ...held,
+        "--out",
+        `${dir}/a.jsonl`,
+      );
+      await aha("eval", "--model", `${dir}/merged`, ...held, "--out", `${dir}/merged.jsonl`);
+      const greedy = async (path: string) =>
+        (await Deno.readTextFile(path)).trim().split("\n").map((l) => JSON.parse(l).completions[0]);
+      const withAdapter = await greedy(`${dir}/a.jsonl`);
+      assert.deepEqual(withAdapter, await greedy(`${dir}/merged.jsonl`));
+      assert.notDeepEqual(withAdapter, records.map((r) => r.completions[0]));
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
