@@ -180,6 +180,21 @@ Deno.test("aha train runs GRPO on GSM8K with a real-vocabulary tiny Qwen2", asyn
       2,
     ]]);
 
+    // With no held-out problems, an evaluation says so instead of reporting "accuracy 0.0%".
+    const noEval = [...args, "--set", "dataset.eval_fraction=0", "--set", "max_steps=1"];
+    const noEvalOut = ["--set", `output_dir=${tmp}/no-eval`, "--set", "beta=0"];
+    const empty = await new Deno.Command(Deno.execPath(), {
+      args: [...noEval, ...noEvalOut],
+      env: { XDG_RUNTIME_DIR: "/tmp/xdg" },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const emptyLog = new TextDecoder().decode(empty.stdout) +
+      new TextDecoder().decode(empty.stderr);
+    assert.equal(empty.code, 0, emptyLog);
+    assert.match(emptyLog, /eval @0 .*no held-out problems, nothing measured/);
+    assert.doesNotMatch(emptyLog, /accuracy 0\.0%/);
+
     // Each sample: a templated GSM8K question, its decoded completion and the seed's rewards.
     const questions = new Map(
       (await Deno.readTextFile(`${GSM8K}/train.jsonl`)).trim().split("\n").map((l) => {
