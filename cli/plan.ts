@@ -11,12 +11,12 @@ import {
   describeTensor,
   formatBytes,
   largestTensor,
-  loraParameterCount,
   type PlanDType,
   planMemory,
   planModel,
   planProblems,
 } from "../core/plan.ts";
+import { loraParameterCount } from "../core/lora.ts";
 import { loadTrainConfig, type TrainConfig } from "../core/train_config.ts";
 import { ArithmeticTokenizer } from "../data/arithmetic.ts";
 import { cachedFile } from "../data/hub.ts";

@@ -13,7 +13,8 @@
 
 import { AhaError } from "./errors.ts";
 import { type ModelConfig, parseModelConfig, PRESETS, weightShapes } from "./model_config.ts";
-import type { LoraConfig, TrainConfig } from "./train_config.ts";
+import { loraShapes } from "./lora.ts";
+import type { TrainConfig } from "./train_config.ts";
 
 // The sizes that bound the GPU engine's memory; gpu/model.ts and gpu/score.ts use these.
 
@@ -125,41 +126,6 @@ export function frozenStorage(cfg: TrainConfig, checkpointDtype: PlanDType): Pla
 /** A weight as stored when frozen: matrices in `dtype`, norm weights and biases in f32. */
 const frozenTensor = (name: string, shape: number[], dtype: PlanDType): PlannedTensor =>
   shape.length === 2 && dtype !== "f32" ? { name, shape, dtype } : { name, shape };
-
-/** Parameters of a model's LoRA adapters: Σ r·(in + out) over layers and targets. */
-export function loraParameterCount(c: ModelConfig, lora: LoraConfig): number {
-  let n = 0;
-  for (const shape of loraShapes(c, lora).values()) n += shape[0] * shape[1];
-  return n;
-}
-
-/**
- * The LoRA adapters of a model: for each layer and targeted projection, A [r, in] and B [out, r]
- * under PEFT's names.
- */
-export function loraShapes(c: ModelConfig, lora: LoraConfig): Map<string, number[]> {
-  const H = c.hiddenSize, I = c.intermediateSize;
-  const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
-  const inOut: Record<string, [string, number, number]> = {
-    q_proj: ["self_attn", H, qDim],
-    k_proj: ["self_attn", H, kvDim],
-    v_proj: ["self_attn", H, kvDim],
-    o_proj: ["self_attn", qDim, H],
-    gate_proj: ["mlp", H, I],
-    up_proj: ["mlp", H, I],
-    down_proj: ["mlp", I, H],
-  };
-  const shapes = new Map<string, number[]>();
-  for (let i = 0; i < c.numLayers; i++) {
-    for (const target of lora.target_modules) {
-      const [block, inF, outF] = inOut[target];
-      const module = `base_model.model.model.layers.${i}.${block}.${target}`;
-      shapes.set(`${module}.lora_A.weight`, [lora.r, inF]);
-      shapes.set(`${module}.lora_B.weight`, [outF, lora.r]);
-    }
-  }
-  return shapes;
-}
 
 // ---------------------------------------------------------------------------------------------
 // What each part of the program allocates.

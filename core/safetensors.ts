@@ -9,6 +9,7 @@
 // given order, compact JSON padded with spaces to 8 bytes) and goes through a temporary name.
 
 import { AhaError } from "./errors.ts";
+import { bf16Bits, f16Bits } from "./half.ts";
 
 export type SafeDType =
   | "F64"
@@ -273,18 +274,12 @@ type WritableTensors = Map<
 
 /** float32 values rounded to bfloat16 bits (nearest, ties to even; NaN stays NaN). */
 export function float32ToBfloat16(src: Float32Array): Uint16Array {
-  const bits = new Uint32Array(src.buffer, src.byteOffset, src.length);
-  const out = new Uint16Array(src.length);
-  for (let i = 0; i < src.length; i++) {
-    const b = bits[i];
-    out[i] = Number.isNaN(src[i]) ? 0x7fc0 : (b + 0x7fff + ((b >>> 16) & 1)) >>> 16;
-  }
-  return out;
+  return Uint16Array.from(src, bf16Bits);
 }
 
 /** float32 values rounded to IEEE half-precision bits (nearest, ties to even). */
 export function float32ToFloat16(src: Float32Array): Uint16Array {
-  return new Uint16Array(Float16Array.from(src).buffer);
+  return Uint16Array.from(src, f16Bits);
 }
 
 /** The header bytes (length prefix + JSON padded to 8 bytes) for tensors laid out in order. */
