@@ -1,6 +1,7 @@
 // What the tests share: the options GPU tests run with, seeded random inputs, outputs allocated
-// longer than the work (padded with sentinels that must stay untouched), and the checks of a
-// result against a float64 twin: within a tolerance, or against central finite differences.
+// longer than the work (padded with sentinels that must stay untouched), the checks of a result
+// against a float64 twin (within a tolerance, or against central finite differences), and
+// running `aha` itself in a child process.
 
 import assert from "node:assert/strict";
 import { Rng } from "../core/rng.ts";
@@ -123,4 +124,17 @@ export function fixtureCases(dir: string, expected: string[]): string[] {
   const found = [...Deno.readDirSync(dir)].filter((e) => e.isDirectory).map((e) => e.name).sort();
   assert.deepEqual(found, [...expected].sort(), `${dir}: the golden cases`);
   return found;
+}
+
+const MAIN = new URL("../main.ts", import.meta.url).pathname;
+
+/** Run `aha ARGS…` (main.ts under this Deno) in a child process: its status and trimmed output. */
+export async function runAha(...args: string[]) {
+  const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", MAIN, ...args],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = (bytes: Uint8Array) => new TextDecoder().decode(bytes).trim();
+  return { code, stdout: text(stdout), stderr: text(stderr) };
 }

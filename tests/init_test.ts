@@ -3,23 +3,13 @@
 // and the error messages.
 
 import assert from "node:assert/strict";
+import { runAha as aha } from "./helpers.ts";
 import { loadCheckpoint } from "../core/checkpoint.ts";
 import { initWeights } from "../core/init.ts";
 import { parameterCount, parseModelConfig, PRESETS } from "../core/model_config.ts";
 
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const dir = await Deno.makeTempDir({ prefix: "aha_init_test_" });
 globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
-
-async function aha(...args: string[]) {
-  const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", MAIN, ...args],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const text = (bytes: Uint8Array) => new TextDecoder().decode(bytes).trim();
-  return { code, stdout: text(stdout), stderr: text(stderr) };
-}
 
 Deno.test("aha init --preset tiny writes a checkpoint that loads with HF-style initial values", async () => {
   const out = `${dir}/tiny`;

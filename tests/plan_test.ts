@@ -4,6 +4,7 @@
 // the largest that fit, and `aha plan`.
 
 import assert from "node:assert/strict";
+import { runAha as aha } from "./helpers.ts";
 import { AhaError } from "../core/errors.ts";
 import {
   type ModelConfig,
@@ -158,16 +159,6 @@ Deno.test("advice: each suggested value is the largest that fits", () => {
 });
 
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
-
-async function aha(...args: string[]) {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", MAIN, ...args],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const decode = (b: Uint8Array) => new TextDecoder().decode(b);
-  return { code: out.code, stdout: decode(out.stdout), stderr: decode(out.stderr) };
-}
 
 Deno.test("aha plan prints the table and advice without asking the GPU; exit 1 when it does not fit", async () => {
   const limits = ["--max-binding-gb=2", "--max-buffer-gb=2"];

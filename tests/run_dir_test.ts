@@ -4,6 +4,7 @@
 // Everything here stops before a GPU is opened, so it runs in seconds.
 
 import assert from "node:assert/strict";
+import { runAha as aha } from "./helpers.ts";
 import { saveCheckpoint } from "../core/checkpoint.ts";
 import { AhaError } from "../core/errors.ts";
 import { initWeights } from "../core/init.ts";
@@ -31,16 +32,6 @@ import { ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const dir = await Deno.makeTempDir({ prefix: "aha_run_dir_test_" });
 globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
-
-async function aha(...args: string[]) {
-  const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", MAIN, ...args],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const text = (bytes: Uint8Array) => new TextDecoder().decode(bytes).trim();
-  return { code, stdout: text(stdout), stderr: text(stderr) };
-}
 
 /** A PID that belonged to a process which has exited. */
 async function deadPid(): Promise<number> {

@@ -12,24 +12,13 @@ import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
 import type { PolicyEngine, TokenBatch } from "../core/engine.ts";
 import { runSft } from "../core/sft.ts";
-import { assertClose, gpuTest, openGpu } from "./helpers.ts";
+import { assertClose, gpuTest, openGpu, runAha as aha } from "./helpers.ts";
 
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const tokenizer = new ArithmeticTokenizer();
 const rows = Array.from(
   { length: 40 },
   (_, i) => ({ prompt: `${i}+${i % 7}=`, completion: `${i + (i % 7)}<end>` }),
 );
-
-async function aha(...args: string[]) {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", MAIN, ...args],
-    stdout: "piped",
-    stderr: "piped",
-  })
-    .output();
-  return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
-}
 
 async function completionLogprob(dir: string): Promise<number> {
   const gpu = await openGpu();
