@@ -107,10 +107,15 @@ function upload16(values: Float32Array, shape: number[], dtype: HalfDType): Tens
   return t;
 }
 
+const KERNEL_CASES = (["bf16", "f16"] as const).flatMap((dtype) =>
+  (["blocked", "tiled"] as const).map((kernel) => [dtype, kernel] as const)
+);
+
 // Odd sizes take scalar loads (one element of a packed word); multiples of 4 the vec4 loads.
-for (const dtype of ["bf16", "f16"] as const) {
+// Both kernels: the blocked one software adapters run and the tiled one of hardware GPUs.
+for (const [dtype, kernel] of KERNEL_CASES) {
   const ignore = dtype === "f16" && !gpu.hasF16;
-  const name = `matmul reads a ${dtype} weight widened, as nn.Linear and its backward${
+  const name = `matmul (${kernel}) reads a ${dtype} weight widened, as nn.Linear and its backward${
     dtype === "f16" ? F16_SKIP : ""
   }`;
   Deno.test({ name, ignore, ...gpuTest }, async () => {
@@ -123,8 +128,8 @@ for (const dtype of ["bf16", "f16"] as const) {
       const xt = gpu.upload(x), dyt = gpu.upload(dy);
       const y = gpu.upload(padded(new Float32Array(M * N))),
         dx = gpu.upload(padded(new Float32Array(M * K)));
-      matmul(gpu, xt, wt, y, { M, N, K }, { transB: true });
-      matmul(gpu, dyt, wt, dx, { M, N: K, K: N });
+      matmul(gpu, xt, wt, y, { M, N, K }, { transB: true, kernel });
+      matmul(gpu, dyt, wt, dx, { M, N: K, K: N }, { kernel });
       const [yGot, dxGot] = (await gpu.readMany([y, dx])) as Float32Array[];
       const yWant = new Float64Array(M * N), dxWant = new Float64Array(M * K);
       const yMag = new Float64Array(M * N), dxMag = new Float64Array(M * K);

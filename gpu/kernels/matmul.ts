@@ -356,6 +356,7 @@ const TILE_K = 8;
 interface TiledVariant {
   transA: boolean;
   transB: boolean;
+  bType: Variant["bType"];
   vecA: boolean;
   vecB: boolean;
   vecOut: boolean;
@@ -366,6 +367,7 @@ interface TiledVariant {
 
 function tiledMatmulWgsl(v: TiledVariant): string {
   const eight = [...Array(8).keys()];
+  const bs = bStorage(v.bType, v.vecB); // b may be a 16-bit frozen weight, widened on load
   // Element (row, col) of a as stored: a [M,K], or [K,M] when transA; b [K,N], or [N,K].
   const aIndex = (m: string, k: string) =>
     v.transA
@@ -412,14 +414,14 @@ function tiledMatmulWgsl(v: TiledVariant): string {
       let idx = e * 64u + tid; let nn = idx / 2u; let kq = (idx % 2u) * 4u;
       let n = tileN + nn; let k = k0 + kq;
       var x = vec4f();
-      if (n < p.N && k < p.K) { x = b[(${bIndex("k", "n")}) / 4u]; }
+      if (n < p.N && k < p.K) { x = ${bs.vec(`(${bIndex("k", "n")}) / 4u`)}; }
       for (var i = 0u; i < 4u; i++) { Bs[(kq + i) * 16u + nn / 4u][nn % 4u] = x[i]; }
     }`
       : `for (var e = 0u; e < 2u; e++) {
       let idx = e * 64u + tid; let kk = idx / 16u; let nq = (idx % 16u) * 4u;
       let n = tileN + nq; let k = k0 + kk;
       var x = vec4f();
-      if (n < p.N && k < p.K) { x = b[(${bIndex("k", "n")}) / 4u]; }
+      if (n < p.N && k < p.K) { x = ${bs.vec(`(${bIndex("k", "n")}) / 4u`)}; }
       Bs[kk * 16u + nq / 4u] = x;
     }`
     : v.transB
@@ -427,14 +429,14 @@ function tiledMatmulWgsl(v: TiledVariant): string {
       let idx = e * 64u + tid; let nn = idx / 8u; let kk = idx % 8u;
       let n = tileN + nn; let k = k0 + kk;
       var x = 0.0;
-      if (n < p.N && k < p.K) { x = b[${bIndex("k", "n")}]; }
+      if (n < p.N && k < p.K) { x = ${bs.one(bIndex("k", "n"))}; }
       Bs[kk * 16u + nn / 4u][nn % 4u] = x;
     }`
     : `for (var e = 0u; e < 8u; e++) {
       let idx = e * 64u + tid; let kk = idx / 64u; let nn = idx % 64u;
       let n = tileN + nn; let k = k0 + kk;
       var x = 0.0;
-      if (n < p.N && k < p.K) { x = b[${bIndex("k", "n")}]; }
+      if (n < p.N && k < p.K) { x = ${bs.one(bIndex("k", "n"))}; }
       Bs[kk * 16u + nn / 4u][nn % 4u] = x;
     }`;
   // Invocation (lx, ly) owns rows tileM + 8·ly + i and columns tileN + 8·lx + 0..7, held as
@@ -474,15 +476,17 @@ function tiledMatmulWgsl(v: TiledVariant): string {
     : "";
   const stores = perElement((i, h, at, _biasAt, j) => `out[${at}] = ${acc(i, h, j)};`);
   const outType = v.vecOut ? "vec4f" : "f32";
-  return `
+  return `${v.bType === "f16" ? "enable f16;" : ""}
 struct Params { M: u32, N: u32, K: u32${
     v.blocks ? ", strideA: u32, firstA: u32, strideOut: u32, firstOut: u32" : ""
   } }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;
-@group(0) @binding(2) var<storage, read> b: array<${v.vecB ? "vec4f" : "f32"}>;
+@group(0) @binding(2) ${bs.decl}
 @group(0) @binding(3) var<storage, read_write> out: array<${outType}>;
 ${v.bias ? `@group(0) @binding(4) var<storage, read> bias: array<${outType}>;` : ""}
+
+${bs.helpers}
 
 // Slices of op(a) [k][m] and op(b) [k][n], as vec4s: element [k][x] is at [k·16 + x/4][x%4].
 var<workgroup> As: array<vec4f, ${TILE_K * TILE / 4}>;
@@ -543,16 +547,15 @@ export function matmul(
   const aligned = (block: ColumnBlock) => block.stride % 4 === 0 && block.first % 4 === 0;
   const vecA = (transA ? M : K) % 4 === 0 && aligned(aBlock), vecB = (transB ? K : N) % 4 === 0;
   const vecOut = N % 4 === 0 && aligned(outBlock);
-  // The tiled kernel reads an f32 b; a 16-bit b (a frozen weight) takes the blocked kernel.
   const bType = storedAs(b);
-  const forced = bType === "f32" ? opts.kernel : "blocked";
-  const tile = matmulKernel(gpu, M, vecA && vecB && vecOut, forced);
+  const tile = matmulKernel(gpu, M, vecA && vecB && vecOut, opts.kernel);
   const tensors = opts.bias ? [a, b, out, opts.bias] : [a, b, out];
   const strides = blocks ? [aBlock.stride, aBlock.first, outBlock.stride, outBlock.first] : [];
   if (tile === "tiled") {
     const tiled: TiledVariant = {
       transA,
       transB,
+      bType,
       vecA,
       vecB,
       vecOut,
