@@ -158,8 +158,6 @@ Deno.test("advice: each suggested value is the largest that fits", () => {
   assert.ok(!advise(cfg, model, adapter, true, false)[0].includes("second adapter"));
 });
 
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
-
 Deno.test("aha plan prints the table and advice without asking the GPU; exit 1 when it does not fit", async () => {
   const limits = ["--max-binding-gb=2", "--max-buffer-gb=2"];
   const big = await aha("plan", `${configs}qwen2.5-1.5b-gsm8k.yaml`, "--memory-gb=24", ...limits);

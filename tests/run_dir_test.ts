@@ -29,7 +29,6 @@ import {
 import { ArithmeticTokenizer } from "../data/arithmetic.ts";
 import { ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
 
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const dir = await Deno.makeTempDir({ prefix: "aha_run_dir_test_" });
 globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
 
