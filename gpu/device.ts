@@ -165,6 +165,8 @@ export class Gpu {
   dispatchCount = 0;
   /** GPU→CPU waits (mapAsync reads, onSubmittedWorkDone) since the device was opened. */
   waitCount = 0;
+  /** Per-kernel GPU time while profiling (`startProfile`), else null. */
+  private profiler: Profiler | null = null;
 
   private constructor(readonly adapter: GPUAdapter, readonly device: GPUDevice) {}
 
@@ -185,6 +187,8 @@ export class Gpu {
     const requiredFeatures: GPUFeatureName[] = adapter.features.has("shader-f16")
       ? ["shader-f16"]
       : [];
+    // Timestamps only serve the bench's per-kernel profile (startProfile).
+    if (adapter.features.has("timestamp-query")) requiredFeatures.push("timestamp-query");
     const device = await adapter.requestDevice({
       requiredFeatures,
       requiredLimits: {
@@ -309,7 +313,7 @@ export class Gpu {
     // Params longer than a slot (rope's frequencies) take several consecutive slots.
     const slots = Math.max(1, Math.ceil((u32s.length + f32s.length) / UNIFORM_SLOT_WORDS));
     if (slots > UNIFORM_SLOTS) throw new Error(`dispatch: Params of ${slots} slots`);
-    if (this.slotsUsed + slots > UNIFORM_SLOTS) this.flush();
+    if (this.slotsUsed + slots > UNIFORM_SLOTS || this.profiler?.full) this.flush();
     const slot = this.slotsUsed;
     this.slotsUsed += slots;
     const base = slot * UNIFORM_SLOT_WORDS;
@@ -336,11 +340,39 @@ export class Gpu {
       bindGroup = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
       this.bindGroups.set(key, bindGroup);
     }
+    if (this.profiler) {
+      // Profiling: one pass per dispatch, its start and end timestamped.
+      this.endPass();
+      this.pass = this.getEncoder().beginComputePass({
+        timestampWrites: this.profiler.next(pipeline.label),
+      });
+    }
     if (!this.pass) this.pass = this.getEncoder().beginComputePass();
     this.pass.setPipeline(pipeline);
     this.pass.setBindGroup(0, bindGroup);
     this.pass.dispatchWorkgroups(x, y, z);
     this.dispatchCount++;
+    if (this.profiler) this.endPass();
+  }
+
+  /**
+   * Start timing every dispatch on the GPU, by kernel (for the bench; needs the adapter's
+   * timestamp-query). Each dispatch then gets its own pass, which adds a little time of its own.
+   */
+  startProfile(): boolean {
+    if (!this.device.features.has("timestamp-query")) return false;
+    this.flush();
+    this.profiler = new Profiler(this.device);
+    return true;
+  }
+
+  /** Stop profiling: milliseconds of GPU time and dispatch counts by kernel, largest first. */
+  async stopProfile(): Promise<{ kernel: string; ms: number; dispatches: number }[]> {
+    const profiler = this.profiler;
+    if (!profiler) return [];
+    this.flush();
+    this.profiler = null;
+    return await profiler.totals();
   }
 
   /** Destroy a temporary tensor once the work recorded so far has been submitted. */
@@ -362,7 +394,9 @@ export class Gpu {
       this.slotsUsed = 0;
     }
     if (this.encoder) {
+      const timestamps = this.profiler?.resolve(this.encoder);
       this.device.queue.submit([this.encoder.finish()]);
+      timestamps?.();
       this.encoder = null;
     }
     // Buffers used by submitted work may be destroyed now: the GPU keeps them until done.
@@ -464,6 +498,77 @@ export class Gpu {
       this.pass.end();
       this.pass = null;
     }
+  }
+}
+
+/** Timestamps of profiled dispatches: a query set resolved and read back at every submit. */
+class Profiler {
+  private static readonly QUERIES = 2048;
+  private querySet: GPUQuerySet;
+  private labels: string[] = [];
+  private batches: Promise<{ labels: string[]; ticks: BigInt64Array }>[] = [];
+
+  constructor(private readonly device: GPUDevice) {
+    this.querySet = device.createQuerySet({ type: "timestamp", count: Profiler.QUERIES });
+  }
+
+  get full(): boolean {
+    return 2 * (this.labels.length + 1) > Profiler.QUERIES;
+  }
+
+  next(label: string): GPUComputePassTimestampWrites {
+    const i = this.labels.length;
+    this.labels.push(label);
+    return {
+      querySet: this.querySet,
+      beginningOfPassWriteIndex: 2 * i,
+      endOfPassWriteIndex: 2 * i + 1,
+    };
+  }
+
+  /**
+   * Record the resolve of this submit's timestamps into `encoder`; the returned function starts
+   * their read-back once the encoder is submitted.
+   */
+  resolve(encoder: GPUCommandEncoder): (() => void) | undefined {
+    const count = 2 * this.labels.length;
+    if (count === 0) return undefined;
+    const bytes = count * 8;
+    const resolved = this.device.createBuffer({
+      size: bytes,
+      usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+    });
+    const staging = this.device.createBuffer({
+      size: bytes,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+    encoder.resolveQuerySet(this.querySet, 0, count, resolved, 0);
+    encoder.copyBufferToBuffer(resolved, 0, staging, 0, bytes);
+    const labels = this.labels;
+    this.labels = [];
+    return () =>
+      this.batches.push(
+        staging.mapAsync(GPUMapMode.READ).then(() => {
+          const ticks = new BigInt64Array(staging.getMappedRange().slice(0));
+          staging.destroy();
+          resolved.destroy();
+          return { labels, ticks };
+        }),
+      );
+  }
+
+  async totals(): Promise<{ kernel: string; ms: number; dispatches: number }[]> {
+    const byKernel = new Map<string, { ms: number; dispatches: number }>();
+    for (const { labels, ticks } of await Promise.all(this.batches)) {
+      labels.forEach((label, i) => {
+        const entry = byKernel.get(label) ?? { ms: 0, dispatches: 0 };
+        entry.ms += Number(ticks[2 * i + 1] - ticks[2 * i]) / 1e6;
+        entry.dispatches++;
+        byKernel.set(label, entry);
+      });
+    }
+    this.querySet.destroy();
+    return [...byKernel].map(([kernel, t]) => ({ kernel, ...t })).sort((a, b) => b.ms - a.ms);
   }
 }
 

@@ -13,7 +13,7 @@ import { parameterCount, parseModelConfig, PRESETS } from "../core/model_config.
 import { generate } from "../gpu/generate.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { benchReference } from "./bench_reference.ts";
-import { sideBySide } from "./bench_torch.ts";
+import { ahaGrpoStep, ahaSftStep, sideBySide } from "./bench_torch.ts";
 
 function random(n: number): Float32Array {
   const out = new Float32Array(n);
@@ -176,6 +176,39 @@ async function generationSection(gpu: Gpu): Promise<void> {
   }
 }
 
+/**
+ * GPU time by kernel over one GRPO step and one SFT step of the default's shape (timestamp
+ * queries, one pass per dispatch): where the time goes, for choosing what to speed up next.
+ */
+async function profileSection(gpu: Gpu): Promise<void> {
+  const runs: [string, () => Promise<unknown>][] = [
+    ["2 GRPO steps and 2 short generations", () => ahaGrpoStep(gpu, 0)],
+    ["10 SFT steps", () => ahaSftStep(gpu, 0)],
+  ];
+  for (const [name, run] of runs) {
+    await run(); // compile pipelines
+    if (!gpu.startProfile()) {
+      console.log("profile: the adapter has no timestamp-query");
+      return;
+    }
+    const start = performance.now();
+    await run();
+    const wall = performance.now() - start;
+    const kernels = await gpu.stopProfile();
+    const total = kernels.reduce((s, k) => s + k.ms, 0);
+    console.log(
+      `profile of ${name}: ${total.toFixed(1)} ms of GPU time in ${wall.toFixed(0)} ms wall`,
+    );
+    for (const k of kernels.slice(0, 12)) {
+      console.log(
+        `  ${k.kernel.padEnd(28)} ${k.ms.toFixed(1).padStart(7)} ms ${
+          String(k.dispatches).padStart(5)
+        } dispatches`,
+      );
+    }
+  }
+}
+
 const SECTIONS: ((gpu: Gpu) => Promise<void>)[] = [
   adapterSection,
   matmulSection,
@@ -185,6 +218,7 @@ const SECTIONS: ((gpu: Gpu) => Promise<void>)[] = [
   generationSection,
   benchReference,
   sideBySide,
+  profileSection,
 ];
 
 // `deno task bench sideBySide matmul` runs only the sections whose names contain an argument.
