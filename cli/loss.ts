@@ -5,7 +5,7 @@ import { checkOutputPath, parseCommandArgs, required, writeOutput } from "./args
 import { loadCheckpoint } from "../core/checkpoint.ts";
 import { AhaError } from "../core/errors.ts";
 import { loadAdapter } from "../core/lora.ts";
-import { type LossBatch, lossBatchObjective } from "../core/grpo.ts";
+import { type LossBatch, lossBatchInputs } from "../core/grpo.ts";
 import { Gpu, modelNeeds } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { resolveModel } from "../data/hub.ts";
@@ -58,16 +58,20 @@ export async function run(args: string[]): Promise<void> {
 /** The objective, advantages, gradient norm and the first 8 values of every trained tensor's
  * gradient (every weight, or a LoRA adapter's matrices). */
 export async function computeLoss(policy: GpuPolicy, batch: LossBatch) {
-  let loss = 0, advantages: number[] = [];
-  await policy.accumulateGradients(
+  const { config, advantages, rows, normalizer } = lossBatchInputs(batch);
+  // The loss runs on the GPU, as in training (gpu/kernels/grpo_loss.ts).
+  const { sums } = await policy.accumulateGrpoGradients(
     { rows: batch.sequences, promptLens: batch.sequences.map(() => batch.prompt_len) },
     1,
-    (logprobs) => {
-      const result = lossBatchObjective(batch, logprobs);
-      [loss, advantages] = [result.loss, result.advantages];
-      return Promise.resolve(result.dLogp);
+    {
+      rows,
+      refLogp: () => Promise.resolve(batch.ref_logprobs ?? null),
+      config,
+      normalizer,
     },
   );
+  await policy.readLossSums();
+  const { loss } = await sums;
   const [gradNorm] = await policy.model.gpu.read(policy.model.gradNorm());
   const grads: Record<string, number[]> = {};
   for (const [name, g] of await policy.model.readGrads()) {

@@ -2,6 +2,14 @@
 // handed a policy engine (sampling, log-probs, gradients, optimizer) and a reference engine
 // (frozen log-probs), so the same loop runs on the WebGPU model or on test doubles.
 
+import {
+  grpoLoss,
+  type GrpoLossConfig,
+  type LossNormalizer,
+  type LossRow,
+  type LossSums,
+} from "./grpo.ts";
+
 /** Rows of prompt + completion tokens; completion token t of row b sits at promptLens[b] + t. */
 export interface TokenBatch {
   rows: number[][];
@@ -52,6 +60,18 @@ export interface PolicyEngine {
     loss: (logprobs: number[][]) => Promise<number[][]>,
   ): Promise<void>;
   /**
+   * Forward, the GRPO loss (core/grpo.ts) and backward of one micro-batch, the loss computed
+   * where the log-probs are (an engine without this method gets the CPU loss through
+   * accumulateGradients: see `grpoGradients`). Resolves once the backward is under way, to the
+   * loss's sums to come (wrapped, so that awaiting this does not wait for them), which a GPU
+   * engine delivers with the next optimizerStep's read.
+   */
+  accumulateGrpoGradients?(
+    batch: TokenBatch,
+    invTemperature: number,
+    loss: GrpoLossInputs,
+  ): Promise<{ sums: PromiseLike<LossSums> }>;
+  /**
    * Clip by global norm, AdamW, zero the gradients. Resolves to the norm before clipping; a
    * caller that does not need it now may await it later (a GPU engine then need not wait).
    */
@@ -61,10 +81,50 @@ export interface PolicyEngine {
   loadOptimizerState(state: { step: number; moments: Map<string, Float32Array> }): void;
 }
 
+/** What the GRPO loss of a micro-batch needs besides the policy's own log-probs. */
+export interface GrpoLossInputs {
+  /** Per row: the sampler's log-probs (or null), the completion mask, the advantage. */
+  rows: Omit<LossRow, "logp" | "refLogp">[];
+  /** The reference's log-probs of these rows (null: no KL), asked for once the forward runs. */
+  refLogp: () => Promise<number[][] | null>;
+  config: GrpoLossConfig;
+  normalizer: LossNormalizer;
+}
+
 export interface ReferenceEngine {
   readonly description: string;
   completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]>;
   /** reference ← α·policy + (1−α)·reference (trl's sync_ref_model). */
   mixIn(policy: Map<string, Float32Array>, alpha: number): Promise<void>;
   close(): Promise<void>;
+}
+
+/**
+ * One micro-batch's forward, GRPO loss and backward: on the policy's own device when it has
+ * accumulateGrpoGradients, else with grpoLoss on the CPU between accumulateGradients' forward
+ * and backward. Resolves once the backward is recorded, to the loss's sums (which a GPU engine
+ * delivers with the optimizer step's read).
+ */
+export async function grpoGradients(
+  policy: PolicyEngine,
+  batch: TokenBatch,
+  invTemperature: number,
+  loss: GrpoLossInputs,
+): Promise<{ sums: PromiseLike<LossSums> }> {
+  if (policy.accumulateGrpoGradients) {
+    return await policy.accumulateGrpoGradients(batch, invTemperature, loss);
+  }
+  let sums: LossSums = { loss: 0, klSum: 0, clippedTokens: 0, tokens: 0, logpSum: 0 };
+  await policy.accumulateGradients(batch, invTemperature, async (logprobs) => {
+    const ref = await loss.refLogp();
+    const rows: LossRow[] = logprobs.map((logp, i) => ({
+      ...loss.rows[i],
+      logp,
+      refLogp: ref ? ref[i] : null,
+    }));
+    const { dLogp, ...rest } = grpoLoss(rows, loss.config, loss.normalizer);
+    sums = rest;
+    return dLogp;
+  });
+  return { sums: Promise.resolve(sums) };
 }

@@ -90,6 +90,16 @@ export interface LossRow {
   advantage: number;
 }
 
+/** A loss contribution and the masked sums behind trl's metrics (see grpoLoss). */
+export interface LossSums {
+  loss: number;
+  klSum: number;
+  clippedTokens: number;
+  tokens: number;
+  /** Σ logp over the unmasked tokens (supervised fine-tuning's loss is −logpSum / tokens). */
+  logpSum: number;
+}
+
 /** The denominators of the loss, computed once from the masks of the whole batch. */
 export interface LossNormalizer {
   lossType: LossType;
@@ -110,7 +120,7 @@ export function lossNormalizer(cfg: GrpoLossConfig, masks: number[][]): LossNorm
 }
 
 /** The weight of each unmasked token of a row with `rowTokens` unmasked tokens in the loss. */
-function tokenWeight(norm: LossNormalizer, rowTokens: number): number {
+export function tokenWeight(norm: LossNormalizer, rowTokens: number): number {
   switch (norm.lossType) {
     case "grpo":
       return 1 / (Math.max(1, rowTokens) * norm.numCompletions);
@@ -129,14 +139,12 @@ function tokenWeight(norm: LossNormalizer, rowTokens: number): number {
  * ρ < 1−ε with A < 0, or ρ > 1+ε_high with A > 0 — exactly the tokens with no surrogate
  * gradient), and `tokens`.
  */
-export function grpoLoss(rows: LossRow[], cfg: GrpoLossConfig, norm: LossNormalizer): {
-  loss: number;
-  dLogp: number[][];
-  klSum: number;
-  clippedTokens: number;
-  tokens: number;
-} {
-  let loss = 0, klSum = 0, clippedTokens = 0, tokens = 0;
+export function grpoLoss(
+  rows: LossRow[],
+  cfg: GrpoLossConfig,
+  norm: LossNormalizer,
+): LossSums & { dLogp: number[][] } {
+  let loss = 0, klSum = 0, clippedTokens = 0, tokens = 0, logpSum = 0;
   const dLogp = rows.map((row) => {
     const rowTokens = row.mask.reduce((a, b) => a + b, 0);
     const weight = tokenWeight(norm, rowTokens);
@@ -144,6 +152,7 @@ export function grpoLoss(rows: LossRow[], cfg: GrpoLossConfig, norm: LossNormali
     return row.logp.map((logp, t) => {
       if (row.mask[t] === 0) return 0;
       tokens++;
+      logpSum += logp;
       // Surrogate: ρA while unclipped (dρ/dlogp = ρ), the constant clip(ρ)A once clipped.
       const ratio = row.oldLogp === null ? 1 : Math.exp(logp - row.oldLogp[t]);
       const lowClipped = ratio < 1 - cfg.epsilon && A < 0;
@@ -165,17 +174,17 @@ export function grpoLoss(rows: LossRow[], cfg: GrpoLossConfig, norm: LossNormali
       return weight * grad;
     });
   });
-  return { loss, dLogp, klSum, clippedTokens, tokens };
+  return { loss, dLogp, klSum, clippedTokens, tokens, logpSum };
 }
 
 /**
- * The objective of one `aha loss` batch, given the policy's log-probs of its completion tokens
- * (row i, one value per token): its advantages, and the whole batch's loss and d(loss)/d(logp).
- * Completion tokens up to and including the first pad_id (the end token) count.
+ * What the loss of one `aha loss` batch needs besides the policy's log-probs: its loss config,
+ * advantages, per-row masks and sampler/reference log-probs, and the normalizer. Completion
+ * tokens up to and including the first pad_id (the end token) count.
  */
-export function lossBatchObjective(batch: LossBatch, logprobs: number[][]) {
+export function lossBatchInputs(batch: LossBatch) {
   const P = batch.prompt_len;
-  const cfg: GrpoLossConfig = {
+  const config: GrpoLossConfig = {
     beta: batch.beta,
     epsilon: batch.epsilon,
     epsilonHigh: batch.epsilon_high ?? batch.epsilon,
@@ -184,12 +193,21 @@ export function lossBatchObjective(batch: LossBatch, logprobs: number[][]) {
   };
   const advantages = groupAdvantages(batch.rewards, batch.group_size, true);
   const masks = completionMask(batch.sequences.map((s) => s.slice(P)), [batch.pad_id]);
-  const rows: LossRow[] = logprobs.map((logp, i) => ({
-    logp,
+  const rows = masks.map((mask, i) => ({
     oldLogp: batch.old_logprobs?.[i] ?? null,
     refLogp: batch.ref_logprobs?.[i] ?? null,
-    mask: masks[i],
+    mask,
     advantage: advantages[i],
   }));
-  return { advantages, ...grpoLoss(rows, cfg, lossNormalizer(cfg, masks)) };
+  return { config, advantages, rows, normalizer: lossNormalizer(config, masks) };
+}
+
+/**
+ * The objective of one `aha loss` batch, given the policy's log-probs of its completion tokens
+ * (row i, one value per token): its advantages, and the whole batch's loss and d(loss)/d(logp).
+ */
+export function lossBatchObjective(batch: LossBatch, logprobs: number[][]) {
+  const { config, advantages, rows, normalizer } = lossBatchInputs(batch);
+  const withLogp: LossRow[] = rows.map((row, i) => ({ ...row, logp: logprobs[i] }));
+  return { advantages, ...grpoLoss(withLogp, config, normalizer) };
 }

@@ -2,7 +2,8 @@
 // the loss on completion tokens only — the mean negative log-likelihood over every completion
 // token of the batch. It runs on the same PolicyEngine as GRPO.
 
-import type { OptimizerHyper, PolicyEngine } from "./engine.ts";
+import { grpoGradients, type OptimizerHyper, type PolicyEngine } from "./engine.ts";
+import { type GrpoLossConfig, lossNormalizer, type LossSums } from "./grpo.ts";
 import { AhaError } from "./errors.ts";
 import { Rng } from "./rng.ts";
 
@@ -18,7 +19,7 @@ export interface SftOptions {
   /** Linear warmup over this many steps, then linear decay to zero at the last step. */
   warmupSteps: number;
   seed: number;
-  /** Called after every step with the step number and its mean token loss. */
+  /** Called with each step's number and mean token loss once they arrive (during the next step). */
   onStep?: (step: number, loss: number) => void | Promise<void>;
 }
 
@@ -29,9 +30,21 @@ export async function runSft(
 ): Promise<number> {
   const rng = new Rng(opts.seed);
   let order: number[] = [], next = 0, loss = 0;
-  // The gradient norm is not needed here: the optimizer step is not waited for (its read
-  // completes with the next step's), saving a GPU round trip per step.
-  let pending: PromiseLike<number> = Promise.resolve(0);
+  // A step's gradient needs no log-probs back (d loss/d logp = −1/tokens), so nothing is waited
+  // for within a step: its loss and gradient norm arrive with its optimizer step's read, which
+  // the next step awaits after recording its own work (one GPU round trip per step, overlapped).
+  let previous: Pending | null = null;
+  const report = async ({ step, norm, sums, tokens }: Pending) => {
+    const gradNorm = await norm;
+    if (!Number.isFinite(gradNorm)) {
+      throw new AhaError(`sft step ${step}: the gradient norm is ${gradNorm}; nothing was saved`);
+    }
+    loss = -(await sums).logpSum / tokens;
+    if (!Number.isFinite(loss)) {
+      throw new AhaError(`sft step ${step}: the loss is ${loss}; nothing was saved`);
+    }
+    await opts.onStep?.(step, loss);
+  };
   for (let step = 1; step <= opts.steps; step++) {
     const batch: SftRow[] = [];
     while (batch.length < opts.batchSize) {
@@ -39,40 +52,49 @@ export async function runSft(
       batch.push(rows[order[next++]]);
     }
     const tokens = batch.reduce((n, r) => n + r.completionIds.length, 0);
-    await policy.accumulateGradients(
+    const masks = batch.map((r) => r.completionIds.map(() => 1));
+    // The mean negative log-likelihood is the GRPO loss with A = 1, ρ = 1, no KL and one
+    // weight 1/tokens for every token (bnpo's normalization): its gradient is −1/tokens.
+    const { sums } = await grpoGradients(
+      policy,
       {
         rows: batch.map((r) => [...r.promptIds, ...r.completionIds]),
         promptLens: batch.map((r) => r.promptIds.length),
       },
       1,
-      (logprobs) => {
-        loss = -logprobs.flat().reduce((a, b) => a + b, 0) / tokens;
-        return Promise.resolve(logprobs.map((row) => row.map(() => -1 / tokens)));
+      {
+        rows: masks.map((mask) => ({ oldLogp: null, mask, advantage: 1 })),
+        refLogp: () => Promise.resolve(null),
+        config: SFT_LOSS,
+        normalizer: lossNormalizer(SFT_LOSS, masks),
       },
     );
+    if (previous) await report(previous);
     const warmup = Math.min(1, step / Math.max(1, opts.warmupSteps));
     const decay = (opts.steps - step + 1) / opts.steps;
-    // The previous step's gradient norm arrives with this step's read (no GPU wait of its own).
-    const previousNorm = await pending;
-    if (!Number.isFinite(previousNorm)) {
-      throw new AhaError(
-        `sft step ${step - 1}: the gradient norm is ${previousNorm}; nothing was saved`,
-      );
-    }
-    if (!Number.isFinite(loss)) {
-      throw new AhaError(`sft step ${step}: the loss is ${loss}; nothing was saved`);
-    }
-    pending = policy.optimizerStep({
+    const norm = policy.optimizerStep({
       ...opts.optimizer,
       lr: opts.optimizer.lr * Math.min(warmup, decay),
     });
-    await opts.onStep?.(step, loss);
+    previous = { step, norm, sums, tokens };
   }
-  const lastNorm = await pending;
-  if (!Number.isFinite(lastNorm)) {
-    throw new AhaError(
-      `sft step ${opts.steps}: the gradient norm is ${lastNorm}; nothing was saved`,
-    );
-  }
+  if (previous) await report(previous);
   return loss;
 }
+
+/** A step whose loss and gradient norm are still on their way. */
+interface Pending {
+  step: number;
+  norm: PromiseLike<number>;
+  sums: PromiseLike<LossSums>;
+  tokens: number;
+}
+
+/** Supervised fine-tuning as a GRPO loss (see runSft): only lossType and beta matter. */
+const SFT_LOSS: GrpoLossConfig = {
+  beta: 0,
+  epsilon: 0.2,
+  epsilonHigh: 0.2,
+  lossType: "bnpo",
+  maxCompletionLength: 1,
+};

@@ -11,15 +11,19 @@
 //
 // Everything device-specific sits behind PolicyEngine / ReferenceEngine (core/engine.ts).
 
-import type { PolicyEngine, ReferenceEngine, TokenBatch } from "./engine.ts";
+import {
+  grpoGradients,
+  type PolicyEngine,
+  type ReferenceEngine,
+  type TokenBatch,
+} from "./engine.ts";
 import { AhaError } from "./errors.ts";
 import {
   completionMask,
   groupAdvantages,
-  grpoLoss,
   type GrpoLossConfig,
   lossNormalizer,
-  type LossRow,
+  type LossSums,
 } from "./grpo.ts";
 import { type EvalOptions, evalSelection, evaluatePolicy, type Evaluation } from "./evaluate.ts";
 import { reflectionMatcher, scoreBatch } from "./rewards.ts";
@@ -243,40 +247,32 @@ export class GrpoTrainer {
       return ref;
     };
 
-    // 4. The update: num_iterations passes over the batch, each in micro-batches.
+    // 4. The update: num_iterations passes over the batch, each in micro-batches. The loss
+    // runs where the log-probs are (grpoGradients); its sums and the gradient norm are read
+    // once, after the optimizer step.
     const trainStart = performance.now();
     const normalizer = lossNormalizer(this.lossConfig, masks);
     let loss = 0, klSum = 0, clipped = 0, tokens = 0, gradNorm = 0;
     for (let iteration = 0; iteration < cfg.num_iterations; iteration++) {
-      loss =
-        klSum =
-        clipped =
-        tokens =
-          0;
+      const pendingSums: PromiseLike<LossSums>[] = [];
       for (let start = 0; start < completions.length; start += cfg.micro_batch_size) {
         const end = Math.min(start + cfg.micro_batch_size, completions.length);
         const micro: TokenBatch = {
           rows: batch.rows.slice(start, end),
           promptLens: batch.promptLens.slice(start, end),
         };
-        await this.policy.accumulateGradients(micro, invTemperature, async (logprobs) => {
-          const ref = await referenceLogprobs();
-          const rows: LossRow[] = logprobs.map((logp, i) => ({
-            logp,
+        const { sums } = await grpoGradients(this.policy, micro, invTemperature, {
+          rows: completions.slice(start, end).map((c, i) => ({
             // With one pass the sampling policy is the current one: ρ = 1 (trl's shortcut).
-            oldLogp: cfg.num_iterations > 1 ? completions[start + i].logprobs : null,
-            refLogp: ref ? ref[start + i] : null,
+            oldLogp: cfg.num_iterations > 1 ? c.logprobs : null,
             mask: masks[start + i],
             advantage: advantages[start + i],
-          }));
-          const result = grpoLoss(rows, this.lossConfig, normalizer);
-          checkFinite(result.loss, "the loss", step);
-          loss += result.loss;
-          klSum += result.klSum;
-          clipped += result.clippedTokens;
-          tokens += result.tokens;
-          return result.dLogp;
+          })),
+          refLogp: async () => (await referenceLogprobs())?.slice(start, end) ?? null,
+          config: this.lossConfig,
+          normalizer,
         });
+        pendingSums.push(sums);
       }
       gradNorm = await this.policy.optimizerStep({
         lr: learningRateAt(cfg, step),
@@ -286,6 +282,12 @@ export class GrpoTrainer {
         weightDecay: cfg.weight_decay,
         maxGradNorm: cfg.max_grad_norm,
       });
+      const sums = await Promise.all(pendingSums);
+      loss = sums.reduce((a, s) => a + s.loss, 0);
+      klSum = sums.reduce((a, s) => a + s.klSum, 0);
+      clipped = sums.reduce((a, s) => a + s.clippedTokens, 0);
+      tokens = sums.reduce((a, s) => a + s.tokens, 0);
+      checkFinite(loss, "the loss", step);
       checkFinite(gradNorm, "the gradient norm", step);
     }
     const trainSeconds = (performance.now() - trainStart) / 1000 - referenceSeconds;

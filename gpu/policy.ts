@@ -4,6 +4,7 @@
 
 import type {
   Completions,
+  GrpoLossInputs,
   OptimizerHyper,
   PolicyEngine,
   ReferenceEngine,
@@ -11,7 +12,10 @@ import type {
   TokenBatch,
 } from "../core/engine.ts";
 import { AhaError } from "../core/errors.ts";
+import { type LossSums, tokenWeight } from "../core/grpo.ts";
+import type { Tensor } from "./device.ts";
 import { generate } from "./generate.ts";
+import { grpoLoss, ROW_FLOATS, SUM_FLOATS, TOKEN_FLOATS } from "./kernels/grpo_loss.ts";
 import type { GpuModel } from "./model.ts";
 import { scoreSequences } from "./score.ts";
 
@@ -38,6 +42,8 @@ async function completionLogprobs(model: GpuModel, batch: TokenBatch, invTempera
 
 export class GpuPolicy implements PolicyEngine {
   private adamStep = 0;
+  /** This step's GRPO loss sums on the GPU, read with the optimizer step's gradient norm. */
+  private stepSums: { sums: Tensor; rows: number; arrive: (sums: LossSums) => void }[] = [];
 
   constructor(readonly model: GpuModel) {}
 
@@ -65,14 +71,89 @@ export class GpuPolicy implements PolicyEngine {
     this.model.backward(upstream, invTemperature);
   }
 
+  /**
+   * The GRPO loss on the GPU (gpu/kernels/grpo_loss.ts): the forward's log-probs never come
+   * back to the CPU, and the sums arrive with the next optimizerStep's read.
+   */
+  async accumulateGrpoGradients(
+    batch: TokenBatch,
+    invTemperature: number,
+    loss: GrpoLossInputs,
+  ): Promise<{ sums: PromiseLike<LossSums> }> {
+    const gpu = this.model.gpu;
+    const { ids, B, L } = pack(batch);
+    const logp = this.model.forward(ids, B, L, invTemperature);
+    gpu.flush(); // the forward runs while the reference's log-probs are awaited
+    const ref = await loss.refLogp();
+    const tokens = new Float32Array(B * L * TOKEN_FLOATS);
+    const rows = new Float32Array(B * ROW_FLOATS);
+    loss.rows.forEach((row, b) => {
+      const first = batch.promptLens[b] - 1;
+      const rowTokens = row.mask.reduce((n, m) => n + m, 0);
+      rows.set(
+        [row.advantage, tokenWeight(loss.normalizer, rowTokens), first, row.mask.length],
+        b * ROW_FLOATS,
+      );
+      row.mask.forEach((m, t) => {
+        const i = (b * L + first + t) * TOKEN_FLOATS;
+        tokens[i] = ref ? ref[b][t] : 0;
+        tokens[i + 1] = row.oldLogp ? row.oldLogp[t] : 0;
+        tokens[i + 2] = m;
+      });
+    });
+    const tokensT = gpu.upload(tokens), rowsT = gpu.upload(rows);
+    const sums = gpu.zeros([B * SUM_FLOATS]);
+    grpoLoss(gpu, logp, tokensT, rowsT, this.model.lossGradient(), sums, B, L, {
+      beta: loss.config.beta,
+      epsilon: loss.config.epsilon,
+      epsilonHigh: loss.config.epsilonHigh,
+      hasOld: loss.rows.some((r) => r.oldLogp !== null),
+      hasRef: ref !== null,
+    });
+    gpu.release(tokensT);
+    gpu.release(rowsT);
+    this.model.backward("written", invTemperature);
+    return { sums: new Promise((arrive) => this.stepSums.push({ sums, rows: B, arrive })) };
+  }
+
   optimizerStep(hp: OptimizerHyper): PromiseLike<number> {
     this.adamStep++;
     const norm = this.model.adamwStep({ ...hp, step: this.adamStep });
     // The read is recorded now and the gradients cleared after it; whoever wants the norm
-    // waits for it, a caller that does not (SFT) goes on recording the next step.
-    const value = this.model.gpu.readLater([norm]).map(([data]) => data[0]);
+    // waits for it, a caller that does not (SFT) goes on recording the next step. The step's
+    // GRPO loss sums come with it.
+    const value = this.readWithSums([norm]).map(([data]) => data[0]);
     this.model.zeroGrads();
     return value;
+  }
+
+  /** Read the GRPO loss sums not yet read (`aha loss`, which takes no optimizer step). */
+  async readLossSums(): Promise<void> {
+    await this.readWithSums([]);
+  }
+
+  /** Read `tensors` and every pending loss sum in one go; each sum adds up its rows in order. */
+  private readWithSums(tensors: Tensor[]) {
+    const stepSums = this.stepSums;
+    this.stepSums = [];
+    return this.model.gpu.readLater([...tensors, ...stepSums.map((s) => s.sums)]).map(
+      (values) => {
+        stepSums.forEach(({ sums: tensor, rows, arrive }, i) => {
+          const data = values[tensors.length + i];
+          const total: LossSums = { loss: 0, klSum: 0, clippedTokens: 0, tokens: 0, logpSum: 0 };
+          for (let at = 0; at < rows * SUM_FLOATS; at += SUM_FLOATS) {
+            total.loss += data[at];
+            total.klSum += data[at + 1];
+            total.clippedTokens += data[at + 2];
+            total.tokens += data[at + 3];
+            total.logpSum += data[at + 4];
+          }
+          tensor.destroy();
+          arrive(total);
+        });
+        return values.slice(0, tensors.length);
+      },
+    );
   }
 
   weights(): Promise<Map<string, Float32Array>> {

@@ -9,7 +9,8 @@
 
 import { initWeights } from "../core/init.ts";
 import { parseModelConfig, PRESETS } from "../core/model_config.ts";
-import { completionMask, groupAdvantages, grpoLoss, lossNormalizer } from "../core/grpo.ts";
+import { completionMask, groupAdvantages, lossNormalizer } from "../core/grpo.ts";
+import { grpoGradients } from "../core/engine.ts";
 import type { TokenBatch } from "../core/engine.ts";
 import { Rng } from "../core/rng.ts";
 import { runSft } from "../core/sft.ts";
@@ -107,7 +108,7 @@ function defaultModelConfig() {
  * tokens, micro-batches of 64) the way the trainer runs it, with the reference in-process and
  * no EOS (every completion has 6 tokens, as PyTorch's). Seconds per phase, best of `reps`.
  */
-async function ahaGrpoStep(gpu: Gpu, reps: number) {
+export async function ahaGrpoStep(gpu: Gpu, reps: number) {
   const cfg = defaultTrainConfig(), config = defaultModelConfig(), V = config.vocabSize;
   const policy = new GpuPolicy(new GpuModel(gpu, config, initWeights(config, 0)));
   const reference = new GpuReference(new GpuModel(gpu, config, initWeights(config, 0)));
@@ -147,26 +148,24 @@ async function ahaGrpoStep(gpu: Gpu, reps: number) {
     const ref = await reference.completionLogprobs(batch, 1);
     lap("reference");
     const normalizer = lossNormalizer(lossConfig, masks);
+    const pendingSums: PromiseLike<unknown>[] = [];
     for (let start = 0; start < batch.rows.length; start += cfg.micro_batch_size) {
       const end = Math.min(start + cfg.micro_batch_size, batch.rows.length);
       const micro = {
         rows: batch.rows.slice(start, end),
         promptLens: batch.promptLens.slice(start, end),
       };
-      await policy.accumulateGradients(micro, 1, (logprobs) =>
-        Promise.resolve(
-          grpoLoss(
-            logprobs.map((logp, i) => ({
-              logp,
-              oldLogp: null,
-              refLogp: ref[start + i],
-              mask: masks[start + i],
-              advantage: advantages[start + i],
-            })),
-            lossConfig,
-            normalizer,
-          ).dLogp,
-        ));
+      const { sums } = await grpoGradients(policy, micro, 1, {
+        rows: masks.slice(start, end).map((mask, i) => ({
+          oldLogp: null,
+          mask,
+          advantage: advantages[start + i],
+        })),
+        refLogp: () => Promise.resolve(ref.slice(start, end)),
+        config: lossConfig,
+        normalizer,
+      });
+      pendingSums.push(sums);
     }
     lap("train");
     await policy.optimizerStep({
@@ -177,6 +176,7 @@ async function ahaGrpoStep(gpu: Gpu, reps: number) {
       weightDecay: 0,
       maxGradNorm: 1,
     });
+    await Promise.all(pendingSums);
     lap("optimizer");
   };
   const total = await best(reps, () => step(true));
@@ -203,7 +203,7 @@ async function ahaGrpoStep(gpu: Gpu, reps: number) {
  * One supervised step of the default's pretraining (128 rows of worked sums), as runSft runs
  * it (the optimizer's norm is not waited for): milliseconds per step over runs of 5 steps.
  */
-async function ahaSftStep(gpu: Gpu, reps: number) {
+export async function ahaSftStep(gpu: Gpu, reps: number) {
   const cfg = defaultTrainConfig(), config = defaultModelConfig();
   const tokenizer = new ArithmeticTokenizer();
   const { train } = splitProblems(cfg.arithmetic);

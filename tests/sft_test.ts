@@ -106,9 +106,10 @@ Deno.test("runSft trains on completion tokens only: the batch, its masks and the
     optimizer: { lr: 1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, maxGradNorm: 1 },
     warmupSteps: 1,
     seed: 0,
-    onStep: (_step, l) => {
+    // A step's loss is reported once it arrives, after the next step is recorded.
+    onStep: (step, l) => {
       loss = l;
-      calls.at(-1)!.loss = l;
+      calls[step - 1].loss = l;
     },
   });
   assert.equal(calls.length, 2);

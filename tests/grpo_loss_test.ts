@@ -1,0 +1,110 @@
+// The GRPO loss kernel (gpu/kernels/grpo_loss.ts, through GpuPolicy.accumulateGrpoGradients)
+// against its CPU twin core/grpo.ts grpoLoss on the same log-probs: d(loss)/d(logp) at every
+// position and the loss, KL, clipped and token sums, for every loss type, with and without the
+// sampler's and the reference's log-probs. Rows of odd lengths, masked tails, ρ on both sides
+// of the clip range and advantages of both signs. (tests/loss_test.ts also checks the kernel
+// end to end against PyTorch's golden losses and gradients.)
+
+import assert from "node:assert/strict";
+import {
+  completionMask,
+  grpoLoss,
+  type GrpoLossConfig,
+  lossNormalizer,
+  type LossType,
+} from "../core/grpo.ts";
+import { initWeights } from "../core/init.ts";
+import { parseModelConfig, PRESETS } from "../core/model_config.ts";
+import { Rng } from "../core/rng.ts";
+import { GpuModel } from "../gpu/model.ts";
+import { GpuPolicy } from "../gpu/policy.ts";
+import { gpuTest, openGpu } from "./helpers.ts";
+
+const gpu = await openGpu();
+const config = parseModelConfig(PRESETS.tiny);
+const EOS = 3;
+
+// Five rows of different prompt and completion lengths; some completions end early (EOS).
+const rng = new Rng(11);
+const promptLens = [3, 6, 2, 5, 4];
+const completions = [[7, 8, EOS, 9], [5, 6, 7, 8, 9, 10, 11], [12], [13, EOS], [14, 15, 16]];
+const batch = {
+  rows: completions.map((c, b) => [
+    ...Array.from({ length: promptLens[b] }, () => 20 + rng.int(50)),
+    ...c,
+  ]),
+  promptLens,
+};
+const masks = completionMask(completions, [EOS]);
+const advantages = [1.3, -0.7, 0.4, -1.9, 0];
+const INV_T = 1 / 0.9;
+
+for (const lossType of ["grpo", "bnpo", "dr_grpo"] as LossType[]) {
+  for (const [withOld, withRef] of [[false, false], [true, false], [false, true], [true, true]]) {
+    const name = `${lossType}, ${withOld ? "ρ from the sampler" : "ρ = 1"}, ${
+      withRef ? "KL to the reference" : "no reference"
+    }`;
+    Deno.test(`GPU GRPO loss equals grpoLoss: ${name}`, gpuTest, async () => {
+      const policy = new GpuPolicy(new GpuModel(gpu, config, initWeights(config, 5)));
+      const cfg: GrpoLossConfig = {
+        beta: 0.07,
+        epsilon: 0.2,
+        epsilonHigh: 0.28,
+        lossType,
+        maxCompletionLength: 7,
+      };
+      const normalizer = lossNormalizer(cfg, masks);
+      const logp = await policy.completionLogprobs(batch, INV_T);
+      const noise = new Rng(3);
+      const shifted = (by: number) =>
+        logp.map((row) => row.map((l) => l + by * (noise.next() - 0.5)));
+      const oldLogp = withOld ? shifted(1.2) : null;
+      const refLogp = withRef ? shifted(2) : null;
+      const rows = masks.map((mask, b) => ({
+        oldLogp: oldLogp ? oldLogp[b] : null,
+        mask,
+        advantage: advantages[b],
+      }));
+
+      const cpu = grpoLoss(
+        rows.map((row, b) => ({ ...row, logp: logp[b], refLogp: refLogp ? refLogp[b] : null })),
+        cfg,
+        normalizer,
+      );
+      if (withOld) assert.ok(cpu.clippedTokens > 0, "the case exercises the clip");
+
+      const { sums } = await policy.accumulateGrpoGradients(batch, INV_T, {
+        rows,
+        refLogp: () => Promise.resolve(refLogp),
+        config: cfg,
+        normalizer,
+      });
+      const dLogp = await gpu.read(policy.model.lossGradient());
+      await policy.readLossSums();
+      const got = await sums;
+      policy.model.destroy();
+
+      // Every position of the padded [B, L] layout: the completion's gradient, zero elsewhere.
+      const L = Math.max(...batch.rows.map((r) => r.length));
+      assert.equal(dLogp.length, batch.rows.length * L);
+      for (let b = 0; b < batch.rows.length; b++) {
+        for (let j = 0; j < L; j++) {
+          const t = j - (promptLens[b] - 1);
+          const want = t >= 0 && t < completions[b].length ? cpu.dLogp[b][t] : 0;
+          const scale = Math.max(1e-3, Math.abs(want));
+          assert.ok(
+            Math.abs(dLogp[b * L + j] - want) <= 2e-5 * scale,
+            `row ${b} position ${j}: ${dLogp[b * L + j]} vs ${want}`,
+          );
+        }
+      }
+      const close = (a: number, b: number, what: string) =>
+        assert.ok(Math.abs(a - b) <= 1e-5 * Math.max(1, Math.abs(b)), `${what}: ${a} vs ${b}`);
+      close(got.loss, cpu.loss, "loss");
+      close(got.klSum, cpu.klSum, "KL sum");
+      assert.equal(got.clippedTokens, cpu.clippedTokens, "clipped tokens");
+      assert.equal(got.tokens, cpu.tokens, "tokens");
+      close(got.logpSum, cpu.logpSum, "Σ logp");
+    });
+  }
+}
