@@ -239,7 +239,6 @@ function generationTensors(
     const T = batch * prefill;
     work.push(
       ...layerTensors(c, "prefill", batch, prefill),
-      t("prefill scratch", T, H),
       t("prefill ids", T),
       t("prefill positions", T),
       t("prefill kvLens", batch),
@@ -248,7 +247,6 @@ function generationTensors(
   work.push(
     ...layerTensors(c, "decode", rows, 1),
     t("decode hidden", rows, H),
-    t("decode scratch", rows, H),
     t("decode logits", rows, c.vocabSize),
     ...["ids", "positions", "kvLens", "sampled", "logp", "done"].map((n) => t(`decode ${n}`, rows)),
     t("sampled tokens", maxNew, rows),

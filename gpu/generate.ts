@@ -39,10 +39,8 @@ class Buffers {
   readonly prefillIds: Tensor;
   readonly prefillPositions: Tensor;
   readonly prefillKvLens: Tensor;
-  readonly prefillScratch: Tensor;
   readonly step: LayerActivations;
   readonly hidden: Tensor;
-  readonly scratch: Tensor;
   readonly logits: Tensor;
   readonly ids: Tensor;
   readonly positions: Tensor;
@@ -75,10 +73,8 @@ class Buffers {
     this.prefillIds = gpu.zeros([T], "i32");
     this.prefillPositions = gpu.zeros([T], "i32");
     this.prefillKvLens = gpu.zeros([batch], "i32");
-    this.prefillScratch = gpu.zeros([T, c.hiddenSize]);
     this.step = layerBuffers(gpu, c, B, 1);
     this.hidden = gpu.zeros([B, c.hiddenSize]);
-    this.scratch = gpu.zeros([B, c.hiddenSize]);
     this.logits = gpu.zeros([B, c.vocabSize]);
     this.ids = gpu.zeros([B], "i32");
     this.positions = gpu.zeros([B], "i32");
@@ -221,7 +217,6 @@ export async function generate(
         positions: bufs.positions,
         kvLens: bufs.kvLens,
         shape,
-        scratch: bufs.scratch,
         cache: cache[i],
       });
     }
@@ -310,7 +305,6 @@ function prefill(model: GpuModel, prompts: number[][], L: number, bufs: Buffers)
       positions: bufs.prefillPositions,
       kvLens: bufs.prefillKvLens,
       shape,
-      scratch: bufs.prefillScratch,
       cache: bufs.promptCache[i],
     });
   }

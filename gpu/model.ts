@@ -46,7 +46,7 @@ import {
   writeKvCache,
 } from "./kernels/attention.ts";
 import { swiglu, swigluBackward } from "./kernels/swiglu.ts";
-import { add, scale } from "./kernels/elementwise.ts";
+import { scale } from "./kernels/elementwise.ts";
 import { type Adapter, loraModules, loraScale } from "../core/lora.ts";
 import { tokenLogprobs, tokenLogprobsBackward } from "./kernels/logprobs.ts";
 import { gradNorm } from "./kernels/gradnorm.ts";
@@ -99,7 +99,6 @@ export interface LayerStep {
   positions: Tensor; // i32 [T]
   kvLens: Tensor; // i32 [B]
   shape: AttentionShape;
-  scratch: Tensor; // [T,H]
   cache?: { k: Tensor; v: Tensor }; // [B, capacity, nKv, D]
   /** false: the LoRA adapter is skipped (the base model); default true. */
   adapter?: boolean;
@@ -136,7 +135,6 @@ class Activations {
   readonly logits: Tensor; // one chunk [chunk, V]
   readonly logp: Tensor; // [T]
   readonly lse: Tensor; // [T]
-  readonly scratch: Tensor; // [T,H], a layer's branch output before the residual add
   readonly chunk: number;
   idsHost: Int32Array = new Int32Array(0);
   private backward: BackwardBuffers | null = null;
@@ -175,7 +173,6 @@ class Activations {
     this.logits = f(this.chunk, c.vocabSize);
     this.logp = f(T);
     this.lse = f(T);
-    this.scratch = f(T, H);
     // Every row holds positions 0..L-1 and attends over its own L keys.
     const positions = new Int32Array(T);
     for (let t = 0; t < T; t++) positions[t] = t % L;
@@ -454,7 +451,6 @@ export class GpuModel {
       positions: a.positions,
       kvLens: a.kvLens,
       shape,
-      scratch: a.scratch,
       adapter,
     };
     for (let i = 0; i < c.numLayers; i++) {
@@ -485,7 +481,7 @@ export class GpuModel {
    * attention runs over x.k and x.v themselves (training: the whole sequence at once).
    */
   layerForward(i: number, x: LayerActivations, out: Tensor, step: LayerStep): void {
-    const gpu = this.gpu, c = this.config, { T, positions, kvLens, shape, scratch, cache } = step;
+    const gpu = this.gpu, c = this.config, { T, positions, kvLens, shape, cache } = step;
     const adapter = step.adapter ?? true;
     const pre = `model.layers.${i}.`;
     rmsnorm(
@@ -522,8 +518,10 @@ export class GpuModel {
       writeKvCache(gpu, x.v, cache.v, kvLens, shape);
     }
     attention(gpu, x.q, cache?.k ?? x.k, cache?.v ?? x.v, kvLens, x.attn, x.lse, shape);
-    this.linear(x.attn, pre + "self_attn.o_proj", scratch, T, adapter);
-    add(gpu, x.input, scratch, x.mid, T * c.hiddenSize);
+    // The residual adds ride on the products: a copy (a memcpy, not a kernel) of the residual
+    // into the output, which the product then accumulates into.
+    gpu.copy(x.input, x.mid, T * c.hiddenSize);
+    this.linear(x.attn, pre + "self_attn.o_proj", x.mid, T, adapter, true);
     rmsnorm(
       gpu,
       x.mid,
@@ -536,21 +534,31 @@ export class GpuModel {
     this.linear(x.norm2, pre + "mlp.gate_proj", x.gate, T, adapter);
     this.linear(x.norm2, pre + "mlp.up_proj", x.up, T, adapter);
     swiglu(gpu, x.gate, x.up, x.act, T * c.intermediateSize);
-    this.linear(x.act, pre + "mlp.down_proj", scratch, T, adapter);
-    add(gpu, x.mid, scratch, out, T * c.hiddenSize);
+    gpu.copy(x.mid, out, T * c.hiddenSize);
+    this.linear(x.act, pre + "mlp.down_proj", out, T, adapter, true);
   }
 
   /**
-   * Backward from dLoss/dlogp ([B·L], same layout as forward's output; zero where unused),
-   * adding every weight's gradient into `grads`.
+   * Where backward() starts: the [B·L] dLoss/dlogp of the last training forward, for a loss
+   * computed on the GPU to write into (then call backward("written")).
    */
-  backward(dLogp: Float32Array, invTemperature = 1): void {
+  lossGradient(): Tensor {
+    if (!this.acts) throw new Error("GpuModel.lossGradient: no training forward pass");
+    return this.acts.backwardBuffers(this.gpu, this.config).dLogp;
+  }
+
+  /**
+   * Backward from dLoss/dlogp ([B·L], same layout as forward's output; zero where unused), or
+   * from what a GPU loss wrote into lossGradient() ("written"), adding every weight's gradient
+   * into `grads`.
+   */
+  backward(dLogp: Float32Array | "written", invTemperature = 1): void {
     const gpu = this.gpu, c = this.config, a = this.acts;
     if (!a) throw new Error("GpuModel.backward: no training forward pass to go back through");
     const T = a.B * a.L, H = c.hiddenSize;
     const shape = this.attentionShape(a.B, a.L);
     const d = a.backwardBuffers(gpu, c);
-    gpu.write(d.dLogp, dLogp);
+    if (dLogp !== "written") gpu.write(d.dLogp, dLogp);
 
     // Vocabulary projection, chunk by chunk: recompute logits, then dLogits → dFinalNorm, dLmHead.
     this.eachLogitChunk(a, (start, n) => {
@@ -581,7 +589,7 @@ export class GpuModel {
       { accumulateDx: false, accumulateDw: true },
     );
 
-    const step = { T, positions: a.positions, kvLens: a.kvLens, shape, scratch: a.scratch };
+    const step = { T, positions: a.positions, kvLens: a.kvLens, shape };
     for (let i = c.numLayers - 1; i >= 0; i--) {
       const x = a.layer(i), pre = `model.layers.${i}.`;
       if (a.checkpointed) {
@@ -750,7 +758,14 @@ export class GpuModel {
    * when it has one): one matmul per row slice of W, each writing its block of y's columns.
    * An adapted module then adds s·(x·Aᵀ)·Bᵀ, unless `adapter` is false.
    */
-  private linear(x: Tensor, module: string, y: Tensor, T: number, adapter = true): void {
+  private linear(
+    x: Tensor,
+    module: string,
+    y: Tensor,
+    T: number,
+    adapter = true,
+    accumulate = false,
+  ): void {
     const w = this.params.get(`${module}.weight`)!, bias = this.params.get(`${module}.bias`)?.[0];
     const outF = w.reduce((rows, t) => rows + t.shape[0], 0), inF = w[0].shape[1];
     let first = 0;
@@ -758,6 +773,7 @@ export class GpuModel {
       const rows = slice.shape[0];
       matmul(this.gpu, x, slice, y, { M: T, N: rows, K: inF }, {
         transB: true,
+        accumulate,
         bias,
         outBlock: { stride: outF, first },
       });

@@ -65,8 +65,8 @@ Deno.test("a small plan, counted by hand", () => {
   // Generation (2 prompts × 2 > 1 eval prompt): 4 rows; capacity 5 and prefill 2 rounded up to
   // 16 and 4 (CAPACITY_ROUND, PREFILL_ROUND).
   //   KV cache: 2·(4·16·2) + prompt cache 2·(2·16·2)
-  //   buffers:  prefill 8·50 + scratch 32 + ids, positions 16 + kvLens 2;
-  //             decode 4·50 + hidden, scratch 32 + logits 40 + six [4] 24 + outputs 2·(2·4)
+  //   buffers:  prefill 8·50 + ids, positions 16 + kvLens 2;
+  //             decode 4·50 + hidden 16 + logits 40 + six [4] 24 + outputs 2·(2·4)
   // Reference: weights; one scoring pass of 4 rows × 5 tokens = 20 tokens, forward only:
   //   20·50 + 60 + 4 + 160 + 20; log-probs 2·(20 × 10) + 40.
   assert.deepEqual(bytes, {
@@ -77,12 +77,12 @@ Deno.test("a small plan, counted by hand", () => {
     "policy backward scratch": 4 * 390,
     "policy log-prob buffers": 4 * 220,
     "policy generation KV cache": 4 * 384,
-    "policy generation buffers": 4 * (450 + 312),
+    "policy generation buffers": 4 * (418 + 296),
     "reference weights": 720,
     "reference forward activations": 4 * 1244,
     "reference log-prob buffers": 4 * 440,
   });
-  assert.equal(plan.policyBytes, 12392);
+  assert.equal(plan.policyBytes, 12200);
   assert.equal(plan.referenceBytes, 7456);
   assert.equal(planMemory({ ...cfg, beta: 0 }, model).referenceBytes, 0);
 });
@@ -231,7 +231,7 @@ Deno.test("a LoRA plan with 16-bit weights and cache and checkpointing, counted 
   // Generation: prompts of 3 prefill 2 tokens, rounded up to 4 (PREFILL_ROUND); capacity 5
   //   rounded up to 16 (CAPACITY_ROUND). 4 rows in bf16 caches [4,16,1,2] and one prefill batch
   //   of both prompts in prompt caches [2,16,1,2]: per layer 2·128 + 2·64 values at 2 bytes.
-  //   Buffers: prefill of 8 tokens 8·50 + scratch 32 + ids, positions 16 + kvLens 2; decode 312.
+  //   Buffers: prefill of 8 tokens 8·50 + ids, positions 16 + kvLens 2; decode 296.
   // LoRA scratch: u and du [10 tokens, r 2]. Reference: the base, on the policy's adapter: no
   //   weights of its own; its scoring pass as without LoRA.
   assert.deepEqual(bytes, {
@@ -243,12 +243,12 @@ Deno.test("a LoRA plan with 16-bit weights and cache and checkpointing, counted 
     "policy backward scratch": 4 * 390,
     "policy log-prob buffers": 4 * 220,
     "policy generation KV cache": 2 * 2 * 384,
-    "policy generation buffers": 4 * (450 + 312),
+    "policy generation buffers": 4 * (418 + 296),
     "policy LoRA scratch": 4 * 40,
     "reference forward activations": 4 * 1244,
     "reference log-prob buffers": 4 * 440,
   });
-  assert.equal(plan.policyBytes, 9736 - 480 - 4 * 538 + 2 * 2 * 384 + 4 * (450 + 312));
+  assert.equal(plan.policyBytes, 9736 - 480 - 4 * 538 + 2 * 2 * 384 + 4 * (418 + 296));
   assert.equal(plan.referenceBytes, 6736);
   // On a second adapter the reference holds the base itself, frozen in bf16.
   assert.equal(planMemory(cfg, model, false).referenceBytes, 6736 + 704);

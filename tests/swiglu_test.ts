@@ -7,7 +7,8 @@ import { swiglu, swigluBackward } from "../gpu/kernels/swiglu.ts";
 import { assertClose, gpuTest, openGpu, randoms, sentinels, unpad } from "./helpers.ts";
 
 const gpu = await openGpu();
-const SIZES = [1, 7, 33, 97, 1001];
+// Multiples of 4 take the vec4 kernels, the others the scalar ones.
+const SIZES = [1, 7, 33, 97, 1001, 4, 516, 1024];
 
 function gates(n: number): Float32Array {
   const g = randoms(n, 11, 12);

@@ -10,96 +10,108 @@ const ROWS_WG = 32;
 const WG = 256;
 const CHUNK = 64;
 
-const FORWARD = /* wgsl */ `
+/**
+ * The kernels over rows of f32 values (`vec` false) or, when H is a multiple of 4, of vec4s:
+ * on llvmpipe each load is a loop over the SIMD lanes, so a vec4 load costs about a scalar's.
+ * A vec4 row sum keeps four running sums (columns j ≡ 0, 1, 2, 3 mod 4) added at the end.
+ */
+function kernels(vec: boolean) {
+  const type = vec ? "vec4f" : "f32";
+  const width = vec ? "(p.H / 4u)" : "p.H"; // elements of `type` per row
+  const total = (v: string) => (vec ? `dot(${v}, vec4f(1.0))` : v);
+  const forward = `
 struct Params { T: u32, H: u32, eps: f32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<f32>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<${type}>;
+@group(0) @binding(2) var<storage, read> w: array<${type}>;
+@group(0) @binding(3) var<storage, read_write> y: array<${type}>;
 @group(0) @binding(4) var<storage, read_write> rstd: array<f32>;
 
 @compute @workgroup_size(${ROWS_WG})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
   let t = gid.x + gid.y * nwg.x * ${ROWS_WG}u;
   if (t >= p.T) { return; }
-  let row = t * p.H;
-  var sumSq = 0.0;
-  for (var j = 0u; j < p.H; j++) {
+  let row = t * ${width};
+  var sumSq = ${type}(0.0);
+  for (var j = 0u; j < ${width}; j++) {
     let v = x[row + j];
     sumSq += v * v;
   }
-  let r = inverseSqrt(sumSq / f32(p.H) + p.eps);
+  let r = inverseSqrt(${total("sumSq")} / f32(p.H) + p.eps);
   rstd[t] = r;
-  for (var j = 0u; j < p.H; j++) {
+  for (var j = 0u; j < ${width}; j++) {
     y[row + j] = x[row + j] * r * w[j];
   }
 }`;
-
-const BACKWARD_DX = /* wgsl */ `
+  const backwardDx = `
 struct Params { T: u32, H: u32, accumulate: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<${type}>;
+@group(0) @binding(2) var<storage, read> w: array<${type}>;
 @group(0) @binding(3) var<storage, read> rstd: array<f32>;
-@group(0) @binding(4) var<storage, read> dy: array<f32>;
-@group(0) @binding(5) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(4) var<storage, read> dy: array<${type}>;
+@group(0) @binding(5) var<storage, read_write> dx: array<${type}>;
 
 @compute @workgroup_size(${ROWS_WG})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
   let t = gid.x + gid.y * nwg.x * ${ROWS_WG}u;
   if (t >= p.T) { return; }
-  let row = t * p.H;
+  let row = t * ${width};
   let r = rstd[t];
-  var sumXg = 0.0;
-  for (var j = 0u; j < p.H; j++) {
+  var sumXg = ${type}(0.0);
+  for (var j = 0u; j < ${width}; j++) {
     sumXg += x[row + j] * w[j] * dy[row + j];
   }
-  let c = r * r * r * sumXg / f32(p.H);
-  for (var j = 0u; j < p.H; j++) {
+  let c = r * r * r * ${total("sumXg")} / f32(p.H);
+  for (var j = 0u; j < ${width}; j++) {
     let g = r * w[j] * dy[row + j] - x[row + j] * c;
     if (p.accumulate != 0u) { dx[row + j] += g; } else { dx[row + j] = g; }
   }
 }`;
-
-// partial[c, j] = Σ over rows t of chunk c of dy[t,j]·x[t,j]·rstd[t].
-const BACKWARD_DW_CHUNKS = /* wgsl */ `
+  // partial[c, j] = Σ over rows t of chunk c of dy[t,j]·x[t,j]·rstd[t] (j in units of type).
+  const backwardDwChunks = `
 struct Params { T: u32, H: u32, chunks: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<${type}>;
 @group(0) @binding(2) var<storage, read> rstd: array<f32>;
-@group(0) @binding(3) var<storage, read> dy: array<f32>;
-@group(0) @binding(4) var<storage, read_write> partial: array<f32>;
+@group(0) @binding(3) var<storage, read> dy: array<${type}>;
+@group(0) @binding(4) var<storage, read_write> partial: array<${type}>;
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
   let i = gid.x + gid.y * nwg.x * ${WG}u;
-  if (i >= p.chunks * p.H) { return; }
-  let c = i / p.H;
-  let j = i - c * p.H;
-  var sum = 0.0;
+  let width = ${width};
+  if (i >= p.chunks * width) { return; }
+  let c = i / width;
+  let j = i - c * width;
+  var sum = ${type}(0.0);
   for (var t = c * ${CHUNK}u; t < min(p.T, (c + 1u) * ${CHUNK}u); t++) {
-    sum += dy[t * p.H + j] * x[t * p.H + j] * rstd[t];
+    sum += dy[t * width + j] * x[t * width + j] * rstd[t];
   }
   partial[i] = sum;
 }`;
-
-// dw[j] (+)= Σ_c partial[c, j].
-const BACKWARD_DW_SUM = /* wgsl */ `
+  // dw[j] (+)= Σ_c partial[c, j].
+  const backwardDwSum = `
 struct Params { H: u32, chunks: u32, accumulate: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> partial: array<f32>;
-@group(0) @binding(2) var<storage, read_write> dw: array<f32>;
+@group(0) @binding(1) var<storage, read> partial: array<${type}>;
+@group(0) @binding(2) var<storage, read_write> dw: array<${type}>;
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
   let j = gid.x + gid.y * nwg.x * ${WG}u;
-  if (j >= p.H) { return; }
-  var sum = 0.0;
+  let width = ${width};
+  if (j >= width) { return; }
+  var sum = ${type}(0.0);
   for (var c = 0u; c < p.chunks; c++) {
-    sum += partial[c * p.H + j];
+    sum += partial[c * width + j];
   }
   if (p.accumulate != 0u) { dw[j] += sum; } else { dw[j] = sum; }
 }`;
+  return { forward, backwardDx, backwardDwChunks, backwardDwSum };
+}
+
+const SCALAR = kernels(false), VEC4 = kernels(true);
 
 /** y = x · rstd · w for the first T rows of x [T, H] (H = w.shape[0]); writes rstd [T]. */
 export function rmsnorm(
@@ -111,8 +123,10 @@ export function rmsnorm(
   T: number,
   eps: number,
 ): void {
-  const H = w.shape[0];
-  gpu.dispatch(gpu.pipeline(FORWARD, "rmsnorm"), grid(T, ROWS_WG), [x, w, y, rstd], [T, H], [eps]);
+  const H = w.shape[0], k = H % 4 === 0 ? VEC4 : SCALAR;
+  gpu.dispatch(gpu.pipeline(k.forward, "rmsnorm"), grid(T, ROWS_WG), [x, w, y, rstd], [T, H], [
+    eps,
+  ]);
 }
 
 /** dx (+)= ∂L/∂x and dw (+)= ∂L/∂w given dy = ∂L/∂y and the forward's rstd (dw null: a frozen
@@ -128,27 +142,38 @@ export function rmsnormBackward(
   T: number,
   opts: { accumulateDx: boolean; accumulateDw: boolean },
 ): void {
-  const H = w.shape[0];
+  const H = w.shape[0], k = H % 4 === 0 ? VEC4 : SCALAR, width = H % 4 === 0 ? H / 4 : H;
   const chunks = Math.ceil(T / CHUNK);
   gpu.dispatch(
-    gpu.pipeline(BACKWARD_DX, "rmsnormBackwardDx"),
+    gpu.pipeline(k.backwardDx, "rmsnormBackwardDx"),
     grid(T, ROWS_WG),
     [x, w, rstd, dy, dx],
     [T, H, opts.accumulateDx ? 1 : 0],
   );
   if (!dw) return;
-  const partial = gpu.zeros([chunks, H], "f32", "rmsnorm dw partial");
+  const partial = partialBuffer(gpu, chunks * H);
   gpu.dispatch(
-    gpu.pipeline(BACKWARD_DW_CHUNKS, "rmsnormBackwardDwChunks"),
-    grid(chunks * H, WG),
+    gpu.pipeline(k.backwardDwChunks, "rmsnormBackwardDwChunks"),
+    grid(chunks * width, WG),
     [x, rstd, dy, partial],
     [T, H, chunks],
   );
   gpu.dispatch(
-    gpu.pipeline(BACKWARD_DW_SUM, "rmsnormBackwardDwSum"),
-    grid(H, WG),
+    gpu.pipeline(k.backwardDwSum, "rmsnormBackwardDwSum"),
+    grid(width, WG),
     [partial, dw],
     [H, chunks, opts.accumulateDw ? 1 : 0],
   );
-  gpu.release(partial);
+}
+
+/** dw's per-chunk partial sums, kept per device and grown when a batch needs more. */
+const partialBuffers = new WeakMap<Gpu, Tensor>();
+function partialBuffer(gpu: Gpu, size: number): Tensor {
+  let t = partialBuffers.get(gpu);
+  if (!t || t.size < size) {
+    if (t) gpu.release(t);
+    t = gpu.zeros([size], "f32", "rmsnorm dw partial");
+    partialBuffers.set(gpu, t);
+  }
+  return t;
 }
