@@ -18,7 +18,8 @@ function twinNorm(arrays: Float32Array[]): number {
 
 Deno.test("gradNorm matches the twin to 1e-5 and is bitwise repeatable", gpuTest, async () => {
   const rng = new Rng(7);
-  const sizes = [1, 7, 33, 97, 4095, 4097, 100_003, (1 << 20) + 3];
+  // Sizes that are multiples of 4 are read as vec4s, the others one value at a time.
+  const sizes = [1, 7, 33, 97, 4095, 4097, 100_003, (1 << 20) + 3, 64, 3072, 100_004];
   const arrays = sizes.map((n, i) => randoms(n, rng, 10 ** (i % 4 - 2)));
   const grads = arrays.map((a) => gpu.upload(a));
   const norm = gpu.zeros([1]);
@@ -57,9 +58,9 @@ function twinAdamw(
 Deno.test("adamw matches the float64 twin over five steps, clipped or not", gpuTest, async () => {
   // f32 tolerances: param to 2e-6 absolute (|p| ≤ 1, lr = 1e-2, five steps), m and v to 1e-6
   // relative to their largest magnitude. Gradients have norm ~18: maxGradNorm 1 clips them,
-  // 1000 does not, 0 turns clipping off even though `norm` holds a huge value.
-  const n = 1001;
-  for (const maxGradNorm of [0, 1, 1000]) {
+  // 1000 does not, 0 turns clipping off even though `norm` holds a huge value. 1001 values take
+  // the scalar kernel, 1000 the vec4 one.
+  for (const [n, maxGradNorm] of [1001, 1000].flatMap((n) => [0, 1, 1000].map((c) => [n, c]))) {
     const rng = new Rng(11 + maxGradNorm);
     const p0 = randoms(n, rng);
     const param = gpu.upload(p0), grad = gpu.zeros([n]), m = gpu.zeros([n]), v = gpu.zeros([n]);
@@ -85,7 +86,7 @@ Deno.test("adamw matches the float64 twin over five steps, clipped or not", gpuT
     const [gotP, gotM, gotV] = await gpu.readMany([param, m, v]) as Float32Array[];
     const mScale = Math.max(...want.m.map(Math.abs)), vScale = Math.max(...want.v);
     for (let i = 0; i < n; i++) {
-      const where = `maxGradNorm=${maxGradNorm} i=${i}`;
+      const where = `n=${n} maxGradNorm=${maxGradNorm} i=${i}`;
       assert.ok(Math.abs(gotP[i] - want.p[i]) <= 2e-6, `p ${where}: ${gotP[i]} vs ${want.p[i]}`);
       assert.ok(Math.abs(gotM[i] - want.m[i]) <= 1e-6 * mScale, `m ${where}`);
       assert.ok(Math.abs(gotV[i] - want.v[i]) <= 1e-6 * vScale, `v ${where}`);

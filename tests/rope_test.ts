@@ -89,12 +89,17 @@ Deno.test(
   gpuTest,
   async () => {
     // The fused kernel does the same f32 operations: results must be identical, in training
-    // (no cache, forward and inverse) and in generation (caches with per-row lengths).
-    const B = 3, Lq = 5, T = B * Lq, nH = 6, nKv = 2, D = 10, capacity = 9;
-    const shape = { B, Lq, capacity, nHeads: nH, nKvHeads: nKv, headDim: D };
-    const q = randoms(T * nH * D, 1), k = randoms(T * nKv * D, 2), v = randoms(T * nKv * D, 3);
+    // (no cache, forward and inverse) and in generation (caches with per-row lengths). Heads of
+    // 10 take its one-pair kernel, heads of 16 its four-pair (vec4) kernel.
+    const B = 3, Lq = 5, T = B * Lq, nH = 6, nKv = 2, capacity = 9;
     const pos = gpu.upload(positionsFor(T)), kvLens = gpu.upload(Int32Array.from([5, 9, 7]));
-    for (const [inverse, withCache] of [[false, false], [true, false], [false, true]]) {
+    for (
+      const [D, inverse, withCache] of [10, 16].flatMap((D) =>
+        [[false, false], [true, false], [false, true]].map(([i, c]) => [D, i, c] as const)
+      )
+    ) {
+      const shape = { B, Lq, capacity, nHeads: nH, nKvHeads: nKv, headDim: D };
+      const q = randoms(T * nH * D, 1), k = randoms(T * nKv * D, 2), v = randoms(T * nKv * D, 3);
       const cacheSize = B * capacity * nKv * D;
       const sep = {
         q: gpu.upload(q),
@@ -128,7 +133,11 @@ Deno.test(
         fused.vc,
       ]);
       for (let i = 0; i < 4; i++) {
-        assert.deepEqual(got[i + 4], got[i], `tensor ${i}, inverse ${inverse}, cache ${withCache}`);
+        assert.deepEqual(
+          got[i + 4],
+          got[i],
+          `tensor ${i}, D ${D}, inverse ${inverse}, cache ${withCache}`,
+        );
       }
       if (withCache) assert.ok(got[6].some((x) => x !== 0), "the cache was written");
     }

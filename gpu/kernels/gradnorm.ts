@@ -1,13 +1,15 @@
 // The global gradient norm used for clipping: norm[0] = sqrt(Σ over all gradients of g²).
-// Each tensor gets its own dispatch (storage bindings per stage are few), whose workgroups each
-// write the sum of squares of one fixed block of elements into a partials buffer; one last
-// workgroup adds the partials in a fixed order. No atomics: equal inputs give a bitwise-equal norm.
+// Each tensor gets its own dispatch (storage bindings per stage are few), whose invocations each
+// write the sum of squares of one fixed block of elements, summed in order with no barrier
+// (barriers are slow on llvmpipe; vec4 loads when the size allows), into a partials buffer; one
+// last workgroup adds the partials in a fixed order. No atomics: equal inputs give a
+// bitwise-equal norm.
 
 import { Gpu, grid, Tensor } from "../device.ts";
 
 const WG = 256;
-const PER_THREAD = 16;
-const BLOCK = WG * PER_THREAD; // elements summed by one workgroup into one partial
+const BLOCK_WG = 64;
+const BLOCK = 1024; // elements summed by one invocation into one partial
 
 const REDUCE = /* wgsl */ `
 var<workgroup> red: array<f32, ${WG}>;
@@ -22,26 +24,25 @@ fn reduceSum(lid: u32, x: f32) -> f32 {
 }
 `;
 
-// partials[offset + b] = Σ g² over block b = [b·BLOCK, (b+1)·BLOCK) of one tensor of n elements.
-const BLOCK_SUMS = /* wgsl */ `
+// partials[offset + b] = Σ g² over block b = [b·BLOCK, (b+1)·BLOCK) of one tensor of n
+// elements (read as vec4s when n is a multiple of 4, then the four lane sums added).
+const blockSums = (vec: boolean) => /* wgsl */ `
 struct Params { n: u32, blocks: u32, offset: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> grad: array<f32>;
+@group(0) @binding(1) var<storage, read> grad: array<${vec ? "vec4f" : "f32"}>;
 @group(0) @binding(2) var<storage, read_write> partials: array<f32>;
-${REDUCE}
-@compute @workgroup_size(${WG})
-fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-        @builtin(local_invocation_index) lid: u32) {
-  let b = wid.x + wid.y * nwg.x;
+
+@compute @workgroup_size(${BLOCK_WG})
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let b = gid.x + gid.y * nwg.x * ${BLOCK_WG}u;
   if (b >= p.blocks) { return; }
-  var acc = 0.0;
-  for (var j = 0u; j < ${PER_THREAD}u; j++) {
-    let i = b * ${BLOCK}u + j * ${WG}u + lid;
-    if (i < p.n) { acc += grad[i] * grad[i]; }
-  }
-  let total = reduceSum(lid, acc);
-  if (lid == 0u) { partials[p.offset + b] = total; }
+  let per = ${vec ? BLOCK / 4 : BLOCK}u;
+  let end = min((b + 1u) * per, ${vec ? "p.n / 4u" : "p.n"});
+  var acc = ${vec ? "vec4f(0.0)" : "0.0"};
+  for (var i = b * per; i < end; i++) { acc += grad[i] * grad[i]; }
+  partials[p.offset + b] = ${vec ? "dot(acc, vec4f(1.0))" : "acc"};
 }`;
+const BLOCK_SUMS = blockSums(false), BLOCK_SUMS_VEC4 = blockSums(true);
 
 // norm[0] = sqrt(Σ partials[0..count)), one workgroup.
 const FINAL = /* wgsl */ `
@@ -62,13 +63,29 @@ fn main(@builtin(local_invocation_index) lid: u32) {
 export function gradNorm(gpu: Gpu, grads: Tensor[], norm: Tensor): void {
   const blocks = grads.map((g) => Math.ceil(g.size / BLOCK));
   const count = blocks.reduce((a, b) => a + b, 0);
-  const partials = gpu.zeros([Math.max(count, 1)], "f32", "gradnorm partials");
-  const blockSums = gpu.pipeline(BLOCK_SUMS, "gradnorm_blocks");
+  const partials = partialBuffer(gpu, Math.max(count, 1));
   let offset = 0;
   grads.forEach((g, i) => {
-    gpu.dispatch(blockSums, grid(blocks[i], 1), [g, partials], [g.size, blocks[i], offset]);
+    const kernel = g.size % 4 === 0 ? BLOCK_SUMS_VEC4 : BLOCK_SUMS;
+    gpu.dispatch(
+      gpu.pipeline(kernel, "gradnorm_blocks"),
+      grid(blocks[i], BLOCK_WG),
+      [g, partials],
+      [g.size, blocks[i], offset],
+    );
     offset += blocks[i];
   });
   gpu.dispatch(gpu.pipeline(FINAL, "gradnorm_final"), [1], [partials, norm], [count]);
-  gpu.release(partials);
+}
+
+/** The partial sums, kept per device and grown when a call needs more. */
+const partialBuffers = new WeakMap<Gpu, Tensor>();
+function partialBuffer(gpu: Gpu, size: number): Tensor {
+  let t = partialBuffers.get(gpu);
+  if (!t || t.size < size) {
+    if (t) gpu.release(t);
+    t = gpu.zeros([size], "f32", "gradnorm partials");
+    partialBuffers.set(gpu, t);
+  }
+  return t;
 }

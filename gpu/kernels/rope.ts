@@ -68,71 +68,83 @@ export function rope(
   );
 }
 
-// One invocation per rotated pair: first the q pairs [T, nH, D/2], then the k pairs
-// [T, nKv, D/2]. With a cache, a k pair also stores its two rotated keys and the two values at
-// the same places into the caches [B, capacity, nKv, D], at position kvLens[b] − Lq + i for
-// token t = b·Lq + i (as writeKvCache does).
-const qkShader = (vec4s: number, cache: boolean) => /* wgsl */ `
+// One invocation per rotated pair, or per four consecutive pairs as vec4s when D/2 is a
+// multiple of 4 (on llvmpipe a vec4 load costs about a scalar's): first the q pairs
+// [T, nH, D/2], then the k pairs [T, nKv, D/2]. With a cache, a k pair also stores its two
+// rotated keys and the two values at the same places into the caches [B, capacity, nKv, D], at
+// position kvLens[b] − Lq + i for token t = b·Lq + i (as writeKvCache does). cos and sin of a
+// vec4 are the scalar functions lane by lane, so both forms give the same bits.
+const qkShader = (vec4s: number, cache: boolean, vec: boolean) => {
+  const type = vec ? "vec4f" : "f32";
+  const per = vec ? 4 : 1; // pairs per invocation
+  const freq = vec ? "p.invFreq[i / 4u]" : "p.invFreq[i / 4u][i % 4u]";
+  // Element `at` of a buffer bound as `type` (at is a multiple of 4 in the vec4 form).
+  const el = (at: string) => (vec ? `(${at}) / 4u` : at);
+  return /* wgsl */ `
 struct Params {
   T: u32, nH: u32, nKv: u32, D: u32, inverse: u32, Lq: u32, capacity: u32, pad: u32,
   invFreq: array<vec4<f32>, ${vec4s}>,
 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> q: array<f32>;
-@group(0) @binding(2) var<storage, read_write> k: array<f32>;
+@group(0) @binding(1) var<storage, read_write> q: array<${type}>;
+@group(0) @binding(2) var<storage, read_write> k: array<${type}>;
 @group(0) @binding(3) var<storage, read> positions: array<i32>;
 ${
-  cache
-    ? `@group(0) @binding(4) var<storage, read> v: array<f32>;
+    cache
+      ? `@group(0) @binding(4) var<storage, read> v: array<${type}>;
 @group(0) @binding(5) var<storage, read> kvLens: array<i32>;
-@group(0) @binding(6) var<storage, read_write> kCache: array<f32>;
-@group(0) @binding(7) var<storage, read_write> vCache: array<f32>;`
-    : ""
-}
+@group(0) @binding(6) var<storage, read_write> kCache: array<${type}>;
+@group(0) @binding(7) var<storage, read_write> vCache: array<${type}>;`
+      : ""
+  }
 
-fn rotate(x1: f32, x2: f32, angle: f32) -> vec2f {
+struct Pair { x1: ${type}, x2: ${type} }
+
+fn rotate(x1: ${type}, x2: ${type}, angle: ${type}) -> Pair {
   let c = cos(angle);
   let s = select(sin(angle), -sin(angle), p.inverse != 0u);
-  return vec2f(x1 * c - x2 * s, x2 * c + x1 * s);
+  return Pair(x1 * c - x2 * s, x2 * c + x1 * s);
 }
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
   let n = gid.x + gid.y * nwg.x * ${WG}u;
   let half = p.D / 2u;
-  let qPairs = p.T * p.nH * half;
-  if (n < qPairs) {
-    let head = n / half;       // t * nH + h
-    let i = n - head * half;
+  let groups = half / ${per}u; // invocations per head
+  let qGroups = p.T * p.nH * groups;
+  if (n < qGroups) {
+    let head = n / groups;       // t * nH + h
+    let i = (n - head * groups) * ${per}u;
     let at = head * p.D + i;
-    let r = rotate(q[at], q[at + half], f32(positions[head / p.nH]) * p.invFreq[i / 4u][i % 4u]);
-    q[at] = r.x;
-    q[at + half] = r.y;
+    let r = rotate(q[${el("at")}], q[${el("at + half")}], f32(positions[head / p.nH]) * ${freq});
+    q[${el("at")}] = r.x1;
+    q[${el("at + half")}] = r.x2;
     return;
   }
-  let m = n - qPairs;
-  if (m >= p.T * p.nKv * half) { return; }
-  let head = m / half;         // t * nKv + h
-  let i = m - head * half;
+  let m = n - qGroups;
+  if (m >= p.T * p.nKv * groups) { return; }
+  let head = m / groups;         // t * nKv + h
+  let i = (m - head * groups) * ${per}u;
   let at = head * p.D + i;
   let t = head / p.nKv;
-  let r = rotate(k[at], k[at + half], f32(positions[t]) * p.invFreq[i / 4u][i % 4u]);
-  k[at] = r.x;
-  k[at + half] = r.y;
+  let r = rotate(k[${el("at")}], k[${el("at + half")}], f32(positions[t]) * ${freq});
+  k[${el("at")}] = r.x1;
+  k[${el("at + half")}] = r.x2;
   ${
-  cache
-    ? `let b = t / p.Lq;
+    cache
+      ? `let b = t / p.Lq;
   let pos = kvLens[b] - i32(p.Lq) + i32(t % p.Lq);
   if (pos < 0 || pos >= i32(p.capacity)) { return; }
   let rowSize = p.nKv * p.D;
   let to = (b * p.capacity + u32(pos)) * rowSize + (head % p.nKv) * p.D + i;
-  kCache[to] = r.x;
-  kCache[to + half] = r.y;
-  vCache[to] = v[at];
-  vCache[to + half] = v[at + half];`
-    : ""
-}
+  kCache[${el("to")}] = r.x1;
+  kCache[${el("to + half")}] = r.x2;
+  vCache[${el("to")}] = v[${el("at")}];
+  vCache[${el("to + half")}] = v[${el("at + half")}];`
+      : ""
+  }
 }`;
+};
 
 /** Where ropeQk also writes the rotated keys and the values (generation). */
 export interface RopeCache {
@@ -166,9 +178,10 @@ export function ropeQk(
   const tensors = cache
     ? [q, k, positions, cache.v, cache.kvLens, cache.k, cache.vCache]
     : [q, k, positions];
+  const vec = (headDim / 2) % 4 === 0;
   gpu.dispatch(
-    gpu.pipeline(qkShader(vec4s, cache !== undefined), "rope q k"),
-    grid((T * (nH + nKv) * headDim) / 2, WG),
+    gpu.pipeline(qkShader(vec4s, cache !== undefined, vec), "rope q k"),
+    grid((T * (nH + nKv) * headDim) / (vec ? 8 : 2), WG),
     tensors,
     [T, nH, nKv, headDim, inverse ? 1 : 0, cache?.shape.Lq ?? 1, cache?.shape.capacity ?? 0, 0],
     Array.from(invFreq),
