@@ -241,6 +241,8 @@ export async function generate(
       bufs.logp,
     );
     afterSample(gpu, bufs, B, opts.eosIds.length, s);
+    // Submit each step as soon as it is recorded: the GPU starts on it while the next one is.
+    gpu.flush();
     steps = s + 1;
     if (
       steps % DONE_CHECK_EVERY === 0 && maxNew - steps >= DONE_CHECK_EVERY &&

@@ -113,6 +113,7 @@ export class GpuPolicy implements PolicyEngine {
     gpu.release(tokensT);
     gpu.release(rowsT);
     this.model.backward("written", invTemperature);
+    gpu.flush(); // the backward runs while the caller records what comes next
     return { sums: new Promise((arrive) => this.stepSums.push({ sums, rows: B, arrive })) };
   }
 

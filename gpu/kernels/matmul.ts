@@ -105,6 +105,7 @@ function isSoftware(gpu: Gpu): boolean {
 function matmulKernel(
   gpu: Gpu,
   M: number,
+  N: number,
   allVec4: boolean,
   forced?: MatmulKernel,
 ): KernelChoice | "tiled" {
@@ -112,6 +113,12 @@ function matmulKernel(
   if (kernel === "tiled") return "tiled";
   if (!isSoftware(gpu)) return { workgroup: [16, 16], rowGroups: 1, colGroups: 1 };
   if (!allVec4) return { workgroup: [8, 8], rowGroups: 2, colGroups: 2 };
+  // Fewer 16×16 blocks than two workgroups' worth (generation's products, one token per row)
+  // would leave a CPU thread idle: 8×8 blocks, four times as many (measured on the decode
+  // products of the default model, 128 rows: a third less time).
+  if (Math.ceil(M / 16) * Math.ceil(N / 16) < 128) {
+    return { workgroup: [8, 8], rowGroups: 2, colGroups: 2 };
+  }
   return { workgroup: [8, 8], rowGroups: M >= 16 ? 4 : M >= 8 ? 2 : 1, colGroups: 4 };
 }
 
@@ -548,7 +555,7 @@ export function matmul(
   const vecA = (transA ? M : K) % 4 === 0 && aligned(aBlock), vecB = (transB ? K : N) % 4 === 0;
   const vecOut = N % 4 === 0 && aligned(outBlock);
   const bType = storedAs(b);
-  const tile = matmulKernel(gpu, M, vecA && vecB && vecOut, opts.kernel);
+  const tile = matmulKernel(gpu, M, N, vecA && vecB && vecOut, opts.kernel);
   const tensors = opts.bias ? [a, b, out, opts.bias] : [a, b, out];
   const strides = blocks ? [aBlock.stride, aBlock.first, outBlock.stride, outBlock.first] : [];
   if (tile === "tiled") {
