@@ -27,7 +27,7 @@ import { Rng } from "../core/rng.ts";
 import { encodeSafetensors, readSafetensors } from "../core/safetensors.ts";
 import { runSft } from "../core/sft.ts";
 import type { Task } from "../core/task.ts";
-import { loadTrainConfig, type TrainConfig } from "../core/train_config.ts";
+import { loadTrainConfig, referenceEngine, type TrainConfig } from "../core/train_config.ts";
 import {
   evaluate,
   type Evaluation,
@@ -268,7 +268,11 @@ async function train(
     : await WorkerReference.start({
       modelDir: referenceDir,
       adapter: referenceAdapter,
-      engine: cfg.reference.engine,
+      engine: referenceEngine(
+        cfg,
+        summarizeAdapter(gpu.adapter).isFallbackAdapter,
+        parameterCount(start.config),
+      ),
       env: cfg.reference.env,
       timeoutS: cfg.reference.timeout_s,
       maxRestarts: cfg.reference.max_restarts,

@@ -127,10 +127,11 @@ export interface Adapter {
  * Whether the reference model of a run is the policy's own frozen base with the adapter
  * switched off, in the training process (no second copy of the weights): a LoRA run whose
  * reference would share the policy's adapter anyway — reference.adapter "same", or no second
- * adapter (`secondAdapter` false) — with the WebGPU engine and no reference syncing.
+ * adapter (`secondAdapter` false) — with no reference syncing, unless reference.engine asks for
+ * ONNX (auto does not: the shared base costs no second copy and no process).
  */
 export function referenceSharesBase(cfg: TrainConfig, secondAdapter: boolean): boolean {
-  return cfg.lora !== null && cfg.beta > 0 && cfg.reference.engine === "webgpu" &&
+  return cfg.lora !== null && cfg.beta > 0 && cfg.reference.engine !== "onnx" &&
     !cfg.sync_ref_model && (cfg.reference.adapter === "same" || !secondAdapter);
 }
 

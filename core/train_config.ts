@@ -137,7 +137,8 @@ export interface TrainConfig {
   // The reference model's sibling process.
   reference: {
     adapter: "auto" | "same" | "vulkan" | "gl" | "metal" | "dx12";
-    engine: "webgpu" | "onnx";
+    /** "auto": see referenceEngine. */
+    engine: "auto" | "webgpu" | "onnx";
     /** Extra environment variables of the reference process. */
     env: Record<string, string>;
     timeout_s: number;
@@ -184,7 +185,7 @@ export function defaultTrainConfig(): TrainConfig {
     prompts_per_step: 16,
     num_generations: 8,
     max_prompt_length: 16,
-    max_completion_length: 6,
+    max_completion_length: 4,
     temperature: 1.0,
     top_p: 1.0,
     top_k: 0,
@@ -200,13 +201,13 @@ export function defaultTrainConfig(): TrainConfig {
     learning_rate: 1.5e-3,
     lr_scheduler_type: "linear",
     warmup_steps: 20,
-    max_steps: 700,
+    max_steps: 350,
     max_grad_norm: 1.0,
     weight_decay: 0.0,
     adam_beta1: 0.9,
     adam_beta2: 0.99,
     adam_epsilon: 1e-8,
-    micro_batch_size: 64,
+    micro_batch_size: 128,
     sync_ref_model: false,
     ref_model_sync_steps: 512,
     ref_model_mixup_alpha: 0.6,
@@ -239,7 +240,7 @@ export function defaultTrainConfig(): TrainConfig {
       carry_error_rate: 0.6,
       format_error_rate: 0.25,
     },
-    sft: { steps: 800, learning_rate: 5e-3, batch_size: 128 },
+    sft: { steps: 500, learning_rate: 5e-3, batch_size: 128 },
     lora: null,
     adapter: null,
     frozen_dtype: "auto",
@@ -247,7 +248,7 @@ export function defaultTrainConfig(): TrainConfig {
     kv_cache_dtype: "f32",
     reference: {
       adapter: "auto",
-      engine: "webgpu",
+      engine: "auto",
       env: {},
       timeout_s: 120,
       onnx: null,
@@ -410,7 +411,7 @@ const RULES: Record<string, Rule> = {
   gradient_checkpointing: bool,
   kv_cache_dtype: oneOf("f32", "bf16", "f16"),
   "reference.adapter": oneOf("auto", "same", "vulkan", "gl", "metal", "dx12"),
-  "reference.engine": oneOf("webgpu", "onnx"),
+  "reference.engine": oneOf("auto", "webgpu", "onnx"),
   "reference.env": envMap,
   "reference.timeout_s": num("(", 0),
   "reference.onnx": orNull(str),
@@ -616,4 +617,25 @@ export function learningRateAt(cfg: TrainConfig, step: number): number {
   return cfg.lr_scheduler_type === "linear"
     ? lr * (1 - progress)
     : lr * 0.5 * (1 + Math.cos(Math.PI * progress));
+}
+
+/** Models up to this many bytes of f32 weights go to the ONNX engine under reference.engine auto. */
+export const ONNX_AUTO_MAX_BYTES = 1 << 30;
+
+/**
+ * The engine of the reference process. "auto": onnxruntime-web's WASM engine when the policy's
+ * WebGPU adapter is a software one (no GPU: the reference's adapter would be another software
+ * adapter on the same CPU cores, where the WASM engine computes the same log-probs in about a
+ * third of the time) and the f32 weights fit comfortably in WASM's 4 GiB memory (≤ 1 GiB), else
+ * WebGPU on the reference's own adapter. A given ONNX export (reference.onnx) means the ONNX engine.
+ */
+export function referenceEngine(
+  cfg: TrainConfig,
+  policyAdapterIsSoftware: boolean,
+  parameters: number,
+): "webgpu" | "onnx" {
+  const { engine, onnx } = cfg.reference;
+  if (engine !== "auto") return engine;
+  if (onnx !== null) return "onnx";
+  return policyAdapterIsSoftware && parameters * 4 <= ONNX_AUTO_MAX_BYTES ? "onnx" : "webgpu";
 }

@@ -23,7 +23,8 @@ export interface WorkerReferenceOptions {
   /** The reference checkpoint; the worker loads it itself. */
   modelDir: string;
   adapter: TrainConfig["reference"]["adapter"];
-  engine: TrainConfig["reference"]["engine"];
+  /** reference.engine resolved (core/train_config.ts referenceEngine). */
+  engine: "webgpu" | "onnx";
   /** Extra environment variables of the worker (reference.env). */
   env: Record<string, string>;
   timeoutS: number;

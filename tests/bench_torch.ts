@@ -104,8 +104,15 @@ function defaultModelConfig() {
 }
 
 /**
- * One GRPO step of the default's shape (16 prompts × 8 samples, prompts of 7 tokens, 6 new
- * tokens, micro-batches of 64) the way the trainer runs it, with the reference in-process and
+ * The GRPO step measured on both sides: the default run's shape when issue 11 set the targets
+ * (the recipe has since moved to 4 new tokens and one micro-batch of 128; the bench keeps the
+ * shape so that its ratios compare across changes).
+ */
+const GRPO_SHAPE = { prompts: 16, generations: 8, promptLen: 7, newTokens: 6, micro: 64 };
+
+/**
+ * One GRPO step of GRPO_SHAPE (16 prompts × 8 samples, prompts of 7 tokens, 6 new tokens,
+ * micro-batches of 64) the way the trainer runs it, with the reference in-process and
  * no EOS (every completion has 6 tokens, as PyTorch's). Seconds per phase, best of `reps`.
  */
 export async function ahaGrpoStep(gpu: Gpu, reps: number) {
@@ -113,8 +120,11 @@ export async function ahaGrpoStep(gpu: Gpu, reps: number) {
   const policy = new GpuPolicy(new GpuModel(gpu, config, initWeights(config, 0)));
   const reference = new GpuReference(new GpuModel(gpu, config, initWeights(config, 0)));
   const rng = new Rng(2);
-  const P = cfg.prompts_per_step, G = cfg.num_generations, N = cfg.max_completion_length;
-  const prompts = Array.from({ length: P }, () => Array.from({ length: 7 }, () => rng.int(V)));
+  const { prompts: P, generations: G, newTokens: N, micro: microSize } = GRPO_SHAPE;
+  const prompts = Array.from(
+    { length: P },
+    () => Array.from({ length: GRPO_SHAPE.promptLen }, () => rng.int(V)),
+  );
   const lossConfig = {
     beta: cfg.beta,
     epsilon: cfg.epsilon,
@@ -141,7 +151,7 @@ export async function ahaGrpoStep(gpu: Gpu, reps: number) {
     lap("generate");
     const batch: TokenBatch = {
       rows: out.tokens.map((c, i) => [...prompts[Math.floor(i / G)], ...c]),
-      promptLens: out.tokens.map(() => 7),
+      promptLens: out.tokens.map(() => GRPO_SHAPE.promptLen),
     };
     const advantages = groupAdvantages(out.tokens.map(() => rng.next()), G, true);
     const masks = completionMask(out.tokens, []);
@@ -149,8 +159,8 @@ export async function ahaGrpoStep(gpu: Gpu, reps: number) {
     lap("reference");
     const normalizer = lossNormalizer(lossConfig, masks);
     const pendingSums: PromiseLike<unknown>[] = [];
-    for (let start = 0; start < batch.rows.length; start += cfg.micro_batch_size) {
-      const end = Math.min(start + cfg.micro_batch_size, batch.rows.length);
+    for (let start = 0; start < batch.rows.length; start += microSize) {
+      const end = Math.min(start + microSize, batch.rows.length);
       const micro = {
         rows: batch.rows.slice(start, end),
         promptLens: batch.promptLens.slice(start, end),
@@ -283,6 +293,11 @@ export async function sideBySide(gpu: Gpu): Promise<void> {
   const sft = await ahaSftStep(gpu, 3);
   const torch = await runTorch({
     vocab: defaultModelConfig().vocabSize,
+    grpo_prompts: GRPO_SHAPE.prompts,
+    grpo_generations: GRPO_SHAPE.generations,
+    grpo_prompt_len: GRPO_SHAPE.promptLen,
+    grpo_new_tokens: GRPO_SHAPE.newTokens,
+    grpo_micro: GRPO_SHAPE.micro,
     sft_batch: sft.B,
     sft_len: sft.L,
   });

@@ -389,6 +389,8 @@ async function train(
     "eval_prompts=8",
     "eval_steps=0",
     "sample_steps=0",
+    // The WebGPU worker on the second adapter (auto would take the ONNX engine here: no GPU).
+    "reference.engine=webgpu",
     ...sets,
   ];
   const self = selfCommand(["train", ...all.flatMap((s) => ["--set", s])]);

@@ -1,5 +1,6 @@
 // The training config: defaults are valid, a YAML file and --set overrides apply in order, each
-// kind of mistake is one line naming the key, and the learning-rate schedules.
+// kind of mistake is one line naming the key, the learning-rate schedules, and how
+// reference.engine auto chooses.
 
 import assert from "node:assert/strict";
 import { AhaError } from "../core/errors.ts";
@@ -7,6 +8,8 @@ import {
   defaultTrainConfig,
   learningRateAt,
   loadTrainConfig,
+  ONNX_AUTO_MAX_BYTES,
+  referenceEngine,
   type TrainConfig,
 } from "../core/train_config.ts";
 
@@ -107,7 +110,7 @@ Deno.test("wrong types and out-of-range values: one line naming key and expectat
     ["loss_type=ppo", /"loss_type" must be one of grpo \| bnpo \| dr_grpo \| dapo, got "ppo"$/],
     ["scale_rewards=yes", /"scale_rewards" must be true or false, got "yes"$/],
     ["reward_weights=[1, x]", /"reward_weights" must be a list of numbers or null/],
-    ["reference.engine=tensorrt", /"reference.engine" must be one of webgpu \| onnx/],
+    ["reference.engine=tensorrt", /"reference.engine" must be one of auto \| webgpu \| onnx/],
     ["dataset=3", /"dataset" must be a mapping/],
     ["output_dir=", /"output_dir" must be a non-empty string, got an empty value$/],
     ["beta=.nan", /"beta" must be a number ≥ 0, got NaN$/],
@@ -169,5 +172,27 @@ Deno.test("a dataset path alone selects its format and the seed's rewards", () =
   assert.throws(
     () => loadTrainConfig(null, ["model=/m", "dataset.path=/data/train.csv"]),
     /"dataset.path" \/data\/train.csv is not .jsonl or .parquet: set "dataset.format"/,
+  );
+});
+
+Deno.test("reference.engine auto: ONNX for small models without a GPU, else WebGPU", () => {
+  const cfg = (engine: TrainConfig["reference"]["engine"], onnx: string | null = null) => {
+    const c = defaultTrainConfig();
+    c.reference = { ...c.reference, engine, onnx };
+    return c;
+  };
+  const small = 100_000, limit = ONNX_AUTO_MAX_BYTES / 4;
+  assert.equal(defaultTrainConfig().reference.engine, "auto");
+  assert.equal(referenceEngine(cfg("auto"), true, small), "onnx");
+  assert.equal(referenceEngine(cfg("auto"), true, limit), "onnx");
+  assert.equal(referenceEngine(cfg("auto"), true, limit + 1), "webgpu", "too large for WASM");
+  assert.equal(referenceEngine(cfg("auto"), false, small), "webgpu", "a hardware GPU");
+  assert.equal(referenceEngine(cfg("auto", "/m.onnx"), false, small), "onnx", "an export given");
+  // Named engines are kept whatever the machine.
+  assert.equal(referenceEngine(cfg("webgpu"), true, small), "webgpu");
+  assert.equal(referenceEngine(cfg("onnx"), false, limit * 10), "onnx");
+  assert.throws(
+    () => loadTrainConfig(null, ["reference.engine=cuda"]),
+    (e: Error) => e instanceof AhaError && /reference\.engine/.test(e.message),
   );
 });
