@@ -76,6 +76,12 @@ export interface PolicyEngine {
    * caller that does not need it now may await it later (a GPU engine then need not wait).
    */
   optimizerStep(hp: OptimizerHyper): PromiseLike<number>;
+  /**
+   * optimizerStep with nothing read back (no GPU round trip at all): the norm stays unknown and
+   * the loss sums recorded so far arrive with the next optimizerStep's read. Optional: without
+   * it a caller uses optimizerStep and leaves the result unawaited.
+   */
+  optimizerStepUnread?(hp: OptimizerHyper): void;
   weights(): Promise<Map<string, Float32Array>>;
   optimizerState(): Promise<{ step: number; moments: Map<string, Float32Array> }>;
   loadOptimizerState(state: { step: number; moments: Map<string, Float32Array> }): void;

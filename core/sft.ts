@@ -19,7 +19,7 @@ export interface SftOptions {
   /** Linear warmup over this many steps, then linear decay to zero at the last step. */
   warmupSteps: number;
   seed: number;
-  /** Called with each step's number and mean token loss once they arrive (during the next step). */
+  /** Called with each step's number and mean token loss once they arrive (every few steps). */
   onStep?: (step: number, loss: number) => void | Promise<void>;
 }
 
@@ -31,19 +31,29 @@ export async function runSft(
   const rng = new Rng(opts.seed);
   let order: number[] = [], next = 0, loss = 0;
   // A step's gradient needs no log-probs back (d loss/d logp = −1/tokens), so nothing is waited
-  // for within a step: its loss and gradient norm arrive with its optimizer step's read, which
-  // the next step awaits after recording its own work (one GPU round trip per step, overlapped).
-  let previous: Pending | null = null;
-  const report = async ({ step, norm, sums, tokens }: Pending) => {
-    const gradNorm = await norm;
-    if (!Number.isFinite(gradNorm)) {
-      throw new AhaError(`sft step ${step}: the gradient norm is ${gradNorm}; nothing was saved`);
+  // for within a step. Every READ_EVERY steps (and at the last) the optimizer step reads back
+  // its gradient norm and, with it, the loss sums of the steps since the last read: one GPU
+  // round trip per READ_EVERY steps, awaited after the next step is recorded.
+  let unreported: Pending[] = [];
+  let norm: { step: number; value: PromiseLike<number> } | null = null;
+  const report = async () => {
+    if (norm) {
+      const gradNorm = await norm.value;
+      if (!Number.isFinite(gradNorm)) {
+        throw new AhaError(
+          `sft step ${norm.step}: the gradient norm is ${gradNorm}; nothing was saved`,
+        );
+      }
+      norm = null;
     }
-    loss = -(await sums).logpSum / tokens;
-    if (!Number.isFinite(loss)) {
-      throw new AhaError(`sft step ${step}: the loss is ${loss}; nothing was saved`);
+    for (const { step, sums, tokens } of unreported) {
+      loss = -(await sums).logpSum / tokens;
+      if (!Number.isFinite(loss)) {
+        throw new AhaError(`sft step ${step}: the loss is ${loss}; nothing was saved`);
+      }
+      await opts.onStep?.(step, loss);
     }
-    await opts.onStep?.(step, loss);
+    unreported = [];
   };
   for (let step = 1; step <= opts.steps; step++) {
     const batch: SftRow[] = [];
@@ -69,23 +79,27 @@ export async function runSft(
         normalizer: lossNormalizer(SFT_LOSS, masks),
       },
     );
-    if (previous) await report(previous);
+    if (norm) await report();
     const warmup = Math.min(1, step / Math.max(1, opts.warmupSteps));
     const decay = (opts.steps - step + 1) / opts.steps;
-    const norm = policy.optimizerStep({
-      ...opts.optimizer,
-      lr: opts.optimizer.lr * Math.min(warmup, decay),
-    });
-    previous = { step, norm, sums, tokens };
+    const hp = { ...opts.optimizer, lr: opts.optimizer.lr * Math.min(warmup, decay) };
+    unreported.push({ step, sums, tokens });
+    if (step % READ_EVERY === 0 || step === opts.steps || !policy.optimizerStepUnread) {
+      norm = { step, value: policy.optimizerStep(hp) };
+    } else {
+      policy.optimizerStepUnread(hp);
+    }
   }
-  if (previous) await report(previous);
+  await report();
   return loss;
 }
 
-/** A step whose loss and gradient norm are still on their way. */
+/** Steps between reads of the gradient norm and the loss sums (see runSft). */
+const READ_EVERY = 10;
+
+/** A step whose loss is still on its way. */
 interface Pending {
   step: number;
-  norm: PromiseLike<number>;
   sums: PromiseLike<LossSums>;
   tokens: number;
 }

@@ -128,6 +128,12 @@ export class GpuPolicy implements PolicyEngine {
     return value;
   }
 
+  optimizerStepUnread(hp: OptimizerHyper): void {
+    this.adamStep++;
+    this.model.adamwStep({ ...hp, step: this.adamStep });
+    this.model.zeroGrads();
+  }
+
   /** Read the GRPO loss sums not yet read (`aha loss`, which takes no optimizer step). */
   async readLossSums(): Promise<void> {
     await this.readWithSums([]);

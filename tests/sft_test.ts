@@ -156,3 +156,60 @@ Deno.test("runSft stops at a NaN loss with one line naming the step", async () =
     /^AhaError: sft step 2: the loss is NaN; nothing was saved/,
   );
 });
+
+Deno.test("runSft reads the gradient norm every 10 steps and reports every step's loss", async () => {
+  // An engine that can step without reading: only every 10th step (and the last) reads back.
+  const reads: number[] = [], reported: number[] = [];
+  let step = 0;
+  const policy = {
+    accumulateGradients: async (
+      batch: TokenBatch,
+      _inv: number,
+      fn: (lp: number[][]) => Promise<number[][]>,
+    ) => {
+      step++;
+      await fn(batch.rows.map((row, b) => row.slice(batch.promptLens[b]).map(() => -step)));
+    },
+    optimizerStep: () => {
+      reads.push(step);
+      return Promise.resolve(1);
+    },
+    optimizerStepUnread: () => {},
+  } as unknown as PolicyEngine;
+  const options = {
+    steps: 25,
+    batchSize: 1,
+    optimizer: { lr: 1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, maxGradNorm: 1 },
+    warmupSteps: 1,
+    seed: 0,
+    onStep: (s: number, loss: number) => {
+      reported.push(s);
+      assert.equal(loss, s, `step ${s}'s own loss`);
+    },
+  };
+  await runSft(policy, [{ promptIds: [1], completionIds: [2] }], options);
+  assert.deepEqual(reads, [10, 20, 25]);
+  assert.deepEqual(reported, Array.from({ length: 25 }, (_, i) => i + 1));
+  // A NaN between reads is still named by its own step.
+  step = 0;
+  const nanAt13 = {
+    ...policy,
+    accumulateGradients: async (
+      batch: TokenBatch,
+      _inv: number,
+      fn: (lp: number[][]) => Promise<number[][]>,
+    ) => {
+      step++;
+      await fn(
+        batch.rows.map((row, b) =>
+          row.slice(batch.promptLens[b]).map(() => step === 13 ? NaN : -1)
+        ),
+      );
+    },
+  } as unknown as PolicyEngine;
+  await assert.rejects(
+    () =>
+      runSft(nanAt13, [{ promptIds: [1], completionIds: [2] }], { ...options, onStep: () => {} }),
+    /^AhaError: sft step 13: the loss is NaN; nothing was saved/,
+  );
+});
