@@ -756,7 +756,8 @@ export class GpuModel {
   /**
    * y[T, out] = x[T, in]·Wᵀ (+ b) for the nn.Linear `module` (`module.weight`, and `module.bias`
    * when it has one): one matmul per row slice of W, each writing its block of y's columns.
-   * An adapted module then adds s·(x·Aᵀ)·Bᵀ, unless `adapter` is false.
+   * An adapted module then adds s·(x·Aᵀ)·Bᵀ, unless `adapter` is false. With `accumulate`, all
+   * of it is added to what y holds (a residual copied there).
    */
   private linear(
     x: Tensor,

@@ -44,6 +44,7 @@ export class GpuPolicy implements PolicyEngine {
   private adamStep = 0;
   /** This step's GRPO loss sums on the GPU, read with the optimizer step's gradient norm. */
   private stepSums: { sums: Tensor; rows: number; arrive: (sums: LossSums) => void }[] = [];
+  private lossInputs = new Map<"tokens" | "rows", Tensor>();
 
   constructor(readonly model: GpuModel) {}
 
@@ -101,8 +102,8 @@ export class GpuPolicy implements PolicyEngine {
         tokens[i + 2] = m;
       });
     });
-    const tokensT = gpu.upload(tokens), rowsT = gpu.upload(rows);
-    const sums = gpu.zeros([B * SUM_FLOATS]);
+    const tokensT = this.lossInput("tokens", tokens), rowsT = this.lossInput("rows", rows);
+    const sums = gpu.zeros([B * SUM_FLOATS]); // its own until read: sums wait for the next read
     grpoLoss(gpu, logp, tokensT, rowsT, this.model.lossGradient(), sums, B, L, {
       beta: loss.config.beta,
       epsilon: loss.config.epsilon,
@@ -110,8 +111,6 @@ export class GpuPolicy implements PolicyEngine {
       hasOld: loss.rows.some((r) => r.oldLogp !== null),
       hasRef: ref !== null,
     });
-    gpu.release(tokensT);
-    gpu.release(rowsT);
     this.model.backward("written", invTemperature);
     gpu.flush(); // the backward runs while the caller records what comes next
     return { sums: new Promise((arrive) => this.stepSums.push({ sums, rows: B, arrive })) };
@@ -132,6 +131,22 @@ export class GpuPolicy implements PolicyEngine {
     this.adamStep++;
     this.model.adamwStep({ ...hp, step: this.adamStep });
     this.model.zeroGrads();
+  }
+
+  /**
+   * `data` in the loss's input buffer `name`, kept across calls and grown when a batch needs
+   * more (a write is ordered after the work already recorded, so the last loss has read it).
+   */
+  private lossInput(name: "tokens" | "rows", data: Float32Array): Tensor {
+    const gpu = this.model.gpu;
+    let t = this.lossInputs.get(name);
+    if (!t || t.size < data.length) {
+      if (t) gpu.release(t);
+      t = gpu.zeros([data.length], "f32", `grpo loss ${name}`);
+      this.lossInputs.set(name, t);
+    }
+    gpu.write(t, data);
+    return t;
   }
 
   /** Read the GRPO loss sums not yet read (`aha loss`, which takes no optimizer step). */
