@@ -626,16 +626,18 @@ export const ONNX_AUTO_MAX_BYTES = 1 << 30;
  * The engine of the reference process. "auto": onnxruntime-web's WASM engine when the policy's
  * WebGPU adapter is a software one (no GPU: the reference's adapter would be another software
  * adapter on the same CPU cores, where the WASM engine computes the same log-probs in about a
- * third of the time) and the f32 weights fit comfortably in WASM's 4 GiB memory (≤ 1 GiB), else
- * WebGPU on the reference's own adapter. A given ONNX export (reference.onnx) means the ONNX engine.
+ * third of the time), the f32 weights fit comfortably in WASM's 4 GiB memory (≤ 1 GiB) and no
+ * adapter is named (reference.adapter auto); else WebGPU on the reference's adapter. A given ONNX
+ * export (reference.onnx) means the ONNX engine.
  */
 export function referenceEngine(
   cfg: TrainConfig,
   policyAdapterIsSoftware: boolean,
   parameters: number,
 ): "webgpu" | "onnx" {
-  const { engine, onnx } = cfg.reference;
+  const { engine, onnx, adapter } = cfg.reference;
   if (engine !== "auto") return engine;
   if (onnx !== null) return "onnx";
-  return policyAdapterIsSoftware && parameters * 4 <= ONNX_AUTO_MAX_BYTES ? "onnx" : "webgpu";
+  const small = parameters * 4 <= ONNX_AUTO_MAX_BYTES;
+  return policyAdapterIsSoftware && small && adapter === "auto" ? "onnx" : "webgpu";
 }

@@ -188,6 +188,11 @@ Deno.test("reference.engine auto: ONNX for small models without a GPU, else WebG
   assert.equal(referenceEngine(cfg("auto"), true, limit + 1), "webgpu", "too large for WASM");
   assert.equal(referenceEngine(cfg("auto"), false, small), "webgpu", "a hardware GPU");
   assert.equal(referenceEngine(cfg("auto", "/m.onnx"), false, small), "onnx", "an export given");
+  for (const adapter of ["same", "gl"] as const) {
+    const named = cfg("auto");
+    named.reference.adapter = adapter;
+    assert.equal(referenceEngine(named, true, small), "webgpu", `reference.adapter ${adapter}`);
+  }
   // Named engines are kept whatever the machine.
   assert.equal(referenceEngine(cfg("webgpu"), true, small), "webgpu");
   assert.equal(referenceEngine(cfg("onnx"), false, limit * 10), "onnx");
