@@ -77,24 +77,36 @@ Deno.test("aha sft raises the log-likelihood of the trained completions", gpuTes
   await Deno.remove(dir, { recursive: true });
 });
 
-Deno.test("runSft trains on completion tokens only: the batch, its masks and the loss", async () => {
-  // A fake policy records what runSft hands it; log p of each token is a known function.
-  const logp = (row: number[], t: number) => -0.1 * ((row[t] + t) % 5) - 0.2;
+/**
+ * A fake policy for runSft: log p of the token at position i of `row` in its call-th batch (from
+ * 1) is `logp(call, row, i)`. It records each batch and the dLogp runSft returns for it.
+ */
+function fakePolicy(logp: (call: number, row: number[], i: number) => number) {
   const calls: { batch: TokenBatch; dLogp: number[][]; loss: number }[] = [];
-  let loss = 0;
+  let call = 0;
   const policy = {
     accumulateGradients: async (
       batch: TokenBatch,
       _inv: number,
       fn: (lp: number[][]) => Promise<number[][]>,
     ) => {
+      call++;
       const lp = batch.rows.map((row, b) =>
-        row.slice(batch.promptLens[b]).map((_, t) => logp(row, batch.promptLens[b] + t))
+        row.slice(batch.promptLens[b]).map((_, t) => logp(call, row, batch.promptLens[b] + t))
       );
       calls.push({ batch, dLogp: await fn(lp), loss: 0 });
     },
     optimizerStep: () => Promise.resolve(1),
-  } as unknown as PolicyEngine;
+  };
+  return { policy, calls };
+}
+
+Deno.test("runSft trains on completion tokens only: the batch, its masks and the loss", async () => {
+  // A fake policy records what runSft hands it; log p of each token is a known function.
+  const logp = (row: number[], t: number) => -0.1 * ((row[t] + t) % 5) - 0.2;
+  const fake = fakePolicy((_call, row, t) => logp(row, t)), calls = fake.calls;
+  const policy = fake.policy as unknown as PolicyEngine;
+  let loss = 0;
   const sftRows = [
     { promptIds: [1, 2, 3], completionIds: [4, 5] },
     { promptIds: [6], completionIds: [7, 8, 9, 10] },
@@ -130,20 +142,7 @@ Deno.test("runSft trains on completion tokens only: the batch, its masks and the
 });
 
 Deno.test("runSft stops at a NaN loss with one line naming the step", async () => {
-  let calls = 0;
-  const policy = {
-    accumulateGradients: async (
-      batch: TokenBatch,
-      _inv: number,
-      fn: (lp: number[][]) => Promise<number[][]>,
-    ) => {
-      calls++;
-      await fn(
-        batch.rows.map((row, b) => row.slice(batch.promptLens[b]).map(() => calls > 1 ? NaN : -1)),
-      );
-    },
-    optimizerStep: () => Promise.resolve(1),
-  } as unknown as PolicyEngine;
+  const policy = fakePolicy((call) => call > 1 ? NaN : -1).policy as unknown as PolicyEngine;
   await assert.rejects(
     () =>
       runSft(policy, [{ promptIds: [1], completionIds: [2] }], {
@@ -160,18 +159,11 @@ Deno.test("runSft stops at a NaN loss with one line naming the step", async () =
 Deno.test("runSft reads the gradient norm every 10 steps and reports every step's loss", async () => {
   // An engine that can step without reading: only every 10th step (and the last) reads back.
   const reads: number[] = [], reported: number[] = [];
-  let step = 0;
+  const fake = fakePolicy((call) => -call);
   const policy = {
-    accumulateGradients: async (
-      batch: TokenBatch,
-      _inv: number,
-      fn: (lp: number[][]) => Promise<number[][]>,
-    ) => {
-      step++;
-      await fn(batch.rows.map((row, b) => row.slice(batch.promptLens[b]).map(() => -step)));
-    },
+    ...fake.policy,
     optimizerStep: () => {
-      reads.push(step);
+      reads.push(fake.calls.length);
       return Promise.resolve(1);
     },
     optimizerStepUnread: () => {},
@@ -191,21 +183,9 @@ Deno.test("runSft reads the gradient norm every 10 steps and reports every step'
   assert.deepEqual(reads, [10, 20, 25]);
   assert.deepEqual(reported, Array.from({ length: 25 }, (_, i) => i + 1));
   // A NaN between reads is still named by its own step.
-  step = 0;
   const nanAt13 = {
     ...policy,
-    accumulateGradients: async (
-      batch: TokenBatch,
-      _inv: number,
-      fn: (lp: number[][]) => Promise<number[][]>,
-    ) => {
-      step++;
-      await fn(
-        batch.rows.map((row, b) =>
-          row.slice(batch.promptLens[b]).map(() => step === 13 ? NaN : -1)
-        ),
-      );
-    },
+    accumulateGradients: fakePolicy((call) => call === 13 ? NaN : -1).policy.accumulateGradients,
   } as unknown as PolicyEngine;
   await assert.rejects(
     () =>
