@@ -165,6 +165,7 @@ export class Gpu {
   dispatchCount = 0;
   /** GPU→CPU waits (mapAsync reads, onSubmittedWorkDone) since the device was opened. */
   waitCount = 0;
+  private scratchBuffers = new Map<string, Tensor>();
   /** Per-kernel GPU time while profiling (`startProfile`), else null. */
   private profiler: Profiler | null = null;
 
@@ -240,6 +241,21 @@ export class Gpu {
       throw new Error(`upload: shape [${shape}] does not hold ${data.length} values`);
     }
     this.write(t, data);
+    return t;
+  }
+
+  /**
+   * A buffer of at least `size` f32 values kept under `name` for the device's life, grown when a
+   * call needs more: scratch space (partial sums, a loss's inputs) that every call of a kernel
+   * reuses instead of allocating. Work recorded later sees what the last user left in it.
+   */
+  scratch(name: string, size: number): Tensor {
+    let t = this.scratchBuffers.get(name);
+    if (!t || t.size < size) {
+      if (t) this.release(t);
+      t = this.zeros([size], "f32", name);
+      this.scratchBuffers.set(name, t);
+    }
     return t;
   }
 

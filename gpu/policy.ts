@@ -44,7 +44,6 @@ export class GpuPolicy implements PolicyEngine {
   private adamStep = 0;
   /** This step's GRPO loss sums on the GPU, read with the optimizer step's gradient norm. */
   private stepSums: { sums: Tensor; rows: number; arrive: (sums: LossSums) => void }[] = [];
-  private lossInputs = new Map<"tokens" | "rows", Tensor>();
 
   constructor(readonly model: GpuModel) {}
 
@@ -102,7 +101,11 @@ export class GpuPolicy implements PolicyEngine {
         tokens[i + 2] = m;
       });
     });
-    const tokensT = this.lossInput("tokens", tokens), rowsT = this.lossInput("rows", rows);
+    // Kept across calls: a write is ordered after the work already recorded (the last loss).
+    const tokensT = gpu.scratch("grpo loss tokens", tokens.length);
+    const rowsT = gpu.scratch("grpo loss rows", rows.length);
+    gpu.write(tokensT, tokens);
+    gpu.write(rowsT, rows);
     const sums = gpu.zeros([B * SUM_FLOATS]); // its own until read: sums wait for the next read
     grpoLoss(gpu, logp, tokensT, rowsT, this.model.lossGradient(), sums, B, L, {
       beta: loss.config.beta,
@@ -131,22 +134,6 @@ export class GpuPolicy implements PolicyEngine {
     this.adamStep++;
     this.model.adamwStep({ ...hp, step: this.adamStep });
     this.model.zeroGrads();
-  }
-
-  /**
-   * `data` in the loss's input buffer `name`, kept across calls and grown when a batch needs
-   * more (a write is ordered after the work already recorded, so the last loss has read it).
-   */
-  private lossInput(name: "tokens" | "rows", data: Float32Array): Tensor {
-    const gpu = this.model.gpu;
-    let t = this.lossInputs.get(name);
-    if (!t || t.size < data.length) {
-      if (t) gpu.release(t);
-      t = gpu.zeros([data.length], "f32", `grpo loss ${name}`);
-      this.lossInputs.set(name, t);
-    }
-    gpu.write(t, data);
-    return t;
   }
 
   /** Read the GRPO loss sums not yet read (`aha loss`, which takes no optimizer step). */

@@ -430,7 +430,8 @@ export function attentionBackward(
   s: AttentionShape,
 ): void {
   const [u32s, f32s] = params(s);
-  const delta = deltaBuffer(gpu, s.B * s.nHeads * s.Lq);
+  // dq's scratch delta [B, nHeads, Lq].
+  const delta = gpu.scratch("attention delta", s.B * s.nHeads * s.Lq);
   gpu.dispatch(
     gpu.pipeline(dqWgsl(s.headDim), "attention dq"),
     grid(s.B * s.Lq * s.nHeads, WG),
@@ -445,18 +446,6 @@ export function attentionBackward(
     u32s,
     f32s,
   );
-}
-
-/** dq's scratch delta [B, nHeads, Lq], kept per device and grown when a batch needs more. */
-const deltas = new WeakMap<Gpu, Tensor>();
-function deltaBuffer(gpu: Gpu, size: number): Tensor {
-  let delta = deltas.get(gpu);
-  if (!delta || delta.size < size) {
-    if (delta) gpu.release(delta);
-    delta = gpu.zeros([size], "f32", "attention delta");
-    deltas.set(gpu, delta);
-  }
-  return delta;
 }
 
 /** How a key or value tensor is stored (training's own k and v are f32). */

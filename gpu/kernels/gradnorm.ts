@@ -63,7 +63,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
 export function gradNorm(gpu: Gpu, grads: Tensor[], norm: Tensor): void {
   const blocks = grads.map((g) => Math.ceil(g.size / BLOCK));
   const count = blocks.reduce((a, b) => a + b, 0);
-  const partials = partialBuffer(gpu, Math.max(count, 1));
+  const partials = gpu.scratch("gradnorm partials", Math.max(count, 1));
   let offset = 0;
   grads.forEach((g, i) => {
     const kernel = g.size % 4 === 0 ? BLOCK_SUMS_VEC4 : BLOCK_SUMS;
@@ -76,16 +76,4 @@ export function gradNorm(gpu: Gpu, grads: Tensor[], norm: Tensor): void {
     offset += blocks[i];
   });
   gpu.dispatch(gpu.pipeline(FINAL, "gradnorm_final"), [1], [partials, norm], [count]);
-}
-
-/** The partial sums, kept per device and grown when a call needs more. */
-const partialBuffers = new WeakMap<Gpu, Tensor>();
-function partialBuffer(gpu: Gpu, size: number): Tensor {
-  let t = partialBuffers.get(gpu);
-  if (!t || t.size < size) {
-    if (t) gpu.release(t);
-    t = gpu.zeros([size], "f32", "gradnorm partials");
-    partialBuffers.set(gpu, t);
-  }
-  return t;
 }

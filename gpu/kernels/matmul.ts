@@ -602,7 +602,7 @@ export function matmul(
     // Few workgroups over a long k (weight gradients of small layers): llvmpipe runs one
     // workgroup per CPU thread, so split k into ranges that run in parallel into partial sums,
     // then add them up in order (deterministic).
-    const partials = partialBuffer(gpu, chunks.count * M * N);
+    const partials = gpu.scratch("matmul partial sums", chunks.count * M * N);
     const split = { ...variant, accumulate: false, bias: false, splitK: true };
     gpu.dispatch(
       gpu.pipeline(matmulWgsl(split), "matmul split-k"),
@@ -642,18 +642,6 @@ function splitKChunks(
   if (wanted < 2) return null;
   const kLen = Math.ceil(K / wanted / 4) * 4;
   return { count: Math.ceil(K / kLen), kLen };
-}
-
-/** Split-k partial sums, kept per device and grown when a product needs more. */
-const partialBuffers = new WeakMap<Gpu, Tensor>();
-function partialBuffer(gpu: Gpu, size: number): Tensor {
-  let t = partialBuffers.get(gpu);
-  if (!t || t.size < size) {
-    if (t) gpu.release(t);
-    t = gpu.zeros([size], "f32", "matmul partial sums");
-    partialBuffers.set(gpu, t);
-  }
-  return t;
 }
 
 // out[i] = (out[i] +) (bias[i % N] +) Σ_s partials[s·n + i], the partials added in order.

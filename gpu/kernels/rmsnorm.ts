@@ -151,7 +151,7 @@ export function rmsnormBackward(
     [T, H, opts.accumulateDx ? 1 : 0],
   );
   if (!dw) return;
-  const partial = partialBuffer(gpu, chunks * H);
+  const partial = gpu.scratch("rmsnorm dw partials", chunks * H);
   gpu.dispatch(
     gpu.pipeline(k.backwardDwChunks, "rmsnormBackwardDwChunks"),
     grid(chunks * width, WG),
@@ -164,16 +164,4 @@ export function rmsnormBackward(
     [partial, dw],
     [H, chunks, opts.accumulateDw ? 1 : 0],
   );
-}
-
-/** dw's per-chunk partial sums, kept per device and grown when a batch needs more. */
-const partialBuffers = new WeakMap<Gpu, Tensor>();
-function partialBuffer(gpu: Gpu, size: number): Tensor {
-  let t = partialBuffers.get(gpu);
-  if (!t || t.size < size) {
-    if (t) gpu.release(t);
-    t = gpu.zeros([size], "f32", "rmsnorm dw partial");
-    partialBuffers.set(gpu, t);
-  }
-  return t;
 }
