@@ -9,6 +9,14 @@
 //      gradient accumulation, clip, AdamW — num_iterations times over the same batch;
 //   5. metrics, samples, a greedy evaluation now and then, checkpoints.
 //
+// A step's scalars (the loss sums, the gradient norm) are read one step late: a GPU engine
+// delivers them with a read recorded after its optimizer step, and waiting for that read would
+// leave the GPU idle for Deno's ~10 ms per GPU→CPU wait. So run() records step N + 1 (whose
+// sampling waits for the GPU anyway) before it takes step N's scalars, checks them and writes
+// step N's metrics line. Before anything reads the policy (evaluation, reference sync, a
+// checkpoint, the last step, a stop) the step's scalars are taken first, so a diverged step is
+// never evaluated or saved.
+//
 // Everything device-specific sits behind PolicyEngine / ReferenceEngine (core/engine.ts).
 
 import {
@@ -136,38 +144,63 @@ export class GrpoTrainer {
   /** Train from `startStep` (the number of steps already done) to max_steps. */
   async run(startStep: number): Promise<number> {
     const cfg = this.cfg;
+    // The step recorded last whose scalars have not been taken yet.
+    let unsettled: { step: number; metrics: () => Promise<Metrics> } | null = null;
+    const settle = async () => {
+      if (!unsettled) return;
+      const { step, metrics } = unsettled;
+      unsettled = null;
+      await this.io.metrics(step, await metrics());
+    };
     for (let step = startStep + 1; step <= cfg.max_steps; step++) {
       // A step that fails leaves the weights and optimizer as the previous step left them:
       // save that step (with the data position it ended at) before giving up.
       const sampler = this.task.samplerState();
-      let metrics: Metrics;
       try {
-        metrics = await this.step(step);
+        const recorded = await this.recordStep(step);
+        await settle(); // the previous step's scalars came while this step was recorded
+        unsettled = { step, metrics: recorded.metrics };
       } catch (error) {
         // A diverged step may have written NaN into the weights: keep the last checkpoint.
-        if (step - 1 > startStep && !(error instanceof DivergedError)) {
-          await this.io.save(step - 1, sampler);
+        if (!(error instanceof DivergedError)) {
+          await settle(); // a previous step that diverged is the error to report
+          if (step - 1 > startStep) await this.io.save(step - 1, sampler);
         }
         throw error;
       }
-      await this.io.metrics(step, metrics);
       const last = step === cfg.max_steps;
-      if ((cfg.eval_steps > 0 && step % cfg.eval_steps === 0) || last) {
+      const evaluating = (cfg.eval_steps > 0 && step % cfg.eval_steps === 0) || last;
+      const syncing = cfg.sync_ref_model && this.reference !== null &&
+        step % cfg.ref_model_sync_steps === 0;
+      const saving = (cfg.save_steps > 0 && step % cfg.save_steps === 0) || last ||
+        this.io.stopRequested();
+      if (evaluating || syncing || saving) await settle();
+      if (evaluating) {
         await this.io.evaluation(step, await evaluate(cfg, this.task, this.policy));
       }
-      if (cfg.sync_ref_model && this.reference && step % cfg.ref_model_sync_steps === 0) {
-        await this.reference.mixIn(await this.policy.weights(), cfg.ref_model_mixup_alpha);
+      if (syncing) {
+        await this.reference!.mixIn(await this.policy.weights(), cfg.ref_model_mixup_alpha);
       }
-      if ((cfg.save_steps > 0 && step % cfg.save_steps === 0) || last || this.io.stopRequested()) {
-        await this.io.save(step);
-      }
+      if (saving) await this.io.save(step);
       if (this.io.stopRequested()) return step;
     }
+    await settle(); // none is left (the last step settles), unless max_steps ≤ startStep
     return cfg.max_steps;
   }
 
-  /** One GRPO step; returns its metrics. */
+  /** One GRPO step; returns its metrics once its scalars have been read. */
   async step(step: number): Promise<Metrics> {
+    return await (await this.recordStep(step)).metrics();
+  }
+
+  /**
+   * One GRPO step, up to its optimizer step: resolves once the step's work is recorded (and,
+   * on a GPU engine, submitted), to a function that takes the step's scalars and returns its
+   * metrics, rejecting with DivergedError if the loss or gradient norm is not finite. Nothing
+   * awaits the scalars before that function is called: a GPU engine counts an early await
+   * as a wait.
+   */
+  private async recordStep(step: number): Promise<{ metrics: () => Promise<Metrics> }> {
     const cfg = this.cfg, G = cfg.num_generations;
     const started = performance.now();
     this.rewardErrors = 0;
@@ -211,13 +244,16 @@ export class GrpoTrainer {
     if (kept.length === 0) {
       // Every group had equal rewards even after refilling: nothing to learn from this step.
       return {
-        ...metrics,
-        loss: 0,
-        kl: 0,
-        clip_ratio: 0,
-        grad_norm: 0,
-        reference_s: 0,
-        train_s: 0,
+        metrics: () =>
+          Promise.resolve({
+            ...metrics,
+            loss: 0,
+            kl: 0,
+            clip_ratio: 0,
+            grad_norm: 0,
+            reference_s: 0,
+            train_s: 0,
+          }),
       };
     }
 
@@ -248,11 +284,11 @@ export class GrpoTrainer {
     };
 
     // 4. The update: num_iterations passes over the batch, each in micro-batches. The loss
-    // runs where the log-probs are (grpoGradients); its sums and the gradient norm are read
-    // once, after the optimizer step.
+    // runs where the log-probs are (grpoGradients); each pass's sums and gradient norm come
+    // with the read its optimizer step records, and nothing here waits for them.
     const trainStart = performance.now();
     const normalizer = lossNormalizer(this.lossConfig, masks);
-    let loss = 0, klSum = 0, clipped = 0, tokens = 0, gradNorm = 0;
+    const passes: { gradNorm: PromiseLike<number>; sums: PromiseLike<LossSums>[] }[] = [];
     for (let iteration = 0; iteration < cfg.num_iterations; iteration++) {
       const pendingSums: PromiseLike<LossSums>[] = [];
       for (let start = 0; start < completions.length; start += cfg.micro_batch_size) {
@@ -274,7 +310,7 @@ export class GrpoTrainer {
         });
         pendingSums.push(sums);
       }
-      gradNorm = await this.policy.optimizerStep({
+      const gradNorm = this.policy.optimizerStep({
         lr: learningRateAt(cfg, step),
         beta1: cfg.adam_beta1,
         beta2: cfg.adam_beta2,
@@ -282,28 +318,42 @@ export class GrpoTrainer {
         weightDecay: cfg.weight_decay,
         maxGradNorm: cfg.max_grad_norm,
       });
-      const sums = await Promise.all(pendingSums);
-      loss = sums.reduce((a, s) => a + s.loss, 0);
-      klSum = sums.reduce((a, s) => a + s.klSum, 0);
-      clipped = sums.reduce((a, s) => a + s.clippedTokens, 0);
-      tokens = sums.reduce((a, s) => a + s.tokens, 0);
-      checkFinite(loss, "the loss", step);
-      checkFinite(gradNorm, "the gradient norm", step);
+      passes.push({ gradNorm, sums: pendingSums });
     }
+    // On a GPU engine these times cover recording and submitting the update; the GPU's work on
+    // it that outlasts the recording counts in the next step's generate_s.
     const trainSeconds = (performance.now() - trainStart) / 1000 - referenceSeconds;
     const stepSeconds = (performance.now() - started) / 1000;
     const completionTokens = completions.reduce((n, c) => n + c.tokens.length, 0);
-    return {
-      ...metrics,
-      loss,
-      kl: tokens ? klSum / tokens : 0,
-      clip_ratio: tokens ? clipped / tokens : 0,
-      grad_norm: gradNorm,
+    const timing = {
       tokens_per_s: (completionTokens * cfg.num_iterations + firstRound.length) / stepSeconds,
       reference_s: referenceSeconds,
       train_s: trainSeconds,
       step_s: stepSeconds,
     };
+    // Every pass is checked; the metrics report the last one.
+    const scalars = async () => {
+      let loss = 0, klSum = 0, clipped = 0, tokens = 0, gradNorm = 0;
+      for (const pass of passes) {
+        gradNorm = await pass.gradNorm;
+        const sums = await Promise.all(pass.sums);
+        loss = sums.reduce((a, s) => a + s.loss, 0);
+        klSum = sums.reduce((a, s) => a + s.klSum, 0);
+        clipped = sums.reduce((a, s) => a + s.clippedTokens, 0);
+        tokens = sums.reduce((a, s) => a + s.tokens, 0);
+        checkFinite(loss, "the loss", step);
+        checkFinite(gradNorm, "the gradient norm", step);
+      }
+      return {
+        ...metrics,
+        loss,
+        kl: tokens ? klSum / tokens : 0,
+        clip_ratio: tokens ? clipped / tokens : 0,
+        grad_norm: gradNorm,
+        ...timing,
+      };
+    };
+    return { metrics: scalars };
   }
 
   /** Generate G completions per example and score them; one group per example. */

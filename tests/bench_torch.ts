@@ -112,8 +112,9 @@ const GRPO_SHAPE = { prompts: 16, generations: 8, promptLen: 7, newTokens: 6, mi
 
 /**
  * One GRPO step of GRPO_SHAPE (16 prompts × 8 samples, prompts of 7 tokens, 6 new tokens,
- * micro-batches of 64) the way the trainer runs it, with the reference in-process and
- * no EOS (every completion has 6 tokens, as PyTorch's). Seconds per phase, best of `reps`.
+ * micro-batches of 64) the way the trainer runs it (the step's scalars are taken during the
+ * next step), with the reference in-process and no EOS (every completion has 6 tokens, as
+ * PyTorch's). Seconds per phase, best of `reps`.
  */
 export async function ahaGrpoStep(gpu: Gpu, reps: number) {
   const cfg = defaultTrainConfig(), config = defaultModelConfig(), V = config.vocabSize;
@@ -133,6 +134,8 @@ export async function ahaGrpoStep(gpu: Gpu, reps: number) {
     maxCompletionLength: N,
   };
   const phases = { generate: 0, reference: 0, train: 0, optimizer: 0 };
+  // The previous step's scalars, taken once this step has sampled (as the trainer takes them).
+  let previousScalars: (() => Promise<unknown>) | null = null;
   const step = async (time: boolean) => {
     let t = performance.now();
     const lap = (phase: keyof typeof phases) => {
@@ -148,6 +151,7 @@ export async function ahaGrpoStep(gpu: Gpu, reps: number) {
       eosIds: [],
       seed: rng.int(1 << 30),
     });
+    await previousScalars?.();
     lap("generate");
     const batch: TokenBatch = {
       rows: out.tokens.map((c, i) => [...prompts[Math.floor(i / G)], ...c]),
@@ -178,7 +182,7 @@ export async function ahaGrpoStep(gpu: Gpu, reps: number) {
       pendingSums.push(sums);
     }
     lap("train");
-    await policy.optimizerStep({
+    const gradNorm = policy.optimizerStep({
       lr: 1e-3,
       beta1: 0.9,
       beta2: 0.99,
@@ -186,7 +190,7 @@ export async function ahaGrpoStep(gpu: Gpu, reps: number) {
       weightDecay: 0,
       maxGradNorm: 1,
     });
-    await Promise.all(pendingSums);
+    previousScalars = () => Promise.all([gradNorm, ...pendingSums]);
     lap("optimizer");
   };
   const total = await best(reps, () => step(true));

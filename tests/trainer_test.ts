@@ -298,3 +298,100 @@ Deno.test("a NaN gradient norm stops the run naming the step, nothing saved over
   await assert.rejects(() => trainer.run(0), /^AhaError: step 2: the gradient norm is NaN/);
   assert.deepEqual(saved, [1], "step 1 saved; the diverged step 2 never is");
 });
+
+Deno.test("a step's scalars are taken during the next step, and before any save or evaluation", async () => {
+  // The fake's gradient norm (0.1 × its version) arrives only when the next step samples, or
+  // after 20 ms: a trainer that waited for it before going on would see it arrive late.
+  const policy = new FakePolicy(), events: string[] = [];
+  let unresolved: (() => void)[] = [];
+  const generate = policy.generate.bind(policy);
+  policy.generate = (prompts, G, opts) => {
+    unresolved.forEach((arrive) => arrive());
+    unresolved = [];
+    // Labelled by the step sampling (refill rounds sample again within a step: logged once).
+    const event = `sample for step ${policy.version + 1}`;
+    if (events.at(-1) !== event) events.push(event);
+    return generate(prompts, G, opts);
+  };
+  let late = 0;
+  policy.optimizerStep = (_hp) => {
+    const norm = 0.1 * ++policy.version;
+    return new Promise((resolve) => {
+      const arrive = () => resolve(norm);
+      unresolved.push(arrive);
+      setTimeout(() => {
+        if (unresolved.includes(arrive)) late++;
+        arrive();
+      }, 20);
+    });
+  };
+  const io: TrainerIO = {
+    ...silentIO(),
+    metrics: (step, m) => {
+      events.push(`metrics ${step} ${m.grad_norm.toFixed(1)}`);
+      return Promise.resolve();
+    },
+    save: (step) => {
+      events.push(`save ${step}`);
+      return Promise.resolve();
+    },
+  };
+  await new GrpoTrainer(config({ max_steps: 5, save_steps: 3 }), fakeTask(), policy, null, io)
+    .run(0);
+  assert.deepEqual(events, [
+    "sample for step 1",
+    "sample for step 2",
+    "metrics 1 0.1",
+    "sample for step 3",
+    "metrics 2 0.2",
+    "metrics 3 0.3", // a step that saves takes its own scalars first
+    "save 3",
+    "sample for step 4",
+    "sample for step 5",
+    "metrics 4 0.4",
+    "metrics 5 0.5",
+    "save 5",
+  ]);
+  assert.equal(late, 2, "only the saved steps (3 and 5) waited for their norm");
+});
+
+Deno.test("a step that fails after one that diverged reports the divergence and saves nothing", async () => {
+  const policy = new FakePolicy(), saved: number[] = [];
+  const optimizerStep = policy.optimizerStep.bind(policy);
+  policy.optimizerStep = async (hp) => {
+    const norm = await optimizerStep(hp);
+    return policy.version === 2 ? NaN : norm;
+  };
+  const generate = policy.generate.bind(policy);
+  policy.generate = (prompts, G, opts) => {
+    if (policy.version === 2) throw new AhaError("the sampler broke");
+    return generate(prompts, G, opts);
+  };
+  const trainer = new GrpoTrainer(
+    config({ max_steps: 4 }),
+    fakeTask(),
+    policy,
+    new FakeReference(),
+    silentIO(saved),
+  );
+  await assert.rejects(() => trainer.run(0), /^AhaError: step 2: the gradient norm is NaN/);
+  assert.deepEqual(saved, [], "the diverged step 2 is not saved over step 1's checkpoint");
+});
+
+Deno.test("a step that fails after a good one saves the good one", async () => {
+  const policy = new FakePolicy(), saved: number[] = [];
+  const generate = policy.generate.bind(policy);
+  policy.generate = (prompts, G, opts) => {
+    if (policy.version === 2) throw new AhaError("the sampler broke");
+    return generate(prompts, G, opts);
+  };
+  const metrics: number[] = [];
+  const io = {
+    ...silentIO(saved),
+    metrics: (step: number) => (metrics.push(step), Promise.resolve()),
+  };
+  const trainer = new GrpoTrainer(config({ max_steps: 4 }), fakeTask(), policy, null, io);
+  await assert.rejects(() => trainer.run(0), /the sampler broke/);
+  assert.deepEqual(metrics, [1, 2], "both finished steps are logged");
+  assert.deepEqual(saved, [2], "step 2, the last finished one, is saved");
+});
