@@ -4,7 +4,8 @@
 // compared with grpoLoss on rows the test builds itself — advantages and masks by hand, the
 // sampling log-probs as logp_old, the reference's log-probs — across micro-batches that split
 // groups, num_iterations > 1, scale_rewards false, and sync_ref_model. Also: a NaN loss stops
-// the run with one line and saves nothing. No GPU.
+// the run with one line and saves nothing; a step's scalars are taken during the next step but
+// before any save, and a failed step saves the last good one. No GPU.
 
 import assert from "node:assert/strict";
 import type {
