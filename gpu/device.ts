@@ -165,7 +165,12 @@ export class Gpu {
   dispatchCount = 0;
   /** GPU→CPU waits (mapAsync reads, onSubmittedWorkDone) since the device was opened. */
   waitCount = 0;
+  /** Buffers and bind groups created since the device was opened (for benchmarks). */
+  bufferCount = 0;
+  bindGroupCount = 0;
   private scratchBuffers = new Map<string, Tensor>();
+  /** Free MAP_READ buffers for readMany, by size. */
+  private stagingPool = new Map<number, GPUBuffer[]>();
   /** Per-kernel GPU time while profiling (`startProfile`), else null. */
   private profiler: Profiler | null = null;
 
@@ -218,10 +223,15 @@ export class Gpu {
 
   // ---- tensors -------------------------------------------------------------------------
 
+  private createBuffer(descriptor: GPUBufferDescriptor): GPUBuffer {
+    this.bufferCount++;
+    return this.device.createBuffer(descriptor);
+  }
+
   /** A zero-filled tensor. */
   zeros(shape: number[], dtype: DType = "f32", label?: string): Tensor {
     const size = shape.reduce((a, b) => a * b, 1);
-    const buffer = this.device.createBuffer({
+    const buffer = this.createBuffer({
       label,
       size: Math.max(4, Math.ceil((size * elementBytes(dtype)) / 4) * 4),
       usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
@@ -355,6 +365,7 @@ export class Gpu {
       );
       bindGroup = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
       this.bindGroups.set(key, bindGroup);
+      this.bindGroupCount++;
     }
     if (this.profiler) {
       // Profiling: one pass per dispatch, its start and end timestamped.
@@ -456,27 +467,49 @@ export class Gpu {
     tensors: Tensor[],
     uncounted = false,
   ): Promise<(Float32Array | Int32Array | Uint32Array)[]> {
+    if (tensors.length === 0) return [];
     this.endPass();
     const encoder = this.getEncoder();
-    const staging = tensors.map((t) => {
-      const b = this.device.createBuffer({
-        size: t.bytes,
-        usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
-      });
-      encoder.copyBufferToBuffer(t.buffer, t.offset, b, 0, t.bytes);
-      return b;
-    });
+    // All of them into one staging buffer, each at its own offset.
+    const offsets: number[] = [];
+    let total = 0;
+    for (const t of tensors) {
+      offsets.push(total);
+      total += Math.ceil(t.bytes / 8) * 8;
+    }
+    const staging = this.takeStaging(total);
+    tensors.forEach((t, i) =>
+      encoder.copyBufferToBuffer(t.buffer, t.offset, staging, offsets[i], t.bytes)
+    );
     this.flush();
     if (!uncounted) this.waitCount++;
-    await Promise.all(staging.map((b) => b.mapAsync(GPUMapMode.READ)));
-    return tensors.map((t, i) => {
-      const bytes = staging[i].getMappedRange().slice(0, t.bytes);
-      staging[i].destroy();
+    await staging.mapAsync(GPUMapMode.READ, 0, total);
+    const mapped = staging.getMappedRange(0, total);
+    const values = tensors.map((t, i) => {
+      const bytes = mapped.slice(offsets[i], offsets[i] + t.bytes);
       return t.dtype === "f32"
         ? new Float32Array(bytes)
         : t.dtype === "i32"
         ? new Int32Array(bytes)
         : new Uint32Array(bytes);
+    });
+    staging.unmap();
+    this.stagingPool.get(staging.size)!.push(staging);
+    return values;
+  }
+
+  /**
+   * A MAP_READ buffer of at least `bytes`, from the pool when one is free: sizes are powers of
+   * two, so that once a run has seen its read sizes, reads create no buffers.
+   */
+  private takeStaging(bytes: number): GPUBuffer {
+    const size = Math.max(256, 2 ** Math.ceil(Math.log2(bytes)));
+    let free = this.stagingPool.get(size);
+    if (!free) this.stagingPool.set(size, free = []);
+    return free.pop() ?? this.createBuffer({
+      label: "staging",
+      size,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
     });
   }
 
@@ -488,7 +521,7 @@ export class Gpu {
   /** The uniform ring, made on first use. */
   private ring(): GPUBuffer {
     if (!this.uniformRing) {
-      this.uniformRing = this.device.createBuffer({
+      this.uniformRing = this.createBuffer({
         label: "uniform ring",
         size: this.uniformData.byteLength,
         usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,

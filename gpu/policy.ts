@@ -106,7 +106,8 @@ export class GpuPolicy implements PolicyEngine {
     const rowsT = gpu.scratch("grpo loss rows", rows.length);
     gpu.write(tokensT, tokens);
     gpu.write(rowsT, rows);
-    const sums = gpu.zeros([B * SUM_FLOATS]); // its own until read: sums wait for the next read
+    // Each micro-batch's sums have a buffer of their own until the next read records its copy.
+    const sums = gpu.scratch(`grpo loss sums ${this.stepSums.length}`, B * SUM_FLOATS);
     grpoLoss(gpu, logp, tokensT, rowsT, this.model.lossGradient(), sums, B, L, {
       beta: loss.config.beta,
       epsilon: loss.config.epsilon,
@@ -147,7 +148,7 @@ export class GpuPolicy implements PolicyEngine {
     this.stepSums = [];
     return this.model.gpu.readLater([...tensors, ...stepSums.map((s) => s.sums)]).map(
       (values) => {
-        stepSums.forEach(({ sums: tensor, rows, arrive }, i) => {
+        stepSums.forEach(({ rows, arrive }, i) => {
           const data = values[tensors.length + i];
           const total: LossSums = { loss: 0, klSum: 0, clippedTokens: 0, tokens: 0, logpSum: 0 };
           for (let at = 0; at < rows * SUM_FLOATS; at += SUM_FLOATS) {
@@ -157,7 +158,6 @@ export class GpuPolicy implements PolicyEngine {
             total.tokens += data[at + 3];
             total.logpSum += data[at + 4];
           }
-          tensor.destroy();
           arrive(total);
         });
         return values.slice(0, tensors.length);

@@ -3,8 +3,9 @@
 // machine, each figure with the ratio aha / PyTorch (higher is better for aha). The machine is
 // shared, so every figure is the best of several repetitions; ratios from one run are what count.
 //
-// It also counts what a step costs in dispatches and GPU→CPU waits (Gpu.dispatchCount and
-// Gpu.waitCount): per decode step, per training forward + backward and per GRPO step.
+// It also counts what a step costs in dispatches, GPU→CPU waits and buffers or bind groups created
+// (Gpu.dispatchCount, waitCount, bufferCount, bindGroupCount): per decode step, per training
+// forward + backward, per GRPO step and per SFT step.
 // AHA_BENCH_TORCH=0 skips the PyTorch side.
 
 import { initWeights } from "../core/init.ts";
@@ -51,14 +52,15 @@ async function best(reps: number, fn: () => Promise<void>): Promise<number> {
   return seconds;
 }
 
-/** Dispatches and waits that `fn` adds. */
-async function count(
-  gpu: Gpu,
-  fn: () => Promise<void>,
-): Promise<{ dispatches: number; waits: number }> {
-  const d = gpu.dispatchCount, w = gpu.waitCount;
+/** Dispatches, waits, and buffers and bind groups created, that `fn` adds. */
+async function count(gpu: Gpu, fn: () => Promise<void>) {
+  const d = gpu.dispatchCount, w = gpu.waitCount, b = gpu.bufferCount, g = gpu.bindGroupCount;
   await fn();
-  return { dispatches: gpu.dispatchCount - d, waits: gpu.waitCount - w };
+  return {
+    dispatches: gpu.dispatchCount - d,
+    waits: gpu.waitCount - w,
+    created: gpu.bufferCount - b + gpu.bindGroupCount - g,
+  };
 }
 
 async function ahaMatmul(gpu: Gpu): Promise<number> {
@@ -244,7 +246,11 @@ export async function ahaSftStep(gpu: Gpu, reps: number) {
   const L = Math.max(...rows.map((r) => r.promptIds.length + r.completionIds.length));
   return {
     seconds,
-    counts: { dispatches: counted.dispatches / steps, waits: counted.waits / steps },
+    counts: {
+      dispatches: counted.dispatches / steps,
+      waits: counted.waits / steps,
+      created: counted.created / steps,
+    },
     B: rows.length,
     L,
   };
@@ -309,8 +315,10 @@ export async function sideBySide(gpu: Gpu): Promise<void> {
   console.log(
     `\ncounts: ${grpo.perDecodeStep} dispatches per decode step (16×8 rows); ` +
       `${tiny.dispatches} per training forward+backward (tiny 64×16); ` +
-      `${grpo.counts.dispatches} dispatches and ${grpo.counts.waits} GPU→CPU waits per GRPO step; ` +
-      `${sft.counts.dispatches} dispatches and ${sft.counts.waits} waits per SFT step`,
+      `${grpo.counts.dispatches} dispatches, ${grpo.counts.waits} GPU→CPU waits and ` +
+      `${grpo.counts.created} buffers or bind groups created per GRPO step; ` +
+      `${sft.counts.dispatches} dispatches, ${sft.counts.waits} waits and ` +
+      `${sft.counts.created} created per SFT step`,
   );
   console.log(
     `\n${"side by side".padEnd(36)} ${"aha".padStart(9)} ${"PyTorch".padStart(9)} ${

@@ -99,3 +99,39 @@ Deno.test(
     y.destroy();
   },
 );
+
+Deno.test(
+  "reads share one staging buffer, each tensor at its offset, and reuse it once warm",
+  gpuTest,
+  async () => {
+    // Odd sizes and mixed types: each tensor must come back whole and alone, whatever its offset.
+    const f = gpu.upload(Float32Array.from({ length: 37 }, (_, i) => i * 0.5 - 3));
+    const n = gpu.upload(Int32Array.from({ length: 5 }, (_, i) => -7 * i - 1));
+    const u = gpu.upload(Uint32Array.from([0xffffffff, 1, 2]));
+    const whole = gpu.upload(Float32Array.from({ length: 80 }, (_, i) => 100 + i));
+    const view = whole.view(64, [9]); // 256 bytes in
+    const want = [
+      Array.from({ length: 37 }, (_, i) => i * 0.5 - 3),
+      Array.from({ length: 5 }, (_, i) => -7 * i - 1),
+      [0xffffffff, 1, 2],
+      Array.from({ length: 9 }, (_, i) => 164 + i),
+    ];
+    const read = async () => (await gpu.readMany([f, n, u, view])).map((a) => [...a]);
+    assert.deepEqual(await read(), want);
+    const buffers = gpu.bufferCount;
+    gpu.write(n, Int32Array.from([1, 2, 3, 4, 5]));
+    want[1] = [1, 2, 3, 4, 5];
+    assert.deepEqual(await read(), want, "the same staging buffer, refilled");
+    assert.equal(gpu.bufferCount, buffers, "a read once warm creates no buffer");
+    // Two reads in flight at once each take a buffer; both are kept afterwards.
+    const both = () => Promise.all([gpu.readMany([f]), gpu.readMany([u])]);
+    const [a, b] = await both();
+    assert.deepEqual([[...a[0]], [...b[0]]], [want[0], want[2]]);
+    const warm = gpu.bufferCount;
+    const [c, d] = await both();
+    assert.deepEqual([[...c[0]], [...d[0]]], [want[0], want[2]]);
+    assert.deepEqual(await read(), want);
+    assert.equal(gpu.bufferCount, warm, "none once two reads in flight were seen");
+    for (const t of [f, n, u, whole]) t.destroy();
+  },
+);

@@ -104,7 +104,9 @@ export function embeddingBackward(
   const slices = [dTable].flat();
   const V = slices.reduce((rows, slice) => rows + slice.shape[0], 0);
   const { distinct, packed } = groupPositions(ids, V);
-  const groups = gpu.upload(packed);
+  // Kept per device (Gpu.scratch): written after the work already recorded, which it orders.
+  const groups = gpu.scratch("embedding backward groups", packed.length);
+  gpu.write(groups, packed);
   const pipeline = gpu.pipeline(BACKWARD, "embeddingBackward");
   // The distinct ids come ascending: each slice's are the next run of them.
   let k = 0, first = 0;
@@ -122,7 +124,6 @@ export function embeddingBackward(
     ]);
     first += rows;
   }
-  gpu.release(groups);
 }
 
 /** The CSR grouping read by BACKWARD: distinct ids ascending, each with its positions ascending. */
