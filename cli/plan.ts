@@ -140,6 +140,12 @@ export function planReport(
       );
     }
   }
+  if (plan.referenceOnCpu) {
+    lines.push(
+      `reference (reference.engine ${cfg.reference.engine}): onnxruntime-web's WASM engine in ` +
+        "its worker process, in CPU memory: not on an adapter",
+    );
+  }
   if (plan.referenceShared && plan.referenceBytes > 0) {
     lines.push(
       `policy + reference on one adapter: ${formatBytes(plan.policyBytes + plan.referenceBytes)}`,

@@ -5,16 +5,23 @@
 // only the adapters' A and B (gradients and moments for those alone) over a frozen base; frozen
 // weights are 16-bit per frozen_dtype; gradient checkpointing keeps each layer's input and one
 // layer's buffers; the KV cache is kv_cache_dtype; and a LoRA run's reference is its base, so on
-// one adapter it needs no weights of its own. The plan is checked against the adapter's limits —
+// one adapter it needs no weights of its own; a reference on onnxruntime's WASM engine
+// (reference.engine onnx) is in CPU memory, on no adapter. The plan is checked against the adapter's limits —
 // a weight larger than one storage binding is kept as row slices, so one row must fit; every
 // other tensor is bound whole, so the largest must fit; the totals must fit the adapter's memory
 // when it is known — and advice says which setting to lower, and to what.
 // `aha plan` prints it (cli/plan.ts); `aha train` calls checkPlan before loading anything.
 
 import { AhaError } from "./errors.ts";
-import { type ModelConfig, parseModelConfig, PRESETS, weightShapes } from "./model_config.ts";
+import {
+  type ModelConfig,
+  parameterCount,
+  parseModelConfig,
+  PRESETS,
+  weightShapes,
+} from "./model_config.ts";
 import { loraShapes } from "./lora.ts";
-import type { TrainConfig } from "./train_config.ts";
+import { referenceEngine, type TrainConfig } from "./train_config.ts";
 
 // The sizes that bound the GPU engine's memory; gpu/model.ts and gpu/score.ts use these.
 
@@ -99,6 +106,8 @@ export interface Plan {
   referenceBytes: number;
   /** The reference shares the policy's adapter: its memory adds to the policy's. */
   referenceShared: boolean;
+  /** The reference runs on onnxruntime's WASM engine: CPU memory, not counted here. */
+  referenceOnCpu: boolean;
 }
 
 /** A buffer's bytes, as gpu/device.ts allocates them (16-bit ones padded to whole words). */
@@ -267,6 +276,15 @@ function referenceSharesAdapter(cfg: TrainConfig): boolean {
 }
 
 /**
+ * The config puts the reference on onnxruntime-web's WASM engine in its worker process, whatever
+ * the adapter (reference.engine onnx, or an export given). "auto" picks that engine only beside a
+ * software adapter, whose memory is the same RAM: the plan then counts the reference there.
+ */
+function referenceOnCpu(cfg: TrainConfig, model: ModelConfig): boolean {
+  return referenceEngine(cfg, false, parameterCount(model)) === "onnx";
+}
+
+/**
  * Every buffer of a training run of `model` under `cfg`, by adapter and purpose.
  * `checkpointDtype` is the checkpoint's storage (frozen_dtype "auto" keeps it).
  */
@@ -365,7 +383,8 @@ export function planMemory(
     ]);
   }
 
-  if (cfg.beta > 0) {
+  const onCpu = cfg.beta > 0 && referenceOnCpu(cfg, model);
+  if (cfg.beta > 0 && !onCpu) {
     // The reference scores the batch in forward passes of at most SCORE_BATCH_TOKENS tokens.
     const rows = Math.min(P * G, Math.max(1, Math.floor(SCORE_BATCH_TOKENS / L)));
     const ref = forwardTensors(model, rows, L, false);
@@ -385,6 +404,7 @@ export function planMemory(
     policyBytes: total("policy"),
     referenceBytes: total("reference"),
     referenceShared,
+    referenceOnCpu: onCpu,
   };
 }
 

@@ -1,9 +1,10 @@
 // The memory plan (core/plan.ts): a small config's bytes counted by hand from gpu/model.ts and
 // gpu/generate.ts, the built-in Qwen2.5 shapes against the genuine 0.5B config.json, weights over
 // one binding split by rows, refusals with advice that names the tensor, advice whose values are
-// the largest that fit, and `aha plan`.
+// the largest that fit, a reference on the ONNX engine counted on no adapter, and `aha plan`.
 
 import assert from "node:assert/strict";
+import { planReport } from "../cli/plan.ts";
 import { runAha as aha } from "./helpers.ts";
 import { AhaError } from "../core/errors.ts";
 import {
@@ -298,5 +299,30 @@ Deno.test("the LoRA configs fit their targets as aha plan reports them", () => {
   assert.match(
     advise(full, qwen("0.5B"), target(16), true, true, "bf16")[0],
     /gradient_checkpointing: true/,
+  );
+});
+
+Deno.test("a reference on the ONNX engine needs no adapter memory: a run refused with it on the GPU fits", () => {
+  const cfg = loadTrainConfig(`${configs}qwen2.5-1.5b-gsm8k.yaml`, []);
+  const model = qwen("1.5B");
+  const adapter = limits(2 * GiB, 40 * GiB);
+  assert.notDeepEqual(planProblems(planMemory(cfg, model), adapter), [], "webgpu: does not fit");
+  const onnx = { ...cfg, reference: { ...cfg.reference, engine: "onnx" as const } };
+  const plan = checkPlan(onnx, model, adapter);
+  assert.equal(plan.referenceBytes, 0);
+  assert.ok(plan.referenceOnCpu);
+  assert.ok(plan.policyBytes > 0 && plan.policyBytes === planMemory(cfg, model).policyBytes);
+  const report = planReport("onnx.yaml", onnx, { config: model, source: "test", dtype: "bf16" }, {
+    ...adapter,
+  }, "stated");
+  assert.ok(report.includes("fits this adapter"), report.join("\n"));
+  assert.ok(
+    report.some((l) => /^reference \(reference\.engine onnx\): .* not on an adapter$/.test(l)),
+  );
+  // "auto" without an export stays on an adapter (ONNX only beside a software one, same RAM).
+  assert.ok(!planMemory(cfg, model).referenceOnCpu);
+  assert.ok(
+    planMemory({ ...cfg, reference: { ...cfg.reference, onnx: "/m.onnx" } }, model)
+      .referenceOnCpu,
   );
 });
