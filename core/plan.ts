@@ -6,10 +6,10 @@
 // weights are 16-bit per frozen_dtype; gradient checkpointing keeps each layer's input and one
 // layer's buffers; the KV cache is kv_cache_dtype; and a LoRA run's reference is its base, so on
 // one adapter it needs no weights of its own; a reference on onnxruntime's WASM engine
-// (reference.engine onnx) is in CPU memory, on no adapter. The plan is checked against the adapter's limits —
-// a weight larger than one storage binding is kept as row slices, so one row must fit; every
-// other tensor is bound whole, so the largest must fit; the totals must fit the adapter's memory
-// when it is known — and advice says which setting to lower, and to what.
+// (reference.engine onnx) is in CPU memory, on no adapter. The plan is checked against the
+// adapter's limits — a weight larger than one storage binding is kept as row slices, so one row
+// must fit; every other tensor is bound whole, so the largest must fit; the totals must fit the
+// adapter's memory when it is known — and advice says which setting to lower, and to what.
 // `aha plan` prints it (cli/plan.ts); `aha train` calls checkPlan before loading anything.
 
 import { AhaError } from "./errors.ts";

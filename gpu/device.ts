@@ -461,7 +461,8 @@ export class Gpu {
 
   /**
    * Read several tensors with one GPU wait. f32 tensors come back as Float32Array, i32 as
-   * Int32Array, others (u32, and bf16/f16 as their packed words) as Uint32Array. The copies are recorded before this returns.
+   * Int32Array, others (u32, and bf16/f16 as their packed words) as Uint32Array. The copies are
+   * recorded before this returns.
    */
   async readMany(
     tensors: Tensor[],
