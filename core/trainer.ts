@@ -11,9 +11,9 @@
 //
 // A step's scalars (the loss sums, the gradient norm) are read one step late: a GPU engine
 // delivers them with a read recorded after its optimizer step, and waiting for that read would
-// leave the GPU idle for Deno's ~10 ms per GPU→CPU wait. So run() records step N + 1 (whose
-// sampling waits for the GPU anyway) before it takes step N's scalars, checks them and writes
-// step N's metrics line. Before anything reads the policy (evaluation, reference sync, a
+// leave the GPU idle for Deno's ~10 ms per GPU→CPU wait. So run() lets step N + 1 sample (which
+// waits for the GPU anyway) before it takes step N's scalars, checks them and writes step N's
+// metrics line; then step N + 1 trains. Before anything reads the policy (evaluation, reference sync, a
 // checkpoint, the last step, a stop) the step's scalars are taken first, so a diverged step is
 // never evaluated or saved.
 //
@@ -157,8 +157,8 @@ export class GrpoTrainer {
       // save that step (with the data position it ended at) before giving up.
       const sampler = this.task.samplerState();
       try {
-        const recorded = await this.recordStep(step);
-        await settle(); // the previous step's scalars came while this step was recorded
+        // The previous step's scalars came while this step sampled.
+        const recorded = await this.recordStep(step, settle);
         unsettled = { step, metrics: recorded.metrics };
       } catch (error) {
         // A diverged step may have written NaN into the weights: keep the last checkpoint.
@@ -198,9 +198,12 @@ export class GrpoTrainer {
    * on a GPU engine, submitted), to a function that takes the step's scalars and returns its
    * metrics, rejecting with DivergedError if the loss or gradient norm is not finite. Nothing
    * awaits the scalars before that function is called: a GPU engine counts an early await
-   * as a wait.
+   * as a wait. `afterSampling` runs once the step's completions are sampled and scored.
    */
-  private async recordStep(step: number): Promise<{ metrics: () => Promise<Metrics> }> {
+  private async recordStep(
+    step: number,
+    afterSampling: () => Promise<void> = () => Promise.resolve(),
+  ): Promise<{ metrics: () => Promise<Metrics> }> {
     const cfg = this.cfg, G = cfg.num_generations;
     const started = performance.now();
     this.rewardErrors = 0;
@@ -229,6 +232,7 @@ export class GrpoTrainer {
         }
       }
     }
+    await afterSampling();
 
     const metrics: Metrics = {
       ...this.sampleMetrics(firstRound),

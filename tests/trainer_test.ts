@@ -314,6 +314,12 @@ Deno.test("a step's scalars are taken during the next step, and before any save 
     if (events.at(-1) !== event) events.push(event);
     return generate(prompts, G, opts);
   };
+  const accumulate = policy.accumulateGradients.bind(policy);
+  policy.accumulateGradients = (batch, t, loss) => {
+    const event = `train step ${policy.version + 1}`;
+    if (events.at(-1) !== event) events.push(event);
+    return accumulate(batch, t, loss);
+  };
   let late = 0;
   policy.optimizerStep = (_hp) => {
     const norm = 0.1 * ++policy.version;
@@ -341,15 +347,20 @@ Deno.test("a step's scalars are taken during the next step, and before any save 
     .run(0);
   assert.deepEqual(events, [
     "sample for step 1",
+    "train step 1",
     "sample for step 2",
-    "metrics 1 0.1",
+    "metrics 1 0.1", // once step 2 has sampled, before it trains
+    "train step 2",
     "sample for step 3",
     "metrics 2 0.2",
+    "train step 3",
     "metrics 3 0.3", // a step that saves takes its own scalars first
     "save 3",
     "sample for step 4",
+    "train step 4",
     "sample for step 5",
     "metrics 4 0.4",
+    "train step 5",
     "metrics 5 0.5",
     "save 5",
   ]);
