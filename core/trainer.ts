@@ -13,9 +13,9 @@
 // delivers them with a read recorded after its optimizer step, and waiting for that read would
 // leave the GPU idle for Deno's ~10 ms per GPU→CPU wait. So run() lets step N + 1 sample (which
 // waits for the GPU anyway) before it takes step N's scalars, checks them and writes step N's
-// metrics line; then step N + 1 trains. Before anything reads the policy (evaluation, reference sync, a
-// checkpoint, the last step, a stop) the step's scalars are taken first, so a diverged step is
-// never evaluated or saved.
+// metrics line; then step N + 1 trains. Before anything reads the policy (evaluation, reference
+// sync, a checkpoint, the last step, a stop) the step's scalars are taken first, so a diverged
+// step is never evaluated or saved.
 //
 // Everything device-specific sits behind PolicyEngine / ReferenceEngine (core/engine.ts).
 
@@ -184,8 +184,7 @@ export class GrpoTrainer {
       if (saving) await this.io.save(step);
       if (this.io.stopRequested()) return step;
     }
-    await settle(); // none is left (the last step settles), unless max_steps ≤ startStep
-    return cfg.max_steps;
+    return cfg.max_steps; // the last step took its scalars before saving
   }
 
   /** One GRPO step; returns its metrics once its scalars have been read. */

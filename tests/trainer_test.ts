@@ -144,6 +144,24 @@ const silentIO = (saved: number[] = []): TrainerIO => ({
   stopRequested: () => false,
 });
 
+/** The fake's gradient norm is NaN at its `version`-th optimizer step (the step that diverges). */
+function nanNormAt(policy: FakePolicy, version: number): void {
+  const optimizerStep = policy.optimizerStep.bind(policy);
+  policy.optimizerStep = async (hp) => {
+    const norm = await optimizerStep(hp);
+    return policy.version === version ? NaN : norm;
+  };
+}
+
+/** Sampling fails once the fake has taken `version` optimizer steps (in step version + 1). */
+function failSamplingAt(policy: FakePolicy, version: number): void {
+  const generate = policy.generate.bind(policy);
+  policy.generate = (prompts, G, opts) => {
+    if (policy.version === version) throw new AhaError("the sampler broke");
+    return generate(prompts, G, opts);
+  };
+}
+
 function config(overrides: Partial<TrainConfig>): TrainConfig {
   return {
     ...defaultTrainConfig(),
@@ -284,11 +302,7 @@ Deno.test("a NaN loss stops the run with one line and saves nothing", async () =
 
 Deno.test("a NaN gradient norm stops the run naming the step, nothing saved over good state", async () => {
   const policy = new FakePolicy(), saved: number[] = [];
-  const optimizerStep = policy.optimizerStep.bind(policy);
-  policy.optimizerStep = async (hp) => {
-    const norm = await optimizerStep(hp);
-    return policy.version === 2 ? NaN : norm;
-  };
+  nanNormAt(policy, 2);
   const trainer = new GrpoTrainer(
     config({ max_steps: 4, save_steps: 1 }),
     fakeTask(),
@@ -369,16 +383,8 @@ Deno.test("a step's scalars are taken during the next step, and before any save 
 
 Deno.test("a step that fails after one that diverged reports the divergence and saves nothing", async () => {
   const policy = new FakePolicy(), saved: number[] = [];
-  const optimizerStep = policy.optimizerStep.bind(policy);
-  policy.optimizerStep = async (hp) => {
-    const norm = await optimizerStep(hp);
-    return policy.version === 2 ? NaN : norm;
-  };
-  const generate = policy.generate.bind(policy);
-  policy.generate = (prompts, G, opts) => {
-    if (policy.version === 2) throw new AhaError("the sampler broke");
-    return generate(prompts, G, opts);
-  };
+  nanNormAt(policy, 2);
+  failSamplingAt(policy, 2);
   const trainer = new GrpoTrainer(
     config({ max_steps: 4 }),
     fakeTask(),
@@ -392,11 +398,7 @@ Deno.test("a step that fails after one that diverged reports the divergence and 
 
 Deno.test("a step that fails after a good one saves the good one", async () => {
   const policy = new FakePolicy(), saved: number[] = [];
-  const generate = policy.generate.bind(policy);
-  policy.generate = (prompts, G, opts) => {
-    if (policy.version === 2) throw new AhaError("the sampler broke");
-    return generate(prompts, G, opts);
-  };
+  failSamplingAt(policy, 2);
   const metrics: number[] = [];
   const io = {
     ...silentIO(saved),
