@@ -33,6 +33,9 @@ export const BINDING_ALIGNMENT = 256;
 /** Uniform slots per submit (a submit is made when they run out) and 32-bit words per slot. */
 const UNIFORM_SLOTS = 1024;
 const UNIFORM_SLOT_WORDS = BINDING_ALIGNMENT / 4;
+/** Texels in a row of a tensor's texture copy (`Gpu.textureCopy`). */
+export const TEXTURE_ROW = 1024;
+
 /** Bind groups kept before the cache is emptied. */
 const MAX_BIND_GROUPS = 20000;
 
@@ -145,6 +148,7 @@ export class Gpu {
   private encoder: GPUCommandEncoder | null = null;
   private pass: GPUComputePassEncoder | null = null;
   private pendingDestroy: GPUBuffer[] = [];
+  private pendingTextures: GPUTexture[] = [];
   /**
    * Every dispatch's Params live in one slot of a ring of uniform slots: written to `uniformData`
    * on the CPU, and to the GPU with one writeBuffer when the work is submitted. A submit's
@@ -169,6 +173,7 @@ export class Gpu {
   bufferCount = 0;
   bindGroupCount = 0;
   private scratchBuffers = new Map<string, Tensor>();
+  private textures = new Map<string, { texture: GPUTexture; view: GPUTextureView }>();
   /** Free MAP_READ buffers for readMany, by size. */
   private stagingPool = new Map<number, GPUBuffer[]>();
   /** Per-kernel GPU time while profiling (`startProfile`), else null. */
@@ -204,6 +209,7 @@ export class Gpu {
         maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize,
         maxComputeInvocationsPerWorkgroup: adapter.limits.maxComputeInvocationsPerWorkgroup,
         maxComputeWorkgroupSizeX: adapter.limits.maxComputeWorkgroupSizeX,
+        maxTextureDimension2D: adapter.limits.maxTextureDimension2D,
       },
     });
     device.addEventListener("uncapturederror", (e) => {
@@ -269,6 +275,53 @@ export class Gpu {
     return t;
   }
 
+  /**
+   * A copy of an f32 tensor in a texture kept under `name` (grown when needed), recorded like a
+   * dispatch: rgba32float, TEXTURE_ROW texels a row, vec4 i of the tensor at texel
+   * (i % TEXTURE_ROW, i / TEXTURE_ROW). Null when the tensor does not fit such a texture or is
+   * not whole vec4s.
+   */
+  textureCopy(name: string, t: Tensor): GPUTextureView | null {
+    const rowBytes = TEXTURE_ROW * 16;
+    const rows = Math.ceil(t.bytes / rowBytes);
+    if (
+      t.dtype !== "f32" || t.bytes % 16 !== 0 || rows > this.device.limits.maxTextureDimension2D
+    ) {
+      return null;
+    }
+    let kept = this.textures.get(name);
+    if (!kept || kept.texture.height < rows) {
+      if (kept) this.pendingTextures.push(kept.texture); // work recorded so far still reads it
+      this.bufferCount++;
+      const texture = this.device.createTexture({
+        label: name,
+        size: [TEXTURE_ROW, rows],
+        format: "rgba32float",
+        usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST,
+      });
+      kept = { texture, view: texture.createView() };
+      this.textures.set(name, kept);
+    }
+    this.endPass();
+    const encoder = this.getEncoder();
+    const full = Math.floor(t.bytes / rowBytes), rest = t.bytes % rowBytes;
+    if (full > 0) {
+      encoder.copyBufferToTexture(
+        { buffer: t.buffer, offset: t.offset, bytesPerRow: rowBytes },
+        { texture: kept.texture },
+        [TEXTURE_ROW, full],
+      );
+    }
+    if (rest > 0) {
+      encoder.copyBufferToTexture(
+        { buffer: t.buffer, offset: t.offset + full * rowBytes },
+        { texture: kept.texture, origin: [0, full] },
+        [rest / 16, 1],
+      );
+    }
+    return kept.view;
+  }
+
   /** Overwrite a tensor's contents (ordered before any later-flushed dispatch). */
   write(t: Tensor, data: Float32Array | Int32Array | Uint32Array, offsetElements = 0): void {
     // queue.writeBuffer runs before work submitted later, but after work already submitted:
@@ -326,7 +379,7 @@ export class Gpu {
   dispatch(
     pipeline: GPUComputePipeline,
     workgroups: [number, number?, number?],
-    tensors: Tensor[],
+    tensors: (Tensor | GPUTextureView)[],
     u32s: number[] = [],
     f32s: number[] = [],
   ): void {
@@ -346,7 +399,11 @@ export class Gpu {
     for (let i = 0; i < u32s.length; i++) this.uniformData[base + i] = u32s[i] >>> 0;
     for (let i = 0; i < f32s.length; i++) this.uniformFloats[base + u32s.length + i] = f32s[i];
     let key = `${this.id(pipeline)}:${slot}`;
-    for (const t of tensors) key += `:${this.id(t.buffer)}@${t.offset}+${t.size}`;
+    for (const t of tensors) {
+      key += t instanceof Tensor
+        ? `:${this.id(t.buffer)}@${t.offset}+${t.size}`
+        : `:t${this.id(t)}`;
+    }
     let bindGroup = this.bindGroups.get(key);
     if (!bindGroup) {
       // Bind groups of destroyed buffers are never asked for again (ids are never reused):
@@ -360,7 +417,7 @@ export class Gpu {
       tensors.forEach((t, i) =>
         entries.push({
           binding: i + 1,
-          resource: { buffer: t.buffer, offset: t.offset, size: t.bytes },
+          resource: t instanceof Tensor ? { buffer: t.buffer, offset: t.offset, size: t.bytes } : t,
         })
       );
       bindGroup = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
@@ -429,6 +486,8 @@ export class Gpu {
     // Buffers used by submitted work may be destroyed now: the GPU keeps them until done.
     for (const u of this.pendingDestroy) u.destroy();
     this.pendingDestroy = [];
+    for (const t of this.pendingTextures) t.destroy();
+    this.pendingTextures = [];
   }
 
   /** Wait until the GPU has finished all submitted work. */

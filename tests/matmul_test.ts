@@ -98,8 +98,13 @@ const FLAG_CASES = [
 ];
 
 // Both kernels run here whatever the adapter: the tiled one (hardware GPUs) and the
-// register-blocked one (CPU adapters).
-const KERNELS: MatmulKernel[] = ["blocked", "tiled"];
+// register-blocked one (CPU adapters), the latter reading vec4 operands from texture copies
+// (its default on CPU adapters) and from storage (elsewhere, and for 16-bit weights).
+const KERNELS: { kernel: MatmulKernel; textures: boolean; name: string }[] = [
+  { kernel: "blocked", textures: true, name: "blocked, textures" },
+  { kernel: "blocked", textures: false, name: "blocked, storage" },
+  { kernel: "tiled", textures: false, name: "tiled" },
+];
 // The tiled kernel is slow on llvmpipe (barriers): fewer shapes, still odd, crossing 64-tiles
 // in every dimension, with vec4 and scalar bindings.
 const TILED_SHAPES: MatmulShape[] = [
@@ -112,10 +117,10 @@ const TILED_SHAPES: MatmulShape[] = [
   { M: 130, N: 257, K: 75 },
 ];
 
-for (const kernel of KERNELS) {
+for (const { kernel, textures, name } of KERNELS) {
   for (const layout of LAYOUTS) {
     Deno.test(
-      `matmul ${layout.name} (${kernel}) matches the float64 twin, ± accumulate and bias`,
+      `matmul ${layout.name} (${name}) matches the float64 twin, ± accumulate and bias`,
       gpuTest,
       async () => {
         for (const shape of kernel === "tiled" ? TILED_SHAPES : SHAPES) {
@@ -134,6 +139,7 @@ for (const kernel of KERNELS) {
               accumulate: c.accumulate,
               bias: c.bias ? tbias : undefined,
               kernel,
+              textures,
             })
           );
           const results = await gpu.readMany(outs);
@@ -156,6 +162,32 @@ for (const kernel of KERNELS) {
     );
   }
 }
+
+Deno.test(
+  "products recorded back to back, each larger than the last, read the right texture copies",
+  gpuTest,
+  async () => {
+    // Each product copies its operands into kept textures, grown for a larger one while the
+    // work recorded before (which reads the old texture) has not been submitted yet.
+    const shapes: MatmulShape[] = [
+      { M: 8, N: 12, K: 16 },
+      { M: 64, N: 72, K: 96 },
+      { M: 132, N: 260, K: 76 },
+    ];
+    const inputs = shapes.map(({ M, N, K }) => ({ a: random(M * K), b: random(N * K) }));
+    const tensors = inputs.map(({ a, b }) => ({ a: gpu.upload(a), b: gpu.upload(b) }));
+    const outs = shapes.map(({ M, N }) => gpu.zeros([M * N]));
+    shapes.forEach((shape, i) =>
+      matmul(gpu, tensors[i].a, tensors[i].b, outs[i], shape, { transB: true, textures: true })
+    );
+    const results = await gpu.readMany(outs);
+    shapes.forEach((shape, i) => {
+      const want = twinMatmul(inputs[i].a, inputs[i].b, shape, false, true, null, null);
+      assertClose(results[i] as Float32Array, want, shape.K, `product ${i}`);
+    });
+    for (const t of [...tensors.flatMap(({ a, b }) => [a, b]), ...outs]) t.destroy();
+  },
+);
 
 Deno.test("matmul handles more than 65535 row workgroups", gpuTest, async () => {
   // Odd shapes use 8·8 = 64 rows per workgroup on llvmpipe (4·16 on other adapters), so

@@ -1,11 +1,17 @@
 // Matrix products: matmul (any of a/b transposed, optional accumulate and bias), the nn.Linear
 // forward and backward built on it, and sumRows (the bias gradient).
 //
-// The kernel is register-blocked: each invocation keeps a block of out (up to 16×16) in
+// The kernel is register-blocked: each invocation keeps a block of out (up to 32×16) in
 // registers as 4×4 matrices, steps k four at a time loading 4×4 tiles of a and b as vec4s, and
 // uses no workgroup memory. On CPU adapters (llvmpipe/lavapipe) barriers are expensive and this
 // beats shared-memory tiling by 10× or more. The block and workgroup shapes for an adapter and
 // a product are decided in `matmulKernel` alone.
+//
+// On CPU adapters the loads are the cost: Mesa's gallivm reads a storage buffer lane by lane in
+// a loop with a branch per lane, but fetches texels as a plain gather. So there an operand read
+// by many invocations is first copied (`Gpu.textureCopy`, a memcpy on a CPU adapter) into an
+// rgba32float texture, one texel per vec4, and read with textureLoad: the 0.5B MLP product
+// x·Wᵀ went from 16 to 27 GFLOPS on llvmpipe, its input gradient dy·W from 10 to 24.
 //
 // Layouts: a is [M,K] (or [K,M] when transA), b is [K,N] (or [N,K] when transB), out is
 // [M,N], all row-major. An operand is bound as array<vec4f> when its row stride is a multiple
@@ -19,7 +25,7 @@
 // is loaded, so the products and sums are the f32 kernel's own.
 
 import { AhaError } from "../../core/errors.ts";
-import { Gpu, grid, Tensor } from "../device.ts";
+import { Gpu, grid, Tensor, TEXTURE_ROW } from "../device.ts";
 
 export interface MatmulShape {
   M: number;
@@ -45,6 +51,11 @@ export interface MatmulOptions {
   outBlock?: ColumnBlock;
   /** Force a kernel (tests); else AHA_MATMUL, else the adapter decides (`matmulKernel`). */
   kernel?: MatmulKernel;
+  /**
+   * Let the register-blocked kernel read vec4 operands from texture copies (default: on
+   * software adapters; tests force either).
+   */
+  textures?: boolean;
 }
 
 /**
@@ -93,14 +104,35 @@ function isSoftware(gpu: Gpu): boolean {
 }
 
 /**
- * The one place the matmul kernel is chosen, from the adapter and the product. Software
- * adapters run a workgroup as SIMD lanes on a CPU core, where each lane's load is a gather:
- * the larger the block an invocation owns, the fewer gathers per multiply-add (measured on
- * llvmpipe per CPU core: 4×4 blocks ~5 GFLOPS, 8×8 ~9, 16×16 ~13, 32×16 ~15). Large blocks compile slowly (a few
- * seconds for 32×16, cached on disk by Mesa afterwards), most of all with scalar bindings, so
- * shapes that are not multiples of 4 (rare in a model) get 8×8, and few rows (generation)
- * get fewer rows per block rather than clamped copies. Hardware adapters get the tiled kernel
- * (tiledMatmulWgsl). AHA_MATMUL=tiled|blocked or the `kernel` option overrides the choice.
+ * Register blocks for software adapters, as [rowGroups, colGroups, GFLOPS]: an invocation owns
+ * 4·rowGroups rows × 4·colGroups columns of out, in a workgroup of 8×8 invocations; GFLOPS is
+ * the block's measured speed on a product that fills it evenly (1024×1024×896 x·Wᵀ on the
+ * 2-core llvmpipe, operands read from textures). Larger blocks load less per multiply-add;
+ * 32×16 ran ~10% faster than 16×16 on large products but compiles for seconds, so it is left out.
+ */
+const BLOCKS: [number, number, number][] = [
+  [4, 4, 28],
+  [4, 2, 23],
+  [2, 2, 19],
+  [2, 1, 16],
+  [1, 1, 12],
+];
+
+/** CPU threads a software adapter runs workgroups on. */
+const cpuThreads = Math.max(1, navigator.hardwareConcurrency || 1);
+
+/**
+ * The one place the matmul kernel is chosen, from the adapter and the product. Hardware
+ * adapters get the tiled kernel (tiledMatmulWgsl). A software adapter runs a workgroup's
+ * invocations eight at a time as the SIMD lanes of one CPU core, x (columns) fastest, and every
+ * lane loads its own operands; so the block an invocation owns is picked from BLOCKS by
+ * modelled time: each run of 8 lanes costs its block's work over the block's speed (lanes past
+ * N compute clamped copies, runs wholly past M end at once), and the CPU threads take whole
+ * workgroups. A product of 64 columns thus takes 16×8 blocks rather than 16×16 ones with half
+ * the lanes idle (1.5× faster on the default model's training products), and generation's
+ * few rows take small blocks in enough workgroups for every thread. Shapes that are not
+ * multiples of 4 (rare in a model) get 8×8: large blocks with scalar bindings compile for
+ * seconds. AHA_MATMUL=tiled|blocked or the `kernel` option overrides the choice.
  */
 function matmulKernel(
   gpu: Gpu,
@@ -113,13 +145,18 @@ function matmulKernel(
   if (kernel === "tiled") return "tiled";
   if (!isSoftware(gpu)) return { workgroup: [16, 16], rowGroups: 1, colGroups: 1 };
   if (!allVec4) return { workgroup: [8, 8], rowGroups: 2, colGroups: 2 };
-  // Fewer 16×16 blocks than two workgroups' worth (generation's products, one token per row)
-  // would leave a CPU thread idle: 8×8 blocks, four times as many (measured on the decode
-  // products of the default model, 128 rows: a third less time).
-  if (Math.ceil(M / 16) * Math.ceil(N / 16) < 128) {
-    return { workgroup: [8, 8], rowGroups: 2, colGroups: 2 };
+  let best: KernelChoice | null = null, bestTime = Infinity;
+  for (const [rowGroups, colGroups, gflops] of BLOCKS) {
+    const runs = Math.ceil(M / (4 * rowGroups)); // runs of 8 lanes down the rows
+    const workgroups = Math.ceil(runs / 8) * Math.ceil(N / (32 * colGroups));
+    const runWork = 4 * rowGroups * 32 * colGroups;
+    const time = Math.ceil(workgroups / cpuThreads) * Math.min(8, runs) * runWork / gflops;
+    if (time < bestTime) {
+      bestTime = time;
+      best = { workgroup: [8, 8], rowGroups, colGroups };
+    }
   }
-  return { workgroup: [8, 8], rowGroups: M >= 16 ? 4 : M >= 8 ? 2 : 1, colGroups: 4 };
+  return best!;
 }
 
 interface Variant {
@@ -133,13 +170,23 @@ interface Variant {
   bias: boolean;
   blocks: boolean; // a and out are column blocks: strides and first columns in Params
   bType: "f32" | "bf16" | "f16"; // how b is stored
+  texA: boolean; // a read from its texture copy (`Gpu.textureCopy`); only when vecA
+  texB: boolean; // likewise b; only when vecB and f32
   tile: KernelChoice;
   /** Workgroup z picks a range of p.kLen along k; out is the partial sums [z, M, N]. */
   splitK?: boolean;
 }
 
 // b's declaration and its loads: `vec(i)` is the vec4 at vec4 index i, `one(i)` the element i.
-function bStorage(bType: Variant["bType"], vec: boolean) {
+function bStorage(bType: Variant["bType"], vec: boolean, texture: boolean) {
+  if (texture) {
+    return {
+      decl: "var b: texture_2d<f32>;",
+      helpers: "",
+      vec: (i: string) => texel("b", i),
+      one: (i: string) => `${texel("b", `(${i}) / 4u`)}[(${i}) % 4u]`,
+    };
+  }
   if (bType === "f32") {
     return {
       decl: `var<storage, read> b: array<${vec ? "vec4f" : "f32"}>;`,
@@ -175,13 +222,19 @@ fn loadB1(i: u32) -> f32 {
   };
 }
 
+/** Vec4 i of a tensor's texture copy (`Gpu.textureCopy`: TEXTURE_ROW vec4s a row). */
+function texel(texture: string, i: string): string {
+  return `textureLoad(${texture}, vec2u((${i}) % ${TEXTURE_ROW}u, (${i}) / ${TEXTURE_ROW}u), 0)`;
+}
+
 // The WGSL for one variant. An invocation owns rows m0 .. m0+4·rowGroups and columns
 // n0 .. n0+4·colGroups of out; acc_r_c is the 4×4 block of row group r and column group c,
 // stored as a matrix whose column i is out row m0+4r+i.
 function matmulWgsl(v: Variant): string {
   const { workgroup: [wx, wy], rowGroups, colGroups } = v.tile;
   const range = (n: number) => [...Array(n).keys()];
-  const bs = bStorage(v.bType, v.vecB);
+  const bs = bStorage(v.bType, v.vecB, v.texB);
+  const aVec = (i: string) => v.texA ? texel("a", i) : `a[${i}]`; // the vec4 at vec4 index i
   const rs = range(rowGroups), cs = range(colGroups), four = range(4);
   const vec4 = (f: (i: number) => string) => `vec4f(${four.map(f).join(", ")})`;
   const mat4 = (f: (i: number) => string) => `mat4x4f(${four.map(f).join(", ")})`;
@@ -216,12 +269,12 @@ function matmulWgsl(v: Variant): string {
       ? `transpose(${
         mat4((kk) =>
           v.vecA
-            ? `a[(${rowA(`(k + ${kk}u)`)} + gm${r}) / 4u]`
+            ? aVec(`(${rowA(`(k + ${kk}u)`)} + gm${r}) / 4u`)
             : vec4((i) => `a[${rowA(`(k + ${kk}u)`)} + cm${r}[${i}]]`)
         )
       })`
       : mat4((i) =>
-        v.vecA ? `a[(rA${r}[${i}] + k) / 4u]` : vec4((kk) => `a[rA${r}[${i}] + k + ${kk}u]`)
+        v.vecA ? aVec(`(rA${r}[${i}] + k) / 4u`) : vec4((kk) => `a[rA${r}[${i}] + k + ${kk}u]`)
       );
   // The 4×4 tile of op(b) at step k for column group c: column kk holds B(k+kk, cols).
   const tileB = (c: number) =>
@@ -241,7 +294,9 @@ function matmulWgsl(v: Variant): string {
   // One k of the tail (only when K % 4 != 0, so a row stride of K means a scalar binding).
   const sliceA = (r: number) =>
     v.transA
-      ? (v.vecA ? `a[(${rowA("k")} + gm${r}) / 4u]` : vec4((i) => `a[${rowA("k")} + cm${r}[${i}]]`))
+      ? (v.vecA
+        ? aVec(`(${rowA("k")} + gm${r}) / 4u`)
+        : vec4((i) => `a[${rowA("k")} + cm${r}[${i}]]`))
       : vec4((i) => `a[rA${r}[${i}] + k]`);
   const sliceB = (c: number) =>
     v.transB
@@ -307,7 +362,9 @@ struct Params { M: u32, N: u32, K: u32${
     v.blocks ? ", strideA: u32, firstA: u32, strideOut: u32, firstOut: u32" : ""
   }${v.splitK ? ", kLen: u32" : ""} }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;
+@group(0) @binding(1) ${
+    v.texA ? "var a: texture_2d<f32>;" : `var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;`
+  }
 @group(0) @binding(2) ${bs.decl}
 @group(0) @binding(3) var<storage, read_write> out: array<${outType}>;
 ${v.bias ? `@group(0) @binding(4) var<storage, read> bias: array<${outType}>;` : ""}
@@ -374,7 +431,7 @@ interface TiledVariant {
 
 function tiledMatmulWgsl(v: TiledVariant): string {
   const eight = [...Array(8).keys()];
-  const bs = bStorage(v.bType, v.vecB); // b may be a 16-bit frozen weight, widened on load
+  const bs = bStorage(v.bType, v.vecB, false); // b may be a 16-bit frozen weight, widened on load
   // Element (row, col) of a as stored: a [M,K], or [K,M] when transA; b [K,N], or [N,K].
   const aIndex = (m: string, k: string) =>
     v.transA
@@ -580,6 +637,15 @@ export function matmul(
     ]);
     return;
   }
+  // The register-blocked kernel reads an operand from a texture copy when its vec4s are read
+  // by at least two runs of invocations (the copy costs about one read of it): by default on
+  // software adapters, where texel fetches beat storage loads (see the header).
+  const textures = opts.textures ?? isSoftware(gpu);
+  const aReads = Math.ceil(N / (4 * tile.colGroups)), bReads = Math.ceil(M / (4 * tile.rowGroups));
+  const aTexture = textures && vecA && aReads >= 2 ? gpu.textureCopy("matmul a", a) : null;
+  const bTexture = textures && vecB && bType === "f32" && bReads >= 2
+    ? gpu.textureCopy("matmul b", b)
+    : null;
   const variant: Variant = {
     transA,
     transB,
@@ -591,8 +657,11 @@ export function matmul(
     bias: opts.bias !== undefined,
     blocks,
     bType,
+    texA: aTexture !== null,
+    texB: bTexture !== null,
     tile,
   };
+  const operands = [aTexture ?? a, bTexture ?? b];
   // x covers column blocks; row blocks spread over y and, past 65535 workgroups, z.
   const gx = Math.ceil(N / (4 * tile.colGroups * tile.workgroup[0]));
   const gy = Math.ceil(M / (4 * tile.rowGroups * tile.workgroup[1]));
@@ -607,7 +676,7 @@ export function matmul(
     gpu.dispatch(
       gpu.pipeline(matmulWgsl(split), "matmul split-k"),
       [gx, gy, chunks.count],
-      [a, b, partials],
+      [...operands, partials],
       [M, N, K, chunks.kLen],
     );
     const reduce = gpu.pipeline(
@@ -623,7 +692,12 @@ export function matmul(
     return;
   }
   const pipeline = gpu.pipeline(matmulWgsl(variant), "matmul");
-  gpu.dispatch(pipeline, [gx, Math.ceil(gy / gz), gz], tensors, [M, N, K, ...strides]);
+  gpu.dispatch(pipeline, [gx, Math.ceil(gy / gz), gz], [...operands, ...tensors.slice(2)], [
+    M,
+    N,
+    K,
+    ...strides,
+  ]);
 }
 
 /** Fewer workgroups than this leave CPU threads idle: split k (software adapters only). */
