@@ -52,8 +52,8 @@ export interface MatmulOptions {
   /** Force a kernel (tests); else AHA_MATMUL, else the adapter decides (`matmulKernel`). */
   kernel?: MatmulKernel;
   /**
-   * Let the register-blocked kernel read vec4 operands from texture copies (default: on
-   * software adapters; tests force either).
+   * Make the register-blocked kernel read its vec4 f32 operands from texture copies, or not
+   * (tests); by default it does on software adapters for products large enough (`matmul`).
    */
   textures?: boolean;
 }
@@ -117,6 +117,14 @@ const BLOCKS: [number, number, number][] = [
   [2, 1, 16],
   [1, 1, 12],
 ];
+
+/**
+ * Products smaller than this (multiply-adds) read their operands from storage even on software
+ * adapters: two copies and a compute pass split cost ~0.05–0.1 ms, which a product of the
+ * default model's decode step (128×172×64) does not win back (measured: break-even between
+ * 384×32×64 and 384×64×64).
+ */
+const TEXTURE_MIN_MACS = 1 << 21;
 
 /** CPU threads a software adapter runs workgroups on. */
 const cpuThreads = Math.max(1, navigator.hardwareConcurrency || 1);
@@ -637,13 +645,16 @@ export function matmul(
     ]);
     return;
   }
-  // The register-blocked kernel reads an operand from a texture copy when its vec4s are read
-  // by at least two runs of invocations (the copy costs about one read of it): by default on
-  // software adapters, where texel fetches beat storage loads (see the header).
-  const textures = opts.textures ?? isSoftware(gpu);
-  const aReads = Math.ceil(N / (4 * tile.colGroups)), bReads = Math.ceil(M / (4 * tile.rowGroups));
-  const aTexture = textures && vecA && aReads >= 2 ? gpu.textureCopy("matmul a", a) : null;
-  const bTexture = textures && vecB && bType === "f32" && bReads >= 2
+  // On a software adapter the register-blocked kernel reads an operand from a texture copy when
+  // the product is large enough to repay the copies' fixed cost, and the operand's vec4s are
+  // read by at least two runs of invocations (a copy costs about one read of it); generation's
+  // products stay on storage. The `textures` option forces either way.
+  const copied = (reads: number) =>
+    opts.textures ?? (isSoftware(gpu) && M * N * K >= TEXTURE_MIN_MACS && reads >= 2);
+  const aTexture = vecA && copied(Math.ceil(N / (4 * tile.colGroups)))
+    ? gpu.textureCopy("matmul a", a)
+    : null;
+  const bTexture = vecB && bType === "f32" && copied(Math.ceil(M / (4 * tile.rowGroups)))
     ? gpu.textureCopy("matmul b", b)
     : null;
   const variant: Variant = {
