@@ -112,7 +112,8 @@ const KERNEL_CASES = (["bf16", "f16"] as const).flatMap((dtype) =>
 );
 
 // Odd sizes take scalar loads (one element of a packed word); multiples of 4 the vec4 loads.
-// Both kernels: the blocked one software adapters run and the tiled one of hardware GPUs.
+// Both kernels: the blocked one software adapters run (x or dy from its texture copy, as in a
+// large product there) and the tiled one of hardware GPUs.
 for (const [dtype, kernel] of KERNEL_CASES) {
   const ignore = dtype === "f16" && !gpu.hasF16;
   const name = `matmul (${kernel}) reads a ${dtype} weight widened, as nn.Linear and its backward${
@@ -128,8 +129,9 @@ for (const [dtype, kernel] of KERNEL_CASES) {
       const xt = gpu.upload(x), dyt = gpu.upload(dy);
       const y = gpu.upload(padded(new Float32Array(M * N))),
         dx = gpu.upload(padded(new Float32Array(M * K)));
-      matmul(gpu, xt, wt, y, { M, N, K }, { transB: true, kernel });
-      matmul(gpu, dyt, wt, dx, { M, N: K, K: N }, { kernel });
+      const textures = kernel === "blocked";
+      matmul(gpu, xt, wt, y, { M, N, K }, { transB: true, kernel, textures });
+      matmul(gpu, dyt, wt, dx, { M, N: K, K: N }, { kernel, textures });
       const [yGot, dxGot] = (await gpu.readMany([y, dx])) as Float32Array[];
       const yWant = new Float64Array(M * N), dxWant = new Float64Array(M * K);
       const yMag = new Float64Array(M * N), dxMag = new Float64Array(M * K);
