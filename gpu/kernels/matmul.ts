@@ -136,17 +136,21 @@ const cpuThreads = Math.max(1, navigator.hardwareConcurrency || 1);
  * lane loads its own operands; so the block an invocation owns is picked from BLOCKS by
  * modelled time: each run of 8 lanes costs its block's work over the block's speed (lanes past
  * N compute clamped copies, runs wholly past M end at once), and the CPU threads take whole
- * workgroups. A product of 64 columns thus takes 16×8 blocks rather than 16×16 ones with half
- * the lanes idle (1.5× faster on the default model's training products), and generation's
- * few rows take small blocks in enough workgroups for every thread. Shapes that are not
- * multiples of 4 (rare in a model) get 8×8: large blocks with scalar bindings compile for
- * seconds. AHA_MATMUL=tiled|blocked or the `kernel` option overrides the choice.
+ * workgroups, each once per range of k when the product is split along k (splitKChunks). A
+ * product of 64 columns thus takes 16×8 blocks rather than 16×16 ones with half the lanes idle
+ * (1.5× faster on the default model's training products), a weight gradient of 64×64 over
+ * 1,408 rows takes 16×8 blocks split 8 ways rather than 8×4 ones split 4 ways (1.5×), and
+ * generation's few rows take small blocks in enough workgroups for every thread. Shapes that
+ * are not multiples of 4 (rare in a model) get 8×8: large blocks with scalar bindings compile
+ * for seconds. AHA_MATMUL=tiled|blocked or the `kernel` option overrides the choice.
  */
 function matmulKernel(
   gpu: Gpu,
   M: number,
   N: number,
+  K: number,
   allVec4: boolean,
+  blocks: boolean,
   forced?: MatmulKernel,
 ): KernelChoice | "tiled" {
   const kernel = forced ?? envKernel() ?? (isSoftware(gpu) ? "blocked" : "tiled");
@@ -157,8 +161,11 @@ function matmulKernel(
   for (const [rowGroups, colGroups, gflops] of BLOCKS) {
     const runs = Math.ceil(M / (4 * rowGroups)); // runs of 8 lanes down the rows
     const workgroups = Math.ceil(runs / 8) * Math.ceil(N / (32 * colGroups));
-    const runWork = 4 * rowGroups * 32 * colGroups;
-    const time = Math.ceil(workgroups / cpuThreads) * Math.min(8, runs) * runWork / gflops;
+    // A product split along k (splitKChunks) runs each workgroup once per range of k.
+    const split = splitKChunks(gpu, workgroups, K, blocks) ?? { count: 1, kLen: K };
+    const runWork = 4 * rowGroups * 32 * colGroups * (split.kLen / K);
+    const rounds = Math.ceil(workgroups * split.count / cpuThreads);
+    const time = rounds * Math.min(8, runs) * runWork / gflops;
     if (time < bestTime) {
       bestTime = time;
       best = { workgroup: [8, 8], rowGroups, colGroups };
@@ -620,7 +627,7 @@ export function matmul(
   const vecA = (transA ? M : K) % 4 === 0 && aligned(aBlock), vecB = (transB ? K : N) % 4 === 0;
   const vecOut = N % 4 === 0 && aligned(outBlock);
   const bType = storedAs(b);
-  const tile = matmulKernel(gpu, M, N, vecA && vecB && vecOut, opts.kernel);
+  const tile = matmulKernel(gpu, M, N, K, vecA && vecB && vecOut, blocks, opts.kernel);
   const tensors = opts.bias ? [a, b, out, opts.bias] : [a, b, out];
   const strides = blocks ? [aBlock.stride, aBlock.first, outBlock.stride, outBlock.first] : [];
   if (tile === "tiled") {
