@@ -11,6 +11,7 @@ import assert from "node:assert/strict";
 import { Rng } from "../core/rng.ts";
 
 import {
+  BLOCKS,
   linear,
   linearBackward,
   matmul,
@@ -162,6 +163,45 @@ for (const { kernel, textures, name } of KERNELS) {
     );
   }
 }
+
+Deno.test(
+  "every register block the software kernel may pick matches the twin, from textures and storage",
+  gpuTest,
+  async () => {
+    // matmulKernel picks among BLOCKS by modelled time: each must be right whatever the product,
+    // here one with partial blocks at every edge, accumulating onto out with a bias.
+    const shape = { M: 36, N: 52, K: 20 };
+    const { M, N, K } = shape;
+    const a = random(M * K), b = random(K * N), prev = random(M * N), bias = random(N);
+    const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
+    const cases = BLOCKS.flatMap(([rowGroups, colGroups]) =>
+      LAYOUTS.flatMap((layout) =>
+        [true, false].map((textures) => ({ block: { rowGroups, colGroups }, layout, textures }))
+      )
+    );
+    const outs = cases.map(() => gpu.upload(padded(prev)));
+    cases.forEach(({ block, layout, textures }, i) =>
+      matmul(gpu, ta, tb, outs[i], shape, {
+        transA: layout.transA,
+        transB: layout.transB,
+        accumulate: true,
+        bias: tbias,
+        kernel: "blocked",
+        textures,
+        block,
+      })
+    );
+    const results = await gpu.readMany(outs);
+    cases.forEach(({ block, layout, textures }, i) => {
+      const want = twinMatmul(a, b, shape, layout.transA, layout.transB, prev, bias);
+      const what = `${layout.name} ${4 * block.rowGroups}×${4 * block.colGroups} ${
+        textures ? "textures" : "storage"
+      }`;
+      assertClose(unpad(results[i] as Float32Array, M * N, what), want, K, what);
+    });
+    for (const t of [ta, tb, tbias, ...outs]) t.destroy();
+  },
+);
 
 Deno.test(
   "products recorded back to back, each larger than the last, read the right texture copies",

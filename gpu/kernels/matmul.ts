@@ -1,7 +1,7 @@
 // Matrix products: matmul (any of a/b transposed, optional accumulate and bias), the nn.Linear
 // forward and backward built on it, and sumRows (the bias gradient).
 //
-// The kernel is register-blocked: each invocation keeps a block of out (up to 32×16) in
+// The kernel is register-blocked: each invocation keeps a block of out (up to 16×16) in
 // registers as 4×4 matrices, steps k four at a time loading 4×4 tiles of a and b as vec4s, and
 // uses no workgroup memory. On CPU adapters (llvmpipe/lavapipe) barriers are expensive and this
 // beats shared-memory tiling by 10× or more. The block and workgroup shapes for an adapter and
@@ -56,6 +56,8 @@ export interface MatmulOptions {
    * (tests); by default it does on software adapters for products large enough (`matmul`).
    */
   textures?: boolean;
+  /** Force the register-blocked kernel's block on a software adapter (tests): one of BLOCKS. */
+  block?: { rowGroups: number; colGroups: number };
 }
 
 /**
@@ -110,7 +112,7 @@ function isSoftware(gpu: Gpu): boolean {
  * 2-core llvmpipe, operands read from textures). Larger blocks load less per multiply-add;
  * 32×16 ran ~10% faster than 16×16 on large products but compiles for seconds, so it is left out.
  */
-const BLOCKS: [number, number, number][] = [
+export const BLOCKS: [number, number, number][] = [
   [4, 4, 28],
   [4, 2, 23],
   [2, 2, 19],
@@ -152,10 +154,12 @@ function matmulKernel(
   allVec4: boolean,
   blocks: boolean,
   forced?: MatmulKernel,
+  forcedBlock?: { rowGroups: number; colGroups: number },
 ): KernelChoice | "tiled" {
   const kernel = forced ?? envKernel() ?? (isSoftware(gpu) ? "blocked" : "tiled");
   if (kernel === "tiled") return "tiled";
   if (!isSoftware(gpu)) return { workgroup: [16, 16], rowGroups: 1, colGroups: 1 };
+  if (forcedBlock) return { workgroup: [8, 8], ...forcedBlock };
   if (!allVec4) return { workgroup: [8, 8], rowGroups: 2, colGroups: 2 };
   let best: KernelChoice | null = null, bestTime = Infinity;
   for (const [rowGroups, colGroups, gflops] of BLOCKS) {
@@ -627,7 +631,8 @@ export function matmul(
   const vecA = (transA ? M : K) % 4 === 0 && aligned(aBlock), vecB = (transB ? K : N) % 4 === 0;
   const vecOut = N % 4 === 0 && aligned(outBlock);
   const bType = storedAs(b);
-  const tile = matmulKernel(gpu, M, N, K, vecA && vecB && vecOut, blocks, opts.kernel);
+  const allVec4 = vecA && vecB && vecOut;
+  const tile = matmulKernel(gpu, M, N, K, allVec4, blocks, opts.kernel, opts.block);
   const tensors = opts.bias ? [a, b, out, opts.bias] : [a, b, out];
   const strides = blocks ? [aBlock.stride, aBlock.first, outBlock.stride, outBlock.first] : [];
   if (tile === "tiled") {
