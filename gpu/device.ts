@@ -276,19 +276,25 @@ export class Gpu {
   }
 
   /**
-   * A copy of an f32 tensor in a texture kept under `name` (grown when needed), recorded like a
-   * dispatch: rgba32float, TEXTURE_ROW texels a row, vec4 i of the tensor at texel
-   * (i % TEXTURE_ROW, i / TEXTURE_ROW). Null when the tensor does not fit such a texture or is
-   * not whole vec4s.
+   * A copy of a tensor in a texture kept under `name` (grown when needed), recorded like a
+   * dispatch: TEXTURE_ROW texels a row, its vec4 i (four consecutive elements) at texel
+   * (i % TEXTURE_ROW, i / TEXTURE_ROW); an f32 tensor as rgba32float, a 16-bit one (bf16, f16)
+   * as rg32uint holding its four halves as stored. Null when the tensor does not fit such a
+   * texture or is not whole vec4s.
    */
   textureCopy(name: string, t: Tensor): GPUTextureView | null {
-    const rowBytes = TEXTURE_ROW * 16;
+    const halves = t.dtype === "bf16" || t.dtype === "f16";
+    const format: GPUTextureFormat = halves ? "rg32uint" : "rgba32float";
+    const texelBytes = halves ? 8 : 16;
+    const rowBytes = TEXTURE_ROW * texelBytes;
     const rows = Math.ceil(t.bytes / rowBytes);
     if (
-      t.dtype !== "f32" || t.bytes % 16 !== 0 || rows > this.device.limits.maxTextureDimension2D
+      !(t.dtype === "f32" || halves) || t.bytes % texelBytes !== 0 ||
+      rows > this.device.limits.maxTextureDimension2D
     ) {
       return null;
     }
+    name = `${name} ${format}`;
     let kept = this.textures.get(name);
     if (!kept || kept.texture.height < rows) {
       if (kept) this.pendingTextures.push(kept.texture); // work recorded so far still reads it
@@ -296,7 +302,7 @@ export class Gpu {
       const texture = this.device.createTexture({
         label: name,
         size: [TEXTURE_ROW, rows],
-        format: "rgba32float",
+        format,
         usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST,
       });
       kept = { texture, view: texture.createView() };
@@ -316,7 +322,7 @@ export class Gpu {
       encoder.copyBufferToTexture(
         { buffer: t.buffer, offset: t.offset + full * rowBytes },
         { texture: kept.texture, origin: [0, full] },
-        [rest / 16, 1],
+        [rest / texelBytes, 1],
       );
     }
     return kept.view;

@@ -107,21 +107,35 @@ function upload16(values: Float32Array, shape: number[], dtype: HalfDType): Tens
   return t;
 }
 
+// The blocked kernel (software adapters) reads its operands from texture copies in large
+// products and from storage in small ones; the tiled one (hardware GPUs) from storage.
+const KERNELS = [
+  { kernel: "blocked", textures: true, label: "blocked, textures" },
+  { kernel: "blocked", textures: false, label: "blocked, storage" },
+  { kernel: "tiled", textures: false, label: "tiled" },
+] as const;
 const KERNEL_CASES = (["bf16", "f16"] as const).flatMap((dtype) =>
-  (["blocked", "tiled"] as const).map((kernel) => [dtype, kernel] as const)
+  KERNELS.map((k) => [dtype, k] as const)
 );
 
-// Odd sizes take scalar loads (one element of a packed word); multiples of 4 the vec4 loads.
-// Both kernels: the blocked one software adapters run (x or dy from its texture copy, as in a
-// large product there) and the tiled one of hardware GPUs.
-for (const [dtype, kernel] of KERNEL_CASES) {
+// Odd sizes take scalar loads (one element of a packed word); multiples of 4 the vec4 loads;
+// in [40, 132, 68] the weight spans more than one row of its texture copy (4,096 halves).
+const WIDENED_SHAPES = [
+  [5, 7, 9],
+  [33, 13, 3],
+  [8, 12, 16],
+  [17, 36, 20],
+  [1, 5, 1],
+  [40, 132, 68],
+];
+for (const [dtype, { kernel, textures, label }] of KERNEL_CASES) {
   const ignore = dtype === "f16" && !gpu.hasF16;
-  const name = `matmul (${kernel}) reads a ${dtype} weight widened, as nn.Linear and its backward${
+  const name = `matmul (${label}) reads a ${dtype} weight widened, as nn.Linear and its backward${
     dtype === "f16" ? F16_SKIP : ""
   }`;
   Deno.test({ name, ignore, ...gpuTest }, async () => {
     const rng = new Rng(9);
-    for (const [M, N, K] of [[5, 7, 9], [33, 13, 3], [8, 12, 16], [17, 36, 20], [1, 5, 1]]) {
+    for (const [M, N, K] of WIDENED_SHAPES) {
       // linear: y[M,N] = x[M,K]·Wᵀ with W [N,K]; backward: dx[M,K] = dy[M,N]·W.
       const w = roundThrough(randoms(N * K, rng), dtype), x = randoms(M * K, rng);
       const dy = randoms(M * N, rng);
@@ -129,7 +143,6 @@ for (const [dtype, kernel] of KERNEL_CASES) {
       const xt = gpu.upload(x), dyt = gpu.upload(dy);
       const y = gpu.upload(padded(new Float32Array(M * N))),
         dx = gpu.upload(padded(new Float32Array(M * K)));
-      const textures = kernel === "blocked";
       matmul(gpu, xt, wt, y, { M, N, K }, { transB: true, kernel, textures });
       matmul(gpu, dyt, wt, dx, { M, N: K, K: N }, { kernel, textures });
       const [yGot, dxGot] = (await gpu.readMany([y, dx])) as Float32Array[];

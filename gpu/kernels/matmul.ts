@@ -9,9 +9,10 @@
 //
 // On CPU adapters the loads are the cost: Mesa's gallivm reads a storage buffer lane by lane in
 // a loop with a branch per lane, but fetches texels as a plain gather. So there an operand read
-// by many invocations is first copied (`Gpu.textureCopy`, a memcpy on a CPU adapter) into an
-// rgba32float texture, one texel per vec4, and read with textureLoad: the 0.5B MLP product
-// x·Wᵀ went from 16 to 27 GFLOPS on llvmpipe, its input gradient dy·W from 10 to 24.
+// by many invocations is first copied (`Gpu.textureCopy`, a memcpy on a CPU adapter) into a
+// texture, one texel per vec4 (rgba32float, or rg32uint for a 16-bit weight), and read with
+// textureLoad: the 0.5B MLP product x·Wᵀ went from 16 to 27 GFLOPS on llvmpipe, its input
+// gradient dy·W from 10 to 24; over a bf16 weight, 178 → 128 and 230 → 128 ms.
 //
 // Layouts: a is [M,K] (or [K,M] when transA), b is [K,N] (or [N,K] when transB), out is
 // [M,N], all row-major. An operand is bound as array<vec4f> when its row stride is a multiple
@@ -52,7 +53,7 @@ export interface MatmulOptions {
   /** Force a kernel (tests); else AHA_MATMUL, else the adapter decides (`matmulKernel`). */
   kernel?: MatmulKernel;
   /**
-   * Make the register-blocked kernel read its vec4 f32 operands from texture copies, or not
+   * Make the register-blocked kernel read its vec4 operands from texture copies, or not
    * (tests); by default it does on software adapters for products large enough (`matmul`).
    */
   textures?: boolean;
@@ -190,7 +191,7 @@ interface Variant {
   blocks: boolean; // a and out are column blocks: strides and first columns in Params
   bType: "f32" | "bf16" | "f16"; // how b is stored
   texA: boolean; // a read from its texture copy (`Gpu.textureCopy`); only when vecA
-  texB: boolean; // likewise b; only when vecB and f32
+  texB: boolean; // likewise b, also when stored in 16 bits; only when vecB
   tile: KernelChoice;
   /** Workgroup z picks a range of p.kLen along k; out is the partial sums [z, M, N]. */
   splitK?: boolean;
@@ -199,11 +200,23 @@ interface Variant {
 // b's declaration and its loads: `vec(i)` is the vec4 at vec4 index i, `one(i)` the element i.
 function bStorage(bType: Variant["bType"], vec: boolean, texture: boolean) {
   if (texture) {
+    // A texel holds four elements: f32 as rgba32float, 16-bit as rg32uint (two halves a word,
+    // the lower one first, as in storage), widened as the storage loads below do.
+    const widen = bType === "bf16"
+      ? "bitcast<vec4f>(vec4u(w.x << 16u, w.x & 0xffff0000u, w.y << 16u, w.y & 0xffff0000u))"
+      : "vec4f(unpack2x16float(w.x), unpack2x16float(w.y))";
     return {
-      decl: "var b: texture_2d<f32>;",
-      helpers: "",
-      vec: (i: string) => texel("b", i),
-      one: (i: string) => `${texel("b", `(${i}) / 4u`)}[(${i}) % 4u]`,
+      decl: `var b: texture_2d<${bType === "f32" ? "f32" : "u32"}>;`,
+      helpers: bType === "f32" ? "" : `
+fn loadB4(i: u32) -> vec4f {
+  let w = ${texel("b", "i")}.xy;
+  return ${widen};
+}`,
+      vec: (i: string) => bType === "f32" ? texel("b", i) : `loadB4(${i})`,
+      one: (i: string) =>
+        bType === "f32"
+          ? `${texel("b", `(${i}) / 4u`)}[(${i}) % 4u]`
+          : `loadB4((${i}) / 4u)[(${i}) % 4u]`,
     };
   }
   if (bType === "f32") {
@@ -666,7 +679,7 @@ export function matmul(
   const aTexture = vecA && copied(Math.ceil(N / (4 * tile.colGroups)))
     ? gpu.textureCopy("matmul a", a)
     : null;
-  const bTexture = vecB && bType === "f32" && copied(Math.ceil(M / (4 * tile.rowGroups)))
+  const bTexture = vecB && copied(Math.ceil(M / (4 * tile.rowGroups)))
     ? gpu.textureCopy("matmul b", b)
     : null;
   const variant: Variant = {
