@@ -4,7 +4,7 @@
 
 import { privateRuntimeDir, selfCommand } from "../core/self_command.ts";
 import type { AdapterLimits } from "../core/plan.ts";
-import type { AdapterSummary } from "./device.ts";
+import { type AdapterSummary, isSoftwareAdapter } from "./device.ts";
 
 /** The backends Deno offers on this system, in its order of preference. */
 export const BACKENDS = Deno.build.os === "darwin"
@@ -48,9 +48,8 @@ export function describeAdapter(
   maxBinding?: number,
   maxBuffer?: number,
 ): { limits: AdapterLimits; memoryNote: string } {
-  const info = adapter.info as GPUAdapterInfo & { isFallbackAdapter?: boolean };
-  const software = info.isFallbackAdapter === true ||
-    /llvmpipe|lavapipe|swiftshader|software/i.test(`${info.description} ${info.device}`);
+  const info = adapter.info;
+  const software = isSoftwareAdapter(adapter);
   const memory = memoryBytes ?? (software ? Deno.systemMemoryInfo().total : null);
   return {
     limits: {

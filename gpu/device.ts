@@ -128,6 +128,13 @@ export function summarizeAdapter(adapter: GPUAdapter): AdapterSummary {
   };
 }
 
+/** Whether an adapter runs on the CPU (llvmpipe, lavapipe, SwiftShader, a fallback adapter). */
+export function isSoftwareAdapter(adapter: GPUAdapter): boolean {
+  const info = adapter.info as GPUAdapterInfo & { isFallbackAdapter?: boolean };
+  return info.isFallbackAdapter === true ||
+    /llvmpipe|lavapipe|swiftshader|software/i.test(`${info.description} ${info.device}`);
+}
+
 export async function requestAdapter(): Promise<GPUAdapter> {
   // Mesa's Vulkan driver warns on every start unless XDG_RUNTIME_DIR names a private directory.
   if (!Deno.env.get("XDG_RUNTIME_DIR")) Deno.env.set("XDG_RUNTIME_DIR", privateRuntimeDir());
@@ -174,6 +181,7 @@ export class Gpu {
   bindGroupCount = 0;
   private scratchBuffers = new Map<string, Tensor>();
   private textures = new Map<string, { texture: GPUTexture; view: GPUTextureView }>();
+  private isSoftware: boolean | undefined;
   /** Free MAP_READ buffers for readMany, by size. */
   private stagingPool = new Map<number, GPUBuffer[]>();
   /** Per-kernel GPU time while profiling (`startProfile`), else null. */
@@ -220,6 +228,15 @@ export class Gpu {
 
   get description(): string {
     return this.adapter.info.description;
+  }
+
+  /**
+   * Whether the adapter is a CPU one: kernels pick their CPU-shaped variants (register blocks,
+   * streaming attention, texture copies) from this.
+   */
+  get software(): boolean {
+    this.isSoftware ??= isSoftwareAdapter(this.adapter);
+    return this.isSoftware;
   }
 
   /** Whether kernels may read f16 storage (the device was opened with shader-f16). */

@@ -122,6 +122,7 @@ async function check(
   kvLens: number[],
   seed: number,
   kernel: AttentionKernel = "streaming",
+  textures?: boolean,
 ) {
   const x = makeInputs(s, kvLens, seed);
   const dOut = random(x.q.length, seed + 3);
@@ -134,8 +135,8 @@ async function check(
   const dk = gpu.upload(f32(random(x.k.length, 8)));
   const dv = gpu.upload(f32(random(x.v.length, 9)));
   const dO = gpu.upload(f32(dOut));
-  attention(gpu, q, k, v, lens, out, lse, s, kernel);
-  attentionBackward(gpu, q, k, v, lens, out, lse, dO, dq, dk, dv, s);
+  attention(gpu, q, k, v, lens, out, lse, s, kernel, textures);
+  attentionBackward(gpu, q, k, v, lens, out, lse, dO, dq, dk, dv, s, textures);
   const [gOut, gLse, gDq, gDk, gDv] = await gpu.readMany([out, lse, dq, dk, dv]) as Float32Array[];
   const want = twinForward(s, x), grads = twinBackward(s, x, dOut);
   assertClose(gOut, want.out, 2e-5, 2e-4, "out");
@@ -181,18 +182,28 @@ Deno.test("twin backward matches finite differences", () => {
   }
 });
 
-Deno.test("attention training shapes match the twin", gpuTest, async () => {
-  for (
-    const [c, seed] of [
-      [training(1, 1, 1, 1, 8), 1],
-      [training(1, 1, 2, 1, 4), 2],
-      [training(2, 7, 4, 2, 16), 3],
-      [training(3, 33, 6, 2, 8), 4],
-      [training(2, 5, 3, 3, 12), 5], // multi-head attention
-      [training(1, 9, 2, 2, 64), 6], // Qwen2.5-0.5B head size
-    ] as const
-  ) await check(c.s, c.kvLens, seed);
-});
+// On software adapters the streaming kernels read keys, values (forward, dq), queries and the
+// output gradient (dk, dv) from texture copies in training and prefill, from storage in decode:
+// each shape runs both ways. [2, 40, 4, 2, 64] spans more than one row of its texture copies.
+for (const textures of [true, false]) {
+  Deno.test(
+    `attention training shapes match the twin (${textures ? "textures" : "storage"})`,
+    gpuTest,
+    async () => {
+      for (
+        const [c, seed] of [
+          [training(1, 1, 1, 1, 8), 1],
+          [training(1, 1, 2, 1, 4), 2],
+          [training(2, 7, 4, 2, 16), 3],
+          [training(3, 33, 6, 2, 8), 4],
+          [training(2, 5, 3, 3, 12), 5], // multi-head attention
+          [training(1, 9, 2, 2, 64), 6], // Qwen2.5-0.5B head size
+          [training(2, 40, 4, 2, 64), 7],
+        ] as const
+      ) await check(c.s, c.kvLens, seed, "streaming", textures);
+    },
+  );
+}
 
 Deno.test("attention decode (Lq = 1) with per-row cache lengths", gpuTest, async () => {
   const s = { B: 3, Lq: 1, capacity: 20, nHeads: 4, nKvHeads: 2, headDim: 16 };
@@ -204,6 +215,7 @@ Deno.test("attention prefill after some cache (Lq = 5)", gpuTest, async () => {
   // Row 0: a prompt filling part of the cache; rows 1, 2: earlier tokens cached; row 3: only 3
   // valid keys for 5 queries, so queries 0 and 1 see nothing (out 0, lse 0, no gradient).
   await check(s, [5, 9, 16, 3], 31);
+  await check({ ...s, headDim: 12 }, [5, 9, 16, 3], 32, "streaming", true); // from textures
 });
 
 Deno.test("writeKvCache puts new rows at kvLens − Lq + i", gpuTest, async () => {

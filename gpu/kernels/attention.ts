@@ -28,7 +28,7 @@
 // Its speed on a GPU is not measured yet; the backward is the streaming one on every adapter.
 
 import { AhaError } from "../../core/errors.ts";
-import { type Gpu, grid, type Tensor } from "../device.ts";
+import { type Gpu, grid, type Tensor, TEXTURE_ROW } from "../device.ts";
 
 /** How the KV cache is stored. */
 export type KvDtype = "f32" | "bf16" | "f16";
@@ -56,6 +56,41 @@ const C = ${D / chunkWidth(D)}u;
 fn flatIndex(gid: vec3u, nwg: vec3u) -> u32 { return gid.x + gid.y * nwg.x * ${WG}u; }
 fn firstQueryPos(b: u32) -> i32 { return kvLens[b] - i32(p.Lq); }
 `;
+
+/**
+ * The kernel with the named Chunk bindings read from texture copies (`Gpu.textureCopy`, a vec4
+ * chunk per texel) instead of storage: on CPU adapters a texel fetch is a gather where a storage
+ * load is a loop over the SIMD lanes, and in training and prefill every key (dq, the forward) or
+ * query (dk, dv) is read by many invocations.
+ */
+function textured(wgsl: string, names: string[]): string {
+  for (const name of names) {
+    wgsl = wgsl
+      .replace(
+        new RegExp(`var<storage, read> ${name}: array<Chunk>;`),
+        `var ${name}: texture_2d<f32>;`,
+      )
+      .replace(
+        new RegExp(`\\b${name}\\[([^\\]]+)\\]`, "g"),
+        (_, i) =>
+          `textureLoad(${name}, vec2u((${i}) % ${TEXTURE_ROW}u, (${i}) / ${TEXTURE_ROW}u), 0)`,
+      );
+  }
+  return wgsl;
+}
+
+/**
+ * Whether attention over this shape reads its repeatedly read operands from texture copies:
+ * on software adapters, with f32 vec4 chunks, when each is read by several queries (not in a
+ * decode step, whose keys are read once per query head). `forced` (tests) decides otherwise.
+ */
+function useTextures(gpu: Gpu, k: Tensor, s: AttentionShape, forced?: boolean): boolean {
+  if (cacheDtype(k) !== "f32" || chunkWidth(s.headDim) !== 4) return false;
+  return forced ?? (gpu.software && s.Lq >= TEXTURE_MIN_QUERIES);
+}
+
+/** Queries per row from which a software adapter's attention reads through texture copies. */
+const TEXTURE_MIN_QUERIES = 8;
 
 /**
  * A 16-bit cache's declarations and loads: each Chunk (vec4f or vec2f) is 2 or 1 packed words,
@@ -384,10 +419,7 @@ export function attentionKernel(gpu: Gpu): AttentionKernel {
     forcedKernel = (value || null) as AttentionKernel | null;
   }
   if (forcedKernel) return forcedKernel;
-  const info = gpu.adapter.info as GPUAdapterInfo & { isFallbackAdapter?: boolean };
-  const software = info.isFallbackAdapter === true ||
-    /llvmpipe|lavapipe|swiftshader|software/i.test(info.description);
-  return software ? "streaming" : "flash";
+  return gpu.software ? "streaming" : "flash";
 }
 
 export function attention(
@@ -400,6 +432,7 @@ export function attention(
   lse: Tensor,
   s: AttentionShape,
   kernel: AttentionKernel = attentionKernel(gpu),
+  textures?: boolean,
 ): void {
   const [u32s, f32s] = params(s);
   if (k.dtype !== v.dtype) throw new Error(`attention: k is ${k.dtype}, v ${v.dtype}`);
@@ -410,6 +443,16 @@ export function attention(
     const blocks = Math.ceil(s.Lq / FLASH_QUERIES);
     gpu.dispatch(pipeline, grid(s.B * s.nHeads * blocks, 1), tensors, u32s, f32s);
     return;
+  }
+  if (useTextures(gpu, k, s, textures)) {
+    const kTexture = gpu.textureCopy("attention k", k),
+      vTexture = gpu.textureCopy("attention v", v);
+    if (kTexture && vTexture) {
+      const pipeline = gpu.pipeline(textured(forwardWgsl(s.headDim), ["k", "v"]), "attention");
+      const bound = [q, kTexture, vTexture, kvLens, out, lse];
+      gpu.dispatch(pipeline, grid(s.B * s.Lq * s.nHeads, WG), bound, u32s, f32s);
+      return;
+    }
   }
   const pipeline = gpu.pipeline(forwardWgsl(s.headDim, cacheDtype(k)), "attention");
   gpu.dispatch(pipeline, grid(s.B * s.Lq * s.nHeads, WG), tensors, u32s, f32s);
@@ -428,21 +471,35 @@ export function attentionBackward(
   dk: Tensor,
   dv: Tensor,
   s: AttentionShape,
+  textures?: boolean,
 ): void {
   const [u32s, f32s] = params(s);
   // dq's scratch delta [B, nHeads, Lq].
   const delta = gpu.scratch("attention delta", s.B * s.nHeads * s.Lq);
+  // dq reads every key many times, dk and dv every query: from texture copies where that pays.
+  const copy = (name: string, t: Tensor) =>
+    useTextures(gpu, k, s, textures) ? gpu.textureCopy(`attention ${name}`, t) : null;
+  const kTexture = copy("k", k), vTexture = copy("v", v);
+  const dqTextured = kTexture !== null && vTexture !== null;
   gpu.dispatch(
-    gpu.pipeline(dqWgsl(s.headDim), "attention dq"),
+    gpu.pipeline(
+      dqTextured ? textured(dqWgsl(s.headDim), ["k", "v"]) : dqWgsl(s.headDim),
+      "attention dq",
+    ),
     grid(s.B * s.Lq * s.nHeads, WG),
-    [q, k, v, kvLens, out, lse, dOut, dq, delta],
+    [q, kTexture ?? k, vTexture ?? v, kvLens, out, lse, dOut, dq, delta],
     u32s,
     f32s,
   );
+  const qTexture = copy("q", q), dOutTexture = copy("dOut", dOut);
+  const dkdvTextured = qTexture !== null && dOutTexture !== null;
   gpu.dispatch(
-    gpu.pipeline(dkdvWgsl(s.headDim), "attention dk dv"),
+    gpu.pipeline(
+      dkdvTextured ? textured(dkdvWgsl(s.headDim), ["q", "dOut"]) : dkdvWgsl(s.headDim),
+      "attention dk dv",
+    ),
     grid(s.B * s.capacity * s.nKvHeads, WG),
-    [q, k, v, kvLens, lse, delta, dOut, dk, dv],
+    [qTexture ?? q, k, v, kvLens, lse, delta, dOutTexture ?? dOut, dk, dv],
     u32s,
     f32s,
   );

@@ -75,8 +75,6 @@ interface KernelChoice {
   colGroups: number;
 }
 
-const softwareAdapters = new WeakMap<Gpu, boolean>();
-
 /** The kernel the environment forces (AHA_MATMUL=tiled|blocked), read once. */
 let forcedKernel: MatmulKernel | null | undefined;
 function envKernel(): MatmulKernel | null {
@@ -93,17 +91,6 @@ function envKernel(): MatmulKernel | null {
     forcedKernel = (value || null) as MatmulKernel | null;
   }
   return forcedKernel;
-}
-
-function isSoftware(gpu: Gpu): boolean {
-  let software = softwareAdapters.get(gpu);
-  if (software === undefined) {
-    const info = gpu.adapter.info as GPUAdapterInfo & { isFallbackAdapter?: boolean };
-    software = info.isFallbackAdapter === true ||
-      /llvmpipe|lavapipe|swiftshader|software/i.test(info.description);
-    softwareAdapters.set(gpu, software);
-  }
-  return software;
 }
 
 /**
@@ -157,9 +144,9 @@ function matmulKernel(
   forced?: MatmulKernel,
   forcedBlock?: { rowGroups: number; colGroups: number },
 ): KernelChoice | "tiled" {
-  const kernel = forced ?? envKernel() ?? (isSoftware(gpu) ? "blocked" : "tiled");
+  const kernel = forced ?? envKernel() ?? (gpu.software ? "blocked" : "tiled");
   if (kernel === "tiled") return "tiled";
-  if (!isSoftware(gpu)) return { workgroup: [16, 16], rowGroups: 1, colGroups: 1 };
+  if (!gpu.software) return { workgroup: [16, 16], rowGroups: 1, colGroups: 1 };
   if (forcedBlock) return { workgroup: [8, 8], ...forcedBlock };
   if (!allVec4) return { workgroup: [8, 8], rowGroups: 2, colGroups: 2 };
   let best: KernelChoice | null = null, bestTime = Infinity;
@@ -675,7 +662,7 @@ export function matmul(
   // read by at least two runs of invocations (a copy costs about one read of it); generation's
   // products stay on storage. The `textures` option forces either way.
   const copied = (reads: number) =>
-    opts.textures ?? (isSoftware(gpu) && M * N * K >= TEXTURE_MIN_MACS && reads >= 2);
+    opts.textures ?? (gpu.software && M * N * K >= TEXTURE_MIN_MACS && reads >= 2);
   const aTexture = vecA && copied(Math.ceil(N / (4 * tile.colGroups)))
     ? gpu.textureCopy("matmul a", a)
     : null;
@@ -747,7 +734,7 @@ function splitKChunks(
   K: number,
   blocks: boolean,
 ): { count: number; kLen: number } | null {
-  if (!isSoftware(gpu) || blocks || workgroups >= SPLIT_K_WORKGROUPS / 2) return null;
+  if (!gpu.software || blocks || workgroups >= SPLIT_K_WORKGROUPS / 2) return null;
   const wanted = Math.min(Math.ceil(SPLIT_K_WORKGROUPS / workgroups), Math.floor(K / SPLIT_K_MIN));
   if (wanted < 2) return null;
   const kLen = Math.ceil(K / wanted / 4) * 4;
