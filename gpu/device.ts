@@ -34,7 +34,12 @@ export const BINDING_ALIGNMENT = 256;
 const UNIFORM_SLOTS = 1024;
 const UNIFORM_SLOT_WORDS = BINDING_ALIGNMENT / 4;
 /** Texels in a row of a tensor's texture copy (`Gpu.textureCopy`). */
-export const TEXTURE_ROW = 1024;
+const TEXTURE_ROW = 1024;
+
+/** WGSL for the texel of vec4 `i` (an index expression) of a texture copy (`Gpu.textureCopy`). */
+export function texelLoad(texture: string, i: string): string {
+  return `textureLoad(${texture}, vec2u((${i}) % ${TEXTURE_ROW}u, (${i}) / ${TEXTURE_ROW}u), 0)`;
+}
 
 /** Bind groups kept before the cache is emptied. */
 const MAX_BIND_GROUPS = 20000;

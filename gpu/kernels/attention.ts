@@ -32,7 +32,7 @@
 // Its speed on a GPU is not measured yet; the backward is the streaming one on every adapter.
 
 import { AhaError } from "../../core/errors.ts";
-import { type Gpu, grid, type Tensor, TEXTURE_ROW } from "../device.ts";
+import { type Gpu, grid, type Tensor, texelLoad } from "../device.ts";
 
 /** How the KV cache is stored. */
 export type KvDtype = "f32" | "bf16" | "f16";
@@ -76,8 +76,7 @@ function textured(wgsl: string, names: string[]): string {
       )
       .replace(
         new RegExp(`\\b${name}\\[([^\\]]+)\\]`, "g"),
-        (_, i) =>
-          `textureLoad(${name}, vec2u((${i}) % ${TEXTURE_ROW}u, (${i}) / ${TEXTURE_ROW}u), 0)`,
+        (_, i) => texelLoad(name, i),
       );
   }
   return wgsl;

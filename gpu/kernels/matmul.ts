@@ -26,7 +26,7 @@
 // is loaded, so the products and sums are the f32 kernel's own.
 
 import { AhaError } from "../../core/errors.ts";
-import { Gpu, grid, Tensor, TEXTURE_ROW } from "../device.ts";
+import { Gpu, grid, Tensor, texelLoad } from "../device.ts";
 
 export interface MatmulShape {
   M: number;
@@ -196,13 +196,13 @@ function bStorage(bType: Variant["bType"], vec: boolean, texture: boolean) {
       decl: `var b: texture_2d<${bType === "f32" ? "f32" : "u32"}>;`,
       helpers: bType === "f32" ? "" : `
 fn loadB4(i: u32) -> vec4f {
-  let w = ${texel("b", "i")}.xy;
+  let w = ${texelLoad("b", "i")}.xy;
   return ${widen};
 }`,
-      vec: (i: string) => bType === "f32" ? texel("b", i) : `loadB4(${i})`,
+      vec: (i: string) => bType === "f32" ? texelLoad("b", i) : `loadB4(${i})`,
       one: (i: string) =>
         bType === "f32"
-          ? `${texel("b", `(${i}) / 4u`)}[(${i}) % 4u]`
+          ? `${texelLoad("b", `(${i}) / 4u`)}[(${i}) % 4u]`
           : `loadB4((${i}) / 4u)[(${i}) % 4u]`,
     };
   }
@@ -241,11 +241,6 @@ fn loadB1(i: u32) -> f32 {
   };
 }
 
-/** Vec4 i of a tensor's texture copy (`Gpu.textureCopy`: TEXTURE_ROW vec4s a row). */
-function texel(texture: string, i: string): string {
-  return `textureLoad(${texture}, vec2u((${i}) % ${TEXTURE_ROW}u, (${i}) / ${TEXTURE_ROW}u), 0)`;
-}
-
 // The WGSL for one variant. An invocation owns rows m0 .. m0+4·rowGroups and columns
 // n0 .. n0+4·colGroups of out; acc_r_c is the 4×4 block of row group r and column group c,
 // stored as a matrix whose column i is out row m0+4r+i.
@@ -253,7 +248,7 @@ function matmulWgsl(v: Variant): string {
   const { workgroup: [wx, wy], rowGroups, colGroups } = v.tile;
   const range = (n: number) => [...Array(n).keys()];
   const bs = bStorage(v.bType, v.vecB, v.texB);
-  const aVec = (i: string) => v.texA ? texel("a", i) : `a[${i}]`; // the vec4 at vec4 index i
+  const aVec = (i: string) => v.texA ? texelLoad("a", i) : `a[${i}]`; // the vec4 at vec4 index i
   const rs = range(rowGroups), cs = range(colGroups), four = range(4);
   const vec4 = (f: (i: number) => string) => `vec4f(${four.map(f).join(", ")})`;
   const mat4 = (f: (i: number) => string) => `mat4x4f(${four.map(f).join(", ")})`;
