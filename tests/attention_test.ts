@@ -183,8 +183,8 @@ Deno.test("twin backward matches finite differences", () => {
 });
 
 // On software adapters the streaming kernels read keys, values (forward, dq), queries and the
-// output gradient (dk, dv) from texture copies in training and prefill, from storage in decode:
-// each shape runs both ways. [2, 40, 4, 2, 64] spans more than one row of its texture copies.
+// output gradient (dk, dv) from texture copies when they are read often enough: each shape runs
+// both ways. [2, 40, 4, 2, 64] spans more than one row of its texture copies.
 for (const textures of [true, false]) {
   Deno.test(
     `attention training shapes match the twin (${textures ? "textures" : "storage"})`,
@@ -208,6 +208,7 @@ for (const textures of [true, false]) {
 Deno.test("attention decode (Lq = 1) with per-row cache lengths", gpuTest, async () => {
   const s = { B: 3, Lq: 1, capacity: 20, nHeads: 4, nKvHeads: 2, headDim: 16 };
   await check(s, [1, 13, 20], 21);
+  await check(s, [1, 13, 20], 22, "streaming", true); // the cache from texture copies
 });
 
 Deno.test("attention prefill after some cache (Lq = 5)", gpuTest, async () => {

@@ -15,9 +15,9 @@
 //            queries that see key j, in fixed order, recomputing p = exp(s − lse). Deterministic.
 // Head vectors held in private arrays make the first compile slow (llvmpipe, cold cache: ~2 s
 // CPU for D = 64, ~13 s for D = 128) but run about twice as fast as reloading them. On CPU
-// adapters, in training and prefill, the operands each invocation streams (keys and values in
-// the forward and dq, queries and dOut in dk/dv) are read from texture copies (`textured`), as
-// the matmul does: a texel fetch is a gather, a storage load a loop over the SIMD lanes
+// adapters the operands each invocation streams (keys and values in the forward and dq, queries
+// and dOut in dk/dv) are read from texture copies (`textured`) when they are read often enough,
+// as the matmul does: a texel fetch is a gather, a storage load a loop over the SIMD lanes
 // (forward+backward of 2 rows × 420 tokens, 14/2 heads of 64: 1,037 → 505 ms on llvmpipe).
 //
 // Generation's cache may be kept in 16 bits (kv_cache_dtype): bf16 or f16, two values packed in
@@ -84,16 +84,22 @@ function textured(wgsl: string, names: string[]): string {
 
 /**
  * Whether attention over this shape reads its repeatedly read operands from texture copies:
- * on software adapters, with f32 vec4 chunks, when each is read by several queries (not in a
- * decode step, whose keys are read once per query head). `forced` (tests) decides otherwise.
+ * on software adapters, with f32 vec4 chunks, when each key is read by at least
+ * TEXTURE_MIN_READS queries (a query row's queries times the heads sharing a kv head) and the
+ * scores are work enough to repay the copies (measured: the default model's decode step and
+ * prefill lose 0.01–0.08 ms, its training batches gain up to 0.9 ms; a Qwen2.5-0.5B-shaped decode
+ * step over 16 rows of 600 cached tokens gains 2 ms a layer). `forced` (tests) decides otherwise.
  */
 function useTextures(gpu: Gpu, k: Tensor, s: AttentionShape, forced?: boolean): boolean {
   if (cacheDtype(k) !== "f32" || chunkWidth(s.headDim) !== 4) return false;
-  return forced ?? (gpu.software && s.Lq >= TEXTURE_MIN_QUERIES);
+  const reads = s.Lq * (s.nHeads / s.nKvHeads);
+  const scoreMacs = s.B * s.Lq * s.nHeads * s.capacity * s.headDim;
+  return forced ??
+    (gpu.software && reads >= TEXTURE_MIN_READS && scoreMacs >= TEXTURE_MIN_SCORE_MACS);
 }
 
-/** Queries per row from which a software adapter's attention reads through texture copies. */
-const TEXTURE_MIN_QUERIES = 8;
+const TEXTURE_MIN_READS = 4;
+const TEXTURE_MIN_SCORE_MACS = 1 << 18;
 
 /**
  * A 16-bit cache's declarations and loads: each Chunk (vec4f or vec2f) is 2 or 1 packed words,
