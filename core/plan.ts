@@ -139,14 +139,24 @@ const frozenTensor = (name: string, shape: number[], dtype: PlanDType): PlannedT
 // ---------------------------------------------------------------------------------------------
 // What each part of the program allocates.
 
-/** gpu/model.ts layerBuffers: what one layer keeps for B rows of L tokens. */
-function layerTensors(c: ModelConfig, layer: string, B: number, L: number): PlannedTensor[] {
+/**
+ * gpu/model.ts layerBuffers: what one layer keeps for B rows of L tokens (`qkv` false: the
+ * fused q/k/v product's rows are another layer's).
+ */
+function layerTensors(
+  c: ModelConfig,
+  layer: string,
+  B: number,
+  L: number,
+  qkv = true,
+): PlannedTensor[] {
   const T = B * L, H = c.hiddenSize, I = c.intermediateSize;
   const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
   const shapes: [string, number[]][] = [
     ["input", [T, H]],
     ["norm1", [T, H]],
     ["rstd1", [T]],
+    ...(qkv ? [["qkv", [T, qDim + 2 * kvDim]] as [string, number[]]] : []),
     ["q", [T, qDim]],
     ["k", [T, kvDim]],
     ["v", [T, kvDim]],
@@ -155,8 +165,7 @@ function layerTensors(c: ModelConfig, layer: string, B: number, L: number): Plan
     ["mid", [T, H]],
     ["norm2", [T, H]],
     ["rstd2", [T]],
-    ["gate", [T, I]],
-    ["up", [T, I]],
+    ["gateUp", [T, 2 * I]],
     ["act", [T, I]],
   ];
   return shapes.map(([name, shape]) => ({ name: `${layer}.${name}`, shape }));
@@ -181,7 +190,7 @@ function forwardTensors(
   const activations: PlannedTensor[] = [];
   const everyLayer = keep && !checkpointed;
   for (let i = 0; i < (everyLayer ? c.numLayers : 1); i++) {
-    activations.push(...layerTensors(c, `layers.${i}`, B, L));
+    activations.push(...layerTensors(c, `layers.${i}`, B, L, i === 0));
   }
   if (keep && checkpointed) {
     for (let i = 1; i < c.numLayers; i++) activations.push(t(`layers.${i}.input`, T, H));
@@ -204,9 +213,9 @@ function forwardTensors(
     t("dq", T, qDim),
     t("dk", T, kvDim),
     t("dv", T, kvDim),
+    t("dQkv", T, qDim + 2 * kvDim),
     t("dAct", T, I),
-    t("dGate", T, I),
-    t("dUp", T, I),
+    t("dGateUp", T, 2 * I),
   ];
   return { activations, logprobs, backward, chunk };
 }

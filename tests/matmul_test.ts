@@ -328,6 +328,20 @@ Deno.test("sumRows is deterministic and matches the twin", gpuTest, async () => 
   }
 });
 
+Deno.test("sumRows of a column block sums only its columns", gpuTest, async () => {
+  // Columns [5, 5 + 7) of a 9 × 20 matrix: the bias gradient of one member of a fused product.
+  const M = 9, stride = 20, first = 5, N = 7;
+  const x = random(M * stride), out = gpu.zeros([N]);
+  sumRows(gpu, gpu.upload(x), out, M, N, false, { stride, first });
+  const block = new Float32Array(M * N);
+  for (let m = 0; m < M; m++) {
+    block.set(x.subarray(m * stride + first, m * stride + first + N), m * N);
+  }
+  const ones = new Float32Array(M).fill(1);
+  const want = twinMatmul(ones, block, { M: 1, N, K: M }, false, false, null, null);
+  assertClose(await gpu.read(out), want, M, `sumRows block`);
+});
+
 Deno.test(
   "split-k products (few outputs, long k) match the twin, ± accumulate and bias",
   gpuTest,

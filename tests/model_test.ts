@@ -47,9 +47,22 @@ const oddConfig = parseModelConfig({
   tie_word_embeddings: false,
 });
 
-function randomWeights(seed: number) {
+// The same with intermediate 64: its gate and up weights (64 × 48 floats) lie on binding
+// boundaries, so they are fused into one matrix; oddConfig's (70 × 48) are not. Both fuse q/k/v.
+const fusingConfig = parseModelConfig({ ...toHfConfig(oddConfig), intermediate_size: 64 });
+
+/** Which of layer 0's groups are stored as one matrix (their members' views share a buffer). */
+function fusedGroups(model: GpuModel) {
+  const buffer = (m: string) => model.params.get(`model.layers.0.${m}.weight`)![0].buffer;
+  return {
+    qkv: buffer("self_attn.q_proj") === buffer("self_attn.v_proj"),
+    gateUp: buffer("mlp.gate_proj") === buffer("mlp.up_proj"),
+  };
+}
+
+function randomWeights(seed: number, config = oddConfig) {
   // Larger than init scale so every path (norm weights, biases) carries signal.
-  const weights = initWeights(oddConfig, seed);
+  const weights = initWeights(config, seed);
   const rng = new Rng(seed + 1);
   for (const [name, w] of weights) {
     for (let i = 0; i < w.length; i++) {
@@ -59,45 +72,94 @@ function randomWeights(seed: number) {
   return weights;
 }
 
-Deno.test("GPU gradients of every weight match the float64 CPU twin", gpuTest, async () => {
-  const weights = randomWeights(7);
-  const rng = new Rng(3);
-  // 3 × 61 = 183 tokens: with 64-token logit chunks, three chunks, the last one partial.
-  const B = 3, L = 61;
-  const sequences = Array.from({ length: B }, () => Array.from({ length: L }, () => rng.int(37)));
-  const dLogprobs = sequences.map((s) => Array.from({ length: s.length - 1 }, () => rng.normal()));
-  const cpu = cpuForwardBackward(oddConfig, weights, sequences, dLogprobs);
+// Fused and separate projections must give the same gradients: each case says what it fuses.
+const GRADIENT_CASES = [
+  { label: "q/k/v fused", config: oddConfig, fuse: true, fused: { qkv: true, gateUp: false } },
+  { label: "all fused", config: fusingConfig, fuse: true, fused: { qkv: true, gateUp: true } },
+  { label: "none fused", config: fusingConfig, fuse: false, fused: { qkv: false, gateUp: false } },
+];
 
-  const model = new GpuModel(gpu, oddConfig, weights, {
-    logitChunkFloats: 64 * oddConfig.vocabSize,
-  });
-  const ids = Int32Array.from(sequences.flat());
-  const logp = await gpu.read(model.forward(ids, B, L));
-  const upstream = new Float32Array(B * L);
-  dLogprobs.forEach((row, b) => row.forEach((d, t) => upstream[b * L + t] = d));
-  // Twice, to check gradients accumulate.
-  model.backward(upstream);
-  model.forward(ids, B, L);
-  model.backward(upstream);
-  const grads = await model.readGrads();
-  model.destroy();
+for (const { label, config, fuse, fused } of GRADIENT_CASES) {
+  Deno.test(
+    `GPU gradients of every weight match the float64 CPU twin (${label})`,
+    gpuTest,
+    async () => {
+      const weights = randomWeights(7, config);
+      const rng = new Rng(3);
+      // 3 × 61 = 183 tokens: with 64-token logit chunks, three chunks, the last one partial.
+      const B = 3, L = 61;
+      const sequences = Array.from(
+        { length: B },
+        () => Array.from({ length: L }, () => rng.int(37)),
+      );
+      const dLogprobs = sequences.map((s) =>
+        Array.from({ length: s.length - 1 }, () => rng.normal())
+      );
+      const cpu = cpuForwardBackward(config, weights, sequences, dLogprobs);
 
-  for (let b = 0; b < B; b++) {
-    for (let t = 0; t < L - 1; t++) {
-      assert.ok(Math.abs(logp[b * L + t] - cpu.logprobs[b][t]) < 1e-4);
-    }
-  }
-  for (const [name, expected] of cpu.grads) {
-    const got = grads.get(name)!;
-    const scale = Math.max(...expected.map(Math.abs));
-    let worst = 0;
-    for (let i = 0; i < expected.length; i++) {
-      worst = Math.max(worst, Math.abs(got[i] / 2 - expected[i]));
-    }
-    // f32 accumulation over a few hundred terms: 1e-4 of the gradient's largest entry.
-    assert.ok(worst <= 1e-4 * scale + 1e-6, `${name}: max error ${worst} (scale ${scale})`);
-  }
-});
+      const model = new GpuModel(gpu, config, weights, {
+        logitChunkFloats: 64 * config.vocabSize,
+        fuseProjections: fuse,
+      });
+      assert.deepEqual(fusedGroups(model), fused);
+      const ids = Int32Array.from(sequences.flat());
+      const logp = await gpu.read(model.forward(ids, B, L));
+      const upstream = new Float32Array(B * L);
+      dLogprobs.forEach((row, b) => row.forEach((d, t) => upstream[b * L + t] = d));
+      // Twice, to check gradients accumulate.
+      model.backward(upstream);
+      model.forward(ids, B, L);
+      model.backward(upstream);
+      const grads = await model.readGrads();
+      model.destroy();
+
+      for (let b = 0; b < B; b++) {
+        for (let t = 0; t < L - 1; t++) {
+          assert.ok(Math.abs(logp[b * L + t] - cpu.logprobs[b][t]) < 1e-4);
+        }
+      }
+      for (const [name, expected] of cpu.grads) {
+        const got = grads.get(name)!;
+        const scale = Math.max(...expected.map(Math.abs));
+        let worst = 0;
+        for (let i = 0; i < expected.length; i++) {
+          worst = Math.max(worst, Math.abs(got[i] / 2 - expected[i]));
+        }
+        // f32 accumulation over a few hundred terms: 1e-4 of the gradient's largest entry.
+        assert.ok(worst <= 1e-4 * scale + 1e-6, `${name}: max error ${worst} (scale ${scale})`);
+      }
+    },
+  );
+}
+
+Deno.test(
+  "after an AdamW step or setWeights, the model scores as one built from its weights",
+  gpuTest,
+  async () => {
+    // The fused groups' concatenated biases are copies: they must follow the biases.
+    const weights = randomWeights(19, fusingConfig);
+    const rng = new Rng(6);
+    const sequences = Array.from({ length: 2 }, () => Array.from({ length: 9 }, () => rng.int(37)));
+    const model = new GpuModel(gpu, fusingConfig, weights);
+    model.forward(Int32Array.from(sequences.flat()), 2, 9);
+    model.backward(Float32Array.from({ length: 18 }, () => rng.normal()));
+    const hp = { lr: 0.05, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, step: 1 };
+    model.adamwStep({ ...hp, maxGradNorm: 0 });
+    const updated = await model.readWeights();
+    const bias = "model.layers.0.self_attn.v_proj.bias";
+    assert.ok(updated.get(bias)!.some((x, i) => x !== weights.get(bias)![i]), "biases moved");
+    const scoreWith = async (w: Map<string, Float32Array>) => {
+      const fresh = new GpuModel(gpu, fusingConfig, w);
+      const logprobs = await scoreSequences(fresh, sequences);
+      fresh.destroy();
+      return logprobs;
+    };
+    assert.deepEqual(await scoreSequences(model, sequences), await scoreWith(updated));
+    model.setWeights(weights);
+    assert.deepEqual(await scoreSequences(model, sequences), await scoreWith(weights));
+    model.destroy();
+  },
+);
 
 Deno.test("save → load → score gives identical log-probs", gpuTest, async () => {
   const weights = randomWeights(11);
@@ -129,8 +191,8 @@ const LORA_CASES: [string, LoraConfig][] = [
   ],
 ];
 
-function randomAdapter(lora: LoraConfig, seed: number): Adapter {
-  const tensors = initLora(oddConfig, lora, new Rng(seed));
+function randomAdapter(lora: LoraConfig, seed: number, config = oddConfig): Adapter {
+  const tensors = initLora(config, lora, new Rng(seed));
   const rng = new Rng(seed + 1);
   for (const [name, t] of tensors) {
     if (name.includes("lora_B")) { for (let i = 0; i < t.length; i++) t[i] = 0.3 * rng.normal(); }
@@ -138,13 +200,19 @@ function randomAdapter(lora: LoraConfig, seed: number): Adapter {
   return { lora, tensors };
 }
 
-for (const [label, lora] of LORA_CASES) {
+// The first case also on fusingConfig: adapters on the members of a fused gate/up matrix.
+const LORA_GRADIENT_CASES = [
+  ...LORA_CASES.map(([label, lora]) => [label, lora, oddConfig] as const),
+  [`${LORA_CASES[0][0]}, gate/up fused`, LORA_CASES[0][1], fusingConfig] as const,
+];
+
+for (const [label, lora, config] of LORA_GRADIENT_CASES) {
   Deno.test(
     `GPU LoRA gradients of every A and B match the CPU twin (${label})`,
     gpuTest,
     async () => {
-      const weights = randomWeights(7);
-      const adapter = randomAdapter(lora, 5);
+      const weights = randomWeights(7, config);
+      const adapter = randomAdapter(lora, 5, config);
       const rng = new Rng(4);
       const B = 2, L = 45;
       const sequences = Array.from(
@@ -152,9 +220,9 @@ for (const [label, lora] of LORA_CASES) {
         () => Array.from({ length: L }, () => rng.int(37)),
       );
       const dLogprobs = sequences.map((s) => s.slice(1).map(() => rng.normal()));
-      const cpu = cpuForwardBackward(oddConfig, weights, sequences, dLogprobs, adapter);
+      const cpu = cpuForwardBackward(config, weights, sequences, dLogprobs, adapter);
 
-      const model = new GpuModel(gpu, oddConfig, weights, { lora: adapter });
+      const model = new GpuModel(gpu, config, weights, { lora: adapter });
       const ids = Int32Array.from(sequences.flat());
       const logp = await gpu.read(model.forward(ids, B, L));
       const upstream = new Float32Array(B * L);
@@ -183,7 +251,7 @@ for (const [label, lora] of LORA_CASES) {
         assert.ok(worst <= 1e-4 * scale + 1e-6, `${name}: max error ${worst} (scale ${scale})`);
         checked++;
       }
-      assert.equal(checked, 2 * lora.target_modules.length * oddConfig.numLayers);
+      assert.equal(checked, 2 * lora.target_modules.length * config.numLayers);
     },
   );
 }

@@ -58,33 +58,35 @@ Deno.test("a small plan, counted by hand", () => {
   };
   const plan = planMemory(cfg, model, true);
   const bytes = Object.fromEntries(plan.items.map((i) => [`${i.adapter} ${i.what}`, i.bytes]));
-  // Floats, ×4 bytes. A layer keeps per token 4H + 2 + 2·qDim + 2·kvDim + heads + 3I = 50.
+  // Floats, ×4 bytes. A layer keeps per token 4H + 2 + 2·qDim + 2·kvDim + heads + 3I = 50, and
+  // the fused q/k/v product's rows qDim + 2·kvDim = 8 (one set for every layer): 58.
   // Training: 2 rows × 5 tokens = 10 tokens.
-  //   activations: 10·50 + ids/targets/positions 30 + kvLens 2 + final, finalNorm 80 + rstd 10
-  //   backward:    dLogp 10 + dResidual, dNorm 80 + dAttn, dq 80 + dk, dv 40 + dAct, dGate, dUp 180
+  //   activations: 10·58 + ids/targets/positions 30 + kvLens 2 + final, finalNorm 80 + rstd 10
+  //   backward:    dLogp 10 + dResidual, dNorm 80 + dAttn, dq 80 + dk, dv 40 + dQkv 80
+  //                + dAct, dGateUp 180
   //   log-probs:   logits, dLogits 2·(10 tokens × 10) + logp, lse 20
   // Generation (2 prompts × 2 > 1 eval prompt): 4 rows; capacity 5 and prefill 2 rounded up to
   // 16 and 4 (CAPACITY_ROUND, PREFILL_ROUND).
   //   KV cache: 2·(4·16·2) + prompt cache 2·(2·16·2)
-  //   buffers:  prefill 8·50 + ids, positions 16 + kvLens 2;
-  //             decode 4·50 + hidden 16 + logits 40 + six [4] 24 + outputs 2·(2·4)
+  //   buffers:  prefill 8·58 + ids, positions 16 + kvLens 2;
+  //             decode 4·58 + hidden 16 + logits 40 + six [4] 24 + outputs 2·(2·4)
   // Reference: weights; one scoring pass of 4 rows × 5 tokens = 20 tokens, forward only:
-  //   20·50 + 60 + 4 + 160 + 20; log-probs 2·(20 × 10) + 40.
+  //   20·58 + 60 + 4 + 160 + 20; log-probs 2·(20 × 10) + 40.
   assert.deepEqual(bytes, {
     "policy weights": 720,
     "policy gradients": 720,
     "policy AdamW moments": 1440,
-    "policy training activations": 4 * 622,
-    "policy backward scratch": 4 * 390,
+    "policy training activations": 4 * 702,
+    "policy backward scratch": 4 * 470,
     "policy log-prob buffers": 4 * 220,
     "policy generation KV cache": 4 * 384,
-    "policy generation buffers": 4 * (418 + 296),
+    "policy generation buffers": 4 * (482 + 328),
     "reference weights": 720,
-    "reference forward activations": 4 * 1244,
+    "reference forward activations": 4 * 1404,
     "reference log-prob buffers": 4 * 440,
   });
-  assert.equal(plan.policyBytes, 12200);
-  assert.equal(plan.referenceBytes, 7456);
+  assert.equal(plan.policyBytes, 13224);
+  assert.equal(plan.referenceBytes, 8096);
   assert.equal(planMemory({ ...cfg, beta: 0 }, model).referenceBytes, 0);
 });
 
@@ -121,7 +123,10 @@ Deno.test("weights over one binding are split: a 7B plans on 2 GiB bindings, not
     () => checkPlan(cfg, qwen("7B"), limits(128 * MiB)),
     (e: Error) => {
       assert.ok(e instanceof AhaError);
-      assert.match(e.message, /layers\.0\.gate \[8160, 18944\] \(589\.7 MiB\) is over one storage/);
+      assert.match(
+        e.message,
+        /layers\.0\.gateUp \[8160, 37888\] \(1\.15 GiB\) is over one storage/,
+      );
       assert.ok(!e.message.includes("weights"), e.message);
       assert.ok(!e.message.includes("\n"), "one line");
       return true;
@@ -227,12 +232,12 @@ Deno.test("a LoRA plan with 16-bit weights and cache and checkpointing, counted 
   const bytes = Object.fromEntries(plan.items.map((i) => [`${i.adapter} ${i.what}`, i.bytes]));
   // Weights: embedding 40 + 2·120 matrix values at 2 bytes; 2·16 + final norm 4 at 4 bytes.
   // LoRA: q_proj A [2,4] B [4,2], down_proj A [2,6] B [4,2]: 36 per layer, 72 floats.
-  // Training, 10 tokens, checkpointed: one layer's buffers 10·50, layer 1's input 40, then as
+  // Training, 10 tokens, checkpointed: one layer's buffers 10·58, layer 1's input 40, then as
   //   without: ids/targets/positions 30 + kvLens 2 + final, finalNorm 80 + rstd 10.
   // Generation: prompts of 3 prefill 2 tokens, rounded up to 4 (PREFILL_ROUND); capacity 5
   //   rounded up to 16 (CAPACITY_ROUND). 4 rows in bf16 caches [4,16,1,2] and one prefill batch
   //   of both prompts in prompt caches [2,16,1,2]: per layer 2·128 + 2·64 values at 2 bytes.
-  //   Buffers: prefill of 8 tokens 8·50 + ids, positions 16 + kvLens 2; decode 296.
+  //   Buffers: prefill of 8 tokens 8·58 + ids, positions 16 + kvLens 2; decode 328.
   // LoRA scratch: u and du [10 tokens, r 2]. Reference: the base, on the policy's adapter: no
   //   weights of its own; its scoring pass as without LoRA.
   assert.deepEqual(bytes, {
@@ -240,19 +245,19 @@ Deno.test("a LoRA plan with 16-bit weights and cache and checkpointing, counted 
     "policy LoRA adapters": 4 * 72,
     "policy LoRA gradients": 4 * 72,
     "policy LoRA AdamW moments": 4 * 144,
-    "policy training activations": 4 * 662,
-    "policy backward scratch": 4 * 390,
+    "policy training activations": 4 * 742,
+    "policy backward scratch": 4 * 470,
     "policy log-prob buffers": 4 * 220,
     "policy generation KV cache": 2 * 2 * 384,
-    "policy generation buffers": 4 * (418 + 296),
+    "policy generation buffers": 4 * (482 + 328),
     "policy LoRA scratch": 4 * 40,
-    "reference forward activations": 4 * 1244,
+    "reference forward activations": 4 * 1404,
     "reference log-prob buffers": 4 * 440,
   });
-  assert.equal(plan.policyBytes, 9736 - 480 - 4 * 538 + 2 * 2 * 384 + 4 * (418 + 296));
-  assert.equal(plan.referenceBytes, 6736);
+  assert.equal(plan.policyBytes, 9736 - 480 - 4 * 538 + 2 * 2 * 384 + 4 * (482 + 328) + 4 * 160);
+  assert.equal(plan.referenceBytes, 7376);
   // On a second adapter the reference holds the base itself, frozen in bf16.
-  assert.equal(planMemory(cfg, model, false).referenceBytes, 6736 + 704);
+  assert.equal(planMemory(cfg, model, false).referenceBytes, 7376 + 704);
   // frozen_dtype auto keeps the checkpoint's dtype: f32 here, as the policy's own base.
   const auto = planMemory({ ...cfg, frozen_dtype: "auto" }, model, true, "f32");
   assert.equal(auto.items.find((i) => i.what === "weights")!.bytes, 4 * 316);

@@ -802,7 +802,7 @@ const SUM_ROWS_SIZE = 64;
 
 function sumRowsWgsl(accumulate: boolean): string {
   return `
-struct Params { M: u32, N: u32 }
+struct Params { M: u32, N: u32, stride: u32, first: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
@@ -812,13 +812,16 @@ fn main(@builtin(global_invocation_id) gid: vec3u) {
   let n = gid.x;
   if (n >= p.N) { return; }
   var s = 0.0;
-  for (var m = 0u; m < p.M; m++) { s += x[m * p.N + n]; }
+  for (var m = 0u; m < p.M; m++) { s += x[m * p.stride + p.first + n]; }
   out[n] = ${accumulate ? "out[n] + s" : "s"};
 }
 `;
 }
 
-/** out[N] (+)= Σ_m x[m,:], one invocation per column summing rows in order (deterministic). */
+/**
+ * out[N] (+)= Σ_m x[m,:], one invocation per column summing rows in order (deterministic); x
+ * may be a block of a wider matrix (the bias gradient of one module of a fused product).
+ */
 export function sumRows(
   gpu: Gpu,
   x: Tensor,
@@ -826,7 +829,13 @@ export function sumRows(
   M: number,
   N: number,
   accumulate: boolean,
+  block: ColumnBlock = { stride: N, first: 0 },
 ): void {
   const pipeline = gpu.pipeline(sumRowsWgsl(accumulate), "sumRows");
-  gpu.dispatch(pipeline, [Math.ceil(N / SUM_ROWS_SIZE)], [x, out], [M, N]);
+  gpu.dispatch(pipeline, [Math.ceil(N / SUM_ROWS_SIZE)], [x, out], [
+    M,
+    N,
+    block.stride,
+    block.first,
+  ]);
 }

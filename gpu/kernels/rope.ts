@@ -3,8 +3,7 @@
 // inv_freq[i] = 1/theta^(2i/D) is computed on the CPU exactly as HF does in f32 (the GPU's pow
 // is ~10 ulp off, which at position 4000 moves an angle by ~3e-3) and passed in the uniform;
 // the angle is the f32 product, as in HF. The inverse rotation (−angle) is the backward.
-// `ropeQk` rotates q and k in one dispatch and, in generation, writes the rotated keys and the
-// values into the KV cache in the same pass (one dispatch where four were).
+// `ropeQkv` is the layer's form: q, k and v in one dispatch (below).
 
 import { type Gpu, grid, type Tensor } from "../device.ts";
 import type { AttentionShape } from "./attention.ts";
@@ -68,35 +67,88 @@ export function rope(
   );
 }
 
+// ropeQkv moves one layer's q, k and v from where the fused q/k/v product wrote them to where
+// attention reads them, rotating q and k on the way (and back, in the backward): one dispatch
+// where a rope per tensor, a copy of v and the KV-cache writes were. A side is either three
+// tensors, q [T, nH·D], k and v [T, nKv·D], or one [T, nH·D + 2·nKv·D] whose row t holds token
+// t's q, k and v (the fused product's output, and the gradient the fused backward product reads);
+// in generation the keys and values go straight into the caches [B, capacity, nKv, D], at
+// position kvLens[b] − Lq + i for token t = b·Lq + i (as writeKvCache does).
+//
 // One invocation per rotated pair, or per four consecutive pairs as vec4s when D/2 is a
 // multiple of 4 (on llvmpipe a vec4 load costs about a scalar's): first the q pairs
-// [T, nH, D/2], then the k pairs [T, nKv, D/2]. With a cache, a k pair also stores its two
-// rotated keys and the two values at the same places into the caches [B, capacity, nKv, D], at
-// position kvLens[b] − Lq + i for token t = b·Lq + i (as writeKvCache does). cos and sin of a
-// vec4 are the scalar functions lane by lane, so both forms give the same bits.
-const qkShader = (vec4s: number, cache: boolean, vec: boolean) => {
+// [T, nH, D/2], then the k pairs [T, nKv, D/2], each also moving the v pair at the same place.
+// cos and sin of a vec4 are the scalar functions lane by lane, so both forms give the same bits.
+
+/** One layer's q, k and v: three tensors, or one whose rows hold a token's q, k and v. */
+export type Qkv = { q: Tensor; k: Tensor; v: Tensor } | { qkv: Tensor };
+
+/** Generation's destination: q, and the rotated keys and the values into the KV caches. */
+export interface QkvToCache {
+  q: Tensor;
+  kCache: Tensor; // [B, capacity, nKv, D]
+  vCache: Tensor;
+  kvLens: Tensor; // i32 [B]
+  shape: AttentionShape;
+}
+
+type Side = "separate" | "fused" | "cache";
+const sideOf = (x: Qkv | QkvToCache): Side =>
+  "qkv" in x ? "fused" : "kCache" in x ? "cache" : "separate";
+
+/** The side's tensors in binding order. */
+function sideTensors(x: Qkv | QkvToCache): Tensor[] {
+  if ("qkv" in x) return [x.qkv];
+  if ("kCache" in x) return [x.q, x.kCache, x.vCache, x.kvLens];
+  return [x.q, x.k, x.v];
+}
+
+const qkvShader = (vec4s: number, from: Side, to: Side, vec: boolean) => {
   const type = vec ? "vec4f" : "f32";
   const per = vec ? 4 : 1; // pairs per invocation
   const freq = vec ? "p.invFreq[i / 4u]" : "p.invFreq[i / 4u][i % 4u]";
-  // Element `at` of a buffer bound as `type` (at is a multiple of 4 in the vec4 form).
-  const el = (at: string) => (vec ? `(${at}) / 4u` : at);
+  // Declarations of a side's buffers, from binding `first` on.
+  const declare = (side: Side, prefix: string, access: string, first: number) => {
+    const names = side === "fused" ? ["qkv"] : side === "cache" ? ["q", "kCache", "vCache"] : [
+      "q",
+      "k",
+      "v",
+    ];
+    const lines = names.map((n, j) =>
+      `@group(0) @binding(${first + j}) var<storage, ${access}> ${prefix}${n}: array<${type}>;`
+    );
+    if (side === "cache") {
+      lines.push(`@group(0) @binding(${first + 3}) var<storage, read> kvLens: array<i32>;`);
+    }
+    return lines.join("\n");
+  };
+  // The element of part q, k or v of token t, column col (`slot`: the cache position's row).
+  const at = (side: Side, prefix: string, part: "q" | "k" | "v", col: string) => {
+    let index: string;
+    if (side === "fused") {
+      const offset = part === "q" ? "0u" : part === "k" ? "qDim" : "qDim + kvDim";
+      index = `t * (qDim + 2u * kvDim) + ${offset} + ${col}`;
+      part = "qkv" as "q";
+    } else if (side === "cache" && part !== "q") {
+      index = `slot * kvDim + ${col}`;
+      part = (part === "k" ? "kCache" : "vCache") as "q";
+    } else {
+      index = `t * ${part === "q" ? "qDim" : "kvDim"} + ${col}`;
+    }
+    return `${prefix}${part}[${vec ? `(${index}) / 4u` : index}]`;
+  };
+  const fromCount = from === "fused" ? 1 : 3;
+  const load = (part: "q" | "k" | "v", col: string) => at(from, "in_", part, col);
+  const store = (part: "q" | "k" | "v", col: string) => at(to, "out_", part, col);
   return /* wgsl */ `
 struct Params {
   T: u32, nH: u32, nKv: u32, D: u32, inverse: u32, Lq: u32, capacity: u32, pad: u32,
   invFreq: array<vec4<f32>, ${vec4s}>,
 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> q: array<${type}>;
-@group(0) @binding(2) var<storage, read_write> k: array<${type}>;
-@group(0) @binding(3) var<storage, read> positions: array<i32>;
-${
-    cache
-      ? `@group(0) @binding(4) var<storage, read> v: array<${type}>;
-@group(0) @binding(5) var<storage, read> kvLens: array<i32>;
-@group(0) @binding(6) var<storage, read_write> kCache: array<${type}>;
-@group(0) @binding(7) var<storage, read_write> vCache: array<${type}>;`
-      : ""
-  }
+@group(0) @binding(1) var<storage, read> positions: array<i32>;
+${declare(from, "in_", "read", 2)}
+${declare(to, "out_", "read_write", 2 + fromCount)}
 
 struct Pair { x1: ${type}, x2: ${type} }
 
@@ -111,58 +163,51 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   let n = gid.x + gid.y * nwg.x * ${WG}u;
   let half = p.D / 2u;
   let groups = half / ${per}u; // invocations per head
+  let qDim = p.nH * p.D;
+  let kvDim = p.nKv * p.D;
   let qGroups = p.T * p.nH * groups;
   if (n < qGroups) {
     let head = n / groups;       // t * nH + h
     let i = (n - head * groups) * ${per}u;
-    let at = head * p.D + i;
-    let r = rotate(q[${el("at")}], q[${el("at + half")}], f32(positions[head / p.nH]) * ${freq});
-    q[${el("at")}] = r.x1;
-    q[${el("at + half")}] = r.x2;
+    let t = head / p.nH;
+    let col = (head % p.nH) * p.D + i;
+    let r = rotate(${load("q", "col")}, ${load("q", "col + half")}, f32(positions[t]) * ${freq});
+    ${store("q", "col")} = r.x1;
+    ${store("q", "col + half")} = r.x2;
     return;
   }
   let m = n - qGroups;
   if (m >= p.T * p.nKv * groups) { return; }
   let head = m / groups;         // t * nKv + h
   let i = (m - head * groups) * ${per}u;
-  let at = head * p.D + i;
   let t = head / p.nKv;
-  let r = rotate(k[${el("at")}], k[${el("at + half")}], f32(positions[t]) * ${freq});
-  k[${el("at")}] = r.x1;
-  k[${el("at + half")}] = r.x2;
+  let col = (head % p.nKv) * p.D + i;
+  let r = rotate(${load("k", "col")}, ${load("k", "col + half")}, f32(positions[t]) * ${freq});
+  let v1 = ${load("v", "col")};
+  let v2 = ${load("v", "col + half")};
   ${
-    cache
+    to === "cache"
       ? `let b = t / p.Lq;
   let pos = kvLens[b] - i32(p.Lq) + i32(t % p.Lq);
   if (pos < 0 || pos >= i32(p.capacity)) { return; }
-  let rowSize = p.nKv * p.D;
-  let to = (b * p.capacity + u32(pos)) * rowSize + (head % p.nKv) * p.D + i;
-  kCache[${el("to")}] = r.x1;
-  kCache[${el("to + half")}] = r.x2;
-  vCache[${el("to")}] = v[${el("at")}];
-  vCache[${el("to + half")}] = v[${el("at + half")}];`
+  let slot = b * p.capacity + u32(pos);`
       : ""
   }
+  ${store("k", "col")} = r.x1;
+  ${store("k", "col + half")} = r.x2;
+  ${store("v", "col")} = v1;
+  ${store("v", "col + half")} = v2;
 }`;
 };
 
-/** Where ropeQk also writes the rotated keys and the values (generation). */
-export interface RopeCache {
-  v: Tensor; // [T, nKv·D]
-  kvLens: Tensor; // i32 [B]
-  k: Tensor; // [B, capacity, nKv, D]
-  vCache: Tensor;
-  shape: AttentionShape;
-}
-
 /**
- * rope() of q [T, nH, D] and k [T, nKv, D] in one dispatch (inverse = the backward); with
- * `cache`, also writeKvCache() of the rotated k and of v.
+ * Rotate q [T, nH, D] and k [T, nKv, D] of `from` into `to` (inverse = the backward), moving v
+ * along: three tensors ↔ the fused rows, or the fused rows → q and the KV caches (generation).
  */
-export function ropeQk(
+export function ropeQkv(
   gpu: Gpu,
-  q: Tensor,
-  k: Tensor,
+  from: Qkv,
+  to: Qkv | QkvToCache,
   positions: Tensor,
   T: number,
   nH: number,
@@ -170,20 +215,17 @@ export function ropeQk(
   headDim: number,
   theta: number,
   inverse = false,
-  cache?: RopeCache,
 ): void {
   const vec4s = Math.ceil(headDim / 8);
   const invFreq = new Float32Array(vec4s * 4);
   invFreq.set(ropeInvFreq(headDim, theta));
-  const tensors = cache
-    ? [q, k, positions, cache.v, cache.kvLens, cache.k, cache.vCache]
-    : [q, k, positions];
   const vec = (headDim / 2) % 4 === 0;
+  const cache = "kCache" in to ? to.shape : null;
   gpu.dispatch(
-    gpu.pipeline(qkShader(vec4s, cache !== undefined, vec), "rope q k"),
+    gpu.pipeline(qkvShader(vec4s, sideOf(from), sideOf(to), vec), "rope q k v"),
     grid((T * (nH + nKv) * headDim) / (vec ? 8 : 2), WG),
-    tensors,
-    [T, nH, nKv, headDim, inverse ? 1 : 0, cache?.shape.Lq ?? 1, cache?.shape.capacity ?? 0, 0],
+    [positions, ...sideTensors(from), ...sideTensors(to)],
+    [T, nH, nKv, headDim, inverse ? 1 : 0, cache?.Lq ?? 1, cache?.capacity ?? 0, 0],
     Array.from(invFreq),
   );
 }

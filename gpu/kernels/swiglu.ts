@@ -1,7 +1,11 @@
 // SwiGLU, the activation of Qwen2's MLP: out = silu(gate)·up elementwise, and its backward.
 // silu(g) = g·σ(g); d silu/dg = σ(g)·(1 + g·(1 − σ(g))).
 //
-// When n is a multiple of 4 (every real intermediate size) the buffers are bound as vec4s: on
+// gate and up arrive as one [T, 2·I] matrix, the fused gate/up product's output: row t holds
+// token t's I gate values, then its I up values. The backward writes dGate and dUp in the same
+// layout, which the fused backward product reads. out is [T, I].
+//
+// When I is a multiple of 4 (every real intermediate size) the buffers are bound as vec4s: on
 // llvmpipe each load is a loop over the SIMD lanes, so four values per load cost about a
 // quarter as much as four scalar loads.
 
@@ -18,67 +22,63 @@ fn sigmoid(g: ${type}) -> ${type} {
   let e = exp(-abs(g));
   return select(e / (1.0 + e), 1.0 / (1.0 + e), g >= ${type}(0.0));
 }`;
-  const index = (n: string) => `
+  // Element i of [T, I] (in vec4s when vec: I then counts vec4s), and where its gate and up are.
+  const index = `
   let i = gid.x + gid.y * nwg.x * ${WG}u;
-  if (i >= ${vec ? `${n} / 4u` : n}) { return; }`;
+  if (i >= p.T * p.I) { return; }
+  let t = i / p.I;
+  let g_at = i + t * p.I;
+  let u_at = g_at + p.I;`;
   const forward = `
-struct Params { n: u32 }
+struct Params { T: u32, I: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> gate: array<${type}>;
-@group(0) @binding(2) var<storage, read> up: array<${type}>;
-@group(0) @binding(3) var<storage, read_write> result: array<${type}>;
+@group(0) @binding(1) var<storage, read> gateUp: array<${type}>;
+@group(0) @binding(2) var<storage, read_write> result: array<${type}>;
 ${sigmoid}
 
 @compute @workgroup_size(${WG})
-fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {${
-    index("p.n")
-  }
-  let g = gate[i];
-  result[i] = g * sigmoid(g) * up[i];
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {${index}
+  let g = gateUp[g_at];
+  result[i] = g * sigmoid(g) * gateUp[u_at];
 }`;
   const backward = `
-struct Params { n: u32 }
+struct Params { T: u32, I: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> gate: array<${type}>;
-@group(0) @binding(2) var<storage, read> up: array<${type}>;
-@group(0) @binding(3) var<storage, read> dOut: array<${type}>;
-@group(0) @binding(4) var<storage, read_write> dGate: array<${type}>;
-@group(0) @binding(5) var<storage, read_write> dUp: array<${type}>;
+@group(0) @binding(1) var<storage, read> gateUp: array<${type}>;
+@group(0) @binding(2) var<storage, read> dOut: array<${type}>;
+@group(0) @binding(3) var<storage, read_write> dGateUp: array<${type}>;
 ${sigmoid}
 
 @compute @workgroup_size(${WG})
-fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {${
-    index("p.n")
-  }
-  let g = gate[i];
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {${index}
+  let g = gateUp[g_at];
   let s = sigmoid(g);
   let d = dOut[i];
-  dUp[i] = d * g * s;
-  dGate[i] = d * up[i] * s * (1.0 + g * (1.0 - s));
+  dGateUp[u_at] = d * g * s;
+  dGateUp[g_at] = d * gateUp[u_at] * s * (1.0 + g * (1.0 - s));
 }`;
   return { forward, backward };
 }
 
 const SCALAR = kernels(false), VEC4 = kernels(true);
 
-/** out = silu(gate)·up over the first n values. */
-export function swiglu(gpu: Gpu, gate: Tensor, up: Tensor, out: Tensor, n: number): void {
-  const vec = n % 4 === 0;
+/** out [T, I] = silu(gate)·up, gate and up the two halves of gateUp's rows [T, 2·I]. */
+export function swiglu(gpu: Gpu, gateUp: Tensor, out: Tensor, T: number, I: number): void {
+  const vec = I % 4 === 0, width = vec ? I / 4 : I;
   const pipeline = gpu.pipeline((vec ? VEC4 : SCALAR).forward, "swiglu");
-  gpu.dispatch(pipeline, grid(vec ? n / 4 : n, WG), [gate, up, out], [n]);
+  gpu.dispatch(pipeline, grid(T * width, WG), [gateUp, out], [T, width]);
 }
 
-/** dGate = dOut·up·silu'(gate), dUp = dOut·silu(gate) (both overwritten). */
+/** dGateUp [T, 2·I] = (dOut·up·silu'(gate), dOut·silu(gate)) row by row (overwritten). */
 export function swigluBackward(
   gpu: Gpu,
-  gate: Tensor,
-  up: Tensor,
+  gateUp: Tensor,
   dOut: Tensor,
-  dGate: Tensor,
-  dUp: Tensor,
-  n: number,
+  dGateUp: Tensor,
+  T: number,
+  I: number,
 ): void {
-  const vec = n % 4 === 0;
+  const vec = I % 4 === 0, width = vec ? I / 4 : I;
   const pipeline = gpu.pipeline((vec ? VEC4 : SCALAR).backward, "swigluBackward");
-  gpu.dispatch(pipeline, grid(vec ? n / 4 : n, WG), [gate, up, dOut, dGate, dUp], [n]);
+  gpu.dispatch(pipeline, grid(T * width, WG), [gateUp, dOut, dGateUp], [T, width]);
 }
