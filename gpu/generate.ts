@@ -5,7 +5,7 @@
 // batch needs no more prefill memory than a few prompts — and then every row decodes one token
 // per step: embedding → layers over the cache → final norm → logits → sample, all on the GPU.
 // Sampled tokens feed the next step without a CPU round trip (nor any upload); the CPU reads
-// the "done" flags only every few steps to stop early. The cache is f32 or 16 bits
+// the "done" flags every few steps, while later steps run, to stop early. The cache is f32 or 16 bits
 // (kv_cache_dtype). The buffers of a shape are kept on the model between calls
 // (`GpuModel.kept`).
 
@@ -19,8 +19,11 @@ import { afterSample, sample } from "./kernels/sample.ts";
 import { type GpuModel, type LayerActivations, layerBuffers } from "./model.ts";
 
 /**
- * How often (in decode steps) the CPU checks whether every row has finished: a check is a GPU
- * wait, worth it only while at least that many steps remain to be saved.
+ * How often (in decode steps) the CPU checks whether every row has finished. A check looks at
+ * the "done" flags as they were at the previous check, a read started then and made while the
+ * steps between ran: so the GPU never idles for Deno's ~10 ms per GPU→CPU wait (a GPU whose
+ * decode step takes a few ms would spend most of its time waiting), at the price of up to
+ * DONE_CHECK_EVERY more steps run past the end, and no early stop before step 2·DONE_CHECK_EVERY.
  */
 const DONE_CHECK_EVERY = 4;
 
@@ -208,6 +211,8 @@ export async function generate(
   };
 
   let steps = 0;
+  // The flags as of the previous check, in flight while the steps since then were recorded.
+  let doneRead: ReturnType<Gpu["readLater"]> | null = null;
   for (let s = 0; s < maxNew; s++) {
     model.embed(bufs.ids, step.input, B);
     // Each layer writes its output over its own input (read only before the output is written).
@@ -244,13 +249,18 @@ export async function generate(
     // Submit each step as soon as it is recorded: the GPU starts on it while the next one is.
     gpu.flush();
     steps = s + 1;
-    if (
-      steps % DONE_CHECK_EVERY === 0 && maxNew - steps >= DONE_CHECK_EVERY &&
-      (await gpu.readInt(bufs.done)).every((d) => d !== 0)
-    ) break;
+    if (steps % DONE_CHECK_EVERY !== 0 || steps === maxNew) continue;
+    if (doneRead) {
+      await new Promise((resolve) => setTimeout(resolve, 0)); // let an arrived read land
+      const [done] = await doneRead;
+      if (done.every((d) => d !== 0)) break;
+    }
+    // Read the flags now only if a later check can still save steps.
+    doneRead = steps + DONE_CHECK_EVERY < maxNew ? gpu.readLater([bufs.done]) : null;
   }
 
   const [tokenData, logpData] = await gpu.readMany([bufs.outTokens, bufs.outLogp]);
+  await doneRead; // made before the read above, so arrived: settled before anything is destroyed
   const result: Completions = { tokens: [], logprobs: [], truncated: [] };
   for (let b = 0; b < B; b++) {
     const tokens: number[] = [], lps: number[] = [];

@@ -248,3 +248,27 @@ Deno.test(
     kept.destroy();
   },
 );
+
+Deno.test(
+  "generation stops within two checks of every row finishing, its checks read while steps run",
+  gpuTest,
+  async () => {
+    // Every token is an end of sequence: each row is done after its first token. The flags read
+    // at step 4 are looked at, without stalling, at step 8: so 8 steps run, not 40.
+    const model = new GpuModel(gpu, config, sharpWeights(9, 0.3));
+    const prompts = [[1, 2], [3, 4, 5]];
+    const opts = { temperature: 1, topP: 1, topK: 0, eosIds: [...Array(V).keys()], seed: 3 };
+    const dispatches = async (maxNewTokens: number, eosIds = opts.eosIds) => {
+      const before = gpu.dispatchCount;
+      const out = await generate(model, prompts, 3, { ...opts, eosIds, maxNewTokens });
+      return { out, count: gpu.dispatchCount - before };
+    };
+    // Dispatches of one decode step: a generation of 2 steps less one of 1 (no EOS: no stop).
+    const one = (await dispatches(1, [])).count, perStep = (await dispatches(2, [])).count - one;
+    const { out, count } = await dispatches(40);
+    assert.equal(count, one + 7 * perStep, "8 decode steps");
+    for (const tokens of out.tokens) assert.equal(tokens.length, 1);
+    assert.ok(out.truncated.every((t) => !t));
+    model.destroy();
+  },
+);
