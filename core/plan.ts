@@ -204,9 +204,18 @@ function forwardTensors(
     t("finalNorm", T, H),
     t("rstdFinal", T),
   );
-  const logprobs = [t("logits", chunk, V), t("dLogits", chunk, V), t("logp", T), t("lse", T)];
+  // The vocabulary projection's input and log-probs, packed to the positions it runs on.
+  const logprobs = [
+    t("logits", chunk, V),
+    t("dLogits", chunk, V),
+    t("logp", T),
+    t("lse", T),
+    t("tailRows", T, H),
+    t("tailLogp", T),
+  ];
   const backward = [
     t("dLogp", T),
+    t("dTailLogp", T),
     t("dResidual", T, H),
     t("dNorm", T, H),
     t("dAttn", T, qDim),

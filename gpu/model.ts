@@ -6,7 +6,9 @@
 // next token; its value is meaningless). The loss lives on the CPU (core/grpo.ts): it reads logp,
 // returns dLoss/dlogp, and backward() pushes that through the network. The vocabulary
 // projection runs in token chunks, recomputed in backward, so T × vocab logits never exist at
-// once.
+// once; and, given `first`, only on every row's positions from `first` on, packed (a GRPO batch
+// wants log-probs only where completions are, and at Qwen2.5's vocabulary the projection is a
+// quarter of a forward's multiply-adds).
 //
 // A weight larger than one storage binding (Qwen's [vocab, hidden] embedding and lm_head) is
 // kept as row slices, each its own tensor, as are its gradient and AdamW moments. An embedding
@@ -55,6 +57,7 @@ import {
   writeKvCache,
 } from "./kernels/attention.ts";
 import { swiglu, swigluBackward } from "./kernels/swiglu.ts";
+import { packTails, unpackTails } from "./kernels/row_tails.ts";
 import { scale } from "./kernels/elementwise.ts";
 import { type Adapter, loraModules, loraScale } from "../core/lora.ts";
 import { tokenLogprobs, tokenLogprobsBackward } from "./kernels/logprobs.ts";
@@ -126,6 +129,7 @@ export interface LayerStep {
 interface BackwardBuffers {
   dLogits: Tensor; // one chunk [chunk, V]
   dLogp: Tensor; // [T]
+  dTailLogp: Tensor; // dLogp at the positions the forward's projection ran on, packed
   dResidual: Tensor; // [T,H]
   dNorm: Tensor; // [T,H]
   dAttn: Tensor; // [T, nH·D]
@@ -152,7 +156,12 @@ class Activations {
   readonly rstdFinal: Tensor;
   readonly logits: Tensor; // one chunk [chunk, V]
   readonly logp: Tensor; // [T]
-  readonly lse: Tensor; // [T]
+  /** The positions the vocabulary projection ran on: every row's from `first` on, packed. */
+  readonly tailRows: Tensor; // finalNorm's [B·(L − first), H]
+  readonly tailLogp: Tensor; // [B·(L − first)]
+  readonly lse: Tensor; // [B·(L − first)], as targets
+  /** Where the last forward's log-probs start in every row (0: everywhere). */
+  first = 0;
   readonly chunk: number;
   idsHost: Int32Array = new Int32Array(0);
   private backward: BackwardBuffers | null = null;
@@ -190,6 +199,8 @@ class Activations {
     this.rstdFinal = f(T);
     this.logits = f(this.chunk, c.vocabSize);
     this.logp = f(T);
+    this.tailRows = f(T, H);
+    this.tailLogp = f(T);
     this.lse = f(T);
     // Every row holds positions 0..L-1 and attends over its own L keys.
     const positions = new Int32Array(T);
@@ -213,6 +224,7 @@ class Activations {
       this.backward = {
         dLogits: f(this.chunk, c.vocabSize),
         dLogp: f(T),
+        dTailLogp: f(T),
         dResidual: f(T, H),
         dNorm: f(T, H),
         dAttn: f(T, qDim),
@@ -582,7 +594,9 @@ export class GpuModel {
 
   /**
    * Forward over `ids` ([B, L] row-major). Returns the per-position log-prob tensor [B·L]
-   * (valid for t % L < L − 1). The activations stay for backward() until the next forward.
+   * (valid for first ≤ t % L < L − 1; zero before `first`, where the vocabulary projection does
+   * not run: a GRPO batch needs log-probs only from its shortest prompt's last token on). The
+   * activations stay for backward() until the next forward.
    */
   forward(
     ids: Int32Array,
@@ -591,11 +605,16 @@ export class GpuModel {
     invTemperature = 1,
     keepForBackward = true,
     adapter = true,
+    first = 0,
   ): Tensor {
-    const gpu = this.gpu, c = this.config, T = B * L;
+    const gpu = this.gpu, c = this.config, T = B * L, H = c.hiddenSize, W = L - first;
     const a = this.activations(B, L, keepForBackward);
-    const targets = new Int32Array(T);
-    for (let t = 0; t < T; t++) targets[t] = t % L < L - 1 ? ids[t + 1] : 0;
+    a.first = first;
+    // The next token of every position the projection runs on (packed: row b's from `first`).
+    const targets = new Int32Array(B * W);
+    for (let b = 0; b < B; b++) {
+      for (let t = first; t < L - 1; t++) targets[b * W + t - first] = ids[b * L + t + 1];
+    }
     gpu.write(a.ids, ids);
     gpu.write(a.targets, targets);
     a.idsHost = ids;
@@ -615,19 +634,22 @@ export class GpuModel {
       this.layerForward(i, a.layer(i), next, step);
     }
     rmsnorm(gpu, a.final, this.p("model.norm.weight"), a.finalNorm, a.rstdFinal, T, c.rmsNormEps);
+    const rows = first > 0 ? a.tailRows : a.finalNorm, logp = first > 0 ? a.tailLogp : a.logp;
+    if (first > 0) packTails(gpu, a.finalNorm, a.tailRows, B, L, first, H);
     this.eachLogitChunk(a, (start, n) => {
-      this.vocabLogits(slice(a.finalNorm, start * c.hiddenSize, n * c.hiddenSize), a.logits, n);
+      this.vocabLogits(slice(rows, start * H, n * H), a.logits, n);
       tokenLogprobs(
         gpu,
         a.logits,
         slice(a.targets, start, n),
-        slice(a.logp, start, n),
+        slice(logp, start, n),
         slice(a.lse, start, n),
         n,
         c.vocabSize,
         invTemperature,
       );
     });
+    if (first > 0) unpackTails(gpu, a.tailLogp, a.logp, B, L, first, 1);
     return a.logp;
   }
 
@@ -708,28 +730,34 @@ export class GpuModel {
   backward(dLogp: Float32Array | "written", invTemperature = 1): void {
     const gpu = this.gpu, c = this.config, a = this.acts;
     if (!a) throw new Error("GpuModel.backward: no training forward pass to go back through");
-    const T = a.B * a.L, H = c.hiddenSize;
+    const T = a.B * a.L, H = c.hiddenSize, first = a.first;
     const shape = this.attentionShape(a.B, a.L);
     const d = a.backwardBuffers(gpu, c);
     if (dLogp !== "written") gpu.write(d.dLogp, dLogp);
 
-    // Vocabulary projection, chunk by chunk: recompute logits, then dLogits → dFinalNorm, dLmHead.
+    // Vocabulary projection, chunk by chunk: recompute logits, then dLogits → dFinalNorm, dLmHead,
+    // over the positions the forward ran it on. Packed, their dFinalNorm goes to dResidual (free
+    // until the final norm's backward overwrites it), then into dNorm with zeros before `first`.
+    const rows = first > 0 ? a.tailRows : a.finalNorm, dRows = first > 0 ? d.dResidual : d.dNorm;
+    const dLogpRows = first > 0 ? d.dTailLogp : d.dLogp;
+    if (first > 0) packTails(gpu, d.dLogp, d.dTailLogp, a.B, a.L, first, 1);
     this.eachLogitChunk(a, (start, n) => {
-      const xs = slice(a.finalNorm, start * H, n * H);
+      const xs = slice(rows, start * H, n * H);
       this.vocabLogits(xs, a.logits, n);
       tokenLogprobsBackward(
         gpu,
         a.logits,
         slice(a.targets, start, n),
         slice(a.lse, start, n),
-        slice(d.dLogp, start, n),
+        slice(dLogpRows, start, n),
         d.dLogits,
         n,
         c.vocabSize,
         invTemperature,
       );
-      this.linearBackward(xs, this.head, d.dLogits, n, slice(d.dNorm, start * H, n * H), false);
+      this.linearBackward(xs, this.head, d.dLogits, n, slice(dRows, start * H, n * H), false);
     });
+    if (first > 0) unpackTails(gpu, d.dResidual, d.dNorm, a.B, a.L, first, H);
     rmsnormBackward(
       gpu,
       a.final,
@@ -1040,8 +1068,9 @@ export class GpuModel {
     };
   }
 
+  /** Chunks of the positions the vocabulary projection runs on (every row's from a.first). */
   private eachLogitChunk(a: Activations, body: (start: number, n: number) => void): void {
-    const T = a.B * a.L;
+    const T = a.B * (a.L - a.first);
     for (let start = 0; start < T; start += a.chunk) body(start, Math.min(a.chunk, T - start));
   }
 

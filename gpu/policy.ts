@@ -27,6 +27,9 @@ function pack(batch: TokenBatch): { ids: Int32Array; B: number; L: number } {
   return { ids, B, L };
 }
 
+/** Where forward() needs to start: the last prompt token of the shortest prompt. */
+const firstNeeded = (batch: TokenBatch) => Math.min(...batch.promptLens) - 1;
+
 /** Index in forward()'s output of the log-prob of completion token t of row b. */
 function at(batch: TokenBatch, L: number, b: number, t: number): number {
   return b * L + batch.promptLens[b] - 1 + t;
@@ -34,7 +37,9 @@ function at(batch: TokenBatch, L: number, b: number, t: number): number {
 
 async function completionLogprobs(model: GpuModel, batch: TokenBatch, invTemperature: number) {
   const { ids, B, L } = pack(batch);
-  const logp = await model.gpu.read(model.forward(ids, B, L, invTemperature));
+  const logp = await model.gpu.read(
+    model.forward(ids, B, L, invTemperature, true, true, firstNeeded(batch)),
+  );
   return batch.rows.map((row, b) =>
     Array.from({ length: row.length - batch.promptLens[b] }, (_, t) => logp[at(batch, L, b, t)])
   );
@@ -82,7 +87,7 @@ export class GpuPolicy implements PolicyEngine {
   ): Promise<{ sums: PromiseLike<LossSums> }> {
     const gpu = this.model.gpu;
     const { ids, B, L } = pack(batch);
-    const logp = this.model.forward(ids, B, L, invTemperature);
+    const logp = this.model.forward(ids, B, L, invTemperature, true, true, firstNeeded(batch));
     gpu.flush(); // the forward runs while the reference's log-probs are awaited
     const ref = await loss.refLogp();
     const tokens = new Float32Array(B * L * TOKEN_FLOATS);
@@ -187,8 +192,8 @@ async function frozenLogprobs(
   invTemperature: number,
   adapter: boolean,
 ): Promise<number[][]> {
-  const logprobs = await scoreSequences(model, batch.rows, invTemperature, adapter);
-  return logprobs.map((row, b) => row.slice(batch.promptLens[b] - 1));
+  const from = batch.promptLens.map((n) => n - 1);
+  return await scoreSequences(model, batch.rows, invTemperature, adapter, from);
 }
 
 /**

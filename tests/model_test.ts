@@ -133,6 +133,55 @@ for (const { label, config, fuse, fused } of GRADIENT_CASES) {
 }
 
 Deno.test(
+  "with `first`, the projection runs on the rows' tails: their log-probs and every gradient match the CPU twin",
+  gpuTest,
+  async () => {
+    // Prompts of 20, 33 and 41 tokens in rows of 61: log-probs are wanted from each prompt's
+    // last token on, so the forward projects positions 19… only (a third of them left out).
+    const weights = randomWeights(23, fusingConfig);
+    const rng = new Rng(8);
+    const B = 3, L = 61, promptLens = [20, 33, 41], first = 19;
+    const sequences = Array.from({ length: B }, () => Array.from({ length: L }, () => rng.int(37)));
+    const dLogprobs = sequences.map((s, b) =>
+      s.slice(1).map((_, t) => t >= promptLens[b] - 1 ? rng.normal() : 0)
+    );
+    const cpu = cpuForwardBackward(fusingConfig, weights, sequences, dLogprobs);
+    const model = new GpuModel(gpu, fusingConfig, weights, { logitChunkFloats: 16 * 37 });
+    const ids = Int32Array.from(sequences.flat());
+    const logp = await gpu.read(model.forward(ids, B, L, 1, true, true, first));
+    const upstream = new Float32Array(B * L);
+    dLogprobs.forEach((row, b) => row.forEach((d, t) => upstream[b * L + t] = d));
+    model.backward(upstream);
+    const grads = await model.readGrads();
+    model.destroy();
+    for (let b = 0; b < B; b++) {
+      for (let t = 0; t < L - 1; t++) {
+        const want = t < first ? 0 : cpu.logprobs[b][t]; // not computed before `first`: zero
+        assert.ok(Math.abs(logp[b * L + t] - want) < 1e-4, `logp ${b},${t}: ${logp[b * L + t]}`);
+      }
+    }
+    for (const [name, expected] of cpu.grads) {
+      const got = grads.get(name)!;
+      const scale = Math.max(...expected.map(Math.abs));
+      let worst = 0;
+      for (let i = 0; i < expected.length; i++) {
+        worst = Math.max(worst, Math.abs(got[i] - expected[i]));
+      }
+      assert.ok(worst <= 1e-4 * scale + 1e-6, `${name}: max error ${worst} (scale ${scale})`);
+    }
+    // Scoring with `from` returns each row from its own first wanted position.
+    const scorer = new GpuModel(gpu, fusingConfig, weights);
+    const from = promptLens.map((n) => n - 1);
+    const scored = await scoreSequences(scorer, sequences, 1, true, from);
+    scorer.destroy();
+    scored.forEach((row, b) => {
+      assert.equal(row.length, L - promptLens[b]);
+      row.forEach((v, i) => assert.ok(Math.abs(v - cpu.logprobs[b][from[b] + i]) < 1e-4));
+    });
+  },
+);
+
+Deno.test(
   "after an AdamW step or setWeights, the model scores as one built from its weights",
   gpuTest,
   async () => {

@@ -62,31 +62,31 @@ Deno.test("a small plan, counted by hand", () => {
   // the fused q/k/v product's rows qDim + 2·kvDim = 8 (one set for every layer): 58.
   // Training: 2 rows × 5 tokens = 10 tokens.
   //   activations: 10·58 + ids/targets/positions 30 + kvLens 2 + final, finalNorm 80 + rstd 10
-  //   backward:    dLogp 10 + dResidual, dNorm 80 + dAttn, dq 80 + dk, dv 40 + dQkv 80
+  //   backward:    dLogp, dTailLogp 20 + dResidual, dNorm 80 + dAttn, dq 80 + dk, dv 40 + dQkv 80
   //                + dAct, dGateUp 180
-  //   log-probs:   logits, dLogits 2·(10 tokens × 10) + logp, lse 20
+  //   log-probs:   logits, dLogits 2·(10 tokens × 10) + logp, lse 20 + tailRows 40, tailLogp 10
   // Generation (2 prompts × 2 > 1 eval prompt): 4 rows; capacity 5 and prefill 2 rounded up to
   // 16 and 4 (CAPACITY_ROUND, PREFILL_ROUND).
   //   KV cache: 2·(4·16·2) + prompt cache 2·(2·16·2)
   //   buffers:  prefill 8·58 + ids, positions 16 + kvLens 2;
   //             decode 4·58 + hidden 16 + logits 40 + six [4] 24 + outputs 2·(2·4)
   // Reference: weights; one scoring pass of 4 rows × 5 tokens = 20 tokens, forward only:
-  //   20·58 + 60 + 4 + 160 + 20; log-probs 2·(20 × 10) + 40.
+  //   20·58 + 60 + 4 + 160 + 20; log-probs 2·(20 × 10) + 40 + 80 + 20.
   assert.deepEqual(bytes, {
     "policy weights": 720,
     "policy gradients": 720,
     "policy AdamW moments": 1440,
     "policy training activations": 4 * 702,
-    "policy backward scratch": 4 * 470,
-    "policy log-prob buffers": 4 * 220,
+    "policy backward scratch": 4 * 480,
+    "policy log-prob buffers": 4 * 270,
     "policy generation KV cache": 4 * 384,
     "policy generation buffers": 4 * (482 + 328),
     "reference weights": 720,
     "reference forward activations": 4 * 1404,
-    "reference log-prob buffers": 4 * 440,
+    "reference log-prob buffers": 4 * 540,
   });
-  assert.equal(plan.policyBytes, 13224);
-  assert.equal(plan.referenceBytes, 8096);
+  assert.equal(plan.policyBytes, 13464);
+  assert.equal(plan.referenceBytes, 8496);
   assert.equal(planMemory({ ...cfg, beta: 0 }, model).referenceBytes, 0);
 });
 
@@ -246,18 +246,21 @@ Deno.test("a LoRA plan with 16-bit weights and cache and checkpointing, counted 
     "policy LoRA gradients": 4 * 72,
     "policy LoRA AdamW moments": 4 * 144,
     "policy training activations": 4 * 742,
-    "policy backward scratch": 4 * 470,
-    "policy log-prob buffers": 4 * 220,
+    "policy backward scratch": 4 * 480,
+    "policy log-prob buffers": 4 * 270,
     "policy generation KV cache": 2 * 2 * 384,
     "policy generation buffers": 4 * (482 + 328),
     "policy LoRA scratch": 4 * 40,
     "reference forward activations": 4 * 1404,
-    "reference log-prob buffers": 4 * 440,
+    "reference log-prob buffers": 4 * 540,
   });
-  assert.equal(plan.policyBytes, 9736 - 480 - 4 * 538 + 2 * 2 * 384 + 4 * (482 + 328) + 4 * 160);
-  assert.equal(plan.referenceBytes, 7376);
+  assert.equal(
+    plan.policyBytes,
+    9736 - 480 - 4 * 538 + 2 * 2 * 384 + 4 * (482 + 328) + 4 * 160 + 4 * 60,
+  );
+  assert.equal(plan.referenceBytes, 7776);
   // On a second adapter the reference holds the base itself, frozen in bf16.
-  assert.equal(planMemory(cfg, model, false).referenceBytes, 7376 + 704);
+  assert.equal(planMemory(cfg, model, false).referenceBytes, 7776 + 704);
   // frozen_dtype auto keeps the checkpoint's dtype: f32 here, as the policy's own base.
   const auto = planMemory({ ...cfg, frozen_dtype: "auto" }, model, true, "f32");
   assert.equal(auto.items.find((i) => i.what === "weights")!.bytes, 4 * 316);
