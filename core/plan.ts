@@ -349,6 +349,7 @@ export function planMemory(
       ...tensors.map((w) => ({ ...w, name: `${w.name} exp_avg_sq` })),
     ]);
   };
+  // (Left out as too small to matter: the fused q/k/v bias copies, nH·D + 2·nKv·D floats a layer.)
   if (lora === null) {
     const weights = [...weightShapes(model)].map(([name, shape]) => ({ name, shape }));
     trained("weights", `${weights.length} tensors`, weights);

@@ -17,9 +17,9 @@
 // its backward reads the same block of the output's gradient. Reads and writes of weights,
 // gradients and moments join and split the slices, so checkpoints never see them.
 //
-// The products that read the same input run as one: each layer's q/k/v projections (one product
-// [T, nH·D + 2·nKv·D] that ropeQkv then rotates into q, k and v) and its gate/up projections
-// (one product [T, 2·I] that swiglu reads). Their weights are stored as one matrix whose rows are
+// Projections that read the same input run as one product: each layer's q/k/v projections (its
+// output [T, nH·D + 2·nKv·D] is what ropeQkv rotates into q, k and v) and its gate/up projections
+// (output [T, 2·I], which swiglu reads). Their weights are stored as one matrix whose rows are
 // the members' weights, each member's weight a view of its rows, whenever the views can be bound
 // (same dtype, one binding, 256-byte aligned); else the members keep their own tensors and run
 // as row slices do, each writing its block of the output's columns. A group's biases are also
@@ -384,8 +384,8 @@ export class GpuModel {
     const fusedMatrices = new Map<string, Tensor>(), views = new Map<string, Tensor>();
     for (let i = 0; i < config.numLayers; i++) {
       for (const [key, modules] of layerGroups(i)) {
-        const names = modules.map((m) => `${m}.weight`);
         if (modules.length === 1 || options.fuseProjections === false) continue;
+        const names = modules.map((m) => `${m}.weight`);
         const matrix = this.fusedMatrix(names, shapes, dtypeOf, maxBytes, key, views);
         if (matrix) fusedMatrices.set(key, matrix);
       }

@@ -109,12 +109,8 @@ const qkvShader = (vec4s: number, from: Side, to: Side, vec: boolean) => {
   const freq = vec ? "p.invFreq[i / 4u]" : "p.invFreq[i / 4u][i % 4u]";
   // Declarations of a side's buffers, from binding `first` on.
   const declare = (side: Side, prefix: string, access: string, first: number) => {
-    const names = side === "fused" ? ["qkv"] : side === "cache" ? ["q", "kCache", "vCache"] : [
-      "q",
-      "k",
-      "v",
-    ];
-    const lines = names.map((n, j) =>
+    const names = { fused: ["qkv"], cache: ["q", "kCache", "vCache"], separate: ["q", "k", "v"] };
+    const lines = names[side].map((n, j) =>
       `@group(0) @binding(${first + j}) var<storage, ${access}> ${prefix}${n}: array<${type}>;`
     );
     if (side === "cache") {
@@ -122,20 +118,18 @@ const qkvShader = (vec4s: number, from: Side, to: Side, vec: boolean) => {
     }
     return lines.join("\n");
   };
+  // Element `index` of a buffer bound as `type` (index is a multiple of 4 in the vec4 form).
+  const element = (array: string, index: string) => `${array}[${vec ? `(${index}) / 4u` : index}]`;
   // The element of part q, k or v of token t, column col (`slot`: the cache position's row).
   const at = (side: Side, prefix: string, part: "q" | "k" | "v", col: string) => {
-    let index: string;
     if (side === "fused") {
       const offset = part === "q" ? "0u" : part === "k" ? "qDim" : "qDim + kvDim";
-      index = `t * (qDim + 2u * kvDim) + ${offset} + ${col}`;
-      part = "qkv" as "q";
-    } else if (side === "cache" && part !== "q") {
-      index = `slot * kvDim + ${col}`;
-      part = (part === "k" ? "kCache" : "vCache") as "q";
-    } else {
-      index = `t * ${part === "q" ? "qDim" : "kvDim"} + ${col}`;
+      return element(`${prefix}qkv`, `t * (qDim + 2u * kvDim) + ${offset} + ${col}`);
     }
-    return `${prefix}${part}[${vec ? `(${index}) / 4u` : index}]`;
+    if (side === "cache" && part !== "q") {
+      return element(`${prefix}${part}Cache`, `slot * kvDim + ${col}`);
+    }
+    return element(`${prefix}${part}`, `t * ${part === "q" ? "qDim" : "kvDim"} + ${col}`);
   };
   const fromCount = from === "fused" ? 1 : 3;
   const load = (part: "q" | "k" | "v", col: string) => at(from, "in_", part, col);
