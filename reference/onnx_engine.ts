@@ -71,10 +71,14 @@ export class OnnxEngine {
     return new OnnxEngine(session, config, threads, description, origin);
   }
 
-  /** logprobs[i][t] = log p(seq_i[t+1] | seq_i[0..t]) with logits · invTemperature, the format
-   * of `aha score`. Sequences are run longest first in right-padded batches (causal attention:
-   * padding never changes the positions before it). */
-  async logprobs(sequences: number[][], invTemperature = 1): Promise<number[][]> {
+  /**
+   * logprobs[i][t] = log p(seq_i[t+1] | seq_i[0..t]) with logits · invTemperature, the format
+   * of `aha score`; with `from`, row i holds only those from t = from[i] on, and the export's
+   * "first" input spares the vocabulary projection the positions before each batch's smallest.
+   * Sequences are run longest first in right-padded batches (causal attention: padding never
+   * changes the positions before it).
+   */
+  async logprobs(sequences: number[][], invTemperature = 1, from?: number[]): Promise<number[][]> {
     // Exports older than the "inv_temperature" input compute plain log-probs only.
     const scalable = this.session.inputNames.includes("inv_temperature");
     if (!scalable && invTemperature !== 1) {
@@ -99,6 +103,8 @@ export class OnnxEngine {
       }
     });
     const scale = new ort.Tensor("float32", Float32Array.of(invTemperature), []);
+    // Exports older than the "first" input compute every position.
+    const skips = this.session.inputNames.includes("first");
     const result: number[][] = sequences.map(() => []);
     const order = sequences.map((_, i) => i).filter((i) => sequences[i].length >= 2)
       .sort((a, b) => sequences[b].length - sequences[a].length);
@@ -109,15 +115,21 @@ export class OnnxEngine {
       const ids = new BigInt64Array(batch.length * length); // padded with token 0
       batch.forEach((s, b) => ids.set(sequences[s].map(BigInt), b * length));
       const input = new ort.Tensor("int64", ids, [batch.length, length]);
+      // At least one position is computed, so no tensor of the graph is empty.
+      const wanted = (s: number) => Math.min(from?.[s] ?? 0, sequences[s].length - 1);
+      const first = skips ? Math.min(length - 2, ...batch.map(wanted)) : 0;
+      const firstT = new ort.Tensor("int64", BigInt64Array.of(BigInt(first)), [1]);
       const feeds: Record<string, ort.Tensor> = { input_ids: input };
       if (scalable) feeds.inv_temperature = scale;
+      if (skips) feeds.first = firstT;
       const output = (await this.session.run(feeds)).logprobs;
       const data = output.data as Float32Array;
       batch.forEach((s, b) => {
-        const offset = b * (length - 1);
-        result[s] = Array.from(data.subarray(offset, offset + sequences[s].length - 1));
+        const offset = b * (length - 1 - first) - first;
+        result[s] = Array.from(data.subarray(offset + wanted(s), offset + sequences[s].length - 1));
       });
       input.dispose();
+      firstT.dispose();
       output.dispose();
     }
     scale.dispose();

@@ -5,7 +5,12 @@
 //   input  "input_ids"        int64 [B, L], L ≥ 2
 //   input  "inv_temperature"  float scalar: the logits are multiplied by it (1 = plain log-probs;
 //                             optional in a user-supplied export, which then serves 1 only)
-//   output "logprobs"         float [B, L-1]   logprobs[b][t] = log p(ids[b][t+1] | ids[b][0..t])
+//   input  "first"            int64 [1]: the first position whose log-prob is wanted (optional in
+//                             a user-supplied export, which then computes them all)
+//   output "logprobs"         float [B, L-1-first]
+//                             logprobs[b][t] = log p(ids[b][first+t+1] | ids[b][0..first+t])
+// The vocabulary projection (a quarter of a Qwen2.5 forward's multiply-adds) runs only on the
+// positions from "first" on: a GRPO batch wants log-probs only where completions are.
 //
 // Tokens are flattened to rows [B·L, H], so every linear layer is one Gemm with transB=1 on the
 // Hugging Face [out, in] weight as stored (no transposed copies; a tied lm_head reuses the
@@ -24,7 +29,7 @@ const { DataType } = onnx.TensorProto;
 const { AttributeType } = onnx.AttributeProto;
 
 /** Bumped whenever the graph changes, so cached exports of older graphs are not reused. */
-export const EXPORT_VERSION = 2;
+export const EXPORT_VERSION = 3;
 
 const int = (name: string, i: number): Onnx.IAttributeProto => ({
   name,
@@ -171,14 +176,15 @@ export function exportOnnx(c: ModelConfig, weights: Map<string, Float32Array>): 
   }
   x = rmsNorm(x, w("model.norm.weight", [H]));
 
-  // Log-probs of the next tokens: positions 0..L-2 predict ids[:, 1..L-1].
+  // Log-probs of the next tokens: positions first..L-2 predict ids[:, first+1..L-1].
   const axis1 = g.int64([1]);
-  const predicting = g.op("Slice", [toBL(x, H), g.int64([0]), g.int64([-1]), axis1]);
+  const predicting = g.op("Slice", [toBL(x, H), "first", g.int64([-1]), axis1]);
   const head = c.tieWordEmbeddings ? embed : w("lm_head.weight", [V, H]);
   const logits = linear(toRows(predicting, H), head); // [B·(L-1), V]
   const scaled = g.op("Mul", [logits, "inv_temperature"]);
   const logProbs = g.op("LogSoftmax", [scaled], [int("axis", -1)]);
-  const next = g.op("Slice", [ids, axis1, g.int64([Number.MAX_SAFE_INTEGER]), axis1]);
+  const afterFirst = g.op("Add", ["first", g.int64([1])]);
+  const next = g.op("Slice", [ids, afterFirst, g.int64([Number.MAX_SAFE_INTEGER]), axis1]);
   const picked = g.op("GatherElements", [logProbs, g.op("Reshape", [next, g.int64([-1, 1])])], [
     int("axis", 1),
   ]);
@@ -200,6 +206,10 @@ export function exportOnnx(c: ModelConfig, weights: Map<string, Float32Array>): 
       input: [
         { name: ids, type: tensorType(DataType.INT64, ["batch", "length"]) },
         { name: "inv_temperature", type: tensorType(DataType.FLOAT, []) },
+        {
+          name: "first",
+          type: { tensorType: { elemType: DataType.INT64, shape: { dim: [{ dimValue: 1 }] } } },
+        },
       ],
       output: [{ name: "logprobs", type: tensorType(DataType.FLOAT, ["batch", "length_1"]) }],
     },

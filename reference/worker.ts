@@ -32,7 +32,8 @@ interface Engine {
   readonly description: string;
   readonly adapter: AdapterSummary | null;
   /** logprobs[i][t] = log p(seq_i[t+1] | seq_i[0..t]) with logits · invTemperature. */
-  logprobs(sequences: number[][], invTemperature: number): Promise<number[][]>;
+  /** As gpu/score.ts scoreSequences: with `from`, row i starts at position from[i]. */
+  logprobs(sequences: number[][], invTemperature: number, from?: number[]): Promise<number[][]>;
   weights(): Promise<Map<string, Float32Array>>;
   setWeights(weights: Map<string, Float32Array>): Promise<void>;
 }
@@ -44,10 +45,12 @@ async function completionLogprobs(engine: Engine, batch: PackedBatch, invTempera
     const start = b * L;
     return Array.from(batch.ids.subarray(start, start + promptLens[b] + completionLens[b]));
   });
-  const logp = await engine.logprobs(sequences, invTemperature);
+  // Only the completions' log-probs: from each prompt's last token on.
+  const from = Array.from(promptLens, (n) => n - 1);
+  const logp = await engine.logprobs(sequences, invTemperature, from);
   const C = Math.max(0, ...completionLens), out = new Float32Array(B * C);
   for (let b = 0; b < B; b++) {
-    for (let t = 0; t < completionLens[b]; t++) out[b * C + t] = logp[b][promptLens[b] - 1 + t];
+    for (let t = 0; t < completionLens[b]; t++) out[b * C + t] = logp[b][t];
   }
   return { data: out, shape: [B, C] };
 }
@@ -65,8 +68,8 @@ class WebGpuEngine implements Engine {
     return summarizeAdapter(this.model.gpu.adapter);
   }
 
-  logprobs(sequences: number[][], invTemperature: number): Promise<number[][]> {
-    return scoreSequences(this.model, sequences, invTemperature);
+  logprobs(sequences: number[][], invTemperature: number, from?: number[]): Promise<number[][]> {
+    return scoreSequences(this.model, sequences, invTemperature, true, from);
   }
 
   weights(): Promise<Map<string, Float32Array>> {
@@ -97,8 +100,8 @@ class OnnxReferenceEngine implements Engine {
     return this.engine.description;
   }
 
-  logprobs(sequences: number[][], invTemperature: number): Promise<number[][]> {
-    return this.engine.logprobs(sequences, invTemperature);
+  logprobs(sequences: number[][], invTemperature: number, from?: number[]): Promise<number[][]> {
+    return this.engine.logprobs(sequences, invTemperature, from);
   }
 
   async weights(): Promise<Map<string, Float32Array>> {

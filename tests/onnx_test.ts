@@ -99,6 +99,20 @@ Deno.test("onnx engine matches the CPU twin (untied, random biases; tiny preset)
   await tinyEngine.release();
 });
 
+Deno.test("onnx engine with `from`: each row from its own position on, against the CPU twin", async () => {
+  // One batch of rows whose first wanted positions differ (the export projects from the
+  // smallest, 3, on), one wanting none (from = its last position), one of a single token.
+  const weights = randomWeights(13);
+  const sequences = randomSequences(14, [33, 12, 7, 40, 1, 9], untied.vocabSize);
+  const from = [20, 3, 6, 31, 0, 5];
+  const engine = await OnnxEngine.create({ config: untied, weights }, { threads: THREADS });
+  const got = await engine.logprobs(sequences, 1, from);
+  await engine.release();
+  const want = cpuLogprobs(untied, weights, sequences).map((row, i) => row.slice(from[i]));
+  assert.deepEqual(got.map((row) => row.length), want.map((row) => row.length));
+  assertRowsClose(got, want, TOLERANCE, "from");
+});
+
 Deno.test("onnx export cache: re-used while the weights stay, replaced when they change", async () => {
   const dir = `${tmp}/model`;
   await saveCheckpoint(dir, toHfConfig(untied), randomWeights(11));
