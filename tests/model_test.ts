@@ -72,6 +72,26 @@ function randomWeights(seed: number, config = oddConfig) {
   return weights;
 }
 
+/**
+ * Every weight's gradient against the twin's, to 1e-4 of its largest entry (f32 accumulation
+ * over a few hundred terms); `passes`: how many backward passes `got` summed.
+ */
+function assertGradsMatch(
+  got: Map<string, Float32Array>,
+  want: Map<string, Float64Array>,
+  passes = 1,
+) {
+  for (const [name, expected] of want) {
+    const values = got.get(name)!;
+    const scale = Math.max(...expected.map(Math.abs));
+    let worst = 0;
+    for (let i = 0; i < expected.length; i++) {
+      worst = Math.max(worst, Math.abs(values[i] / passes - expected[i]));
+    }
+    assert.ok(worst <= 1e-4 * scale + 1e-6, `${name}: max error ${worst} (scale ${scale})`);
+  }
+}
+
 // Fused and separate projections must give the same gradients: each case says what it fuses.
 const GRADIENT_CASES = [
   { label: "q/k/v fused", config: oddConfig, fuse: true, fused: { qkv: true, gateUp: false } },
@@ -118,16 +138,7 @@ for (const { label, config, fuse, fused } of GRADIENT_CASES) {
           assert.ok(Math.abs(logp[b * L + t] - cpu.logprobs[b][t]) < 1e-4);
         }
       }
-      for (const [name, expected] of cpu.grads) {
-        const got = grads.get(name)!;
-        const scale = Math.max(...expected.map(Math.abs));
-        let worst = 0;
-        for (let i = 0; i < expected.length; i++) {
-          worst = Math.max(worst, Math.abs(got[i] / 2 - expected[i]));
-        }
-        // f32 accumulation over a few hundred terms: 1e-4 of the gradient's largest entry.
-        assert.ok(worst <= 1e-4 * scale + 1e-6, `${name}: max error ${worst} (scale ${scale})`);
-      }
+      assertGradsMatch(grads, cpu.grads, 2); // summed over two backward passes
     },
   );
 }
@@ -160,15 +171,7 @@ Deno.test(
         assert.ok(Math.abs(logp[b * L + t] - want) < 1e-4, `logp ${b},${t}: ${logp[b * L + t]}`);
       }
     }
-    for (const [name, expected] of cpu.grads) {
-      const got = grads.get(name)!;
-      const scale = Math.max(...expected.map(Math.abs));
-      let worst = 0;
-      for (let i = 0; i < expected.length; i++) {
-        worst = Math.max(worst, Math.abs(got[i] - expected[i]));
-      }
-      assert.ok(worst <= 1e-4 * scale + 1e-6, `${name}: max error ${worst} (scale ${scale})`);
-    }
+    assertGradsMatch(grads, cpu.grads);
     // Scoring with `from` returns each row from its own first wanted position.
     const scorer = new GpuModel(gpu, fusingConfig, weights);
     const from = promptLens.map((n) => n - 1);
