@@ -45,6 +45,17 @@ export function prefillPrompts(P: number, prefillLen: number): number {
   return Math.min(P, Math.max(1, Math.floor(PREFILL_BATCH_TOKENS / Math.max(1, prefillLen))));
 }
 
+/**
+ * Tokens of a [T, …] activation bound at a time when all T rows are over one binding: as many
+ * rows of `rowBytes` as fit, in multiples of CHUNK_ALIGN. gpu/model.ts runs the fused gate/up
+ * product, SwiGLU and their backward in such chunks: their [T, 2·I] rows are twice any other
+ * activation's, and would otherwise halve the tokens a binding of llvmpipe's 128 MiB holds.
+ */
+export function rowChunkTokens(T: number, rowBytes: number, maxBinding: number): number {
+  const fit = Math.floor(maxBinding / rowBytes / CHUNK_ALIGN) * CHUNK_ALIGN;
+  return Math.min(T, Math.max(CHUNK_ALIGN, fit));
+}
+
 /** Tokens per logit chunk for T tokens over a vocabulary of V. */
 export function logitChunkTokens(T: number, V: number, chunkFloats = LOGIT_CHUNK_FLOATS): number {
   const fit = Math.floor(chunkFloats / V / CHUNK_ALIGN) * CHUNK_ALIGN;
@@ -86,6 +97,8 @@ export interface PlannedTensor {
   name: string;
   shape: number[];
   dtype?: PlanDType;
+  /** Bound CHUNK_ALIGN rows or more at a time (rowChunkTokens): one binding needs only those. */
+  rowChunks?: boolean;
 }
 
 export interface PlanItem {
@@ -168,7 +181,11 @@ function layerTensors(
     ["gateUp", [T, 2 * I]],
     ["act", [T, I]],
   ];
-  return shapes.map(([name, shape]) => ({ name: `${layer}.${name}`, shape }));
+  return shapes.map(([name, shape]) => ({
+    name: `${layer}.${name}`,
+    shape,
+    ...(name === "gateUp" ? { rowChunks: true } : {}),
+  }));
 }
 
 /**
@@ -224,7 +241,7 @@ function forwardTensors(
     t("dv", T, kvDim),
     t("dQkv", T, qDim + 2 * kvDim),
     t("dAct", T, I),
-    t("dGateUp", T, 2 * I),
+    { ...t("dGateUp", T, 2 * I), rowChunks: true },
   ];
   return { activations, logprobs, backward, chunk };
 }
@@ -435,6 +452,10 @@ export function largestTensor(item: PlanItem): PlannedTensor {
   return item.tensors.reduce((a, b) => tensorBytes(b) > tensorBytes(a) ? b : a);
 }
 
+/** The part of a tensor one binding holds: all of it, or a chunk of CHUNK_ALIGN rows. */
+const boundPart = (t: PlannedTensor): PlannedTensor =>
+  t.rowChunks ? { ...t, shape: [Math.min(t.shape[0], CHUNK_ALIGN), ...t.shape.slice(1)] } : t;
+
 export const describeTensor = (t: PlannedTensor) =>
   `${t.name} [${t.shape.join(", ")}] (${formatBytes(tensorBytes(t))})`;
 
@@ -463,11 +484,24 @@ export function planProblems(plan: Plan, limits: AdapterLimits): string[] {
       }
       continue;
     }
-    const largest = largestTensor(item);
-    if (tensorBytes(largest) > binding) {
+    const bound = item.tensors.reduce((a, b) =>
+      tensorBytes(boundPart(b)) > tensorBytes(boundPart(a)) ? b : a
+    );
+    if (tensorBytes(boundPart(bound)) > binding) {
+      const what = bound.rowChunks
+        ? `${CHUNK_ALIGN} rows (${formatBytes(tensorBytes(boundPart(bound)))}) of ${bound.name} ` +
+          `[${bound.shape.join(", ")}]`
+        : describeTensor(bound);
       problems.push(
-        `${item.adapter} ${item.what}: ${describeTensor(largest)} is over one storage binding ` +
+        `${item.adapter} ${item.what}: ${what} is over one storage binding ` +
           `(${limitName} ${formatBytes(binding)})`,
+      );
+    }
+    const chunked = item.tensors.find((t) => t.rowChunks && tensorBytes(t) > limits.maxBufferSize);
+    if (chunked) {
+      problems.push(
+        `${item.adapter} ${item.what}: ${describeTensor(chunked)} is over one buffer ` +
+          `(maxBufferSize ${formatBytes(limits.maxBufferSize)})`,
       );
     }
   }

@@ -42,7 +42,12 @@
 import { AhaError } from "../core/errors.ts";
 import type { ModelConfig } from "../core/model_config.ts";
 import { weightShapes } from "../core/model_config.ts";
-import { LOGIT_CHUNK_FLOATS, logitChunkTokens, weightSliceRows } from "../core/plan.ts";
+import {
+  LOGIT_CHUNK_FLOATS,
+  logitChunkTokens,
+  rowChunkTokens,
+  weightSliceRows,
+} from "../core/plan.ts";
 import { BINDING_ALIGNMENT, type DType, elementBytes, type Gpu, Tensor } from "./device.ts";
 import { type HalfDType, packHalves, unpackHalves } from "../core/half.ts";
 import { embedding, embeddingBackward } from "./kernels/embedding.ts";
@@ -253,6 +258,11 @@ function slice(t: Tensor, start: number, count: number): Tensor {
   return start === 0 && count === t.size ? t : t.view(start, [count]);
 }
 
+/** Rows start … start + n − 1 of a row-major [·, width] tensor. */
+function rows(t: Tensor, start: number, n: number, width: number): Tensor {
+  return slice(t, start * width, n * width);
+}
+
 /** The parts of a whole weight's values that its row slices hold, in order. */
 function splitRows(data: Float32Array, slices: Tensor[]): Float32Array[] {
   let at = 0;
@@ -359,6 +369,8 @@ export class GpuModel {
   readonly kept = new Map<string, { release(gpu: Gpu): void }>();
   private readonly norm: Tensor;
   private readonly logitChunkFloats: number;
+  /** Bytes one storage binding may hold (weights are sliced, gate/up rows chunked, to fit). */
+  private readonly maxBinding: number;
   private readonly checkpointing: boolean;
   /** Generation's KV cache storage (kv_cache_dtype). */
   readonly kvCacheDtype: KvDtype;
@@ -375,6 +387,7 @@ export class GpuModel {
     const maxBytes = options.maxBindingBytes ??
       Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize);
     this.logitChunkFloats = options.logitChunkFloats ?? LOGIT_CHUNK_FLOATS;
+    this.maxBinding = maxBytes;
     this.checkpointing = options.gradientCheckpointing ?? false;
     this.kvCacheDtype = options.kvCacheDtype ?? "f32";
     this.head = config.tieWordEmbeddings ? "model.embed_tokens" : "lm_head";
@@ -634,10 +647,10 @@ export class GpuModel {
       this.layerForward(i, a.layer(i), next, step);
     }
     rmsnorm(gpu, a.final, this.p("model.norm.weight"), a.finalNorm, a.rstdFinal, T, c.rmsNormEps);
-    const rows = first > 0 ? a.tailRows : a.finalNorm, logp = first > 0 ? a.tailLogp : a.logp;
+    const headIn = first > 0 ? a.tailRows : a.finalNorm, logp = first > 0 ? a.tailLogp : a.logp;
     if (first > 0) packTails(gpu, a.finalNorm, a.tailRows, B, L, first, H);
     this.eachLogitChunk(a, (start, n) => {
-      this.vocabLogits(slice(rows, start * H, n * H), a.logits, n);
+      this.vocabLogits(rows(headIn, start, n, H), a.logits, n);
       tokenLogprobs(
         gpu,
         a.logits,
@@ -707,8 +720,12 @@ export class GpuModel {
       T,
       c.rmsNormEps,
     );
-    this.linear(x.norm2, pre + "mlp.gate_up", x.gateUp, T, adapter);
-    swiglu(gpu, x.gateUp, x.act, T, c.intermediateSize);
+    const H = c.hiddenSize, I = c.intermediateSize;
+    this.eachGateUpChunk(T, (start, n) => {
+      const gateUp = rows(x.gateUp, start, n, 2 * I);
+      this.linear(rows(x.norm2, start, n, H), pre + "mlp.gate_up", gateUp, n, adapter);
+      swiglu(gpu, gateUp, rows(x.act, start, n, I), n, I);
+    });
     gpu.copy(x.mid, out, T * c.hiddenSize);
     this.linear(x.act, pre + "mlp.down_proj", out, T, adapter, true);
   }
@@ -738,11 +755,12 @@ export class GpuModel {
     // Vocabulary projection, chunk by chunk: recompute logits, then dLogits → dFinalNorm, dLmHead,
     // over the positions the forward ran it on. Packed, their dFinalNorm goes to dResidual (free
     // until the final norm's backward overwrites it), then into dNorm with zeros before `first`.
-    const rows = first > 0 ? a.tailRows : a.finalNorm, dRows = first > 0 ? d.dResidual : d.dNorm;
+    const headIn = first > 0 ? a.tailRows : a.finalNorm,
+      dHeadIn = first > 0 ? d.dResidual : d.dNorm;
     const dLogpRows = first > 0 ? d.dTailLogp : d.dLogp;
     if (first > 0) packTails(gpu, d.dLogp, d.dTailLogp, a.B, a.L, first, 1);
     this.eachLogitChunk(a, (start, n) => {
-      const xs = slice(rows, start * H, n * H);
+      const xs = rows(headIn, start, n, H);
       this.vocabLogits(xs, a.logits, n);
       tokenLogprobsBackward(
         gpu,
@@ -755,7 +773,7 @@ export class GpuModel {
         c.vocabSize,
         invTemperature,
       );
-      this.linearBackward(xs, this.head, d.dLogits, n, slice(dRows, start * H, n * H), false);
+      this.linearBackward(xs, this.head, d.dLogits, n, rows(dHeadIn, start, n, H), false);
     });
     if (first > 0) unpackTails(gpu, d.dResidual, d.dNorm, a.B, a.L, first, H);
     rmsnormBackward(
@@ -780,8 +798,13 @@ export class GpuModel {
       }
       // MLP branch: out = mid + down(silu(gate(norm2)) · up(norm2)).
       this.linearBackward(x.act, pre + "mlp.down_proj", d.dResidual, T, d.dAct, false);
-      swigluBackward(gpu, x.gateUp, d.dAct, d.dGateUp, T, c.intermediateSize);
-      this.linearBackward(x.norm2, pre + "mlp.gate_up", d.dGateUp, T, d.dNorm, false);
+      this.eachGateUpChunk(T, (start, n) => {
+        const I = c.intermediateSize, dGateUp = rows(d.dGateUp, start, n, 2 * I);
+        const gateUp = rows(x.gateUp, start, n, 2 * I), dAct = rows(d.dAct, start, n, I);
+        swigluBackward(gpu, gateUp, dAct, dGateUp, n, I);
+        const xs = rows(x.norm2, start, n, H), dNorm = rows(d.dNorm, start, n, H);
+        this.linearBackward(xs, pre + "mlp.gate_up", dGateUp, n, dNorm, false);
+      });
       rmsnormBackward(
         gpu,
         x.mid,
@@ -1066,6 +1089,15 @@ export class GpuModel {
       nKvHeads: c.numKvHeads,
       headDim: c.headDim,
     };
+  }
+
+  /**
+   * Chunks of T tokens for the gate/up product and SwiGLU: all at once, or as many as one binding
+   * holds of their [T, 2·I] rows (llvmpipe's 128 MiB: 3,449 tokens of Qwen2.5-0.5B's).
+   */
+  private eachGateUpChunk(T: number, body: (start: number, n: number) => void): void {
+    const chunk = rowChunkTokens(T, 2 * this.config.intermediateSize * 4, this.maxBinding);
+    for (let start = 0; start < T; start += chunk) body(start, Math.min(chunk, T - start));
   }
 
   /** Chunks of the positions the vocabulary projection runs on (every row's from a.first). */

@@ -93,13 +93,21 @@ function assertGradsMatch(
 }
 
 // Fused and separate projections must give the same gradients: each case says what it fuses.
+// With 32 KiB bindings the 183 tokens' gate/up rows (512 bytes each) run in chunks of 64, 64, 55.
 const GRADIENT_CASES = [
   { label: "q/k/v fused", config: oddConfig, fuse: true, fused: { qkv: true, gateUp: false } },
   { label: "all fused", config: fusingConfig, fuse: true, fused: { qkv: true, gateUp: true } },
   { label: "none fused", config: fusingConfig, fuse: false, fused: { qkv: false, gateUp: false } },
+  {
+    label: "all fused, gate/up in token chunks",
+    config: fusingConfig,
+    fuse: true,
+    fused: { qkv: true, gateUp: true },
+    maxBindingBytes: 32 * 1024,
+  },
 ];
 
-for (const { label, config, fuse, fused } of GRADIENT_CASES) {
+for (const { label, config, fuse, fused, maxBindingBytes } of GRADIENT_CASES) {
   Deno.test(
     `GPU gradients of every weight match the float64 CPU twin (${label})`,
     gpuTest,
@@ -120,6 +128,7 @@ for (const { label, config, fuse, fused } of GRADIENT_CASES) {
       const model = new GpuModel(gpu, config, weights, {
         logitChunkFloats: 64 * config.vocabSize,
         fuseProjections: fuse,
+        maxBindingBytes,
       });
       assert.deepEqual(fusedGroups(model), fused);
       const ids = Int32Array.from(sequences.flat());

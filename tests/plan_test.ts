@@ -20,6 +20,7 @@ import {
   checkPlan,
   planMemory,
   planProblems,
+  rowChunkTokens,
   weightSliceRows,
 } from "../core/plan.ts";
 import { defaultTrainConfig, loadTrainConfig, type TrainConfig } from "../core/train_config.ts";
@@ -123,10 +124,7 @@ Deno.test("weights over one binding are split: a 7B plans on 2 GiB bindings, not
     () => checkPlan(cfg, qwen("7B"), limits(128 * MiB)),
     (e: Error) => {
       assert.ok(e instanceof AhaError);
-      assert.match(
-        e.message,
-        /layers\.0\.gateUp \[8160, 37888\] \(1\.15 GiB\) is over one storage/,
-      );
+      assert.match(e.message, /layers\.0\.act \[8160, 18944\] \(589\.7 MiB\) is over one storage/);
       assert.ok(!e.message.includes("weights"), e.message);
       assert.ok(!e.message.includes("\n"), "one line");
       return true;
@@ -136,6 +134,39 @@ Deno.test("weights over one binding are split: a 7B plans on 2 GiB bindings, not
   assert.match(
     planProblems(planMemory(cfg, qwen("7B")), limits(64 * 1024)).join("; "),
     /policy weights: one row of model\.layers\.0\.mlp\.down_proj\.weight \(74\.0 KiB\)/,
+  );
+});
+
+Deno.test("the gate/up rows are bound in chunks of tokens: only 64 of their rows must fit", () => {
+  // 0.5B on llvmpipe's 128 MiB bindings: 4 rows × 1020 tokens of gate/up rows [4080, 9728] take
+  // 151.4 MiB, but the product runs on chunks of at most 3,392 tokens (3,449 fit).
+  const cfg = loadTrainConfig(`${configs}qwen2.5-0.5b-gsm8k-lora.yaml`, []);
+  assert.equal(rowChunkTokens(4080, 9728 * 4, 128 * MiB), 3392);
+  const plan = planMemory(cfg, qwen("0.5B"));
+  const training = plan.items.find((i) => i.what === "training activations")!;
+  const gateUp = training.tensors.find((t) => t.name === "layers.0.gateUp")!;
+  assert.deepEqual(gateUp.shape, [4080, 9728]);
+  assert.ok(4080 * 9728 * 4 > 128 * MiB && gateUp.rowChunks);
+  const problems = (binding: number) => planProblems(plan, limits(binding)).join("; ");
+  assert.ok(!problems(128 * MiB).includes("policy training"), problems(128 * MiB));
+  // The rule itself: 64 rows of a chunked tensor must fit one binding, and all of it one buffer.
+  const item = {
+    adapter: "policy" as const,
+    what: "activations",
+    detail: "",
+    bytes: 1000 * 100 * 4,
+    tensors: [{ name: "gateUp", shape: [1000, 100], rowChunks: true }],
+  };
+  const alone = { ...plan, items: [item] };
+  assert.deepEqual(planProblems(alone, limits(64 * 100 * 4)), []);
+  assert.match(
+    planProblems(alone, limits(64 * 100 * 4 - 4)).join("; "),
+    /policy activations: 64 rows \(25\.0 KiB\) of gateUp \[1000, 100\] is over one storage binding/,
+  );
+  const smallBuffers = { ...limits(64 * 100 * 4), maxBufferSize: 1000 * 100 * 4 - 4 };
+  assert.match(
+    planProblems(alone, smallBuffers).join("; "),
+    /gateUp \[1000, 100\].* over one buffer/,
   );
 });
 
