@@ -5,8 +5,8 @@
 // batch needs no more prefill memory than a few prompts — and then every row decodes one token
 // per step: embedding → layers over the cache → final norm → logits → sample, all on the GPU.
 // Sampled tokens feed the next step without a CPU round trip (nor any upload); the CPU reads
-// the "done" flags every few steps, while later steps run, to stop early. The cache is f32 or 16 bits
-// (kv_cache_dtype). The buffers of a shape are kept on the model between calls
+// the "done" flags every few steps, while later steps run, to stop early. The cache is f32 or
+// 16 bits (kv_cache_dtype). The buffers of a shape are kept on the model between calls
 // (`GpuModel.kept`).
 
 import type { Completions, SamplingOptions } from "../core/engine.ts";

@@ -118,10 +118,9 @@ export class OnnxEngine {
       // At least one position is computed, so no tensor of the graph is empty.
       const wanted = (s: number) => Math.min(from?.[s] ?? 0, sequences[s].length - 1);
       const first = skips ? Math.min(length - 2, ...batch.map(wanted)) : 0;
-      const firstT = new ort.Tensor("int64", BigInt64Array.of(BigInt(first)), [1]);
       const feeds: Record<string, ort.Tensor> = { input_ids: input };
       if (scalable) feeds.inv_temperature = scale;
-      if (skips) feeds.first = firstT;
+      if (skips) feeds.first = new ort.Tensor("int64", BigInt64Array.of(BigInt(first)), [1]);
       const output = (await this.session.run(feeds)).logprobs;
       const data = output.data as Float32Array;
       batch.forEach((s, b) => {
@@ -129,7 +128,7 @@ export class OnnxEngine {
         result[s] = Array.from(data.subarray(offset + wanted(s), offset + sequences[s].length - 1));
       });
       input.dispose();
-      firstT.dispose();
+      feeds.first?.dispose();
       output.dispose();
     }
     scale.dispose();
