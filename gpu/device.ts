@@ -41,6 +41,18 @@ export function texelLoad(texture: string, i: string): string {
   return `textureLoad(${texture}, vec2u((${i}) % ${TEXTURE_ROW}u, (${i}) / ${TEXTURE_ROW}u), 0)`;
 }
 
+/**
+ * WGSL for a kernel's read-only vec4 input `name` at `binding`, read as `name_at(i)` (vec4 i):
+ * from a texture copy when `texture` (what `Gpu.input` bound), else from storage.
+ */
+export function vec4Input(binding: number, name: string, texture: boolean): string {
+  return texture
+    ? `@group(0) @binding(${binding}) var ${name}: texture_2d<f32>;
+fn ${name}_at(i: u32) -> vec4f { return ${texelLoad(name, "i")}; }`
+    : `@group(0) @binding(${binding}) var<storage, read> ${name}: array<vec4f>;
+fn ${name}_at(i: u32) -> vec4f { return ${name}[i]; }`;
+}
+
 /** Bind groups kept before the cache is emptied. */
 const MAX_BIND_GROUPS = 20000;
 
@@ -192,7 +204,9 @@ export class Gpu {
   /** Per-kernel GPU time while profiling (`startProfile`), else null. */
   private profiler: Profiler | null = null;
 
-  private constructor(readonly adapter: GPUAdapter, readonly device: GPUDevice) {}
+  private constructor(readonly adapter: GPUAdapter, readonly device: GPUDevice) {
+    this.textureInputs = this.software;
+  }
 
   static async open(options: GpuOptions = {}): Promise<Gpu> {
     const adapter = await requestAdapter();
@@ -349,6 +363,20 @@ export class Gpu {
     }
     return kept.view;
   }
+
+  /**
+   * How a kernel binds a read-only f32 input read as vec4s (`vec4Input`): on a software adapter,
+   * a texture copy kept under `role` (gallivm fetches texels as one gather but loads storage one
+   * SIMD lane at a time, 3–4× slower per element on an AMD Zen 3, more than the copy costs);
+   * else, or when the tensor does not fit a texture, the tensor itself. Copies are recorded in
+   * order with the dispatches, so kernels run one after another may share roles.
+   */
+  input(role: string, t: Tensor): Tensor | GPUTextureView {
+    return this.textureInputs && t.dtype === "f32" ? this.textureCopy(role, t) ?? t : t;
+  }
+
+  /** Whether `input` makes texture copies: on software adapters; tests turn it off and on. */
+  textureInputs: boolean;
 
   /** Overwrite a tensor's contents (ordered before any later-flushed dispatch). */
   write(t: Tensor, data: Float32Array | Int32Array | Uint32Array, offsetElements = 0): void {

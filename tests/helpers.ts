@@ -21,6 +21,22 @@ export async function openGpu(): Promise<Gpu> {
 }
 
 /**
+ * Run `body` with kernels reading their inputs from texture copies (software adapters only) and
+ * from storage (`Gpu.textureInputs`); `how` names the path for messages.
+ */
+export async function eachInputPath(gpu: Gpu, body: (how: string) => Promise<void>) {
+  const before = gpu.textureInputs;
+  try {
+    for (const textures of gpu.software ? [true, false] : [false]) {
+      gpu.textureInputs = textures;
+      await body(textures ? "texture inputs" : "storage inputs");
+    }
+  } finally {
+    gpu.textureInputs = before;
+  }
+}
+
+/**
  * Bytes `gpu.zeros` (and so `gpu.upload`) allocates while `body` runs: the engine's side of the
  * memory plan (core/plan.ts).
  */

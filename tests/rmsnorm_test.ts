@@ -9,6 +9,7 @@ import { rmsnorm, rmsnormBackward } from "../gpu/kernels/rmsnorm.ts";
 import {
   assertClose,
   centralDifference,
+  eachInputPath,
   gpuTest,
   openGpu,
   padded,
@@ -62,62 +63,85 @@ function assertPaddedClose(got: Float32Array, want: ArrayLike<number>, what: str
 
 const SHAPES = [1, 7, 33, 97].flatMap((T) => [7, 33, 64, 97].map((H) => [T, H]));
 
-Deno.test("rmsnorm forward matches the float64 twin", gpuTest, async () => {
-  for (const [T, H] of SHAPES) {
-    const x = inputs(T, H), w = randoms(H, 7, 2);
-    const y = gpu.upload(sentinels(T * H)), rstd = gpu.upload(sentinels(T));
-    rmsnorm(gpu, gpu.upload(x), gpu.upload(w), y, rstd, T, EPS);
-    const [yGot, rstdGot] = (await gpu.readMany([y, rstd])) as Float32Array[];
-    const want = rmsnormTwin(x, w, T, H);
-    assertPaddedClose(yGot, want.y, `y T=${T} H=${H}`);
-    assertPaddedClose(rstdGot, want.rstd, `rstd T=${T} H=${H}`);
-  }
-});
+Deno.test(
+  "rmsnorm forward matches the float64 twin",
+  gpuTest,
+  () =>
+    eachInputPath(gpu, async (how) => {
+      for (const [T, H] of SHAPES) {
+        const x = inputs(T, H), w = randoms(H, 7, 2);
+        const y = gpu.upload(sentinels(T * H)), rstd = gpu.upload(sentinels(T));
+        rmsnorm(gpu, gpu.upload(x), gpu.upload(w), y, rstd, T, EPS);
+        const [yGot, rstdGot] = (await gpu.readMany([y, rstd])) as Float32Array[];
+        const want = rmsnormTwin(x, w, T, H);
+        assertPaddedClose(yGot, want.y, `y T=${T} H=${H} ${how}`);
+        assertPaddedClose(rstdGot, want.rstd, `rstd T=${T} H=${H} ${how}`);
+      }
+    }),
+);
 
 Deno.test(
   "rmsnorm backward matches the float64 twin, with and without accumulate",
   gpuTest,
-  async () => {
-    // T = 300 spans several of the kernel's 64-row blocks for dw.
-    for (const [T, H] of [...SHAPES, [300, 33]]) {
-      for (const accumulate of [false, true]) {
-        const x = inputs(T, H), w = randoms(H, 8, 2), dy = randoms(T * H, 9);
-        const dx0 = randoms(T * H, 10), dw0 = randoms(H, 11);
-        const xGpu = gpu.upload(x), wGpu = gpu.upload(w);
-        const y = gpu.zeros([T, H]), rstd = gpu.zeros([T]);
-        const dx = gpu.upload(padded(dx0)), dw = gpu.upload(padded(dw0));
-        rmsnorm(gpu, xGpu, wGpu, y, rstd, T, EPS);
-        const flags = { accumulateDx: accumulate, accumulateDw: accumulate };
-        rmsnormBackward(gpu, xGpu, wGpu, rstd, gpu.upload(dy), dx, dw, T, flags);
-        const [dxGot, dwGot] = (await gpu.readMany([dx, dw])) as Float32Array[];
-        const want = rmsnormBackwardTwin(x, w, dy, T);
-        const plus = (prior: Float32Array, g: Float64Array) =>
-          accumulate ? g.map((v, i) => v + prior[i]) : g;
-        const what = `T=${T} H=${H} accumulate=${accumulate}`;
-        assertPaddedClose(dxGot, plus(dx0, want.dx), `dx ${what}`, 3e-5);
-        assertPaddedClose(dwGot, plus(dw0, want.dw), `dw ${what}`);
+  () =>
+    eachInputPath(gpu, async (how) => {
+      // T = 300 spans several of the kernel's 64-row blocks for dw.
+      for (const [T, H] of [...SHAPES, [300, 33]]) {
+        for (const accumulate of [false, true]) {
+          const x = inputs(T, H), w = randoms(H, 8, 2), dy = randoms(T * H, 9);
+          const dx0 = randoms(T * H, 10), dw0 = randoms(H, 11);
+          const xGpu = gpu.upload(x), wGpu = gpu.upload(w);
+          const y = gpu.zeros([T, H]), rstd = gpu.zeros([T]);
+          const dx = gpu.upload(padded(dx0)), dw = gpu.upload(padded(dw0));
+          rmsnorm(gpu, xGpu, wGpu, y, rstd, T, EPS);
+          const flags = { accumulateDx: accumulate, accumulateDw: accumulate };
+          rmsnormBackward(gpu, xGpu, wGpu, rstd, gpu.upload(dy), dx, dw, T, flags);
+          const [dxGot, dwGot] = (await gpu.readMany([dx, dw])) as Float32Array[];
+          const want = rmsnormBackwardTwin(x, w, dy, T);
+          const plus = (prior: Float32Array, g: Float64Array) =>
+            accumulate ? g.map((v, i) => v + prior[i]) : g;
+          const what = `T=${T} H=${H} accumulate=${accumulate} ${how}`;
+          assertPaddedClose(dxGot, plus(dx0, want.dx), `dx ${what}`, 3e-5);
+          assertPaddedClose(dwGot, plus(dw0, want.dw), `dw ${what}`);
+        }
       }
-    }
-  },
+    }),
 );
 
-Deno.test("rmsnorm backward matches finite differences of the twin", gpuTest, async () => {
-  for (const [T, H] of [[1, 97], [7, 33], [33, 7]]) {
-    const x = inputs(T, H), w = randoms(H, 12, 2), dy = randoms(T * H, 13);
-    const xGpu = gpu.upload(x), wGpu = gpu.upload(w);
-    const y = gpu.zeros([T, H]), rstd = gpu.zeros([T]), dx = gpu.zeros([T, H]);
-    const dw = gpu.zeros([H]);
-    rmsnorm(gpu, xGpu, wGpu, y, rstd, T, EPS);
-    const flags = { accumulateDx: false, accumulateDw: false };
-    rmsnormBackward(gpu, xGpu, wGpu, rstd, gpu.upload(dy), dx, dw, T, flags);
-    const [dxGot, dwGot] = (await gpu.readMany([dx, dw])) as Float32Array[];
-    // L = Σ dy·y in float64; central differences with a step relative to the value.
-    const loss = (xs: Float64Array, ws: Float64Array) =>
-      rmsnormTwin(xs, ws, T, H).y.reduce((s, v, i) => s + v * dy[i], 0);
-    const gradient = (values: Float64Array, f: () => number) =>
-      values.map((v, i) => centralDifference(values, i, 1e-4 * Math.max(Math.abs(v), 1e-2), f));
-    const x64 = Float64Array.from(x), w64 = Float64Array.from(w);
-    assertClose(dxGot, gradient(x64, () => loss(x64, w64)), 3e-5, 3e-5, `dx vs FD T=${T} H=${H}`);
-    assertClose(dwGot, gradient(w64, () => loss(x64, w64)), 1e-5, 1e-5, `dw vs FD T=${T} H=${H}`);
-  }
-});
+Deno.test(
+  "rmsnorm backward matches finite differences of the twin",
+  gpuTest,
+  () =>
+    eachInputPath(gpu, async (how) => {
+      for (const [T, H] of [[1, 97], [7, 33], [33, 7]]) {
+        const x = inputs(T, H), w = randoms(H, 12, 2), dy = randoms(T * H, 13);
+        const xGpu = gpu.upload(x), wGpu = gpu.upload(w);
+        const y = gpu.zeros([T, H]), rstd = gpu.zeros([T]), dx = gpu.zeros([T, H]);
+        const dw = gpu.zeros([H]);
+        rmsnorm(gpu, xGpu, wGpu, y, rstd, T, EPS);
+        const flags = { accumulateDx: false, accumulateDw: false };
+        rmsnormBackward(gpu, xGpu, wGpu, rstd, gpu.upload(dy), dx, dw, T, flags);
+        const [dxGot, dwGot] = (await gpu.readMany([dx, dw])) as Float32Array[];
+        // L = Σ dy·y in float64; central differences with a step relative to the value.
+        const loss = (xs: Float64Array, ws: Float64Array) =>
+          rmsnormTwin(xs, ws, T, H).y.reduce((s, v, i) => s + v * dy[i], 0);
+        const gradient = (values: Float64Array, f: () => number) =>
+          values.map((v, i) => centralDifference(values, i, 1e-4 * Math.max(Math.abs(v), 1e-2), f));
+        const x64 = Float64Array.from(x), w64 = Float64Array.from(w);
+        assertClose(
+          dxGot,
+          gradient(x64, () => loss(x64, w64)),
+          3e-5,
+          3e-5,
+          `dx vs FD T=${T} H=${H} ${how}`,
+        );
+        assertClose(
+          dwGot,
+          gradient(w64, () => loss(x64, w64)),
+          1e-5,
+          1e-5,
+          `dw vs FD T=${T} H=${H} ${how}`,
+        );
+      }
+    }),
+);

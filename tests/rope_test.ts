@@ -10,7 +10,7 @@ import assert from "node:assert/strict";
 
 import { rope, ropeQkv } from "../gpu/kernels/rope.ts";
 import { writeKvCache } from "../gpu/kernels/attention.ts";
-import { assertClose, gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
+import { assertClose, eachInputPath, gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
 
 const gpu = await openGpu();
 const THETA = 1e6;
@@ -87,81 +87,82 @@ Deno.test("rope inverse undoes rope and is its transpose", gpuTest, async () => 
 Deno.test(
   "ropeQkv equals rope of q and k, a copy of v and writeKvCache, bit for bit, in each layout",
   gpuTest,
-  async () => {
-    // The fused kernel does the same f32 operations: results must be identical. From the fused
-    // product's rows to q, k, v (training forward) or to q and the caches (generation, per-row
-    // lengths); from dq, dk, dv back to the rows (inverse, the backward). Heads of 10 take its
-    // one-pair kernel, heads of 16 its four-pair (vec4) kernel.
-    const B = 3, Lq = 5, T = B * Lq, nH = 6, nKv = 2, capacity = 9;
-    const positions = positionsFor(T), pos = gpu.upload(positions);
-    const kvLens = gpu.upload(Int32Array.from([5, 9, 7]));
-    for (const D of [10, 16]) {
-      const shape = { B, Lq, capacity, nHeads: nH, nKvHeads: nKv, headDim: D };
-      const qDim = nH * D, kvDim = nKv * D, width = qDim + 2 * kvDim;
-      const q = randoms(T * qDim, 1), k = randoms(T * kvDim, 2), v = randoms(T * kvDim, 3);
-      // The same values as the fused rows: token t's q, then its k, then its v.
-      const rows = new Float32Array(T * width);
-      for (let t = 0; t < T; t++) {
-        rows.set(q.subarray(t * qDim, (t + 1) * qDim), t * width);
-        rows.set(k.subarray(t * kvDim, (t + 1) * kvDim), t * width + qDim);
-        rows.set(v.subarray(t * kvDim, (t + 1) * kvDim), t * width + qDim + kvDim);
-      }
-      for (const inverse of [false, true]) {
-        // The unfused way: rope in place on q and k (v as it is).
-        const sep = { q: gpu.upload(q), k: gpu.upload(k) };
-        rope(gpu, sep.q, pos, T, nH, D, THETA, inverse);
-        rope(gpu, sep.k, pos, T, nKv, D, THETA, inverse);
-        const [wantQ, wantK] = await gpu.readMany([sep.q, sep.k]) as Float32Array[];
-        const wantRows = new Float32Array(T * width);
+  () =>
+    eachInputPath(gpu, async (how) => {
+      // The fused kernel does the same f32 operations: results must be identical. From the fused
+      // product's rows to q, k, v (training forward) or to q and the caches (generation, per-row
+      // lengths); from dq, dk, dv back to the rows (inverse, the backward). Heads of 10 take its
+      // one-pair kernel, heads of 16 its four-pair (vec4) kernel.
+      const B = 3, Lq = 5, T = B * Lq, nH = 6, nKv = 2, capacity = 9;
+      const positions = positionsFor(T), pos = gpu.upload(positions);
+      const kvLens = gpu.upload(Int32Array.from([5, 9, 7]));
+      for (const D of [10, 16]) {
+        const shape = { B, Lq, capacity, nHeads: nH, nKvHeads: nKv, headDim: D };
+        const qDim = nH * D, kvDim = nKv * D, width = qDim + 2 * kvDim;
+        const q = randoms(T * qDim, 1), k = randoms(T * kvDim, 2), v = randoms(T * kvDim, 3);
+        // The same values as the fused rows: token t's q, then its k, then its v.
+        const rows = new Float32Array(T * width);
         for (let t = 0; t < T; t++) {
-          wantRows.set(wantQ.subarray(t * qDim, (t + 1) * qDim), t * width);
-          wantRows.set(wantK.subarray(t * kvDim, (t + 1) * kvDim), t * width + qDim);
-          wantRows.set(v.subarray(t * kvDim, (t + 1) * kvDim), t * width + qDim + kvDim);
+          rows.set(q.subarray(t * qDim, (t + 1) * qDim), t * width);
+          rows.set(k.subarray(t * kvDim, (t + 1) * kvDim), t * width + qDim);
+          rows.set(v.subarray(t * kvDim, (t + 1) * kvDim), t * width + qDim + kvDim);
         }
-        const what = `D ${D}, inverse ${inverse}`;
-        // Rows → three tensors.
-        const out = {
-          q: gpu.upload(padded(new Float32Array(T * qDim))),
-          k: gpu.upload(padded(new Float32Array(T * kvDim))),
-          v: gpu.upload(padded(new Float32Array(T * kvDim))),
+        for (const inverse of [false, true]) {
+          // The unfused way: rope in place on q and k (v as it is).
+          const sep = { q: gpu.upload(q), k: gpu.upload(k) };
+          rope(gpu, sep.q, pos, T, nH, D, THETA, inverse);
+          rope(gpu, sep.k, pos, T, nKv, D, THETA, inverse);
+          const [wantQ, wantK] = await gpu.readMany([sep.q, sep.k]) as Float32Array[];
+          const wantRows = new Float32Array(T * width);
+          for (let t = 0; t < T; t++) {
+            wantRows.set(wantQ.subarray(t * qDim, (t + 1) * qDim), t * width);
+            wantRows.set(wantK.subarray(t * kvDim, (t + 1) * kvDim), t * width + qDim);
+            wantRows.set(v.subarray(t * kvDim, (t + 1) * kvDim), t * width + qDim + kvDim);
+          }
+          const what = `D ${D}, inverse ${inverse}, ${how}`;
+          // Rows → three tensors.
+          const out = {
+            q: gpu.upload(padded(new Float32Array(T * qDim))),
+            k: gpu.upload(padded(new Float32Array(T * kvDim))),
+            v: gpu.upload(padded(new Float32Array(T * kvDim))),
+          };
+          ropeQkv(gpu, { qkv: gpu.upload(rows) }, out, pos, T, nH, nKv, D, THETA, inverse);
+          const [gq, gk, gv] = await gpu.readMany([out.q, out.k, out.v]) as Float32Array[];
+          assert.deepEqual(unpad(gq, T * qDim, what), wantQ, `q, rows → tensors, ${what}`);
+          assert.deepEqual(unpad(gk, T * kvDim, what), wantK, `k, rows → tensors, ${what}`);
+          assert.deepEqual(unpad(gv, T * kvDim, what), v, `v, rows → tensors, ${what}`);
+          // Three tensors → rows.
+          const back = gpu.upload(padded(new Float32Array(T * width)));
+          const from = { q: gpu.upload(q), k: gpu.upload(k), v: gpu.upload(v) };
+          ropeQkv(gpu, from, { qkv: back }, pos, T, nH, nKv, D, THETA, inverse);
+          const gotRows = unpad(await gpu.read(back), T * width, what);
+          assert.deepEqual(gotRows, wantRows, `tensors → rows, ${what}`);
+        }
+        // Rows → q and the caches, against rope, then writeKvCache of the rotated k and of v.
+        const sep = { k: gpu.upload(k), v: gpu.upload(v) };
+        const cacheSize = B * capacity * kvDim;
+        const want = {
+          k: gpu.upload(padded(new Float32Array(cacheSize))),
+          v: gpu.upload(padded(new Float32Array(cacheSize))),
         };
-        ropeQkv(gpu, { qkv: gpu.upload(rows) }, out, pos, T, nH, nKv, D, THETA, inverse);
-        const [gq, gk, gv] = await gpu.readMany([out.q, out.k, out.v]) as Float32Array[];
-        assert.deepEqual(unpad(gq, T * qDim, what), wantQ, `q, rows → tensors, ${what}`);
-        assert.deepEqual(unpad(gk, T * kvDim, what), wantK, `k, rows → tensors, ${what}`);
-        assert.deepEqual(unpad(gv, T * kvDim, what), v, `v, rows → tensors, ${what}`);
-        // Three tensors → rows.
-        const back = gpu.upload(padded(new Float32Array(T * width)));
-        const from = { q: gpu.upload(q), k: gpu.upload(k), v: gpu.upload(v) };
-        ropeQkv(gpu, from, { qkv: back }, pos, T, nH, nKv, D, THETA, inverse);
-        const gotRows = unpad(await gpu.read(back), T * width, what);
-        assert.deepEqual(gotRows, wantRows, `tensors → rows, ${what}`);
+        rope(gpu, sep.k, pos, T, nKv, D, THETA);
+        writeKvCache(gpu, sep.k, want.k, kvLens, shape);
+        writeKvCache(gpu, sep.v, want.v, kvLens, shape);
+        const sepQ = gpu.upload(q);
+        rope(gpu, sepQ, pos, T, nH, D, THETA);
+        const to = {
+          q: gpu.upload(new Float32Array(T * qDim)),
+          kCache: gpu.upload(padded(new Float32Array(cacheSize))),
+          vCache: gpu.upload(padded(new Float32Array(cacheSize))),
+          kvLens,
+          shape,
+        };
+        ropeQkv(gpu, { qkv: gpu.upload(rows) }, to, pos, T, nH, nKv, D, THETA);
+        const got = await gpu.readMany([want.k, want.v, to.kCache, to.vCache, sepQ, to.q]);
+        assert.deepEqual(got[5], got[4], `q, rows → caches, D ${D}, ${how}`);
+        assert.deepEqual(got[2], got[0], `k cache, D ${D}, ${how}`);
+        assert.deepEqual(got[3], got[1], `v cache, D ${D}, ${how}`);
+        assert.ok(got[2].some((x) => x !== 0), "the cache was written");
       }
-      // Rows → q and the caches, against rope, then writeKvCache of the rotated k and of v.
-      const sep = { k: gpu.upload(k), v: gpu.upload(v) };
-      const cacheSize = B * capacity * kvDim;
-      const want = {
-        k: gpu.upload(padded(new Float32Array(cacheSize))),
-        v: gpu.upload(padded(new Float32Array(cacheSize))),
-      };
-      rope(gpu, sep.k, pos, T, nKv, D, THETA);
-      writeKvCache(gpu, sep.k, want.k, kvLens, shape);
-      writeKvCache(gpu, sep.v, want.v, kvLens, shape);
-      const sepQ = gpu.upload(q);
-      rope(gpu, sepQ, pos, T, nH, D, THETA);
-      const to = {
-        q: gpu.upload(new Float32Array(T * qDim)),
-        kCache: gpu.upload(padded(new Float32Array(cacheSize))),
-        vCache: gpu.upload(padded(new Float32Array(cacheSize))),
-        kvLens,
-        shape,
-      };
-      ropeQkv(gpu, { qkv: gpu.upload(rows) }, to, pos, T, nH, nKv, D, THETA);
-      const got = await gpu.readMany([want.k, want.v, to.kCache, to.vCache, sepQ, to.q]);
-      assert.deepEqual(got[5], got[4], `q, rows → caches, D ${D}`);
-      assert.deepEqual(got[2], got[0], `k cache, D ${D}`);
-      assert.deepEqual(got[3], got[1], `v cache, D ${D}`);
-      assert.ok(got[2].some((x) => x !== 0), "the cache was written");
-    }
-  },
+    }),
 );

@@ -5,7 +5,15 @@
 // Outputs are allocated longer than needed: the tail must stay untouched.
 
 import { swiglu, swigluBackward } from "../gpu/kernels/swiglu.ts";
-import { assertClose, gpuTest, openGpu, randoms, sentinels, unpad } from "./helpers.ts";
+import {
+  assertClose,
+  eachInputPath,
+  gpuTest,
+  openGpu,
+  randoms,
+  sentinels,
+  unpad,
+} from "./helpers.ts";
 
 const gpu = await openGpu();
 // [T, I]: intermediate sizes that are multiples of 4 take the vec4 kernels, the others the
@@ -36,40 +44,56 @@ function assertMatches(got: Float32Array, want: (i: number) => number, n: number
   assertClose(unpad(got, n, what), expected, 1e-6, 1e-5, what);
 }
 
-Deno.test("swiglu forward matches the float64 twin", gpuTest, async () => {
-  for (const [T, I] of SHAPES) {
-    const n = T * I, g = gates(n), u = randoms(n, 12, 2);
-    const out = gpu.upload(sentinels(n));
-    swiglu(gpu, gpu.upload(rows(g, u, T, I)), out, T, I);
-    assertMatches(await gpu.read(out), (i) => silu(g[i]) * u[i], n, `swiglu ${T}×${I}`);
-  }
-});
+Deno.test(
+  "swiglu forward matches the float64 twin",
+  gpuTest,
+  () =>
+    eachInputPath(gpu, async (how) => {
+      for (const [T, I] of SHAPES) {
+        const n = T * I, g = gates(n), u = randoms(n, 12, 2);
+        const out = gpu.upload(sentinels(n));
+        swiglu(gpu, gpu.upload(rows(g, u, T, I)), out, T, I);
+        assertMatches(await gpu.read(out), (i) => silu(g[i]) * u[i], n, `swiglu ${T}×${I} ${how}`);
+      }
+    }),
+);
 
-Deno.test("swiglu backward matches the analytic twin and finite differences", gpuTest, async () => {
-  for (const [T, I] of SHAPES) {
-    const n = T * I, g = gates(n), u = randoms(n, 13, 2), d = randoms(n, 14);
-    const dGateUp = gpu.upload(sentinels(2 * n));
-    swigluBackward(gpu, gpu.upload(rows(g, u, T, I)), gpu.upload(d), dGateUp, T, I);
-    // Split the rows back into dGate and dUp (the padding checked first).
-    const got = unpad(await gpu.read(dGateUp), 2 * n, `dGateUp ${T}×${I}`);
-    const dg = new Float32Array(n), du = new Float32Array(n);
-    for (let t = 0; t < T; t++) {
-      dg.set(got.subarray(2 * t * I, (2 * t + 1) * I), t * I);
-      du.set(got.subarray((2 * t + 1) * I, (2 * t + 2) * I), t * I);
-    }
-    const what = `${T}×${I}`;
-    // Analytic: d silu/dg = σ(g)·(1 + g·(1 − σ(g))).
-    const sigmoid = (x: number) => 1 / (1 + Math.exp(-x));
-    const dSilu = (x: number) => sigmoid(x) * (1 + x * (1 - sigmoid(x)));
-    const near = (values: Float32Array, want: (i: number) => number, name: string) =>
-      assertClose(values, Float64Array.from({ length: n }, (_, i) => want(i)), 1e-6, 1e-5, name);
-    near(dg, (i) => d[i] * u[i] * dSilu(g[i]), `dGate ${what}`);
-    near(du, (i) => d[i] * silu(g[i]), `dUp ${what}`);
-    // Central differences of L = Σ d·silu(g)·u, one value at a time (the op is elementwise).
-    const loss = (i: number, gi: number, ui: number) => d[i] * silu(gi) * ui;
-    const h = 1e-5;
-    const fd = (f: (x: number) => number, x: number) => (f(x + h) - f(x - h)) / (2 * h);
-    near(dg, (i) => fd((x) => loss(i, x, u[i]), g[i]), `dGate vs FD ${what}`);
-    near(du, (i) => fd((x) => loss(i, g[i], x), u[i]), `dUp vs FD ${what}`);
-  }
-});
+Deno.test(
+  "swiglu backward matches the analytic twin and finite differences",
+  gpuTest,
+  () =>
+    eachInputPath(gpu, async (how) => {
+      for (const [T, I] of SHAPES) {
+        const n = T * I, g = gates(n), u = randoms(n, 13, 2), d = randoms(n, 14);
+        const dGateUp = gpu.upload(sentinels(2 * n));
+        swigluBackward(gpu, gpu.upload(rows(g, u, T, I)), gpu.upload(d), dGateUp, T, I);
+        // Split the rows back into dGate and dUp (the padding checked first).
+        const got = unpad(await gpu.read(dGateUp), 2 * n, `dGateUp ${T}×${I} ${how}`);
+        const dg = new Float32Array(n), du = new Float32Array(n);
+        for (let t = 0; t < T; t++) {
+          dg.set(got.subarray(2 * t * I, (2 * t + 1) * I), t * I);
+          du.set(got.subarray((2 * t + 1) * I, (2 * t + 2) * I), t * I);
+        }
+        const what = `${T}×${I} ${how}`;
+        // Analytic: d silu/dg = σ(g)·(1 + g·(1 − σ(g))).
+        const sigmoid = (x: number) => 1 / (1 + Math.exp(-x));
+        const dSilu = (x: number) => sigmoid(x) * (1 + x * (1 - sigmoid(x)));
+        const near = (values: Float32Array, want: (i: number) => number, name: string) =>
+          assertClose(
+            values,
+            Float64Array.from({ length: n }, (_, i) => want(i)),
+            1e-6,
+            1e-5,
+            name,
+          );
+        near(dg, (i) => d[i] * u[i] * dSilu(g[i]), `dGate ${what}`);
+        near(du, (i) => d[i] * silu(g[i]), `dUp ${what}`);
+        // Central differences of L = Σ d·silu(g)·u, one value at a time (the op is elementwise).
+        const loss = (i: number, gi: number, ui: number) => d[i] * silu(gi) * ui;
+        const h = 1e-5;
+        const fd = (f: (x: number) => number, x: number) => (f(x + h) - f(x - h)) / (2 * h);
+        near(dg, (i) => fd((x) => loss(i, x, u[i]), g[i]), `dGate vs FD ${what}`);
+        near(du, (i) => fd((x) => loss(i, g[i], x), u[i]), `dUp vs FD ${what}`);
+      }
+    }),
+);

@@ -108,14 +108,6 @@ export const BLOCKS: [number, number, number][] = [
   [1, 1, 12],
 ];
 
-/**
- * Products smaller than this (multiply-adds) read their operands from storage even on software
- * adapters: two copies and a compute pass split cost ~0.05–0.1 ms, which a product of the
- * default model's decode step (128×172×64) does not win back (measured: break-even between
- * 384×32×64 and 384×64×64).
- */
-const TEXTURE_MIN_MACS = 1 << 21;
-
 /** CPU threads a software adapter runs workgroups on. */
 const cpuThreads = Math.max(1, navigator.hardwareConcurrency || 1);
 
@@ -652,18 +644,14 @@ export function matmul(
     ]);
     return;
   }
-  // On a software adapter the register-blocked kernel reads an operand from a texture copy when
-  // the product is large enough to repay the copies' fixed cost, and the operand's vec4s are
-  // read by at least two runs of invocations (a copy costs about one read of it); generation's
-  // products stay on storage. The `textures` option forces either way.
-  const copied = (reads: number) =>
-    opts.textures ?? (gpu.software && M * N * K >= TEXTURE_MIN_MACS && reads >= 2);
-  const aTexture = vecA && copied(Math.ceil(N / (4 * tile.colGroups)))
-    ? gpu.textureCopy("matmul a", a)
-    : null;
-  const bTexture = vecB && copied(Math.ceil(M / (4 * tile.rowGroups)))
-    ? gpu.textureCopy("matmul b", b)
-    : null;
+  // On a software adapter the register-blocked kernel reads its vec4 operands from texture
+  // copies, whatever the product's size: gallivm loads storage one lane at a time, and on an AMD
+  // Zen 3 even generation's products (128×128×64: 1.2 → 0.6 ms; 2×896×896: 5.8 → 1.1 ms) and an
+  // operand read by one run of invocations (8×4864×896: 18 → 8 ms) gain more than the copies
+  // cost. The `textures` option forces either way.
+  const copied = opts.textures ?? gpu.software;
+  const aTexture = vecA && copied ? gpu.textureCopy("matmul a", a) : null;
+  const bTexture = vecB && copied ? gpu.textureCopy("matmul b", b) : null;
   const variant: Variant = {
     transA,
     transB,

@@ -3,27 +3,46 @@
 // beat one workgroup per row with a tree reduction (barriers are slow there).
 // Backward, with g = w·dy:  dx = rstd·g − x·rstd³·mean_j(x·g)   and   dw[j] = Σ_t dy·x·rstd.
 // dw is summed over t in two fixed-order stages: blocks of CHUNK rows, then the blocks.
+// In the vec4 form x, w and dy are read through `Gpu.input` (texture copies on software
+// adapters, where a texel costs a third of a storage load).
 
-import { type Gpu, grid, type Tensor } from "../device.ts";
+import { type Gpu, grid, Tensor, vec4Input } from "../device.ts";
 
 const ROWS_WG = 32;
 const WG = 256;
 const CHUNK = 64;
+
+/** Which inputs a vec4 kernel reads from texture copies. */
+interface Textures {
+  x: boolean;
+  w: boolean;
+  dy: boolean;
+}
+const STORAGE: Textures = { x: false, w: false, dy: false };
 
 /**
  * The kernels over rows of f32 values (`vec` false) or, when H is a multiple of 4, of vec4s:
  * on llvmpipe each load is a loop over the SIMD lanes, so a vec4 load costs about a scalar's.
  * A vec4 row sum keeps four running sums (columns j ≡ 0, 1, 2, 3 mod 4) added at the end.
  */
-function kernels(vec: boolean) {
+function kernels(vec: boolean, textures: Textures = STORAGE) {
   const type = vec ? "vec4f" : "f32";
+  // Input `name` at `binding`: its declaration, and `at(i)` loading its element (vec4) i.
+  const input = (binding: number, name: keyof Textures) =>
+    vec
+      ? { decl: vec4Input(binding, name, textures[name]), at: (i: string) => `${name}_at(${i})` }
+      : {
+        decl: `@group(0) @binding(${binding}) var<storage, read> ${name}: array<f32>;`,
+        at: (i: string) => `${name}[${i}]`,
+      };
+  const x = { at: input(0, "x").at }, w = { at: input(0, "w").at }, dy = { at: input(0, "dy").at };
   const width = vec ? "(p.H / 4u)" : "p.H"; // elements of `type` per row
   const total = (v: string) => (vec ? `dot(${v}, vec4f(1.0))` : v);
   const forward = `
 struct Params { T: u32, H: u32, eps: f32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<${type}>;
-@group(0) @binding(2) var<storage, read> w: array<${type}>;
+${input(1, "x").decl}
+${input(2, "w").decl}
 @group(0) @binding(3) var<storage, read_write> y: array<${type}>;
 @group(0) @binding(4) var<storage, read_write> rstd: array<f32>;
 
@@ -34,22 +53,22 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   let row = t * ${width};
   var sumSq = ${type}(0.0);
   for (var j = 0u; j < ${width}; j++) {
-    let v = x[row + j];
+    let v = ${x.at("row + j")};
     sumSq += v * v;
   }
   let r = inverseSqrt(${total("sumSq")} / f32(p.H) + p.eps);
   rstd[t] = r;
   for (var j = 0u; j < ${width}; j++) {
-    y[row + j] = x[row + j] * r * w[j];
+    y[row + j] = ${x.at("row + j")} * r * ${w.at("j")};
   }
 }`;
   const backwardDx = `
 struct Params { T: u32, H: u32, accumulate: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<${type}>;
-@group(0) @binding(2) var<storage, read> w: array<${type}>;
+${input(1, "x").decl}
+${input(2, "w").decl}
 @group(0) @binding(3) var<storage, read> rstd: array<f32>;
-@group(0) @binding(4) var<storage, read> dy: array<${type}>;
+${input(4, "dy").decl}
 @group(0) @binding(5) var<storage, read_write> dx: array<${type}>;
 
 @compute @workgroup_size(${ROWS_WG})
@@ -60,11 +79,11 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   let r = rstd[t];
   var sumXg = ${type}(0.0);
   for (var j = 0u; j < ${width}; j++) {
-    sumXg += x[row + j] * w[j] * dy[row + j];
+    sumXg += ${x.at("row + j")} * ${w.at("j")} * ${dy.at("row + j")};
   }
   let c = r * r * r * ${total("sumXg")} / f32(p.H);
   for (var j = 0u; j < ${width}; j++) {
-    let g = r * w[j] * dy[row + j] - x[row + j] * c;
+    let g = r * ${w.at("j")} * ${dy.at("row + j")} - ${x.at("row + j")} * c;
     if (p.accumulate != 0u) { dx[row + j] += g; } else { dx[row + j] = g; }
   }
 }`;
@@ -72,9 +91,9 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   const backwardDwChunks = `
 struct Params { T: u32, H: u32, chunks: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<${type}>;
+${input(1, "x").decl}
 @group(0) @binding(2) var<storage, read> rstd: array<f32>;
-@group(0) @binding(3) var<storage, read> dy: array<${type}>;
+${input(3, "dy").decl}
 @group(0) @binding(4) var<storage, read_write> partial: array<${type}>;
 
 @compute @workgroup_size(${WG})
@@ -86,7 +105,7 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   let j = i - c * width;
   var sum = ${type}(0.0);
   for (var t = c * ${CHUNK}u; t < min(p.T, (c + 1u) * ${CHUNK}u); t++) {
-    sum += dy[t * width + j] * x[t * width + j] * rstd[t];
+    sum += ${dy.at("t * width + j")} * ${x.at("t * width + j")} * rstd[t];
   }
   partial[i] = sum;
 }`;
@@ -111,7 +130,26 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   return { forward, backwardDx, backwardDwChunks, backwardDwSum };
 }
 
-const SCALAR = kernels(false), VEC4 = kernels(true);
+const SCALAR = kernels(false);
+
+/**
+ * Bind the vec4 kernels' inputs through `Gpu.input` (only x's and dy's first T rows are read);
+ * the kernels that read them so.
+ */
+function bindInputs(
+  gpu: Gpu,
+  vec: boolean,
+  T: number,
+  inputs: { x: Tensor; w: Tensor; dy?: Tensor },
+) {
+  if (!vec) return { x: inputs.x, w: inputs.w, dy: inputs.dy, k: SCALAR };
+  const H = inputs.w.shape[0], rows = (t: Tensor) => t.view(0, [T, H]);
+  const x = gpu.input("input 0", rows(inputs.x)), w = gpu.input("input 1", inputs.w);
+  const dy = inputs.dy && gpu.input("input 2", rows(inputs.dy));
+  const texture = (t: unknown) => !(t instanceof Tensor);
+  const k = kernels(true, { x: texture(x), w: texture(w), dy: texture(dy) });
+  return { x, w, dy, k };
+}
 
 /** y = x · rstd · w for the first T rows of x [T, H] (H = w.shape[0]); writes rstd [T]. */
 export function rmsnorm(
@@ -123,10 +161,11 @@ export function rmsnorm(
   T: number,
   eps: number,
 ): void {
-  const H = w.shape[0], k = H % 4 === 0 ? VEC4 : SCALAR;
-  gpu.dispatch(gpu.pipeline(k.forward, "rmsnorm"), grid(T, ROWS_WG), [x, w, y, rstd], [T, H], [
-    eps,
-  ]);
+  const H = w.shape[0], b = bindInputs(gpu, H % 4 === 0, T, { x, w });
+  gpu.dispatch(gpu.pipeline(b.k.forward, "rmsnorm"), grid(T, ROWS_WG), [b.x, b.w, y, rstd], [
+    T,
+    H,
+  ], [eps]);
 }
 
 /** dx (+)= ∂L/∂x and dw (+)= ∂L/∂w given dy = ∂L/∂y and the forward's rstd (dw null: a frozen
@@ -142,24 +181,25 @@ export function rmsnormBackward(
   T: number,
   opts: { accumulateDx: boolean; accumulateDw: boolean },
 ): void {
-  const H = w.shape[0], k = H % 4 === 0 ? VEC4 : SCALAR, width = H % 4 === 0 ? H / 4 : H;
+  const H = w.shape[0], width = H % 4 === 0 ? H / 4 : H;
+  const b = bindInputs(gpu, H % 4 === 0, T, { x, w, dy });
   const chunks = Math.ceil(T / CHUNK);
   gpu.dispatch(
-    gpu.pipeline(k.backwardDx, "rmsnormBackwardDx"),
+    gpu.pipeline(b.k.backwardDx, "rmsnormBackwardDx"),
     grid(T, ROWS_WG),
-    [x, w, rstd, dy, dx],
+    [b.x, b.w, rstd, b.dy!, dx],
     [T, H, opts.accumulateDx ? 1 : 0],
   );
   if (!dw) return;
   const partial = gpu.scratch("rmsnorm dw partials", chunks * H);
   gpu.dispatch(
-    gpu.pipeline(k.backwardDwChunks, "rmsnormBackwardDwChunks"),
+    gpu.pipeline(b.k.backwardDwChunks, "rmsnormBackwardDwChunks"),
     grid(chunks * width, WG),
-    [x, rstd, dy, partial],
+    [b.x, rstd, b.dy!, partial],
     [T, H, chunks],
   );
   gpu.dispatch(
-    gpu.pipeline(k.backwardDwSum, "rmsnormBackwardDwSum"),
+    gpu.pipeline(b.k.backwardDwSum, "rmsnormBackwardDwSum"),
     grid(width, WG),
     [partial, dw],
     [H, chunks, opts.accumulateDw ? 1 : 0],

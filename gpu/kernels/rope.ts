@@ -5,7 +5,7 @@
 // the angle is the f32 product, as in HF. The inverse rotation (−angle) is the backward.
 // `ropeQkv` is the layer's form: q, k and v in one dispatch (below).
 
-import { type Gpu, grid, type Tensor } from "../device.ts";
+import { type Gpu, grid, Tensor, vec4Input } from "../device.ts";
 import type { AttentionShape } from "./attention.ts";
 
 const WG = 256;
@@ -79,6 +79,7 @@ export function rope(
 // multiple of 4 (on llvmpipe a vec4 load costs about a scalar's): first the q pairs
 // [T, nH, D/2], then the k pairs [T, nKv, D/2], each also moving the v pair at the same place.
 // cos and sin of a vec4 are the scalar functions lane by lane, so both forms give the same bits.
+// The vec4 form reads its source through `Gpu.input` (texture copies on software adapters).
 
 /** One layer's q, k and v: three tensors, or one whose rows hold a token's q, k and v. */
 export type Qkv = { q: Tensor; k: Tensor; v: Tensor } | { qkv: Tensor };
@@ -103,7 +104,7 @@ function sideTensors(x: Qkv | QkvToCache): Tensor[] {
   return [x.q, x.k, x.v];
 }
 
-const qkvShader = (vec4s: number, from: Side, to: Side, vec: boolean) => {
+const qkvShader = (vec4s: number, from: Side, to: Side, vec: boolean, textures: boolean) => {
   const type = vec ? "vec4f" : "f32";
   const per = vec ? 4 : 1; // pairs per invocation
   const freq = vec ? "p.invFreq[i / 4u]" : "p.invFreq[i / 4u][i % 4u]";
@@ -111,7 +112,9 @@ const qkvShader = (vec4s: number, from: Side, to: Side, vec: boolean) => {
   const declare = (side: Side, prefix: string, access: string, first: number) => {
     const names = { fused: ["qkv"], cache: ["q", "kCache", "vCache"], separate: ["q", "k", "v"] };
     const lines = names[side].map((n, j) =>
-      `@group(0) @binding(${first + j}) var<storage, ${access}> ${prefix}${n}: array<${type}>;`
+      textures && prefix === "in_"
+        ? vec4Input(first + j, `${prefix}${n}`, true)
+        : `@group(0) @binding(${first + j}) var<storage, ${access}> ${prefix}${n}: array<${type}>;`
     );
     if (side === "cache") {
       lines.push(`@group(0) @binding(${first + 3}) var<storage, read> kvLens: array<i32>;`);
@@ -119,7 +122,10 @@ const qkvShader = (vec4s: number, from: Side, to: Side, vec: boolean) => {
     return lines.join("\n");
   };
   // Element `index` of a buffer bound as `type` (index is a multiple of 4 in the vec4 form).
-  const element = (array: string, index: string) => `${array}[${vec ? `(${index}) / 4u` : index}]`;
+  const element = (array: string, index: string) =>
+    textures && array.startsWith("in_")
+      ? `${array}_at((${index}) / 4u)`
+      : `${array}[${vec ? `(${index}) / 4u` : index}]`;
   // The element of part q, k or v of token t, column col (`slot`: the cache position's row).
   const at = (side: Side, prefix: string, part: "q" | "k" | "v", col: string) => {
     if (side === "fused") {
@@ -215,10 +221,17 @@ export function ropeQkv(
   invFreq.set(ropeInvFreq(headDim, theta));
   const vec = (headDim / 2) % 4 === 0;
   const cache = "kCache" in to ? to.shape : null;
+  // The source's first T rows through Gpu.input, in the vec4 form when every one could be.
+  const source = sideTensors(from);
+  const widths = "qkv" in from ? [nH + 2 * nKv] : [nH, nKv, nKv];
+  const inputs = vec
+    ? source.map((t, i) => gpu.input(`input ${i}`, t.view(0, [T, widths[i] * headDim])))
+    : source;
+  const textures = inputs.every((t) => !(t instanceof Tensor));
   gpu.dispatch(
-    gpu.pipeline(qkvShader(vec4s, sideOf(from), sideOf(to), vec), "rope q k v"),
+    gpu.pipeline(qkvShader(vec4s, sideOf(from), sideOf(to), vec, textures), "rope q k v"),
     grid((T * (nH + nKv) * headDim) / (vec ? 8 : 2), WG),
-    [positions, ...sideTensors(from), ...sideTensors(to)],
+    [positions, ...(textures ? inputs : source), ...sideTensors(to)],
     [T, nH, nKv, headDim, inverse ? 1 : 0, cache?.Lq ?? 1, cache?.capacity ?? 0, 0],
     Array.from(invFreq),
   );
