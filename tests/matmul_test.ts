@@ -19,7 +19,7 @@ import {
   type MatmulShape,
   sumRows,
 } from "../gpu/kernels/matmul.ts";
-import { gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
+import { eachInputPath, gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
 
 const gpu = await openGpu();
 const rng = new Rng(12345);
@@ -306,83 +306,103 @@ Deno.test("linearBackward gives dx, dW, db, overwriting or accumulating", gpuTes
   }
 });
 
-Deno.test("sumRows is deterministic and matches the twin", gpuTest, async () => {
-  for (const [M, N] of [[1, 1], [7, 33], [97, 7], [1000, 65]]) {
-    const x = random(M * N), prev = random(N);
-    const tx = gpu.upload(x), a = gpu.upload(prev), b = gpu.upload(prev), c = gpu.zeros([N]);
-    sumRows(gpu, tx, a, M, N, false);
-    sumRows(gpu, tx, b, M, N, true);
-    sumRows(gpu, tx, c, M, N, false);
-    const [ga, gb, gc] = await gpu.readMany([a, b, c]) as Float32Array[];
-    const ones = new Float32Array(M).fill(1);
-    const shape = { M: 1, N, K: M };
-    assertClose(ga, twinMatmul(ones, x, shape, false, false, null, null), M, `sumRows ${M}×${N}`);
-    assertClose(
-      gb,
-      twinMatmul(ones, x, shape, false, false, prev, null),
-      M,
-      `sumRows += ${M}×${N}`,
-    );
-    assert.deepEqual(ga, gc, "two runs differ");
-    for (const t of [tx, a, b, c]) t.destroy();
-  }
-});
+Deno.test(
+  "sumRows is deterministic and matches the twin",
+  gpuTest,
+  () =>
+    eachInputPath(gpu, async (how) => {
+      // N a multiple of 4 takes the vec4 kernel.
+      for (const [M, N] of [[1, 1], [7, 33], [97, 7], [1000, 65], [33, 64], [5, 4]]) {
+        const x = random(M * N), prev = random(N);
+        const tx = gpu.upload(x), a = gpu.upload(prev), b = gpu.upload(prev), c = gpu.zeros([N]);
+        sumRows(gpu, tx, a, M, N, false);
+        sumRows(gpu, tx, b, M, N, true);
+        sumRows(gpu, tx, c, M, N, false);
+        const [ga, gb, gc] = await gpu.readMany([a, b, c]) as Float32Array[];
+        const ones = new Float32Array(M).fill(1);
+        const shape = { M: 1, N, K: M };
+        assertClose(
+          ga,
+          twinMatmul(ones, x, shape, false, false, null, null),
+          M,
+          `sumRows ${M}×${N} ${how}`,
+        );
+        assertClose(
+          gb,
+          twinMatmul(ones, x, shape, false, false, prev, null),
+          M,
+          `sumRows += ${M}×${N} ${how}`,
+        );
+        assert.deepEqual(ga, gc, "two runs differ");
+        for (const t of [tx, a, b, c]) t.destroy();
+      }
+    }),
+);
 
-Deno.test("sumRows of a column block sums only its columns", gpuTest, async () => {
-  // Columns [5, 5 + 7) of a 9 × 20 matrix: the bias gradient of one member of a fused product.
-  const M = 9, stride = 20, first = 5, N = 7;
-  const x = random(M * stride), out = gpu.zeros([N]);
-  sumRows(gpu, gpu.upload(x), out, M, N, false, { stride, first });
-  const block = new Float32Array(M * N);
-  for (let m = 0; m < M; m++) {
-    block.set(x.subarray(m * stride + first, m * stride + first + N), m * N);
-  }
-  const ones = new Float32Array(M).fill(1);
-  const want = twinMatmul(ones, block, { M: 1, N, K: M }, false, false, null, null);
-  assertClose(await gpu.read(out), want, M, `sumRows block`);
-});
+Deno.test(
+  "sumRows of a column block sums only its columns",
+  gpuTest,
+  () =>
+    eachInputPath(gpu, async (how) => {
+      // Columns [5, 5 + 7) of a 9 × 20 matrix (scalar kernel), and [4, 4 + 8) (vec4 kernel): the
+      // bias gradient of one member of a fused product.
+      for (const [first, N] of [[5, 7], [4, 8]]) {
+        const M = 9, stride = 20;
+        const x = random(M * stride), out = gpu.zeros([N]);
+        sumRows(gpu, gpu.upload(x), out, M, N, false, { stride, first });
+        const block = new Float32Array(M * N);
+        for (let m = 0; m < M; m++) {
+          block.set(x.subarray(m * stride + first, m * stride + first + N), m * N);
+        }
+        const ones = new Float32Array(M).fill(1);
+        const want = twinMatmul(ones, block, { M: 1, N, K: M }, false, false, null, null);
+        assertClose(await gpu.read(out), want, M, `sumRows block [${first}, +${N}) ${how}`);
+      }
+    }),
+);
 
 Deno.test(
   "split-k products (few outputs, long k) match the twin, ± accumulate and bias",
   gpuTest,
-  async () => {
-    // On software adapters a product with few workgroups and K ≥ 256 is split along k into
-    // parallel partial sums added up in order; on others these run whole. Odd and vec4 shapes.
-    const shapes: MatmulShape[] = [
-      { M: 33, N: 20, K: 1001 },
-      { M: 64, N: 64, K: 1664 },
-      { M: 7, N: 5, K: 300 },
-    ];
-    for (const shape of shapes) {
-      const { M, N, K } = shape;
-      for (const layout of LAYOUTS) {
-        const a = random(M * K), b = random(K * N), prev = random(M * N), bias = random(N);
-        const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
-        const outs = FLAG_CASES.map(() => gpu.upload(padded(prev)));
-        FLAG_CASES.forEach((c, i) =>
-          matmul(gpu, ta, tb, outs[i], shape, {
-            transA: layout.transA,
-            transB: layout.transB,
-            accumulate: c.accumulate,
-            bias: c.bias ? tbias : undefined,
-          })
-        );
-        const results = await gpu.readMany(outs);
-        FLAG_CASES.forEach((c, i) => {
-          const want = twinMatmul(
-            a,
-            b,
-            shape,
-            layout.transA,
-            layout.transB,
-            c.accumulate ? prev : null,
-            c.bias ? bias : null,
+  () =>
+    eachInputPath(gpu, async (how) => {
+      // On software adapters a product with few workgroups and K ≥ 256 is split along k into
+      // parallel partial sums added up in order; on others these run whole. Odd and vec4 shapes.
+      const shapes: MatmulShape[] = [
+        { M: 33, N: 20, K: 1001 },
+        { M: 64, N: 64, K: 1664 },
+        { M: 7, N: 5, K: 300 },
+      ];
+      for (const shape of shapes) {
+        const { M, N, K } = shape;
+        for (const layout of LAYOUTS) {
+          const a = random(M * K), b = random(K * N), prev = random(M * N), bias = random(N);
+          const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
+          const outs = FLAG_CASES.map(() => gpu.upload(padded(prev)));
+          FLAG_CASES.forEach((c, i) =>
+            matmul(gpu, ta, tb, outs[i], shape, {
+              transA: layout.transA,
+              transB: layout.transB,
+              accumulate: c.accumulate,
+              bias: c.bias ? tbias : undefined,
+            })
           );
-          const what = `split-k ${layout.name} M=${M} N=${N} K=${K} ${JSON.stringify(c)}`;
-          assertClose(unpad(results[i] as Float32Array, M * N, what), want, K, what);
-        });
-        for (const t of [ta, tb, tbias, ...outs]) t.destroy();
+          const results = await gpu.readMany(outs);
+          FLAG_CASES.forEach((c, i) => {
+            const want = twinMatmul(
+              a,
+              b,
+              shape,
+              layout.transA,
+              layout.transB,
+              c.accumulate ? prev : null,
+              c.bias ? bias : null,
+            );
+            const what = `split-k ${layout.name} M=${M} N=${N} K=${K} ${JSON.stringify(c)} ${how}`;
+            assertClose(unpad(results[i] as Float32Array, M * N, what), want, K, what);
+          });
+          for (const t of [ta, tb, tbias, ...outs]) t.destroy();
+        }
       }
-    }
-  },
+    }),
 );

@@ -83,23 +83,16 @@ function textured(wgsl: string, names: string[]): string {
 }
 
 /**
- * Whether attention over this shape reads its repeatedly read operands from texture copies:
- * on software adapters, with f32 vec4 chunks, when each key is read by at least
- * TEXTURE_MIN_READS queries (a query row's queries times the heads sharing a kv head) and the
- * scores are work enough to repay the copies (measured: the default model's decode step and
- * prefill lose 0.01–0.08 ms, its training batches gain up to 0.9 ms; a Qwen2.5-0.5B-shaped decode
- * step over 16 rows of 600 cached tokens gains 2 ms a layer). `forced` (tests) decides otherwise.
+ * Whether attention reads its streamed operands from texture copies: with f32 vec4 chunks, on
+ * software adapters (`Gpu.textureInputs`), whatever the shape. gallivm loads storage one lane
+ * at a time; on an AMD Zen 3 even the default model's decode step gains (128 rows over 13
+ * cached tokens: 1.2 → 0.65 ms), a 0.5B-shaped one over 600 cached tokens 66 → 10 ms.
+ * `forced` (tests) decides otherwise.
  */
 function useTextures(gpu: Gpu, k: Tensor, s: AttentionShape, forced?: boolean): boolean {
   if (cacheDtype(k) !== "f32" || chunkWidth(s.headDim) !== 4) return false;
-  const reads = s.Lq * (s.nHeads / s.nKvHeads);
-  const scoreMacs = s.B * s.Lq * s.nHeads * s.capacity * s.headDim;
-  return forced ??
-    (gpu.software && reads >= TEXTURE_MIN_READS && scoreMacs >= TEXTURE_MIN_SCORE_MACS);
+  return forced ?? gpu.textureInputs;
 }
-
-const TEXTURE_MIN_READS = 4;
-const TEXTURE_MIN_SCORE_MACS = 1 << 18;
 
 /**
  * A 16-bit cache's declarations and loads: each Chunk (vec4f or vec2f) is 2 or 1 packed words,

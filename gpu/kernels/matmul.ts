@@ -26,7 +26,7 @@
 // is loaded, so the products and sums are the f32 kernel's own.
 
 import { AhaError } from "../../core/errors.ts";
-import { Gpu, grid, Tensor, texelLoad } from "../device.ts";
+import { Gpu, grid, Tensor, texelLoad, vec4Input } from "../device.ts";
 
 export interface MatmulShape {
   M: number;
@@ -648,8 +648,8 @@ export function matmul(
   // copies, whatever the product's size: gallivm loads storage one lane at a time, and on an AMD
   // Zen 3 even generation's products (128×128×64: 1.2 → 0.6 ms; 2×896×896: 5.8 → 1.1 ms) and an
   // operand read by one run of invocations (8×4864×896: 18 → 8 ms) gain more than the copies
-  // cost. The `textures` option forces either way.
-  const copied = opts.textures ?? gpu.software;
+  // cost. The `textures` option forces either way (`Gpu.textureInputs` in tests).
+  const copied = opts.textures ?? gpu.textureInputs;
   const aTexture = vecA && copied ? gpu.textureCopy("matmul a", a) : null;
   const bTexture = vecB && copied ? gpu.textureCopy("matmul b", b) : null;
   const variant: Variant = {
@@ -685,15 +685,18 @@ export function matmul(
       [...operands, partials],
       [M, N, K, chunks.kLen],
     );
+    // In vec4s (n, N counted in them) when N is a multiple of 4.
+    const vec = N % 4 === 0, width = vec ? 4 : 1;
+    const input = vec ? gpu.input("input 0", partials) : partials;
     const reduce = gpu.pipeline(
-      sumPartialsWgsl(accumulate, opts.bias !== undefined),
+      sumPartialsWgsl(accumulate, opts.bias !== undefined, vec, !(input instanceof Tensor)),
       "sum partials",
     );
     gpu.dispatch(
       reduce,
-      grid(M * N, SUM_ROWS_SIZE),
-      opts.bias ? [partials, out, opts.bias] : [partials, out],
-      [M * N, N, chunks.count],
+      grid((M * N) / width, SUM_ROWS_SIZE),
+      opts.bias ? [input, out, opts.bias] : [input, out],
+      [(M * N) / width, N / width, chunks.count],
     );
     return;
   }
@@ -724,21 +727,33 @@ function splitKChunks(
   return { count: Math.ceil(K / kLen), kLen };
 }
 
-// out[i] = (out[i] +) (bias[i % N] +) Σ_s partials[s·n + i], the partials added in order.
-function sumPartialsWgsl(accumulate: boolean, bias: boolean): string {
+// out[i] = (out[i] +) (bias[i % N] +) Σ_s partials[s·n + i], the partials added in order; by
+// vec4s when N is a multiple of 4, the partials read through `Gpu.input`.
+function sumPartialsWgsl(
+  accumulate: boolean,
+  bias: boolean,
+  vec: boolean,
+  texture: boolean,
+): string {
+  const type = vec ? "vec4f" : "f32";
   const start = [accumulate ? "out[i]" : "", bias ? "bias[i % p.N]" : ""].filter((t) => t);
+  const partial = vec ? "partials_at(c * p.n + i)" : "partials[c * p.n + i]";
   return `
 struct Params { n: u32, N: u32, count: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> partials: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out: array<f32>;
-${bias ? "@group(0) @binding(3) var<storage, read> bias: array<f32>;" : ""}
+${
+    vec
+      ? vec4Input(1, "partials", texture)
+      : "@group(0) @binding(1) var<storage, read> partials: array<f32>;"
+  }
+@group(0) @binding(2) var<storage, read_write> out: array<${type}>;
+${bias ? `@group(0) @binding(3) var<storage, read> bias: array<${type}>;` : ""}
 @compute @workgroup_size(${SUM_ROWS_SIZE})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
   let i = gid.x + gid.y * nwg.x * ${SUM_ROWS_SIZE}u;
   if (i >= p.n) { return; }
-  var s = ${start.length ? start.join(" + ") : "0.0"};
-  for (var c = 0u; c < p.count; c++) { s += partials[c * p.n + i]; }
+  var s = ${start.length ? start.join(" + ") : `${type}(0.0)`};
+  for (var c = 0u; c < p.count; c++) { s += ${partial}; }
   out[i] = s;
 }`;
 }
@@ -788,19 +803,23 @@ export function linearBackward(
 
 const SUM_ROWS_SIZE = 64;
 
-function sumRowsWgsl(accumulate: boolean): string {
+// By vec4s of columns (N, stride and first counted in them) when all are multiples of 4, x read
+// through `Gpu.input`.
+function sumRowsWgsl(accumulate: boolean, vec: boolean, texture: boolean): string {
+  const type = vec ? "vec4f" : "f32";
+  const row = "x_at(m * p.stride + p.first + n)";
   return `
 struct Params { M: u32, N: u32, stride: u32, first: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+${vec ? vec4Input(1, "x", texture) : "@group(0) @binding(1) var<storage, read> x: array<f32>;"}
+@group(0) @binding(2) var<storage, read_write> out: array<${type}>;
 
 @compute @workgroup_size(${SUM_ROWS_SIZE})
 fn main(@builtin(global_invocation_id) gid: vec3u) {
   let n = gid.x;
   if (n >= p.N) { return; }
-  var s = 0.0;
-  for (var m = 0u; m < p.M; m++) { s += x[m * p.stride + p.first + n]; }
+  var s = ${type}(0.0);
+  for (var m = 0u; m < p.M; m++) { s += ${vec ? row : "x[m * p.stride + p.first + n]"}; }
   out[n] = ${accumulate ? "out[n] + s" : "s"};
 }
 `;
@@ -819,11 +838,17 @@ export function sumRows(
   accumulate: boolean,
   block: ColumnBlock = { stride: N, first: 0 },
 ): void {
-  const pipeline = gpu.pipeline(sumRowsWgsl(accumulate), "sumRows");
-  gpu.dispatch(pipeline, [Math.ceil(N / SUM_ROWS_SIZE)], [x, out], [
+  const vec = N % 4 === 0 && block.stride % 4 === 0 && block.first % 4 === 0;
+  const width = vec ? 4 : 1;
+  const input = vec ? gpu.input("input 0", x.view(0, [M * block.stride])) : x;
+  const pipeline = gpu.pipeline(
+    sumRowsWgsl(accumulate, vec, !(input instanceof Tensor)),
+    "sumRows",
+  );
+  gpu.dispatch(pipeline, [Math.ceil(N / width / SUM_ROWS_SIZE)], [input, out], [
     M,
-    N,
-    block.stride,
-    block.first,
+    N / width,
+    block.stride / width,
+    block.first / width,
   ]);
 }
