@@ -10,6 +10,7 @@ import {
   attentionBackward,
   type AttentionKernel,
   type AttentionShape,
+  copyCacheToGroups,
   writeKvCache,
 } from "../gpu/kernels/attention.ts";
 import { assertClose, centralDifference, gpuTest, openGpu, randoms } from "./helpers.ts";
@@ -268,5 +269,29 @@ Deno.test(
       56,
       "flash",
     );
+  },
+);
+
+Deno.test(
+  "copyCacheToGroups copies each prompt's cache row to its group's rows, by words and by vec4s",
+  gpuTest,
+  async () => {
+    // Rows of 5 words take the one-word kernel, rows of 8 the vec4 one; prompts 0..2 go to the
+    // groups of rows 1..3 (G = 2), row 0 and the tail stay untouched.
+    const P = 3, G = 2, first = 1;
+    for (const rowWords of [5, 8]) {
+      const src = randoms(P * rowWords, rowWords);
+      const rows = (first + P + 1) * G;
+      const dst = gpu.upload(new Float32Array(rows * rowWords).fill(-1), [rows, rowWords]);
+      copyCacheToGroups(gpu, gpu.upload(src, [P, rowWords]), dst, G, first, P);
+      const got = await gpu.read(dst);
+      for (let row = 0; row < rows; row++) {
+        const p = Math.floor(row / G) - first;
+        const want = p >= 0 && p < P
+          ? src.subarray(p * rowWords, (p + 1) * rowWords)
+          : new Float32Array(rowWords).fill(-1);
+        assert.deepEqual(got.subarray(row * rowWords, (row + 1) * rowWords), want, `row ${row}`);
+      }
+    }
   },
 );

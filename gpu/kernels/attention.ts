@@ -542,12 +542,13 @@ export function writeKvCache(
 
 // Generation prefills each prompt once and then copies its cache row to the G rows of its group:
 // row p of a prefill batch's cache goes to rows (first + p)·G … + G − 1 of the decode cache.
-// Copied as 32-bit words, so an f32 and a packed 16-bit cache copy alike, bit for bit.
-const COPY_TO_GROUPS_WGSL = `
+// Copied as 32-bit words, so an f32 and a packed 16-bit cache copy alike, bit for bit; by four
+// words when a row is whole vec4s (each load on llvmpipe is a loop over the lanes).
+const copyToGroupsWgsl = (word: "u32" | "vec4u") => `
 struct Params { n: u32, rowWords: u32, G: u32, dstFirst: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> src: array<u32>;
-@group(0) @binding(2) var<storage, read_write> dst: array<u32>;
+@group(0) @binding(1) var<storage, read> src: array<${word}>;
+@group(0) @binding(2) var<storage, read_write> dst: array<${word}>;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
   let i = gid.x + gid.y * nwg.x * 64u;
@@ -566,11 +567,11 @@ export function copyCacheToGroups(
   count: number,
 ): void {
   if (src.dtype !== dst.dtype) throw new Error(`copyCacheToGroups: ${src.dtype} → ${dst.dtype}`);
-  const rowWords = src.bytes / src.shape[0] / 4;
-  if (!Number.isInteger(rowWords)) throw new Error("copyCacheToGroups: rows of whole words");
-  const n = count * G * rowWords;
+  const words = src.bytes / src.shape[0] / 4;
+  if (!Number.isInteger(words)) throw new Error("copyCacheToGroups: rows of whole words");
+  const width = words % 4 === 0 ? 4 : 1, rowWords = words / width, n = count * G * rowWords;
   gpu.dispatch(
-    gpu.pipeline(COPY_TO_GROUPS_WGSL, "copy to groups"),
+    gpu.pipeline(copyToGroupsWgsl(width === 4 ? "vec4u" : "u32"), "copy to groups"),
     grid(n, 64),
     [src, dst],
     [n, rowWords, G, first * G * rowWords],
