@@ -27,22 +27,19 @@ const STORAGE: Textures = { x: false, w: false, dy: false };
  */
 function kernels(vec: boolean, textures: Textures = STORAGE) {
   const type = vec ? "vec4f" : "f32";
-  // Input `name` at `binding`: its declaration, and `at(i)` loading its element (vec4) i.
-  const input = (binding: number, name: keyof Textures) =>
+  // Input `name`'s declaration at `binding`, and the load of its element (vec4) i.
+  const decl = (binding: number, name: keyof Textures) =>
     vec
-      ? { decl: vec4Input(binding, name, textures[name]), at: (i: string) => `${name}_at(${i})` }
-      : {
-        decl: `@group(0) @binding(${binding}) var<storage, read> ${name}: array<f32>;`,
-        at: (i: string) => `${name}[${i}]`,
-      };
-  const x = { at: input(0, "x").at }, w = { at: input(0, "w").at }, dy = { at: input(0, "dy").at };
+      ? vec4Input(binding, name, textures[name])
+      : `@group(0) @binding(${binding}) var<storage, read> ${name}: array<f32>;`;
+  const at = (name: keyof Textures, i: string) => vec ? `${name}_at(${i})` : `${name}[${i}]`;
   const width = vec ? "(p.H / 4u)" : "p.H"; // elements of `type` per row
   const total = (v: string) => (vec ? `dot(${v}, vec4f(1.0))` : v);
   const forward = `
 struct Params { T: u32, H: u32, eps: f32 }
 @group(0) @binding(0) var<uniform> p: Params;
-${input(1, "x").decl}
-${input(2, "w").decl}
+${decl(1, "x")}
+${decl(2, "w")}
 @group(0) @binding(3) var<storage, read_write> y: array<${type}>;
 @group(0) @binding(4) var<storage, read_write> rstd: array<f32>;
 
@@ -53,22 +50,22 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   let row = t * ${width};
   var sumSq = ${type}(0.0);
   for (var j = 0u; j < ${width}; j++) {
-    let v = ${x.at("row + j")};
+    let v = ${at("x", "row + j")};
     sumSq += v * v;
   }
   let r = inverseSqrt(${total("sumSq")} / f32(p.H) + p.eps);
   rstd[t] = r;
   for (var j = 0u; j < ${width}; j++) {
-    y[row + j] = ${x.at("row + j")} * r * ${w.at("j")};
+    y[row + j] = ${at("x", "row + j")} * r * ${at("w", "j")};
   }
 }`;
   const backwardDx = `
 struct Params { T: u32, H: u32, accumulate: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-${input(1, "x").decl}
-${input(2, "w").decl}
+${decl(1, "x")}
+${decl(2, "w")}
 @group(0) @binding(3) var<storage, read> rstd: array<f32>;
-${input(4, "dy").decl}
+${decl(4, "dy")}
 @group(0) @binding(5) var<storage, read_write> dx: array<${type}>;
 
 @compute @workgroup_size(${ROWS_WG})
@@ -79,11 +76,11 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   let r = rstd[t];
   var sumXg = ${type}(0.0);
   for (var j = 0u; j < ${width}; j++) {
-    sumXg += ${x.at("row + j")} * ${w.at("j")} * ${dy.at("row + j")};
+    sumXg += ${at("x", "row + j")} * ${at("w", "j")} * ${at("dy", "row + j")};
   }
   let c = r * r * r * ${total("sumXg")} / f32(p.H);
   for (var j = 0u; j < ${width}; j++) {
-    let g = r * ${w.at("j")} * ${dy.at("row + j")} - ${x.at("row + j")} * c;
+    let g = r * ${at("w", "j")} * ${at("dy", "row + j")} - ${at("x", "row + j")} * c;
     if (p.accumulate != 0u) { dx[row + j] += g; } else { dx[row + j] = g; }
   }
 }`;
@@ -91,9 +88,9 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   const backwardDwChunks = `
 struct Params { T: u32, H: u32, chunks: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-${input(1, "x").decl}
+${decl(1, "x")}
 @group(0) @binding(2) var<storage, read> rstd: array<f32>;
-${input(3, "dy").decl}
+${decl(3, "dy")}
 @group(0) @binding(4) var<storage, read_write> partial: array<${type}>;
 
 @compute @workgroup_size(${WG})
@@ -105,7 +102,7 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   let j = i - c * width;
   var sum = ${type}(0.0);
   for (var t = c * ${CHUNK}u; t < min(p.T, (c + 1u) * ${CHUNK}u); t++) {
-    sum += ${dy.at("t * width + j")} * ${x.at("t * width + j")} * rstd[t];
+    sum += ${at("dy", "t * width + j")} * ${at("x", "t * width + j")} * rstd[t];
   }
   partial[i] = sum;
 }`;
