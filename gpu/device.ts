@@ -169,6 +169,7 @@ export async function requestAdapter(): Promise<GPUAdapter> {
 
 export class Gpu {
   private pipelines = new Map<string, GPUComputePipeline>();
+  private keyedPipelines = new Map<string, GPUComputePipeline>();
   private encoder: GPUCommandEncoder | null = null;
   private pass: GPUComputePassEncoder | null = null;
   private pendingDestroy: GPUBuffer[] = [];
@@ -424,6 +425,20 @@ export class Gpu {
         compute: { module, entryPoint: "main" },
       });
       this.pipelines.set(wgsl, p);
+    }
+    return p;
+  }
+
+  /**
+   * The pipeline of the WGSL that `build` writes, looked up by `key` before it is written: for
+   * kernels whose WGSL costs more to write than a dispatch records (the matmul's: ~15 µs a call).
+   * `key` must name everything the WGSL depends on.
+   */
+  pipelineFor(key: string, build: () => string, label?: string): GPUComputePipeline {
+    let p = this.keyedPipelines.get(key);
+    if (!p) {
+      p = this.pipeline(build(), label);
+      this.keyedPipelines.set(key, p);
     }
     return p;
   }

@@ -450,7 +450,11 @@ export function attention(
     const kTexture = gpu.textureCopy("attention k", k),
       vTexture = gpu.textureCopy("attention v", v);
     if (kTexture && vTexture) {
-      const pipeline = gpu.pipeline(textured(forwardWgsl(s.headDim), ["k", "v"]), "attention");
+      const pipeline = gpu.pipelineFor(
+        `attention textured ${s.headDim}`,
+        () => textured(forwardWgsl(s.headDim), ["k", "v"]),
+        "attention",
+      );
       const bound = [q, kTexture, vTexture, kvLens, out, lse];
       gpu.dispatch(pipeline, grid(s.B * s.Lq * s.nHeads, WG), bound, u32s, f32s);
       return;
@@ -484,8 +488,9 @@ export function attentionBackward(
   const kTexture = copy("k", k), vTexture = copy("v", v);
   const dqTextured = kTexture !== null && vTexture !== null;
   gpu.dispatch(
-    gpu.pipeline(
-      dqTextured ? textured(dqWgsl(s.headDim), ["k", "v"]) : dqWgsl(s.headDim),
+    gpu.pipelineFor(
+      `attention dq ${s.headDim} ${dqTextured}`,
+      () => dqTextured ? textured(dqWgsl(s.headDim), ["k", "v"]) : dqWgsl(s.headDim),
       "attention dq",
     ),
     grid(s.B * s.Lq * s.nHeads, WG),
@@ -496,8 +501,9 @@ export function attentionBackward(
   const qTexture = copy("q", q), dOutTexture = copy("dOut", dOut);
   const dkdvTextured = qTexture !== null && dOutTexture !== null;
   gpu.dispatch(
-    gpu.pipeline(
-      dkdvTextured ? textured(dkdvWgsl(s.headDim), ["q", "dOut"]) : dkdvWgsl(s.headDim),
+    gpu.pipelineFor(
+      `attention dk dv ${s.headDim} ${dkdvTextured}`,
+      () => dkdvTextured ? textured(dkdvWgsl(s.headDim), ["q", "dOut"]) : dkdvWgsl(s.headDim),
       "attention dk dv",
     ),
     grid(s.B * s.capacity * s.nKvHeads, WG),

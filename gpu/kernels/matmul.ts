@@ -634,7 +634,11 @@ export function matmul(
       bias: opts.bias !== undefined,
       blocks,
     };
-    const pipeline = gpu.pipeline(tiledMatmulWgsl(tiled), "matmul tiled");
+    const pipeline = gpu.pipelineFor(
+      `tiled ${JSON.stringify(tiled)}`,
+      () => tiledMatmulWgsl(tiled),
+      "matmul tiled",
+    );
     const gy = Math.ceil(M / TILE), gz = Math.ceil(gy / 65535);
     gpu.dispatch(pipeline, [Math.ceil(N / TILE), Math.ceil(gy / gz), gz], tensors, [
       M,
@@ -680,7 +684,7 @@ export function matmul(
     const partials = gpu.scratch("matmul partial sums", chunks.count * M * N);
     const split = { ...variant, accumulate: false, bias: false, splitK: true };
     gpu.dispatch(
-      gpu.pipeline(matmulWgsl(split), "matmul split-k"),
+      gpu.pipelineFor(JSON.stringify(split), () => matmulWgsl(split), "matmul split-k"),
       [gx, gy, chunks.count],
       [...operands, partials],
       [M, N, K, chunks.kLen],
@@ -700,7 +704,7 @@ export function matmul(
     );
     return;
   }
-  const pipeline = gpu.pipeline(matmulWgsl(variant), "matmul");
+  const pipeline = gpu.pipelineFor(JSON.stringify(variant), () => matmulWgsl(variant), "matmul");
   gpu.dispatch(pipeline, [gx, Math.ceil(gy / gz), gz], [...operands, ...tensors.slice(2)], [
     M,
     N,
