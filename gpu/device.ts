@@ -53,6 +53,13 @@ fn ${name}_at(i: u32) -> vec4f { return ${texelLoad(name, "i")}; }`
 fn ${name}_at(i: u32) -> vec4f { return ${name}[i]; }`;
 }
 
+/**
+ * Fewer vec4 loads than this read an input from storage (`Gpu.input`): a texture copy splits the
+ * compute pass, ~40 µs on lavapipe, about what 3,000 storage loads cost (RMSNorm over 128 rows
+ * of 64 broke even; over 16 rows storage was 70 µs faster).
+ */
+const TEXTURE_MIN_LOADS = 4096;
+
 /** Bind groups kept before the cache is emptied. */
 const MAX_BIND_GROUPS = 20000;
 
@@ -206,7 +213,7 @@ export class Gpu {
   private profiler: Profiler | null = null;
 
   private constructor(readonly adapter: GPUAdapter, readonly device: GPUDevice) {
-    this.textureInputs = this.software;
+    this.textureInputs = this.software ? "auto" : "never";
   }
 
   static async open(options: GpuOptions = {}): Promise<Gpu> {
@@ -369,15 +376,22 @@ export class Gpu {
    * How a kernel binds a read-only f32 input read as vec4s (`vec4Input`): on a software adapter,
    * a texture copy kept under `role` (gallivm fetches texels as one gather but loads storage one
    * SIMD lane at a time, 3–4× slower per element on an AMD Zen 3, more than the copy costs);
-   * else, or when the tensor does not fit a texture, the tensor itself. Copies are recorded in
+   * else, or when the tensor does not fit a texture or is read too little to repay the copy
+   * (`loads`: the vec4 loads the dispatch makes of it), the tensor itself. Copies are recorded in
    * order with the dispatches, so kernels run one after another may share roles.
    */
-  input(role: string, t: Tensor): Tensor | GPUTextureView {
-    return this.textureInputs && t.dtype === "f32" ? this.textureCopy(role, t) ?? t : t;
+  input(role: string, t: Tensor, loads = t.size / 4): Tensor | GPUTextureView {
+    if (this.textureInputs === "never" || t.dtype !== "f32") return t;
+    if (this.textureInputs === "auto" && loads < TEXTURE_MIN_LOADS) return t;
+    return this.textureCopy(role, t) ?? t;
   }
 
-  /** Whether `input` makes texture copies: on software adapters; tests turn it off and on. */
-  textureInputs: boolean;
+  /**
+   * Whether kernels read inputs from texture copies: "auto" on software adapters (the matmul and
+   * attention always, `input` where it repays the copy), "never" elsewhere; tests set "always"
+   * and "never" to run both paths.
+   */
+  textureInputs: "auto" | "always" | "never";
 
   /** Overwrite a tensor's contents (ordered before any later-flushed dispatch). */
   write(t: Tensor, data: Float32Array | Int32Array | Uint32Array, offsetElements = 0): void {

@@ -135,3 +135,28 @@ Deno.test(
     for (const t of [f, n, u, whole]) t.destroy();
   },
 );
+
+Deno.test(
+  "Gpu.input copies an f32 input into a texture when it is read enough, on software adapters",
+  gpuTest,
+  () => {
+    const small = gpu.zeros([64]), large = gpu.zeros([64, 1024]), ints = gpu.zeros([4096], "i32");
+    const copied = (t: Tensor, loads?: number) =>
+      !(gpu.input("input 0", t, loads) instanceof Tensor);
+    assert.equal(gpu.textureInputs, gpu.software ? "auto" : "never");
+    // "auto": a copy splits the compute pass, so only inputs loaded often enough are copied.
+    assert.equal(copied(large), gpu.software);
+    assert.equal(copied(small), false);
+    assert.equal(copied(small, 1 << 20), gpu.software, "a small input loaded many times");
+    assert.equal(copied(ints), false, "only f32 inputs");
+    const before = gpu.textureInputs;
+    try {
+      gpu.textureInputs = "always";
+      assert.equal(copied(small), true);
+      gpu.textureInputs = "never";
+      assert.equal(copied(large), false);
+    } finally {
+      gpu.textureInputs = before;
+    }
+  },
+);

@@ -28,7 +28,7 @@ export async function eachInputPath(gpu: Gpu, body: (how: string) => Promise<voi
   const before = gpu.textureInputs;
   try {
     for (const textures of gpu.software ? [true, false] : [false]) {
-      gpu.textureInputs = textures;
+      gpu.textureInputs = textures ? "always" : "never";
       await body(textures ? "texture inputs" : "storage inputs");
     }
   } finally {

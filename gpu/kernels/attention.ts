@@ -91,7 +91,7 @@ function textured(wgsl: string, names: string[]): string {
  */
 function useTextures(gpu: Gpu, k: Tensor, s: AttentionShape, forced?: boolean): boolean {
   if (cacheDtype(k) !== "f32" || chunkWidth(s.headDim) !== 4) return false;
-  return forced ?? gpu.textureInputs;
+  return forced ?? gpu.textureInputs !== "never";
 }
 
 /**

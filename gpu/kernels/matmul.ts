@@ -653,7 +653,7 @@ export function matmul(
   // Zen 3 even generation's products (128×128×64: 1.2 → 0.6 ms; 2×896×896: 5.8 → 1.1 ms) and an
   // operand read by one run of invocations (8×4864×896: 18 → 8 ms) gain more than the copies
   // cost. The `textures` option forces either way (`Gpu.textureInputs` in tests).
-  const copied = opts.textures ?? gpu.textureInputs;
+  const copied = opts.textures ?? gpu.textureInputs !== "never";
   const aTexture = vecA && copied ? gpu.textureCopy("matmul a", a) : null;
   const bTexture = vecB && copied ? gpu.textureCopy("matmul b", b) : null;
   const variant: Variant = {

@@ -141,8 +141,10 @@ function bindInputs(
 ) {
   if (!vec) return { x: inputs.x, w: inputs.w, dy: inputs.dy, k: SCALAR };
   const H = inputs.w.shape[0], rows = (t: Tensor) => t.view(0, [T, H]);
-  const x = gpu.input("input 0", rows(inputs.x)), w = gpu.input("input 1", inputs.w);
-  const dy = inputs.dy && gpu.input("input 2", rows(inputs.dy));
+  // x and dy are read twice, w once a row.
+  const x = gpu.input("input 0", rows(inputs.x), (T * H) / 2);
+  const w = gpu.input("input 1", inputs.w, (T * H) / 4);
+  const dy = inputs.dy && gpu.input("input 2", rows(inputs.dy), (T * H) / 2);
   const texture = (t: unknown) => !(t instanceof Tensor);
   const k = kernels(true, { x: texture(x), w: texture(w), dy: texture(dy) });
   return { x, w, dy, k };
