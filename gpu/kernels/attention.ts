@@ -198,11 +198,16 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   }
   for (var j = 0; j <= last; j++) {
     let kv = ((b * p.capacity + u32(j)) * p.nKvHeads + kvh) * C;
+    var kj: array<Chunk, C>;                       // the key, loaded once for both loops
     var s = 0.0;
     var dp = 0.0;
-    for (var d = 0u; d < C; d++) { s += dot(qs[d], k[kv + d]); dp += dot(dO[d], v[kv + d]); }
+    for (var d = 0u; d < C; d++) {
+      kj[d] = k[kv + d];
+      s += dot(qs[d], kj[d]);
+      dp += dot(dO[d], v[kv + d]);
+    }
     let ds = exp(s - rowLse) * (dp - dlt);
-    for (var d = 0u; d < C; d++) { acc[d] += ds * k[kv + d]; }
+    for (var d = 0u; d < C; d++) { acc[d] += ds * kj[d]; }
   }
   for (var d = 0u; d < C; d++) { dq[n * C + d] = acc[d] * p.scale; }
   delta[(b * p.nHeads + h) * p.Lq + i] = dlt;
@@ -246,14 +251,21 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
     for (var i = iStart; i < p.Lq; i++) {
       let qo = ((b * p.Lq + i) * p.nHeads + h) * C;
       let row = (b * p.nHeads + h) * p.Lq + i;
+      var qi: array<Chunk, C>;                     // the query and its dOut, loaded once
+      var dOi: array<Chunk, C>;
       var s = 0.0;
       var dp = 0.0;
-      for (var d = 0u; d < C; d++) { s += dot(ks[d], q[qo + d]); dp += dot(dOut[qo + d], vj[d]); }
+      for (var d = 0u; d < C; d++) {
+        qi[d] = q[qo + d];
+        dOi[d] = dOut[qo + d];
+        s += dot(ks[d], qi[d]);
+        dp += dot(dOi[d], vj[d]);
+      }
       let prob = exp(s - lse[row]);
       let ds = prob * (dp - delta[row]);
       for (var d = 0u; d < C; d++) {
-        dkAcc[d] += ds * q[qo + d];
-        dvAcc[d] += prob * dOut[qo + d];
+        dkAcc[d] += ds * qi[d];
+        dvAcc[d] += prob * dOi[d];
       }
     }
   }
