@@ -377,12 +377,13 @@ export class Gpu {
    * a texture copy kept under `role` (gallivm fetches texels as one gather but loads storage one
    * SIMD lane at a time, 3–4× slower per element on an AMD Zen 3, more than the copy costs);
    * else, or when the tensor does not fit a texture or is read too little to repay the copy
-   * (`loads`: the vec4 loads the dispatch makes of it), the tensor itself. Copies are recorded in
+   * (`loads`: the vec4 loads the dispatch makes of it; fewer than TEXTURE_MIN_LOADS, or fewer
+   * than the tensor holds, as when a few rows of an embedding table are read), the tensor itself. Copies are recorded in
    * order with the dispatches, so kernels run one after another may share roles.
    */
   input(role: string, t: Tensor, loads = t.size / 4): Tensor | GPUTextureView {
     if (this.textureInputs === "never" || t.dtype !== "f32") return t;
-    if (this.textureInputs === "auto" && loads < TEXTURE_MIN_LOADS) return t;
+    if (this.textureInputs === "auto" && loads < Math.max(TEXTURE_MIN_LOADS, t.size / 4)) return t;
     return this.textureCopy(role, t) ?? t;
   }
 

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 
 import { embedding, embeddingBackward } from "../gpu/kernels/embedding.ts";
-import { gpuTest, openGpu, randoms, SENTINEL, sentinels, unpad } from "./helpers.ts";
+import { eachInputPath, gpuTest, openGpu, randoms, SENTINEL, sentinels, unpad } from "./helpers.ts";
 
 const gpu = await openGpu();
 
@@ -31,40 +31,45 @@ function embeddingBackwardTwin(
 
 const SHAPES = [1, 7, 33, 97].flatMap((T) => [7, 33, 64, 97].map((H) => [T, H]));
 
-Deno.test("embedding forward copies table rows", gpuTest, async () => {
-  const V = 50;
-  for (const [T, H] of SHAPES) {
-    const table = randoms(V * H, H), ids = tokenIds(T, V, T);
-    const out = gpu.upload(sentinels(T * H));
-    embedding(gpu, gpu.upload(ids), gpu.upload(table, [V, H]), out, T);
-    const got = unpad(await gpu.read(out), T * H, `out T=${T} H=${H}`);
-    for (let i = 0; i < T * H; i++) {
-      assert.equal(got[i], table[ids[Math.floor(i / H)] * H + (i % H)], `out[${i}] T=${T} H=${H}`);
+Deno.test("embedding forward copies table rows", gpuTest, () =>
+  eachInputPath(gpu, async (how) => {
+    // H = 64 takes the vec4 kernel.
+    const V = 50;
+    for (const [T, H] of SHAPES) {
+      const table = randoms(V * H, H), ids = tokenIds(T, V, T);
+      const out = gpu.upload(sentinels(T * H));
+      embedding(gpu, gpu.upload(ids), gpu.upload(table, [V, H]), out, T);
+      const got = unpad(await gpu.read(out), T * H, `out T=${T} H=${H} ${how}`);
+      for (let i = 0; i < T * H; i++) {
+        const what = `out[${i}] T=${T} H=${H} ${how}`;
+        assert.equal(got[i], table[ids[Math.floor(i / H)] * H + (i % H)], what);
+      }
     }
-  }
-});
+  }));
 
 Deno.test(
   "embedding backward sums repeated ids, with and without accumulate",
   gpuTest,
-  async () => {
-    const V = 11; // few ids, many repeats; some ids absent when T is small
-    for (const [T, H] of SHAPES) {
-      for (const accumulate of [false, true]) {
-        const ids = tokenIds(T, V, T + H), dOut = randoms(T * H, 3);
-        const prior = accumulate ? randoms(V * H, 4) : new Float32Array(V * H).fill(SENTINEL);
-        const dTable = gpu.upload(prior, [V, H]);
-        embeddingBackward(gpu, ids, gpu.upload(dOut), dTable, accumulate);
-        const want = embeddingBackwardTwin(
-          ids,
-          dOut,
-          accumulate ? prior : new Float32Array(V * H),
-          H,
-        );
-        assert.deepEqual(await gpu.read(dTable), want, `T=${T} H=${H} accumulate=${accumulate}`);
+  () =>
+    eachInputPath(gpu, async (how) => {
+      const V = 11; // few ids, many repeats; some ids absent when T is small
+      for (const [T, H] of SHAPES) {
+        for (const accumulate of [false, true]) {
+          const ids = tokenIds(T, V, T + H), dOut = randoms(T * H, 3);
+          const prior = accumulate ? randoms(V * H, 4) : new Float32Array(V * H).fill(SENTINEL);
+          const dTable = gpu.upload(prior, [V, H]);
+          embeddingBackward(gpu, ids, gpu.upload(dOut), dTable, accumulate);
+          const want = embeddingBackwardTwin(
+            ids,
+            dOut,
+            accumulate ? prior : new Float32Array(V * H),
+            H,
+          );
+          const what = `T=${T} H=${H} accumulate=${accumulate} ${how}`;
+          assert.deepEqual(await gpu.read(dTable), want, what);
+        }
       }
-    }
-  },
+    }),
 );
 
 Deno.test("embedding backward over Qwen2's vocabulary clears absent rows", gpuTest, async () => {

@@ -3,9 +3,11 @@
 // the positions of each distinct id (a CSR list), and one invocation owns one (id, column) of
 // dTable, summing its positions in ascending order, so results are bit-for-bit reproducible.
 // A table larger than one storage binding is kept as row slices (gpu/model.ts): each slice's
-// dispatch handles the ids that fall in its rows.
+// dispatch handles the ids that fall in its rows. An f32 table of whole vec4 rows is read by
+// vec4s, through `Gpu.input` (a texture copy on software adapters when the rows read outnumber
+// the table's), and so is the backward's dOut.
 
-import { type Gpu, grid, type Tensor } from "../device.ts";
+import { type Gpu, grid, Tensor, vec4Input } from "../device.ts";
 
 const WG = 256;
 
@@ -40,15 +42,40 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   result[i] = ${TABLE[dtype].read};
 }`;
 
+// The f32 table by vec4s (H counts vec4s).
+const forwardVec4Wgsl = (texture: boolean) => /* wgsl */ `
+struct Params { T: u32, H: u32, first: u32, rows: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> ids: array<i32>;
+${vec4Input(2, "table", texture)}
+@group(0) @binding(3) var<storage, read_write> result: array<vec4f>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let i = gid.x + gid.y * nwg.x * ${WG}u;
+  if (i >= p.T * p.H) { return; }
+  let t = i / p.H;
+  let j = i - t * p.H;
+  let row = u32(ids[t]) - p.first; // ids below first wrap around to ≥ rows
+  if (row >= p.rows) { return; }
+  result[i] = table_at(row * p.H + j);
+}`;
+
 // groups = [ids: distinct] [starts: distinct + 1] [positions: T]; the positions of id k are
 // positions[starts[k] .. starts[k + 1]). One dispatch handles ids k0 .. k0+count-1, which lie
 // in the rows of dTable, the slice starting at row `first`.
-const BACKWARD = /* wgsl */ `
+const backwardWgsl = (vec: boolean, texture: boolean) => {
+  const type = vec ? "vec4f" : "f32";
+  return /* wgsl */ `
 struct Params { distinct: u32, H: u32, k0: u32, count: u32, first: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> groups: array<u32>;
-@group(0) @binding(2) var<storage, read> dOut: array<f32>;
-@group(0) @binding(3) var<storage, read_write> dTable: array<f32>;
+${
+    vec
+      ? vec4Input(2, "dOut", texture)
+      : "@group(0) @binding(2) var<storage, read> dOut: array<f32>;"
+  }
+@group(0) @binding(3) var<storage, read_write> dTable: array<${type}>;
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
@@ -57,13 +84,15 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   let k = p.k0 + i / p.H;
   let j = i - (k - p.k0) * p.H;
   let positions = 2u * p.distinct + 1u;
-  var sum = 0.0;
+  var sum = ${type}(0.0);
   for (var q = groups[p.distinct + k]; q < groups[p.distinct + k + 1u]; q++) {
-    sum += dOut[groups[positions + q] * p.H + j];
+    let at_q = groups[positions + q] * p.H + j;
+    sum += ${vec ? "dOut_at(at_q)" : "dOut[at_q]"};
   }
   let at = (groups[k] - p.first) * p.H + j;
   dTable[at] = dTable[at] + sum;
 }`;
+};
 
 /**
  * out[t, :] = table[ids[t], :] for t < T; table is [V, H], whole or as row slices in order,
@@ -82,9 +111,15 @@ export function embedding(
     if (dtype !== "f32" && dtype !== "bf16" && dtype !== "f16") {
       throw new Error(`embedding: the table must be f32, bf16 or f16, got ${dtype}`);
     }
-    const pipeline = gpu.pipeline(forwardWgsl(dtype), "embedding");
     const [rows, H] = slice.shape;
-    gpu.dispatch(pipeline, grid(T * H, WG), [ids, slice, out], [T, H, first, rows]);
+    if (dtype === "f32" && H % 4 === 0) {
+      const input = gpu.input("input 0", slice, (T * H) / 4);
+      const pipeline = gpu.pipeline(forwardVec4Wgsl(!(input instanceof Tensor)), "embedding");
+      gpu.dispatch(pipeline, grid((T * H) / 4, WG), [ids, input, out], [T, H / 4, first, rows]);
+    } else {
+      const pipeline = gpu.pipeline(forwardWgsl(dtype), "embedding");
+      gpu.dispatch(pipeline, grid(T * H, WG), [ids, slice, out], [T, H, first, rows]);
+    }
     first += rows;
   }
 }
@@ -107,17 +142,23 @@ export function embeddingBackward(
   // Kept per device (Gpu.scratch): written after the work already recorded, which it orders.
   const groups = gpu.scratch("embedding backward groups", packed.length);
   gpu.write(groups, packed);
-  const pipeline = gpu.pipeline(BACKWARD, "embeddingBackward");
+  // By vec4s when rows are whole vec4s; dOut [T, H] is read once.
+  const H = slices[0].shape[1], vec = H % 4 === 0, width = vec ? 4 : 1;
+  const input = vec ? gpu.input("input 0", dOut.view(0, [ids.length * H])) : dOut;
+  const pipeline = gpu.pipeline(
+    backwardWgsl(vec, !(input instanceof Tensor)),
+    "embeddingBackward",
+  );
   // The distinct ids come ascending: each slice's are the next run of them.
   let k = 0, first = 0;
   for (const slice of slices) {
-    const [rows, H] = slice.shape, k0 = k;
+    const rows = slice.shape[0], k0 = k;
     while (k < distinct && packed[k] < first + rows) k++;
     if (!accumulate) gpu.clear(slice);
     const count = k - k0;
-    gpu.dispatch(pipeline, grid(count * H, WG), [groups, dOut, slice], [
+    gpu.dispatch(pipeline, grid((count * H) / width, WG), [groups, input, slice], [
       distinct,
-      H,
+      H / width,
       k0,
       count,
       first,
@@ -126,7 +167,7 @@ export function embeddingBackward(
   }
 }
 
-/** The CSR grouping read by BACKWARD: distinct ids ascending, each with its positions ascending. */
+/** The CSR grouping the backward reads: distinct ids ascending, each with its positions ascending. */
 function groupPositions(ids: Int32Array, V: number): { distinct: number; packed: Uint32Array } {
   const order = new Uint32Array(ids.length).map((_, t) => t);
   order.sort((a, b) => ids[a] - ids[b] || a - b);
