@@ -22,13 +22,17 @@ const TABLE = {
   },
 };
 
-const forwardWgsl = (dtype: keyof typeof TABLE) =>
-  /* wgsl */ `${dtype === "f16" ? "enable f16;" : ""}
+// `vec4`: an f32 table read by vec4s (H then counts vec4s), from a texture copy when `texture`.
+const forwardWgsl = (dtype: keyof typeof TABLE, vec4: { texture: boolean } | null) => {
+  const table = vec4
+    ? vec4Input(2, "table", vec4.texture)
+    : `@group(0) @binding(2) var<storage, read> table: ${TABLE[dtype].decl};`;
+  return /* wgsl */ `${dtype === "f16" ? "enable f16;" : ""}
 struct Params { T: u32, H: u32, first: u32, rows: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<i32>;
-@group(0) @binding(2) var<storage, read> table: ${TABLE[dtype].decl}; // rows first .. first+rows-1
-@group(0) @binding(3) var<storage, read_write> result: array<f32>;
+${table} // rows first .. first+rows-1
+@group(0) @binding(3) var<storage, read_write> result: array<${vec4 ? "vec4f" : "f32"}>;
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
@@ -39,27 +43,9 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   let row = u32(ids[t]) - p.first; // ids below first wrap around to ≥ rows
   if (row >= p.rows) { return; }
   let e = row * p.H + j;
-  result[i] = ${TABLE[dtype].read};
+  result[i] = ${vec4 ? "table_at(e)" : TABLE[dtype].read};
 }`;
-
-// The f32 table by vec4s (H counts vec4s).
-const forwardVec4Wgsl = (texture: boolean) => /* wgsl */ `
-struct Params { T: u32, H: u32, first: u32, rows: u32 }
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> ids: array<i32>;
-${vec4Input(2, "table", texture)}
-@group(0) @binding(3) var<storage, read_write> result: array<vec4f>;
-
-@compute @workgroup_size(${WG})
-fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
-  let i = gid.x + gid.y * nwg.x * ${WG}u;
-  if (i >= p.T * p.H) { return; }
-  let t = i / p.H;
-  let j = i - t * p.H;
-  let row = u32(ids[t]) - p.first; // ids below first wrap around to ≥ rows
-  if (row >= p.rows) { return; }
-  result[i] = table_at(row * p.H + j);
-}`;
+};
 
 // groups = [ids: distinct] [starts: distinct + 1] [positions: T]; the positions of id k are
 // positions[starts[k] .. starts[k + 1]). One dispatch handles ids k0 .. k0+count-1, which lie
@@ -112,14 +98,15 @@ export function embedding(
       throw new Error(`embedding: the table must be f32, bf16 or f16, got ${dtype}`);
     }
     const [rows, H] = slice.shape;
-    if (dtype === "f32" && H % 4 === 0) {
-      const input = gpu.input("input 0", slice, (T * H) / 4);
-      const pipeline = gpu.pipeline(forwardVec4Wgsl(!(input instanceof Tensor)), "embedding");
-      gpu.dispatch(pipeline, grid((T * H) / 4, WG), [ids, input, out], [T, H / 4, first, rows]);
-    } else {
-      const pipeline = gpu.pipeline(forwardWgsl(dtype), "embedding");
-      gpu.dispatch(pipeline, grid(T * H, WG), [ids, slice, out], [T, H, first, rows]);
-    }
+    const vec = dtype === "f32" && H % 4 === 0, width = vec ? 4 : 1;
+    const input = vec ? gpu.input("input 0", slice, (T * H) / 4) : slice;
+    const vec4 = vec ? { texture: !(input instanceof Tensor) } : null;
+    gpu.dispatch(
+      gpu.pipeline(forwardWgsl(dtype, vec4), "embedding"),
+      grid((T * H) / width, WG),
+      [ids, input, out],
+      [T, H / width, first, rows],
+    );
     first += rows;
   }
 }
