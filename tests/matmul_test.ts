@@ -98,6 +98,27 @@ const FLAG_CASES = [
   { accumulate: true, bias: true },
 ];
 
+/** The twin's product for a layout and a flag case (prev and bias where the case asks for them). */
+function twinCase(
+  a: Float32Array,
+  b: Float32Array,
+  shape: MatmulShape,
+  layout: (typeof LAYOUTS)[number],
+  c: (typeof FLAG_CASES)[number],
+  prev: Float32Array,
+  bias: Float32Array,
+) {
+  return twinMatmul(
+    a,
+    b,
+    shape,
+    layout.transA,
+    layout.transB,
+    c.accumulate ? prev : null,
+    c.bias ? bias : null,
+  );
+}
+
 // Both kernels run here whatever the adapter: the tiled one (hardware GPUs) and the
 // register-blocked one (CPU adapters), the latter reading vec4 operands from texture copies
 // (its default on CPU adapters) and from storage (elsewhere, and for 16-bit weights).
@@ -145,15 +166,7 @@ for (const { kernel, textures, name } of KERNELS) {
           );
           const results = await gpu.readMany(outs);
           cases.forEach((c, i) => {
-            const want = twinMatmul(
-              a,
-              b,
-              shape,
-              layout.transA,
-              layout.transB,
-              c.accumulate ? prev : null,
-              c.bias ? bias : null,
-            );
+            const want = twinCase(a, b, shape, layout, c, prev, bias);
             const what = `${layout.name} M=${M} N=${N} K=${K} ${JSON.stringify(c)}`;
             assertClose(unpad(results[i] as Float32Array, M * N, what), want, K, what);
           });
@@ -389,15 +402,7 @@ Deno.test(
           );
           const results = await gpu.readMany(outs);
           FLAG_CASES.forEach((c, i) => {
-            const want = twinMatmul(
-              a,
-              b,
-              shape,
-              layout.transA,
-              layout.transB,
-              c.accumulate ? prev : null,
-              c.bias ? bias : null,
-            );
+            const want = twinCase(a, b, shape, layout, c, prev, bias);
             const what = `split-k ${layout.name} M=${M} N=${N} K=${K} ${JSON.stringify(c)} ${how}`;
             assertClose(unpad(results[i] as Float32Array, M * N, what), want, K, what);
           });
