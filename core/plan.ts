@@ -99,6 +99,11 @@ export interface PlannedTensor {
   dtype?: PlanDType;
   /** Bound CHUNK_ALIGN rows or more at a time (rowChunkTokens): one binding needs only those. */
   rowChunks?: boolean;
+  /**
+   * Packed with others of its kind in an arena (gpu/arena.ts: f32 weights, what is trained,
+   * gradients, moments), where each starts on a binding boundary: padded to ARENA_ALIGN bytes.
+   */
+  arena?: boolean;
 }
 
 export interface PlanItem {
@@ -123,11 +128,18 @@ export interface Plan {
   referenceOnCpu: boolean;
 }
 
-/** A buffer's bytes, as gpu/device.ts allocates them (16-bit ones padded to whole words). */
+/** Where tensors packed in an arena start: WebGPU's storage binding alignment. */
+const ARENA_ALIGN = 256;
+
+/**
+ * A buffer's bytes, as gpu/device.ts allocates them (16-bit ones padded to whole words), or as
+ * gpu/arena.ts packs it.
+ */
 export const tensorBytes = (t: PlannedTensor) => {
   const size = t.shape.reduce((a, b) => a * b, 1);
   if (t.dtype === "bf16" || t.dtype === "f16") return Math.ceil(size / 2) * 4;
-  return size * ELEMENT_BYTES;
+  const bytes = size * ELEMENT_BYTES;
+  return t.arena ? Math.ceil(bytes / ARENA_ALIGN) * ARENA_ALIGN : bytes;
 };
 
 /** The storage of a checkpoint's tensors, from config.json's torch_dtype (f32 when unknown). */
@@ -147,7 +159,7 @@ export function frozenStorage(cfg: TrainConfig, checkpointDtype: PlanDType): Pla
 
 /** A weight as stored when frozen: matrices in `dtype`, norm weights and biases in f32. */
 const frozenTensor = (name: string, shape: number[], dtype: PlanDType): PlannedTensor =>
-  shape.length === 2 && dtype !== "f32" ? { name, shape, dtype } : { name, shape };
+  shape.length === 2 && dtype !== "f32" ? { name, shape, dtype } : { name, shape, arena: true };
 
 // ---------------------------------------------------------------------------------------------
 // What each part of the program allocates.
@@ -368,12 +380,16 @@ export function planMemory(
   };
   // (Left out as too small to matter: the fused q/k/v bias copies, nH·D + 2·nKv·D floats a layer.)
   if (lora === null) {
-    const weights = [...weightShapes(model)].map(([name, shape]) => ({ name, shape }));
+    const weights = [...weightShapes(model)].map(([name, shape]) => ({ name, shape, arena: true }));
     trained("weights", `${weights.length} tensors`, weights);
   } else {
     const detail = `${frozenWeights.length} tensors, frozen base, matrices ${frozen}`;
     add("policy", "weights", detail, frozenWeights, true);
-    const adapters = [...loraShapes(model, lora)].map(([name, shape]) => ({ name, shape }));
+    const adapters = [...loraShapes(model, lora)].map(([name, shape]) => ({
+      name,
+      shape,
+      arena: true,
+    }));
     trained(
       "LoRA adapters",
       `r ${lora.r}, ${lora.target_modules.length} projections × ${model.numLayers} layers`,

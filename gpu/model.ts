@@ -26,6 +26,10 @@
 // kept concatenated (a copy, refreshed whenever they change). So a layer runs 4 products where
 // it ran 7, and its backward 8 where it ran 14; the fused products, wider, also run faster.
 //
+// Every f32 weight, and a LoRA adapter's A and B, lives in an arena (gpu/arena.ts); gradients
+// and AdamW moments are laid out as what is trained, so clearing the gradients, their norm and
+// the AdamW step take a dispatch or two per arena, not per tensor.
+//
 // A frozen matrix (every weight of a scoring model; a LoRA run's base) may be stored in 16 bits
 // (`weightDtypes`): bf16 or f16, widened to f32 inside the matmul and embedding kernels that
 // read it; it can have no gradient. Norm weights and biases stay f32.
@@ -68,6 +72,7 @@ import { type Adapter, loraModules, loraScale } from "../core/lora.ts";
 import { tokenLogprobs, tokenLogprobsBackward } from "./kernels/logprobs.ts";
 import { gradNorm } from "./kernels/gradnorm.ts";
 import { adamw, type AdamwHyper } from "./kernels/adamw.ts";
+import { ARENA_MAX_BYTES, Arenas, packArenas } from "./arena.ts";
 
 /** What one layer's forward keeps for its backward. */
 export interface LayerActivations {
@@ -314,8 +319,8 @@ interface Group {
   outFeatures: number;
   /** The members' biases (a concatenated copy when there are several); null without. */
   bias: Tensor | null;
-  /** The fused matrix's gradient (made with the members' gradients, which are its views). */
-  fused: { grad: Tensor | null } | null;
+  /** Whether `weight` is one fused matrix (its gradient is then one tensor too). */
+  fused: boolean;
 }
 
 /** The groups of layer i's projections, by the key linear() takes, with their members. */
@@ -347,8 +352,6 @@ export class GpuModel {
   readonly params = new Map<string, Tensor[]>();
   /** The products linear() runs, by key: layerGroups' and the vocabulary projection. */
   private readonly groups = new Map<string, Group>();
-  /** The group of each weight stored as a view of a fused matrix, by weight name. */
-  private readonly fusedMember = new Map<string, Group>();
   /**
    * What the optimizer updates, by checkpoint name: every weight (params itself), or with a
    * LoRA adapter only its A and B matrices, by PEFT name.
@@ -356,7 +359,12 @@ export class GpuModel {
   readonly trained: Map<string, Tensor[]>;
   /** Gradients of `trained`, sliced alike, accumulated across backward() until zeroGrads(). */
   readonly grads = new Map<string, Tensor[]>();
-  private adamState = new Map<string, { m: Tensor[]; v: Tensor[] }>();
+  /** Where the f32 weights live (gpu/arena.ts). */
+  private readonly weightArenas: Arenas;
+  /** Where the trained tensors live (the weights', or the LoRA adapter's); gradients and moments lie alike. */
+  private trainedArenas: Arenas;
+  private gradArenas: Arenas | null = null;
+  private moments: { m: Arenas; v: Arenas } | null = null;
   /** The training forward's activations, and those of forwards without backward (scoring). */
   private acts: Activations | null = null;
   private scoringActs: Activations | null = null;
@@ -393,25 +401,25 @@ export class GpuModel {
     this.head = config.tieWordEmbeddings ? "model.embed_tokens" : "lm_head";
     const shapes = weightShapes(config);
     const dtypeOf = (name: string): DType => options.weightDtypes?.get(name) ?? "f32";
-    // Fused matrices first: their members' weights are views of them.
-    const fusedMatrices = new Map<string, Tensor>(), views = new Map<string, Tensor>();
+    // Where every weight is stored, before any buffer exists: fused matrices first (their
+    // members' weights are views of them), then every other weight's row slices.
+    const units: { shape: number[]; dtype: DType; label: string }[] = [];
+    const fused: { key: string; names: string[]; starts: number[]; unit: number }[] = [];
     for (let i = 0; i < config.numLayers; i++) {
       for (const [key, modules] of layerGroups(i)) {
         if (modules.length === 1 || options.fuseProjections === false) continue;
         const names = modules.map((m) => `${m}.weight`);
-        const matrix = this.fusedMatrix(names, shapes, dtypeOf, maxBytes, key, views);
-        if (matrix) fusedMatrices.set(key, matrix);
+        const layout = this.fusedLayout(names, shapes, dtypeOf, maxBytes);
+        if (!layout) continue;
+        fused.push({ key, names, starts: layout.starts, unit: units.length });
+        units.push({ shape: layout.shape, dtype: dtypeOf(names[0]), label: key });
       }
     }
+    const fusedNames = new Set(fused.flatMap((f) => f.names));
+    const sliceUnits = new Map<string, number[]>();
     for (const [name, shape] of shapes) {
-      const data = weights.get(name);
-      if (!data) throw new Error(`GpuModel: missing weight ${name}`);
-      const view = views.get(name); // a member of a fused matrix
-      if (view) {
-        this.params.set(name, [view]);
-        this.writeSlices([view], data);
-        continue;
-      }
+      if (!weights.has(name)) throw new Error(`GpuModel: missing weight ${name}`);
+      if (fusedNames.has(name)) continue;
       const rows = shape.length > 1 ? shape[0] : 1, perSlice = weightSliceRows(shape, maxBytes);
       if (perSlice === 0) {
         throw new AhaError(`one row of weight ${name} [${shape}] is over ${maxBytes} bytes`);
@@ -428,43 +436,87 @@ export class GpuModel {
             `"${gpu.description}" lacks: use bf16 or f32`,
         );
       }
-      const slices: Tensor[] = [];
+      const indices: number[] = [];
       for (let first = 0; first < rows; first += perSlice) {
         const n = Math.min(perSlice, rows - first);
-        slices.push(gpu.zeros(shape.length > 1 ? [n, ...shape.slice(1)] : shape, dtype, name));
+        indices.push(units.length);
+        units.push({
+          shape: shape.length > 1 ? [n, ...shape.slice(1)] : shape,
+          dtype,
+          label: name,
+        });
       }
-      this.params.set(name, slices);
-      this.writeSlices(slices, data);
+      sliceUnits.set(name, indices);
+    }
+    // f32 weights live in arenas, the optimizer's unit (gpu/arena.ts); 16-bit ones, frozen, in
+    // buffers of their own.
+    const arenaBytes = Math.min(ARENA_MAX_BYTES, maxBytes);
+    const inArena = units.map((u) => u.dtype === "f32");
+    const arenaShapes = units.filter((_, i) => inArena[i]).map((u) => u.shape);
+    this.weightArenas = new Arenas(gpu, packArenas(arenaShapes, arenaBytes), "weights");
+    let arenaIndex = 0;
+    const stored = units.map((u, i) =>
+      inArena[i]
+        ? this.weightArenas.view(arenaIndex++, u.shape)
+        : gpu.zeros(u.shape, u.dtype, u.label)
+    );
+    const fusedMatrices = new Map<string, Tensor>(), views = new Map<string, Tensor>();
+    for (const f of fused) {
+      const matrix = stored[f.unit];
+      fusedMatrices.set(f.key, matrix);
+      f.names.forEach((name, j) => {
+        views.set(name, matrix.view(f.starts[j], [shapes.get(name)![0], matrix.shape[1]]));
+      });
+    }
+    for (const name of shapes.keys()) {
+      const view = views.get(name);
+      this.params.set(name, view ? [view] : sliceUnits.get(name)!.map((i) => stored[i]));
+      this.writeSlices(this.params.get(name)!, weights.get(name)!);
     }
     for (let i = 0; i < config.numLayers; i++) {
       for (const [key, modules] of layerGroups(i)) {
-        const group = this.group(modules, fusedMatrices.get(key));
-        this.groups.set(key, group);
-        if (group.fused) { for (const m of modules) this.fusedMember.set(`${m}.weight`, group); }
+        this.groups.set(key, this.group(modules, fusedMatrices.get(key)));
       }
     }
     this.groups.set(this.head, this.group([this.head]));
     this.refreshGroupBiases();
     this.norm = gpu.zeros([1]);
     this.trained = this.params;
+    this.trainedArenas = this.weightArenas;
     this.loraScale = options.lora ? loraScale(options.lora.lora) : 0;
     if (options.lora) {
       this.trained = new Map();
       const { lora, tensors } = options.lora;
-      for (const m of loraModules(config, lora)) {
-        const upload = (name: string, shape: number[]) => {
-          const data = tensors.get(name);
-          if (data?.length !== shape[0] * shape[1]) {
-            throw new Error(`GpuModel: LoRA tensor ${name} must hold ${shape} values`);
-          }
-          const t = gpu.upload(data, shape, name);
-          this.trained.set(name, [t]);
-          return t;
-        };
-        const a = upload(m.a, [lora.r, m.inFeatures]), b = upload(m.b, [m.outFeatures, lora.r]);
+      const modules = loraModules(config, lora);
+      const matrices = modules.flatMap((m) => [
+        { name: m.a, shape: [lora.r, m.inFeatures] },
+        { name: m.b, shape: [m.outFeatures, lora.r] },
+      ]);
+      for (const { name, shape } of matrices) {
+        if (tensors.get(name)?.length !== shape[0] * shape[1]) {
+          throw new Error(`GpuModel: LoRA tensor ${name} must hold ${shape} values`);
+        }
+      }
+      this.trainedArenas = new Arenas(
+        gpu,
+        packArenas(matrices.map((m) => m.shape), arenaBytes),
+        "adapter",
+      );
+      matrices.forEach(({ name, shape }, i) => {
+        const t = this.trainedArenas.view(i, shape);
+        gpu.write(t, tensors.get(name)!);
+        this.trained.set(name, [t]);
+      });
+      for (const m of modules) {
+        const [[a], [b]] = [this.trained.get(m.a)!, this.trained.get(m.b)!];
         this.lora.set(m.module, { a, b, aName: m.a, bName: m.b });
       }
     }
+  }
+
+  /** The keys of the products that run fused (a layer's "…self_attn.qkv", "…mlp.gate_up"). */
+  get fusedGroups(): string[] {
+    return [...this.groups].filter(([, g]) => g.fused).map(([key]) => key);
   }
 
   /** Whether the base weights are trained (no LoRA adapter). */
@@ -480,18 +532,16 @@ export class GpuModel {
   }
 
   /**
-   * One matrix holding the weights `names` as consecutive rows, each put in `views` as a view of
-   * it; null when they cannot be (different dtypes or widths, over one binding, or a view not on
-   * a binding boundary), and they stay separate.
+   * How the weights `names` are stored as one matrix of consecutive rows: its shape and where
+   * each member's rows start; null when they cannot be (different dtypes or widths, over one
+   * binding, or a member not on a binding boundary), and they stay separate.
    */
-  private fusedMatrix(
+  private fusedLayout(
     names: string[],
     shapes: Map<string, number[]>,
     dtypeOf: (name: string) => DType,
     maxBytes: number,
-    label: string,
-    views: Map<string, Tensor>,
-  ): Tensor | null {
+  ): { shape: number[]; starts: number[] } | null {
     const dtype = dtypeOf(names[0]), inF = shapes.get(names[0])![1];
     const rows = names.map((n) => shapes.get(n)![0]), total = rows.reduce((a, b) => a + b, 0);
     if (names.some((n) => dtypeOf(n) !== dtype || shapes.get(n)![1] !== inF)) return null;
@@ -501,9 +551,7 @@ export class GpuModel {
     if (starts.some((start) => (start * elementBytes(dtype)) % BINDING_ALIGNMENT !== 0)) {
       return null;
     }
-    const matrix = this.gpu.zeros([total, inF], dtype, label);
-    names.forEach((n, j) => views.set(n, matrix.view(starts[j], [rows[j], inF])));
-    return matrix;
+    return { shape: [total, inF], starts };
   }
 
   /** The product of `modules` (their fused matrix, if any), reading their weights from params. */
@@ -528,7 +576,7 @@ export class GpuModel {
       firsts,
       outFeatures,
       bias,
-      fused: fusedMatrix ? { grad: null } : null,
+      fused: fusedMatrix !== undefined,
     };
   }
 
@@ -553,30 +601,22 @@ export class GpuModel {
     });
   }
 
-  /** A weight's gradient, sliced like the weight, made on first use. */
-  /** A trained tensor's gradient, sliced like the tensor, made on first use. */
+  /** The gradients' arenas, laid out as the trained tensors' (made on first use, zeroed). */
+  private gradients(): Arenas {
+    return this.gradArenas ??= this.trainedArenas.twin(this.gpu, "gradients");
+  }
+
+  /** A trained tensor's gradient, sliced like the tensor: views of the gradients' arenas. */
   private gradSlices(name: string): Tensor[] {
     let slices = this.grads.get(name);
-    const stored = this.params.get(name)?.[0].dtype;
-    if (!slices && (stored === "bf16" || stored === "f16")) {
+    if (slices) return slices;
+    const stored = this.trained.get(name)![0].dtype;
+    if (stored === "bf16" || stored === "f16") {
       // 16-bit weights are frozen: only a LoRA run (whose base is not trained) goes through them.
       throw new Error(`GpuModel: ${name} is stored in 16 bits, frozen: it has no gradient`);
     }
-    const group = this.fusedMember.get(name);
-    if (!slices && group?.fused) {
-      // A fused matrix's gradient is one tensor too; its members' gradients are views of it.
-      const [matrix] = group.weight, grad = this.gpu.zeros(matrix.shape);
-      group.fused.grad = grad;
-      group.modules.forEach((m, j) => {
-        const rows = [group.rows[j], matrix.shape[1]];
-        this.grads.set(`${m}.weight`, [grad.view(group.firsts[j] * matrix.shape[1], rows)]);
-      });
-      slices = this.grads.get(name)!;
-    }
-    if (!slices) {
-      slices = this.trained.get(name)!.map((t) => this.gpu.zeros(t.shape));
-      this.grads.set(name, slices);
-    }
+    slices = this.trained.get(name)!.map((t) => this.gradients().mirror(t, this.trainedArenas));
+    this.grads.set(name, slices);
     return slices;
   }
 
@@ -862,30 +902,27 @@ export class GpuModel {
     }
   }
 
-  /** Set every accumulated gradient to zero. */
+  /** Set every accumulated gradient to zero: one clear per arena. */
   zeroGrads(): void {
-    for (const name of this.trained.keys()) this.gradSlices(name).forEach((t) => this.gpu.clear(t));
+    for (const t of this.gradients().buffers) this.gpu.clear(t);
   }
 
   /** The global gradient norm tensor [1], computed on the GPU (read it only when needed). */
   gradNorm(): Tensor {
-    gradNorm(this.gpu, [...this.trained.keys()].flatMap((n) => this.gradSlices(n)), this.norm);
+    gradNorm(this.gpu, this.gradients().buffers, this.norm);
     return this.norm;
   }
 
-  /** Clip by the global gradient norm and apply AdamW to every trained tensor; leaves gradients as they are. */
+  /**
+   * Clip by the global gradient norm and apply AdamW to every trained tensor, one dispatch per
+   * arena (the gaps between tensors stay zero); leaves gradients as they are.
+   */
   adamwStep(hp: AdamwHyper): Tensor {
-    const norm = this.gradNorm();
-    for (const [name, slices] of this.trained) {
-      let state = this.adamState.get(name);
-      if (!state) {
-        const zeros = () => slices.map((t) => this.gpu.zeros(t.shape));
-        state = { m: zeros(), v: zeros() };
-        this.adamState.set(name, state);
-      }
-      const grads = this.gradSlices(name), { m, v } = state;
-      slices.forEach((t, i) => adamw(this.gpu, t, grads[i], m[i], v[i], norm, t.size, hp));
-    }
+    const norm = this.gradNorm(), grads = this.gradients().buffers;
+    const { m, v } = this.momentArenas();
+    this.trainedArenas.buffers.forEach((param, i) =>
+      adamw(this.gpu, param, grads[i], m.buffers[i], v.buffers[i], norm, param.size, hp)
+    );
     this.refreshGroupBiases();
     return norm;
   }
@@ -901,23 +938,37 @@ export class GpuModel {
     return await this.readMap(new Map(names.map((name) => [name, this.gradSlices(name)])));
   }
 
-  /** AdamW moments for checkpoints (m and v per weight). */
-  async readOptimizerState(): Promise<Map<string, Float32Array>> {
-    const flat = new Map<string, Tensor[]>();
-    for (const [name, s] of this.adamState) {
-      flat.set(`${name}.exp_avg`, s.m);
-      flat.set(`${name}.exp_avg_sq`, s.v);
-    }
-    return await this.readMap(flat);
+  /** The AdamW moments' arenas (made on first use, zeroed). */
+  private momentArenas(): { m: Arenas; v: Arenas } {
+    return this.moments ??= {
+      m: this.trainedArenas.twin(this.gpu, "exp_avg"),
+      v: this.trainedArenas.twin(this.gpu, "exp_avg_sq"),
+    };
   }
 
+  /** Each trained tensor's AdamW moments, by checkpoint name: views of the moments' arenas. */
+  private momentSlices(): Map<string, Tensor[]> {
+    const { m, v } = this.momentArenas();
+    const at = (arenas: Arenas, slices: Tensor[]) =>
+      slices.map((t) => arenas.mirror(t, this.trainedArenas));
+    return new Map(
+      [...this.trained].flatMap(([name, slices]) => [
+        [`${name}.exp_avg`, at(m, slices)],
+        [`${name}.exp_avg_sq`, at(v, slices)],
+      ]),
+    );
+  }
+
+  /** AdamW moments for checkpoints (m and v per weight); none before the first step. */
+  async readOptimizerState(): Promise<Map<string, Float32Array>> {
+    return this.moments ? await this.readMap(this.momentSlices()) : new Map();
+  }
+
+  /** Load AdamW moments (a weight missing from `state` starts from zero). */
   loadOptimizerState(state: Map<string, Float32Array>): void {
-    for (const [name, slices] of this.trained) {
-      const m = state.get(`${name}.exp_avg`), v = state.get(`${name}.exp_avg_sq`);
-      if (!m || !v) continue;
-      const upload = (data: Float32Array) =>
-        splitRows(data, slices).map((part, i) => this.gpu.upload(part, slices[i].shape));
-      this.adamState.set(name, { m: upload(m), v: upload(v) });
+    for (const [name, slices] of this.momentSlices()) {
+      const data = state.get(name);
+      if (data) splitRows(data, slices).forEach((part, i) => this.gpu.write(slices[i], part));
     }
   }
 
@@ -936,17 +987,18 @@ export class GpuModel {
     for (const buffers of this.kept.values()) buffers.release(this.gpu);
     this.kept.clear();
     this.gpu.flush();
-    // Views at an offset leave their buffer alone: the fused matrices are destroyed as such.
-    const all = [...this.params.values(), ...this.grads.values()];
+    // Views at an offset leave their buffer alone: arenas and fused matrices go as such.
+    const all = [...this.params.values()];
     for (const g of this.groups.values()) {
       all.push(g.weight);
-      if (g.fused?.grad) all.push([g.fused.grad]);
       if (g.bias && g.modules.length > 1) all.push([g.bias]);
     }
-    for (const pair of this.lora.values()) all.push([pair.a, pair.b]);
     if (this.loraScratch) all.push([this.loraScratch.u, this.loraScratch.du]);
-    for (const s of this.adamState.values()) all.push(s.m, s.v);
     for (const t of all.flat()) t.destroy();
+    const { weightArenas, trainedArenas, gradArenas, moments } = this;
+    for (const arenas of [weightArenas, trainedArenas, gradArenas, moments?.m, moments?.v]) {
+      arenas?.destroy();
+    }
     this.norm.destroy();
   }
 
@@ -1072,10 +1124,7 @@ export class GpuModel {
   /** The gradients of a group's weight tensors, in order (null when frozen: a LoRA run's base). */
   private groupGrads(g: Group): Tensor[] | null {
     if (!this.trained.has(`${g.modules[0]}.weight`)) return null;
-    if (g.fused) {
-      this.gradSlices(`${g.modules[0]}.weight`);
-      return [g.fused.grad!];
-    }
+    if (g.fused) return [this.gradients().mirror(g.weight[0], this.trainedArenas)];
     return g.modules.flatMap((m) => this.gradSlices(`${m}.weight`));
   }
 

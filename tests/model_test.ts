@@ -53,10 +53,9 @@ const fusingConfig = parseModelConfig({ ...toHfConfig(oddConfig), intermediate_s
 
 /** Which of layer 0's groups are stored as one matrix (their members' views share a buffer). */
 function fusedGroups(model: GpuModel) {
-  const buffer = (m: string) => model.params.get(`model.layers.0.${m}.weight`)![0].buffer;
   return {
-    qkv: buffer("self_attn.q_proj") === buffer("self_attn.v_proj"),
-    gateUp: buffer("mlp.gate_proj") === buffer("mlp.up_proj"),
+    qkv: model.fusedGroups.includes("model.layers.0.self_attn.qkv"),
+    gateUp: model.fusedGroups.includes("model.layers.0.mlp.gate_up"),
   };
 }
 

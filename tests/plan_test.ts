@@ -73,21 +73,23 @@ Deno.test("a small plan, counted by hand", () => {
   //             decode 4·58 + hidden 16 + logits 40 + six [4] 24 + outputs 2·(2·4)
   // Reference: weights; one scoring pass of 4 rows × 5 tokens = 20 tokens, forward only:
   //   20·58 + 60 + 4 + 160 + 20; log-probs 2·(20 × 10) + 40 + 80 + 20.
+  // Weights, gradients and moments lie in arenas (gpu/arena.ts), each of the 14 tensors on its
+  // own 256 bytes (none holds more than 64 floats): 3584 bytes where their 180 floats are 720.
   assert.deepEqual(bytes, {
-    "policy weights": 720,
-    "policy gradients": 720,
-    "policy AdamW moments": 1440,
+    "policy weights": 3584,
+    "policy gradients": 3584,
+    "policy AdamW moments": 2 * 3584,
     "policy training activations": 4 * 702,
     "policy backward scratch": 4 * 480,
     "policy log-prob buffers": 4 * 270,
     "policy generation KV cache": 4 * 384,
     "policy generation buffers": 4 * (482 + 328),
-    "reference weights": 720,
+    "reference weights": 3584,
     "reference forward activations": 4 * 1404,
     "reference log-prob buffers": 4 * 540,
   });
-  assert.equal(plan.policyBytes, 13464);
-  assert.equal(plan.referenceBytes, 8496);
+  assert.equal(plan.policyBytes, 13464 + 4 * (3584 - 720));
+  assert.equal(plan.referenceBytes, 8496 + 3584 - 720);
   assert.equal(planMemory({ ...cfg, beta: 0 }, model).referenceBytes, 0);
 });
 
@@ -271,11 +273,13 @@ Deno.test("a LoRA plan with 16-bit weights and cache and checkpointing, counted 
   //   Buffers: prefill of 8 tokens 8·58 + ids, positions 16 + kvLens 2; decode 328.
   // LoRA scratch: u and du [10 tokens, r 2]. Reference: the base, on the policy's adapter: no
   //   weights of its own; its scoring pass as without LoRA.
+  // f32 tensors lie in arenas (gpu/arena.ts), each on its own 256 bytes here: the 11 norm
+  //   weights and biases (36 floats), the 8 adapter matrices (72) and their gradients and moments.
   assert.deepEqual(bytes, {
-    "policy weights": 2 * 280 + 4 * 36,
-    "policy LoRA adapters": 4 * 72,
-    "policy LoRA gradients": 4 * 72,
-    "policy LoRA AdamW moments": 4 * 144,
+    "policy weights": 2 * 280 + 11 * 256,
+    "policy LoRA adapters": 8 * 256,
+    "policy LoRA gradients": 8 * 256,
+    "policy LoRA AdamW moments": 2 * 8 * 256,
     "policy training activations": 4 * 742,
     "policy backward scratch": 4 * 480,
     "policy log-prob buffers": 4 * 270,
@@ -287,14 +291,16 @@ Deno.test("a LoRA plan with 16-bit weights and cache and checkpointing, counted 
   });
   assert.equal(
     plan.policyBytes,
-    9736 - 480 - 4 * 538 + 2 * 2 * 384 + 4 * (482 + 328) + 4 * 160 + 4 * 60,
+    9736 - 480 - 4 * 538 + 2 * 2 * 384 + 4 * (482 + 328) + 4 * 160 + 4 * 60 +
+      (11 * 256 - 4 * 36) + 4 * (8 * 256 - 4 * 72),
   );
   assert.equal(plan.referenceBytes, 7776);
   // On a second adapter the reference holds the base itself, frozen in bf16.
-  assert.equal(planMemory(cfg, model, false).referenceBytes, 7776 + 704);
-  // frozen_dtype auto keeps the checkpoint's dtype: f32 here, as the policy's own base.
+  assert.equal(planMemory(cfg, model, false).referenceBytes, 7776 + 2 * 280 + 11 * 256);
+  // frozen_dtype auto keeps the checkpoint's dtype: f32 here, as the policy's own base: all 26
+  // tensors (316 floats) in arenas.
   const auto = planMemory({ ...cfg, frozen_dtype: "auto" }, model, true, "f32");
-  assert.equal(auto.items.find((i) => i.what === "weights")!.bytes, 4 * 316);
+  assert.equal(auto.items.find((i) => i.what === "weights")!.bytes, 26 * 256);
 });
 
 Deno.test("the LoRA configs fit their targets as aha plan reports them", () => {

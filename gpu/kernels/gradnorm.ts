@@ -1,5 +1,6 @@
 // The global gradient norm used for clipping: norm[0] = sqrt(Σ over all gradients of g²).
-// Each tensor gets its own dispatch (storage bindings per stage are few), whose invocations each
+// Each tensor gets its own dispatch (storage bindings per stage are few; the model passes its
+// gradient arenas, gpu/arena.ts, so a few tensors hold every gradient), whose invocations each
 // write the sum of squares of one fixed block of elements, summed in order with no barrier
 // (barriers are slow on llvmpipe; vec4 loads when the size allows), into a partials buffer; one
 // last workgroup adds the partials in a fixed order. No atomics: equal inputs give a
