@@ -70,7 +70,7 @@ import { packTails, unpackTails } from "./kernels/row_tails.ts";
 import { scale } from "./kernels/elementwise.ts";
 import { type Adapter, loraModules, loraScale } from "../core/lora.ts";
 import { tokenLogprobs, tokenLogprobsBackward } from "./kernels/logprobs.ts";
-import { gradNorm } from "./kernels/gradnorm.ts";
+import { GradNorm } from "./kernels/gradnorm.ts";
 import { adamw, type AdamwHyper } from "./kernels/adamw.ts";
 import { ARENA_MAX_BYTES, Arenas, packArenas } from "./arena.ts";
 
@@ -364,6 +364,8 @@ export class GpuModel {
   /** Where the trained tensors live (the weights', or the LoRA adapter's); gradients and moments lie alike. */
   private trainedArenas: Arenas;
   private gradArenas: Arenas | null = null;
+  /** The gradient norm's block table over every gradient, in `trained` order (made on first use). */
+  private normTable: GradNorm | null = null;
   private moments: { m: Arenas; v: Arenas } | null = null;
   /** The training forward's activations, and those of forwards without backward (scoring). */
   private acts: Activations | null = null;
@@ -909,7 +911,12 @@ export class GpuModel {
 
   /** The global gradient norm tensor [1], computed on the GPU (read it only when needed). */
   gradNorm(): Tensor {
-    gradNorm(this.gpu, this.gradients().buffers, this.norm);
+    // By tensor in `trained` order, so the norm does not depend on how the arenas are packed.
+    this.normTable ??= new GradNorm(
+      this.gpu,
+      [...this.trained.keys()].flatMap((n) => this.gradSlices(n)),
+    );
+    this.normTable.run(this.gpu, this.norm);
     return this.norm;
   }
 
@@ -999,6 +1006,7 @@ export class GpuModel {
     for (const arenas of [weightArenas, trainedArenas, gradArenas, moments?.m, moments?.v]) {
       arenas?.destroy();
     }
+    this.normTable?.destroy(this.gpu);
     this.norm.destroy();
   }
 

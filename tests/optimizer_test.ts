@@ -1,11 +1,13 @@
 // gradNorm and adamw against float64 TypeScript twins: the norm over tensors of odd sizes (and
-// bitwise-equal on a rerun), and several AdamW steps with and without gradient clipping.
+// bitwise-equal on a rerun, and whether the tensors share buffers or not), and several AdamW
+// steps with and without gradient clipping.
 
 import assert from "node:assert/strict";
 import { Rng } from "../core/rng.ts";
 import { adamw, type AdamwHyper } from "../gpu/kernels/adamw.ts";
 
 import { gradNorm } from "../gpu/kernels/gradnorm.ts";
+import { Arenas, packArenas } from "../gpu/arena.ts";
 import { gpuTest, openGpu, randoms } from "./helpers.ts";
 
 const gpu = await openGpu();
@@ -34,6 +36,41 @@ Deno.test("gradNorm matches the twin to 1e-5 and is bitwise repeatable", gpuTest
   assert.ok(Math.abs((await gpu.read(norm))[0] - twinNorm(arrays.slice(0, 3))) <= 1e-5 * want);
   [...grads, norm].forEach((t) => t.destroy());
 });
+
+Deno.test(
+  "gradNorm over tensors packed in arenas equals it over separate buffers, bit for bit",
+  gpuTest,
+  async () => {
+    // The same values as separate buffers and as views of arenas of 64 KiB (several tensors to a
+    // buffer, one dispatch each): the blocks are the tensors', so the block sums (the partials)
+    // and the norm agree to the bit; with the tensors listed in another order, the norm to 1e-6.
+    const rng = new Rng(9);
+    const sizes = [7, 10_000, 33, 40_960, 1, 2052, 97, 100, 30_001, 5000];
+    const arrays = sizes.map((n, i) => randoms(n, rng, 10 ** (i % 3 - 1)));
+    const separate = arrays.map((a) => gpu.upload(a));
+    const arenas = new Arenas(gpu, packArenas(sizes.map((n) => [n]), 65536), "test");
+    assert.ok(arenas.buffers.length > 1 && arenas.buffers.length < sizes.length);
+    const packed = sizes.map((n, i) => arenas.view(i, [n]));
+    packed.forEach((t, i) => gpu.write(t, arrays[i]));
+    const blocks = sizes.reduce((a, n) => a + Math.ceil(n / 1024), 0);
+    const runs: { norm: Float32Array; partials: Float32Array }[] = [];
+    for (const grads of [separate, packed, [...packed].reverse()]) {
+      const norm = gpu.zeros([1]);
+      gradNorm(gpu, grads, norm);
+      const [n, partials] = await gpu.readMany([norm, gpu.scratch("gradnorm partials", blocks)]);
+      runs.push({ norm: n as Float32Array, partials: (partials as Float32Array).slice(0, blocks) });
+      norm.destroy();
+    }
+    const bits = (a: Float32Array) => [...new Uint32Array(a.buffer, a.byteOffset, a.length)];
+    assert.deepEqual(bits(runs[1].partials), bits(runs[0].partials));
+    assert.deepEqual(bits(runs[1].norm), bits(runs[0].norm));
+    const [want] = runs[0].norm;
+    assert.ok(Math.abs(runs[2].norm[0] - want) <= 1e-6 * want);
+    assert.ok(Math.abs(want - twinNorm(arrays)) <= 1e-5 * want);
+    separate.forEach((t) => t.destroy());
+    arenas.destroy();
+  },
+);
 
 /** Float64 AdamW, as torch.optim.AdamW, with clip_grad_norm_'s scaling applied to g. */
 function twinAdamw(
