@@ -1,6 +1,8 @@
 // Per-token log-probs of whole token sequences on the GPU model: the engine behind `aha score`
 // and the WebGPU reference engine. Sequences of different lengths are right-padded into batches
-// (causal attention makes the padding invisible to the real tokens).
+// (causal attention makes the padding invisible to the real tokens). Every batch's log-probs are
+// copied into one buffer as its forward is recorded, and that buffer is read once: a call waits
+// on the GPU once however many batches it takes, and the GPU runs the batches back to back.
 
 import { SCORE_BATCH_TOKENS } from "../core/plan.ts";
 import type { GpuModel } from "./model.ts";
@@ -9,7 +11,7 @@ import type { GpuModel } from "./model.ts";
  * logprobs[i][t] = log p(seq_i[t+1] | seq_i[0..t]); row i has max(0, len_i − 1) values, or
  * with `from` only those from t = from[i] on (the vocabulary projection then skips positions
  * before each batch's smallest from[i]). `adapter` false scores a LoRA model's base (its adapter
- * switched off).
+ * switched off). Batches hold at most `batchTokens` tokens (padding included) or one sequence.
  */
 export async function scoreSequences(
   model: GpuModel,
@@ -17,30 +19,42 @@ export async function scoreSequences(
   invTemperature = 1,
   adapter = true,
   from?: number[],
+  batchTokens = SCORE_BATCH_TOKENS,
 ): Promise<number[][]> {
-  const result: number[][] = sequences.map(() => []);
-  let start = 0;
-  while (start < sequences.length) {
+  const gpu = model.gpu;
+  // Rows [start, end) padded to L tokens, at `at` in the joined log-probs.
+  const batches: { start: number; end: number; L: number; at: number }[] = [];
+  let total = 0;
+  for (let start = 0; start < sequences.length;) {
     let end = start, L = 1;
     while (end < sequences.length) {
       const longest = Math.max(L, sequences[end].length);
-      if (end > start && longest * (end - start + 1) > SCORE_BATCH_TOKENS) break;
+      if (end > start && longest * (end - start + 1) > batchTokens) break;
       L = longest;
       end++;
     }
+    batches.push({ start, end, L, at: total });
+    total += (end - start) * L;
+    start = end;
+  }
+  if (total === 0) return [];
+  const joined = gpu.scratch("score logprobs", total);
+  for (const { start, end, L, at } of batches) {
     const B = end - start;
     const ids = new Int32Array(B * L);
     for (let b = 0; b < B; b++) ids.set(sequences[start + b], b * L);
     const first = from ? Math.min(...from.slice(start, end)) : 0;
-    const logp = await model.gpu.read(
-      model.forward(ids, B, L, invTemperature, false, adapter, first),
-    );
-    for (let b = 0; b < B; b++) {
-      const n = Math.max(0, sequences[start + b].length - 1);
-      const f = Math.min(from?.[start + b] ?? 0, n);
-      result[start + b] = Array.from(logp.subarray(b * L + f, b * L + n));
+    const logp = model.forward(ids, B, L, invTemperature, false, adapter, first);
+    gpu.copy(logp, joined, B * L, 0, at);
+  }
+  const logp = await gpu.read(joined.view(0, [total]));
+  const result: number[][] = [];
+  for (const { start, end, L, at } of batches) {
+    for (let b = 0; b < end - start; b++) {
+      const i = start + b, n = Math.max(0, sequences[i].length - 1);
+      const f = Math.min(from?.[i] ?? 0, n);
+      result.push(Array.from(logp.subarray(at + b * L + f, at + b * L + n)));
     }
-    start = end;
   }
   return result;
 }

@@ -45,14 +45,24 @@ for (const [name, hf] of Object.entries(CASES)) {
     );
     const model = new GpuModel(gpu, config, weights);
     const onnx = await OnnxEngine.create({ config, weights }, { threads: 1 });
-    for (const invTemperature of [1, 1 / 0.7]) {
-      const webgpu = await scoreSequences(model, sequences, invTemperature);
-      const other = await onnx.logprobs(sequences, invTemperature);
-      assert.deepEqual(webgpu.map((r) => r.length), other.map((r) => r.length));
+    const assertAgree = (webgpu: number[][], other: number[][], what: string) => {
+      assert.deepEqual(webgpu.map((r) => r.length), other.map((r) => r.length), what);
       const worst = Math.max(
         ...webgpu.flatMap((row, i) => row.map((x, t) => Math.abs(x - other[i][t]))),
       );
-      assert.ok(worst <= 1e-4, `inv_temperature ${invTemperature}: max difference ${worst}`);
+      assert.ok(worst <= 1e-4, `${what}: max difference ${worst}`);
+    };
+    for (const invTemperature of [1, 1 / 0.7]) {
+      const webgpu = await scoreSequences(model, sequences, invTemperature);
+      const other = await onnx.logprobs(sequences, invTemperature);
+      assertAgree(webgpu, other, `inv_temperature ${invTemperature}`);
+      // Batches of at most 40 tokens: [17, 2] padded to 17, [40], [9], and from each row's
+      // `from` on; one GPU wait for the three.
+      const from = [5, 0, 30, 8], waits = gpu.waitCount;
+      const batched = await scoreSequences(model, sequences, invTemperature, true, from, 40);
+      assert.equal(gpu.waitCount - waits, 1, "one wait for three batches");
+      const tails = other.map((row, i) => row.slice(from[i]));
+      assertAgree(batched, tails, `batches of 40 tokens, inv_temperature ${invTemperature}`);
     }
     model.destroy();
     await onnx.release();
