@@ -87,12 +87,31 @@ export interface PolicyEngine {
   loadOptimizerState(state: { step: number; moments: Map<string, Float32Array> }): void;
 }
 
+/**
+ * Completion log-probs left where they were computed: an in-process reference on the policy's
+ * GPU. A policy on that device uses them there (no GPU→CPU wait); anything else reads them.
+ */
+export interface HeldLogprobs {
+  /** Rows [start, end), still held. */
+  slice(start: number, end: number): HeldLogprobs;
+  /** The values on the CPU, one row per batch row (a GPU engine waits for them). */
+  read(): Promise<number[][]>;
+}
+
+/** The reference's log-probs of a micro-batch's rows, on the CPU or held where they were made. */
+export type ReferenceLogprobs = number[][] | HeldLogprobs;
+
+/** ReferenceLogprobs on the CPU. */
+export async function onCpu(ref: ReferenceLogprobs): Promise<number[][]> {
+  return Array.isArray(ref) ? ref : await ref.read();
+}
+
 /** What the GRPO loss of a micro-batch needs besides the policy's own log-probs. */
 export interface GrpoLossInputs {
   /** Per row: the sampler's log-probs (or null), the completion mask, the advantage. */
   rows: Omit<LossRow, "logp" | "refLogp">[];
   /** The reference's log-probs of these rows (null: no KL), asked for once the forward runs. */
-  refLogp: () => Promise<number[][] | null>;
+  refLogp: () => Promise<ReferenceLogprobs | null>;
   config: GrpoLossConfig;
   normalizer: LossNormalizer;
 }
@@ -100,6 +119,11 @@ export interface GrpoLossInputs {
 export interface ReferenceEngine {
   readonly description: string;
   completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]>;
+  /**
+   * completionLogprobs with the result left where it is computed (an in-process GPU reference):
+   * the trainer asks for this when the engine has it, and the policy reads them only if it must.
+   */
+  heldLogprobs?(batch: TokenBatch, invTemperature: number): Promise<HeldLogprobs>;
   /** reference ← α·policy + (1−α)·reference (trl's sync_ref_model). */
   mixIn(policy: Map<string, Float32Array>, alpha: number): Promise<void>;
   close(): Promise<void>;
@@ -122,7 +146,8 @@ export async function grpoGradients(
   }
   let sums: LossSums = { loss: 0, klSum: 0, clippedTokens: 0, tokens: 0, logpSum: 0 };
   await policy.accumulateGradients(batch, invTemperature, async (logprobs) => {
-    const ref = await loss.refLogp();
+    const held = await loss.refLogp();
+    const ref = held && await onCpu(held);
     const rows: LossRow[] = logprobs.map((logp, i) => ({
       ...loss.rows[i],
       logp,

@@ -23,6 +23,7 @@ import {
   grpoGradients,
   type PolicyEngine,
   type ReferenceEngine,
+  type ReferenceLogprobs,
   type TokenBatch,
 } from "./engine.ts";
 import { AhaError } from "./errors.ts";
@@ -274,9 +275,13 @@ export class GrpoTrainer {
     const masks = completionMask(completions.map((c) => c.tokens), this.task.eosIds);
     const invTemperature = 1 / cfg.temperature;
     let referenceSeconds = 0;
-    const refPromise = cfg.beta > 0 && this.reference
-      ? this.reference.completionLogprobs(batch, invTemperature)
-      : Promise.resolve(null);
+    // An in-process GPU reference leaves its log-probs on the GPU for the policy's loss.
+    const reference = cfg.beta > 0 ? this.reference : null;
+    const refPromise: Promise<ReferenceLogprobs | null> = !reference
+      ? Promise.resolve(null)
+      : reference.heldLogprobs
+      ? reference.heldLogprobs(batch, invTemperature)
+      : reference.completionLogprobs(batch, invTemperature);
     // Awaited in the loss below; a failure meanwhile must wait for that await, not end the process.
     refPromise.catch(() => {});
     const referenceLogprobs = async () => {

@@ -2,22 +2,29 @@
 // the in-process reference model (frozen log-probs), both over GpuModel. A LoRA run's reference
 // can be the policy's own model with its adapter switched off (GpuBaseReference).
 
-import type {
-  Completions,
-  GrpoLossInputs,
-  OptimizerHyper,
-  PolicyEngine,
-  ReferenceEngine,
-  SamplingOptions,
-  TokenBatch,
+import {
+  type Completions,
+  type GrpoLossInputs,
+  onCpu,
+  type OptimizerHyper,
+  type PolicyEngine,
+  type ReferenceEngine,
+  type SamplingOptions,
+  type TokenBatch,
 } from "../core/engine.ts";
 import { AhaError } from "../core/errors.ts";
 import { type LossSums, tokenWeight } from "../core/grpo.ts";
 import type { Tensor } from "./device.ts";
 import { generate } from "./generate.ts";
-import { grpoLoss, ROW_FLOATS, SUM_FLOATS, TOKEN_FLOATS } from "./kernels/grpo_loss.ts";
+import {
+  grpoLoss,
+  placeReference,
+  ROW_FLOATS,
+  SUM_FLOATS,
+  TOKEN_FLOATS,
+} from "./kernels/grpo_loss.ts";
 import type { GpuModel } from "./model.ts";
-import { scoreSequences } from "./score.ts";
+import { GpuHeldLogprobs, heldScores } from "./score.ts";
 
 /** Right-pad the rows into one [B, L] id array. */
 function pack(batch: TokenBatch): { ids: Int32Array; B: number; L: number } {
@@ -89,7 +96,11 @@ export class GpuPolicy implements PolicyEngine {
     const { ids, B, L } = pack(batch);
     const logp = this.model.forward(ids, B, L, invTemperature, true, true, firstNeeded(batch));
     gpu.flush(); // the forward runs while the reference's log-probs are awaited
-    const ref = await loss.refLogp();
+    const held = await loss.refLogp();
+    // Log-probs an in-process reference left on this GPU stay there; others come to the CPU.
+    const onGpu = held instanceof GpuHeldLogprobs && held.gpu === gpu ? held : null;
+    const ref = held && !onGpu ? await onCpu(held) : null;
+    const refFrom = onGpu ? new Int32Array(B * L).fill(-1) : null;
     const tokens = new Float32Array(B * L * TOKEN_FLOATS);
     const rows = new Float32Array(B * ROW_FLOATS);
     loss.rows.forEach((row, b) => {
@@ -102,6 +113,7 @@ export class GpuPolicy implements PolicyEngine {
       row.mask.forEach((m, t) => {
         const i = (b * L + first + t) * TOKEN_FLOATS;
         tokens[i] = ref ? ref[b][t] : 0;
+        if (refFrom) refFrom[b * L + first + t] = onGpu!.rows[b].at + t;
         tokens[i + 1] = row.oldLogp ? row.oldLogp[t] : 0;
         tokens[i + 2] = m;
       });
@@ -111,6 +123,11 @@ export class GpuPolicy implements PolicyEngine {
     const rowsT = gpu.scratch("grpo loss rows", rows.length);
     gpu.write(tokensT, tokens);
     gpu.write(rowsT, rows);
+    if (onGpu && refFrom) {
+      const fromT = gpu.scratch("grpo loss reference positions", refFrom.length);
+      gpu.write(fromT, refFrom);
+      placeReference(gpu, onGpu.values, fromT, tokensT, B * L);
+    }
     // Each micro-batch's sums have a buffer of their own until the next read records its copy.
     const sums = gpu.scratch(`grpo loss sums ${this.stepSums.length}`, B * SUM_FLOATS);
     grpoLoss(gpu, logp, tokensT, rowsT, this.model.lossGradient(), sums, B, L, {
@@ -118,7 +135,7 @@ export class GpuPolicy implements PolicyEngine {
       epsilon: loss.config.epsilon,
       epsilonHigh: loss.config.epsilonHigh,
       hasOld: loss.rows.some((r) => r.oldLogp !== null),
-      hasRef: ref !== null,
+      hasRef: held !== null,
     });
     this.model.backward("written", invTemperature);
     gpu.flush(); // the backward runs while the caller records what comes next
@@ -184,16 +201,18 @@ export class GpuPolicy implements PolicyEngine {
   }
 }
 
-/** Completion log-probs of a frozen model, scored in token-bounded batches (scoreSequences): no
- * backward buffers, bounded memory. */
-async function frozenLogprobs(
+/**
+ * Completion log-probs of a frozen model, scored in token-bounded batches (scoreSequences): no
+ * backward buffers, bounded memory. Left on the GPU (`heldScores`) for the policy's loss.
+ */
+function frozenLogprobs(
   model: GpuModel,
   batch: TokenBatch,
   invTemperature: number,
   adapter: boolean,
-): Promise<number[][]> {
+): GpuHeldLogprobs {
   const from = batch.promptLens.map((n) => n - 1);
-  return await scoreSequences(model, batch.rows, invTemperature, adapter, from);
+  return heldScores(model, batch.rows, invTemperature, adapter, from);
 }
 
 /**
@@ -210,7 +229,11 @@ export class GpuBaseReference implements ReferenceEngine {
   }
 
   completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]> {
-    return frozenLogprobs(this.model, batch, invTemperature, false);
+    return frozenLogprobs(this.model, batch, invTemperature, false).read();
+  }
+
+  heldLogprobs(batch: TokenBatch, invTemperature: number): Promise<GpuHeldLogprobs> {
+    return Promise.resolve(frozenLogprobs(this.model, batch, invTemperature, false));
   }
 
   mixIn(): Promise<void> {
@@ -232,7 +255,11 @@ export class GpuReference implements ReferenceEngine {
   }
 
   completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]> {
-    return frozenLogprobs(this.model, batch, invTemperature, true);
+    return frozenLogprobs(this.model, batch, invTemperature, true).read();
+  }
+
+  heldLogprobs(batch: TokenBatch, invTemperature: number): Promise<GpuHeldLogprobs> {
+    return Promise.resolve(frozenLogprobs(this.model, batch, invTemperature, true));
   }
 
   async mixIn(policy: Map<string, Float32Array>, alpha: number): Promise<void> {

@@ -2,10 +2,35 @@
 // and the WebGPU reference engine. Sequences of different lengths are right-padded into batches
 // (causal attention makes the padding invisible to the real tokens). Every batch's log-probs are
 // copied into one buffer as its forward is recorded, and that buffer is read once: a call waits
-// on the GPU once however many batches it takes, and the GPU runs the batches back to back.
+// on the GPU once however many batches it takes, and the GPU runs the batches back to back. Or
+// not read at all (`heldScores`): an in-process reference leaves them on the GPU, where the
+// policy's GRPO loss reads them.
 
+import type { HeldLogprobs } from "../core/engine.ts";
 import { SCORE_BATCH_TOKENS } from "../core/plan.ts";
+import type { Gpu, Tensor } from "./device.ts";
 import type { GpuModel } from "./model.ts";
+
+/**
+ * Log-probs on the GPU: row i's `count` values from element `at` of `values` (a scratch buffer:
+ * valid until the next scoring call on this GPU). A GRPO loss on the same GPU reads them there.
+ */
+export class GpuHeldLogprobs implements HeldLogprobs {
+  constructor(
+    readonly gpu: Gpu,
+    readonly values: Tensor,
+    readonly rows: { at: number; count: number }[],
+  ) {}
+
+  slice(start: number, end: number): GpuHeldLogprobs {
+    return new GpuHeldLogprobs(this.gpu, this.values, this.rows.slice(start, end));
+  }
+
+  async read(): Promise<number[][]> {
+    const data = await this.gpu.read(this.values);
+    return this.rows.map(({ at, count }) => Array.from(data.subarray(at, at + count)));
+  }
+}
 
 /**
  * logprobs[i][t] = log p(seq_i[t+1] | seq_i[0..t]); row i has max(0, len_i − 1) values, or
@@ -21,6 +46,18 @@ export async function scoreSequences(
   from?: number[],
   batchTokens = SCORE_BATCH_TOKENS,
 ): Promise<number[][]> {
+  return await heldScores(model, sequences, invTemperature, adapter, from, batchTokens).read();
+}
+
+/** scoreSequences with the log-probs left on the GPU: the work is recorded, nothing is read. */
+export function heldScores(
+  model: GpuModel,
+  sequences: number[][],
+  invTemperature = 1,
+  adapter = true,
+  from?: number[],
+  batchTokens = SCORE_BATCH_TOKENS,
+): GpuHeldLogprobs {
   const gpu = model.gpu;
   // Rows [start, end) padded to L tokens, at `at` in the joined log-probs.
   const batches: { start: number; end: number; L: number; at: number }[] = [];
@@ -37,8 +74,8 @@ export async function scoreSequences(
     total += (end - start) * L;
     start = end;
   }
-  if (total === 0) return [];
-  const joined = gpu.scratch("score logprobs", total);
+  const joined = gpu.scratch("score logprobs", Math.max(total, 1));
+  const rows: { at: number; count: number }[] = [];
   for (const { start, end, L, at } of batches) {
     const B = end - start;
     const ids = new Int32Array(B * L);
@@ -46,15 +83,12 @@ export async function scoreSequences(
     const first = from ? Math.min(...from.slice(start, end)) : 0;
     const logp = model.forward(ids, B, L, invTemperature, false, adapter, first);
     gpu.copy(logp, joined, B * L, 0, at);
-  }
-  const logp = await gpu.read(joined.view(0, [total]));
-  const result: number[][] = [];
-  for (const { start, end, L, at } of batches) {
-    for (let b = 0; b < end - start; b++) {
-      const i = start + b, n = Math.max(0, sequences[i].length - 1);
-      const f = Math.min(from?.[i] ?? 0, n);
-      result.push(Array.from(logp.subarray(at + b * L + f, at + b * L + n)));
+    for (let b = 0; b < B; b++) {
+      const n = Math.max(0, sequences[start + b].length - 1);
+      const f = Math.min(from?.[start + b] ?? 0, n);
+      rows.push({ at: at + b * L + f, count: n - f });
     }
   }
-  return result;
+  gpu.flush(); // the GPU starts on them while the caller records what comes next
+  return new GpuHeldLogprobs(gpu, joined.view(0, [Math.max(total, 1)]), rows);
 }

@@ -162,7 +162,8 @@ export async function ahaGrpoStep(gpu: Gpu, reps: number) {
     };
     const advantages = groupAdvantages(out.tokens.map(() => rng.next()), G, true);
     const masks = completionMask(out.tokens, []);
-    const ref = await reference.completionLogprobs(batch, 1);
+    // As the trainer does: the in-process reference leaves its log-probs on the GPU.
+    const ref = await reference.heldLogprobs(batch, 1);
     lap("reference");
     const normalizer = lossNormalizer(lossConfig, masks);
     const pendingSums: PromiseLike<unknown>[] = [];

@@ -2,8 +2,10 @@
 // against its CPU twin core/grpo.ts grpoLoss on the same log-probs: d(loss)/d(logp) at every
 // position and the loss, KL, clipped and token sums, for every loss type, with and without the
 // sampler's and the reference's log-probs. Rows of odd lengths, masked tails, ρ on both sides
-// of the clip range and advantages of both signs. (tests/loss_test.ts also checks the kernel
-// end to end against PyTorch's golden losses and gradients.)
+// of the clip range and advantages of both signs. Reference log-probs left on the GPU by an
+// in-process reference give the loss of the same values sent from the CPU, bit for bit.
+// (tests/loss_test.ts also checks the kernel end to end against PyTorch's golden losses and
+// gradients.)
 
 import assert from "node:assert/strict";
 import {
@@ -17,7 +19,8 @@ import { initWeights } from "../core/init.ts";
 import { parseModelConfig, PRESETS } from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
 import { GpuModel } from "../gpu/model.ts";
-import { GpuPolicy } from "../gpu/policy.ts";
+import { GpuPolicy, GpuReference } from "../gpu/policy.ts";
+import type { ReferenceLogprobs } from "../core/engine.ts";
 import { gpuTest, openGpu } from "./helpers.ts";
 
 const gpu = await openGpu();
@@ -108,3 +111,48 @@ for (const lossType of ["grpo", "bnpo", "dr_grpo"] as LossType[]) {
     });
   }
 }
+
+Deno.test(
+  "reference log-probs left on the GPU give the loss of the same values from the CPU, with no wait",
+  gpuTest,
+  async () => {
+    const reference = new GpuReference(new GpuModel(gpu, config, initWeights(config, 8)));
+    const cfg: GrpoLossConfig = {
+      beta: 0.07,
+      epsilon: 0.2,
+      epsilonHigh: 0.2,
+      lossType: "grpo",
+      maxCompletionLength: 7,
+    };
+    // A micro-batch of rows 1–3, so the held rows are a slice that does not start at 0.
+    const micro = { rows: batch.rows.slice(1, 4), promptLens: promptLens.slice(1, 4) };
+    const microMasks = masks.slice(1, 4);
+    const rows = microMasks.map((mask, b) => ({ oldLogp: null, mask, advantage: advantages[b] }));
+    const held = await reference.heldLogprobs(batch, INV_T);
+    const onCpu = await reference.completionLogprobs(batch, INV_T);
+    assert.deepEqual(await held.read(), onCpu);
+    const run = async (ref: () => Promise<ReferenceLogprobs>) => {
+      const policy = new GpuPolicy(new GpuModel(gpu, config, initWeights(config, 5)));
+      const waits = gpu.waitCount;
+      const { sums } = await policy.accumulateGrpoGradients(micro, INV_T, {
+        rows,
+        refLogp: ref,
+        config: cfg,
+        normalizer: lossNormalizer(cfg, microMasks),
+      });
+      const waited = gpu.waitCount - waits;
+      const dLogp = await gpu.read(policy.model.lossGradient());
+      await policy.readLossSums();
+      const got = { dLogp: [...dLogp], sums: await sums, waited };
+      policy.model.destroy();
+      return got;
+    };
+    const fromGpu = await run(() => Promise.resolve(held.slice(1, 4)));
+    const fromCpu = await run(() => Promise.resolve(onCpu.slice(1, 4)));
+    assert.equal(fromGpu.waited, 0, "the held log-probs are not read");
+    assert.ok(fromGpu.sums.klSum !== 0, "the KL term is on");
+    assert.deepEqual(fromGpu.dLogp, fromCpu.dLogp);
+    assert.deepEqual(fromGpu.sums, fromCpu.sums);
+    await reference.close();
+  },
+);

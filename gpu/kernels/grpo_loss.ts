@@ -9,7 +9,9 @@
 // whole batch's masks) is computed on the CPU by the same `tokenWeight` and passed in.
 //
 // One invocation per row walks the row's L positions: a few rows of a few hundred tokens, so
-// the kernel is tiny next to the forward; its point is the round trip it removes.
+// the kernel is tiny next to the forward; its point is the round trip it removes. The
+// reference's log-probs come in `tokens` from the CPU, or, when an in-process reference left
+// them on the GPU, `placeReference` copies them into `tokens` there (no round trip either).
 
 import { type Gpu, grid, type Tensor } from "../device.ts";
 
@@ -110,4 +112,38 @@ export function grpoLoss(
     [B, L, hp.hasOld ? 1 : 0, hp.hasRef ? 1 : 0],
     [hp.beta, hp.epsilon, hp.epsilonHigh],
   );
+}
+
+// tokens[i].x = values[source[i]] wherever source[i] ≥ 0 (one invocation per position).
+const PLACE_REFERENCE = /* wgsl */ `
+struct Params { n: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> values: array<f32>;
+@group(0) @binding(2) var<storage, read> source: array<i32>;
+@group(0) @binding(3) var<storage, read_write> tokens: array<vec4f>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let i = gid.x + gid.y * nwg.x * ${WG}u;
+  if (i >= p.n) { return; }
+  let at = source[i];
+  if (at >= 0) { tokens[i].x = values[at]; }
+}`;
+
+/**
+ * The reference's log-prob of each of n positions into `tokens` (its TOKEN_FLOATS slot 0) from
+ * `values` on the GPU: position i takes values[source[i]], or keeps its own where source[i] < 0.
+ */
+export function placeReference(
+  gpu: Gpu,
+  values: Tensor,
+  source: Tensor,
+  tokens: Tensor,
+  n: number,
+): void {
+  gpu.dispatch(gpu.pipeline(PLACE_REFERENCE, "place reference"), grid(n, WG), [
+    values,
+    source,
+    tokens,
+  ], [n]);
 }
