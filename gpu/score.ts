@@ -32,24 +32,20 @@ export class GpuHeldLogprobs implements HeldLogprobs {
   }
 }
 
+/** heldScores, read back: logprobs[i] as numbers, with one GPU wait however many batches. */
+export async function scoreSequences(
+  ...args: Parameters<typeof heldScores>
+): Promise<number[][]> {
+  return await heldScores(...args).read();
+}
+
 /**
  * logprobs[i][t] = log p(seq_i[t+1] | seq_i[0..t]); row i has max(0, len_i − 1) values, or
  * with `from` only those from t = from[i] on (the vocabulary projection then skips positions
  * before each batch's smallest from[i]). `adapter` false scores a LoRA model's base (its adapter
  * switched off). Batches hold at most `batchTokens` tokens (padding included) or one sequence.
+ * The work is recorded and submitted; the log-probs stay on the GPU until read.
  */
-export async function scoreSequences(
-  model: GpuModel,
-  sequences: number[][],
-  invTemperature = 1,
-  adapter = true,
-  from?: number[],
-  batchTokens = SCORE_BATCH_TOKENS,
-): Promise<number[][]> {
-  return await heldScores(model, sequences, invTemperature, adapter, from, batchTokens).read();
-}
-
-/** scoreSequences with the log-probs left on the GPU: the work is recorded, nothing is read. */
 export function heldScores(
   model: GpuModel,
   sequences: number[][],
