@@ -128,8 +128,9 @@ Deno.test(
     const micro = { rows: batch.rows.slice(1, 4), promptLens: promptLens.slice(1, 4) };
     const microMasks = masks.slice(1, 4);
     const rows = microMasks.map((mask, b) => ({ oldLogp: null, mask, advantage: advantages[b] }));
-    const held = await reference.heldLogprobs(batch, INV_T);
+    // Held log-probs last until the next scoring call on the GPU: score on the CPU first.
     const onCpu = await reference.completionLogprobs(batch, INV_T);
+    const held = await reference.heldLogprobs(batch, INV_T);
     assert.deepEqual(await held.read(), onCpu);
     const run = async (ref: () => Promise<ReferenceLogprobs>) => {
       const policy = new GpuPolicy(new GpuModel(gpu, config, initWeights(config, 5)));
