@@ -203,7 +203,10 @@ function layerTensors(
 /**
  * gpu/model.ts Activations: a forward over B rows of L tokens — every layer's buffers when kept
  * for backward; with checkpointing, every layer's input and one set of buffers for recomputing;
- * one set reused by all layers when not kept.
+ * one set reused by all layers when not kept. A batch whose groups share a prompt may run as
+ * forwardShared instead, only when that takes at most 90% of these tokens (`worthSharing`); its
+ * four cache rows of at most L tokens × nKv·D take less than the 10% of every per-token buffer
+ * it saves, so these bound it.
  */
 function forwardTensors(
   c: ModelConfig,

@@ -23,32 +23,48 @@ import {
   SUM_FLOATS,
   TOKEN_FLOATS,
 } from "./kernels/grpo_loss.ts";
-import type { GpuModel } from "./model.ts";
+import { type GpuModel, worthSharing } from "./model.ts";
 import { GpuHeldLogprobs, heldScores } from "./score.ts";
 
-/** Right-pad the rows into one [B, L] id array. */
-function pack(batch: TokenBatch): { ids: Int32Array; B: number; L: number } {
-  const B = batch.rows.length, L = Math.max(...batch.rows.map((r) => r.length));
+/**
+ * A batch's training forward, in whichever layout costs fewer tokens: the rows joined, right-
+ * padded to [B, L] (log-probs from the shortest prompt's last token on), or each group's prompt
+ * shared (GpuModel.forwardShared; a GRPO batch's samples of one prompt). `at(b, t)` is where the
+ * log-prob of completion token t of row b lies in `logp`, which is [B·L] (L = C when shared);
+ * backward() takes dLoss/dlogp in the same layout.
+ */
+function trainingForward(
+  model: GpuModel,
+  batch: TokenBatch,
+  invTemperature: number,
+  share: boolean,
+): { logp: Tensor; B: number; L: number; at: (b: number, t: number) => number } {
+  const B = batch.rows.length;
+  const shared = share ? worthSharing(batch.rows, batch.promptLens) : null;
+  if (shared) {
+    const L = Math.max(...shared.tails.map((t) => t.length));
+    const logp = model.forwardShared(shared, invTemperature);
+    return { logp, B, L, at: (b, t) => b * L + t };
+  }
+  const L = Math.max(...batch.rows.map((r) => r.length));
   const ids = new Int32Array(B * L);
   batch.rows.forEach((row, b) => ids.set(row, b * L));
-  return { ids, B, L };
+  // The vocabulary projection starts at the shortest prompt's last token.
+  const first = Math.min(...batch.promptLens) - 1;
+  const logp = model.forward(ids, B, L, invTemperature, true, true, first);
+  return { logp, B, L, at: (b, t) => b * L + batch.promptLens[b] - 1 + t };
 }
 
-/** Where forward() needs to start: the last prompt token of the shortest prompt. */
-const firstNeeded = (batch: TokenBatch) => Math.min(...batch.promptLens) - 1;
-
-/** Index in forward()'s output of the log-prob of completion token t of row b. */
-function at(batch: TokenBatch, L: number, b: number, t: number): number {
-  return b * L + batch.promptLens[b] - 1 + t;
-}
-
-async function completionLogprobs(model: GpuModel, batch: TokenBatch, invTemperature: number) {
-  const { ids, B, L } = pack(batch);
-  const logp = await model.gpu.read(
-    model.forward(ids, B, L, invTemperature, true, true, firstNeeded(batch)),
-  );
+async function completionLogprobs(
+  model: GpuModel,
+  batch: TokenBatch,
+  invTemperature: number,
+  share: boolean,
+) {
+  const { logp, at } = trainingForward(model, batch, invTemperature, share);
+  const values = await model.gpu.read(logp);
   return batch.rows.map((row, b) =>
-    Array.from({ length: row.length - batch.promptLens[b] }, (_, t) => logp[at(batch, L, b, t)])
+    Array.from({ length: row.length - batch.promptLens[b] }, (_, t) => values[at(b, t)])
   );
 }
 
@@ -57,7 +73,8 @@ export class GpuPolicy implements PolicyEngine {
   /** This step's GRPO loss sums on the GPU, read with the optimizer step's gradient norm. */
   private stepSums: { sums: Tensor; rows: number; arrive: (sums: LossSums) => void }[] = [];
 
-  constructor(readonly model: GpuModel) {}
+  /** `sharePrompts` false: always the joined layout (tests compare the two). */
+  constructor(readonly model: GpuModel, readonly sharePrompts = true) {}
 
   get description(): string {
     return this.model.gpu.description;
@@ -68,7 +85,7 @@ export class GpuPolicy implements PolicyEngine {
   }
 
   completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]> {
-    return completionLogprobs(this.model, batch, invTemperature);
+    return completionLogprobs(this.model, batch, invTemperature, this.sharePrompts);
   }
 
   async accumulateGradients(
@@ -76,10 +93,20 @@ export class GpuPolicy implements PolicyEngine {
     invTemperature: number,
     loss: (logprobs: number[][]) => Promise<number[][]>,
   ): Promise<void> {
-    const { B, L } = pack(batch);
-    const dLogp = await loss(await completionLogprobs(this.model, batch, invTemperature));
+    const { logp, B, L, at } = trainingForward(
+      this.model,
+      batch,
+      invTemperature,
+      this.sharePrompts,
+    );
+    const values = await this.model.gpu.read(logp);
+    const dLogp = await loss(
+      batch.rows.map((row, b) =>
+        Array.from({ length: row.length - batch.promptLens[b] }, (_, t) => values[at(b, t)])
+      ),
+    );
     const upstream = new Float32Array(B * L);
-    dLogp.forEach((row, b) => row.forEach((d, t) => upstream[at(batch, L, b, t)] = d));
+    dLogp.forEach((row, b) => row.forEach((d, t) => upstream[at(b, t)] = d));
     this.model.backward(upstream, invTemperature);
   }
 
@@ -93,8 +120,12 @@ export class GpuPolicy implements PolicyEngine {
     loss: GrpoLossInputs,
   ): Promise<{ sums: PromiseLike<LossSums> }> {
     const gpu = this.model.gpu;
-    const { ids, B, L } = pack(batch);
-    const logp = this.model.forward(ids, B, L, invTemperature, true, true, firstNeeded(batch));
+    const { logp, B, L, at } = trainingForward(
+      this.model,
+      batch,
+      invTemperature,
+      this.sharePrompts,
+    );
     gpu.flush(); // the forward runs while the reference's log-probs are awaited
     const held = await loss.refLogp();
     // Log-probs an in-process reference left on this GPU stay there; others come to the CPU.
@@ -104,16 +135,16 @@ export class GpuPolicy implements PolicyEngine {
     const tokens = new Float32Array(B * L * TOKEN_FLOATS);
     const rows = new Float32Array(B * ROW_FLOATS);
     loss.rows.forEach((row, b) => {
-      const first = batch.promptLens[b] - 1;
+      const first = at(b, 0) - b * L; // where the row's completion log-probs start
       const rowTokens = row.mask.reduce((n, m) => n + m, 0);
       rows.set(
         [row.advantage, tokenWeight(loss.normalizer, rowTokens), first, row.mask.length],
         b * ROW_FLOATS,
       );
       row.mask.forEach((m, t) => {
-        const i = (b * L + first + t) * TOKEN_FLOATS;
+        const i = at(b, t) * TOKEN_FLOATS;
         tokens[i] = ref ? ref[b][t] : 0;
-        if (refFrom) refFrom[b * L + first + t] = onGpu!.rows[b].at + t;
+        if (refFrom) refFrom[at(b, t)] = onGpu!.rows[b].at + t;
         tokens[i + 1] = row.oldLogp ? row.oldLogp[t] : 0;
         tokens[i + 2] = m;
       });

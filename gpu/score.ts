@@ -1,6 +1,7 @@
 // Per-token log-probs of whole token sequences on the GPU model: the engine behind `aha score`
 // and the WebGPU reference engine. Sequences of different lengths are right-padded into batches
-// (causal attention makes the padding invisible to the real tokens). Every batch's log-probs are
+// (causal attention makes the padding invisible to the real tokens); a GRPO batch's rows that
+// share a prompt run it once (GpuModel.forwardShared) when that saves tokens. Every batch's log-probs are
 // copied into one buffer as its forward is recorded, and that buffer is read once: a call waits
 // on the GPU once however many batches it takes, and the GPU runs the batches back to back. Or
 // not read at all (`heldScores`): an in-process reference leaves them on the GPU, where the
@@ -9,7 +10,7 @@
 import type { HeldLogprobs } from "../core/engine.ts";
 import { SCORE_BATCH_TOKENS } from "../core/plan.ts";
 import type { Gpu, Tensor } from "./device.ts";
-import type { GpuModel } from "./model.ts";
+import { type GpuModel, worthSharing } from "./model.ts";
 
 /**
  * Log-probs on the GPU: row i's `count` values from element `at` of `values` (a scratch buffer:
@@ -73,7 +74,20 @@ export function heldScores(
   const joined = gpu.scratch("score logprobs", Math.max(total, 1));
   const rows: { at: number; count: number }[] = [];
   for (const { start, end, L, at } of batches) {
-    const B = end - start;
+    const B = end - start, rowsHere = sequences.slice(start, end);
+    // A GRPO batch (from[i]: row i's prompt ends there) runs each group's prompt once when that
+    // saves tokens: log-probs [B·C], row b's completion's from b·C.
+    const fromHere = from?.slice(start, end);
+    const shared = fromHere && fromHere.every((f, b) => f < rowsHere[b].length)
+      ? worthSharing(rowsHere, fromHere.map((f) => f + 1))
+      : null;
+    if (shared) {
+      const C = Math.max(...shared.tails.map((t) => t.length));
+      const logp = model.forwardShared(shared, invTemperature, false, adapter);
+      gpu.copy(logp, joined, B * C, 0, at);
+      shared.tails.forEach((tail, b) => rows.push({ at: at + b * C, count: tail.length - 1 }));
+      continue;
+    }
     const ids = new Int32Array(B * L);
     for (let b = 0; b < B; b++) ids.set(sequences[start + b], b * L);
     const first = from ? Math.min(...from.slice(start, end)) : 0;

@@ -595,3 +595,142 @@ export function copyCacheToGroups(
     [n, rowWords, G, first * G * rowWords],
   );
 }
+
+// ---- shared prompts (GpuModel.forwardShared) --------------------------------------------------
+//
+// A GRPO batch's rows come in groups that share one prompt. The training forward then computes
+// each group's prompt once: its token list is every row's tail (the prompt's last token, then the
+// completion; B rows of C) followed, from `prefixStart`, by every group's prefix (the prompt but
+// its last token; G rows of P). The prefixes attend among themselves as ordinary rows; a tail
+// row attends over a cache row [its group's Pg prefix keys, its own C keys], which assembleKv
+// builds from the token list (rowPrefix[b] = (group, Pg)). In backward, attention's gradient for
+// that cache row goes back by scatterKvGrads: a tail's own keys take theirs, and a prefix key
+// adds the gradients of every row of its group (groupRows[g] = (first row, count)) to its own,
+// in row order. Rows are copied as words (vec4 when a token's keys are whole vec4s).
+
+const sharedWord = (vec: boolean) => vec ? "vec4f" : "f32";
+
+const assembleKvWgsl = (vec: boolean) => `
+struct Params { B: u32, C: u32, P: u32, capacity: u32, rowWords: u32, prefixStart: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> k: array<${sharedWord(vec)}>;
+@group(0) @binding(2) var<storage, read> v: array<${sharedWord(vec)}>;
+@group(0) @binding(3) var<storage, read> rowPrefix: array<vec2i>;
+@group(0) @binding(4) var<storage, read_write> kCache: array<${sharedWord(vec)}>;
+@group(0) @binding(5) var<storage, read_write> vCache: array<${sharedWord(vec)}>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let n = gid.x + gid.y * nwg.x * ${WG}u;          // n = (b·capacity + j)·rowWords + c
+  if (n >= p.B * p.capacity * p.rowWords) { return; }
+  let c = n % p.rowWords;
+  let j = (n / p.rowWords) % p.capacity;
+  let b = n / (p.rowWords * p.capacity);
+  let group = u32(rowPrefix[b].x);
+  let prefixLen = u32(rowPrefix[b].y);
+  // Key j of the row: the group's prefix key j, its own tail key j − Pg, or nothing (zero).
+  var token = 0u;
+  var seen = true;
+  if (j < prefixLen) {
+    token = p.prefixStart + group * p.P + j;
+  } else if (j - prefixLen < p.C) {
+    token = b * p.C + j - prefixLen;
+  } else {
+    seen = false;
+  }
+  let at = token * p.rowWords + c;
+  kCache[n] = select(${sharedWord(vec)}(), k[at], seen);
+  vCache[n] = select(${sharedWord(vec)}(), v[at], seen);
+}`;
+
+/**
+ * The cache rows [B, capacity, nKv·D] a shared-prompt batch's tails attend over, from the token
+ * list's keys and values k, v [T, nKv·D] (see above): Pg prefix keys, then the row's C own.
+ */
+export function assembleKv(
+  gpu: Gpu,
+  k: Tensor,
+  v: Tensor,
+  rowPrefix: Tensor,
+  kCache: Tensor,
+  vCache: Tensor,
+  s: { B: number; C: number; P: number; prefixStart: number; rowSize: number },
+): void {
+  const capacity = s.P + s.C, vec = s.rowSize % 4 === 0, rowWords = vec ? s.rowSize / 4 : s.rowSize;
+  gpu.dispatch(
+    gpu.pipeline(assembleKvWgsl(vec), "assemble kv"),
+    grid(s.B * capacity * rowWords, WG),
+    [k, v, rowPrefix, kCache, vCache],
+    [s.B, s.C, s.P, capacity, rowWords, s.prefixStart],
+  );
+}
+
+const scatterKvGradsWgsl = (vec: boolean) => `
+struct Params { B: u32, C: u32, P: u32, capacity: u32, rowWords: u32, prefixStart: u32, T: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> dkCache: array<${sharedWord(vec)}>;
+@group(0) @binding(2) var<storage, read> dvCache: array<${sharedWord(vec)}>;
+@group(0) @binding(3) var<storage, read> rowPrefix: array<vec2i>;
+@group(0) @binding(4) var<storage, read> groupRows: array<vec2i>;
+@group(0) @binding(5) var<storage, read_write> dk: array<${sharedWord(vec)}>;
+@group(0) @binding(6) var<storage, read_write> dv: array<${sharedWord(vec)}>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let n = gid.x + gid.y * nwg.x * ${WG}u;          // n = token·rowWords + c
+  if (n >= p.T * p.rowWords) { return; }
+  let c = n % p.rowWords;
+  let token = n / p.rowWords;
+  if (token < p.B * p.C) {
+    // Tail key t of row b: cache position Pg + t of its row.
+    let b = token / p.C;
+    let at = (b * p.capacity + u32(rowPrefix[b].y) + token % p.C) * p.rowWords + c;
+    dk[n] = dkCache[at];
+    dv[n] = dvCache[at];
+    return;
+  }
+  if (token < p.prefixStart) {                     // padding between tails and prefixes
+    dk[n] = ${sharedWord(vec)}();
+    dv[n] = ${sharedWord(vec)}();
+    return;
+  }
+  // Prefix key j of group g: its own attention's gradient, plus each row's of the group.
+  let g = (token - p.prefixStart) / p.P;
+  let j = (token - p.prefixStart) % p.P;
+  let rows = groupRows[g];
+  var sk = dk[n];
+  var sv = dv[n];
+  if (j < u32(rowPrefix[rows.x].y)) {
+    for (var r = u32(rows.x); r < u32(rows.x + rows.y); r++) {
+      let at = (r * p.capacity + j) * p.rowWords + c;
+      sk += dkCache[at];
+      sv += dvCache[at];
+    }
+  }
+  dk[n] = sk;
+  dv[n] = sv;
+}`;
+
+/**
+ * The backward of assembleKv: dk, dv [T, nKv·D] from the cache rows' gradients. A tail's keys
+ * take their own; a prefix's keys add their group's rows' to what dk, dv hold (the prefixes'
+ * own attention backward); padding gets zero.
+ */
+export function scatterKvGrads(
+  gpu: Gpu,
+  dkCache: Tensor,
+  dvCache: Tensor,
+  rowPrefix: Tensor,
+  groupRows: Tensor,
+  dk: Tensor,
+  dv: Tensor,
+  s: { B: number; C: number; P: number; prefixStart: number; rowSize: number; T: number },
+): void {
+  const capacity = s.P + s.C, vec = s.rowSize % 4 === 0, rowWords = vec ? s.rowSize / 4 : s.rowSize;
+  gpu.dispatch(
+    gpu.pipeline(scatterKvGradsWgsl(vec), "scatter kv grads"),
+    grid(s.T * rowWords, WG),
+    [dkCache, dvCache, rowPrefix, groupRows, dk, dv],
+    [s.B, s.C, s.P, capacity, rowWords, s.prefixStart, s.T],
+  );
+}

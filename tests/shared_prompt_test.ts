@@ -1,0 +1,209 @@
+// Shared prompts (GpuModel.forwardShared): a GRPO batch's groups of rows with one prompt, each
+// prompt computed once. It is the same function as the plain forward over the joined rows, so
+// its log-probs, and the gradients of a backward from them, must match the plain path's (within
+// float rounding: the prefix's key and value gradients are summed over a group's rows in another
+// order) on odd shapes: GQA, untied, prompts of different lengths, groups of unequal size, a
+// prompt of one token (an empty prefix), with and without checkpointing, and with LoRA.
+
+import assert from "node:assert/strict";
+import { initWeights } from "../core/init.ts";
+import { parseModelConfig } from "../core/model_config.ts";
+import { Rng } from "../core/rng.ts";
+import { completionMask, type GrpoLossConfig, lossNormalizer } from "../core/grpo.ts";
+import { initLora } from "../core/lora.ts";
+import type { LoraConfig } from "../core/train_config.ts";
+import { GpuModel, type GpuModelOptions, sharePrompts, worthSharing } from "../gpu/model.ts";
+import { GpuPolicy, GpuReference } from "../gpu/policy.ts";
+import { scoreSequences } from "../gpu/score.ts";
+import { assertClose, gpuTest, openGpu } from "./helpers.ts";
+
+const gpu = await openGpu();
+
+const config = parseModelConfig({
+  vocab_size: 37,
+  hidden_size: 48,
+  intermediate_size: 70,
+  num_hidden_layers: 2,
+  num_attention_heads: 6,
+  num_key_value_heads: 2,
+  rope_theta: 5000,
+  rms_norm_eps: 1e-5,
+  tie_word_embeddings: false,
+});
+
+/** Groups of rows: each a prompt and its completions (lengths vary). */
+function batchOf(rng: Rng, groups: { prompt: number; completions: number[] }[]) {
+  const rows: number[][] = [], promptLens: number[] = [];
+  for (const { prompt, completions } of groups) {
+    const p = Array.from({ length: prompt }, () => rng.int(config.vocabSize));
+    for (const n of completions) {
+      rows.push([...p, ...Array.from({ length: n }, () => rng.int(config.vocabSize))]);
+      promptLens.push(prompt);
+    }
+  }
+  return { rows, promptLens };
+}
+
+Deno.test("shared-prompt forward and backward match the plain path", gpuTest, async () => {
+  const weights = initWeights(config, 4);
+  const rng = new Rng(8);
+  for (const w of weights.values()) for (let i = 0; i < w.length; i++) w[i] += 0.1 * rng.normal();
+  const { rows, promptLens } = batchOf(rng, [
+    { prompt: 9, completions: [5, 7, 2] },
+    { prompt: 1, completions: [6, 3] },
+    { prompt: 13, completions: [4, 7, 7, 1] },
+    { prompt: 4, completions: [3] },
+  ]);
+  const B = rows.length, L = Math.max(...rows.map((r) => r.length));
+  const shared = sharePrompts(rows, promptLens);
+  assert.equal(shared.prefixes.length, 4);
+  const C = Math.max(...shared.tails.map((t) => t.length));
+  // Upstream gradient per completion token.
+  const upstream = rows.map((r, b) =>
+    Array.from({ length: r.length - promptLens[b] }, () => rng.normal())
+  );
+
+  const plainRun = async (model: GpuModel) => {
+    const ids = new Int32Array(B * L);
+    rows.forEach((r, b) => ids.set(r, b * L));
+    const logp = await gpu.read(model.forward(ids, B, L));
+    const dLogp = new Float32Array(B * L);
+    upstream.forEach((u, b) => u.forEach((d, t) => dLogp[b * L + promptLens[b] - 1 + t] = d));
+    model.backward(dLogp);
+    return {
+      logp: rows.map((r, b) =>
+        Array.from(
+          { length: r.length - promptLens[b] },
+          (_, t) => logp[b * L + promptLens[b] - 1 + t],
+        )
+      ),
+      grads: await model.readGrads(),
+    };
+  };
+  const sharedRun = async (model: GpuModel) => {
+    const logp = await gpu.read(model.forwardShared(shared));
+    const dLogp = new Float32Array(B * C);
+    upstream.forEach((u, b) => u.forEach((d, t) => dLogp[b * C + t] = d));
+    model.backward(dLogp);
+    return {
+      logp: upstream.map((u, b) => u.map((_, t) => logp[b * C + t])),
+      grads: await model.readGrads(),
+    };
+  };
+  const lora = {
+    r: 3,
+    alpha: 5,
+    target_modules: ["q_proj", "v_proj", "down_proj"],
+    use_rslora: false,
+    dropout: 0,
+  } as LoraConfig;
+  const adapterTensors = initLora(config, lora, new Rng(2));
+  for (const t of adapterTensors.values()) {
+    for (let i = 0; i < t.length; i++) t[i] += 0.05 * rng.normal();
+  }
+  const variants: [string, GpuModelOptions][] = [
+    ["plain", {}],
+    ["checkpointed", { gradientCheckpointing: true }],
+    ["LoRA", { lora: { lora, tensors: adapterTensors } }],
+  ];
+  for (const [variant, options] of variants) {
+    const model = new GpuModel(gpu, config, weights, {
+      ...options,
+      logitChunkFloats: 16 * config.vocabSize,
+    });
+    const want = await plainRun(model);
+    model.zeroGrads();
+    const got = await sharedRun(model);
+    model.destroy();
+    assertClose(
+      Float32Array.from(got.logp.flat()),
+      Float32Array.from(want.logp.flat()),
+      1e-5,
+      1e-4,
+      `${variant}: logp`,
+    );
+    assert.ok(want.grads.size > 0);
+    for (const [name, g] of want.grads) {
+      assert.ok(g.some((x) => x !== 0), `${variant} ${name}: a gradient that carries signal`);
+      assertClose(got.grads.get(name)!, g, 1e-6, 1e-4, `${variant} ${name}`);
+    }
+  }
+});
+
+Deno.test(
+  "a GRPO step with shared prompts: policy loss, gradients and the reference's log-probs match",
+  gpuTest,
+  async () => {
+    const rng = new Rng(21);
+    // 3 prompts × 3 samples (one group of 2), completions of different lengths.
+    const { rows, promptLens } = batchOf(rng, [
+      { prompt: 11, completions: [4, 6, 1] },
+      { prompt: 7, completions: [5, 5] },
+      { prompt: 15, completions: [2, 6, 3] },
+    ]);
+    const batch = { rows, promptLens };
+    assert.ok(worthSharing(rows, promptLens), "the batch takes the shared layout");
+    const completions = rows.map((r, b) => r.slice(promptLens[b]));
+    const masks = completionMask(completions, [5]);
+    const cfg: GrpoLossConfig = {
+      beta: 0.05,
+      epsilon: 0.2,
+      epsilonHigh: 0.28,
+      lossType: "grpo",
+      maxCompletionLength: 6,
+    };
+    const normalizer = lossNormalizer(cfg, masks);
+    const weights = initWeights(config, 6);
+    const reference = new GpuReference(new GpuModel(gpu, config, initWeights(config, 9)));
+    // The reference's log-probs scored whole (no `from`: the joined layout) and as a GRPO batch.
+    const whole = await scoreSequences(reference.model, rows);
+    const wantRef = whole.map((r, b) => r.slice(promptLens[b] - 1));
+    const gotRef = await reference.completionLogprobs(batch, 1);
+    assertClose(
+      Float32Array.from(gotRef.flat()),
+      Float32Array.from(wantRef.flat()),
+      1e-5,
+      1e-4,
+      "reference",
+    );
+
+    const step = async (share: boolean) => {
+      const policy = new GpuPolicy(new GpuModel(gpu, config, weights), share);
+      const logp = await policy.completionLogprobs(batch, 1 / 0.9);
+      const lossRows = masks.map((mask, b) => ({
+        oldLogp: logp[b].map((l, t) => l + 0.3 * Math.sin(t + b)),
+        mask,
+        advantage: [1.1, -0.4, 0.2, -1.3, 0.9, 0.5, -0.8, 0.1][b],
+      }));
+      const { sums } = await policy.accumulateGrpoGradients(batch, 1 / 0.9, {
+        rows: lossRows,
+        refLogp: () => reference.heldLogprobs(batch, 1 / 0.9),
+        config: cfg,
+        normalizer,
+      });
+      await policy.readLossSums();
+      const result = { logp, sums: await sums, grads: await policy.model.readGrads() };
+      policy.model.destroy();
+      return result;
+    };
+    const plain = await step(false), shared = await step(true);
+    reference.model.destroy();
+    assertClose(
+      Float32Array.from(shared.logp.flat()),
+      Float32Array.from(plain.logp.flat()),
+      1e-5,
+      1e-4,
+      "policy log-probs",
+    );
+    for (const key of ["loss", "klSum", "logpSum"] as const) {
+      assertClose([shared.sums[key]], [plain.sums[key]], 1e-6, 1e-4, key);
+    }
+    assert.ok(plain.sums.clippedTokens > 0, "the case exercises the clip");
+    assert.equal(shared.sums.clippedTokens, plain.sums.clippedTokens);
+    assert.equal(shared.sums.tokens, plain.sums.tokens);
+    for (const [name, g] of plain.grads) {
+      assert.ok(g.some((x) => x !== 0), `${name}: a gradient that carries signal`);
+      assertClose(shared.grads.get(name)!, g, 1e-6, 1e-4, name);
+    }
+  },
+);
