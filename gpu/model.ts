@@ -181,9 +181,11 @@ export function sharePrompts(rows: number[][], promptLens: number[]): SharedProm
 
 /**
  * The rows as a SharedPromptBatch when that runs at most 90% of the tokens of the rows joined
- * (sharing adds a few dispatches a layer, and its padding); else null.
+ * (sharing adds a few dispatches a layer, and its padding); else null, also when a prompt is
+ * empty or longer than its row.
  */
 export function worthSharing(rows: number[][], promptLens: number[]): SharedPromptBatch | null {
+  if (promptLens.some((n, b) => n < 1 || n > rows[b].length)) return null;
   const shared = sharePrompts(rows, promptLens);
   const B = rows.length, G = shared.prefixes.length;
   if (G === B) return null;

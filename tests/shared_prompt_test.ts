@@ -12,7 +12,13 @@ import { Rng } from "../core/rng.ts";
 import { completionMask, type GrpoLossConfig, lossNormalizer } from "../core/grpo.ts";
 import { initLora } from "../core/lora.ts";
 import type { LoraConfig } from "../core/train_config.ts";
-import { GpuModel, type GpuModelOptions, sharePrompts, worthSharing } from "../gpu/model.ts";
+import {
+  GpuModel,
+  type GpuModelOptions,
+  sharedTokens,
+  sharePrompts,
+  worthSharing,
+} from "../gpu/model.ts";
 import { GpuPolicy, GpuReference } from "../gpu/policy.ts";
 import { scoreSequences } from "../gpu/score.ts";
 import { assertClose, gpuTest, openGpu } from "./helpers.ts";
@@ -207,3 +213,25 @@ Deno.test(
     }
   },
 );
+
+Deno.test("a batch shares its prompts only where that saves a tenth of the tokens", () => {
+  const row = (prompt: number[], completion: number) => [...prompt, ...Array(completion).fill(9)];
+  const p7 = [1, 2, 3, 4, 5, 6, 7], q7 = [1, 2, 3, 4, 5, 6, 8];
+  // 16 prompts × 8 samples of 6 tokens (the default step): 992 tokens instead of 1,664.
+  const prompts = Array.from({ length: 16 }, (_, g) => [g, 2, 3, 4, 5, 6, 7]);
+  const rows = Array.from({ length: 128 }, (_, b) => row(prompts[b >> 3], 6));
+  const shared = worthSharing(rows, rows.map(() => 7));
+  assert.ok(shared);
+  assert.deepEqual(shared.prefixes, prompts.map((p) => p.slice(0, 6)));
+  assert.deepEqual(shared.groupOf.slice(6, 10), [0, 0, 1, 1]);
+  assert.deepEqual(shared.tails[0], [7, 9, 9, 9, 9, 9, 9]);
+  assert.equal(sharedTokens(128, 7, 16, 6), 992);
+  // Distinct prompts; two rows whose padding to 64 tokens outweighs a short prompt; an empty
+  // prompt: joined.
+  assert.equal(worthSharing([row(p7, 3), row(q7, 3)], [7, 7]), null);
+  assert.equal(worthSharing([row(p7, 3), row(p7, 4)], [7, 7]), null);
+  assert.equal(worthSharing([row([], 5), row([], 5)], [0, 0]), null);
+  // Two rows of a 200-token prompt do share.
+  const long = Array.from({ length: 200 }, (_, i) => i % 30);
+  assert.ok(worthSharing([row(long, 30), row(long, 20)], [200, 200]));
+});
