@@ -2,7 +2,8 @@
 // prompt computed once. It is the same function as the plain forward over the joined rows, so
 // its log-probs, and the gradients of a backward from them, must match the plain path's (within
 // float rounding: the prefix's key and value gradients are summed over a group's rows in another
-// order) on odd shapes: GQA, untied, prompts of different lengths, groups of unequal size, a
+// order; log-probs within 1e-5 + 1e-4 relative, gradients within 1e-4 of their largest element +
+// 1e-4 relative) on odd shapes: GQA, untied, prompts of different lengths, groups of unequal size, a
 // prompt of one token (an empty prefix), with and without checkpointing, and with LoRA.
 
 import assert from "node:assert/strict";
@@ -36,6 +37,12 @@ const config = parseModelConfig({
   rms_norm_eps: 1e-5,
   tie_word_embeddings: false,
 });
+
+/**
+ * A gradient's absolute tolerance: 1e-4 of its largest element (its sums over tokens run in
+ * another order and cancel; the hardware path's tiled matmul rounds differently again).
+ */
+const gradientAtol = (g: Float32Array) => 1e-4 * g.reduce((m, x) => Math.max(m, Math.abs(x)), 0);
 
 /** Groups of rows: each a prompt and its completions (lengths vary). */
 function batchOf(rng: Rng, groups: { prompt: number; completions: number[] }[]) {
@@ -131,7 +138,7 @@ Deno.test("shared-prompt forward and backward match the plain path", gpuTest, as
     assert.ok(want.grads.size > 0);
     for (const [name, g] of want.grads) {
       assert.ok(g.some((x) => x !== 0), `${variant} ${name}: a gradient that carries signal`);
-      assertClose(got.grads.get(name)!, g, 1e-6, 1e-4, `${variant} ${name}`);
+      assertClose(got.grads.get(name)!, g, gradientAtol(g), 1e-4, `${variant} ${name}`);
     }
   }
 });
@@ -209,7 +216,7 @@ Deno.test(
     assert.equal(shared.sums.tokens, plain.sums.tokens);
     for (const [name, g] of plain.grads) {
       assert.ok(g.some((x) => x !== 0), `${name}: a gradient that carries signal`);
-      assertClose(shared.grads.get(name)!, g, 1e-6, 1e-4, name);
+      assertClose(shared.grads.get(name)!, g, gradientAtol(g), 1e-4, name);
     }
   },
 );
