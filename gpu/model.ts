@@ -218,11 +218,23 @@ interface SharedLayout {
 
 /** Tokens a shared-prompt layout of B tails of C and G prefixes of P takes (with padding). */
 export function sharedTokens(B: number, C: number, G: number, P: number): number {
-  return sharedPrefixStart(B, C, G, P) + G * P;
+  return sharedPrefixStart(B, C) + G * P;
 }
 
-function sharedPrefixStart(B: number, C: number, G: number, P: number): number {
-  return G * P > 0 ? Math.ceil((B * C) / 64) * 64 : B * C;
+function sharedPrefixStart(B: number, C: number): number {
+  return Math.ceil((B * C) / 64) * 64;
+}
+
+/**
+ * The tails' and the prefixes' rows of one of a shared-prompt batch's per-token tensors ([T, w],
+ * or attention's lse, [T, nH] in effect: each part's [rows, nH, L] lies in its tokens' span).
+ */
+function sharedRows(s: SharedLayout, t: Tensor): { tails: Tensor; prefixes: Tensor } {
+  const width = t.size / s.T;
+  return {
+    tails: rows(t, 0, s.B * s.C, width),
+    prefixes: rows(t, s.prefixStart, s.G * s.P, width),
+  };
 }
 
 /** Gradients flowing back through the network, for one batch shape. */
@@ -318,7 +330,7 @@ class Activations {
         C: L,
         G,
         P,
-        prefixStart: sharedPrefixStart(B, L, G, P),
+        prefixStart: sharedPrefixStart(B, L),
         T,
         rowPrefix: gpu.zeros([B * 2], "i32"),
         groupRows: gpu.zeros([Math.max(G, 1) * 2], "i32"),
@@ -976,31 +988,30 @@ export class GpuModel {
    * cache row (its group's prefix keys, then its own), which assembleKv builds.
    */
   private sharedAttention(x: LayerActivations, s: SharedLayout): void {
-    const gpu = this.gpu, c = this.config;
-    const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
-    const tails = s.B * s.C, prefixes = s.G * s.P, at = s.prefixStart;
-    if (prefixes > 0) {
+    const gpu = this.gpu;
+    const [q, k, v, attn, lse] = [x.q, x.k, x.v, x.attn, x.lse].map((t) => sharedRows(s, t));
+    if (s.G * s.P > 0) {
       attention(
         gpu,
-        rows(x.q, at, prefixes, qDim),
-        rows(x.k, at, prefixes, kvDim),
-        rows(x.v, at, prefixes, kvDim),
+        q.prefixes,
+        k.prefixes,
+        v.prefixes,
         s.prefixKvLens,
-        rows(x.attn, at, prefixes, qDim),
-        slice(x.lse, at * c.numHeads, prefixes * c.numHeads),
-        this.sharedShape(s.G, s.P, s.P),
+        attn.prefixes,
+        lse.prefixes,
+        this.prefixShape(s),
       );
     }
-    assembleKv(gpu, x.k, x.v, s.rowPrefix, s.kCache, s.vCache, { ...s, rowSize: kvDim });
+    assembleKv(gpu, x.k, x.v, s.rowPrefix, s.kCache, s.vCache, this.kvRows(s));
     attention(
       gpu,
-      rows(x.q, 0, tails, qDim),
+      q.tails,
       s.kCache,
       s.vCache,
       s.tailKvLens,
-      rows(x.attn, 0, tails, qDim),
-      slice(x.lse, 0, tails * c.numHeads),
-      this.sharedShape(s.B, s.C, s.P + s.C),
+      attn.tails,
+      lse.tails,
+      this.tailShape(s),
     );
   }
 
@@ -1016,46 +1027,59 @@ export class GpuModel {
     a: Activations,
     assemble: boolean,
   ): void {
-    const gpu = this.gpu, c = this.config, s = a.shared!, dCache = a.cacheGradients(gpu);
-    const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
-    const tails = s.B * s.C, prefixes = s.G * s.P, at = s.prefixStart;
-    if (assemble) {
-      assembleKv(gpu, x.k, x.v, s.rowPrefix, s.kCache, s.vCache, { ...s, rowSize: kvDim });
-    }
+    const gpu = this.gpu, s = a.shared!, dCache = a.cacheGradients(gpu);
+    const [q, k, v, attn, lse] = [x.q, x.k, x.v, x.attn, x.lse].map((t) => sharedRows(s, t));
+    const [dAttn, dq, dk, dv] = [d.dAttn, d.dq, d.dk, d.dv].map((t) => sharedRows(s, t));
+    if (assemble) assembleKv(gpu, x.k, x.v, s.rowPrefix, s.kCache, s.vCache, this.kvRows(s));
     attentionBackward(
       gpu,
-      rows(x.q, 0, tails, qDim),
+      q.tails,
       s.kCache,
       s.vCache,
       s.tailKvLens,
-      rows(x.attn, 0, tails, qDim),
-      slice(x.lse, 0, tails * c.numHeads),
-      rows(d.dAttn, 0, tails, qDim),
-      rows(d.dq, 0, tails, qDim),
+      attn.tails,
+      lse.tails,
+      dAttn.tails,
+      dq.tails,
       dCache.k,
       dCache.v,
-      this.sharedShape(s.B, s.C, s.P + s.C),
+      this.tailShape(s),
     );
-    if (prefixes > 0) {
+    if (s.G * s.P > 0) {
       attentionBackward(
         gpu,
-        rows(x.q, at, prefixes, qDim),
-        rows(x.k, at, prefixes, kvDim),
-        rows(x.v, at, prefixes, kvDim),
+        q.prefixes,
+        k.prefixes,
+        v.prefixes,
         s.prefixKvLens,
-        rows(x.attn, at, prefixes, qDim),
-        slice(x.lse, at * c.numHeads, prefixes * c.numHeads),
-        rows(d.dAttn, at, prefixes, qDim),
-        rows(d.dq, at, prefixes, qDim),
-        rows(d.dk, at, prefixes, kvDim),
-        rows(d.dv, at, prefixes, kvDim),
-        this.sharedShape(s.G, s.P, s.P),
+        attn.prefixes,
+        lse.prefixes,
+        dAttn.prefixes,
+        dq.prefixes,
+        dk.prefixes,
+        dv.prefixes,
+        this.prefixShape(s),
       );
     }
     scatterKvGrads(gpu, dCache.k, dCache.v, s.rowPrefix, s.groupRows, d.dk, d.dv, {
-      ...s,
-      rowSize: kvDim,
+      ...this.kvRows(s),
+      T: s.T,
     });
+  }
+
+  /** A shared-prompt batch's prefixes as attention rows: G rows of P queries over P keys. */
+  private prefixShape(s: SharedLayout): AttentionShape {
+    return this.attentionShape(s.G, s.P);
+  }
+
+  /** Its tails: B rows of C queries over cache rows of P + C keys. */
+  private tailShape(s: SharedLayout): AttentionShape {
+    return { ...this.attentionShape(s.B, s.C), capacity: s.P + s.C };
+  }
+
+  /** What assembleKv and scatterKvGrads need of a shared-prompt layout. */
+  private kvRows(s: SharedLayout) {
+    return { ...s, rowSize: this.config.numKvHeads * this.config.headDim };
   }
 
   /**
@@ -1435,10 +1459,6 @@ export class GpuModel {
     if (!this.trained.has(`${g.modules[0]}.weight`)) return null;
     if (g.fused) return [this.gradients().mirror(g.weight[0], this.trainedArenas)];
     return g.modules.flatMap((m) => this.gradSlices(`${m}.weight`));
-  }
-
-  private sharedShape(B: number, Lq: number, capacity: number): AttentionShape {
-    return { ...this.attentionShape(B, Lq), capacity };
   }
 
   private attentionShape(B: number, L: number): AttentionShape {

@@ -57,52 +57,58 @@ function batchOf(rng: Rng, groups: { prompt: number; completions: number[] }[]) 
   return { rows, promptLens };
 }
 
+/**
+ * The log-probs of `rows`' completions and every gradient of a backward from `upstream` (one
+ * value per completion token), through the joined layout or the shared one.
+ */
+async function logprobsAndGrads(
+  model: GpuModel,
+  rows: number[][],
+  promptLens: number[],
+  upstream: number[][],
+  share: boolean,
+) {
+  const B = rows.length;
+  let logp: Float32Array, at: (b: number, t: number) => number, size: number;
+  if (share) {
+    const shared = sharePrompts(rows, promptLens);
+    const C = Math.max(...shared.tails.map((t) => t.length));
+    logp = await gpu.read(model.forwardShared(shared));
+    at = (b, t) => b * C + t;
+    size = B * C;
+  } else {
+    const L = Math.max(...rows.map((r) => r.length)), ids = new Int32Array(B * L);
+    rows.forEach((r, b) => ids.set(r, b * L));
+    logp = await gpu.read(model.forward(ids, B, L));
+    at = (b, t) => b * L + promptLens[b] - 1 + t;
+    size = B * L;
+  }
+  const dLogp = new Float32Array(size);
+  upstream.forEach((u, b) => u.forEach((d, t) => dLogp[at(b, t)] = d));
+  model.backward(dLogp);
+  return {
+    logp: Float32Array.from(upstream.flatMap((u, b) => u.map((_, t) => logp[at(b, t)]))),
+    grads: await model.readGrads(),
+  };
+}
+
 Deno.test("shared-prompt forward and backward match the plain path", gpuTest, async () => {
   const weights = initWeights(config, 4);
   const rng = new Rng(8);
   for (const w of weights.values()) for (let i = 0; i < w.length; i++) w[i] += 0.1 * rng.normal();
-  const { rows, promptLens } = batchOf(rng, [
+  const mixed = batchOf(rng, [
     { prompt: 9, completions: [5, 7, 2] },
     { prompt: 1, completions: [6, 3] },
     { prompt: 13, completions: [4, 7, 7, 1] },
     { prompt: 4, completions: [3] },
   ]);
-  const B = rows.length, L = Math.max(...rows.map((r) => r.length));
-  const shared = sharePrompts(rows, promptLens);
-  assert.equal(shared.prefixes.length, 4);
-  const C = Math.max(...shared.tails.map((t) => t.length));
-  // Upstream gradient per completion token.
-  const upstream = rows.map((r, b) =>
-    Array.from({ length: r.length - promptLens[b] }, () => rng.normal())
+  assert.equal(sharePrompts(mixed.rows, mixed.promptLens).prefixes.length, 4);
+  // Every prompt one token long: no prefixes at all.
+  const bare = batchOf(rng, [{ prompt: 1, completions: [5, 3] }, { prompt: 1, completions: [4] }]);
+  assert.equal(
+    Math.max(...sharePrompts(bare.rows, bare.promptLens).prefixes.map((p) => p.length)),
+    0,
   );
-
-  const plainRun = async (model: GpuModel) => {
-    const ids = new Int32Array(B * L);
-    rows.forEach((r, b) => ids.set(r, b * L));
-    const logp = await gpu.read(model.forward(ids, B, L));
-    const dLogp = new Float32Array(B * L);
-    upstream.forEach((u, b) => u.forEach((d, t) => dLogp[b * L + promptLens[b] - 1 + t] = d));
-    model.backward(dLogp);
-    return {
-      logp: rows.map((r, b) =>
-        Array.from(
-          { length: r.length - promptLens[b] },
-          (_, t) => logp[b * L + promptLens[b] - 1 + t],
-        )
-      ),
-      grads: await model.readGrads(),
-    };
-  };
-  const sharedRun = async (model: GpuModel) => {
-    const logp = await gpu.read(model.forwardShared(shared));
-    const dLogp = new Float32Array(B * C);
-    upstream.forEach((u, b) => u.forEach((d, t) => dLogp[b * C + t] = d));
-    model.backward(dLogp);
-    return {
-      logp: upstream.map((u, b) => u.map((_, t) => logp[b * C + t])),
-      grads: await model.readGrads(),
-    };
-  };
   const lora = {
     r: 3,
     alpha: 5,
@@ -114,31 +120,29 @@ Deno.test("shared-prompt forward and backward match the plain path", gpuTest, as
   for (const t of adapterTensors.values()) {
     for (let i = 0; i < t.length; i++) t[i] += 0.05 * rng.normal();
   }
-  const variants: [string, GpuModelOptions][] = [
-    ["plain", {}],
-    ["checkpointed", { gradientCheckpointing: true }],
-    ["LoRA", { lora: { lora, tensors: adapterTensors } }],
+  const cases: [string, typeof mixed, GpuModelOptions][] = [
+    ["plain", mixed, {}],
+    ["checkpointed", mixed, { gradientCheckpointing: true }],
+    ["LoRA", mixed, { lora: { lora, tensors: adapterTensors } }],
+    ["one-token prompts", bare, {}],
   ];
-  for (const [variant, options] of variants) {
+  for (const [name, { rows, promptLens }, options] of cases) {
+    const upstream = rows.map((r, b) =>
+      Array.from({ length: r.length - promptLens[b] }, () => rng.normal())
+    );
     const model = new GpuModel(gpu, config, weights, {
       ...options,
       logitChunkFloats: 16 * config.vocabSize,
     });
-    const want = await plainRun(model);
+    const want = await logprobsAndGrads(model, rows, promptLens, upstream, false);
     model.zeroGrads();
-    const got = await sharedRun(model);
+    const got = await logprobsAndGrads(model, rows, promptLens, upstream, true);
     model.destroy();
-    assertClose(
-      Float32Array.from(got.logp.flat()),
-      Float32Array.from(want.logp.flat()),
-      1e-5,
-      1e-4,
-      `${variant}: logp`,
-    );
+    assertClose(got.logp, want.logp, 1e-5, 1e-4, `${name}: logp`);
     assert.ok(want.grads.size > 0);
-    for (const [name, g] of want.grads) {
-      assert.ok(g.some((x) => x !== 0), `${variant} ${name}: a gradient that carries signal`);
-      assertClose(got.grads.get(name)!, g, gradientAtol(g), 1e-4, `${variant} ${name}`);
+    for (const [tensor, g] of want.grads) {
+      assert.ok(g.some((x) => x !== 0), `${name} ${tensor}: a gradient that carries signal`);
+      assertClose(got.grads.get(tensor)!, g, gradientAtol(g), 1e-4, `${name} ${tensor}`);
     }
   }
 });
