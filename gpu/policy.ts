@@ -55,14 +55,12 @@ function trainingForward(
   return { logp, B, L, at: (b, t) => b * L + batch.promptLens[b] - 1 + t };
 }
 
-async function completionLogprobs(
-  model: GpuModel,
+/** Each row's completion log-probs, from a trainingForward's values read back. */
+function completionValues(
   batch: TokenBatch,
-  invTemperature: number,
-  share: boolean,
-) {
-  const { logp, at } = trainingForward(model, batch, invTemperature, share);
-  const values = await model.gpu.read(logp);
+  values: Float32Array,
+  at: (b: number, t: number) => number,
+): number[][] {
   return batch.rows.map((row, b) =>
     Array.from({ length: row.length - batch.promptLens[b] }, (_, t) => values[at(b, t)])
   );
@@ -84,8 +82,9 @@ export class GpuPolicy implements PolicyEngine {
     return generate(this.model, prompts, groupSize, opts);
   }
 
-  completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]> {
-    return completionLogprobs(this.model, batch, invTemperature, this.sharePrompts);
+  async completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]> {
+    const { logp, at } = trainingForward(this.model, batch, invTemperature, this.sharePrompts);
+    return completionValues(batch, await this.model.gpu.read(logp), at);
   }
 
   async accumulateGradients(
@@ -99,12 +98,7 @@ export class GpuPolicy implements PolicyEngine {
       invTemperature,
       this.sharePrompts,
     );
-    const values = await this.model.gpu.read(logp);
-    const dLogp = await loss(
-      batch.rows.map((row, b) =>
-        Array.from({ length: row.length - batch.promptLens[b] }, (_, t) => values[at(b, t)])
-      ),
-    );
+    const dLogp = await loss(completionValues(batch, await this.model.gpu.read(logp), at));
     const upstream = new Float32Array(B * L);
     dLogp.forEach((row, b) => row.forEach((d, t) => upstream[at(b, t)] = d));
     this.model.backward(upstream, invTemperature);

@@ -1,11 +1,11 @@
 // Per-token log-probs of whole token sequences on the GPU model: the engine behind `aha score`
 // and the WebGPU reference engine. Sequences of different lengths are right-padded into batches
 // (causal attention makes the padding invisible to the real tokens); a GRPO batch's rows that
-// share a prompt run it once (GpuModel.forwardShared) when that saves tokens. Every batch's log-probs are
-// copied into one buffer as its forward is recorded, and that buffer is read once: a call waits
-// on the GPU once however many batches it takes, and the GPU runs the batches back to back. Or
-// not read at all (`heldScores`): an in-process reference leaves them on the GPU, where the
-// policy's GRPO loss reads them.
+// share a prompt run it once (GpuModel.forwardShared) when that saves tokens. Every batch's
+// log-probs are copied into one buffer as its forward is recorded, and that buffer is read once:
+// a call waits on the GPU once however many batches it takes, and the GPU runs the batches back to
+// back. Or not read at all (`heldScores`): an in-process reference leaves them on the GPU, where
+// the policy's GRPO loss reads them.
 
 import type { HeldLogprobs } from "../core/engine.ts";
 import { SCORE_BATCH_TOKENS } from "../core/plan.ts";
@@ -77,10 +77,7 @@ export function heldScores(
     const B = end - start, rowsHere = sequences.slice(start, end);
     // A GRPO batch (from[i]: row i's prompt ends there) runs each group's prompt once when that
     // saves tokens: log-probs [B·C], row b's completion's from b·C.
-    const fromHere = from?.slice(start, end);
-    const shared = fromHere && fromHere.every((f, b) => f < rowsHere[b].length)
-      ? worthSharing(rowsHere, fromHere.map((f) => f + 1))
-      : null;
+    const shared = from ? worthSharing(rowsHere, from.slice(start, end).map((f) => f + 1)) : null;
     if (shared) {
       const C = Math.max(...shared.tails.map((t) => t.length));
       const logp = model.forwardShared(shared, invTemperature, false, adapter);

@@ -2,9 +2,10 @@
 // prompt computed once. It is the same function as the plain forward over the joined rows, so
 // its log-probs, and the gradients of a backward from them, must match the plain path's (within
 // float rounding: the prefix's key and value gradients are summed over a group's rows in another
-// order; log-probs within 1e-5 + 1e-4 relative, gradients within 1e-4 of their largest element +
-// 1e-4 relative) on odd shapes: GQA, untied, prompts of different lengths, groups of unequal size, a
-// prompt of one token (an empty prefix), with and without checkpointing, and with LoRA.
+// order; log-probs within 1e-5 + 1e-4 relative, gradients within 1e-4 of their largest element
+// + 1e-4 relative) on odd shapes: GQA, untied, prompts of different lengths, groups of unequal
+// size, a prompt of one token (an empty prefix), a batch with no prefixes at all, with and without
+// checkpointing, and with LoRA. Then a whole GRPO step both ways, and when a batch shares.
 
 import assert from "node:assert/strict";
 import { initWeights } from "../core/init.ts";
