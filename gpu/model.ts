@@ -56,6 +56,7 @@ import { AhaError } from "../core/errors.ts";
 import type { ModelConfig } from "../core/model_config.ts";
 import { weightShapes } from "../core/model_config.ts";
 import {
+  CHUNK_ALIGN,
   LOGIT_CHUNK_FLOATS,
   logitChunkTokens,
   rowChunkTokens,
@@ -197,8 +198,8 @@ export function worthSharing(rows: number[][], promptLens: number[]): SharedProm
 
 /**
  * Where a shared-prompt batch's parts lie in its token list: B tails of C tokens from 0, then
- * (from prefixStart, a multiple of 64 tokens so that every per-token view of the prefixes is
- * bindable) G prefixes of P tokens; T in all. Its attention's tables and cache rows, one set
+ * (from prefixStart, a multiple of CHUNK_ALIGN tokens so that every per-token view of the
+ * prefixes is bindable) G prefixes of P tokens; T in all. Its attention's tables and cache rows, one set
  * that every layer reuses (assembled again in backward).
  */
 interface SharedLayout {
@@ -222,7 +223,7 @@ export function sharedTokens(B: number, C: number, G: number, P: number): number
 }
 
 function sharedPrefixStart(B: number, C: number): number {
-  return Math.ceil((B * C) / 64) * 64;
+  return Math.ceil((B * C) / CHUNK_ALIGN) * CHUNK_ALIGN;
 }
 
 /**
