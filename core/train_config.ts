@@ -240,7 +240,7 @@ export function defaultTrainConfig(): TrainConfig {
       carry_error_rate: 0.6,
       format_error_rate: 0.25,
     },
-    sft: { steps: 500, learning_rate: 5e-3, batch_size: 128 },
+    sft: { steps: 700, learning_rate: 5e-3, batch_size: 128 },
     lora: null,
     adapter: null,
     frozen_dtype: "auto",
