@@ -4,7 +4,8 @@
 //   2. score them; groups whose rewards are all equal teach nothing: drop them and refill from
 //      fresh prompts, up to max_refill_rounds times;
 //   3. advantages per group; the batch goes to the reference engine at once, and the policy's
-//      forward runs while it computes;
+//      forward runs while it computes (a reference in another process gets each round's kept
+//      groups as soon as they are scored, so that it also computes during the refill rounds);
 //   4. the GRPO loss per completion token (core/grpo.ts), backward in micro-batches with
 //      gradient accumulation, clip, AdamW — num_iterations times over the same batch;
 //   5. metrics, samples, a greedy evaluation now and then, checkpoints.
@@ -80,6 +81,14 @@ interface Scored {
   text: string;
   rewards: Record<string, number>; // per function, plus `total`
   truncated: boolean;
+}
+
+/** The rows of sampled completions (prompt, then completion) as a batch for an engine. */
+function tokenBatch(completions: Scored[]): TokenBatch {
+  return {
+    rows: completions.map((c) => [...c.example.promptIds, ...c.tokens]),
+    promptLens: completions.map((c) => c.example.promptIds.length),
+  };
 }
 
 /** A stable 32-bit seed for step `step`, refill round `round` of a run seeded `seed`. */
@@ -208,6 +217,16 @@ export class GrpoTrainer {
     const started = performance.now();
     this.rewardErrors = 0;
 
+    // The reference's log-probs of the kept rows. One that computes in another process (a
+    // worker: no heldLogprobs) is asked round by round, as soon as a round's groups are scored,
+    // so that it computes while the refill rounds sample; its requests are answered in order,
+    // and the parts join in the order of `kept`. An in-process one shares the policy's device
+    // and is asked once, for the whole batch, when sampling is done (step 3).
+    const invTemperature = 1 / cfg.temperature;
+    const reference = cfg.beta > 0 ? this.reference : null;
+    const earlyReference = reference && !reference.heldLogprobs ? reference : null;
+    const referenceParts: Promise<number[][]>[] = [];
+
     // 1–2. Sample groups; keep those whose rewards differ, refilling the rest.
     let generateSeconds = 0;
     const firstRound: Scored[] = [];
@@ -222,14 +241,25 @@ export class GrpoTrainer {
       const t0 = performance.now();
       const groups = await this.sample(examples, streamSeed(cfg.seed, step, round));
       generateSeconds += (performance.now() - t0) / 1000;
+      const keptThisRound: Scored[][] = [];
       for (const group of groups) {
         const totals = group.map((s) => s.rewards.total);
         const hasSignal = totals.some((r) => r !== totals[0]);
-        if (hasSignal) kept.push(group);
+        if (hasSignal) keptThisRound.push(group);
         if (round === 0) {
           firstRound.push(...group);
           if (!hasSignal) zeroStdFirstRound++;
         }
+      }
+      kept.push(...keptThisRound);
+      if (earlyReference && keptThisRound.length > 0) {
+        const part = earlyReference.completionLogprobs(
+          tokenBatch(keptThisRound.flat()),
+          invTemperature,
+        );
+        // Awaited in the loss below; a failure meanwhile must wait for that await.
+        part.catch(() => {});
+        referenceParts.push(part);
       }
     }
     await afterSampling();
@@ -261,27 +291,23 @@ export class GrpoTrainer {
       };
     }
 
-    // 3. The batch, its advantages and masks; the reference starts at once.
+    // 3. The batch, its advantages and masks; an in-process reference starts at once.
     const completions = kept.flat();
-    const batch: TokenBatch = {
-      rows: completions.map((c) => [...c.example.promptIds, ...c.tokens]),
-      promptLens: completions.map((c) => c.example.promptIds.length),
-    };
+    const batch = tokenBatch(completions);
     const advantages = groupAdvantages(
       completions.map((c) => c.rewards.total),
       G,
       cfg.scale_rewards,
     );
     const masks = completionMask(completions.map((c) => c.tokens), this.task.eosIds);
-    const invTemperature = 1 / cfg.temperature;
     let referenceSeconds = 0;
-    // An in-process GPU reference leaves its log-probs on the GPU for the policy's loss.
-    const reference = cfg.beta > 0 ? this.reference : null;
+    // An in-process GPU reference leaves its log-probs on the GPU for the policy's loss; a
+    // worker's parts were asked for round by round above.
     const refPromise: Promise<ReferenceLogprobs | null> = !reference
       ? Promise.resolve(null)
-      : reference.heldLogprobs
-      ? reference.heldLogprobs(batch, invTemperature)
-      : reference.completionLogprobs(batch, invTemperature);
+      : earlyReference
+      ? Promise.all(referenceParts).then((parts) => parts.flat())
+      : reference.heldLogprobs!(batch, invTemperature);
     // Awaited in the loss below; a failure meanwhile must wait for that await, not end the process.
     refPromise.catch(() => {});
     const referenceLogprobs = async () => {

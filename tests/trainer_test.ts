@@ -3,7 +3,8 @@
 // fake reference record every call; the gradient the trainer hands back for each row is
 // compared with grpoLoss on rows the test builds itself — advantages and masks by hand, the
 // sampling log-probs as logp_old, the reference's log-probs — across micro-batches that split
-// groups, num_iterations > 1, scale_rewards false, and sync_ref_model. Also: a NaN loss stops
+// groups, num_iterations > 1, scale_rewards false, sync_ref_model, and refill rounds (a worker
+// reference asked round by round, its parts joined in order). Also: a NaN loss stops
 // the run with one line and saves nothing; a step's scalars are taken during the next step but
 // before any save, and a failed step saves the last good one. No GPU.
 
@@ -43,7 +44,7 @@ class FakePolicy implements PolicyEngine {
     prompts.forEach((prompt, g) => {
       for (let j = 0; j < G; j++) {
         // Lengths 1–4 differ within a group (so do the rewards); even samples end with EOS.
-        const n = 1 + ((g + j + opts.seed) % 4);
+        const n = 1 + (((g + j + opts.seed) % 4) + 4) % 4; // seeds may be negative
         const row = Array.from({ length: n }, (_, t) => 3 + ((prompt[0] + 5 * j + t) % 13));
         if (j % 2 === 0) row[n - 1] = EOS;
         const full = [...prompt, ...row];
@@ -111,8 +112,13 @@ class FakeReference implements ReferenceEngine {
   }
 }
 
-function fakeTask(): Task {
+/**
+ * `evenPromptsEqual`: prompts p0, p2, p4, … get a reward of 1 whatever the completion, so their
+ * groups teach nothing and are refilled (three rounds for three prompts a step).
+ */
+function fakeTask(evenPromptsEqual = false): Task {
   let next = 0;
+  const equal = (prompt: string) => evenPromptsEqual && Number(prompt.slice(1)) % 2 === 0;
   const example = (i: number): TaskExample => ({
     prompt: `p${i}`,
     promptIds: [1 + (i % 5), 2, 1 + (i % 3)],
@@ -121,8 +127,9 @@ function fakeTask(): Task {
   return {
     name: "fake",
     eosIds: [EOS],
-    // The reward is the completion's length in tokens: it differs within every group.
-    rewards: [{ name: "length", fn: (_p, c) => c.split(" ").length, weight: 1 }],
+    // The reward is the completion's length in tokens: it differs within every group (but for
+    // the groups evenPromptsEqual makes equal).
+    rewards: [{ name: "length", fn: (p, c) => equal(p) ? 1 : c.split(" ").length, weight: 1 }],
     heldOut: [],
     nextExamples: (n) => Array.from({ length: n }, () => example(next++)),
     samplerState: () => ({ epoch: 0, position: next, rng: "1".repeat(32) }),
@@ -181,9 +188,14 @@ function config(overrides: Partial<TrainConfig>): TrainConfig {
  * Runs `steps` steps and checks every gradient the trainer handed back against grpoLoss on
  * rows built here: per optimizer version, the concatenated micro-batches are the whole batch.
  */
-async function checkFedToLoss(cfg: TrainConfig, steps: number) {
-  const policy = new FakePolicy(), reference = new FakeReference();
-  const trainer = new GrpoTrainer(cfg, fakeTask(), policy, reference, silentIO());
+async function checkFedToLoss(
+  cfg: TrainConfig,
+  steps: number,
+  policy = new FakePolicy(),
+  reference = new FakeReference(),
+  task = fakeTask(),
+) {
+  const trainer = new GrpoTrainer(cfg, task, policy, reference, silentIO());
   let callsChecked = 0;
   for (let step = 1; step <= steps; step++) {
     const sampled = policy.version;
@@ -256,6 +268,27 @@ Deno.test("num_iterations > 1: later passes use the sampling log-probs as logp_o
 Deno.test("scale_rewards false: advantages are r − mean", async () => {
   const { callsChecked } = await checkFedToLoss(config({ scale_rewards: false }), 1);
   assert.equal(callsChecked, 3);
+});
+
+Deno.test("refill rounds: a reference without held log-probs is asked round by round, in order", async () => {
+  // A worker reference computes in another process: each round's kept groups go to it before
+  // the next round samples, and its parts must meet their rows in the loss (checkFedToLoss).
+  const policy = new FakePolicy(), reference = new FakeReference(), events: string[] = [];
+  const generate = policy.generate.bind(policy);
+  policy.generate = (prompts, G, opts) => {
+    events.push(`sample ${prompts.length}`);
+    return generate(prompts, G, opts);
+  };
+  const completionLogprobs = reference.completionLogprobs.bind(reference);
+  reference.completionLogprobs = (batch) => {
+    events.push(`reference ${batch.rows.length}`);
+    return completionLogprobs(batch);
+  };
+  const { callsChecked } = await checkFedToLoss(config({}), 2, policy, reference, fakeTask(true));
+  assert.equal(callsChecked, 6);
+  // Step 1 samples p0–p2 and keeps p1; then p3, p4 (keeps p3); then p5. Step 2 likewise.
+  const step = ["sample 3", "reference 4", "sample 2", "reference 4", "sample 1", "reference 4"];
+  assert.deepEqual(events, [...step, ...step]);
 });
 
 Deno.test("sync_ref_model: run() mixes the policy into the reference every N steps", async () => {
