@@ -313,10 +313,27 @@ function better<T>(a: T | null, b: T | null, pick: (x: T, y: T) => T): T | null 
   return a === null ? b : b === null ? a : pick(a, b);
 }
 
+/**
+ * The machine's CPU time so far, from Linux's /proc/stat (null elsewhere): busy, idle and stolen
+ * (taken by a hypervisor for other guests), in clock ticks.
+ */
+function cpuTimes(): { busy: number; idle: number; stolen: number } | null {
+  try {
+    const fields = Deno.readTextFileSync("/proc/stat").split("\n")[0].trim().split(/\s+/);
+    const [user, nice, system, idle, iowait, irq, softirq, steal] = fields.slice(1, 9).map(Number);
+    return { busy: user + nice + system + irq + softirq, idle: idle + iowait, stolen: steal };
+  } catch {
+    return null;
+  }
+}
+
 export async function sideBySide(gpu: Gpu): Promise<void> {
   // Each side runs twice, interleaved, and keeps its best figures: the machine's load drifts
   // over minutes (PyTorch's own GRPO step measured 47–98 ms within one hour), so one window can
-  // catch either side slow.
+  // catch either side slow. On a virtual machine the share of CPU time stolen by the hypervisor
+  // moved both sides' figures by 2× within a morning (BENCHMARKS.md, tenth round): it is printed
+  // with the table.
+  const cpuBefore = cpuTimes();
   const first = await ahaSide(gpu);
   const torchArgs = {
     vocab: defaultModelConfig().vocabSize,
@@ -405,4 +422,14 @@ export async function sideBySide(gpu: Gpu): Promise<void> {
     "ms",
     true,
   );
+  const cpuAfter = cpuTimes();
+  if (cpuBefore && cpuAfter) {
+    const d = (k: keyof typeof cpuAfter) => cpuAfter[k] - cpuBefore[k];
+    const total = d("busy") + d("idle") + d("stolen");
+    const percent = (k: keyof typeof cpuAfter) => `${Math.round(100 * d(k) / total)}%`;
+    console.log(
+      `CPU time over these measurements: ${percent("busy")} busy, ${percent("idle")} idle, ` +
+        `${percent("stolen")} stolen by the hypervisor (/proc/stat)`,
+    );
+  }
 }
