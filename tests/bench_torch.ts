@@ -330,9 +330,9 @@ function cpuTimes(): { busy: number; idle: number; stolen: number } | null {
 export async function sideBySide(gpu: Gpu): Promise<void> {
   // Each side runs twice, interleaved, and keeps its best figures: the machine's load drifts
   // over minutes (PyTorch's own GRPO step measured 47–98 ms within one hour), so one window can
-  // catch either side slow. On a virtual machine the share of CPU time stolen by the hypervisor
-  // moved both sides' figures by 2× within a morning (BENCHMARKS.md, tenth round): it is printed
-  // with the table.
+  // catch either side slow. On a virtual machine both sides' figures moved 2× within a morning,
+  // partly with the share of CPU time the hypervisor took (BENCHMARKS.md, tenth round): the
+  // CPU's busy, idle and stolen shares are printed with the table.
   const cpuBefore = cpuTimes();
   const first = await ahaSide(gpu);
   const torchArgs = {
