@@ -23,6 +23,11 @@ export interface SamplingOptions {
   maxNewTokens: number;
   eosIds: number[];
   seed: number; // the random stream; use a different one per call
+  /**
+   * Row b draws as row firstRow + b of the seed's stream (default 0): a batch sampled in
+   * several calls, each told its first row, draws what one call would.
+   */
+  firstRow?: number;
 }
 
 export interface Completions {

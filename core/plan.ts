@@ -262,6 +262,18 @@ function forwardTensors(
 }
 
 /**
+ * Prompts one generation call of a step samples (core/trainer.ts): prompts_per_generation; unset,
+ * twice prompts_per_step for the built-in model (whose calls cost about the same for any number of
+ * rows, and whose memory is small), prompts_per_step for a checkpoint; never more than a step can
+ * use (every refill round at its largest).
+ */
+export function generationPrompts(cfg: TrainConfig): number {
+  const P = cfg.prompts_per_step;
+  const perCall = cfg.prompts_per_generation ?? (cfg.model === null ? 2 * P : P);
+  return Math.min(perCall, P * (cfg.max_refill_rounds + 1));
+}
+
+/**
  * gpu/generate.ts: G completions of up to maxNew tokens for each of P prompts of up to
  * promptLen tokens (rounded up as generate.ts rounds them), prefilled in batches of
  * prefillPrompts. Everything stays allocated between calls (kept on the model).
@@ -412,12 +424,19 @@ export function planMemory(
   );
   add("policy", "backward scratch", tokens(micro), train.backward);
   add("policy", "log-prob buffers", `logit chunk ${train.chunk} tokens × vocab`, train.logprobs);
-  // Sampling (P prompts × G) or evaluation (core/evaluate.ts: batches of at most P × G rows),
-  // whichever is larger.
+  // Sampling (a generation call's prompts × G) or evaluation (core/evaluate.ts: batches of at
+  // most P × G rows), whichever is larger.
   const kv = cfg.kv_cache_dtype;
   const evalRows = Math.min(cfg.eval_prompts ?? P * G, P * G);
   const generation = [
-    generationTensors(model, P, G, cfg.max_prompt_length, cfg.max_completion_length, kv),
+    generationTensors(
+      model,
+      generationPrompts(cfg),
+      G,
+      cfg.max_prompt_length,
+      cfg.max_completion_length,
+      kv,
+    ),
     generationTensors(model, evalRows, 1, cfg.max_prompt_length, cfg.max_completion_length, kv),
   ].reduce((a, b) => sumBytes([...b.cache, ...b.work]) > sumBytes([...a.cache, ...a.work]) ? b : a);
   const rows = `${generation.rows} rows × ${generation.capacity} tokens`;
@@ -547,8 +566,12 @@ export function planProblems(plan: Plan, limits: AdapterLimits): string[] {
   return problems;
 }
 
-/** Settings `advise` may lower, from the one that matters least to learning to the most. */
+/**
+ * Settings `advise` may lower, from the one that matters least to learning to the most (none:
+ * prompts_per_generation, when set, changes only speed).
+ */
 const KNOBS = [
+  "prompts_per_generation",
   "micro_batch_size",
   "prompts_per_step",
   "max_completion_length",
@@ -570,7 +593,9 @@ export function advise(
     planProblems(planMemory(c, model, shared, checkpointDtype), limits).length === 0;
   /** The largest value of `knob` below the current one that fits, or null. */
   const lower = (c: TrainConfig, knob: typeof KNOBS[number], shared: boolean) => {
-    let lo = 0, hi = c[knob] - 1; // the answer is in [lo, hi]; 0 means none
+    const now = c[knob];
+    if (now === null) return null; // prompts_per_generation unset: it follows prompts_per_step
+    let lo = 0, hi = now - 1; // the answer is in [lo, hi]; 0 means none
     while (lo < hi) {
       const mid = Math.ceil((lo + hi) / 2);
       if (fits({ ...c, [knob]: mid }, shared)) lo = mid;
@@ -606,16 +631,17 @@ export function advise(
   }
   // Checkpointing costs compute, not learning: on before any setting is lowered.
   if (!cfg.gradient_checkpointing) changes.push("gradient_checkpointing: true");
+  const knobs = KNOBS.filter((k) => cfg[k] !== null);
   let c: TrainConfig = {
     ...cfg,
     gradient_checkpointing: true,
-    ...Object.fromEntries(KNOBS.map((k) => [k, 1])),
+    ...Object.fromEntries(knobs.map((k) => [k, 1])),
   };
-  for (const knob of [...KNOBS].reverse()) {
+  for (const knob of [...knobs].reverse()) {
     c = { ...c, [knob]: cfg[knob] };
     if (!fits(c, shared)) c = { ...c, [knob]: lower(c, knob, shared) ?? 1 };
   }
-  changes.push(...KNOBS.filter((k) => c[k] < cfg[k]).map((k) => `${k} ${cfg[k]} → ${c[k]}`));
+  changes.push(...knobs.filter((k) => c[k]! < cfg[k]!).map((k) => `${k} ${cfg[k]} → ${c[k]}`));
   if (fits(c, shared)) return [`These together fit: ${changes.join(", ")}`];
 
   // What is left does not depend on the settings: the model's own tensors.

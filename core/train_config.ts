@@ -43,6 +43,14 @@ export interface TrainConfig {
   reward_weights: number[] | null;
   /** How many times a step may draw fresh prompts to replace groups whose rewards are equal. */
   max_refill_rounds: number;
+  /**
+   * Prompts sampled together in one generation call. A step samples its prompts in calls of
+   * this many, ahead of what its refill rounds turn out to need, and the prompts it leaves unused
+   * go back to the data stream: more saves calls and costs rows and memory (deno task plan
+   * counts them); which groups a step keeps does not depend on it. null: 2 × prompts_per_step
+   * for the built-in model, prompts_per_step for a checkpoint (core/plan.ts generationPrompts).
+   */
+  prompts_per_generation: number | null;
 
   // Optimisation: AdamW with gradient clipping, in micro-batches of completions.
   learning_rate: number;
@@ -198,6 +206,7 @@ export function defaultTrainConfig(): TrainConfig {
     reward_funcs: ["arith_correct", "arith_format"],
     reward_weights: null,
     max_refill_rounds: 2,
+    prompts_per_generation: null,
     learning_rate: 1.5e-3,
     lr_scheduler_type: "linear",
     warmup_steps: 20,
@@ -345,6 +354,7 @@ const RULES: Record<string, Rule> = {
     accepts: (v) => Array.isArray(v) && v.every(isNumber),
   }),
   max_refill_rounds: int(0),
+  prompts_per_generation: orNull(int(1)),
   learning_rate: num("(", 0),
   lr_scheduler_type: oneOf("constant", "constant_with_warmup", "linear", "cosine"),
   warmup_steps: int(0),

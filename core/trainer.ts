@@ -2,10 +2,11 @@
 //
 //   1. draw prompts_per_step prompts; sample num_generations completions for each;
 //   2. score them; groups whose rewards are all equal teach nothing: drop them and refill from
-//      fresh prompts, up to max_refill_rounds times;
+//      fresh prompts, up to max_refill_rounds times (the refills may have been sampled ahead,
+//      in the same generation call: prompts_per_generation);
 //   3. advantages per group; the batch goes to the reference engine at once, and the policy's
-//      forward runs while it computes (a reference in another process gets each round's kept
-//      groups as soon as they are scored, so that it also computes during the refill rounds);
+//      forward runs while it computes (a reference in another process gets each call's kept
+//      groups as soon as they are scored, so that it also computes during the later calls);
 //   4. the GRPO loss per completion token (core/grpo.ts), backward in micro-batches with
 //      gradient accumulation, clip, AdamW — num_iterations times over the same batch;
 //   5. metrics, samples, a greedy evaluation now and then, checkpoints.
@@ -36,6 +37,7 @@ import {
   type LossSums,
 } from "./grpo.ts";
 import { type EvalOptions, evalSelection, evaluatePolicy, type Evaluation } from "./evaluate.ts";
+import { generationPrompts } from "./plan.ts";
 import { reflectionMatcher, scoreBatch } from "./rewards.ts";
 import type { Task, TaskExample } from "./task.ts";
 import type { SamplerState } from "./task.ts";
@@ -91,10 +93,9 @@ function tokenBatch(completions: Scored[]): TokenBatch {
   };
 }
 
-/** A stable 32-bit seed for step `step`, refill round `round` of a run seeded `seed`. */
-export function streamSeed(seed: number, step: number, round: number): number {
-  let h = (seed ^ 0x9e3779b9) >>> 0;
-  for (const x of [step, round]) h = (Math.imul(h ^ x, 0x85ebca6b) + 0x632be5ab) >>> 0;
+/** A stable 32-bit seed for step `step` of a run seeded `seed`. */
+export function streamSeed(seed: number, step: number): number {
+  const h = (Math.imul(((seed ^ 0x9e3779b9) >>> 0) ^ step, 0x85ebca6b) + 0x632be5ab) >>> 0;
   return h ^ (h >>> 15);
 }
 
@@ -218,8 +219,8 @@ export class GrpoTrainer {
     this.rewardErrors = 0;
 
     // The reference's log-probs of the kept rows. One that computes in another process (a
-    // worker: no heldLogprobs) is asked round by round, as soon as a round's groups are scored,
-    // so that it computes while the refill rounds sample; its requests are answered in order,
+    // worker: no heldLogprobs) is asked for the groups kept so far before each later generation
+    // call, so that it computes while that call samples; its requests are answered in order,
     // and the parts join in the order of `kept`. An in-process one shares the policy's device
     // and is asked once, for the whole batch, when sampling is done (step 3).
     const invTemperature = 1 / cfg.temperature;
@@ -227,47 +228,63 @@ export class GrpoTrainer {
     const earlyReference = reference && !reference.heldLogprobs ? reference : null;
     const referenceParts: Promise<number[][]>[] = [];
 
-    // 1–2. Sample groups; keep those whose rewards differ, refilling the rest.
-    let generateSeconds = 0;
-    const firstRound: Scored[] = [];
+    // 1–2. Sample groups; keep those whose rewards differ, refilling the rest. Prompts are drawn
+    // in order and sampled in calls of prompts_per_generation, which may run ahead of what the
+    // refill rounds turn out to need: the rounds are then decided from groups already sampled,
+    // and the prompts left unused go back to the data stream. A prompt's completions depend on
+    // the step and its position in the step only (the sampler's stream is keyed by row), so
+    // the rounds keep the same groups however the calls split them.
+    const P = cfg.prompts_per_step, perCall = generationPrompts(cfg);
+    const mostPrompts = P * (cfg.max_refill_rounds + 1); // every round refills P prompts at most
+    const seed = streamSeed(cfg.seed, step);
+    const samplerAtStart = this.task.samplerState();
+    const drawn: Scored[][] = []; // every group sampled this step, in the order drawn
     const kept: Scored[][] = [];
-    let zeroStdFirstRound = 0;
-    for (
-      let round = 0;
-      round <= cfg.max_refill_rounds && kept.length < cfg.prompts_per_step;
-      round++
-    ) {
-      const examples = this.task.nextExamples(cfg.prompts_per_step - kept.length);
-      const t0 = performance.now();
-      const groups = await this.sample(examples, streamSeed(cfg.seed, step, round));
-      generateSeconds += (performance.now() - t0) / 1000;
-      const keptThisRound: Scored[][] = [];
-      for (const group of groups) {
-        const totals = group.map((s) => s.rewards.total);
-        const hasSignal = totals.some((r) => r !== totals[0]);
-        if (hasSignal) keptThisRound.push(group);
-        if (round === 0) {
-          firstRound.push(...group);
-          if (!hasSignal) zeroStdFirstRound++;
-        }
+    let generateSeconds = 0, used = 0, round = 0, roundEnd = P, zeroStdFirstRound = 0;
+    let askedReference = 0; // groups of `kept` the worker reference was asked for
+    const askReference = () => {
+      if (!earlyReference || askedReference === kept.length) return;
+      const part = earlyReference.completionLogprobs(
+        tokenBatch(kept.slice(askedReference).flat()),
+        invTemperature,
+      );
+      // Awaited in the loss below; a failure meanwhile must wait for that await.
+      part.catch(() => {});
+      referenceParts.push(part);
+      askedReference = kept.length;
+    };
+    while (true) {
+      if (used === roundEnd) {
+        if (kept.length === P || round === cfg.max_refill_rounds) break;
+        round++;
+        roundEnd = used + P - kept.length;
       }
-      kept.push(...keptThisRound);
-      if (earlyReference && keptThisRound.length > 0) {
-        const part = earlyReference.completionLogprobs(
-          tokenBatch(keptThisRound.flat()),
-          invTemperature,
-        );
-        // Awaited in the loss below; a failure meanwhile must wait for that await.
-        part.catch(() => {});
-        referenceParts.push(part);
+      if (used === drawn.length) {
+        askReference(); // the groups kept so far, while the next call samples
+        const count = Math.min(perCall, mostPrompts - used);
+        const t0 = performance.now();
+        drawn.push(...await this.sample(this.task.nextExamples(count), seed, used));
+        generateSeconds += (performance.now() - t0) / 1000;
       }
+      const group = drawn[used++];
+      const totals = group.map((s) => s.rewards.total);
+      const hasSignal = totals.some((r) => r !== totals[0]);
+      if (hasSignal) kept.push(group);
+      if (round === 0 && !hasSignal) zeroStdFirstRound++;
     }
+    askReference();
+    if (drawn.length > used) {
+      this.task.restoreSampler(samplerAtStart);
+      this.task.nextExamples(used);
+    }
+    const firstRound = drawn.slice(0, P).flat();
     await afterSampling();
 
     const metrics: Metrics = {
       ...this.sampleMetrics(firstRound),
       frac_reward_zero_std: zeroStdFirstRound / cfg.prompts_per_step,
       groups_trained: kept.length,
+      prompts_sampled: drawn.length,
       learning_rate: learningRateAt(cfg, step),
       generate_s: generateSeconds,
     };
@@ -390,8 +407,12 @@ export class GrpoTrainer {
     return { metrics: scalars };
   }
 
-  /** Generate G completions per example and score them; one group per example. */
-  private async sample(examples: TaskExample[], seed: number): Promise<Scored[][]> {
+  /**
+   * Generate G completions per example and score them; one group per example. The examples
+   * are the step's prompts from position `first` on: their draws are those rows of the step's
+   * random stream.
+   */
+  private async sample(examples: TaskExample[], seed: number, first: number): Promise<Scored[][]> {
     const cfg = this.cfg, G = cfg.num_generations;
     const out = await this.policy.generate(examples.map((e) => e.promptIds), G, {
       temperature: cfg.temperature,
@@ -400,6 +421,7 @@ export class GrpoTrainer {
       maxNewTokens: cfg.max_completion_length,
       eosIds: this.task.eosIds,
       seed,
+      firstRow: first * G,
     });
     // Every reward function scores the whole batch at once (a user's async ones concurrently).
     // They cannot overlap the next generation: which groups are kept, and so whether more

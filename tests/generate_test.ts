@@ -9,7 +9,7 @@ import { generate } from "../gpu/generate.ts";
 import { prefillPrompts } from "../core/plan.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
-import { gpuTest, openGpu } from "./helpers.ts";
+import { assertClose, gpuTest, openGpu } from "./helpers.ts";
 
 const gpu = await openGpu();
 const V = 23;
@@ -132,6 +132,42 @@ Deno.test(
       assert.equal(a.truncated[i], ended < 0);
       if (ended < 0) assert.equal(tokens.length, 5);
     });
+    model.destroy();
+  },
+);
+
+Deno.test(
+  "a batch sampled in calls, each told its first row, draws what one call draws",
+  gpuTest,
+  async () => {
+    // The trainer samples a step's prompts in calls of prompts_per_generation and relies on a
+    // prompt's completions not depending on how the calls split the step (core/trainer.ts).
+    const model = new GpuModel(gpu, config, sharpWeights(9, 0.1));
+    const sampling = {
+      temperature: 1,
+      topP: 0.95,
+      topK: 0,
+      maxNewTokens: 6,
+      eosIds: [22],
+      seed: 11,
+    };
+    const prompts = [[1, 2], [3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13]], G = 3;
+    const whole = await generate(model, prompts, G, sampling);
+    const head = await generate(model, prompts.slice(0, 2), G, sampling);
+    const tail = await generate(model, prompts.slice(2), G, { ...sampling, firstRow: 2 * G });
+    assert.deepEqual([...head.tokens, ...tail.tokens], whole.tokens);
+    assert.deepEqual([...head.truncated, ...tail.truncated], whole.truncated);
+    // Each row computes alone; 1e-6 allows for kernels that order a sum by the batch's size.
+    assertClose(
+      [...head.logprobs, ...tail.logprobs].flat(),
+      whole.logprobs.flat(),
+      1e-6,
+      1e-6,
+      "log-probs",
+    );
+    // Without its first row the tail draws as the batch's first rows do: other tokens.
+    const unshifted = await generate(model, prompts.slice(2), G, sampling);
+    assert.notDeepEqual(unshifted.tokens, tail.tokens);
     model.destroy();
   },
 );

@@ -50,6 +50,7 @@ Deno.test("a small plan, counted by hand", () => {
   const cfg: TrainConfig = {
     ...defaultTrainConfig(),
     prompts_per_step: 2,
+    prompts_per_generation: 2, // unset, the built-in model samples twice prompts_per_step
     num_generations: 2,
     max_prompt_length: 3,
     max_completion_length: 2,
@@ -91,6 +92,17 @@ Deno.test("a small plan, counted by hand", () => {
   assert.equal(plan.policyBytes, 13464 + 4 * (3584 - 720));
   assert.equal(plan.referenceBytes, 8496 + 3584 - 720);
   assert.equal(planMemory({ ...cfg, beta: 0 }, model).referenceBytes, 0);
+  // Sampling 4 prompts a call (unset: the built-in model's 2 × prompts_per_step): 8 rows, and
+  // the prompt cache holds all 4 prompts of a prefill batch: 2·(8·16·2) + 2·(4·16·2).
+  for (const prompts_per_generation of [4, null]) {
+    const ahead = planMemory({ ...cfg, prompts_per_generation }, model, true).items;
+    const cache = ahead.find((i) => i.what === "generation KV cache")!;
+    assert.equal(cache.bytes, 4 * 768);
+    assert.match(cache.detail, /^8 rows × 16 tokens$/);
+  }
+  // …never more than a step can use: 2 prompts × (max_refill_rounds 0 + 1).
+  const most = planMemory({ ...cfg, prompts_per_generation: 4, max_refill_rounds: 0 }, model, true);
+  assert.equal(most.items.find((i) => i.what === "generation KV cache")!.bytes, 4 * 384);
 });
 
 Deno.test("the built-in Qwen2.5 shapes: 0.5B equals its genuine config.json", async () => {
@@ -195,6 +207,21 @@ Deno.test("advice: each suggested value is the largest that fits", () => {
   }
   // In aha train the reference cannot move: then it is not suggested.
   assert.ok(!advise(cfg, model, adapter, true, false)[0].includes("second adapter"));
+  // Sampling ahead (prompts_per_generation) costs memory and no learning: lowering it is advised
+  // first of the settings.
+  const ahead = { ...cfg, prompts_per_generation: 12 };
+  const need = (c: TrainConfig) => {
+    const plan = planMemory(c, model, true);
+    return plan.policyBytes + plan.referenceBytes;
+  };
+  const roomy = limits(2 * GiB, (need(cfg) + need(ahead)) / 2);
+  const fitsRoomy = (c: TrainConfig) =>
+    planProblems(planMemory(c, model, true), roomy).length === 0;
+  assert.ok(fitsRoomy(cfg) && !fitsRoomy(ahead));
+  const [aheadAdvice] = advise(ahead, model, roomy, true, false);
+  const [, value] = aheadAdvice.match(/[:;] prompts_per_generation 12 → (\d+); micro_batch_size/)!;
+  assert.ok(fitsRoomy({ ...ahead, prompts_per_generation: Number(value) }), aheadAdvice);
+  assert.ok(!fitsRoomy({ ...ahead, prompts_per_generation: Number(value) + 1 }), aheadAdvice);
 });
 
 Deno.test("aha plan prints the table and advice without asking the GPU; exit 1 when it does not fit", async () => {
@@ -244,6 +271,7 @@ Deno.test("a LoRA plan with 16-bit weights and cache and checkpointing, counted 
   const cfg: TrainConfig = {
     ...defaultTrainConfig(),
     prompts_per_step: 2,
+    prompts_per_generation: 2,
     num_generations: 2,
     max_prompt_length: 3,
     max_completion_length: 2,

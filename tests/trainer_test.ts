@@ -4,7 +4,8 @@
 // compared with grpoLoss on rows the test builds itself — advantages and masks by hand, the
 // sampling log-probs as logp_old, the reference's log-probs — across micro-batches that split
 // groups, num_iterations > 1, scale_rewards false, sync_ref_model, and refill rounds (a worker
-// reference asked round by round, its parts joined in order). Also: a NaN loss stops
+// reference asked call by call, its parts joined in order; prompts sampled ahead in calls of any
+// size keep the same groups and return the unused ones to the stream). Also: a NaN loss stops
 // the run with one line and saves nothing; a step's scalars are taken during the next step but
 // before any save, and a failed step saves the last good one. No GPU.
 
@@ -42,9 +43,12 @@ class FakePolicy implements PolicyEngine {
   generate(prompts: number[][], G: number, opts: SamplingOptions): Promise<Completions> {
     const tokens: number[][] = [], logprobs: number[][] = [], truncated: boolean[] = [];
     prompts.forEach((prompt, g) => {
+      // As the GPU sampler's, the draws are a function of the seed and the row's place in the
+      // seed's stream (firstRow + the row), not of the call.
+      const position = (opts.firstRow ?? 0) / G + g;
       for (let j = 0; j < G; j++) {
         // Lengths 1–4 differ within a group (so do the rewards); even samples end with EOS.
-        const n = 1 + (((g + j + opts.seed) % 4) + 4) % 4; // seeds may be negative
+        const n = 1 + (((position + j + opts.seed) % 4) + 4) % 4; // seeds may be negative
         const row = Array.from({ length: n }, (_, t) => 3 + ((prompt[0] + 5 * j + t) % 13));
         if (j % 2 === 0) row[n - 1] = EOS;
         const full = [...prompt, ...row];
@@ -133,7 +137,9 @@ function fakeTask(evenPromptsEqual = false): Task {
     heldOut: [],
     nextExamples: (n) => Array.from({ length: n }, () => example(next++)),
     samplerState: () => ({ epoch: 0, position: next, rng: "1".repeat(32) }),
-    restoreSampler: () => {},
+    restoreSampler: (state) => {
+      next = state.position;
+    },
     decode: (ids) => ids.join(" "),
     isCorrect: () => false,
     isFormatted: () => false,
@@ -270,10 +276,8 @@ Deno.test("scale_rewards false: advantages are r − mean", async () => {
   assert.equal(callsChecked, 3);
 });
 
-Deno.test("refill rounds: a reference without held log-probs is asked round by round, in order", async () => {
-  // A worker reference computes in another process: each round's kept groups go to it before
-  // the next round samples, and its parts must meet their rows in the loss (checkFedToLoss).
-  const policy = new FakePolicy(), reference = new FakeReference(), events: string[] = [];
+/** Records the fake engines' calls in `events`: "sample <prompts>", "reference <rows>". */
+function recordCalls(policy: FakePolicy, reference: FakeReference, events: string[]): void {
   const generate = policy.generate.bind(policy);
   policy.generate = (prompts, G, opts) => {
     events.push(`sample ${prompts.length}`);
@@ -284,11 +288,81 @@ Deno.test("refill rounds: a reference without held log-probs is asked round by r
     events.push(`reference ${batch.rows.length}`);
     return completionLogprobs(batch);
   };
-  const { callsChecked } = await checkFedToLoss(config({}), 2, policy, reference, fakeTask(true));
+}
+
+Deno.test("refill rounds: a reference without held log-probs is asked call by call, in order", async () => {
+  // A worker reference computes in another process: the groups kept so far go to it before each
+  // later generation call, and its parts must meet their rows in the loss (checkFedToLoss).
+  const policy = new FakePolicy(), reference = new FakeReference(), events: string[] = [];
+  recordCalls(policy, reference, events);
+  const cfg = config({ prompts_per_generation: 2 });
+  const { callsChecked } = await checkFedToLoss(cfg, 2, policy, reference, fakeTask(true));
   assert.equal(callsChecked, 6);
-  // Step 1 samples p0–p2 and keeps p1; then p3, p4 (keeps p3); then p5. Step 2 likewise.
-  const step = ["sample 3", "reference 4", "sample 2", "reference 4", "sample 1", "reference 4"];
+  // Step 1 samples p0, p1 (keeps p1); p2, p3 (round 0 ends at p2; keeps p3); p4, p5 (round 1
+  // ends at p4; round 2 keeps p5). Step 2 likewise from p6.
+  const step = ["sample 2", "reference 4", "sample 2", "reference 4", "sample 2", "reference 4"];
   assert.deepEqual(events, [...step, ...step]);
+});
+
+Deno.test("prompts sampled ahead: any prompts_per_generation keeps the groups the refill rounds keep", async () => {
+  // Three prompts a step with even ones equal: p0–p2 keep p1, the first refill p3–p4 keeps p3,
+  // the second p5. However the calls split the step, each row is drawn as its position's, the
+  // same groups train, and the prompts sampled past p5 go back to the stream for step 2.
+  const run = async (prompts_per_generation: number | null) => {
+    const policy = new FakePolicy(), reference = new FakeReference();
+    const task = fakeTask(true), metrics: Record<string, number>[] = [];
+    const cfg = config({ prompts_per_generation, max_steps: 3 });
+    const io = {
+      ...silentIO(),
+      metrics: (_: number, m: Record<string, number>) => {
+        metrics.push(m);
+        return Promise.resolve();
+      },
+    };
+    await new GrpoTrainer(cfg, task, policy, reference, io).run(0);
+    const [next] = task.nextExamples(1);
+    // Everything but the timings, and what each call sampled.
+    const skip = [
+      "generate_s",
+      "reference_s",
+      "train_s",
+      "step_s",
+      "tokens_per_s",
+      "prompts_sampled",
+    ];
+    const results = metrics.map((m) =>
+      Object.fromEntries(Object.entries(m).filter(([k]) => !skip.includes(k)))
+    );
+    return {
+      calls: policy.calls,
+      results,
+      sampled: metrics.map((m) => m.prompts_sampled),
+      next: next.prompt,
+    };
+  };
+  const roundByRound = await run(1);
+  assert.deepEqual(roundByRound.sampled, [6, 6, 6]);
+  assert.equal(roundByRound.next, "p18");
+  for (const m of roundByRound.results) {
+    // The first round's p0 and p2 (p6, p8; …) teach nothing; the refills make up for them.
+    assert.equal(m.frac_reward_zero_std, 2 / 3);
+    assert.equal(m.groups_trained, 3);
+  }
+  for (
+    const [perCall, sampled] of [
+      [null, [6, 6, 6]],
+      [2, [6, 6, 6]],
+      [4, [8, 8, 8]],
+      [9, [9, 9, 9]],
+      [50, [9, 9, 9]],
+    ] as const
+  ) {
+    const ahead = await run(perCall);
+    assert.deepEqual(ahead.sampled, sampled, `prompts_per_generation ${perCall}`);
+    assert.deepEqual(ahead.calls, roundByRound.calls, `prompts_per_generation ${perCall}`);
+    assert.deepEqual(ahead.results, roundByRound.results, `prompts_per_generation ${perCall}`);
+    assert.equal(ahead.next, "p18", `prompts_per_generation ${perCall}`);
+  }
 });
 
 Deno.test("sync_ref_model: run() mixes the policy into the reference every N steps", async () => {

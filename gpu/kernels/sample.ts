@@ -7,7 +7,8 @@
 //      over the row per digit, counting the tokens at or above three candidate thresholds at once;
 //   3. finds the top-p threshold the same way, weighing tokens by probability instead of counting;
 //   4. draws u in [0, 1) from a counter-based hash of (seed, step, row) and walks the allowed tokens
-//      in index order, accumulating probability until the running sum exceeds u·(allowed mass).
+//      in index order, accumulating probability until the running sum exceeds u·(allowed mass);
+//      rows count from `firstRow`, so a batch sampled in several calls draws as in one.
 // Tokens tied at a threshold are all allowed, so the top-k set may hold more than k tokens and the
 // nucleus more than the smallest set. temperature = 0 is greedy: argmax, ties to the lowest index.
 // Few passes matter beyond speed: llvmpipe ends every loop of an invocation once its loops have run
@@ -54,7 +55,7 @@ fn ${name}(lid: u32, x: ${type}) -> ${type} {
   return /* wgsl */ `
 const WG = ${threads}u;
 struct Params { B: u32, V: u32, greedy: u32, topK: u32, seedLo: u32, seedHi: u32, step: u32,
-                s: f32, topP: f32 }
+                firstRow: u32, s: f32, topP: f32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> done: array<i32>;
@@ -86,9 +87,9 @@ fn pcg(x: u32) -> u32 {
   return (word >> 22u) ^ word;
 }
 
-// u in [0, 1) with 24 random bits, a function of (seed, step, row) only.
+// u in [0, 1) with 24 random bits, a function of (seed, step, firstRow + row) only.
 fn uniform01(row: u32) -> f32 {
-  let h = pcg(pcg(pcg(pcg(p.seedLo) ^ p.seedHi) ^ p.step) ^ row);
+  let h = pcg(pcg(pcg(pcg(p.seedLo) ^ p.seedHi) ^ p.step) ^ (p.firstRow + row));
   return f32(h >> 8u) * (1.0 / 16777216.0);
 }
 
@@ -238,6 +239,8 @@ export interface SampleOptions {
   seed: number;
   /** The generation step; with seed and row it keys the random draw. */
   step: number;
+  /** Row b draws as row firstRow + b (default 0): a batch split in calls draws as one. */
+  firstRow?: number;
 }
 
 /**
@@ -254,7 +257,7 @@ export function sample(
   tokens: Tensor,
   logp: Tensor,
 ): void {
-  const { temperature, topK, topP, seed, step } = opts;
+  const { temperature, topK, topP, seed, step, firstRow = 0 } = opts;
   if (!(temperature >= 0)) {
     throw new AhaError(`sampling: temperature must be ≥ 0, got ${temperature}`);
   }
@@ -271,7 +274,16 @@ export function sample(
     gpu.pipeline(sampleWgsl(threads), "sample"),
     grid(B, threads === 1 ? ROWS_PER_GROUP : 1),
     [logits, done, tokens, logp],
-    [B, V, greedy ? 1 : 0, topK, seed >>> 0, Math.floor(seed / 2 ** 32) >>> 0, step >>> 0],
+    [
+      B,
+      V,
+      greedy ? 1 : 0,
+      topK,
+      seed >>> 0,
+      Math.floor(seed / 2 ** 32) >>> 0,
+      step >>> 0,
+      firstRow >>> 0,
+    ],
     [invTemperature, topP],
   );
 }
