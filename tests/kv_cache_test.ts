@@ -124,6 +124,7 @@ Deno.test(
     const cfg: TrainConfig = {
       ...defaultTrainConfig(),
       prompts_per_step: 5,
+      prompts_per_generation: 5,
       num_generations: 3,
       max_prompt_length: 4,
       max_completion_length: 6,
