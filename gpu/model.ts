@@ -72,6 +72,7 @@ import {
   assembleKv,
   attention,
   attentionBackward,
+  attentionKernel,
   type AttentionShape,
   type KvDtype,
   scatterKvGrads,
@@ -147,6 +148,8 @@ export interface LayerStep {
   adapter?: boolean;
   /** A shared-prompt batch (forwardShared): attention runs per part, over assembled caches. */
   shared?: SharedLayout;
+  /** A packed batch (forwardPacked): each position's sequence as [start, end), i32 pairs. */
+  segments?: Tensor;
 }
 
 /**
@@ -279,6 +282,8 @@ class Activations {
   readonly T: number;
   /** A shared-prompt batch's layout (then B rows are its tails, L = C): forwardShared. */
   readonly shared: SharedLayout | null = null;
+  /** A packed batch's sequence bounds [L, 2] (then B = 1): forwardPacked writes them. */
+  readonly segments: Tensor | null = null;
   /** A shared-prompt backward's cache-row gradients [B, P + C, nKv·D]. */
   private dCache: { k: Tensor; v: Tensor } | null = null;
   readonly chunk: number;
@@ -298,6 +303,7 @@ class Activations {
     logitChunkFloats: number,
     readonly checkpointed = false,
     prefix?: { G: number; P: number },
+    packed = false,
   ) {
     const H = c.hiddenSize;
     const T = this.T = prefix ? sharedTokens(B, L, prefix.G, prefix.P) : B * L;
@@ -343,11 +349,16 @@ class Activations {
       gpu.write(this.shared.prefixKvLens, new Int32Array(Math.max(G, 1)).fill(P));
       return;
     }
+    gpu.write(this.kvLens, new Int32Array(B).fill(L));
+    if (packed) {
+      // Positions and sequence bounds are the batch's: forwardPacked writes them.
+      this.segments = gpu.zeros([T * 2], "i32");
+      return;
+    }
     // Every row holds positions 0..L-1 and attends over its own L keys.
     const positions = new Int32Array(T);
     for (let t = 0; t < T; t++) positions[t] = t % L;
     gpu.write(this.positions, positions);
-    gpu.write(this.kvLens, new Int32Array(B).fill(L));
   }
 
   /** Layer i's buffers: its own, or the shared set (with its own input when checkpointed). */
@@ -776,13 +787,19 @@ export class GpuModel {
     L: number,
     keep: boolean,
     prefix?: { G: number; P: number },
+    packed = false,
   ): Activations {
     // Training and scoring keep separate buffers: a LoRA run's in-process reference scores
     // between the policy's forward and its backward.
     const current = keep ? this.acts : this.scoringActs;
     const same = (s: SharedLayout | null) =>
       prefix ? s !== null && s.G === prefix.G && s.P === prefix.P : s === null;
-    if (current && current.B === B && current.L === L && same(current.shared)) return current;
+    if (
+      current && current.B === B && current.L === L && same(current.shared) &&
+      (current.segments !== null) === packed
+    ) {
+      return current;
+    }
     current?.release(this.gpu);
     const a = new Activations(
       this.gpu,
@@ -793,6 +810,7 @@ export class GpuModel {
       this.logitChunkFloats,
       this.checkpointing,
       prefix,
+      packed,
     );
     if (keep) this.acts = a;
     else this.scoringActs = a;
@@ -881,7 +899,49 @@ export class GpuModel {
     return this.runForward(a, invTemperature, adapter);
   }
 
-  /** The forward both layouts share, from the ids, targets and positions written into `a`. */
+  /**
+   * Forward over a packed batch: the rows laid end to end in one row of `L` positions (L at least
+   * their total; the rest is padding), each attending only over itself. Costs the rows' own
+   * tokens where the joined layout pads every row to the longest. The same function as
+   * forward() over the rows joined, up to the order of floating-point sums. Returns the log-probs
+   * [L]: element start_b + t is log p(rows[b][t + 1] | rows[b][..t]), start_b the total length
+   * of the rows before b; backward() takes dLoss/dlogp in the same layout.
+   */
+  forwardPacked(
+    batch: number[][],
+    L: number,
+    invTemperature = 1,
+    keepForBackward = true,
+    adapter = true,
+  ): Tensor {
+    const gpu = this.gpu;
+    const a = this.activations(1, L, keepForBackward, undefined, true);
+    a.first = 0;
+    // Padding is a sequence of its own per position: id 0 at position 0, seeing only itself.
+    const ids = new Int32Array(L), targets = new Int32Array(L), positions = new Int32Array(L);
+    const segments = new Int32Array(L * 2);
+    for (let t = 0; t < L; t++) segments.set([t, t + 1], t * 2);
+    let start = 0;
+    for (const row of batch) {
+      const end = start + row.length;
+      if (end > L) throw new Error(`forwardPacked: the rows need ${end} positions, L is ${L}`);
+      row.forEach((id, t) => {
+        ids[start + t] = id;
+        if (t + 1 < row.length) targets[start + t] = row[t + 1];
+        positions[start + t] = t;
+        segments.set([start, end], (start + t) * 2);
+      });
+      start = end;
+    }
+    gpu.write(a.ids, ids);
+    gpu.write(a.targets, targets);
+    gpu.write(a.positions, positions);
+    gpu.write(a.segments!, segments);
+    a.idsHost = ids;
+    return this.runForward(a, invTemperature, adapter);
+  }
+
+  /** The forward every layout shares, from the ids, targets and positions written into `a`. */
   private runForward(a: Activations, invTemperature: number, adapter: boolean): Tensor {
     const gpu = this.gpu, c = this.config, T = a.T, H = c.hiddenSize;
     const { B, L, first } = a;
@@ -893,6 +953,7 @@ export class GpuModel {
       shape: this.attentionShape(B, L),
       adapter,
       shared: a.shared ?? undefined,
+      segments: a.segments ?? undefined,
     };
     for (let i = 0; i < c.numLayers; i++) {
       // Without backward, one set of buffers serves every layer, each writing over its input.
@@ -960,7 +1021,10 @@ export class GpuModel {
       writeKvCache(gpu, x.v, cache.v, kvLens, shape);
     }
     if (step.shared) this.sharedAttention(x, step.shared);
-    else attention(gpu, x.q, cache?.k ?? x.k, cache?.v ?? x.v, kvLens, x.attn, x.lse, shape);
+    else {
+      const [k, v] = [cache?.k ?? x.k, cache?.v ?? x.v], kernel = attentionKernel(gpu);
+      attention(gpu, x.q, k, v, kvLens, x.attn, x.lse, shape, kernel, undefined, step.segments);
+    }
     // The residual adds ride on the products: a copy (a memcpy, not a kernel) of the residual
     // into the output, which the product then accumulates into.
     gpu.copy(x.input, x.mid, T * c.hiddenSize);
@@ -1152,6 +1216,7 @@ export class GpuModel {
       kvLens: a.kvLens,
       shape,
       shared: a.shared ?? undefined,
+      segments: a.segments ?? undefined,
     };
     for (let i = c.numLayers - 1; i >= 0; i--) {
       const x = a.layer(i), pre = `model.layers.${i}.`;
@@ -1198,6 +1263,8 @@ export class GpuModel {
           d.dk,
           d.dv,
           shape,
+          undefined,
+          a.segments ?? undefined,
         );
       }
       ropeQkv(

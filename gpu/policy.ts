@@ -27,32 +27,64 @@ import { type GpuModel, worthSharing } from "./model.ts";
 import { GpuHeldLogprobs, heldScores } from "./score.ts";
 
 /**
- * A batch's training forward, in whichever layout costs fewer tokens: the rows joined, right-
- * padded to [B, L] (log-probs from the shortest prompt's last token on), or each group's prompt
- * shared (GpuModel.forwardShared; a GRPO batch's samples of one prompt). `at(b, t)` is where the
- * log-prob of completion token t of row b lies in `logp`, which is [B·L] (L = C when shared);
- * backward() takes dLoss/dlogp in the same layout.
+ * A batch's training forward, in whichever layout costs fewer tokens: each group's prompt shared
+ * (GpuModel.forwardShared; a GRPO batch's samples of one prompt), the rows packed end to end
+ * (GpuModel.forwardPacked; rows of unequal lengths, as a supervised batch's), or the rows joined,
+ * right-padded to [B, L] (log-probs from the shortest prompt's last token on). `at(b, t)` is
+ * where the log-prob of completion token t of row b lies in `logp`, whose first T positions the
+ * layout uses; backward() takes dLoss/dlogp in the same layout.
  */
 function trainingForward(
   model: GpuModel,
   batch: TokenBatch,
   invTemperature: number,
   share: boolean,
-): { logp: Tensor; B: number; L: number; at: (b: number, t: number) => number } {
+  pack: boolean,
+): { logp: Tensor; T: number; at: (b: number, t: number) => number } {
   const B = batch.rows.length;
   const shared = share ? worthSharing(batch.rows, batch.promptLens) : null;
   if (shared) {
     const L = Math.max(...shared.tails.map((t) => t.length));
     const logp = model.forwardShared(shared, invTemperature);
-    return { logp, B, L, at: (b, t) => b * L + t };
+    return { logp, T: B * L, at: (b, t) => b * L + t };
   }
   const L = Math.max(...batch.rows.map((r) => r.length));
+  // The vocabulary projection of the joined layout starts at the shortest prompt's last token;
+  // the packed layout runs it everywhere.
+  const first = Math.min(...batch.promptLens) - 1;
+  const packedL = packedLength(batch.rows);
+  const { layer, head } = tokenCost(model);
+  if (pack && packedL * (layer + head) < B * L * layer + B * (L - first) * head) {
+    const starts: number[] = [];
+    batch.rows.reduce((start, row) => (starts.push(start), start + row.length), 0);
+    const logp = model.forwardPacked(batch.rows, packedL, invTemperature);
+    return { logp, T: packedL, at: (b, t) => starts[b] + batch.promptLens[b] - 1 + t };
+  }
   const ids = new Int32Array(B * L);
   batch.rows.forEach((row, b) => ids.set(row, b * L));
-  // The vocabulary projection starts at the shortest prompt's last token.
-  const first = Math.min(...batch.promptLens) - 1;
   const logp = model.forward(ids, B, L, invTemperature, true, true, first);
-  return { logp, B, L, at: (b, t) => b * L + batch.promptLens[b] - 1 + t };
+  return { logp, T: B * L, at: (b, t) => b * L + batch.promptLens[b] - 1 + t };
+}
+
+/**
+ * Positions a packed batch takes: its rows' tokens rounded up to an eighth of their power of two
+ * (1,098 tokens → 1,152), so that batches of about the same size share one set of buffers
+ * (GpuModel keeps the last shape's), for at most 1/8 padding.
+ */
+function packedLength(rows: number[][]): number {
+  const total = rows.reduce((n, row) => n + row.length, 0);
+  const step = 2 ** Math.max(0, Math.floor(Math.log2(total)) - 3);
+  return Math.ceil(total / step) * step;
+}
+
+/**
+ * A position's multiply-adds through the layers' products and through the vocabulary projection
+ * (at Qwen2.5-0.5B's shapes, about 3:1), to weigh the layouts.
+ */
+function tokenCost(model: GpuModel): { layer: number; head: number } {
+  const c = model.config, q = c.numHeads * c.headDim, kv = c.numKvHeads * c.headDim;
+  const H = c.hiddenSize, perLayer = H * (q + 2 * kv) + q * H + 3 * H * c.intermediateSize;
+  return { layer: c.numLayers * perLayer, head: H * c.vocabSize };
 }
 
 /** Each row's completion log-probs, from a trainingForward's values read back. */
@@ -71,8 +103,12 @@ export class GpuPolicy implements PolicyEngine {
   /** This step's GRPO loss sums on the GPU, read with the optimizer step's gradient norm. */
   private stepSums: { sums: Tensor; rows: number; arrive: (sums: LossSums) => void }[] = [];
 
-  /** `sharePrompts` false: always the joined layout (tests compare the two). */
-  constructor(readonly model: GpuModel, readonly sharePrompts = true) {}
+  /** `sharePrompts` or `packRows` false: never that layout (tests compare the layouts). */
+  constructor(
+    readonly model: GpuModel,
+    readonly sharePrompts = true,
+    readonly packRows = true,
+  ) {}
 
   get description(): string {
     return this.model.gpu.description;
@@ -83,8 +119,12 @@ export class GpuPolicy implements PolicyEngine {
   }
 
   async completionLogprobs(batch: TokenBatch, invTemperature: number): Promise<number[][]> {
-    const { logp, at } = trainingForward(this.model, batch, invTemperature, this.sharePrompts);
+    const { logp, at } = this.forward(batch, invTemperature);
     return completionValues(batch, await this.model.gpu.read(logp), at);
+  }
+
+  private forward(batch: TokenBatch, invTemperature: number) {
+    return trainingForward(this.model, batch, invTemperature, this.sharePrompts, this.packRows);
   }
 
   async accumulateGradients(
@@ -92,14 +132,9 @@ export class GpuPolicy implements PolicyEngine {
     invTemperature: number,
     loss: (logprobs: number[][]) => Promise<number[][]>,
   ): Promise<void> {
-    const { logp, B, L, at } = trainingForward(
-      this.model,
-      batch,
-      invTemperature,
-      this.sharePrompts,
-    );
+    const { logp, T, at } = this.forward(batch, invTemperature);
     const dLogp = await loss(completionValues(batch, await this.model.gpu.read(logp), at));
-    const upstream = new Float32Array(B * L);
+    const upstream = new Float32Array(T);
     dLogp.forEach((row, b) => row.forEach((d, t) => upstream[at(b, t)] = d));
     this.model.backward(upstream, invTemperature);
   }
@@ -113,26 +148,20 @@ export class GpuPolicy implements PolicyEngine {
     invTemperature: number,
     loss: GrpoLossInputs,
   ): Promise<{ sums: PromiseLike<LossSums> }> {
-    const gpu = this.model.gpu;
-    const { logp, B, L, at } = trainingForward(
-      this.model,
-      batch,
-      invTemperature,
-      this.sharePrompts,
-    );
+    const gpu = this.model.gpu, B = batch.rows.length;
+    const { logp, T, at } = this.forward(batch, invTemperature);
     gpu.flush(); // the forward runs while the reference's log-probs are awaited
     const held = await loss.refLogp();
     // Log-probs an in-process reference left on this GPU stay there; others come to the CPU.
     const onGpu = held instanceof GpuHeldLogprobs && held.gpu === gpu ? held : null;
     const ref = held && !onGpu ? await onCpu(held) : null;
-    const refFrom = onGpu ? new Int32Array(B * L).fill(-1) : null;
-    const tokens = new Float32Array(B * L * TOKEN_FLOATS);
+    const refFrom = onGpu ? new Int32Array(T).fill(-1) : null;
+    const tokens = new Float32Array(T * TOKEN_FLOATS);
     const rows = new Float32Array(B * ROW_FLOATS);
     loss.rows.forEach((row, b) => {
-      const first = at(b, 0) - b * L; // where the row's completion log-probs start
       const rowTokens = row.mask.reduce((n, m) => n + m, 0);
       rows.set(
-        [row.advantage, tokenWeight(loss.normalizer, rowTokens), first, row.mask.length],
+        [row.advantage, tokenWeight(loss.normalizer, rowTokens), at(b, 0), row.mask.length],
         b * ROW_FLOATS,
       );
       row.mask.forEach((m, t) => {
@@ -151,11 +180,11 @@ export class GpuPolicy implements PolicyEngine {
     if (onGpu && refFrom) {
       const fromT = gpu.scratch("grpo loss reference positions", refFrom.length);
       gpu.write(fromT, refFrom);
-      placeReference(gpu, onGpu.values, fromT, tokensT, B * L);
+      placeReference(gpu, onGpu.values, fromT, tokensT, T);
     }
     // Each micro-batch's sums have a buffer of their own until the next read records its copy.
     const sums = gpu.scratch(`grpo loss sums ${this.stepSums.length}`, B * SUM_FLOATS);
-    grpoLoss(gpu, logp, tokensT, rowsT, this.model.lossGradient(), sums, B, L, {
+    grpoLoss(gpu, logp, tokensT, rowsT, this.model.lossGradient(), sums, B, {
       beta: loss.config.beta,
       epsilon: loss.config.epsilon,
       epsilonHigh: loss.config.epsilonHigh,

@@ -26,20 +26,35 @@ interface Inputs {
   k: Float64Array;
   v: Float64Array;
   kvLens: number[];
+  /** A packed batch: the lengths of the sequences laid end to end in each row. */
+  sequences?: number[][];
 }
 
-// Calls f(b, i, h, kvh, qOffset, keysSeen) for each query; keysSeen = number of visible keys.
+/** Keys a query sees: [from, from + seen). */
+interface Visible {
+  from: number;
+  seen: number;
+}
+
+// Calls f(b, i, h, kvh, qOffset, visible) for each query.
 function eachQuery(
   s: AttentionShape,
-  kvLens: number[],
-  f: (b: number, i: number, h: number, kvh: number, qo: number, seen: number) => void,
+  x: Inputs,
+  f: (b: number, i: number, h: number, kvh: number, qo: number, keys: Visible) => void,
 ) {
   const group = s.nHeads / s.nKvHeads;
   for (let b = 0; b < s.B; b++) {
+    // Each position's sequence start (0 for a row that is one sequence).
+    const starts: number[] = [];
+    for (const n of x.sequences?.[b] ?? [s.capacity]) {
+      const start = starts.length;
+      for (let t = 0; t < n; t++) starts.push(start);
+    }
     for (let i = 0; i < s.Lq; i++) {
       for (let h = 0; h < s.nHeads; h++) {
-        const seen = Math.max(0, kvLens[b] - s.Lq + i + 1);
-        f(b, i, h, Math.floor(h / group), ((b * s.Lq + i) * s.nHeads + h) * s.headDim, seen);
+        const position = x.kvLens[b] - s.Lq + i, from = position < 0 ? 0 : starts[position];
+        const keys = { from, seen: Math.max(0, position + 1 - from) };
+        f(b, i, h, Math.floor(h / group), ((b * s.Lq + i) * s.nHeads + h) * s.headDim, keys);
       }
     }
   }
@@ -49,12 +64,12 @@ const kvOffset = (s: AttentionShape, b: number, j: number, kvh: number) =>
   ((b * s.capacity + j) * s.nKvHeads + kvh) * s.headDim;
 
 // Softmax probabilities of one query over its visible keys, and their log-sum-exp.
-function probs(s: AttentionShape, x: Inputs, b: number, kvh: number, qo: number, seen: number) {
-  const D = s.headDim, scale = 1 / Math.sqrt(D);
+function probs(s: AttentionShape, x: Inputs, b: number, kvh: number, qo: number, keys: Visible) {
+  const D = s.headDim, scale = 1 / Math.sqrt(D), seen = keys.seen;
   const scores = [];
   for (let j = 0; j < seen; j++) {
     let dot = 0;
-    for (let d = 0; d < D; d++) dot += x.q[qo + d] * x.k[kvOffset(s, b, j, kvh) + d];
+    for (let d = 0; d < D; d++) dot += x.q[qo + d] * x.k[kvOffset(s, b, keys.from + j, kvh) + d];
     scores.push(dot * scale);
   }
   const m = Math.max(...scores);
@@ -66,11 +81,12 @@ function twinForward(s: AttentionShape, x: Inputs) {
   const D = s.headDim;
   const out = new Float64Array(s.B * s.Lq * s.nHeads * D);
   const lse = new Float64Array(s.B * s.nHeads * s.Lq);
-  eachQuery(s, x.kvLens, (b, i, h, kvh, qo, seen) => {
-    const r = probs(s, x, b, kvh, qo, seen);
+  eachQuery(s, x, (b, i, h, kvh, qo, keys) => {
+    const r = probs(s, x, b, kvh, qo, keys);
     lse[(b * s.nHeads + h) * s.Lq + i] = r.lse;
-    for (let j = 0; j < seen; j++) {
-      for (let d = 0; d < D; d++) out[qo + d] += r.p[j] * x.v[kvOffset(s, b, j, kvh) + d];
+    for (let j = 0; j < keys.seen; j++) {
+      const vo = kvOffset(s, b, keys.from + j, kvh);
+      for (let d = 0; d < D; d++) out[qo + d] += r.p[j] * x.v[vo + d];
     }
   });
   return { out, lse };
@@ -81,16 +97,17 @@ function twinBackward(s: AttentionShape, x: Inputs, dOut: Float64Array) {
   const dq = new Float64Array(x.q.length);
   const dk = new Float64Array(x.k.length);
   const dv = new Float64Array(x.v.length);
-  eachQuery(s, x.kvLens, (b, _i, _h, kvh, qo, seen) => {
-    const { p } = probs(s, x, b, kvh, qo, seen);
+  eachQuery(s, x, (b, _i, _h, kvh, qo, keys) => {
+    const { p } = probs(s, x, b, kvh, qo, keys);
     const dp = p.map((_, j) => {
       let dot = 0;
-      for (let d = 0; d < D; d++) dot += dOut[qo + d] * x.v[kvOffset(s, b, j, kvh) + d];
+      const vo = kvOffset(s, b, keys.from + j, kvh);
+      for (let d = 0; d < D; d++) dot += dOut[qo + d] * x.v[vo + d];
       return dot;
     });
     const mean = p.reduce((a, pj, j) => a + pj * dp[j], 0);
-    for (let j = 0; j < seen; j++) {
-      const ko = kvOffset(s, b, j, kvh), ds = p[j] * (dp[j] - mean) * scale;
+    for (let j = 0; j < keys.seen; j++) {
+      const ko = kvOffset(s, b, keys.from + j, kvh), ds = p[j] * (dp[j] - mean) * scale;
       for (let d = 0; d < D; d++) {
         dq[qo + d] += ds * x.k[ko + d];
         dk[ko + d] += ds * x.q[qo + d];
@@ -124,8 +141,22 @@ async function check(
   seed: number,
   kernel: AttentionKernel = "streaming",
   textures?: boolean,
+  sequences?: number[][],
 ) {
-  const x = makeInputs(s, kvLens, seed);
+  const x = { ...makeInputs(s, kvLens, seed), sequences };
+  // Each position's sequence as [start, end), for the kernels.
+  const bounds = sequences && new Int32Array(s.B * s.capacity * 2);
+  sequences?.forEach((lengths, b) => {
+    let start = 0;
+    for (const n of lengths) {
+      for (let t = start; t < start + n; t++) {
+        bounds!.set([start, start + n], (b * s.capacity + t) * 2);
+      }
+      start += n;
+    }
+    assert.equal(start, s.capacity, "sequences fill their rows");
+  });
+  const segments = bounds ? gpu.upload(bounds) : undefined;
   const dOut = random(x.q.length, seed + 3);
   const f32 = (a: Float64Array) => new Float32Array(a);
   const q = gpu.upload(f32(x.q)), k = gpu.upload(f32(x.k)), v = gpu.upload(f32(x.v));
@@ -136,8 +167,8 @@ async function check(
   const dk = gpu.upload(f32(random(x.k.length, 8)));
   const dv = gpu.upload(f32(random(x.v.length, 9)));
   const dO = gpu.upload(f32(dOut));
-  attention(gpu, q, k, v, lens, out, lse, s, kernel, textures);
-  attentionBackward(gpu, q, k, v, lens, out, lse, dO, dq, dk, dv, s, textures);
+  attention(gpu, q, k, v, lens, out, lse, s, kernel, textures, segments);
+  attentionBackward(gpu, q, k, v, lens, out, lse, dO, dq, dk, dv, s, textures, segments);
   const [gOut, gLse, gDq, gDk, gDv] = await gpu.readMany([out, lse, dq, dk, dv]) as Float32Array[];
   const want = twinForward(s, x), grads = twinBackward(s, x, dOut);
   assertClose(gOut, want.out, 2e-5, 2e-4, "out");
@@ -150,7 +181,7 @@ async function check(
     assert.ok(gDk.subarray(from, to).every((t) => t === 0), `dk of row ${b} past kvLens`);
     assert.ok(gDv.subarray(from, to).every((t) => t === 0), `dv of row ${b} past kvLens`);
   }
-  for (const t of [q, k, v, lens, out, lse, dq, dk, dv, dO]) t.destroy();
+  for (const t of [q, k, v, lens, out, lse, dq, dk, dv, dO, segments]) t?.destroy();
 }
 
 const training = (B: number, L: number, nHeads: number, nKvHeads: number, headDim: number) => ({
@@ -205,6 +236,22 @@ for (const textures of [true, false]) {
     },
   );
 }
+
+// A packed batch: rows holding several sequences end to end (odd lengths, one of a single
+// token, and a row that is one sequence); a query sees only its own sequence's keys.
+Deno.test("attention over packed rows matches the twin, each kernel", gpuTest, async () => {
+  const cases: [AttentionKernel, boolean][] = [
+    ["streaming", true],
+    ["streaming", false],
+    ["flash", false],
+  ];
+  for (const [kernel, textures] of cases) {
+    const { s, kvLens } = training(3, 13, 4, 2, 16);
+    await check(s, kvLens, 51, kernel, textures, [[5, 1, 7], [13], [2, 3, 4, 4]]);
+    const wide = training(2, 70, 2, 1, 8); // more queries than one flash workgroup
+    await check(wide.s, wide.kvLens, 52, kernel, textures, [[9, 40, 21], [1, 66, 3]]);
+  }
+});
 
 Deno.test("attention decode (Lq = 1) with per-row cache lengths", gpuTest, async () => {
   const s = { B: 3, Lq: 1, capacity: 20, nHeads: 4, nKvHeads: 2, headDim: 16 };

@@ -42,13 +42,23 @@ const masks = completionMask(completions, [EOS]);
 const advantages = [1.3, -0.7, 0.4, -1.9, 0];
 const INV_T = 1 / 0.9;
 
+// The rows' layouts (gpu/policy.ts trainingForward): packed end to end (37 tokens, rounded up to
+// 40 positions), and joined, each row padded to the longest (5 × 13).
+const lengths = batch.rows.map((r) => r.length);
+const layouts = {
+  packed: { T: 40, starts: lengths.map((_, b) => lengths.slice(0, b).reduce((n, l) => n + l, 0)) },
+  joined: { T: 5 * 13, starts: lengths.map((_, b) => b * 13) },
+};
+
 for (const lossType of ["grpo", "bnpo", "dr_grpo"] as LossType[]) {
   for (const [withOld, withRef] of [[false, false], [true, false], [false, true], [true, true]]) {
+    const pack = withOld === withRef; // each layout with and without each input
     const name = `${lossType}, ${withOld ? "ρ from the sampler" : "ρ = 1"}, ${
       withRef ? "KL to the reference" : "no reference"
-    }`;
+    }, rows ${pack ? "packed" : "joined"}`;
     Deno.test(`GPU GRPO loss equals grpoLoss: ${name}`, gpuTest, async () => {
-      const policy = new GpuPolicy(new GpuModel(gpu, config, initWeights(config, 5)));
+      const model = new GpuModel(gpu, config, initWeights(config, 5));
+      const policy = new GpuPolicy(model, true, pack);
       const cfg: GrpoLossConfig = {
         beta: 0.07,
         epsilon: 0.2,
@@ -87,20 +97,17 @@ for (const lossType of ["grpo", "bnpo", "dr_grpo"] as LossType[]) {
       const got = await sums;
       policy.model.destroy();
 
-      // Every position of the padded [B, L] layout: the completion's gradient, zero elsewhere.
-      const L = Math.max(...batch.rows.map((r) => r.length));
-      assert.equal(dLogp.length, batch.rows.length * L);
-      for (let b = 0; b < batch.rows.length; b++) {
-        for (let j = 0; j < L; j++) {
-          const t = j - (promptLens[b] - 1);
-          const want = t >= 0 && t < completions[b].length ? cpu.dLogp[b][t] : 0;
-          const scale = Math.max(1e-3, Math.abs(want));
-          assert.ok(
-            Math.abs(dLogp[b * L + j] - want) <= 2e-5 * scale,
-            `row ${b} position ${j}: ${dLogp[b * L + j]} vs ${want}`,
-          );
-        }
-      }
+      // Every position of the layout: the completion's gradient, zero elsewhere.
+      const layout = layouts[pack ? "packed" : "joined"];
+      assert.equal(dLogp.length, layout.T);
+      const want = new Float64Array(layout.T);
+      completions.forEach((c, b) =>
+        c.forEach((_, t) => want[layout.starts[b] + promptLens[b] - 1 + t] = cpu.dLogp[b][t])
+      );
+      want.forEach((w, i) => {
+        const scale = Math.max(1e-3, Math.abs(w));
+        assert.ok(Math.abs(dLogp[i] - w) <= 2e-5 * scale, `position ${i}: ${dLogp[i]} vs ${w}`);
+      });
       const close = (a: number, b: number, what: string) =>
         assert.ok(Math.abs(a - b) <= 1e-5 * Math.max(1, Math.abs(b)), `${what}: ${a} vs ${b}`);
       close(got.loss, cpu.loss, "loss");
@@ -111,6 +118,51 @@ for (const lossType of ["grpo", "bnpo", "dr_grpo"] as LossType[]) {
     });
   }
 }
+
+Deno.test(
+  "positions no row's completion claims get a zero gradient, whatever was there",
+  gpuTest,
+  async () => {
+    const policy = new GpuPolicy(new GpuModel(gpu, config, initWeights(config, 5)));
+    const cfg: GrpoLossConfig = {
+      beta: 0,
+      epsilon: 0.2,
+      epsilonHigh: 0.2,
+      lossType: "bnpo",
+      maxCompletionLength: 7,
+    };
+    // The same rows twice, in the same positions; the second time each prompt is a token longer.
+    const step = (promptLens: number[]) => {
+      const rows = batch.rows.map((r, b) => ({
+        oldLogp: null,
+        mask: Array(r.length - promptLens[b]).fill(1),
+        advantage: 1,
+      }));
+      const masks = rows.map((r) => r.mask);
+      return policy.accumulateGrpoGradients({ rows: batch.rows, promptLens }, 1, {
+        rows,
+        refLogp: () => Promise.resolve(null),
+        config: cfg,
+        normalizer: lossNormalizer(cfg, masks),
+      });
+    };
+    await step(promptLens);
+    const longer = promptLens.map((n) => n + 1);
+    await step(longer);
+    const dLogp = await gpu.read(policy.model.lossGradient());
+    policy.model.destroy();
+    const claimed = new Set<number>();
+    batch.rows.forEach((r, b) => {
+      const start = layouts.packed.starts[b];
+      for (let t = longer[b] - 1; t < r.length - 1; t++) claimed.add(start + t);
+    });
+    assert.equal(dLogp.length, layouts.packed.T);
+    dLogp.forEach((d, i) => {
+      if (claimed.has(i)) assert.notEqual(d, 0, `position ${i} is a completion's`);
+      else assert.equal(d, 0, `position ${i}`);
+    });
+  },
+);
 
 Deno.test(
   "reference log-probs left on the GPU give the loss of the same values from the CPU, with no wait",

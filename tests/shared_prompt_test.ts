@@ -186,7 +186,7 @@ Deno.test(
     );
 
     const step = async (share: boolean) => {
-      const policy = new GpuPolicy(new GpuModel(gpu, config, weights), share);
+      const policy = new GpuPolicy(new GpuModel(gpu, config, weights), share, false);
       const logp = await policy.completionLogprobs(batch, 1 / 0.9);
       const lossRows = masks.map((mask, b) => ({
         oldLogp: logp[b].map((l, t) => l + 0.3 * Math.sin(t + b)),

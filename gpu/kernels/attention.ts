@@ -20,6 +20,11 @@
 // as the matmul does: a texel fetch is a gather, a storage load a loop over the SIMD lanes
 // (forward+backward of 2 rows × 420 tokens, 14/2 heads of 64: 1,037 → 505 ms on llvmpipe).
 //
+// Rows may hold several sequences end to end (a packed batch: `segments`): each position then
+// also carries its sequence's [start, end) positions, a query sees the keys from its sequence's
+// start to itself, and a key the queries from itself to its sequence's end. Each kernel takes
+// the bounds as one more binding, in a variant of its own, so unpacked rows load nothing more.
+//
 // Generation's cache may be kept in 16 bits (kv_cache_dtype): bf16 or f16, two values packed in
 // a u32 (D is even, so a head vector is whole words). writeKvCache rounds to nearest on the way
 // in; the forward kernel widens on load (bf16 by shift + bitcast, f16 by unpack2x16float — core
@@ -60,6 +65,14 @@ const C = ${D / chunkWidth(D)}u;
 fn flatIndex(gid: vec3u, nwg: vec3u) -> u32 { return gid.x + gid.y * nwg.x * ${WG}u; }
 fn firstQueryPos(b: u32) -> i32 { return kvLens[b] - i32(p.Lq); }
 `;
+
+// The segments binding of a packed batch's kernels: (start, end) of each key position's sequence.
+const segmentsBinding = (binding: number, segmented: boolean) =>
+  segmented ? `@group(0) @binding(${binding}) var<storage, read> segments: array<vec2i>;` : "";
+
+// The first key a query at position `last` sees: its sequence's start, or 0.
+const firstKey = (segmented: boolean) =>
+  segmented ? "segments[b * p.capacity + u32(max(last, 0))].x" : "0";
 
 /**
  * The kernel with the named Chunk bindings read from texture copies (`Gpu.textureCopy`, a vec4
@@ -111,8 +124,8 @@ fn loadK(i: u32) -> Chunk { let w = k[i]; return ${body}; }
 fn loadV(i: u32) -> Chunk { let w = v[i]; return ${body}; }`;
 }
 
-const forwardWgsl = (D: number, kv: KvDtype = "f32") => {
-  const wgsl = forwardF32Wgsl(D);
+const forwardWgsl = (D: number, kv: KvDtype = "f32", segmented = false) => {
+  const wgsl = forwardF32Wgsl(D, segmented);
   if (kv === "f32") return wgsl;
   return wgsl
     .replace(
@@ -123,7 +136,7 @@ const forwardWgsl = (D: number, kv: KvDtype = "f32") => {
     .replace("w * v[kv + d]", "w * loadV(kv + d)");
 };
 
-const forwardF32Wgsl = (D: number) =>
+const forwardF32Wgsl = (D: number, segmented: boolean) =>
   header(D) + `
 @group(0) @binding(1) var<storage, read> q: array<Chunk>;
 @group(0) @binding(2) var<storage, read> k: array<Chunk>;
@@ -131,6 +144,7 @@ const forwardF32Wgsl = (D: number) =>
 @group(0) @binding(4) var<storage, read> kvLens: array<i32>;
 @group(0) @binding(5) var<storage, read_write> out: array<Chunk>;
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
+${segmentsBinding(7, segmented)}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
@@ -147,7 +161,7 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   for (var d = 0u; d < C; d++) { qs[d] = q[n * C + d] * p.scale; acc[d] = Chunk(); }
   var m = -3.0e38;                                 // running max of the scores
   var l = 0.0;                                     // Σ_j exp(s_j − m)
-  for (var j = 0; j <= last; j++) {
+  for (var j = ${firstKey(segmented)}; j <= last; j++) {
     let kv = ((b * p.capacity + u32(j)) * p.nKvHeads + kvh) * C;
     var s = 0.0;
     for (var d = 0u; d < C; d++) { s += dot(qs[d], k[kv + d]); }
@@ -163,7 +177,7 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   lse[(b * p.nHeads + h) * p.Lq + i] = select(0.0, m + log(l), l > 0.0);
 }`;
 
-const dqWgsl = (D: number) =>
+const dqWgsl = (D: number, segmented: boolean) =>
   header(D) + `
 @group(0) @binding(1) var<storage, read> q: array<Chunk>;
 @group(0) @binding(2) var<storage, read> k: array<Chunk>;
@@ -174,6 +188,7 @@ const dqWgsl = (D: number) =>
 @group(0) @binding(7) var<storage, read> dOut: array<Chunk>;
 @group(0) @binding(8) var<storage, read_write> dq: array<Chunk>;
 @group(0) @binding(9) var<storage, read_write> delta: array<f32>;
+${segmentsBinding(10, segmented)}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
@@ -196,7 +211,7 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
     acc[d] = Chunk();
     dlt += dot(dO[d], out[n * C + d]);
   }
-  for (var j = 0; j <= last; j++) {
+  for (var j = ${firstKey(segmented)}; j <= last; j++) {
     let kv = ((b * p.capacity + u32(j)) * p.nKvHeads + kvh) * C;
     var kj: array<Chunk, C>;                       // the key, loaded once for both loops
     var s = 0.0;
@@ -213,7 +228,7 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   delta[(b * p.nHeads + h) * p.Lq + i] = dlt;
 }`;
 
-const dkdvWgsl = (D: number) =>
+const dkdvWgsl = (D: number, segmented: boolean) =>
   header(D) + `
 @group(0) @binding(1) var<storage, read> q: array<Chunk>;
 @group(0) @binding(2) var<storage, read> k: array<Chunk>;
@@ -224,6 +239,7 @@ const dkdvWgsl = (D: number) =>
 @group(0) @binding(7) var<storage, read> dOut: array<Chunk>;
 @group(0) @binding(8) var<storage, read_write> dk: array<Chunk>;
 @group(0) @binding(9) var<storage, read_write> dv: array<Chunk>;
+${segmentsBinding(10, segmented)}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
@@ -244,11 +260,15 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
     dkAcc[d] = Chunk();
     dvAcc[d] = Chunk();
   }
-  // Queries i with position firstQueryPos(b) + i ≥ j see this key (none when j ≥ kvLens[b]).
+  // Queries i with position firstQueryPos(b) + i ≥ j see this key (none when j ≥ kvLens[b]),
+  // up to the end of the key's sequence in a packed row.
   let firstPos = firstQueryPos(b);
   let iStart = u32(max(i32(j) - firstPos, 0));
+  let iEnd = ${
+    segmented ? "u32(clamp(segments[b * p.capacity + j].y - firstPos, 0, i32(p.Lq)))" : "p.Lq"
+  };
   for (var h = kvh * group; h < (kvh + 1u) * group; h++) {
-    for (var i = iStart; i < p.Lq; i++) {
+    for (var i = iStart; i < iEnd; i++) {
       let qo = ((b * p.Lq + i) * p.nHeads + h) * C;
       let row = (b * p.nHeads + h) * p.Lq + i;
       var qi: array<Chunk, C>;                     // the query and its dOut, loaded once
@@ -279,7 +299,7 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
 const FLASH_QUERIES = 64;
 const flashKeys = (D: number) => Math.max(1, Math.min(64, Math.floor(16384 / (2 * 4 * D))));
 
-const flashForwardWgsl = (D: number) =>
+const flashForwardWgsl = (D: number, segmented: boolean) =>
   header(D) + `
 @group(0) @binding(1) var<storage, read> q: array<Chunk>;
 @group(0) @binding(2) var<storage, read> k: array<Chunk>;
@@ -287,6 +307,7 @@ const flashForwardWgsl = (D: number) =>
 @group(0) @binding(4) var<storage, read> kvLens: array<i32>;
 @group(0) @binding(5) var<storage, read_write> out: array<Chunk>;
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
+${segmentsBinding(7, segmented)}
 
 const BK = ${flashKeys(D)}u;
 var<workgroup> Ks: array<Chunk, ${flashKeys(D) * (D / chunkWidth(D))}>;
@@ -313,6 +334,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
     blockLast = min(firstQueryPos(b) + i32(lastQuery), i32(p.capacity) - 1);
   }
   let keysEnd = workgroupUniformLoad(&blockLast) + 1;
+  let firstSeen = ${firstKey(segmented)};             // this query's first visible key
   let n = (b * p.Lq + min(i, p.Lq - 1u)) * p.nHeads + h;
 
   var qs: array<Chunk, C>;
@@ -337,7 +359,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
     workgroupBarrier();
     let visible = min(last - j0 + 1, i32(BK));      // keys of this block this query sees
     if (isQuery) {
-      for (var jj = 0; jj < visible; jj++) {
+      for (var jj = max(firstSeen - j0, 0); jj < visible; jj++) {
         var s = 0.0;
         for (var d = 0u; d < C; d++) { s += dot(qs[d], Ks[u32(jj) * C + d]); }
         let mNew = max(m, s);
@@ -436,6 +458,10 @@ export function attentionKernel(gpu: Gpu): AttentionKernel {
   return gpu.software ? "streaming" : "flash";
 }
 
+/**
+ * The forward: out and lse from q over k and v. `segments` (a packed batch's rows, i32 pairs
+ * [B, capacity, 2]): each key position's sequence as [start, end) positions.
+ */
 export function attention(
   gpu: Gpu,
   q: Tensor,
@@ -447,13 +473,20 @@ export function attention(
   s: AttentionShape,
   kernel: AttentionKernel = attentionKernel(gpu),
   textures?: boolean,
+  segments?: Tensor,
 ): void {
   const [u32s, f32s] = params(s);
   if (k.dtype !== v.dtype) throw new Error(`attention: k is ${k.dtype}, v ${v.dtype}`);
-  const tensors = [q, k, v, kvLens, out, lse];
+  const segmented = segments !== undefined;
+  if (segmented && cacheDtype(k) !== "f32") throw new Error("attention: segments over a cache");
+  const tensors = [q, k, v, kvLens, out, lse, ...(segments ? [segments] : [])];
   // The flash kernel reads an f32 cache; a 16-bit cache takes the streaming kernel.
   if (kernel === "flash" && cacheDtype(k) === "f32") {
-    const pipeline = gpu.pipeline(flashForwardWgsl(s.headDim), "attention flash");
+    const pipeline = gpu.pipelineFor(
+      `attention flash ${s.headDim} ${segmented}`,
+      () => flashForwardWgsl(s.headDim, segmented),
+      "attention flash",
+    );
     const blocks = Math.ceil(s.Lq / FLASH_QUERIES);
     gpu.dispatch(pipeline, grid(s.B * s.nHeads * blocks, 1), tensors, u32s, f32s);
     return;
@@ -463,16 +496,16 @@ export function attention(
       vTexture = gpu.textureCopy("attention v", v);
     if (kTexture && vTexture) {
       const pipeline = gpu.pipelineFor(
-        `attention textured ${s.headDim}`,
-        () => textured(forwardWgsl(s.headDim), ["k", "v"]),
+        `attention textured ${s.headDim} ${segmented}`,
+        () => textured(forwardWgsl(s.headDim, "f32", segmented), ["k", "v"]),
         "attention",
       );
-      const bound = [q, kTexture, vTexture, kvLens, out, lse];
+      const bound = [q, kTexture, vTexture, ...tensors.slice(3)];
       gpu.dispatch(pipeline, grid(s.B * s.Lq * s.nHeads, WG), bound, u32s, f32s);
       return;
     }
   }
-  const pipeline = gpu.pipeline(forwardWgsl(s.headDim, cacheDtype(k)), "attention");
+  const pipeline = gpu.pipeline(forwardWgsl(s.headDim, cacheDtype(k), segmented), "attention");
   gpu.dispatch(pipeline, grid(s.B * s.Lq * s.nHeads, WG), tensors, u32s, f32s);
 }
 
@@ -490,8 +523,10 @@ export function attentionBackward(
   dv: Tensor,
   s: AttentionShape,
   textures?: boolean,
+  segments?: Tensor,
 ): void {
   const [u32s, f32s] = params(s);
+  const segmented = segments !== undefined, bounds = segments ? [segments] : [];
   // dq's scratch delta [B, nHeads, Lq].
   const delta = gpu.scratch("attention delta", s.B * s.nHeads * s.Lq);
   // dq reads every key many times, dk and dv every query: from texture copies where that pays.
@@ -501,12 +536,15 @@ export function attentionBackward(
   const dqTextured = kTexture !== null && vTexture !== null;
   gpu.dispatch(
     gpu.pipelineFor(
-      `attention dq ${s.headDim} ${dqTextured}`,
-      () => dqTextured ? textured(dqWgsl(s.headDim), ["k", "v"]) : dqWgsl(s.headDim),
+      `attention dq ${s.headDim} ${dqTextured} ${segmented}`,
+      () => {
+        const wgsl = dqWgsl(s.headDim, segmented);
+        return dqTextured ? textured(wgsl, ["k", "v"]) : wgsl;
+      },
       "attention dq",
     ),
     grid(s.B * s.Lq * s.nHeads, WG),
-    [q, kTexture ?? k, vTexture ?? v, kvLens, out, lse, dOut, dq, delta],
+    [q, kTexture ?? k, vTexture ?? v, kvLens, out, lse, dOut, dq, delta, ...bounds],
     u32s,
     f32s,
   );
@@ -514,12 +552,15 @@ export function attentionBackward(
   const dkdvTextured = qTexture !== null && dOutTexture !== null;
   gpu.dispatch(
     gpu.pipelineFor(
-      `attention dk dv ${s.headDim} ${dkdvTextured}`,
-      () => dkdvTextured ? textured(dkdvWgsl(s.headDim), ["q", "dOut"]) : dkdvWgsl(s.headDim),
+      `attention dk dv ${s.headDim} ${dkdvTextured} ${segmented}`,
+      () => {
+        const wgsl = dkdvWgsl(s.headDim, segmented);
+        return dkdvTextured ? textured(wgsl, ["q", "dOut"]) : wgsl;
+      },
       "attention dk dv",
     ),
     grid(s.B * s.capacity * s.nKvHeads, WG),
-    [qTexture ?? q, k, v, kvLens, lse, delta, dOutTexture ?? dOut, dk, dv],
+    [qTexture ?? q, k, v, kvLens, lse, delta, dOutTexture ?? dOut, dk, dv, ...bounds],
     u32s,
     f32s,
   );

@@ -8,8 +8,10 @@
 // them). Its f64 arithmetic becomes f32 here; the per-row token weight (which depends on the
 // whole batch's masks) is computed on the CPU by the same `tokenWeight` and passed in.
 //
-// One invocation per row walks the row's L positions: a few rows of a few hundred tokens, so
-// the kernel is tiny next to the forward; its point is the round trip it removes. The
+// One invocation per row walks the row's completion positions, wherever the forward's layout put
+// them (rows joined, prompts shared, or packed): a few rows of a few hundred tokens, so the
+// kernel is tiny next to the forward; its point is the round trip it removes. Positions no row
+// claims keep the zero gradient `grpoLoss` clears them to. The
 // reference's log-probs come in `tokens` from the CPU, or, when an in-process reference left
 // them on the GPU, `placeReference` copies them into `tokens` there (no round trip either).
 
@@ -19,13 +21,13 @@ const WG = 64;
 
 /** Per position j of a row: 4 floats (reference log-prob, sampler's log-prob, mask, unused). */
 export const TOKEN_FLOATS = 4;
-/** Per row: advantage, token weight, first completion position, completion length. */
+/** Per row: advantage, token weight, its first completion log-prob's position, completion length. */
 export const ROW_FLOATS = 4;
 /** Per row out: loss, KL sum, clipped tokens, tokens; Σ logp over the counted tokens, 3 unused. */
 export const SUM_FLOATS = 8;
 
 const GRPO_LOSS = /* wgsl */ `
-struct Params { B: u32, L: u32, hasOld: u32, hasRef: u32, beta: f32, epsilon: f32, epsilonHigh: f32 }
+struct Params { B: u32, hasOld: u32, hasRef: u32, beta: f32, epsilon: f32, epsilonHigh: f32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> logp: array<f32>;
 @group(0) @binding(2) var<storage, read> tokens: array<vec4f>;
@@ -47,14 +49,10 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   var clipped = 0.0;
   var counted = 0.0;
   var logpSum = 0.0;
-  for (var j = 0u; j < p.L; j++) {
-    let i = b * p.L + j;
+  for (var i = first; i < first + count; i++) {
     let token = tokens[i];
-    // Positions outside the completion, and masked ones (after the end token), get no gradient.
-    if (j < first || j >= first + count || token.z == 0.0) {
-      dLogp[i] = 0.0;
-      continue;
-    }
+    // Masked positions (after the end token) get no gradient.
+    if (token.z == 0.0) { continue; }
     counted += 1.0;
     let lp = logp[i];
     logpSum += lp;
@@ -91,8 +89,9 @@ export interface GrpoLossHyper {
 }
 
 /**
- * dLogp [B·L] and sums [B·SUM_FLOATS] from logp [B·L], tokens [B·L·TOKEN_FLOATS] and rows
- * [B·ROW_FLOATS] (see the constants above).
+ * dLogp and sums [B·SUM_FLOATS] for B rows from logp, tokens [·TOKEN_FLOATS] (both by position,
+ * as dLogp) and rows [B·ROW_FLOATS] (see the constants above); dLogp is zero wherever no row's
+ * completion is.
  */
 export function grpoLoss(
   gpu: Gpu,
@@ -102,14 +101,14 @@ export function grpoLoss(
   dLogp: Tensor,
   sums: Tensor,
   B: number,
-  L: number,
   hp: GrpoLossHyper,
 ): void {
+  gpu.clear(dLogp);
   gpu.dispatch(
     gpu.pipeline(GRPO_LOSS, "grpo loss"),
     grid(B, WG),
     [logp, tokens, rows, dLogp, sums],
-    [B, L, hp.hasOld ? 1 : 0, hp.hasRef ? 1 : 0],
+    [B, hp.hasOld ? 1 : 0, hp.hasRef ? 1 : 0],
     [hp.beta, hp.epsilon, hp.epsilonHigh],
   );
 }
