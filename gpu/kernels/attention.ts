@@ -22,8 +22,9 @@
 //
 // Rows may hold several sequences end to end (a packed batch: `segments`): each position then
 // also carries its sequence's [start, end) positions, a query sees the keys from its sequence's
-// start to itself, and a key the queries from itself to its sequence's end. Each kernel takes
-// the bounds as one more binding, in a variant of its own, so unpacked rows load nothing more.
+// start to itself, and a key the queries from itself to its sequence's end (the flash kernel
+// stages keys from its first query's sequence start). Each kernel takes the bounds as one more
+// binding, in a variant of its own, so unpacked rows load nothing more.
 //
 // Generation's cache may be kept in 16 bits (kv_cache_dtype): bf16 or f16, two values packed in
 // a u32 (D is even, so a head vector is whole words). writeKvCache rounds to nearest on the way
@@ -70,9 +71,9 @@ fn firstQueryPos(b: u32) -> i32 { return kvLens[b] - i32(p.Lq); }
 const segmentsBinding = (binding: number, segmented: boolean) =>
   segmented ? `@group(0) @binding(${binding}) var<storage, read> segments: array<vec2i>;` : "";
 
-// The first key a query at position `last` sees: its sequence's start, or 0.
-const firstKey = (segmented: boolean) =>
-  segmented ? "segments[b * p.capacity + u32(max(last, 0))].x" : "0";
+// The first key a query at position `position` of row b sees: its sequence's start, or 0.
+const firstKey = (segmented: boolean, position = "last") =>
+  segmented ? `segments[b * p.capacity + u32(max(${position}, 0))].x` : "0";
 
 /**
  * The kernel with the named Chunk bindings read from texture copies (`Gpu.textureCopy`, a vec4
@@ -313,6 +314,7 @@ const BK = ${flashKeys(D)}u;
 var<workgroup> Ks: array<Chunk, ${flashKeys(D) * (D / chunkWidth(D))}>;
 var<workgroup> Vs: array<Chunk, ${flashKeys(D) * (D / chunkWidth(D))}>;
 var<workgroup> blockLast: i32;
+var<workgroup> blockFirst: i32;
 
 @compute @workgroup_size(${FLASH_QUERIES})
 fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
@@ -328,12 +330,16 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   let i = qb * ${FLASH_QUERIES}u + lid;
   let isQuery = i < p.Lq;
   let last = min(firstQueryPos(b) + i32(min(i, p.Lq - 1u)), i32(p.capacity) - 1);
-  // The block's last visible key: that of its last query.
+  // The block's last visible key: that of its last query; in a packed row its first visible
+  // key is where its first query's sequence starts.
   if (lid == 0u) {
     let lastQuery = min(qb * ${FLASH_QUERIES}u + ${FLASH_QUERIES - 1}u, p.Lq - 1u);
     blockLast = min(firstQueryPos(b) + i32(lastQuery), i32(p.capacity) - 1);
+    let firstPosition = min(firstQueryPos(b) + i32(qb * ${FLASH_QUERIES}u), i32(p.capacity) - 1);
+    blockFirst = ${firstKey(segmented, "firstPosition")};
   }
   let keysEnd = workgroupUniformLoad(&blockLast) + 1;
+  let keysStart = workgroupUniformLoad(&blockFirst);
   let firstSeen = ${firstKey(segmented)};             // this query's first visible key
   let n = (b * p.Lq + min(i, p.Lq - 1u)) * p.nHeads + h;
 
@@ -342,7 +348,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   for (var d = 0u; d < C; d++) { qs[d] = q[n * C + d] * p.scale; acc[d] = Chunk(); }
   var m = -3.0e38;
   var l = 0.0;
-  for (var j0 = 0; j0 < keysEnd; j0 += i32(BK)) {
+  for (var j0 = keysStart; j0 < keysEnd; j0 += i32(BK)) {
     // Stage keys j0 .. j0+BK-1 (those past keysEnd as zeros).
     for (var e = lid; e < BK * C; e += ${FLASH_QUERIES}u) {
       let j = j0 + i32(e / C);
