@@ -4,10 +4,13 @@
 // log-probs, and the gradients of a backward from them, must match the joined layout's (within
 // float rounding: the weight gradients sum over the tokens in chunks that fall elsewhere;
 // log-probs within 1e-5 + 1e-4 relative, gradients within 1e-4 of their largest element + 1e-4
-// relative) on odd shapes: GQA, untied, rows of 1 to 17 tokens, padding after the last row,
-// with and without checkpointing, with LoRA. Then which batches the policy packs.
+// relative) on odd shapes: GQA, untied, rows of 5 to 19 tokens, padding after the last row,
+// with and without checkpointing, with LoRA. Against PyTorch running each row on its own
+// (tests/fixtures/make_packed_golden.py): supervised fine-tuning's log-probs, loss and gradients.
+// Then which batches the policy packs.
 
 import assert from "node:assert/strict";
+import { loadCheckpoint } from "../core/checkpoint.ts";
 import { initWeights } from "../core/init.ts";
 import { parseModelConfig } from "../core/model_config.ts";
 import { type GrpoLossConfig, lossNormalizer } from "../core/grpo.ts";
@@ -19,6 +22,7 @@ import { GpuPolicy } from "../gpu/policy.ts";
 import { assertClose, gpuTest, openGpu } from "./helpers.ts";
 
 const gpu = await openGpu();
+const ROOT = new URL("../", import.meta.url).pathname;
 
 const config = parseModelConfig({
   vocab_size: 37,
@@ -117,6 +121,51 @@ Deno.test("packed forward and backward match the joined path", gpuTest, async ()
       assert.ok(g.some((x) => x !== 0), `${name} ${tensor}: a gradient that carries signal`);
       assertClose(got.grads.get(tensor)!, g, gradientAtol(g), 1e-4, `${name} ${tensor}`);
     }
+  }
+});
+
+Deno.test("packed rows match PyTorch running each row on its own", gpuTest, async () => {
+  const golden = JSON.parse(Deno.readTextFileSync(`${ROOT}tests/fixtures/packed/expected.json`));
+  const checkpoint = await loadCheckpoint(ROOT + golden.model);
+  const policy = new GpuPolicy(new GpuModel(gpu, checkpoint.config, checkpoint.weights));
+  const batch = { rows: golden.rows as number[][], promptLens: golden.prompt_lens as number[] };
+  const logp = await policy.completionLogprobs(batch, 1);
+  const flat = (rows: number[][]) => Float64Array.from(rows.flat());
+  assertClose(Float32Array.from(logp.flat()), flat(golden.logprobs), 1e-5, 1e-4, "log-probs");
+  // Supervised fine-tuning's gradient: the GRPO loss with A = 1 and no KL over every completion
+  // token, normalized by their number (bnpo), as runSft computes it.
+  const masks = batch.rows.map((r, b) => Array(r.length - batch.promptLens[b]).fill(1));
+  const loss: GrpoLossConfig = {
+    beta: 0,
+    epsilon: 0.2,
+    epsilonHigh: 0.2,
+    lossType: "bnpo",
+    maxCompletionLength: 7,
+  };
+  const { sums } = await policy.accumulateGrpoGradients(batch, 1, {
+    rows: masks.map((mask) => ({ oldLogp: null, mask, advantage: 1 })),
+    refLogp: () => Promise.resolve(null),
+    config: loss,
+    normalizer: lossNormalizer(loss, masks),
+  });
+  const positions = (await gpu.read(policy.model.lossGradient())).length;
+  await policy.readLossSums();
+  const got = await sums;
+  const grads = await policy.model.readGrads();
+  policy.model.destroy();
+  assert.equal(positions, 48, "45 tokens packed into 48 positions, not joined into 6 × 11");
+  const sft = -got.logpSum / got.tokens;
+  assert.ok(Math.abs(sft - golden.loss) < 1e-5, `loss ${sft} vs ${golden.loss}`);
+  let norm = 0;
+  for (const g of grads.values()) for (const x of g) norm += x * x;
+  norm = Math.sqrt(norm);
+  assert.ok(Math.abs(norm - golden.grad_norm) < 1e-4 * golden.grad_norm, `norm ${norm}`);
+  assert.deepEqual([...grads.keys()].sort(), Object.keys(golden.grads).sort());
+  for (const [name, values] of Object.entries(golden.grads) as [string, number[]][]) {
+    values.forEach((v, i) => {
+      const g = grads.get(name)![i];
+      assert.ok(Math.abs(g - v) < 1e-5 + 1e-3 * Math.abs(v), `${name}[${i}]: ${g} vs ${v}`);
+    });
   }
 });
 
