@@ -1,11 +1,14 @@
 // Shared prompts (GpuModel.forwardShared): a GRPO batch's groups of rows with one prompt, each
-// prompt computed once. It is the same function as the plain forward over the joined rows, so
-// its log-probs, and the gradients of a backward from them, must match the plain path's (within
-// float rounding: the prefix's key and value gradients are summed over a group's rows in another
-// order; log-probs within 1e-5 + 1e-4 relative, gradients within 1e-4 of their largest element
-// + 1e-4 relative) on odd shapes: GQA, untied, prompts of different lengths, groups of unequal
-// size, a prompt of one token (an empty prefix), a batch with no prefixes at all, with and without
-// checkpointing, and with LoRA. Then a whole GRPO step both ways, and when a batch shares.
+// prompt computed once; and packed rows (GpuModel.forwardPacked): the rows end to end in one row,
+// each seeing only itself. Both are the same function as the plain forward over the joined rows,
+// so their log-probs, and the gradients of a backward from them, must match the plain path's
+// (within float rounding: the prefix's key and value gradients are summed over a group's rows in
+// another order, the weight gradients over the tokens in other chunks; log-probs within 1e-5 +
+// 1e-4 relative, gradients within 1e-4 of their largest element + 1e-4 relative) on odd shapes:
+// GQA, untied, prompts of different lengths, groups of unequal size, a prompt of one token (an
+// empty prefix), a batch with no prefixes at all, packed rows with and without padding after
+// them, with and without checkpointing, and with LoRA. Then a whole GRPO step both ways, and when
+// a batch shares (tests/packed_rows_test.ts has the rest of packing).
 
 import assert from "node:assert/strict";
 import { initWeights } from "../core/init.ts";
@@ -60,18 +63,25 @@ function batchOf(rng: Rng, groups: { prompt: number; completions: number[] }[]) 
 
 /**
  * The log-probs of `rows`' completions and every gradient of a backward from `upstream` (one
- * value per completion token), through the joined layout or the shared one.
+ * value per completion token), through the joined layout, the shared one, or the packed one (in
+ * `packed` positions).
  */
 async function logprobsAndGrads(
   model: GpuModel,
   rows: number[][],
   promptLens: number[],
   upstream: number[][],
-  share: boolean,
+  layout: "joined" | "shared" | { packed: number },
 ) {
   const B = rows.length;
   let logp: Float32Array, at: (b: number, t: number) => number, size: number;
-  if (share) {
+  if (typeof layout === "object") {
+    const starts = rows.map((_, b) => rows.slice(0, b).reduce((n, r) => n + r.length, 0));
+    logp = await gpu.read(model.forwardPacked(rows, layout.packed));
+    assert.equal(logp.length, layout.packed);
+    at = (b, t) => starts[b] + promptLens[b] - 1 + t;
+    size = layout.packed;
+  } else if (layout === "shared") {
     const shared = sharePrompts(rows, promptLens);
     const C = Math.max(...shared.tails.map((t) => t.length));
     logp = await gpu.read(model.forwardShared(shared));
@@ -93,7 +103,7 @@ async function logprobsAndGrads(
   };
 }
 
-Deno.test("shared-prompt forward and backward match the plain path", gpuTest, async () => {
+Deno.test("shared-prompt and packed layouts match the plain path", gpuTest, async () => {
   const weights = initWeights(config, 4);
   const rng = new Rng(8);
   for (const w of weights.values()) for (let i = 0; i < w.length; i++) w[i] += 0.1 * rng.normal();
@@ -105,7 +115,10 @@ Deno.test("shared-prompt forward and backward match the plain path", gpuTest, as
   ]);
   assert.equal(sharePrompts(mixed.rows, mixed.promptLens).prefixes.length, 4);
   // Every prompt one token long: no prefixes at all.
-  const bare = batchOf(rng, [{ prompt: 1, completions: [5, 3] }, { prompt: 1, completions: [4] }]);
+  const bare = batchOf(rng, [{ prompt: 1, completions: [5, 3] }, {
+    prompt: 1,
+    completions: [4],
+  }]);
   assert.equal(
     Math.max(...sharePrompts(bare.rows, bare.promptLens).prefixes.map((p) => p.length)),
     0,
@@ -121,13 +134,14 @@ Deno.test("shared-prompt forward and backward match the plain path", gpuTest, as
   for (const t of adapterTensors.values()) {
     for (let i = 0; i < t.length; i++) t[i] += 0.05 * rng.normal();
   }
-  const cases: [string, typeof mixed, GpuModelOptions][] = [
-    ["plain", mixed, {}],
-    ["checkpointed", mixed, { gradientCheckpointing: true }],
-    ["LoRA", mixed, { lora: { lora, tensors: adapterTensors } }],
-    ["one-token prompts", bare, {}],
+  // Each case's packed positions past its rows' tokens (padding after the last row).
+  const cases: [string, typeof mixed, GpuModelOptions, number][] = [
+    ["plain", mixed, {}, 0],
+    ["checkpointed", mixed, { gradientCheckpointing: true }, 5],
+    ["LoRA", mixed, { lora: { lora, tensors: adapterTensors } }, 3],
+    ["one-token prompts", bare, {}, 2],
   ];
-  for (const [name, { rows, promptLens }, options] of cases) {
+  for (const [name, { rows, promptLens }, options, padding] of cases) {
     const upstream = rows.map((r, b) =>
       Array.from({ length: r.length - promptLens[b] }, () => rng.normal())
     );
@@ -135,16 +149,20 @@ Deno.test("shared-prompt forward and backward match the plain path", gpuTest, as
       ...options,
       logitChunkFloats: 16 * config.vocabSize,
     });
-    const want = await logprobsAndGrads(model, rows, promptLens, upstream, false);
-    model.zeroGrads();
-    const got = await logprobsAndGrads(model, rows, promptLens, upstream, true);
-    model.destroy();
-    assertClose(got.logp, want.logp, 1e-5, 1e-4, `${name}: logp`);
-    assert.ok(want.grads.size > 0);
-    for (const [tensor, g] of want.grads) {
-      assert.ok(g.some((x) => x !== 0), `${name} ${tensor}: a gradient that carries signal`);
-      assertClose(got.grads.get(tensor)!, g, gradientAtol(g), 1e-4, `${name} ${tensor}`);
+    const want = await logprobsAndGrads(model, rows, promptLens, upstream, "joined");
+    const tokens = rows.reduce((n, r) => n + r.length, 0);
+    for (const layout of ["shared", { packed: tokens + padding }] as const) {
+      model.zeroGrads();
+      const got = await logprobsAndGrads(model, rows, promptLens, upstream, layout);
+      const what = `${name}, ${layout === "shared" ? "shared" : "packed"}`;
+      assertClose(got.logp, want.logp, 1e-5, 1e-4, `${what}: logp`);
+      assert.ok(want.grads.size > 0);
+      for (const [tensor, g] of want.grads) {
+        assert.ok(g.some((x) => x !== 0), `${what} ${tensor}: a gradient that carries signal`);
+        assertClose(got.grads.get(tensor)!, g, gradientAtol(g), 1e-4, `${what} ${tensor}`);
+      }
     }
+    model.destroy();
   }
 });
 
