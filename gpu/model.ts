@@ -920,7 +920,10 @@ export class GpuModel {
     // Padding is a sequence of its own per position: id 0 at position 0, seeing only itself.
     const ids = new Int32Array(L), targets = new Int32Array(L), positions = new Int32Array(L);
     const segments = new Int32Array(L * 2);
-    for (let t = 0; t < L; t++) segments.set([t, t + 1], t * 2);
+    const bound = (at: number, start: number, end: number) => {
+      segments[2 * at] = start;
+      segments[2 * at + 1] = end;
+    };
     let start = 0;
     for (const row of batch) {
       const end = start + row.length;
@@ -929,10 +932,11 @@ export class GpuModel {
         ids[start + t] = id;
         if (t + 1 < row.length) targets[start + t] = row[t + 1];
         positions[start + t] = t;
-        segments.set([start, end], (start + t) * 2);
+        bound(start + t, start, end);
       });
       start = end;
     }
+    for (let t = start; t < L; t++) bound(t, t, t + 1);
     gpu.write(a.ids, ids);
     gpu.write(a.targets, targets);
     gpu.write(a.positions, positions);
