@@ -79,7 +79,7 @@ function packedLength(rows: number[][]): number {
 
 /**
  * A position's multiply-adds through the layers' products and through the vocabulary projection
- * (at Qwen2.5-0.5B's shapes, about 3:1), to weigh the layouts.
+ * (at Qwen2.5-0.5B's shapes, about 2.6:1), to weigh the layouts.
  */
 function tokenCost(model: GpuModel): { layer: number; head: number } {
   const c = model.config, q = c.numHeads * c.headDim, kv = c.numKvHeads * c.headDim;
