@@ -514,7 +514,8 @@ export class Gpu {
       // Profiling: one pass per dispatch, its start and end timestamped.
       this.endPass();
       this.pass = this.getEncoder().beginComputePass({
-        timestampWrites: this.profiler.next(pipeline.label),
+        // The first Params fields name the dispatch's shape (a matmul's M, N, K).
+        timestampWrites: this.profiler.next(pipeline.label, u32s.slice(0, 3).join("×")),
       });
     }
     if (!this.pass) this.pass = this.getEncoder().beginComputePass();
@@ -536,8 +537,11 @@ export class Gpu {
     return true;
   }
 
-  /** Stop profiling: milliseconds of GPU time and dispatch counts by kernel, largest first. */
-  async stopProfile(): Promise<{ kernel: string; ms: number; dispatches: number }[]> {
+  /**
+   * Stop profiling: milliseconds of GPU time and dispatch counts by kernel, largest first, each
+   * with the same by shape (its first three Params fields: a matmul's M×N×K).
+   */
+  async stopProfile(): Promise<ProfiledKernel[]> {
     const profiler = this.profiler;
     if (!profiler) return [];
     this.flush();
@@ -696,12 +700,23 @@ export class Gpu {
   }
 }
 
+/** GPU time of one kernel over a profile, in all and by shape. */
+export interface ProfiledKernel {
+  kernel: string;
+  ms: number;
+  dispatches: number;
+  shapes: { shape: string; ms: number; dispatches: number }[];
+}
+
+/** A profiled dispatch: its kernel and its shape. */
+type ProfileLabel = { kernel: string; shape: string };
+
 /** Timestamps of profiled dispatches: a query set resolved and read back at every submit. */
 class Profiler {
   private static readonly QUERIES = 2048;
   private querySet: GPUQuerySet;
-  private labels: string[] = [];
-  private batches: Promise<{ labels: string[]; ticks: BigInt64Array }>[] = [];
+  private labels: ProfileLabel[] = [];
+  private batches: Promise<{ labels: ProfileLabel[]; ticks: BigInt64Array }>[] = [];
 
   constructor(private readonly device: GPUDevice) {
     this.querySet = device.createQuerySet({ type: "timestamp", count: Profiler.QUERIES });
@@ -711,9 +726,9 @@ class Profiler {
     return 2 * (this.labels.length + 1) > Profiler.QUERIES;
   }
 
-  next(label: string): GPUComputePassTimestampWrites {
+  next(kernel: string, shape: string): GPUComputePassTimestampWrites {
     const i = this.labels.length;
-    this.labels.push(label);
+    this.labels.push({ kernel, shape });
     return {
       querySet: this.querySet,
       beginningOfPassWriteIndex: 2 * i,
@@ -752,18 +767,24 @@ class Profiler {
       );
   }
 
-  async totals(): Promise<{ kernel: string; ms: number; dispatches: number }[]> {
-    const byKernel = new Map<string, { ms: number; dispatches: number }>();
+  async totals(): Promise<ProfiledKernel[]> {
+    const byKernel = new Map<string, ProfiledKernel>();
     for (const { labels, ticks } of await Promise.all(this.batches)) {
-      labels.forEach((label, i) => {
-        const entry = byKernel.get(label) ?? { ms: 0, dispatches: 0 };
-        entry.ms += Number(ticks[2 * i + 1] - ticks[2 * i]) / 1e6;
+      labels.forEach(({ kernel, shape }, i) => {
+        const ms = Number(ticks[2 * i + 1] - ticks[2 * i]) / 1e6;
+        let entry = byKernel.get(kernel);
+        if (!entry) byKernel.set(kernel, entry = { kernel, ms: 0, dispatches: 0, shapes: [] });
+        entry.ms += ms;
         entry.dispatches++;
-        byKernel.set(label, entry);
+        let byShape = entry.shapes.find((s) => s.shape === shape);
+        if (!byShape) entry.shapes.push(byShape = { shape, ms: 0, dispatches: 0 });
+        byShape.ms += ms;
+        byShape.dispatches++;
       });
     }
     this.querySet.destroy();
-    return [...byKernel].map(([kernel, t]) => ({ kernel, ...t })).sort((a, b) => b.ms - a.ms);
+    for (const entry of byKernel.values()) entry.shapes.sort((a, b) => b.ms - a.ms);
+    return [...byKernel.values()].sort((a, b) => b.ms - a.ms);
   }
 }
 

@@ -178,7 +178,8 @@ async function generationSection(gpu: Gpu): Promise<void> {
 
 /**
  * GPU time by kernel over one GRPO step and one SFT step of the default's shape (timestamp
- * queries, one pass per dispatch): where the time goes, for choosing what to speed up next.
+ * queries, one pass per dispatch), the products also by shape: where the time goes, for
+ * choosing what to speed up next.
  */
 async function profileSection(gpu: Gpu): Promise<void> {
   const runs: [string, () => Promise<unknown>][] = [
@@ -199,12 +200,15 @@ async function profileSection(gpu: Gpu): Promise<void> {
     console.log(
       `profile of ${name}: ${total.toFixed(1)} ms of GPU time in ${wall.toFixed(0)} ms wall`,
     );
+    const line = (what: string, ms: number, dispatches: number) =>
+      `${what.padEnd(30)} ${ms.toFixed(1).padStart(7)} ms ${
+        String(dispatches).padStart(5)
+      } dispatches`;
     for (const k of kernels.slice(0, 12)) {
-      console.log(
-        `  ${k.kernel.padEnd(28)} ${k.ms.toFixed(1).padStart(7)} ms ${
-          String(k.dispatches).padStart(5)
-        } dispatches`,
-      );
+      console.log(`  ${line(k.kernel, k.ms, k.dispatches)}`);
+      // The products by shape (M×N×K), the largest first: which ones to speed up.
+      if (!k.kernel.startsWith("matmul")) continue;
+      for (const s of k.shapes.slice(0, 6)) console.log(`    ${line(s.shape, s.ms, s.dispatches)}`);
     }
   }
 }
