@@ -1,7 +1,8 @@
 // gpu/device.ts's dispatch machinery: Params in slots of one uniform ring (uploaded once per
 // submit, reused at the next) and cached bind groups. The property checked: every dispatch sees
 // its own Params and tensors, however many dispatches share a submit, repeat a bind group or
-// outrun the ring, and the counters count what they say.
+// outrun the ring, and the counters count what they say; and the bench's profile files each timed
+// dispatch under its kernel and its shape.
 
 import assert from "node:assert/strict";
 import { Tensor } from "../gpu/device.ts";
@@ -158,5 +159,36 @@ Deno.test(
     } finally {
       gpu.textureInputs = before;
     }
+  },
+);
+
+Deno.test(
+  "the profile counts every dispatch under its kernel and its shape, and the shapes sum to it",
+  gpuTest,
+  async () => {
+    const step = gpu.pipeline(STEP_WGSL, "step");
+    const out = gpu.upload(new Float32Array(200));
+    if (!gpu.startProfile()) return; // no timestamp-query: nothing to profile
+    // A dispatch's shape is its first three u32 Params (a matmul's M×N×K); this kernel has one, n.
+    for (const n of [5, 200, 5, 64, 5, 200]) {
+      gpu.dispatch(step, [Math.ceil(n / 64)], [out], [n], [1, 1]);
+    }
+    const other = gpu.pipeline(STEP_WGSL.replace("* p.scale", "* 1.0"), "other");
+    gpu.dispatch(other, [1], [out], [3], [2, 1]);
+    const kernels = await gpu.stopProfile();
+    const counts = kernels.map((k) => [k.kernel, k.dispatches]).sort();
+    assert.deepEqual(counts, [["other", 1], ["step", 6]]);
+    const stepProfile = kernels.find((k) => k.kernel === "step")!;
+    assert.deepEqual(
+      stepProfile.shapes.map((s) => [s.shape, s.dispatches]).sort(),
+      [["200", 2], ["5", 3], ["64", 1]],
+    );
+    for (const k of kernels) {
+      const sum = k.shapes.reduce((s, shape) => s + shape.ms, 0);
+      assert.ok(Math.abs(sum - k.ms) <= 1e-9 * Math.max(1, k.ms), `${k.kernel}: ${sum} vs ${k.ms}`);
+      assert.ok(k.shapes.every((s, i) => i === 0 || k.shapes[i - 1].ms >= s.ms), "largest first");
+    }
+    assert.ok(kernels.every((k, i) => i === 0 || kernels[i - 1].ms >= k.ms), "largest first");
+    out.destroy();
   },
 );
