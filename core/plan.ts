@@ -287,7 +287,7 @@ function generationTensors(
   kvDtype: PlanDType = "f32",
 ) {
   const round = (n: number, m: number) => Math.ceil(n / m) * m;
-  const rows = P * G, prefill = promptLen > 1 ? round(promptLen - 1, PREFILL_ROUND) : 0;
+  const rows = P * G, prefill = round(promptLen, PREFILL_ROUND);
   const capacity = round(Math.max(promptLen + maxNew, prefill), CAPACITY_ROUND);
   // Prompts are prefilled in batches: the prompt cache and prefill buffers hold one batch.
   const batch = prefillPrompts(P, prefill);
@@ -297,24 +297,20 @@ function generationTensors(
     kvDtype === "f32" ? { name, shape } : { name, shape, dtype: kvDtype };
   const cache: PlannedTensor[] = [];
   for (let i = 0; i < c.numLayers; i++) {
-    cache.push(kvT(`layers.${i}.k cache`, rows, ...kv), kvT(`layers.${i}.v cache`, rows, ...kv));
-    if (prefill > 0) {
-      cache.push(
-        kvT(`layers.${i}.k prompt cache`, batch, ...kv),
-        kvT(`layers.${i}.v prompt cache`, batch, ...kv),
-      );
-    }
-  }
-  const work: PlannedTensor[] = [];
-  if (prefill > 0) {
-    const T = batch * prefill;
-    work.push(
-      ...layerTensors(c, "prefill", batch, prefill),
-      t("prefill ids", T),
-      t("prefill positions", T),
-      t("prefill kvLens", batch),
+    cache.push(
+      kvT(`layers.${i}.k cache`, rows, ...kv),
+      kvT(`layers.${i}.v cache`, rows, ...kv),
+      kvT(`layers.${i}.k prompt cache`, batch, ...kv),
+      kvT(`layers.${i}.v prompt cache`, batch, ...kv),
     );
   }
+  const T = batch * prefill;
+  const work: PlannedTensor[] = [
+    ...layerTensors(c, "prefill", batch, prefill),
+    t("prefill ids", T),
+    t("prefill positions", T),
+    t("prefill kvLens", batch),
+  ];
   work.push(
     ...layerTensors(c, "decode", rows, 1),
     t("decode hidden", rows, H),

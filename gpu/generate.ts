@@ -1,9 +1,11 @@
 // Batched sampling with a KV cache: the policy's completions for a set of prompts.
 //
-// Each prompt is prefilled once (all but its last token), its cache copied to the rows of its
-// group — prompts in batches of at most PREFILL_BATCH_TOKENS tokens, so a large evaluation
-// batch needs no more prefill memory than a few prompts — and then every row decodes one token
-// per step: embedding → layers over the cache → final norm → logits → sample, all on the GPU.
+// Each prompt is prefilled once and its cache copied to the rows of its group — prompts in
+// batches of at most PREFILL_BATCH_TOKENS tokens, so a large evaluation batch needs no more
+// prefill memory than a few prompts. The group's rows draw their first tokens from the logits
+// of its prompt's last position (they would all compute the same ones), and then every row
+// decodes one token per step: embedding → layers over the cache → final norm → logits → sample,
+// all on the GPU.
 // Sampled tokens feed the next step without a CPU round trip (nor any upload); the CPU reads
 // the "done" flags every few steps, while later steps run, to stop early. The cache is f32 or
 // 16 bits (kv_cache_dtype). The buffers of a shape are kept on the model between calls
@@ -15,6 +17,7 @@ import { CAPACITY_ROUND, PREFILL_ROUND, prefillPrompts } from "../core/plan.ts";
 import { type Gpu, Tensor } from "./device.ts";
 import { copyCacheToGroups, type KvDtype } from "./kernels/attention.ts";
 import { rmsnorm } from "./kernels/rmsnorm.ts";
+import { embedding } from "./kernels/embedding.ts";
 import { afterSample, sample } from "./kernels/sample.ts";
 import { type GpuModel, type LayerActivations, layerBuffers } from "./model.ts";
 
@@ -70,9 +73,9 @@ class Buffers {
     // Prompts are prefilled `batch` at a time (core/plan.ts prefillPrompts).
     const batch = this.batch = prefillPrompts(P, prefillLen);
     this.cache = kvCache(gpu, c, B, capacity, kvDtype);
-    this.promptCache = prefillLen > 0 ? kvCache(gpu, c, batch, capacity, kvDtype) : [];
-    const L = Math.max(prefillLen, 1), T = batch * L;
-    this.prefill = layerBuffers(gpu, c, batch, L);
+    this.promptCache = kvCache(gpu, c, batch, capacity, kvDtype);
+    const T = batch * prefillLen;
+    this.prefill = layerBuffers(gpu, c, batch, prefillLen);
     this.prefillIds = gpu.zeros([T], "i32");
     this.prefillPositions = gpu.zeros([T], "i32");
     this.prefillKvLens = gpu.zeros([batch], "i32");
@@ -169,7 +172,7 @@ export async function generate(
   const longest = Math.max(...prompts.map((p) => p.length));
   // Rounding up pads the prefill: its padding lands in the cache at positions the decode steps
   // overwrite before any query can see them, and causal attention hides it from real tokens.
-  const prefillLen = longest > 1 ? roundUp(longest - 1, PREFILL_ROUND) : 0;
+  const prefillLen = roundUp(longest, PREFILL_ROUND);
   const capacity = roundUp(Math.max(longest + maxNew, prefillLen), CAPACITY_ROUND);
   const eosIds = opts.eosIds.length ? opts.eosIds : [-1];
   const bufs = buffersFor(
@@ -186,19 +189,20 @@ export async function generate(
   );
   const { cache, step } = bufs;
   const perPrefill = Math.min(prefillPrompts(P, prefillLen), bufs.batch);
-  for (let first = 0; prefillLen > 0 && first < P; first += perPrefill) {
+  for (let first = 0; first < P; first += perPrefill) {
     const part = prompts.slice(first, first + perPrefill);
-    prefill(model, part, prefillLen, bufs);
+    prefill(model, part, prefillLen, first, bufs);
     copyToGroups(gpu, bufs.promptCache, cache, groupSize, first, part.length);
   }
+  // bufs.hidden holds each prompt's last position's layer output: its logits go to rows 0…P−1,
+  // and every row of its group draws its first token from them (they would all compute them).
+  rmsnorm(gpu, bufs.hidden, model.p("model.norm.weight"), step.norm1, step.rstd1, P, c.rmsNormEps);
+  model.vocabLogits(step.norm1, bufs.logits, P);
 
   const rowLen = (b: number) => prompts[Math.floor(b / groupSize)].length;
   gpu.write(bufs.eos, Int32Array.from(eosIds));
   gpu.write(bufs.done, new Int32Array(B));
-  gpu.write(
-    bufs.ids,
-    Int32Array.from({ length: B }, (_, b) => prompts[Math.floor(b / groupSize)].at(-1)!),
-  );
+  // Each row's last prompt position: afterSample moves it on to its first token's.
   gpu.write(bufs.positions, Int32Array.from({ length: B }, (_, b) => rowLen(b) - 1));
   gpu.write(bufs.kvLens, Int32Array.from({ length: B }, (_, b) => rowLen(b)));
   const shape = {
@@ -214,33 +218,36 @@ export async function generate(
   // The flags as of the previous check, in flight while the steps since then were recorded.
   let doneRead: ReturnType<Gpu["readLater"]> | null = null;
   for (let s = 0; s < maxNew; s++) {
-    model.embed(bufs.ids, step.input, B);
-    // Each layer writes its output over its own input (read only before the output is written).
-    for (let i = 0; i < c.numLayers; i++) {
-      model.layerForward(i, step, step.input, {
-        T: B,
-        positions: bufs.positions,
-        kvLens: bufs.kvLens,
-        shape,
-        cache: cache[i],
-      });
+    // The first tokens come from the prompts' logits; each later step runs every row on.
+    if (s > 0) {
+      model.embed(bufs.ids, step.input, B);
+      // Each layer writes its output over its own input (read only before it is written).
+      for (let i = 0; i < c.numLayers; i++) {
+        model.layerForward(i, step, step.input, {
+          T: B,
+          positions: bufs.positions,
+          kvLens: bufs.kvLens,
+          shape,
+          cache: cache[i],
+        });
+      }
+      rmsnorm(
+        gpu,
+        step.input,
+        model.p("model.norm.weight"),
+        bufs.hidden,
+        step.rstd1,
+        B,
+        c.rmsNormEps,
+      );
+      model.vocabLogits(bufs.hidden, bufs.logits, B);
     }
-    rmsnorm(
-      gpu,
-      step.input,
-      model.p("model.norm.weight"),
-      bufs.hidden,
-      step.rstd1,
-      B,
-      c.rmsNormEps,
-    );
-    model.vocabLogits(bufs.hidden, bufs.logits, B);
     sample(
       gpu,
       bufs.logits,
       B,
       c.vocabSize,
-      { ...opts, step: s },
+      { ...opts, step: s, groupSize: s === 0 ? groupSize : 1 },
       bufs.done,
       bufs.sampled,
       bufs.logp,
@@ -290,13 +297,14 @@ function kvCache(gpu: Gpu, c: ModelConfig, B: number, capacity: number, dtype: K
 }
 
 /**
- * Run the first prefillLen tokens of each of these prompts (one prefill batch) through the
- * layers, into rows 0… of the prompt cache.
+ * Run these prompts (one prefill batch, prompts first…, each padded to L tokens) through the
+ * layers, into rows 0… of the prompt cache, and gather each one's last position's output into
+ * rows first… of bufs.hidden.
  */
-function prefill(model: GpuModel, prompts: number[][], L: number, bufs: Buffers): void {
-  const gpu = model.gpu, c = model.config, P = prompts.length, T = P * L;
+function prefill(model: GpuModel, prompts: number[][], L: number, first: number, bufs: Buffers) {
+  const gpu = model.gpu, c = model.config, P = prompts.length, T = P * L, H = c.hiddenSize;
   const ids = new Int32Array(T), positions = new Int32Array(T);
-  prompts.forEach((prompt, p) => ids.set(prompt.slice(0, -1), p * L));
+  prompts.forEach((prompt, p) => ids.set(prompt, p * L));
   for (let t = 0; t < T; t++) positions[t] = t % L;
   gpu.write(bufs.prefillIds, ids);
   gpu.write(bufs.prefillPositions, positions);
@@ -320,6 +328,10 @@ function prefill(model: GpuModel, prompts: number[][], L: number, bufs: Buffers)
       cache: bufs.promptCache[i],
     });
   }
+  // bufs.ids is free until the first tokens are drawn: it lists the rows to gather.
+  gpu.write(bufs.ids, Int32Array.from(prompts, (prompt, p) => p * L + prompt.length - 1));
+  embedding(gpu, bufs.ids, x.input, bufs.step.input, P);
+  gpu.copy(bufs.step.input, bufs.hidden, P * H, 0, first * H);
 }
 
 /**

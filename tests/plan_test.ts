@@ -67,8 +67,8 @@ Deno.test("a small plan, counted by hand", () => {
   //   backward:    dLogp, dTailLogp 20 + dResidual, dNorm 80 + dAttn, dq 80 + dk, dv 40 + dQkv 80
   //                + dAct, dGateUp 180
   //   log-probs:   logits, dLogits 2·(10 tokens × 10) + logp, lse 20 + tailRows 40, tailLogp 10
-  // Generation (2 prompts × 2 > 1 eval prompt): 4 rows; capacity 5 and prefill 2 rounded up to
-  // 16 and 4 (CAPACITY_ROUND, PREFILL_ROUND).
+  // Generation (2 prompts × 2 > 1 eval prompt): 4 rows; capacity 5 and prefill 3 (whole prompts)
+  // rounded up to 16 and 4 (CAPACITY_ROUND, PREFILL_ROUND).
   //   KV cache: 2·(4·16·2) + prompt cache 2·(2·16·2)
   //   buffers:  prefill 8·58 + ids, positions 16 + kvLens 2;
   //             decode 4·58 + hidden 16 + logits 40 + six [4] 24 + outputs 2·(2·4)
@@ -295,7 +295,7 @@ Deno.test("a LoRA plan with 16-bit weights and cache and checkpointing, counted 
   // LoRA: q_proj A [2,4] B [4,2], down_proj A [2,6] B [4,2]: 36 per layer, 72 floats.
   // Training, 10 tokens, checkpointed: one layer's buffers 10·58, layer 1's input 40, then as
   //   without: ids/targets/positions 30 + kvLens 2 + final, finalNorm 80 + rstd 10.
-  // Generation: prompts of 3 prefill 2 tokens, rounded up to 4 (PREFILL_ROUND); capacity 5
+  // Generation: prompts of 3 prefill 3 tokens, rounded up to 4 (PREFILL_ROUND); capacity 5
   //   rounded up to 16 (CAPACITY_ROUND). 4 rows in bf16 caches [4,16,1,2] and one prefill batch
   //   of both prompts in prompt caches [2,16,1,2]: per layer 2·128 + 2·64 values at 2 bytes.
   //   Buffers: prefill of 8 tokens 8·58 + ids, positions 16 + kvLens 2; decode 328.

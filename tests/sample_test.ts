@@ -1,7 +1,8 @@
 // sample() against properties and a float64 twin: greedy is the argmax (ties to the lowest index),
 // draws are reproducible for a (seed, step) and change with either, sampled frequencies follow
 // the softmax restricted by top-k / top-p, no token falls outside those sets, done rows are left
-// alone, and logp is the untruncated log-softmax of the chosen token.
+// alone, logp is the untruncated log-softmax of the chosen token, and rows that share a row of
+// logits draw as if each had its own copy.
 
 import assert from "node:assert/strict";
 
@@ -10,7 +11,8 @@ import { gpuTest, openGpu, randoms } from "./helpers.ts";
 
 const gpu = await openGpu();
 
-/** Run sample() on rows [B, V]; done rows start with token −7 and logp 123. */
+/** Run sample() for B rows (logits [B, V], or fewer rows shared by groups); done rows start with
+ * token −7 and logp 123. */
 async function run(
   logits: Float32Array,
   B: number,
@@ -19,7 +21,7 @@ async function run(
   done = new Int32Array(B),
 ) {
   const t = {
-    logits: gpu.upload(logits, [B, V]),
+    logits: gpu.upload(logits, [logits.length / V, V]),
     done: gpu.upload(done),
     tokens: gpu.upload(new Int32Array(B).fill(-7)),
     logp: gpu.upload(new Float32Array(B).fill(123)),
@@ -190,3 +192,27 @@ Deno.test("top-k and top-p never return a token outside their sets", gpuTest, as
     assertLogp(logits, V, got, o.temperature);
   }
 });
+
+Deno.test(
+  "rows sharing a row of logits (groupSize) draw as if each had its own copy",
+  gpuTest,
+  async () => {
+    // One thread per row (V ≤ 256) and a workgroup per row (V > 256); G does not divide B.
+    for (const [P, G, V] of [[5, 3, 33], [3, 4, 301]]) {
+      const B = P * G - 1, shared = randoms(P * V, V);
+      const copies = new Float32Array(B * V);
+      for (let b = 0; b < B; b++) {
+        copies.set(shared.subarray(Math.floor(b / G) * V).subarray(0, V), b * V);
+      }
+      const done = Int32Array.from({ length: B }, (_, b) => b === 2 ? 1 : 0);
+      const o = { temperature: 0.8, topK: 0, topP: 0.9, seed: 7, step: 0 };
+      const got = await run(shared, B, V, { ...o, groupSize: G }, done);
+      const want = await run(copies, B, V, o, done);
+      assert.deepEqual(got.tokens, want.tokens, `P ${P}, G ${G}, V ${V}`);
+      assert.deepEqual(got.logp, want.logp);
+      assertLogp(copies, V, got, o.temperature, (b) => b === 2);
+      // The rows of a group draw apart: not every row repeats its group's first.
+      assert.ok(got.tokens.some((t, b) => b % G !== 0 && b !== 2 && t !== got.tokens[b - b % G]));
+    }
+  },
+);

@@ -9,6 +9,7 @@
 //   4. draws u in [0, 1) from a counter-based hash of (seed, step, row) and walks the allowed tokens
 //      in index order, accumulating probability until the running sum exceeds u·(allowed mass);
 //      rows count from `firstRow`, so a batch sampled in several calls draws as in one.
+// Rows may share a row of logits (`groupSize`): a group's first tokens, drawn from its prompt's.
 // Tokens tied at a threshold are all allowed, so the top-k set may hold more than k tokens and the
 // nucleus more than the smallest set. temperature = 0 is greedy: argmax, ties to the lowest index.
 // Few passes matter beyond speed: llvmpipe ends every loop of an invocation once its loops have run
@@ -55,7 +56,7 @@ fn ${name}(lid: u32, x: ${type}) -> ${type} {
   return /* wgsl */ `
 const WG = ${threads}u;
 struct Params { B: u32, V: u32, greedy: u32, topK: u32, seedLo: u32, seedHi: u32, step: u32,
-                firstRow: u32, s: f32, topP: f32 }
+                firstRow: u32, groupSize: u32, s: f32, topP: f32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> done: array<i32>;
@@ -205,7 +206,7 @@ fn main(${
   if (lid == 0u) { rowDone = done[b]; }
   if (workgroupUniformLoad(&rowDone) != 0) { return; }`
   }
-  let base = b * p.V;
+  let base = (b / p.groupSize) * p.V;
   var m = -3.4e38;
   for (var v = lid; v < p.V; v += WG) { m = max(m, p.s * logits[base + v]); }
   let zMax = reduceMax(lid, m);
@@ -241,11 +242,13 @@ export interface SampleOptions {
   step: number;
   /** Row b draws as row firstRow + b (default 0): a batch split in calls draws as one. */
   firstRow?: number;
+  /** Row b draws from row ⌊b / groupSize⌋ of logits (default 1: its own). */
+  groupSize?: number;
 }
 
 /**
- * tokens[b] = a token drawn from row b of logits [B, V]; logp[b] = log softmax(logits[b] / T)
- * [token], untruncated (T = 1 when greedy). Rows with done[b] != 0 are left untouched.
+ * tokens[b] = a token drawn from row r = ⌊b / groupSize⌋ of logits; logp[b] = log softmax(
+ * logits[r] / T)[token], untruncated (T = 1 when greedy). Rows with done[b] != 0 are left untouched.
  */
 export function sample(
   gpu: Gpu,
@@ -257,7 +260,7 @@ export function sample(
   tokens: Tensor,
   logp: Tensor,
 ): void {
-  const { temperature, topK, topP, seed, step, firstRow = 0 } = opts;
+  const { temperature, topK, topP, seed, step, firstRow = 0, groupSize = 1 } = opts;
   if (!(temperature >= 0)) {
     throw new AhaError(`sampling: temperature must be ≥ 0, got ${temperature}`);
   }
@@ -283,6 +286,7 @@ export function sample(
       Math.floor(seed / 2 ** 32) >>> 0,
       step >>> 0,
       firstRow >>> 0,
+      groupSize,
     ],
     [invTemperature, topP],
   );
