@@ -36,12 +36,14 @@
 //
 // A GRPO batch's rows come in groups that share a prompt (S samples of each). forwardShared runs
 // each group's prompt once: the token list is every row's tail (its prompt's last token and its
-// completion), then every group's prefix (the prompt but its last token). Every per-token kernel
-// runs over that list as over any other; only attention differs — the prefixes attend among
-// themselves, each tail over its group's prefix keys and its own (kernels/attention.ts
-// assembleKv), and in backward each prefix key gathers the gradients of its group's rows
-// (scatterKvGrads). A GRPO step of the default's shape (16 prompts of 7 tokens × 8 samples of 6)
-// then runs 992 tokens through training and the reference instead of 1,664.
+// completion but the row's last token, see below), then every group's prefix (the prompt but its
+// last token). Every per-token kernel runs over that list as over any other; only attention
+// differs — the prefixes attend among themselves, each tail over its group's prefix keys and its
+// own (kernels/attention.ts assembleKv), and in backward each prefix key gathers the gradients of
+// its group's rows (scatterKvGrads). A row's last token is no input in any layout but the joined
+// one: no log-prob is read from its position and no later position attends to it. A GRPO step of
+// the default's shape (16 prompts of 7 tokens × 8 samples of 6) then runs 864 tokens through
+// training and the reference instead of 1,664 (992 while tails kept their last token).
 //
 // With gradient checkpointing the training forward keeps only each layer's input (plus one set
 // of layer buffers that every layer reuses); backward recomputes a layer's forward from its input
@@ -194,9 +196,22 @@ export function worthSharing(rows: number[][], promptLens: number[]): SharedProm
   const B = rows.length, G = shared.prefixes.length;
   if (G === B) return null;
   const L = Math.max(...rows.map((r) => r.length));
-  const C = Math.max(...shared.tails.map((t) => t.length));
+  const C = tailPositions(shared.tails);
   const P = Math.max(...shared.prefixes.map((p) => p.length));
   return sharedTokens(B, C, G, P) <= 0.9 * B * L ? shared : null;
+}
+
+/** Positions a row takes in forwardPacked's layout: its tokens but the last (see the top). */
+export function packedPositions(row: number[]): number {
+  return Math.max(0, row.length - 1);
+}
+
+/**
+ * Positions every tail takes in forwardShared's layout: the longest tail's tokens but its last,
+ * at least one. Its log-probs are [B · tailPositions].
+ */
+export function tailPositions(tails: number[][]): number {
+  return Math.max(1, ...tails.map((tail) => tail.length - 1));
 }
 
 /**
@@ -851,8 +866,8 @@ export class GpuModel {
    * its keys and values serving each row of the group, so a GRPO batch of G prompts × S samples
    * costs G prompts and G·S completions, not G·S of both. The same function as forward() over
    * the rows joined (prompt + completion), up to the order of floating-point sums. Returns the
-   * log-probs [B·C]: element b·C + t is log p(completion token t of row b). backward() takes
-   * dLoss/dlogp in the same layout.
+   * log-probs [B·C], C = tailPositions(tails): element b·C + t is log p(completion token t of
+   * row b). backward() takes dLoss/dlogp in the same layout.
    */
   forwardShared(
     batch: SharedPromptBatch,
@@ -862,7 +877,7 @@ export class GpuModel {
   ): Tensor {
     const gpu = this.gpu, { tails, prefixes, groupOf } = batch;
     const B = tails.length, G = prefixes.length;
-    const C = Math.max(...tails.map((t) => t.length));
+    const C = tailPositions(tails);
     const P = Math.max(0, ...prefixes.map((p) => p.length));
     const a = this.activations(B, C, keepForBackward, { G, P });
     const s = a.shared!;
@@ -873,11 +888,11 @@ export class GpuModel {
     const rowPrefix = new Int32Array(B * 2), groupRows = new Int32Array(Math.max(G, 1) * 2);
     tails.forEach((tail, b) => {
       const g = groupOf[b], prefixLen = prefixes[g].length;
-      tail.forEach((id, t) => {
-        ids[b * C + t] = id;
+      for (let t = 0; t + 1 < tail.length; t++) {
+        ids[b * C + t] = tail[t];
         positions[b * C + t] = prefixLen + t;
-        if (t + 1 < tail.length) targets[b * C + t] = tail[t + 1];
-      });
+        targets[b * C + t] = tail[t + 1];
+      }
       tailKvLens[b] = prefixLen + C;
       rowPrefix.set([g, prefixLen], b * 2);
       if (b === 0 || groupOf[b - 1] !== g) groupRows[g * 2] = b;
@@ -901,11 +916,12 @@ export class GpuModel {
 
   /**
    * Forward over a packed batch: the rows laid end to end in one row of `L` positions (L at least
-   * their total; the rest is padding), each attending only over itself. Costs the rows' own
-   * tokens where the joined layout pads every row to the longest. The same function as
-   * forward() over the rows joined, up to the order of floating-point sums. Returns the log-probs
-   * [L]: element start_b + t is log p(rows[b][t + 1] | rows[b][..t]), start_b the total length
-   * of the rows before b; backward() takes dLoss/dlogp in the same layout.
+   * their total; the rest is padding), each attending only over itself, and each without its
+   * last token (packedPositions). Costs the rows' own tokens where the joined layout pads every
+   * row to the longest. The same function as forward() over the rows joined, up to the order of
+   * floating-point sums. Returns the log-probs [L]: element start_b + t is
+   * log p(rows[b][t + 1] | rows[b][..t]), start_b the positions of the rows before b; backward()
+   * takes dLoss/dlogp in the same layout.
    */
   forwardPacked(
     batch: number[][],
@@ -926,14 +942,14 @@ export class GpuModel {
     };
     let start = 0;
     for (const row of batch) {
-      const end = start + row.length;
+      const end = start + packedPositions(row);
       if (end > L) throw new Error(`forwardPacked: the rows need ${end} positions, L is ${L}`);
-      row.forEach((id, t) => {
-        ids[start + t] = id;
-        if (t + 1 < row.length) targets[start + t] = row[t + 1];
+      for (let t = 0; start + t < end; t++) {
+        ids[start + t] = row[t];
+        targets[start + t] = row[t + 1];
         positions[start + t] = t;
         bound(start + t, start, end);
-      });
+      }
       start = end;
     }
     for (let t = start; t < L; t++) bound(t, t, t + 1);

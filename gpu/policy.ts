@@ -23,7 +23,7 @@ import {
   SUM_FLOATS,
   TOKEN_FLOATS,
 } from "./kernels/grpo_loss.ts";
-import { type GpuModel, worthSharing } from "./model.ts";
+import { type GpuModel, packedPositions, tailPositions, worthSharing } from "./model.ts";
 import { GpuHeldLogprobs, heldScores } from "./score.ts";
 
 /**
@@ -44,7 +44,7 @@ function trainingForward(
   const B = batch.rows.length;
   const shared = share ? worthSharing(batch.rows, batch.promptLens) : null;
   if (shared) {
-    const L = Math.max(...shared.tails.map((t) => t.length));
+    const L = tailPositions(shared.tails);
     const logp = model.forwardShared(shared, invTemperature);
     return { logp, T: B * L, at: (b, t) => b * L + t };
   }
@@ -56,7 +56,7 @@ function trainingForward(
   const { layer, head } = tokenCost(model);
   if (pack && packedL * (layer + head) < B * L * layer + B * (L - first) * head) {
     const starts: number[] = [];
-    batch.rows.reduce((start, row) => (starts.push(start), start + row.length), 0);
+    batch.rows.reduce((start, row) => (starts.push(start), start + packedPositions(row)), 0);
     const logp = model.forwardPacked(batch.rows, packedL, invTemperature);
     return { logp, T: packedL, at: (b, t) => starts[b] + batch.promptLens[b] - 1 + t };
   }
@@ -67,12 +67,13 @@ function trainingForward(
 }
 
 /**
- * Positions a packed batch takes: its rows' tokens rounded up to an eighth of their power of two
- * (1,098 tokens → 1,152), so that batches of about the same size share one set of buffers
- * (GpuModel keeps the last shape's), for at most 1/8 padding.
+ * Positions a packed batch takes: its rows' positions (packedPositions: each row's tokens but its
+ * last) rounded up to an eighth of their power of two (the default's 128 rows of 1,098 tokens:
+ * 970 → 1,024), so that batches of about the same size share one set of buffers (GpuModel keeps
+ * the last shape's), for at most 1/8 padding.
  */
 function packedLength(rows: number[][]): number {
-  const total = rows.reduce((n, row) => n + row.length, 0);
+  const total = Math.max(1, rows.reduce((n, row) => n + packedPositions(row), 0));
   const step = 2 ** Math.max(0, Math.floor(Math.log2(total)) - 3);
   return Math.ceil(total / step) * step;
 }

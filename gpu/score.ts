@@ -10,7 +10,7 @@
 import type { HeldLogprobs } from "../core/engine.ts";
 import { SCORE_BATCH_TOKENS } from "../core/plan.ts";
 import type { Gpu, Tensor } from "./device.ts";
-import { type GpuModel, worthSharing } from "./model.ts";
+import { type GpuModel, tailPositions, worthSharing } from "./model.ts";
 
 /**
  * Log-probs on the GPU: row i's `count` values from element `at` of `values` (a scratch buffer:
@@ -79,7 +79,7 @@ export function heldScores(
     // saves tokens: log-probs [B·C], row b's completion's from b·C.
     const shared = from ? worthSharing(rowsHere, from.slice(start, end).map((f) => f + 1)) : null;
     if (shared) {
-      const C = Math.max(...shared.tails.map((t) => t.length));
+      const C = tailPositions(shared.tails);
       const logp = model.forwardShared(shared, invTemperature, false, adapter);
       gpu.copy(logp, joined, B * C, 0, at);
       shared.tails.forEach((tail, b) => rows.push({ at: at + b * C, count: tail.length - 1 }));

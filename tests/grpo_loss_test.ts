@@ -42,12 +42,16 @@ const masks = completionMask(completions, [EOS]);
 const advantages = [1.3, -0.7, 0.4, -1.9, 0];
 const INV_T = 1 / 0.9;
 
-// The rows' layouts (gpu/policy.ts trainingForward): packed end to end (37 tokens, rounded up to
-// 40 positions), and joined, each row padded to the longest (5 × 13).
-const lengths = batch.rows.map((r) => r.length);
+// The rows' layouts (gpu/policy.ts trainingForward): packed end to end, each row without its last
+// token (37 tokens, 32 positions, a multiple of 4), and joined, each row padded to the longest
+// (5 × 13).
+const positions = batch.rows.map((r) => r.length - 1);
 const layouts = {
-  packed: { T: 40, starts: lengths.map((_, b) => lengths.slice(0, b).reduce((n, l) => n + l, 0)) },
-  joined: { T: 5 * 13, starts: lengths.map((_, b) => b * 13) },
+  packed: {
+    T: 32,
+    starts: positions.map((_, b) => positions.slice(0, b).reduce((n, l) => n + l, 0)),
+  },
+  joined: { T: 5 * 13, starts: positions.map((_, b) => b * 13) },
 };
 
 for (const lossType of ["grpo", "bnpo", "dr_grpo"] as LossType[]) {

@@ -68,7 +68,8 @@ Deno.test("packed rows match PyTorch running each row on its own", gpuTest, asyn
   const { sums: got, positions } = await sftGradients(policy, batch);
   const grads = await policy.model.readGrads();
   policy.model.destroy();
-  assert.equal(positions, 48, "45 tokens packed into 48 positions, not joined into 6 × 11");
+  // 45 tokens in 6 rows: 39 positions, each row's last token being no input, rounded up to 40.
+  assert.equal(positions, 40, "packed into 40 positions, not joined into 6 × 11");
   const sft = -got.logpSum / got.tokens;
   assert.ok(Math.abs(sft - golden.loss) < 1e-5, `loss ${sft} vs ${golden.loss}`);
   let norm = 0;
@@ -86,14 +87,17 @@ Deno.test("packed rows match PyTorch running each row on its own", gpuTest, asyn
 
 Deno.test("forwardPacked refuses rows longer than its positions", gpuTest, () => {
   const model = new GpuModel(gpu, config, initWeights(config, 1));
-  assert.throws(() => model.forwardPacked([[1, 2, 3], [4, 5]], 4), /need 5 positions, L is 4/);
+  // Each row takes its tokens but the last: 2 + 1 positions.
+  model.forwardPacked([[1, 2, 3], [4, 5]], 3);
+  assert.throws(() => model.forwardPacked([[1, 2, 3], [4, 5]], 2), /need 3 positions, L is 2/);
   model.destroy();
 });
 
 // The policy packs a batch when that costs fewer multiply-adds than joining it: its rows' tokens
-// rounded up to an eighth of their power of two, against B × the longest row — where joined
-// rows run the vocabulary projection from the shortest prompt's last token on only.
-Deno.test("the policy packs rows of unequal lengths, not rows of one length", gpuTest, async () => {
+// but each one's last, rounded up to an eighth of their power of two, against B × the longest
+// row — where joined rows run the vocabulary projection from the shortest prompt's last token on
+// only.
+Deno.test("the policy packs a batch when that costs fewer multiply-adds", gpuTest, async () => {
   const rng = new Rng(3);
   const positions = async (batch: { rows: number[][]; promptLens: number[] }, vocab = 37) => {
     const c = { ...config, vocabSize: vocab };
@@ -102,13 +106,13 @@ Deno.test("the policy packs rows of unequal lengths, not rows of one length", gp
     policy.model.destroy();
     return positions;
   };
-  // 3 + 10 + 4 + 12 = 29 tokens → 30 positions (a multiple of 2), against 4 × 12 joined.
-  assert.equal(await positions(batchOf(rng, [[1, 2], [4, 6], [2, 2], [5, 7]])), 30);
-  // 3 rows of 11: packing takes 33 → 36 positions (a multiple of 4), joining 33.
-  assert.equal(await positions(batchOf(rng, [[3, 8], [4, 7], [10, 1]])), 33);
-  // Long prompts, short completions: 52 positions packed against 64 joined, but with 4,000
-  // words the projection dominates, and joined rows run it on 4 × 7 positions, not 52.
+  // 2 + 9 + 3 + 11 = 25 positions → 26 (a multiple of 2), against 4 × 12 joined.
+  assert.equal(await positions(batchOf(rng, [[1, 2], [4, 6], [2, 2], [5, 7]])), 26);
+  // 3 rows of 11: 30 positions packed, 33 joined (whose rows keep their last tokens).
+  assert.equal(await positions(batchOf(rng, [[3, 8], [4, 7], [10, 1]])), 30);
+  // Long prompts, short completions: 48 positions packed against 64 joined, but with 4,000
+  // words the projection dominates, and joined rows run it on 4 × 7 positions, not 48.
   const longPrompts = batchOf(rng, [[10, 1], [10, 2], [10, 3], [10, 6]]);
-  assert.equal(await positions(longPrompts), 52);
+  assert.equal(await positions(longPrompts), 48);
   assert.equal(await positions(longPrompts, 4000), 64);
 });

@@ -22,6 +22,7 @@ import {
   type GpuModelOptions,
   sharedTokens,
   sharePrompts,
+  tailPositions,
   worthSharing,
 } from "../gpu/model.ts";
 import { GpuPolicy, GpuReference } from "../gpu/policy.ts";
@@ -76,14 +77,14 @@ async function logprobsAndGrads(
   const B = rows.length;
   let logp: Float32Array, at: (b: number, t: number) => number, size: number;
   if (typeof layout === "object") {
-    const starts = rows.map((_, b) => rows.slice(0, b).reduce((n, r) => n + r.length, 0));
+    const starts = rows.map((_, b) => rows.slice(0, b).reduce((n, r) => n + r.length - 1, 0));
     logp = await gpu.read(model.forwardPacked(rows, layout.packed));
     assert.equal(logp.length, layout.packed);
     at = (b, t) => starts[b] + promptLens[b] - 1 + t;
     size = layout.packed;
   } else if (layout === "shared") {
     const shared = sharePrompts(rows, promptLens);
-    const C = Math.max(...shared.tails.map((t) => t.length));
+    const C = Math.max(1, ...shared.tails.map((t) => t.length - 1)); // each but its last token
     logp = await gpu.read(model.forwardShared(shared));
     at = (b, t) => b * C + t;
     size = B * C;
@@ -150,8 +151,8 @@ Deno.test("shared-prompt and packed layouts match the plain path", gpuTest, asyn
       logitChunkFloats: 16 * config.vocabSize,
     });
     const want = await logprobsAndGrads(model, rows, promptLens, upstream, "joined");
-    const tokens = rows.reduce((n, r) => n + r.length, 0);
-    for (const layout of ["shared", { packed: tokens + padding }] as const) {
+    const positions = rows.reduce((n, r) => n + r.length - 1, 0); // each row but its last token
+    for (const layout of ["shared", { packed: positions + padding }] as const) {
       model.zeroGrads();
       const got = await logprobsAndGrads(model, rows, promptLens, upstream, layout);
       const what = `${name}, ${layout === "shared" ? "shared" : "packed"}`;
@@ -247,7 +248,8 @@ Deno.test(
 Deno.test("a batch shares its prompts only where that saves a tenth of the tokens", () => {
   const row = (prompt: number[], completion: number) => [...prompt, ...Array(completion).fill(9)];
   const p7 = [1, 2, 3, 4, 5, 6, 7], q7 = [1, 2, 3, 4, 5, 6, 8];
-  // 16 prompts × 8 samples of 6 tokens (the default step): 992 tokens instead of 1,664.
+  // 16 prompts × 8 samples of 6 tokens (the default step): 864 positions instead of 1,664 (a
+  // tail of 7 tokens takes 6: its last is no input).
   const prompts = Array.from({ length: 16 }, (_, g) => [g, 2, 3, 4, 5, 6, 7]);
   const rows = Array.from({ length: 128 }, (_, b) => row(prompts[b >> 3], 6));
   const shared = worthSharing(rows, rows.map(() => 7));
@@ -255,7 +257,8 @@ Deno.test("a batch shares its prompts only where that saves a tenth of the token
   assert.deepEqual(shared.prefixes, prompts.map((p) => p.slice(0, 6)));
   assert.deepEqual(shared.groupOf.slice(6, 10), [0, 0, 1, 1]);
   assert.deepEqual(shared.tails[0], [7, 9, 9, 9, 9, 9, 9]);
-  assert.equal(sharedTokens(128, 7, 16, 6), 992);
+  assert.equal(tailPositions(shared.tails), 6);
+  assert.equal(sharedTokens(128, 6, 16, 6), 864);
   // Distinct prompts; two rows whose padding to 64 tokens outweighs a short prompt; an empty
   // prompt: joined.
   assert.equal(worthSharing([row(p7, 3), row(q7, 3)], [7, 7]), null);

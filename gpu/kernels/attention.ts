@@ -647,7 +647,7 @@ export function copyCacheToGroups(
 //
 // A GRPO batch's rows come in groups that share one prompt. The training forward then computes
 // each group's prompt once: its token list is every row's tail (the prompt's last token, then the
-// completion; B rows of C) followed, from `prefixStart`, by every group's prefix (the prompt but
+// completion but the row's last token; B rows of C) followed, from `prefixStart`, by every group's prefix (the prompt but
 // its last token; G rows of P). The prefixes attend among themselves as ordinary rows; a tail
 // row attends over a cache row [its group's Pg prefix keys, its own C keys], which assembleKv
 // builds from the token list (rowPrefix[b] = (group, Pg)). In backward, attention's gradient for
