@@ -11,8 +11,10 @@ import { gpuTest, openGpu, randoms } from "./helpers.ts";
 
 const gpu = await openGpu();
 
-/** Run sample() for B rows (logits [B, V], or fewer rows shared by groups); done rows start with
- * token −7 and logp 123. */
+/**
+ * Run sample() for B rows (logits [B, V], or fewer rows that groups share); done rows start with
+ * token −7 and logp 123.
+ */
 async function run(
   logits: Float32Array,
   B: number,
@@ -202,7 +204,8 @@ Deno.test(
       const B = P * G - 1, shared = randoms(P * V, V);
       const copies = new Float32Array(B * V);
       for (let b = 0; b < B; b++) {
-        copies.set(shared.subarray(Math.floor(b / G) * V).subarray(0, V), b * V);
+        const row = Math.floor(b / G) * V;
+        copies.set(shared.subarray(row, row + V), b * V);
       }
       const done = Int32Array.from({ length: B }, (_, b) => b === 2 ? 1 : 0);
       const o = { temperature: 0.8, topK: 0, topP: 0.9, seed: 7, step: 0 };
