@@ -194,10 +194,9 @@ export async function generate(
     prefill(model, part, prefillLen, first, bufs);
     copyToGroups(gpu, bufs.promptCache, cache, groupSize, first, part.length);
   }
-  // bufs.hidden holds each prompt's last position's layer output: its logits go to rows 0…P−1,
+  // step.input holds each prompt's last position's layer output: its logits go to rows 0…P−1,
   // and every row of its group draws its first token from them (they would all compute them).
-  rmsnorm(gpu, bufs.hidden, model.p("model.norm.weight"), step.norm1, step.rstd1, P, c.rmsNormEps);
-  model.vocabLogits(step.norm1, bufs.logits, P);
+  headLogits(model, bufs, P);
 
   const rowLen = (b: number) => prompts[Math.floor(b / groupSize)].length;
   gpu.write(bufs.eos, Int32Array.from(eosIds));
@@ -231,16 +230,7 @@ export async function generate(
           cache: cache[i],
         });
       }
-      rmsnorm(
-        gpu,
-        step.input,
-        model.p("model.norm.weight"),
-        bufs.hidden,
-        step.rstd1,
-        B,
-        c.rmsNormEps,
-      );
-      model.vocabLogits(bufs.hidden, bufs.logits, B);
+      headLogits(model, bufs, B);
     }
     sample(
       gpu,
@@ -296,10 +286,17 @@ function kvCache(gpu: Gpu, c: ModelConfig, B: number, capacity: number, dtype: K
   }));
 }
 
+/** bufs.logits rows 0…n−1 from the layers' outputs in bufs.step.input: final norm, projection. */
+function headLogits(model: GpuModel, bufs: Buffers, n: number): void {
+  const c = model.config, x = bufs.step;
+  rmsnorm(model.gpu, x.input, model.p("model.norm.weight"), bufs.hidden, x.rstd1, n, c.rmsNormEps);
+  model.vocabLogits(bufs.hidden, bufs.logits, n);
+}
+
 /**
  * Run these prompts (one prefill batch, prompts first…, each padded to L tokens) through the
  * layers, into rows 0… of the prompt cache, and gather each one's last position's output into
- * rows first… of bufs.hidden.
+ * rows first… of bufs.step.input.
  */
 function prefill(model: GpuModel, prompts: number[][], L: number, first: number, bufs: Buffers) {
   const gpu = model.gpu, c = model.config, P = prompts.length, T = P * L, H = c.hiddenSize;
@@ -330,8 +327,8 @@ function prefill(model: GpuModel, prompts: number[][], L: number, first: number,
   }
   // bufs.ids is free until the first tokens are drawn: it lists the rows to gather.
   gpu.write(bufs.ids, Int32Array.from(prompts, (prompt, p) => p * L + prompt.length - 1));
-  embedding(gpu, bufs.ids, x.input, bufs.step.input, P);
-  gpu.copy(bufs.step.input, bufs.hidden, P * H, 0, first * H);
+  embedding(gpu, bufs.ids, x.input, bufs.hidden, P);
+  gpu.copy(bufs.hidden, bufs.step.input, P * H, 0, first * H);
 }
 
 /**
