@@ -38,7 +38,7 @@
 // Its speed on a GPU is not measured yet; the backward is the streaming one on every adapter.
 
 import { AhaError } from "../../core/errors.ts";
-import { type Gpu, grid, type Tensor, texelLoad } from "../device.ts";
+import { type Gpu, grid, type Tensor, texelLoad, textureDecl } from "../device.ts";
 
 /** How the KV cache is stored. */
 export type KvDtype = "f32" | "bf16" | "f16";
@@ -86,7 +86,7 @@ function textured(wgsl: string, names: string[]): string {
     wgsl = wgsl
       .replace(
         new RegExp(`var<storage, read> ${name}: array<Chunk>;`),
-        `var ${name}: texture_2d<f32>;`,
+        textureDecl(name),
       )
       .replace(
         new RegExp(`\\b${name}\\[([^\\]]+)\\]`, "g"),

@@ -26,7 +26,7 @@
 // is loaded, so the products and sums are the f32 kernel's own.
 
 import { AhaError } from "../../core/errors.ts";
-import { Gpu, grid, Tensor, texelLoad, vec4Input } from "../device.ts";
+import { Gpu, grid, Tensor, texelLoad, textureDecl, vec4Input } from "../device.ts";
 
 export interface MatmulShape {
   M: number;
@@ -101,11 +101,11 @@ function envKernel(): MatmulKernel | null {
  * 32×16 ran ~10% faster than 16×16 on large products but compiles for seconds, so it is left out.
  */
 export const BLOCKS: [number, number, number][] = [
-  [4, 4, 28],
-  [4, 2, 23],
+  [4, 4, 22],
+  [4, 2, 22],
   [2, 2, 19],
   [2, 1, 16],
-  [1, 1, 12],
+  [1, 1, 14],
 ];
 
 /** CPU threads a software adapter runs workgroups on. */
@@ -185,7 +185,7 @@ function bStorage(bType: Variant["bType"], vec: boolean, texture: boolean) {
       ? "bitcast<vec4f>(vec4u(w.x << 16u, w.x & 0xffff0000u, w.y << 16u, w.y & 0xffff0000u))"
       : "vec4f(unpack2x16float(w.x), unpack2x16float(w.y))";
     return {
-      decl: `var b: texture_2d<${bType === "f32" ? "f32" : "u32"}>;`,
+      decl: textureDecl("b", bType !== "f32"),
       helpers: bType === "f32" ? "" : `
 fn loadB4(i: u32) -> vec4f {
   let w = ${texelLoad("b", "i")}.xy;
@@ -369,7 +369,7 @@ struct Params { M: u32, N: u32, K: u32${
   }${v.splitK ? ", kLen: u32" : ""} }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) ${
-    v.texA ? "var a: texture_2d<f32>;" : `var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;`
+    v.texA ? textureDecl("a") : `var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;`
   }
 @group(0) @binding(2) ${bs.decl}
 @group(0) @binding(3) var<storage, read_write> out: array<${outType}>;
