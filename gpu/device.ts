@@ -40,7 +40,7 @@ const TEXTURE_ROW = 1024;
  * WGSL declaring a texture copy (`Gpu.textureCopy`) of an f32 tensor, or of a 16-bit one when
  * `halves`. It is read as a read-only storage texture: llvmpipe inlines such a load as one
  * gather, where a sampled texture's `textureLoad` is a call that works out a mip level and its
- * offsets for every lane (the 0.5B MLP product ran 1.3–1.6× faster this way).
+ * offsets for every lane (the matmul ran 1.6–1.8× faster this way).
  */
 export function textureDecl(name: string, halves = false): string {
   return `var ${name}: texture_storage_2d<${halves ? "rg32uint" : "rgba32float"}, read>;`;
@@ -222,7 +222,12 @@ export class Gpu {
   /** Per-kernel GPU time while profiling (`startProfile`), else null. */
   private profiler: Profiler | null = null;
 
-  private constructor(readonly adapter: GPUAdapter, readonly device: GPUDevice) {
+  private constructor(
+    readonly adapter: GPUAdapter,
+    readonly device: GPUDevice,
+    /** Whether 16-bit tensors may have texture copies (rg32uint storage textures). */
+    private readonly halfTextures: boolean,
+  ) {
     // Texture copies are read as read-only storage textures (textureDecl), a WGSL extension
     // that Deno offers but its types do not declare yet.
     const wgsl = (navigator.gpu as { wgslLanguageFeatures?: ReadonlySet<string> })
@@ -265,7 +270,16 @@ export class Gpu {
     device.addEventListener("uncapturederror", (e) => {
       console.error("WebGPU error:", (e as GPUUncapturedErrorEvent).error.message);
     });
-    return new Gpu(adapter, device);
+    // A downlevel adapter (wgpu's GL backend) refuses rg32uint storage textures: there 16-bit
+    // weights are read from storage rather than from texture copies (textureCopy).
+    device.pushErrorScope("validation");
+    device.createTexture({
+      size: [1, 1],
+      format: "rg32uint",
+      usage: GPUTextureUsage.STORAGE_BINDING,
+    }).destroy();
+    const halfTextures = (await device.popErrorScope()) === null;
+    return new Gpu(adapter, device, halfTextures);
   }
 
   get description(): string {
@@ -339,7 +353,7 @@ export class Gpu {
    * dispatch: TEXTURE_ROW texels a row, its vec4 i (four consecutive elements) at texel
    * (i % TEXTURE_ROW, i / TEXTURE_ROW); an f32 tensor as rgba32float, a 16-bit one (bf16, f16)
    * as rg32uint holding its four halves as stored. Null when the tensor does not fit such a
-   * texture or is not whole vec4s.
+   * texture, is not whole vec4s, or is 16-bit on an adapter without rg32uint storage textures.
    */
   textureCopy(name: string, t: Tensor): GPUTextureView | null {
     const halves = t.dtype === "bf16" || t.dtype === "f16";
@@ -348,7 +362,7 @@ export class Gpu {
     const rowBytes = TEXTURE_ROW * texelBytes;
     const rows = Math.ceil(t.bytes / rowBytes);
     if (
-      !(t.dtype === "f32" || halves) || t.bytes % texelBytes !== 0 ||
+      !(t.dtype === "f32" || (halves && this.halfTextures)) || t.bytes % texelBytes !== 0 ||
       rows > this.device.limits.maxTextureDimension2D
     ) {
       return null;

@@ -255,25 +255,34 @@ Deno.test(
   },
 );
 
+const MAIN = new URL("../main.ts", import.meta.url).pathname;
+
+/**
+ * `aha score` over the bf16_tied golden's sequences, with `extra` arguments and `env` added to
+ * the process's environment: its exit code and trimmed output.
+ */
+async function scoreBf16Golden(extra: string[], env: Record<string, string> = {}) {
+  const dir = GOLDEN + "bf16_tied";
+  const input = await Deno.makeTempFile({ suffix: ".json" });
+  const { sequences } = JSON.parse(Deno.readTextFileSync(`${dir}/expected.json`));
+  await Deno.writeTextFile(input, JSON.stringify({ sequences }));
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", MAIN, "score", "--model", dir, "--input", input, ...extra],
+    env,
+  }).output();
+  await Deno.remove(input);
+  const text = (b: Uint8Array) => new TextDecoder().decode(b).trim();
+  return { code: out.code, stdout: text(out.stdout), stderr: text(out.stderr) };
+}
+
 Deno.test(
   "aha score --frozen-dtype: a BF16 checkpoint scores the same under auto (bf16) and f32; a bad value is one line",
   gpuTest,
   async () => {
-    const dir = GOLDEN + "bf16_tied", main = new URL("../main.ts", import.meta.url).pathname;
-    const input = await Deno.makeTempFile({ suffix: ".json" });
-    const { sequences } = JSON.parse(Deno.readTextFileSync(`${dir}/expected.json`));
-    await Deno.writeTextFile(input, JSON.stringify({ sequences }));
-    const score = async (...extra: string[]) => {
-      const out = await new Deno.Command(Deno.execPath(), {
-        args: ["run", "-A", main, "score", "--model", dir, "--input", input, ...extra],
-      }).output();
-      const text = (b: Uint8Array) => new TextDecoder().decode(b).trim();
-      return { code: out.code, stdout: text(out.stdout), stderr: text(out.stderr) };
-    };
     const [auto, f32, bad] = await Promise.all([
-      score(),
-      score("--frozen-dtype", "f32"),
-      score("--frozen-dtype", "bf8"),
+      scoreBf16Golden([]),
+      scoreBf16Golden(["--frozen-dtype", "f32"]),
+      scoreBf16Golden(["--frozen-dtype", "bf8"]),
     ]);
     assert.equal(auto.code, 0, auto.stderr);
     assert.equal(auto.stdout, f32.stdout);
@@ -282,9 +291,31 @@ Deno.test(
       bad.stderr,
       /^aha: score: --frozen-dtype must be auto, bf16, f16 or f32, got "bf8"/,
     );
-    await Deno.remove(input);
   },
 );
+
+/** Whether a process finds a WebGPU adapter on wgpu's GL backend (llvmpipe's GL here). */
+const glAdapter = (await new Deno.Command(Deno.execPath(), {
+  args: ["run", "-A", MAIN, "gpu", "--probe"],
+  env: { DENO_WEBGPU_BACKEND: "gl" },
+  stdout: "null",
+  stderr: "null",
+}).output()).success;
+
+Deno.test({
+  name: "on GL, which has no rg32uint storage textures, a BF16 checkpoint scores as under f32",
+  ignore: !glAdapter,
+  ...gpuTest,
+}, async () => {
+  const gl = { DENO_WEBGPU_BACKEND: "gl" };
+  const [bf16, f32] = await Promise.all([
+    scoreBf16Golden(["--frozen-dtype", "bf16"], gl),
+    scoreBf16Golden(["--frozen-dtype", "f32"], gl),
+  ]);
+  assert.equal(bf16.code, 0, bf16.stderr);
+  assert.equal(bf16.stderr, ""); // no WebGPU error either
+  assert.equal(bf16.stdout, f32.stdout);
+});
 
 Deno.test(
   "the plan counts 16-bit frozen weights as the GPU model allocates them",
