@@ -240,6 +240,12 @@ export class GrpoTrainer {
     const samplerAtStart = this.task.samplerState();
     const drawn: Scored[][] = []; // every group sampled this step, in the order drawn
     const kept: Scored[][] = [];
+    // A micro-batch pads its rows to its longest. When micro-batches split the batch, each kept
+    // group's completions go longest first, so that rows of like length share micro-batches
+    // (the loss and a group's advantages do not depend on the order within it). When one
+    // micro-batch holds the whole batch, the order cannot change its padding: rows keep the
+    // order they were sampled in.
+    const sortRows = cfg.micro_batch_size < P * G;
     let generateSeconds = 0, used = 0, round = 0, roundEnd = P, zeroStdFirstRound = 0;
     let askedReference = 0; // groups of `kept` the worker reference was asked for
     const askReference = () => {
@@ -269,7 +275,7 @@ export class GrpoTrainer {
       const group = drawn[used++];
       const totals = group.map((s) => s.rewards.total);
       const hasSignal = totals.some((r) => r !== totals[0]);
-      if (hasSignal) kept.push(group);
+      if (hasSignal) kept.push(sortRows ? longestFirst(group) : group);
       if (round === 0 && !hasSignal) zeroStdFirstRound++;
     }
     askReference();
@@ -487,6 +493,11 @@ export class GrpoTrainer {
       reflective: this.reflects(s.text),
     }));
   }
+}
+
+/** A group's completions, longest first; equal lengths keep their order (a stable sort). */
+function longestFirst(group: Scored[]): Scored[] {
+  return [...group].sort((a, b) => b.tokens.length - a.tokens.length);
 }
 
 /** The mean over groups of each group's (unbiased) reward standard deviation. */

@@ -266,6 +266,30 @@ Deno.test("the trainer feeds the loss the policy, old and reference log-probs, a
   assert.equal(callsChecked, 6);
 });
 
+Deno.test("micro-batches that split the batch get each group's completions longest first", async () => {
+  /** Per pass of each step, every group's completion lengths in the order the loss got them. */
+  const groupLengths = async (cfg: TrainConfig) => {
+    const policy = new FakePolicy();
+    await checkFedToLoss(cfg, 2, policy); // the gradients still match grpoLoss
+    const lengths = policy.calls.flatMap((c) =>
+      c.batch.rows.map((row, b) => row.length - c.batch.promptLens[b])
+    );
+    const G = cfg.num_generations;
+    return Array.from({ length: lengths.length / G }, (_, g) => lengths.slice(g * G, (g + 1) * G));
+  };
+  const longestFirst = (lengths: number[]) =>
+    lengths.every((n, i) => i === 0 || lengths[i - 1] >= n);
+  // Micro-batches of 2 and 5 split the 12 rows: every group's rows come longest first.
+  for (const micro of [2, 5]) {
+    const groups = await groupLengths(config({ micro_batch_size: micro }));
+    assert.equal(groups.length, 6);
+    for (const lengths of groups) assert.ok(longestFirst(lengths), `${micro}: ${lengths}`);
+  }
+  // One micro-batch of all 12: the sampling order, which the fake draws unsorted.
+  const whole = await groupLengths(config({ micro_batch_size: 12 }));
+  assert.ok(whole.some((lengths) => !longestFirst(lengths)), JSON.stringify(whole));
+});
+
 Deno.test("num_iterations > 1: later passes use the sampling log-probs as logp_old", async () => {
   const { callsChecked } = await checkFedToLoss(config({ num_iterations: 3 }), 2);
   assert.equal(callsChecked, 18);
