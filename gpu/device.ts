@@ -36,6 +36,16 @@ const UNIFORM_SLOT_WORDS = BINDING_ALIGNMENT / 4;
 /** Texels in a row of a tensor's texture copy (`Gpu.textureCopy`). */
 const TEXTURE_ROW = 1024;
 
+/** A texture copy's texel format: four f32s, or four 16-bit halves as two u32s. */
+function textureFormat(t: Tensor): GPUTextureFormat {
+  return t.dtype === "bf16" || t.dtype === "f16" ? "rg32uint" : "rgba32float";
+}
+
+/** Bytes of one texel of t's texture copy. */
+function texelBytes(t: Tensor): number {
+  return textureFormat(t) === "rg32uint" ? 8 : 16;
+}
+
 /**
  * WGSL declaring a texture copy (`Gpu.textureCopy`) of an f32 tensor, or of a 16-bit one when
  * `halves`. It is read as a read-only storage texture: llvmpipe inlines such a load as one
@@ -356,49 +366,75 @@ export class Gpu {
    * texture, is not whole vec4s, or is 16-bit on an adapter without rg32uint storage textures.
    */
   textureCopy(name: string, t: Tensor): GPUTextureView | null {
-    const halves = t.dtype === "bf16" || t.dtype === "f16";
-    const format: GPUTextureFormat = halves ? "rg32uint" : "rgba32float";
-    const texelBytes = halves ? 8 : 16;
-    const rowBytes = TEXTURE_ROW * texelBytes;
-    const rows = Math.ceil(t.bytes / rowBytes);
-    if (
-      !(t.dtype === "f32" || (halves && this.halfTextures)) || t.bytes % texelBytes !== 0 ||
-      rows > this.device.limits.maxTextureDimension2D
-    ) {
-      return null;
-    }
-    name = `${name} ${format}`;
+    const rows = this.textureRows(t);
+    if (rows === null) return null;
+    name = `${name} ${textureFormat(t)}`;
     let kept = this.textures.get(name);
     if (!kept || kept.texture.height < rows) {
-      if (kept) this.pendingTextures.push(kept.texture); // work recorded so far still reads it
-      this.bufferCount++;
-      const texture = this.device.createTexture({
-        label: name,
-        size: [TEXTURE_ROW, rows],
-        format,
-        usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.COPY_DST,
-      });
-      kept = { texture, view: texture.createView() };
+      if (kept) this.releaseTexture(kept.texture);
+      kept = this.copyTexture(t, name)!;
       this.textures.set(name, kept);
     }
+    this.recordTextureCopy(t, kept.texture);
+    return kept.view;
+  }
+
+  /** Rows of t's texture copy; null when t cannot have one (see textureCopy). */
+  private textureRows(t: Tensor): number | null {
+    const halves = t.dtype === "bf16" || t.dtype === "f16", bytes = texelBytes(t);
+    const rows = Math.ceil(t.bytes / (TEXTURE_ROW * bytes));
+    const fits = t.dtype === "f32" || (halves && this.halfTextures);
+    if (!fits || t.bytes % bytes !== 0 || rows > this.device.limits.maxTextureDimension2D) {
+      return null;
+    }
+    return rows;
+  }
+
+  /**
+   * A texture able to hold t's copy (textureCopy's layout), or null when t cannot have one; the
+   * copy itself is recordTextureCopy's. For copies kept by their owner (gpu/kept_textures.ts).
+   */
+  copyTexture(
+    t: Tensor,
+    label = "texture copy",
+  ): { texture: GPUTexture; view: GPUTextureView } | null {
+    const rows = this.textureRows(t);
+    if (rows === null) return null;
+    this.bufferCount++;
+    const texture = this.device.createTexture({
+      label,
+      size: [TEXTURE_ROW, rows],
+      format: textureFormat(t),
+      usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.COPY_DST,
+    });
+    return { texture, view: texture.createView() };
+  }
+
+  /** Record copying t into `texture` (made by copyTexture for t or a larger tensor). */
+  recordTextureCopy(t: Tensor, texture: GPUTexture): void {
+    const texel = texelBytes(t), rowBytes = TEXTURE_ROW * texel;
     this.endPass();
     const encoder = this.getEncoder();
     const full = Math.floor(t.bytes / rowBytes), rest = t.bytes % rowBytes;
     if (full > 0) {
       encoder.copyBufferToTexture(
         { buffer: t.buffer, offset: t.offset, bytesPerRow: rowBytes },
-        { texture: kept.texture },
+        { texture },
         [TEXTURE_ROW, full],
       );
     }
     if (rest > 0) {
       encoder.copyBufferToTexture(
         { buffer: t.buffer, offset: t.offset + full * rowBytes },
-        { texture: kept.texture, origin: [0, full] },
-        [rest / texelBytes, 1],
+        { texture, origin: [0, full] },
+        [rest / texel, 1],
       );
     }
-    return kept.view;
+  }
+
+  /** Destroy a texture once the work recorded so far, which may read it, is submitted. */
+  releaseTexture(texture: GPUTexture): void {
+    this.pendingTextures.push(texture);
   }
 
   /**

@@ -88,6 +88,7 @@ import { tokenLogprobs, tokenLogprobsBackward } from "./kernels/logprobs.ts";
 import { GradNorm } from "./kernels/gradnorm.ts";
 import { adamw, type AdamwHyper } from "./kernels/adamw.ts";
 import { ARENA_MAX_BYTES, Arenas, packArenas } from "./arena.ts";
+import { KeptTextures } from "./kept_textures.ts";
 
 /** What one layer's forward keeps for its backward. */
 export interface LayerActivations {
@@ -545,6 +546,8 @@ export class GpuModel {
   private readonly loraScale: number;
   /** The adapter branch's x·Aᵀ and its gradient, [T, r] each, grown to the largest T seen. */
   private loraScratch: { u: Tensor; du: Tensor } | null = null;
+  /** The weights' texture copies for the products (software adapters), made again after a change. */
+  private readonly weightTextures: KeptTextures;
   /** Buffers other modules keep for this model (generation's, by shape); freed by destroy(). */
   readonly kept = new Map<string, { release(gpu: Gpu): void }>();
   private readonly norm: Tensor;
@@ -653,6 +656,7 @@ export class GpuModel {
     this.groups.set(this.head, this.group([this.head]));
     this.refreshGroupBiases();
     this.norm = gpu.zeros([1]);
+    this.weightTextures = new KeptTextures(gpu);
     this.trained = this.params;
     this.trainedArenas = this.weightArenas;
     this.loraScale = options.lora ? loraScale(options.lora.lora) : 0;
@@ -1344,6 +1348,7 @@ export class GpuModel {
       adamw(this.gpu, param, grads[i], m.buffers[i], v.buffers[i], norm, param.size, hp)
     );
     this.refreshGroupBiases();
+    this.weightsChanged();
     return norm;
   }
 
@@ -1398,6 +1403,7 @@ export class GpuModel {
       const data = weights.get(name);
       if (data) this.writeSlices(slices, data);
     }
+    this.weightsChanged();
     this.refreshGroupBiases();
   }
 
@@ -1406,6 +1412,7 @@ export class GpuModel {
     this.scoringActs?.release(this.gpu);
     for (const buffers of this.kept.values()) buffers.release(this.gpu);
     this.kept.clear();
+    this.weightTextures.destroy();
     this.gpu.flush();
     // Views at an offset leave their buffer alone: arenas and fused matrices go as such.
     const all = [...this.params.values()];
@@ -1421,6 +1428,11 @@ export class GpuModel {
     }
     this.normTable?.destroy(this.gpu);
     this.norm.destroy();
+  }
+
+  /** After the trained tensors change: with full fine-tuning they are the weights the products read. */
+  private weightsChanged(): void {
+    if (this.lora.size === 0) this.weightTextures.stale();
   }
 
   /** out[T, H] = the embeddings of ids (i32 [T]). */
@@ -1458,6 +1470,7 @@ export class GpuModel {
         accumulate,
         bias: g.bias ?? undefined,
         outBlock: { stride: g.outFeatures, first },
+        keptB: this.weightTextures,
       });
       first += rows;
     }
@@ -1509,6 +1522,7 @@ export class GpuModel {
       matmul(gpu, dy, slice, dx, { M: T, N: inF, K: rows }, {
         accumulate: dxAccumulate || i > 0,
         aBlock: dyBlock,
+        keptB: this.weightTextures,
       });
       if (dw) {
         matmul(gpu, dy, x, dw[i], { M: rows, N: inF, K: T }, {

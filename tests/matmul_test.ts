@@ -19,6 +19,7 @@ import {
   type MatmulShape,
   sumRows,
 } from "../gpu/kernels/matmul.ts";
+import { KeptTextures } from "../gpu/kept_textures.ts";
 import { eachInputPath, gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
 
 const gpu = await openGpu();
@@ -410,4 +411,37 @@ Deno.test(
         }
       }
     }),
+);
+
+Deno.test(
+  "a weight's kept texture copy is read until stale(), then copied again; past the budget, per call",
+  gpuTest,
+  async () => {
+    // The blocked kernel reading textures, on any adapter: the path the copies serve. The
+    // weight changes under a kept copy without stale(), so the product must still be the old
+    // weight's: that it is shows the copy was not made again.
+    const shape = { M: 7, N: 12, K: 20 }, { M, N, K } = shape;
+    const opts = { transB: true, kernel: "blocked" as const, textures: true };
+    const x = random(M * K), w0 = random(N * K), w1 = random(N * K);
+    const tx = gpu.upload(x), tw = gpu.upload(w0), out = gpu.zeros([M, N]);
+    const kept = new KeptTextures(gpu), none = new KeptTextures(gpu, 0);
+    const product = async (keptB: KeptTextures, what: string, w: Float32Array) => {
+      matmul(gpu, tx, tw, out, shape, { ...opts, keptB });
+      const got = await gpu.read(out);
+      assertClose(got, twinMatmul(x, w, shape, false, true, null, null), K, what);
+    };
+    await product(kept, "first use", w0);
+    assert.notEqual(kept.view(tw), null);
+    gpu.write(tw, w1);
+    await product(kept, "changed, not stale: the kept copy", w0);
+    kept.stale();
+    await product(kept, "after stale()", w1);
+    await product(kept, "kept again", w1);
+    gpu.write(tw, w0);
+    assert.equal(none.view(tw), null, "a zero budget keeps nothing");
+    await product(none, "past the budget: copied per call", w0);
+    kept.destroy();
+    none.destroy();
+    for (const t of [tx, tw, out]) t.destroy();
+  },
 );

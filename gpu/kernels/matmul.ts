@@ -27,6 +27,7 @@
 
 import { AhaError } from "../../core/errors.ts";
 import { Gpu, grid, Tensor, texelLoad, textureDecl, vec4Input } from "../device.ts";
+import type { KeptTextures } from "../kept_textures.ts";
 
 export interface MatmulShape {
   M: number;
@@ -57,6 +58,11 @@ export interface MatmulOptions {
    * (tests); by default it does on software adapters for products large enough (`matmul`).
    */
   textures?: boolean;
+  /**
+   * b is a weight whose texture copy these keep across calls (software adapters): copied when
+   * new or stale rather than at every call.
+   */
+  keptB?: KeptTextures;
   /** Force the register-blocked kernel's block on a software adapter (tests): one of BLOCKS. */
   block?: { rowGroups: number; colGroups: number };
 }
@@ -655,7 +661,7 @@ export function matmul(
   // cost. The `textures` option forces either way (`Gpu.textureInputs` in tests).
   const copied = opts.textures ?? gpu.textureInputs !== "never";
   const aTexture = vecA && copied ? gpu.textureCopy("matmul a", a) : null;
-  const bTexture = vecB && copied ? gpu.textureCopy("matmul b", b) : null;
+  const bTexture = vecB && copied ? opts.keptB?.view(b) ?? gpu.textureCopy("matmul b", b) : null;
   const variant: Variant = {
     transA,
     transB,
