@@ -410,26 +410,38 @@ export class Gpu {
     return { texture, view: texture.createView() };
   }
 
-  /** Record copying t into `texture` (made by copyTexture for t or a larger tensor). */
-  recordTextureCopy(t: Tensor, texture: GPUTexture): void {
-    const texel = texelBytes(t), rowBytes = TEXTURE_ROW * texel;
+  /**
+   * Record copying t's texels [first, first + count) (all of them by default) into the same
+   * texels of `texture` (made by copyTexture for t or a larger tensor): a partial first row, the
+   * whole rows in one copy, a partial last row.
+   */
+  recordTextureCopy(
+    t: Tensor,
+    texture: GPUTexture,
+    first = 0,
+    count = t.bytes / texelBytes(t),
+  ): void {
+    const texel = texelBytes(t), end = first + count;
     this.endPass();
     const encoder = this.getEncoder();
-    const full = Math.floor(t.bytes / rowBytes), rest = t.bytes % rowBytes;
-    if (full > 0) {
+    const copy = (at: number, texels: number, rows: number) =>
       encoder.copyBufferToTexture(
-        { buffer: t.buffer, offset: t.offset, bytesPerRow: rowBytes },
-        { texture },
-        [TEXTURE_ROW, full],
+        { buffer: t.buffer, offset: t.offset + at * texel, bytesPerRow: TEXTURE_ROW * texel },
+        { texture, origin: [at % TEXTURE_ROW, Math.floor(at / TEXTURE_ROW)] },
+        [texels, rows],
       );
+    let at = first;
+    if (at % TEXTURE_ROW !== 0) {
+      const texels = Math.min(end - at, TEXTURE_ROW - (at % TEXTURE_ROW));
+      copy(at, texels, 1);
+      at += texels;
     }
-    if (rest > 0) {
-      encoder.copyBufferToTexture(
-        { buffer: t.buffer, offset: t.offset + full * rowBytes },
-        { texture, origin: [0, full] },
-        [rest / texel, 1],
-      );
+    const rows = Math.floor((end - at) / TEXTURE_ROW);
+    if (rows > 0) {
+      copy(at, TEXTURE_ROW, rows);
+      at += rows * TEXTURE_ROW;
     }
+    if (at < end) copy(at, end - at, 1);
   }
 
   /** Destroy a texture once the work recorded so far, which may read it, is submitted. */

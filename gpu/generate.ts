@@ -20,6 +20,7 @@ import { rmsnorm } from "./kernels/rmsnorm.ts";
 import { embedding } from "./kernels/embedding.ts";
 import { afterSample, sample } from "./kernels/sample.ts";
 import { type GpuModel, type LayerActivations, layerBuffers } from "./model.ts";
+import { KeptTextures } from "./kept_textures.ts";
 
 /**
  * How often (in decode steps) the CPU checks whether every row has finished. A check looks at
@@ -57,6 +58,11 @@ class Buffers {
   readonly eos: Tensor;
   readonly outTokens: Tensor;
   readonly outLogp: Tensor;
+  /**
+   * The decode caches' texture copies for attention (software adapters): made whole after the
+   * prefill, then each step copies only the position every row wrote (`markWritten`).
+   */
+  readonly cacheTextures: KeptTextures;
 
   constructor(
     gpu: Gpu,
@@ -91,6 +97,7 @@ class Buffers {
     this.eos = gpu.zeros([Math.max(numEos, 1)], "i32");
     this.outTokens = gpu.zeros([maxNew, B], "i32");
     this.outLogp = gpu.zeros([maxNew, B]);
+    this.cacheTextures = new KeptTextures(gpu);
   }
 
   /** Buffers are kept per group size, completion length and EOS count (see buffersFor). */
@@ -104,6 +111,7 @@ class Buffers {
   }
 
   release(gpu: Gpu): void {
+    this.cacheTextures.destroy();
     for (const layer of [...this.cache, ...this.promptCache]) {
       gpu.release(layer.k);
       gpu.release(layer.v);
@@ -194,6 +202,7 @@ export async function generate(
     prefill(model, part, prefillLen, first, bufs);
     copyToGroups(gpu, bufs.promptCache, cache, groupSize, first, part.length);
   }
+  bufs.cacheTextures.stale(); // the caches were written whole
   // step.input holds each prompt's last position's layer output: its logits go to rows 0…P−1,
   // and every row of its group draws its first token from them (they would all compute them).
   headLogits(model, bufs, P);
@@ -220,6 +229,7 @@ export async function generate(
     // The first tokens come from the prompts' logits; each later step runs every row on.
     if (s > 0) {
       model.embed(bufs.ids, step.input, B);
+      markWritten(bufs, c, B, (b) => rowLen(b) + s - 1);
       // Each layer writes its output over its own input (read only before it is written).
       for (let i = 0; i < c.numLayers; i++) {
         model.layerForward(i, step, step.input, {
@@ -227,7 +237,7 @@ export async function generate(
           positions: bufs.positions,
           kvLens: bufs.kvLens,
           shape,
-          cache: cache[i],
+          cache: { ...cache[i], kept: bufs.cacheTextures },
         });
       }
       headLogits(model, bufs, B);
@@ -329,6 +339,22 @@ function prefill(model: GpuModel, prompts: number[][], L: number, first: number,
   gpu.write(bufs.ids, Int32Array.from(prompts, (prompt, p) => p * L + prompt.length - 1));
   embedding(gpu, bufs.ids, x.input, bufs.hidden, P);
   gpu.copy(bufs.hidden, bufs.step.input, P * H, 0, first * H);
+}
+
+/**
+ * Tell the caches' texture copies what a decode step writes: row b's keys and values at position
+ * `position(b)` (every row moves on one position a step, finished or not: afterSample).
+ */
+function markWritten(bufs: Buffers, c: ModelConfig, B: number, position: (b: number) => number) {
+  const rowSize = c.numKvHeads * c.headDim;
+  const ranges = Array.from(
+    { length: B },
+    (_, b): [number, number] => [(b * bufs.capacity + position(b)) * rowSize, rowSize],
+  );
+  for (const layer of bufs.cache) {
+    bufs.cacheTextures.changed(layer.k, ranges);
+    bufs.cacheTextures.changed(layer.v, ranges);
+  }
 }
 
 /**

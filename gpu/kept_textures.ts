@@ -1,16 +1,25 @@
-// Texture copies of a model's weights, kept across products until the weights change.
+// Texture copies kept across kernels until what they copy changes: a model's weights, and
+// generation's KV caches.
 //
-// On a software adapter the matmul reads its operands from texture copies (`Gpu.textureCopy`):
-// gallivm gathers texels but loads storage one SIMD lane at a time. An activation is new at every
-// call and is copied every time; a weight changes only when the optimizer steps (or its values
-// are replaced), yet it was copied for every product too: a 0.5B model's decode step copied its
-// 0.7 GB of bf16 weights, ~3.4 ms for each 17 MB. So a model keeps one copy per
-// weight tensor, made on first use and made again only after `stale()`. The copies hold as
-// many bytes again as the weights: all of a process's copies stay within a quarter of the
-// machine's memory, and each new one within half of what is free when it is made; a weight past
-// that is copied per product as before.
+// On a software adapter the matmul and attention read their operands from texture copies
+// (`Gpu.textureCopy`): gallivm gathers texels but loads storage one SIMD lane at a time. An
+// activation is new at every call and is copied every time. A weight changes only when the
+// optimizer steps (or its values are replaced), yet it was copied for every product too: a 0.5B
+// model's decode step copied its 0.7 GB of bf16 weights, ~3.4 ms for each 17 MB. So a model keeps
+// one copy per weight tensor, made on first use and made again only after `stale()`. A decode
+// step writes one position of each row's cache, so the caches' copies take just those
+// (`changed()`) instead of whole layers. The copies hold as many bytes again as what they copy:
+// all of a process's copies stay within a quarter of the machine's memory, and each new one within
+// half of what is free when it is made; past that, copies are made per use as before.
 
 import type { Gpu, Tensor } from "./device.ts";
+
+/**
+ * What one more copy command costs, in bytes of memcpy (changed()'s choice between ranges and the
+ * whole): on lavapipe ~6 µs a range against ~6 GB/s (8 ranges of a 3.8 MB cache: 335 µs, the whole
+ * 648 µs; 32 ranges of a 16.8 MB one: 489 µs against 2.9 ms).
+ */
+const RANGE_BYTES = 32 * 1024;
 
 /** Bytes of kept copies in this process. */
 let keptBytes = 0;
@@ -19,8 +28,10 @@ interface KeptCopy {
   texture: GPUTexture;
   view: GPUTextureView;
   bytes: number;
-  /** Made since the last stale(): its texels are the tensor's. */
+  /** Made since the last stale(): its texels are the tensor's but for `changed`. */
   fresh: boolean;
+  /** Texel ranges [first, count) written since the copy was made, copied at the next view(). */
+  changed: [number, number][];
 }
 
 export class KeptTextures {
@@ -38,7 +49,7 @@ export class KeptTextures {
     let copy = this.copies.get(t);
     if (copy === undefined) {
       const made = this.roomFor(t.bytes) ? this.gpu.copyTexture(t, "kept copy") : null;
-      copy = made && { ...made, bytes: t.bytes, fresh: false };
+      copy = made && { ...made, bytes: t.bytes, fresh: false, changed: [] };
       if (copy) keptBytes += copy.bytes;
       this.copies.set(t, copy);
     }
@@ -46,7 +57,12 @@ export class KeptTextures {
     if (!copy.fresh) {
       this.gpu.recordTextureCopy(t, copy.texture);
       copy.fresh = true;
+    } else {
+      for (const [first, count] of copy.changed) {
+        this.gpu.recordTextureCopy(t, copy.texture, first, count);
+      }
     }
+    copy.changed = [];
     return copy.view;
   }
 
@@ -59,6 +75,18 @@ export class KeptTextures {
     } catch {
       return false; // no --allow-sys: copy per product
     }
+  }
+
+  /**
+   * Elements [start, start + count) of t were written (each a multiple of 4): its copy takes just
+   * those at the next view(), or all of it when that is cheaper (a copy command costs about what
+   * RANGE_BYTES of memcpy do).
+   */
+  changed(t: Tensor, ranges: [number, number][]): void {
+    const copy = this.copies.get(t);
+    if (!copy?.fresh) return; // none, or to be made whole anyway
+    copy.changed.push(...ranges.map(([start, count]): [number, number] => [start / 4, count / 4]));
+    if (copy.changed.length * RANGE_BYTES >= t.bytes) copy.fresh = false;
   }
 
   /** The tensors' values changed: each copy is made again when next read. */

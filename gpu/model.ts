@@ -146,7 +146,8 @@ export interface LayerStep {
   positions: Tensor; // i32 [T]
   kvLens: Tensor; // i32 [B]
   shape: AttentionShape;
-  cache?: { k: Tensor; v: Tensor }; // [B, capacity, nKv, D]
+  /** [B, capacity, nKv, D]; `kept`: their texture copies, kept across steps (gpu/generate.ts). */
+  cache?: { k: Tensor; v: Tensor; kept?: KeptTextures };
   /** false: the LoRA adapter is skipped (the base model); default true. */
   adapter?: boolean;
   /** A shared-prompt batch (forwardShared): attention runs per part, over assembled caches. */
@@ -1047,7 +1048,20 @@ export class GpuModel {
     if (step.shared) this.sharedAttention(x, step.shared);
     else {
       const [k, v] = [cache?.k ?? x.k, cache?.v ?? x.v], kernel = attentionKernel(gpu);
-      attention(gpu, x.q, k, v, kvLens, x.attn, x.lse, shape, kernel, undefined, step.segments);
+      attention(
+        gpu,
+        x.q,
+        k,
+        v,
+        kvLens,
+        x.attn,
+        x.lse,
+        shape,
+        kernel,
+        undefined,
+        step.segments,
+        cache?.kept,
+      );
     }
     // The residual adds ride on the products: a copy (a memcpy, not a kernel) of the residual
     // into the output, which the product then accumulates into.

@@ -286,6 +286,45 @@ Deno.test(
 );
 
 Deno.test(
+  "a decode step copies only the cache positions it wrote to attention's textures: as from storage",
+  gpuTest,
+  async () => {
+    // Long prompts make each layer's cache large against the rows' few new positions, so the
+    // caches' texture copies (software adapters) take each step's positions alone; rows of
+    // different prompt lengths write different positions. Reading every input from storage
+    // instead must give the same tokens and log-probs, and a second call (the copies kept, the
+    // caches rewritten) too.
+    const rng = new Rng(9);
+    const prompts = [700, 650].map((n) => Array.from({ length: n }, () => rng.int(V)));
+    const sampling = {
+      temperature: 1,
+      topP: 1,
+      topK: 0,
+      maxNewTokens: 8,
+      eosIds: [],
+      seed: 3,
+    };
+    const model = new GpuModel(gpu, config, sharpWeights(6, 0.3));
+    const before = gpu.textureInputs;
+    try {
+      const kept = [];
+      for (let call = 0; call < 2; call++) kept.push(await generate(model, prompts, 2, sampling));
+      gpu.textureInputs = "never";
+      const storage = await generate(model, prompts, 2, sampling);
+      for (const got of kept) {
+        assert.deepEqual(got.tokens, storage.tokens);
+        got.logprobs.forEach((row, r) =>
+          assertClose(row, storage.logprobs[r], 1e-6, 0, `row ${r}'s log-probs`)
+        );
+      }
+    } finally {
+      gpu.textureInputs = before;
+      model.destroy();
+    }
+  },
+);
+
+Deno.test(
   "generation stops within two checks of every row finishing, its checks read while steps run",
   gpuTest,
   async () => {

@@ -39,6 +39,7 @@
 
 import { AhaError } from "../../core/errors.ts";
 import { type Gpu, grid, type Tensor, texelLoad, textureDecl } from "../device.ts";
+import type { KeptTextures } from "../kept_textures.ts";
 
 /** How the KV cache is stored. */
 export type KvDtype = "f32" | "bf16" | "f16";
@@ -466,7 +467,9 @@ export function attentionKernel(gpu: Gpu): AttentionKernel {
 
 /**
  * The forward: out and lse from q over k and v. `segments` (a packed batch's rows, i32 pairs
- * [B, capacity, 2]): each key position's sequence as [start, end) positions.
+ * [B, capacity, 2]): each key position's sequence as [start, end) positions. `kept`: k and v's
+ * texture copies are kept there across calls (generation's caches, whose steps change a few
+ * positions) rather than made at each call.
  */
 export function attention(
   gpu: Gpu,
@@ -480,6 +483,7 @@ export function attention(
   kernel: AttentionKernel = attentionKernel(gpu),
   textures?: boolean,
   segments?: Tensor,
+  kept?: KeptTextures,
 ): void {
   const [u32s, f32s] = params(s);
   if (k.dtype !== v.dtype) throw new Error(`attention: k is ${k.dtype}, v ${v.dtype}`);
@@ -498,8 +502,8 @@ export function attention(
     return;
   }
   if (useTextures(gpu, k, s, textures)) {
-    const kTexture = gpu.textureCopy("attention k", k),
-      vTexture = gpu.textureCopy("attention v", v);
+    const kTexture = kept?.view(k) ?? gpu.textureCopy("attention k", k),
+      vTexture = kept?.view(v) ?? gpu.textureCopy("attention v", v);
     if (kTexture && vTexture) {
       const pipeline = gpu.pipelineFor(
         `attention textured ${s.headDim} ${segmented}`,
