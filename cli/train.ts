@@ -59,6 +59,7 @@ import {
 import { resolveModel } from "../data/hub.ts";
 import { evalSelection } from "../core/evaluate.ts";
 import { checkPlan, planModel } from "../core/plan.ts";
+import { BUDGET_VARIABLE, keptTextureBudget } from "../gpu/kept_textures.ts";
 import { describeAdapter, probeAdapter } from "../gpu/adapters.ts";
 import { Gpu, summarizeAdapter } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
@@ -125,11 +126,19 @@ export async function run(args: string[]): Promise<void> {
     await loadAdapter(cfg.adapter, parseModelConfig(await readJson(configPath), configPath));
   }
 
+  keptTextureBudget(); // a bad AHA_KEPT_TEXTURE_BYTES stops here
   const task = await makeTask(cfg);
   const gpu = await Gpu.open();
   // Refuse a run that cannot fit before loading any weights or creating the output directory.
   const planned = await planModel(cfg, new ArithmeticTokenizer().vocabSize);
-  checkPlan(cfg, planned.config, describeAdapter(gpu.adapter).limits, undefined, planned.dtype);
+  const limits = describeAdapter(gpu.adapter).limits;
+  const plan = checkPlan(cfg, planned.config, limits, undefined, planned.dtype);
+  // On a software adapter the texture copies kept for the kernels (gpu/kept_textures.ts) take what
+  // the plan leaves of the machine's memory: half each to this process and a reference worker's.
+  if (gpu.software && limits.memory !== null && !Deno.env.get(BUDGET_VARIABLE)) {
+    const free = limits.memory - plan.policyBytes - plan.referenceBytes;
+    Deno.env.set(BUDGET_VARIABLE, String(Math.max(0, Math.floor(free / (cfg.beta === 0 ? 1 : 2)))));
+  }
 
   const lock = await lockRunDir(cfg.output_dir, "train");
   try {

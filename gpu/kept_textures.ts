@@ -9,9 +9,11 @@
 // one copy per weight tensor, made on first use and made again only after `stale()`. A decode
 // step writes one position of each row's cache, so the caches' copies take just those
 // (`changed()`) instead of whole layers. The copies hold as many bytes again as what they copy:
-// all of a process's copies stay within a quarter of the machine's memory, and each new one within
-// half of what is free when it is made; past that, copies are made per use as before.
+// aha train gives them what its memory plan leaves free (AHA_KEPT_TEXTURE_BYTES); elsewhere all of
+// a process's copies stay within a quarter of the machine's memory, and each new one within half
+// of what is free when it is made. Past that, copies are made per use as before.
 
+import { AhaError } from "../core/errors.ts";
 import type { Gpu, Tensor } from "./device.ts";
 
 /**
@@ -23,6 +25,30 @@ const RANGE_BYTES = 32 * 1024;
 
 /** Bytes of kept copies in this process. */
 let keptBytes = 0;
+
+/** The environment variable that sets the copies' budget in bytes (each process's). */
+export const BUDGET_VARIABLE = "AHA_KEPT_TEXTURE_BYTES";
+
+/**
+ * The bytes this process's copies may hold when AHA_KEPT_TEXTURE_BYTES sets them (aha train does,
+ * from its memory plan's headroom), read once; null when unset. A bad value is an AhaError.
+ */
+let envBudget: number | null | undefined;
+export function keptTextureBudget(): number | null {
+  if (envBudget === undefined) {
+    let value: string | undefined;
+    try {
+      value = Deno.env.get(BUDGET_VARIABLE);
+    } catch {
+      value = undefined; // no --allow-env
+    }
+    envBudget = value === undefined || value === "" ? null : Number(value);
+    if (envBudget !== null && !(envBudget >= 0)) {
+      throw new AhaError(`${BUDGET_VARIABLE} must be a number of bytes ≥ 0, got "${value}"`);
+    }
+  }
+  return envBudget;
+}
 
 interface KeptCopy {
   texture: GPUTexture;
@@ -66,9 +92,13 @@ export class KeptTextures {
     return copy.view;
   }
 
-  /** Whether a copy of `bytes` more may be kept (the budget given, or the machine's memory). */
+  /**
+   * Whether a copy of `bytes` more may be kept: within the budget given, else the one the
+   * environment sets, else the machine's memory.
+   */
   private roomFor(bytes: number): boolean {
-    if (this.budget !== undefined) return keptBytes + bytes <= this.budget;
+    const budget = this.budget ?? keptTextureBudget();
+    if (budget !== null) return keptBytes + bytes <= budget;
     try {
       const memory = Deno.systemMemoryInfo();
       return keptBytes + bytes <= memory.total / 4 && bytes <= memory.available / 2;

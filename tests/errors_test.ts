@@ -262,3 +262,18 @@ Deno.test("every command answers bad input with one aha: line and no stack trace
   assert.equal(ran, CASES.length);
   assert.deepEqual(failures, [], failures.join("\n\n"));
 });
+
+Deno.test("a bad AHA_KEPT_TEXTURE_BYTES stops aha train with one line, before any work", async () => {
+  const output = `${dir}/kept-bytes-run`;
+  const { code, stderr } = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", MAIN, "train", "--set", `output_dir=${output}`],
+    stderr: "piped",
+    env: { XDG_RUNTIME_DIR: dir, AHA_KEPT_TEXTURE_BYTES: "lots" },
+  }).output();
+  const lines = new TextDecoder().decode(stderr).split("\n").filter((l) => l.trim() !== "");
+  assert.notEqual(code, 0);
+  assert.deepEqual(lines, [
+    'aha: AHA_KEPT_TEXTURE_BYTES must be a number of bytes ≥ 0, got "lots"',
+  ]);
+  assert.equal(await Deno.stat(output).then(() => true, () => false), false, "no run directory");
+});
