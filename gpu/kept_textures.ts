@@ -31,23 +31,22 @@ export const BUDGET_VARIABLE = "AHA_KEPT_TEXTURE_BYTES";
 
 /**
  * The bytes this process's copies may hold when AHA_KEPT_TEXTURE_BYTES sets them (aha train does,
- * from its memory plan's headroom), read once; null when unset. A bad value is an AhaError.
+ * from its memory plan's headroom, after checking the variable before any work); null when unset.
+ * Read at each new copy, so a budget set later applies. A bad value is an AhaError.
  */
-let envBudget: number | null | undefined;
 export function keptTextureBudget(): number | null {
-  if (envBudget === undefined) {
-    let value: string | undefined;
-    try {
-      value = Deno.env.get(BUDGET_VARIABLE);
-    } catch {
-      value = undefined; // no --allow-env
-    }
-    envBudget = value === undefined || value === "" ? null : Number(value);
-    if (envBudget !== null && !(envBudget >= 0)) {
-      throw new AhaError(`${BUDGET_VARIABLE} must be a number of bytes ≥ 0, got "${value}"`);
-    }
+  let value: string | undefined;
+  try {
+    value = Deno.env.get(BUDGET_VARIABLE);
+  } catch {
+    value = undefined; // no --allow-env
   }
-  return envBudget;
+  if (value === undefined || value === "") return null;
+  const budget = Number(value);
+  if (!(budget >= 0)) {
+    throw new AhaError(`${BUDGET_VARIABLE} must be a number of bytes ≥ 0, got "${value}"`);
+  }
+  return budget;
 }
 
 interface KeptCopy {

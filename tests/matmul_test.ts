@@ -19,7 +19,7 @@ import {
   type MatmulShape,
   sumRows,
 } from "../gpu/kernels/matmul.ts";
-import { KeptTextures } from "../gpu/kept_textures.ts";
+import { BUDGET_VARIABLE, keptTextureBudget, KeptTextures } from "../gpu/kept_textures.ts";
 import { eachInputPath, gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
 
 const gpu = await openGpu();
@@ -443,5 +443,31 @@ Deno.test(
     kept.destroy();
     none.destroy();
     for (const t of [tx, tw, out]) t.destroy();
+  },
+);
+
+Deno.test(
+  "AHA_KEPT_TEXTURE_BYTES set after a first look still bounds the copies made later",
+  gpuTest,
+  () => {
+    // aha train checks the variable before any work and sets it from its plan afterwards.
+    const before = Deno.env.get(BUDGET_VARIABLE);
+    const w = gpu.upload(random(64));
+    try {
+      Deno.env.delete(BUDGET_VARIABLE);
+      assert.equal(keptTextureBudget(), null);
+      Deno.env.set(BUDGET_VARIABLE, "0");
+      const kept = new KeptTextures(gpu);
+      assert.equal(kept.view(w), null, "a budget of 0 bytes keeps nothing");
+      kept.destroy();
+      Deno.env.set(BUDGET_VARIABLE, "1e9");
+      const roomy = new KeptTextures(gpu);
+      assert.notEqual(roomy.view(w), null);
+      roomy.destroy();
+    } finally {
+      if (before === undefined) Deno.env.delete(BUDGET_VARIABLE);
+      else Deno.env.set(BUDGET_VARIABLE, before);
+      w.destroy();
+    }
   },
 );
