@@ -200,7 +200,8 @@ export async function generate(
   for (let first = 0; first < P; first += perPrefill) {
     const part = prompts.slice(first, first + perPrefill);
     prefill(model, part, prefillLen, first, bufs);
-    copyToGroups(gpu, bufs.promptCache, cache, groupSize, first, part.length);
+    const promptLen = Math.max(...part.map((p) => p.length));
+    copyToGroups(gpu, bufs.promptCache, cache, groupSize, first, part.length, promptLen);
   }
   bufs.cacheTextures.stale(); // the caches were written whole
   // step.input holds each prompt's last position's layer output: its logits go to rows 0…P−1,
@@ -358,8 +359,8 @@ function markWritten(bufs: Buffers, c: ModelConfig, B: number, position: (b: num
 }
 
 /**
- * Copy rows 0…count−1 of the prompt cache (prompts first…first+count−1) to rows
- * (first + p)·G … (first + p)·G + G − 1 of the decode cache.
+ * Copy the first `positions` of rows 0…count−1 of the prompt cache (prompts first…first+count−1)
+ * to rows (first + p)·G … (first + p)·G + G − 1 of the decode cache.
  */
 function copyToGroups(
   gpu: Gpu,
@@ -368,10 +369,11 @@ function copyToGroups(
   G: number,
   first: number,
   count: number,
+  positions: number,
 ): void {
   from.forEach((layer, i) => {
     for (const key of ["k", "v"] as const) {
-      copyCacheToGroups(gpu, layer[key], to[i][key], G, first, count);
+      copyCacheToGroups(gpu, layer[key], to[i][key], G, first, count, positions);
     }
   });
 }

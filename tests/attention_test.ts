@@ -320,24 +320,37 @@ Deno.test(
 );
 
 Deno.test(
-  "copyCacheToGroups copies each prompt's cache row to its group's rows, by words and by vec4s",
+  "copyCacheToGroups copies each prompt's first positions to its group's rows, by words and by vec4s",
   gpuTest,
   async () => {
-    // Rows of 5 words take the one-word kernel, rows of 8 the vec4 one; prompts 0..2 go to the
-    // groups of rows 1..3 (G = 2), row 0 and the tail stay untouched.
-    const P = 3, G = 2, first = 1;
-    for (const rowWords of [5, 8]) {
-      const src = randoms(P * rowWords, rowWords);
+    // Positions of 5 words take the one-word kernel; of 8 words and of 2 (a bf16 cache of four
+    // values a position) the vec4 one. Prompts 0..2 go to the groups of rows 1..3 (G = 2): their
+    // first 3 of 6 positions, and at most the rest of a vec4 past them; row 0, the tail and the
+    // later positions stay untouched.
+    const P = 3, G = 2, first = 1, capacity = 6, positions = 3;
+    for (const positionWords of [5, 8, 2]) {
+      const rowWords = capacity * positionWords;
+      const src = randoms(P * rowWords, positionWords);
       const rows = (first + P + 1) * G;
-      const dst = gpu.upload(new Float32Array(rows * rowWords).fill(-1), [rows, rowWords]);
-      copyCacheToGroups(gpu, gpu.upload(src, [P, rowWords]), dst, G, first, P);
+      const dst = gpu.upload(new Float32Array(rows * rowWords).fill(-1), [
+        rows,
+        capacity,
+        positionWords,
+      ]);
+      const srcTensor = gpu.upload(src, [P, capacity, positionWords]);
+      copyCacheToGroups(gpu, srcTensor, dst, G, first, P, positions);
       const got = await gpu.read(dst);
+      const copied = positions * positionWords;
+      const untouchedFrom = Math.ceil(copied / 4) * 4;
       for (let row = 0; row < rows; row++) {
         const p = Math.floor(row / G) - first;
-        const want = p >= 0 && p < P
-          ? src.subarray(p * rowWords, (p + 1) * rowWords)
-          : new Float32Array(rowWords).fill(-1);
-        assert.deepEqual(got.subarray(row * rowWords, (row + 1) * rowWords), want, `row ${row}`);
+        const at = row * rowWords;
+        if (p >= 0 && p < P) {
+          const want = src.subarray(p * rowWords, p * rowWords + copied);
+          assert.deepEqual(got.subarray(at, at + copied), want, `row ${row}, ${positionWords}`);
+        }
+        const from = p >= 0 && p < P ? untouchedFrom : 0;
+        assert.ok(got.subarray(at + from, at + rowWords).every((x) => x === -1), `row ${row}`);
       }
     }
   },

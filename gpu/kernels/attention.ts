@@ -614,19 +614,26 @@ export function writeKvCache(
 // Copied as 32-bit words, so an f32 and a packed 16-bit cache copy alike, bit for bit; by four
 // words when a row is whole vec4s (each load on llvmpipe is a loop over the lanes).
 const copyToGroupsWgsl = (word: "u32" | "vec4u") => `
-struct Params { n: u32, rowWords: u32, G: u32, dstFirst: u32 }
+struct Params { n: u32, rowWords: u32, usedWords: u32, G: u32, dstFirst: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<${word}>;
 @group(0) @binding(2) var<storage, read_write> dst: array<${word}>;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
-  let i = gid.x + gid.y * nwg.x * 64u;
+  let i = gid.x + gid.y * nwg.x * 64u;             // i = row·usedWords + w
   if (i >= p.n) { return; }
-  let row = i / p.rowWords;
-  dst[p.dstFirst + i] = src[(row / p.G) * p.rowWords + i % p.rowWords];
+  let row = i / p.usedWords;
+  let w = i % p.usedWords;
+  dst[p.dstFirst + row * p.rowWords + w] = src[(row / p.G) * p.rowWords + w];
 }`;
 
-/** Rows 0…count−1 of `src` [P, capacity, …] to rows (first + p)·G + j of `dst` [B, capacity, …]. */
+/**
+ * The first `positions` of rows 0…count−1 of `src` [P, capacity, …] to rows (first + p)·G + j
+ * of `dst` [B, capacity, …]: a prompt's cache, which is all its rows hold before they decode.
+ * The positions after it are left as they are: a decode step writes each before any query
+ * reads it, so copying the whole capacity (a GSM8K row's is ~5× its prompt) would be stores
+ * for nothing, and on llvmpipe every store is paid lane by lane.
+ */
 export function copyCacheToGroups(
   gpu: Gpu,
   src: Tensor,
@@ -634,16 +641,28 @@ export function copyCacheToGroups(
   G: number,
   first: number,
   count: number,
+  positions: number,
 ): void {
   if (src.dtype !== dst.dtype) throw new Error(`copyCacheToGroups: ${src.dtype} → ${dst.dtype}`);
-  const words = src.bytes / src.shape[0] / 4;
-  if (!Number.isInteger(words)) throw new Error("copyCacheToGroups: rows of whole words");
-  const width = words % 4 === 0 ? 4 : 1, rowWords = words / width, n = count * G * rowWords;
+  const [rows, capacity] = src.shape;
+  const positionWords = src.bytes / (rows * capacity) / 4;
+  if (!Number.isInteger(positionWords)) {
+    throw new Error("copyCacheToGroups: positions of whole words");
+  }
+  const words = capacity * positionWords, width = words % 4 === 0 ? 4 : 1;
+  const rowWords = words / width;
+  // Whole vec4s: a few words past the last position are copied too, still inside the row.
+  const usedWords = Math.min(
+    rowWords,
+    Math.ceil(Math.min(positions, capacity) * positionWords / width),
+  );
+  const n = count * G * usedWords;
+  if (n === 0) return;
   gpu.dispatch(
     gpu.pipeline(copyToGroupsWgsl(width === 4 ? "vec4u" : "u32"), "copy to groups"),
     grid(n, 64),
     [src, dst],
-    [n, rowWords, G, first * G * rowWords],
+    [n, rowWords, usedWords, G, first * G * rowWords],
   );
 }
 
