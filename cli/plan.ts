@@ -10,11 +10,13 @@ import {
   advise,
   describeTensor,
   formatBytes,
+  keptCopyBytes,
   largestTensor,
   type PlanDType,
   planMemory,
   planModel,
   planProblems,
+  referenceWorker,
 } from "../core/plan.ts";
 import { loraParameterCount } from "../core/lora.ts";
 import { loadTrainConfig, type TrainConfig } from "../core/train_config.ts";
@@ -22,6 +24,7 @@ import { ArithmeticTokenizer } from "../data/arithmetic.ts";
 import { cachedFile } from "../data/hub.ts";
 import { requestAdapter } from "../gpu/device.ts";
 import { describeAdapter, UNKNOWN_MEMORY } from "../gpu/adapters.ts";
+import { BUDGET_VARIABLE, keptTextureBudget } from "../gpu/kept_textures.ts";
 
 export const help = `usage: aha plan CONFIG.yaml [--set key=value ...] [options]
 
@@ -66,7 +69,7 @@ export async function run(args: string[]): Promise<number> {
     (values["model-config"] as string | undefined) ?? cachedConfig ?? undefined,
   );
   const binding = gib("max-binding-gb"), buffer = gib("max-buffer-gb"), memory = gib("memory-gb");
-  const { limits, memoryNote } = binding !== undefined && buffer !== undefined
+  const { limits, memoryNote, software } = binding !== undefined && buffer !== undefined
     ? {
       limits: {
         description: "as stated by --max-binding-gb and --max-buffer-gb",
@@ -75,19 +78,24 @@ export async function run(args: string[]): Promise<number> {
         memory: memory ?? null,
       },
       memoryNote: memory === undefined ? UNKNOWN_MEMORY : "--memory-gb",
+      software: false,
     }
     : describeAdapter(await requestAdapter(), memory, binding, buffer);
-  console.log(planReport(positionals[0], cfg, model, limits, memoryNote).join("\n"));
+  console.log(planReport(positionals[0], cfg, model, limits, memoryNote, software).join("\n"));
   return planProblems(planMemory(cfg, model.config), limits).length === 0 ? 0 : 1;
 }
 
-/** The printed plan: the table per adapter, the limits, the verdict and advice. */
+/**
+ * The printed plan: the table per adapter, the limits, the verdict and advice; on a software
+ * adapter, also the room the run leaves for the kernels' kept texture copies.
+ */
 export function planReport(
   source: string,
   cfg: TrainConfig,
   model: { config: ModelConfig; source: string; dtype: PlanDType },
   limits: AdapterLimits,
   memoryNote: string,
+  software = false,
 ): string[] {
   const plan = planMemory(cfg, model.config, undefined, model.dtype);
   const c = model.config;
@@ -159,6 +167,18 @@ export function planReport(
         ? "fits the adapter's binding limits (memory unknown: compare the totals with your adapter's)"
         : "fits this adapter",
     );
+    if (software && limits.memory !== null) {
+      const stated = keptTextureBudget();
+      const share = formatBytes(stated ?? keptCopyBytes(plan, limits.memory, cfg));
+      lines.push(
+        `kept texture copies (the kernels' operands on this software adapter): ${share} for ` +
+          `the trainer${referenceWorker(cfg) ? ` and ${share} for the reference worker` : ""}, ` +
+          (stated === null
+            ? `what the run leaves of memory (${BUDGET_VARIABLE} overrides)`
+            : `as ${BUDGET_VARIABLE} says`) +
+          "; past it, operands are copied at each use (slower, no more memory)",
+      );
+    }
     return lines;
   }
   lines.push("does not fit:", ...problems.map((p) => `  - ${p}`), "advice:");

@@ -58,7 +58,7 @@ import {
 } from "../data/tasks.ts";
 import { resolveModel } from "../data/hub.ts";
 import { evalSelection } from "../core/evaluate.ts";
-import { checkPlan, planModel } from "../core/plan.ts";
+import { checkPlan, keptCopyBytes, planModel } from "../core/plan.ts";
 import { BUDGET_VARIABLE, keptTextureBudget } from "../gpu/kept_textures.ts";
 import { describeAdapter, probeAdapter } from "../gpu/adapters.ts";
 import { Gpu, summarizeAdapter } from "../gpu/device.ts";
@@ -136,8 +136,7 @@ export async function run(args: string[]): Promise<void> {
   // On a software adapter the texture copies kept for the kernels (gpu/kept_textures.ts) take what
   // the plan leaves of the machine's memory: half each to this process and a reference worker's.
   if (gpu.software && limits.memory !== null && !Deno.env.get(BUDGET_VARIABLE)) {
-    const free = limits.memory - plan.policyBytes - plan.referenceBytes;
-    Deno.env.set(BUDGET_VARIABLE, String(Math.max(0, Math.floor(free / (cfg.beta === 0 ? 1 : 2)))));
+    Deno.env.set(BUDGET_VARIABLE, String(keptCopyBytes(plan, limits.memory, cfg)));
   }
 
   const lock = await lockRunDir(cfg.output_dir, "train");

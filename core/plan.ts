@@ -20,7 +20,7 @@ import {
   PRESETS,
   weightShapes,
 } from "./model_config.ts";
-import { loraShapes } from "./lora.ts";
+import { loraShapes, referenceSharesBase } from "./lora.ts";
 import { referenceEngine, type TrainConfig } from "./train_config.ts";
 
 // The sizes that bound the GPU engine's memory; gpu/model.ts and gpu/score.ts use these.
@@ -692,6 +692,23 @@ export function checkPlan(
     );
   }
   return plan;
+}
+
+/**
+ * What a run leaves of a software adapter's memory (the machine's RAM) for the texture copies its
+ * kernels keep (gpu/kept_textures.ts), per process that keeps them: the trainer, and a reference
+ * worker when one runs, which gets the other half (a LoRA run whose reference is its base on the
+ * same adapter runs it in the trainer). \`aha train\` hands this to both through
+ * AHA_KEPT_TEXTURE_BYTES, so a run the plan admits still fits with its copies.
+ */
+export function keptCopyBytes(plan: Plan, memory: number, cfg: TrainConfig): number {
+  const free = memory - plan.policyBytes - plan.referenceBytes;
+  return Math.max(0, Math.floor(free / (referenceWorker(cfg) ? 2 : 1)));
+}
+
+/** Whether the reference runs in a worker process of its own (reference/), as far as the config says. */
+export function referenceWorker(cfg: TrainConfig): boolean {
+  return cfg.beta > 0 && !referenceSharesBase(cfg, true);
 }
 
 export function formatBytes(bytes: number): string {

@@ -47,7 +47,7 @@ export function describeAdapter(
   memoryBytes?: number,
   maxBinding?: number,
   maxBuffer?: number,
-): { limits: AdapterLimits; memoryNote: string } {
+): { limits: AdapterLimits; memoryNote: string; software: boolean } {
   const info = adapter.info;
   const software = isSoftwareAdapter(adapter);
   const memory = memoryBytes ?? (software ? Deno.systemMemoryInfo().total : null);
@@ -63,5 +63,6 @@ export function describeAdapter(
       : software
       ? "the system RAM: a software adapter"
       : UNKNOWN_MEMORY,
+    software,
   };
 }

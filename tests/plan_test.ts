@@ -1,7 +1,8 @@
 // The memory plan (core/plan.ts): a small config's bytes counted by hand from gpu/model.ts and
 // gpu/generate.ts, the built-in Qwen2.5 shapes against the genuine 0.5B config.json, weights over
 // one binding split by rows, refusals with advice that names the tensor, advice whose values are
-// the largest that fit, a reference on the ONNX engine counted on no adapter, and `aha plan`.
+// the largest that fit, a reference on the ONNX engine counted on no adapter, and `aha plan`
+// (with the memory a software adapter's run leaves for kept texture copies).
 
 import assert from "node:assert/strict";
 import { planReport } from "../cli/plan.ts";
@@ -398,4 +399,49 @@ Deno.test("a reference on the ONNX engine needs no adapter memory: a run refused
     planMemory({ ...cfg, reference: { ...cfg.reference, onnx: "/m.onnx" } }, model)
       .referenceOnCpu,
   );
+});
+
+Deno.test("aha plan on a software adapter: the memory the run leaves for kept texture copies, per process", () => {
+  const cfg = loadTrainConfig(`${configs}qwen2.5-0.5b-gsm8k-lora.yaml`, []);
+  const model = { config: qwen("0.5B"), source: "test", dtype: "bf16" as const };
+  const adapter = limits(4 * GiB, 24 * GiB);
+  const line = (c: TrainConfig, software = true) =>
+    planReport("lora.yaml", c, model, adapter, "stated", software).find((l) =>
+      l.startsWith("kept texture copies")
+    );
+  const left = (c: TrainConfig) => {
+    const plan = planMemory(c, model.config, undefined, "bf16");
+    return 24 * GiB - plan.policyBytes - plan.referenceBytes;
+  };
+  const gib = (bytes: number) => `${(bytes / GiB).toFixed(2)} GiB`;
+  // The reference in a worker of its own (reference.adapter auto may find a second adapter):
+  // each process gets half of what is left.
+  const worker = line(cfg)!;
+  assert.match(
+    worker,
+    new RegExp(
+      `${gib(left(cfg) / 2)} for the trainer and ${gib(left(cfg) / 2)} for the reference worker`,
+    ),
+  );
+  // The LoRA base in the training process: all of it to the trainer; likewise with no reference.
+  const same = { ...cfg, reference: { ...cfg.reference, adapter: "same" as const } };
+  assert.match(
+    line(same)!,
+    new RegExp(`: ${gib(left(same))} for the trainer, what the run leaves`),
+  );
+  const noReference = { ...cfg, beta: 0 };
+  assert.match(line(noReference)!, new RegExp(`: ${gib(left(noReference))} for the trainer, `));
+  assert.ok(left(noReference) > left(cfg));
+  // A hardware adapter keeps no copies: no line.
+  assert.equal(line(cfg, false), undefined);
+  // A budget stated by the variable is what the processes get.
+  Deno.env.set("AHA_KEPT_TEXTURE_BYTES", String(3 * GiB));
+  try {
+    assert.match(
+      line(cfg)!,
+      /: 3\.00 GiB for the trainer and 3\.00 GiB for the reference worker, as AHA_KEPT/,
+    );
+  } finally {
+    Deno.env.delete("AHA_KEPT_TEXTURE_BYTES");
+  }
 });
