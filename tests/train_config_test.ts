@@ -14,6 +14,7 @@ import {
 } from "../core/train_config.ts";
 
 const dir = Deno.makeTempDirSync();
+globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
 let files = 0;
 function yaml(text: string): string {
   const path = `${dir}/config${files++}.yaml`;

@@ -7,6 +7,7 @@ import { gpuTest } from "./helpers.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const dir = await Deno.makeTempDir({ prefix: "aha-train-test-" });
+globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
 
 /** `--set key=value` for each setting. */
 const set = (...settings: string[]) => settings.flatMap((s) => ["--set", s]);
