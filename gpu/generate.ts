@@ -203,7 +203,7 @@ export async function generate(
     const promptLen = Math.max(...part.map((p) => p.length));
     copyToGroups(gpu, bufs.promptCache, cache, groupSize, first, part.length, promptLen);
   }
-  bufs.cacheTextures.stale(); // the caches were written whole
+  bufs.cacheTextures.stale(); // the prompts were written: the copies are made again, whole
   // step.input holds each prompt's last position's layer output: its logits go to rows 0…P−1,
   // and every row of its group draws its first token from them (they would all compute them).
   headLogits(model, bufs, P);
