@@ -1,10 +1,13 @@
 // aha — a GRPO trainer for language models whose model math runs in WebGPU.
 // This file is only the command line: it finds the subcommand and hands it the remaining
-// arguments. Each subcommand lives in its own module, which exports `help` and `run(args)`.
+// arguments, after checking the one setting every command shares (AHA_KEPT_TEXTURE_BYTES, read
+// deep inside the kernels). Each subcommand lives in its own module, which exports `help` and
+// `run(args)`.
 
 import { AhaError, UsageError } from "./core/errors.ts";
 import { setEntryModule } from "./core/self_command.ts";
 import { versionText } from "./core/version.ts";
+import { keptTextureBudget } from "./gpu/kept_textures.ts";
 
 interface Command {
   summary: string;
@@ -90,6 +93,7 @@ async function main(args: string[]): Promise<number> {
     console.log(module.help);
     return 0;
   }
+  keptTextureBudget(); // a bad AHA_KEPT_TEXTURE_BYTES stops every command here, before any work
   return (await module.run(rest)) ?? 0;
 }
 

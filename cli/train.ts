@@ -59,7 +59,7 @@ import {
 import { resolveModel } from "../data/hub.ts";
 import { evalSelection } from "../core/evaluate.ts";
 import { checkPlan, keptCopyBytes, planModel } from "../core/plan.ts";
-import { BUDGET_VARIABLE, keptTextureBudget } from "../gpu/kept_textures.ts";
+import { BUDGET_VARIABLE } from "../gpu/kept_textures.ts";
 import { describeAdapter, probeAdapter } from "../gpu/adapters.ts";
 import { Gpu, summarizeAdapter } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
@@ -126,7 +126,6 @@ export async function run(args: string[]): Promise<void> {
     await loadAdapter(cfg.adapter, parseModelConfig(await readJson(configPath), configPath));
   }
 
-  keptTextureBudget(); // a bad AHA_KEPT_TEXTURE_BYTES stops here
   const task = await makeTask(cfg);
   const gpu = await Gpu.open();
   // Refuse a run that cannot fit before loading any weights or creating the output directory.

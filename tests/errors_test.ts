@@ -263,17 +263,28 @@ Deno.test("every command answers bad input with one aha: line and no stack trace
   assert.deepEqual(failures, [], failures.join("\n\n"));
 });
 
-Deno.test("a bad AHA_KEPT_TEXTURE_BYTES stops aha train with one line, before any work", async () => {
+Deno.test("a bad AHA_KEPT_TEXTURE_BYTES stops every command with one line, before any work", async () => {
+  // The budget is read deep inside the kernels; every command must refuse it first: aha train
+  // before its run directory, the others before their own arguments are even looked at.
   const output = `${dir}/kept-bytes-run`;
-  const { code, stderr } = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", MAIN, "train", "--set", `output_dir=${output}`],
-    stderr: "piped",
-    env: { XDG_RUNTIME_DIR: dir, AHA_KEPT_TEXTURE_BYTES: "lots" },
-  }).output();
-  const lines = new TextDecoder().decode(stderr).split("\n").filter((l) => l.trim() !== "");
-  assert.notEqual(code, 0);
-  assert.deepEqual(lines, [
-    'aha: AHA_KEPT_TEXTURE_BYTES must be a number of bytes ≥ 0, got "lots"',
-  ]);
+  const commands = [
+    ["train", "--set", `output_dir=${output}`],
+    ["sft", `${dir}/no-such.yaml`],
+    ["eval", `${dir}/no-such-model`],
+    ["plan", `${dir}/no-such.yaml`],
+    ["score", `${dir}/no-such-model`],
+  ];
+  for (const args of commands) {
+    const { code, stderr } = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", MAIN, ...args],
+      stderr: "piped",
+      env: { XDG_RUNTIME_DIR: dir, AHA_KEPT_TEXTURE_BYTES: "lots" },
+    }).output();
+    const lines = new TextDecoder().decode(stderr).split("\n").filter((l) => l.trim() !== "");
+    assert.notEqual(code, 0, args[0]);
+    assert.deepEqual(lines, [
+      'aha: AHA_KEPT_TEXTURE_BYTES must be a number of bytes ≥ 0, got "lots"',
+    ], args[0]);
+  }
   assert.equal(await Deno.stat(output).then(() => true, () => false), false, "no run directory");
 });
