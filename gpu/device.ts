@@ -390,6 +390,12 @@ export class Gpu {
     return rows;
   }
 
+  /** Bytes of t's texture copy (whole rows of texels), or null when t cannot have one. */
+  textureCopyBytes(t: Tensor): number | null {
+    const rows = this.textureRows(t);
+    return rows === null ? null : rows * TEXTURE_ROW * texelBytes(t);
+  }
+
   /**
    * A texture able to hold t's copy (textureCopy's layout), or null when t cannot have one; the
    * copy itself is recordTextureCopy's. For copies kept by their owner (gpu/kept_textures.ts).

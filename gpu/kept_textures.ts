@@ -26,13 +26,18 @@ const RANGE_BYTES = 32 * 1024;
 /** Bytes of kept copies in this process. */
 let keptBytes = 0;
 
+/** Bytes the kept copies of this process hold now (textures of whole rows of texels). */
+export function keptTextureBytes(): number {
+  return keptBytes;
+}
+
 /** The environment variable that sets the copies' budget in bytes (each process's). */
 export const BUDGET_VARIABLE = "AHA_KEPT_TEXTURE_BYTES";
 
 /**
  * The bytes this process's copies may hold when AHA_KEPT_TEXTURE_BYTES sets them (aha train does,
- * from its memory plan's headroom, after checking the variable before any work); null when unset.
- * Read at each new copy, so a budget set later applies. A bad value is an AhaError.
+ * from its memory plan's headroom; main.ts checks the variable before any command's work); null
+ * when unset. Read at each new copy, so a budget set later applies. A bad value is an AhaError.
  */
 export function keptTextureBudget(): number | null {
   let value: string | undefined;
@@ -73,8 +78,12 @@ export class KeptTextures {
   view(t: Tensor): GPUTextureView | null {
     let copy = this.copies.get(t);
     if (copy === undefined) {
-      const made = this.roomFor(t.bytes) ? this.gpu.copyTexture(t, "kept copy") : null;
-      copy = made && { ...made, bytes: t.bytes, fresh: false, changed: [] };
+      // Counted as the texture is: whole rows of texels.
+      const bytes = this.gpu.textureCopyBytes(t);
+      const made = bytes !== null && this.roomFor(bytes)
+        ? this.gpu.copyTexture(t, "kept copy")
+        : null;
+      copy = made && { ...made, bytes: bytes!, fresh: false, changed: [] };
       if (copy) keptBytes += copy.bytes;
       this.copies.set(t, copy);
     }
@@ -118,9 +127,15 @@ export class KeptTextures {
     if (copy.changed.length * RANGE_BYTES >= t.bytes) copy.fresh = false;
   }
 
-  /** The tensors' values changed: each copy is made again when next read. */
+  /**
+   * The tensors' values changed: each copy is made again when next read, and a tensor refused a
+   * copy for want of room asks again (room may have been freed since).
+   */
   stale(): void {
-    for (const copy of this.copies.values()) if (copy) copy.fresh = false;
+    for (const [t, copy] of this.copies) {
+      if (copy) copy.fresh = false;
+      else this.copies.delete(t);
+    }
   }
 
   /** Free every copy (once the work recorded so far is submitted). */

@@ -19,7 +19,12 @@ import {
   type MatmulShape,
   sumRows,
 } from "../gpu/kernels/matmul.ts";
-import { BUDGET_VARIABLE, keptTextureBudget, KeptTextures } from "../gpu/kept_textures.ts";
+import {
+  BUDGET_VARIABLE,
+  keptTextureBudget,
+  keptTextureBytes,
+  KeptTextures,
+} from "../gpu/kept_textures.ts";
 import { eachInputPath, gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
 
 const gpu = await openGpu();
@@ -447,7 +452,7 @@ Deno.test(
 );
 
 Deno.test(
-  "AHA_KEPT_TEXTURE_BYTES set after a first look still bounds the copies made later",
+  "AHA_KEPT_TEXTURE_BYTES set after a first look bounds later copies; a refusal asks again after stale()",
   gpuTest,
   () => {
     // aha train checks the variable before any work and sets it from its plan afterwards.
@@ -459,14 +464,25 @@ Deno.test(
       Deno.env.set(BUDGET_VARIABLE, "0");
       const kept = new KeptTextures(gpu);
       assert.equal(kept.view(w), null, "a budget of 0 bytes keeps nothing");
-      kept.destroy();
       Deno.env.set(BUDGET_VARIABLE, "1e9");
+      assert.equal(kept.view(w), null, "a refusal holds until the values change");
+      kept.stale();
+      assert.notEqual(kept.view(w), null, "after stale(), a refused tensor asks again");
+      kept.destroy();
+      // A copy counts as its texture: 64 floats take a whole row of 1,024 texels (16 KiB), so a
+      // budget of a byte short of two rows more than what is kept already holds one such copy.
+      const w2 = gpu.upload(random(64));
+      Deno.env.set(BUDGET_VARIABLE, String(keptTextureBytes() + 2 * 16384 - 1));
       const roomy = new KeptTextures(gpu);
       assert.notEqual(roomy.view(w), null);
+      assert.equal(roomy.view(w2), null, "the row is spent");
       roomy.destroy();
+      gpu.flush(); // the copies recorded read w: submitted before it is destroyed
+      w2.destroy();
     } finally {
       if (before === undefined) Deno.env.delete(BUDGET_VARIABLE);
       else Deno.env.set(BUDGET_VARIABLE, before);
+      gpu.flush();
       w.destroy();
     }
   },
