@@ -261,7 +261,8 @@ export async function generate(
     if (doneRead) {
       await new Promise((resolve) => setTimeout(resolve, 0)); // let an arrived read land
       const [done] = await doneRead;
-      if (done.every((d) => d !== 0)) break;
+      // Only this call's rows: kept buffers sized for a larger call hold its flags past them.
+      if (done.subarray(0, B).every((d) => d !== 0)) break;
     }
     // Read the flags now only if a later check can still save steps.
     doneRead = steps + DONE_CHECK_EVERY < maxNew ? gpu.readLater([bufs.done]) : null;

@@ -329,7 +329,8 @@ Deno.test(
   gpuTest,
   async () => {
     // Every token is an end of sequence: each row is done after its first token. The flags read
-    // at step 4 are looked at, without stalling, at step 8: so 8 steps run, not 40.
+    // at step 4 are looked at, without stalling, at step 8: so 8 steps run, not 40, whatever an
+    // earlier call with more rows left in the kept buffers.
     const model = new GpuModel(gpu, config, sharpWeights(9, 0.3));
     const prompts = [[1, 2], [3, 4, 5]];
     const opts = { temperature: 1, topP: 1, topK: 0, eosIds: [...Array(V).keys()], seed: 3 };
@@ -340,6 +341,10 @@ Deno.test(
     };
     // Dispatches of one decode step: a generation of 2 steps less one of 1 (no EOS: no stop).
     const one = (await dispatches(1, [])).count, perStep = (await dispatches(2, [])).count - one;
+    // First a larger call on the same kept buffers whose rows never end (its end ids are out of
+    // the vocabulary): the flags of its rows past this call's must not hold the stop back.
+    const neverEnds = Array.from({ length: V }, (_, i) => V + i);
+    await generate(model, [...prompts, [6]], 3, { ...opts, eosIds: neverEnds, maxNewTokens: 40 });
     const { out, count } = await dispatches(40);
     assert.equal(count, one + 7 * perStep, "8 decode steps");
     for (const tokens of out.tokens) assert.equal(tokens.length, 1);
