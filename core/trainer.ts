@@ -183,17 +183,25 @@ export class GrpoTrainer {
       const evaluating = (cfg.eval_steps > 0 && step % cfg.eval_steps === 0) || last;
       const syncing = cfg.sync_ref_model && this.reference !== null &&
         step % cfg.ref_model_sync_steps === 0;
-      const saving = (cfg.save_steps > 0 && step % cfg.save_steps === 0) || last ||
-        this.io.stopRequested();
-      if (evaluating || syncing || saving) await settle();
-      if (evaluating) {
-        await this.io.evaluation(step, await evaluate(cfg, this.task, this.policy));
+      const periodic = (cfg.save_steps > 0 && step % cfg.save_steps === 0) || last;
+      try {
+        if (evaluating || syncing || periodic || this.io.stopRequested()) await settle();
+        if (evaluating) {
+          await this.io.evaluation(step, await evaluate(cfg, this.task, this.policy));
+        }
+        if (syncing) {
+          await this.reference!.mixIn(await this.policy.weights(), cfg.ref_model_mixup_alpha);
+        }
+      } catch (error) {
+        // The step trained and its scalars were finite: keep it, then give up. (A failing save
+        // must not hide the error that stopped the run.)
+        if (!(error instanceof DivergedError)) await this.io.save(step).catch(() => {});
+        throw error;
       }
-      if (syncing) {
-        await this.reference!.mixIn(await this.policy.weights(), cfg.ref_model_mixup_alpha);
-      }
-      if (saving) await this.io.save(step);
-      if (this.io.stopRequested()) return step;
+      // Asked again after the evaluation and the sync: a stop that came during them saves too.
+      const stopping = this.io.stopRequested();
+      if (periodic || stopping) await this.io.save(step);
+      if (stopping) return step;
     }
     return cfg.max_steps; // the last step took its scalars before saving
   }
@@ -291,7 +299,7 @@ export class GrpoTrainer {
       frac_reward_zero_std: zeroStdFirstRound / cfg.prompts_per_step,
       groups_trained: kept.length,
       prompts_sampled: drawn.length,
-      learning_rate: learningRateAt(cfg, step),
+      learning_rate: learningRateAt(cfg, step - 1), // step counts from 1, updates from 0
       generate_s: generateSeconds,
     };
     if (cfg.reward_errors === "skip") metrics.reward_errors = this.rewardErrors;
@@ -368,7 +376,7 @@ export class GrpoTrainer {
         pendingSums.push(sums);
       }
       const gradNorm = this.policy.optimizerStep({
-        lr: learningRateAt(cfg, step),
+        lr: learningRateAt(cfg, step - 1),
         beta1: cfg.adam_beta1,
         beta2: cfg.adam_beta2,
         eps: cfg.adam_epsilon,

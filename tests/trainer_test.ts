@@ -7,7 +7,8 @@
 // reference asked call by call, its parts joined in order; prompts sampled ahead in calls of any
 // size keep the same groups and return the unused ones to the stream). Also: a NaN loss stops
 // the run with one line and saves nothing; a step's scalars are taken during the next step but
-// before any save, and a failed step saves the last good one. No GPU.
+// before any save, and a failed step saves the last good one; a stop or a failed evaluation
+// after a step trained saves that step; update k runs at the schedule's rate k − 1. No GPU.
 
 import assert from "node:assert/strict";
 import type {
@@ -539,4 +540,66 @@ Deno.test("a step that fails after a good one saves the good one", async () => {
   await assert.rejects(() => trainer.run(0), /the sampler broke/);
   assert.deepEqual(metrics, [1, 2], "both finished steps are logged");
   assert.deepEqual(saved, [2], "step 2, the last finished one, is saved");
+});
+
+Deno.test("update k runs at the schedule's rate of update k − 1 from 0: warmup from its first step, none at 0", async () => {
+  const policy = new FakePolicy(), lrs: number[] = [], logged: number[] = [];
+  const optimizerStep = policy.optimizerStep.bind(policy);
+  policy.optimizerStep = (hp) => {
+    lrs.push(hp.lr);
+    return optimizerStep(hp);
+  };
+  const io: TrainerIO = {
+    ...silentIO(),
+    metrics: (_step, m) => (logged.push(m.learning_rate), Promise.resolve()),
+  };
+  const cfg = config({
+    max_steps: 4,
+    learning_rate: 1,
+    warmup_steps: 2,
+    lr_scheduler_type: "linear",
+  });
+  await new GrpoTrainer(cfg, fakeTask(), policy, null, io).run(0);
+  // Warmup 1/2 then 2/2, then linear decay over the two updates left: 1 and 1/2 (0 would be
+  // the rate after the last update).
+  assert.deepEqual(lrs, [0.5, 1, 1, 0.5]);
+  assert.deepEqual(logged, lrs, "the logged rate is the one the step's update ran at");
+});
+
+Deno.test("a stop asked for during a step's evaluation saves that step before returning", async () => {
+  const saved: number[] = [];
+  let stop = false;
+  const io: TrainerIO = {
+    ...silentIO(saved),
+    evaluation: () => (stop = true, Promise.resolve()),
+    stopRequested: () => stop,
+  };
+  const trainer = new GrpoTrainer(
+    config({ max_steps: 4, eval_steps: 2 }),
+    fakeTask(),
+    new FakePolicy(),
+    null,
+    io,
+  );
+  assert.equal(await trainer.run(0), 2);
+  assert.deepEqual(saved, [2]);
+});
+
+Deno.test("an evaluation that fails after its step trained saves that step, then reports the failure", async () => {
+  const saved: number[] = [];
+  const failing = {
+    ...silentIO(saved),
+    evaluation: () => Promise.reject(new Error("judge broke")),
+  };
+  const run = (policy: FakePolicy) =>
+    new GrpoTrainer(config({ max_steps: 4, eval_steps: 2 }), fakeTask(), policy, null, failing)
+      .run(0);
+  await assert.rejects(() => run(new FakePolicy()), /judge broke/);
+  assert.deepEqual(saved, [2]);
+  // A step whose own scalars diverged is never saved, whatever comes after.
+  saved.length = 0;
+  const diverging = new FakePolicy();
+  nanNormAt(diverging, 2);
+  await assert.rejects(() => run(diverging), /^AhaError: step 2: the gradient norm is NaN/);
+  assert.deepEqual(saved, []);
 });
