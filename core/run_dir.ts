@@ -171,6 +171,12 @@ export function parseLog(
 export interface PrepareOptions {
   /** The step a resume continues from, or null for a fresh run. */
   resumeStep: number | null;
+  /**
+   * The run directory the resumed checkpoint sits in. Only there does a resume trim the logs to
+   * its step; any other directory is new to the run, and one holding another run's logs or
+   * checkpoints is refused (or cleared with overwrite), as for a fresh run.
+   */
+  resumeRunDir?: string;
   /** A fresh run may clear an old run's logs and checkpoints (`--overwrite`). */
   overwrite: boolean;
   /** Lines to show the user (what was cleaned up or trimmed). */
@@ -179,8 +185,10 @@ export interface PrepareOptions {
 
 /**
  * Makes `dir` ready for a run: removes stale temporaries; a fresh run refuses a directory that
- * holds a run's logs (or, with overwrite, removes the logs and checkpoints); a resume trims each
- * log to the lines at or before its step. Checks everything before changing anything.
+ * holds a run's logs (or, with overwrite, removes the logs and checkpoints); a resume in its own
+ * run directory trims each log to the lines at or before its step, and one sent elsewhere
+ * (output_dir set) treats that directory as a fresh run does. Checks everything before changing
+ * anything.
  */
 export async function prepareRunDir(dir: string, opts: PrepareOptions): Promise<void> {
   const log = opts.log ?? (() => {});
@@ -195,7 +203,9 @@ export async function prepareRunDir(dir: string, opts: PrepareOptions): Promise<
     if (text !== null) logs.set(name, text);
   }
   const checkpoints = await checkpointSteps(dir);
-  if (opts.resumeStep === null) {
+  const ownRunDir = opts.resumeRunDir === undefined || resolve(opts.resumeRunDir) === resolve(dir);
+  const resumeStep = ownRunDir ? opts.resumeStep : null;
+  if (resumeStep === null) {
     if (logs.size === 0 && checkpoints.length === 0) return;
     if (!opts.overwrite) {
       const what = logs.size ? [...logs.keys()][0] : `checkpoint-${checkpoints.at(-1)}`;
@@ -222,7 +232,7 @@ export async function prepareRunDir(dir: string, opts: PrepareOptions): Promise<
     const path = join(dir, name);
     const { records, torn } = parseLog(path, text);
     if (torn) log(`${path}: dropped a torn last line`);
-    const kept = records.filter((r) => r.step <= opts.resumeStep!);
+    const kept = records.filter((r) => r.step <= resumeStep);
     trimmed.set(name, kept.map((r) => JSON.stringify(r) + "\n").join(""));
   }
   for (const [name, text] of trimmed) {

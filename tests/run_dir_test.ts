@@ -1,7 +1,8 @@
 // A run's files cannot be lost or mixed (issue 9, items 1–5 and 7): the output directory's lock,
-// what a fresh run or a resume does with an existing directory, whole-line appends and torn
-// lines, the trainer state checked whole before anything on disk changes, stale temporaries.
-// Everything here stops before a GPU is opened, so it runs in seconds.
+// what a fresh run or a resume (in its own directory or sent to another) does with an existing
+// directory, whole-line appends and torn lines, the trainer state checked whole before anything
+// on disk changes, stale temporaries.
+// Everything here stops before any training, so it runs in seconds.
 
 import assert from "node:assert/strict";
 import { runAha as aha } from "./helpers.ts";
@@ -150,6 +151,31 @@ Deno.test("3. --resume resolves paths against the checkpoint's own (moved) run d
   const run = await aha("train", "--resume", `${moved}/base`);
   assert.equal(run.code, 1);
   assert.match(run.stderr, /^aha: --resume .*base: not a training checkpoint/);
+});
+
+Deno.test("3b. a resume sent to another run's directory leaves that run whole", async () => {
+  const mine = await makeRun(`${dir}/mine`), other = await makeRun(`${dir}/other`);
+  const before = Deno.readTextFileSync(`${other}/metrics.jsonl`);
+  await assert.rejects(
+    () => prepareRunDir(other, { resumeStep: 3, resumeRunDir: mine, overwrite: false }),
+    /output_dir .*other already holds a run/,
+  );
+  assert.equal(Deno.readTextFileSync(`${other}/metrics.jsonl`), before, "its steps 4 and 5 kept");
+  // In its own directory a resume trims to its step; an empty one elsewhere is simply used.
+  await prepareRunDir(mine, { resumeStep: 3, resumeRunDir: mine, overwrite: false });
+  assert.equal(Deno.readTextFileSync(`${mine}/metrics.jsonl`).trim().split("\n").length, 3);
+  await prepareRunDir(`${dir}/branch`, { resumeStep: 3, resumeRunDir: mine, overwrite: false });
+  // And through the command: nothing of the other run changes.
+  const run = await aha(
+    "train",
+    "--resume",
+    `${mine}/checkpoint-3`,
+    "--set",
+    `output_dir=${other}`,
+  );
+  assert.equal(run.code, 1);
+  assert.match(run.stderr, /^aha: output_dir .*other already holds a run/);
+  assert.equal(Deno.readTextFileSync(`${other}/metrics.jsonl`), before);
 });
 
 Deno.test("4. appends are whole lines, a failed append is one line, a torn last line is trimmed", async () => {
