@@ -119,7 +119,10 @@ export async function run(args: string[]): Promise<void> {
   if (cfg.adapter !== null) cfg.adapter = await resolveModel(cfg.adapter, "adapter");
   // Checked whole (weights, trainer state, optimizer) before anything on disk changes.
   const resumed = resume ? await loadTrainingCheckpoint(resume) : null;
-  if (target && resumed) rebaseResumedRun(cfg, target, resumed.state, sets);
+  if (target && resumed) {
+    rebaseResumedRun(cfg, target, resumed.state, sets);
+    checkResumedKind(target.checkpoint, resumed.adapter !== null, cfg);
+  }
   // An adapter to continue is checked against its base before any work.
   if (!resumed && cfg.adapter !== null && cfg.model !== null) {
     const configPath = `${cfg.model}/config.json`;
@@ -142,6 +145,7 @@ export async function run(args: string[]): Promise<void> {
   try {
     await prepareRunDir(cfg.output_dir, {
       resumeStep: resumed?.state.step ?? null,
+      resumeRunDir: target?.runDir,
       overwrite: values.overwrite === true,
       log: (line) => console.log(line),
     });
@@ -169,6 +173,26 @@ function rebaseResumedRun(
   if (!sets.some((s) => s.startsWith("output_dir="))) cfg.output_dir = target.runDir;
   if (cfg.model !== null) cfg.model = target.rebase(cfg.model, saved);
   state.reference_model = target.rebase(state.reference_model, saved);
+}
+
+/**
+ * A resumed run trains what its checkpoint trained, a LoRA adapter or every weight: a config of
+ * the other kind would drop the adapter (and its optimizer moments), or start a fresh one.
+ */
+function checkResumedKind(checkpoint: string, lora: boolean, cfg: TrainConfig): void {
+  if (lora && cfg.lora === null) {
+    throw new AhaError(
+      `--resume ${checkpoint}: it trained a LoRA adapter, but the config has no "lora" section ` +
+        `(resuming would drop the adapter): resume with the checkpoint's own config, or add its ` +
+        `"lora" section`,
+    );
+  }
+  if (!lora && cfg.lora !== null) {
+    throw new AhaError(
+      `--resume ${checkpoint}: it trained every weight, but the config has a "lora" section: ` +
+        `to train an adapter on these weights, start a new run with --set model=${checkpoint}`,
+    );
+  }
 }
 
 async function train(

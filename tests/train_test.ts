@@ -132,7 +132,18 @@ async function assertExactResume(name: string, extra: string[]) {
 Deno.test(
   "3 steps + resume + 3 steps ends with the same weights as 6 steps straight",
   gpuTest,
-  () => assertExactResume("plain", []),
+  async () => {
+    await assertExactResume("plain", []);
+    // Resumed with a LoRA section, it would train a fresh adapter instead: refused, nothing done.
+    const metrics = Deno.readTextFileSync(`${dir}/plain-split/metrics.jsonl`);
+    const asLora = await train(["--resume", `${dir}/plain-split/checkpoint-3`, ...set("lora={}")]);
+    assert.notEqual(asLora.code, 0);
+    assert.match(
+      asLora.stderr.trim(),
+      /^aha: --resume .*checkpoint-3: it trained every weight, but/,
+    );
+    assert.equal(Deno.readTextFileSync(`${dir}/plain-split/metrics.jsonl`), metrics);
+  },
 );
 
 Deno.test(
@@ -271,6 +282,17 @@ Deno.test(
       ...set(`output_dir=${dir}/lora-split`, "max_steps=3"),
     ]);
     assert.equal(first.code, 0, first.stderr);
+    // Resumed without its LoRA section, it would drop the adapter: refused, nothing done.
+    const dropped = await train([
+      "--resume",
+      `${dir}/lora-split/checkpoint-3`,
+      ...set("lora=null"),
+    ]);
+    assert.notEqual(dropped.code, 0);
+    assert.match(
+      dropped.stderr.trim(),
+      /^aha: --resume .*checkpoint-3: it trained a LoRA adapter, but/,
+    );
     const resumed = await train([
       "--resume",
       `${dir}/lora-split/checkpoint-3`,
