@@ -141,6 +141,12 @@ export async function run(args: string[]): Promise<void> {
     Deno.env.set(BUDGET_VARIABLE, String(keptCopyBytes(plan, limits.memory, cfg)));
   }
 
+  // What can be checked without weights is checked before the output directory changes
+  // (--overwrite clears it): the reference's adapter, and a given model against the task.
+  if (cfg.beta > 0) await checkReferenceAdapter(cfg);
+  const modelChecked = !resumed && cfg.model !== null;
+  if (modelChecked) await checkModelFitsTask(cfg, task, planned.config, cfg.model!);
+
   const lock = await lockRunDir(cfg.output_dir, "train");
   try {
     await prepareRunDir(cfg.output_dir, {
@@ -152,6 +158,7 @@ export async function run(args: string[]): Promise<void> {
     await train(cfg, task, gpu, resumed, resume, {
       dashboard: values.dashboard === true,
       report: positionals[0] === undefined,
+      modelChecked,
     });
   } finally {
     lock.release();
@@ -201,8 +208,11 @@ async function train(
   gpu: Gpu,
   resumed: Awaited<ReturnType<typeof loadTrainingCheckpoint>> | null,
   resume: string | undefined,
-  /** report: the embedded default ends with an HTML report of the run. */
-  options: { dashboard: boolean; report: boolean },
+  /**
+   * report: the embedded default ends with an HTML report of the run; modelChecked: the model
+   * was checked against the task before the output directory was prepared.
+   */
+  options: { dashboard: boolean; report: boolean; modelChecked: boolean },
 ): Promise<void> {
   const console_ = new Console(cfg);
   const dashboard = options.dashboard ? serveDashboard([cfg.output_dir]) : null;
@@ -214,7 +224,6 @@ async function train(
     `aha train: task ${task.name}, policy adapter "${gpu.description}", output ${cfg.output_dir}` +
       (resume ? ` (resuming ${resume})` : ""),
   );
-  if (cfg.beta > 0) await checkReferenceAdapter(cfg);
 
   // Ctrl-C / SIGTERM: during the built-in pretraining, exit at once (nothing is saved); later,
   // finish the step, save, and exit with 130 / 143.
@@ -245,7 +254,7 @@ async function train(
     await builtinBaseModel(cfg, gpu, console_);
   pretraining = false;
   const start = resumed ?? await loadCheckpoint(referenceDir);
-  await checkModelFitsTask(cfg, task, start.config, referenceDir);
+  if (!options.modelChecked) await checkModelFitsTask(cfg, task, start.config, referenceDir);
   // A LoRA run trains an adapter on the frozen base: the checkpoint's, an existing one
   // (`adapter:`, whose own r, alpha and targets then apply) or a fresh one (PEFT's init).
   let adapter: Adapter | null = null;

@@ -185,6 +185,27 @@ Deno.test("Ctrl-C saves a checkpoint and exits 130; the moved run resumes", gpuT
   assert.equal(state.reference_model, `${moved}/base`);
 });
 
+Deno.test(
+  "--overwrite with a model that cannot serve the config keeps the run it would replace",
+  gpuTest,
+  async () => {
+    // learn/ is the first test's run; its base allows 512 positions, fewer than 16 + 600.
+    const out = `${dir}/learn`;
+    const metrics = Deno.readTextFileSync(`${out}/metrics.jsonl`);
+    const run = await train([
+      "--overwrite",
+      ...set(`model=${out}/base`, `output_dir=${out}`, "max_completion_length=600"),
+    ]);
+    assert.notEqual(run.code, 0);
+    assert.match(
+      run.stderr.trim(),
+      /^aha: max_prompt_length \+ max_completion_length = 616 exceeds/,
+    );
+    assert.equal(Deno.readTextFileSync(`${out}/metrics.jsonl`), metrics, "nothing removed");
+    assert.ok(Deno.statSync(`${out}/checkpoint-30`).isDirectory);
+  },
+);
+
 Deno.test("a bad config stops before any work with one line naming the key", gpuTest, async () => {
   const run = await train(set("learning_rat=1e-3", `output_dir=${dir}/bad`));
   assert.equal(run.code, 1);
