@@ -140,6 +140,8 @@ export class GrpoTrainer {
   private readonly reflects: (text: string) => boolean;
   /** Completions a user reward function failed on this step (reward_errors: skip). */
   private rewardErrors = 0;
+  /** The step being recorded has already stepped the optimizer (num_iterations > 1). */
+  private updated = false;
 
   constructor(
     private readonly cfg: TrainConfig,
@@ -172,10 +174,12 @@ export class GrpoTrainer {
         const recorded = await this.recordStep(step, settle);
         unsettled = { step, metrics: recorded.metrics };
       } catch (error) {
-        // A diverged step may have written NaN into the weights: keep the last checkpoint.
+        // A diverged step may have written NaN into the weights: keep the last checkpoint. So
+        // does a step that failed after one of its updates (a later pass of num_iterations):
+        // the weights are neither the previous step's nor this one's.
         if (!(error instanceof DivergedError)) {
           await settle(); // a previous step that diverged is the error to report
-          if (step - 1 > startStep) await this.io.save(step - 1, sampler);
+          if (step - 1 > startStep && !this.updated) await this.io.save(step - 1, sampler);
         }
         throw error;
       }
@@ -225,6 +229,7 @@ export class GrpoTrainer {
     const cfg = this.cfg, G = cfg.num_generations;
     const started = performance.now();
     this.rewardErrors = 0;
+    this.updated = false;
 
     // The reference's log-probs of the kept rows. One that computes in another process (a
     // worker: no heldLogprobs) is asked for the groups kept so far before each later generation
@@ -383,6 +388,7 @@ export class GrpoTrainer {
         weightDecay: cfg.weight_decay,
         maxGradNorm: cfg.max_grad_norm,
       });
+      this.updated = true;
       passes.push({ gradNorm, sums: pendingSums });
     }
     // On a GPU engine these times cover recording and submitting the update; the GPU's work on

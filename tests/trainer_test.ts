@@ -7,8 +7,9 @@
 // reference asked call by call, its parts joined in order; prompts sampled ahead in calls of any
 // size keep the same groups and return the unused ones to the stream). Also: a NaN loss stops
 // the run with one line and saves nothing; a step's scalars are taken during the next step but
-// before any save, and a failed step saves the last good one; a stop or a failed evaluation
-// after a step trained saves that step; update k runs at the schedule's rate k − 1. No GPU.
+// before any save, and a failed step saves the last good one (unless one of its updates was
+// applied); a stop or a failed evaluation after a step trained saves that step; update k runs
+// at the schedule's rate k − 1. No GPU.
 
 import assert from "node:assert/strict";
 import type {
@@ -602,4 +603,26 @@ Deno.test("an evaluation that fails after its step trained saves that step, then
   nanNormAt(diverging, 2);
   await assert.rejects(() => run(diverging), /^AhaError: step 2: the gradient norm is NaN/);
   assert.deepEqual(saved, []);
+});
+
+Deno.test("a step that fails after one of its updates saves nothing: its weights are no step's", async () => {
+  // num_iterations 2: step 1 takes the fake from version 0 to 2; step 2 fails in its first pass
+  // (version 2, nothing of it applied: step 1 is saved) or in its second (version 3: nothing is).
+  for (const [failAt, want] of [[2, [1]], [3, []]] as const) {
+    const policy = new FakePolicy(), saved: number[] = [];
+    const accumulate = policy.accumulateGradients.bind(policy);
+    policy.accumulateGradients = (batch, t, loss) => {
+      if (policy.version === failAt) throw new AhaError("the GPU broke");
+      return accumulate(batch, t, loss);
+    };
+    const trainer = new GrpoTrainer(
+      config({ max_steps: 3, num_iterations: 2 }),
+      fakeTask(),
+      policy,
+      new FakeReference(),
+      silentIO(saved),
+    );
+    await assert.rejects(() => trainer.run(0), /the GPU broke/);
+    assert.deepEqual(saved, want, `failing at version ${failAt}`);
+  }
 });
