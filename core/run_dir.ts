@@ -116,12 +116,24 @@ export async function lockRunDir(dir: string, command: string): Promise<RunLock>
   throw new AhaError(`output directory ${dir}: could not take the lock ${path}`);
 }
 
-/** Removes hidden temporaries (`.NAME.PID.tmp` / `.old`) left by saves of processes now gone. */
+/**
+ * Removes hidden temporaries (`.NAME.PID.tmp` / `.old`) left by saves of processes now gone; an
+ * `.old` whose NAME is missing is put back instead.
+ */
 export async function removeStaleTemporaries(dir: string): Promise<string[]> {
   const removed: string[] = [];
   for await (const entry of Deno.readDir(dir)) {
-    const m = entry.name.match(/^\..+\.(\d+)\.(tmp|old)$/);
-    if (!m || processAlive(Number(m[1]))) continue;
+    const m = entry.name.match(/^\.(.+)\.(\d+)\.(tmp|old)$/);
+    if (!m || processAlive(Number(m[2]))) continue;
+    // A save that replaced a directory moves the old one aside, renames the new one in and only
+    // then removes the old one: a crash between the two renames leaves only the old one, which
+    // is then the directory itself, complete. It goes back.
+    const present = await Deno.stat(join(dir, m[1])).then(() => true, () => false);
+    if (m[3] === "old" && !present) {
+      await Deno.rename(join(dir, entry.name), join(dir, m[1]));
+      removed.push(`${entry.name} (put back as ${m[1]})`);
+      continue;
+    }
     await Deno.remove(join(dir, entry.name), { recursive: true }).catch(() => {});
     removed.push(entry.name);
   }
@@ -195,7 +207,7 @@ export async function prepareRunDir(dir: string, opts: PrepareOptions): Promise<
   await ensureWritableDir(dir);
   const stale = await removeStaleTemporaries(dir);
   if (stale.length) {
-    log(`removed ${stale.length} unfinished save(s) in ${dir}: ${stale.join(", ")}`);
+    log(`cleaned up ${stale.length} unfinished save(s) in ${dir}: ${stale.join(", ")}`);
   }
   const logs = new Map<string, string>();
   for (const name of RUN_LOGS) {

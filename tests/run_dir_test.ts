@@ -264,7 +264,7 @@ Deno.test("5. the trainer state is checked whole before anything on disk changes
   await assert.rejects(() => loadTrainingCheckpoint(`${run}/checkpoint-3`), /missing tensor/);
 });
 
-Deno.test("7. stale temporaries go; a run without a checkpoint says how to start over", async () => {
+Deno.test("7. stale temporaries go (a replaced checkpoint's old copy comes back); a run without a checkpoint says how to start over", async () => {
   const run = `${dir}/no-checkpoint`;
   await Deno.mkdir(run);
   const stale = `.checkpoint-4.${await deadPid()}.tmp`;
@@ -285,6 +285,18 @@ Deno.test("7. stale temporaries go; a run without a checkpoint says how to start
   await Deno.mkdir(`${run}/checkpoint-2`);
   await prepareRunDir(run, { resumeStep: null, overwrite: true });
   assert.deepEqual(tree(run), [live]);
+  // A save that was replacing checkpoint-3 and died between its two renames left the old copy
+  // aside and the new one unfinished: the old one is checkpoint-3 again, the other goes.
+  const crashed = await makeRun(`${dir}/crashed-save`), pid = await deadPid();
+  await Deno.rename(`${crashed}/checkpoint-3`, `${crashed}/.checkpoint-3.${pid}.old`);
+  await Deno.mkdir(`${crashed}/.checkpoint-3.${pid}.tmp`);
+  const said: string[] = [];
+  await prepareRunDir(crashed, { resumeStep: 3, overwrite: false, log: (l) => said.push(l) });
+  assert.deepEqual(tree(crashed).filter((n) => n.startsWith(".") || n.startsWith("check")), [
+    "checkpoint-3",
+  ]);
+  await loadTrainingCheckpoint(`${crashed}/checkpoint-3`); // whole
+  assert.match(said.join("\n"), /put back as checkpoint-3/);
   // With a checkpoint, the refusal names it for --resume.
   const withCheckpoint = await makeRun(`${dir}/has-checkpoint`);
   await assert.rejects(
