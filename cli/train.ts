@@ -489,9 +489,16 @@ async function checkReferenceAdapter(cfg: TrainConfig): Promise<void> {
  */
 async function builtinBaseModel(cfg: TrainConfig, gpu: Gpu, console_: Console): Promise<string> {
   const dir = `${cfg.output_dir}/base`;
+  // The settings it was pretrained with, saved beside it: a base made with others is made again
+  // (a base saved before they were kept is reused, as then).
+  const recipe = JSON.stringify({ seed: cfg.seed, sft: cfg.sft, arithmetic: cfg.arithmetic });
   if (await exists(`${dir}/model.safetensors`)) {
-    console_.line(`base model: ${dir} (delete it to pretrain again)`);
-    return dir;
+    const made = await Deno.readTextFile(`${dir}/${PRETRAINING_FILE}`).catch(() => null);
+    if (made === null || made.trim() === recipe) {
+      console_.line(`base model: ${dir} (delete it to pretrain again)`);
+      return dir;
+    }
+    console_.line(`base model: ${dir} was pretrained with other seed, sft or arithmetic settings`);
   }
   const task = arithmeticTask(cfg);
   const tokenizer = task.tokenizer;
@@ -537,10 +544,14 @@ async function builtinBaseModel(cfg: TrainConfig, gpu: Gpu, console_: Console): 
   console_.line(`base model pretrained in ${((performance.now() - started) / 1000).toFixed(1)} s`);
   await saveCheckpoint(dir, toHfConfig(config), await policy.weights(), {
     [ARITHMETIC_TOKENIZER_FILE]: JSON.stringify({ type: "aha-arithmetic" }) + "\n",
+    [PRETRAINING_FILE]: recipe + "\n",
   });
   policy.model.destroy();
   return dir;
 }
+
+/** In the built-in base model's directory: the settings it was pretrained with. */
+const PRETRAINING_FILE = "pretraining.json";
 
 /** In a checkpoint of a sync_ref_model run: the reference weights as last synced. */
 const SYNCED_REFERENCE_FILE = "reference.safetensors";

@@ -206,6 +206,29 @@ Deno.test(
   },
 );
 
+Deno.test(
+  "the built-in base is pretrained again when its seed or sft settings change",
+  gpuTest,
+  async () => {
+    const out = `${dir}/pretraining`, steps = ["max_steps=1", "save_steps=0"];
+    const first = await train(set(`output_dir=${out}`, "sft.steps=20", ...steps));
+    assert.equal(first.code, 0, first.stderr);
+    const pretrained = (run: { stdout: string }) => /pretraining the base model/.test(run.stdout);
+    assert.ok(pretrained(first));
+    const again = (...settings: string[]) =>
+      train(["--overwrite", ...set(`output_dir=${out}`, ...settings, ...steps)]);
+    const same = await again("sft.steps=20");
+    assert.equal(same.code, 0, same.stderr);
+    assert.ok(!pretrained(same), "the same settings reuse it");
+    for (const changed of [["sft.steps=21"], ["sft.steps=21", "seed=7"]]) {
+      const run = await again(...changed);
+      assert.equal(run.code, 0, run.stderr);
+      assert.match(run.stdout, /was pretrained with other seed, sft or arithmetic settings/);
+      assert.ok(pretrained(run), changed.join(" "));
+    }
+  },
+);
+
 Deno.test("a bad config stops before any work with one line naming the key", gpuTest, async () => {
   const run = await train(set("learning_rat=1e-3", `output_dir=${dir}/bad`));
   assert.equal(run.code, 1);
