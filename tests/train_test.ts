@@ -210,7 +210,7 @@ Deno.test(
   "the built-in base is pretrained again when its seed or sft settings change",
   gpuTest,
   async () => {
-    const out = `${dir}/pretraining`, steps = ["max_steps=1", "save_steps=0"];
+    const out = `${dir}/pretrained-again`, steps = ["max_steps=1", "save_steps=0"];
     const first = await train(set(`output_dir=${out}`, "sft.steps=20", ...steps));
     assert.equal(first.code, 0, first.stderr);
     const pretrained = (run: { stdout: string }) => /pretraining the base model/.test(run.stdout);
