@@ -7,6 +7,7 @@ import type { ModelConfig } from "../core/model_config.ts";
 import { LOCK_FILE, lockRunDir } from "../core/run_dir.ts";
 import { AhaError, UsageError } from "../core/errors.ts";
 import { runSft, type SftRow } from "../core/sft.ts";
+import { TRAINING_STATE_FILES } from "../core/train_state.ts";
 import { loadTokenizer, type TextTokenizer } from "../core/tokenizer.ts";
 import { ArithmeticTokenizer } from "../data/arithmetic.ts";
 import { ARITHMETIC_TOKENIZER_FILE } from "../data/tasks.ts";
@@ -122,9 +123,12 @@ async function train(
       }
     },
   });
+  // Beside the new weights: the model's other files (tokenizer, generation config), not how its
+  // old weights were trained.
   const files: Record<string, Uint8Array> = {};
   for (const entry of Deno.readDirSync(modelDir)) {
-    if (entry.isFile && !/^(model.*\.safetensors.*|config\.json)$/.test(entry.name)) {
+    const weightsOrConfig = /^(model.*\.safetensors.*|config\.json)$/.test(entry.name);
+    if (entry.isFile && !weightsOrConfig && !TRAINING_STATE_FILES.includes(entry.name)) {
       files[entry.name] = Deno.readFileSync(`${modelDir}/${entry.name}`);
     }
   }

@@ -38,8 +38,10 @@ import {
 import {
   CONFIG_FILE,
   loadTrainingCheckpoint,
+  PRETRAINING_FILE,
   saveAdapterTrainingCheckpoint,
   saveTrainingCheckpoint,
+  SYNCED_REFERENCE_FILE,
   type TrainerState,
 } from "../core/train_state.ts";
 import {
@@ -549,12 +551,6 @@ async function builtinBaseModel(cfg: TrainConfig, gpu: Gpu, console_: Console): 
   policy.model.destroy();
   return dir;
 }
-
-/** In the built-in base model's directory: the settings it was pretrained with. */
-const PRETRAINING_FILE = "pretraining.json";
-
-/** In a checkpoint of a sync_ref_model run: the reference weights as last synced. */
-const SYNCED_REFERENCE_FILE = "reference.safetensors";
 
 const flatTensors = (weights: Map<string, Float32Array>) =>
   new Map([...weights].map(([name, data]) => [name, { shape: [data.length], data }]));

@@ -21,6 +21,25 @@ import YAML from "yaml";
 /** The resolved training config inside a checkpoint; `aha train --resume DIR` reads it. */
 export const CONFIG_FILE = "train_config.yaml";
 
+/** In a checkpoint of a sync_ref_model run: the reference weights as last synced. */
+export const SYNCED_REFERENCE_FILE = "reference.safetensors";
+
+/** In the built-in base model's directory: the settings it was pretrained with. */
+export const PRETRAINING_FILE = "pretraining.json";
+
+/**
+ * A model directory's files that say how its weights were trained rather than what the model is:
+ * a training checkpoint's state, and the built-in base's recipe. A model made from it (aha sft)
+ * leaves them behind: it is not that checkpoint, to resume or to reuse as that base.
+ */
+export const TRAINING_STATE_FILES = [
+  "trainer_state.json",
+  "optimizer.safetensors",
+  CONFIG_FILE,
+  SYNCED_REFERENCE_FILE,
+  PRETRAINING_FILE,
+];
+
 export interface TrainerState {
   /** GRPO steps completed. */
   step: number;

@@ -40,8 +40,19 @@ async function completionLogprob(dir: string): Promise<number> {
 Deno.test("aha sft raises the log-likelihood of the trained completions", gpuTest, async () => {
   const dir = await Deno.makeTempDir();
   const config = parseModelConfig({ ...PRESETS.tiny, vocab_size: tokenizer.vocabSize });
+  // A training checkpoint's state and the built-in base's recipe stay behind; the model's
+  // other files (its tokenizer, a generation config) go with the new weights.
+  const trainingState = [
+    "trainer_state.json",
+    "optimizer.safetensors",
+    "train_config.yaml",
+    "reference.safetensors",
+    "pretraining.json",
+  ];
   await saveCheckpoint(`${dir}/model`, toHfConfig(config), initWeights(config, 3), {
     [ARITHMETIC_TOKENIZER_FILE]: "{}",
+    "generation_config.json": "{}",
+    ...Object.fromEntries(trainingState.map((name) => [name, "x"])),
   });
   await Deno.writeTextFile(
     `${dir}/rows.jsonl`,
@@ -63,6 +74,12 @@ Deno.test("aha sft raises the log-likelihood of the trained completions", gpuTes
     "3e-3",
   );
   assert.equal(run.code, 0, run.stderr);
+  const tuned = [...Deno.readDirSync(`${dir}/tuned`)].map((e) => e.name).sort();
+  assert.deepEqual(
+    tuned,
+    [ARITHMETIC_TOKENIZER_FILE, "config.json", "generation_config.json", "model.safetensors"]
+      .sort(),
+  );
   const before = await completionLogprob(`${dir}/model`),
     after = await completionLogprob(`${dir}/tuned`);
   // A random model is near −log(18) ≈ −2.9 per token; 40 steps must gain at least 1 nat per row.
