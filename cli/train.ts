@@ -120,9 +120,12 @@ export async function run(args: string[]): Promise<void> {
   if (cfg.model !== null) cfg.model = await resolveModel(cfg.model);
   if (cfg.adapter !== null) cfg.adapter = await resolveModel(cfg.adapter, "adapter");
   // Checked whole (weights, trainer state, optimizer) before anything on disk changes.
-  const resumed = resume ? await loadTrainingCheckpoint(resume) : null;
+  const savedOutputDir = cfg.output_dir;
+  const resumed = target
+    ? await loadTrainingCheckpoint(target.checkpoint, (path) => target.rebase(path, savedOutputDir))
+    : null;
   if (target && resumed) {
-    rebaseResumedRun(cfg, target, resumed.state, sets);
+    rebaseResumedRun(cfg, target, sets);
     checkResumedKind(target.checkpoint, resumed.adapter !== null, cfg);
   }
   // An adapter to continue is checked against its base before any work.
@@ -170,18 +173,13 @@ export async function run(args: string[]): Promise<void> {
 /**
  * A resumed run writes into the run directory its checkpoint sits in (unless output_dir is set
  * explicitly), and what the checkpoint saved under its old run directory — the built-in base
- * model, the reference — is read from the same place under the new one.
+ * model here, the reference as the checkpoint is loaded — is read from the same place under the
+ * new one.
  */
-function rebaseResumedRun(
-  cfg: TrainConfig,
-  target: ResumeTarget,
-  state: TrainerState,
-  sets: string[],
-): void {
+function rebaseResumedRun(cfg: TrainConfig, target: ResumeTarget, sets: string[]): void {
   const saved = cfg.output_dir;
   if (!sets.some((s) => s.startsWith("output_dir="))) cfg.output_dir = target.runDir;
   if (cfg.model !== null) cfg.model = target.rebase(cfg.model, saved);
-  state.reference_model = target.rebase(state.reference_model, saved);
 }
 
 /**

@@ -183,9 +183,16 @@ export function checkMoments(
   }
 }
 
-/** Loads and checks a whole training checkpoint (weights, trainer state, optimizer moments)
- * before anything is changed on disk. */
-export async function loadTrainingCheckpoint(dir: string): Promise<TrainingCheckpoint> {
+/**
+ * Loads and checks a whole training checkpoint (weights, trainer state, optimizer moments)
+ * before anything is changed on disk. `where` maps the paths the trainer state names (the
+ * reference model, which a LoRA checkpoint's base is) to where they are now: a run directory
+ * may have moved since it was saved.
+ */
+export async function loadTrainingCheckpoint(
+  dir: string,
+  where: (path: string) => string = (path) => path,
+): Promise<TrainingCheckpoint> {
   const statePath = `${dir}/trainer_state.json`;
   let text: string;
   try {
@@ -206,6 +213,7 @@ export async function loadTrainingCheckpoint(dir: string): Promise<TrainingCheck
     throw new AhaError(`${statePath}: not valid JSON`);
   }
   const state = parseTrainerState(json, statePath);
+  state.reference_model = where(state.reference_model);
   const optimizerPath = `${dir}/optimizer.safetensors`;
   const moments = new Map<string, Float32Array>();
   for (const [name, t] of await readSafetensors(optimizerPath)) moments.set(name, t.data);

@@ -382,6 +382,22 @@ Deno.test(
 );
 
 Deno.test(
+  "LoRA on the built-in base: a moved run resumes, its base found where the run is now",
+  gpuTest,
+  async () => {
+    const run = `${dir}/lora-builtin`, moved = `${dir}/lora-builtin-moved`;
+    const first = await train([...LORA, ...set(`output_dir=${run}`, "max_steps=1")]);
+    assert.equal(first.code, 0, first.stderr);
+    await Deno.rename(run, moved);
+    const resumed = await train(["--resume", `${moved}/checkpoint-1`, ...set("max_steps=2")]);
+    assert.equal(resumed.code, 0, resumed.stderr);
+    const state = JSON.parse(Deno.readTextFileSync(`${moved}/checkpoint-2/trainer_state.json`));
+    assert.equal(state.step, 2);
+    assert.equal(state.reference_model, `${moved}/base`);
+  },
+);
+
+Deno.test(
   "LoRA: an adapter whose shapes do not match the base stops with one line",
   gpuTest,
   async () => {
