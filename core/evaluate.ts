@@ -146,7 +146,7 @@ export async function evaluatePolicy(
         })),
         opts.rewardErrors,
       );
-      rewardErrors += errors;
+      rewardErrors += errors.reduce((a, b) => a + b, 0);
       for (let g = 0; g < chunk.length; g++) {
         const at = g * (n + 1), example = chunk[g];
         const completions = texts.slice(at, at + n + 1);

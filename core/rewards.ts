@@ -136,14 +136,15 @@ export type RewardErrors = "fail" | "skip";
  * Every reward function on every completion, the functions concurrently (a user's async function
  * overlaps the others); per completion each function's score and the weighted `total`.
  * A user function that throws, returns the wrong count or a non-finite number either stops with
- * one line naming the function and the completion, or (skip) scores 0 there, counted in `errors`.
+ * one line naming the function and the completion, or (skip) scores 0 there: `errors[i]` counts
+ * the functions that failed on completion i (so a caller counts only the completions it uses).
  */
 export async function scoreBatch(
   rewards: WeightedReward[],
   items: ToScore[],
   onError: RewardErrors = "fail",
-): Promise<{ scores: Record<string, number>[]; errors: number }> {
-  let errors = 0;
+): Promise<{ scores: Record<string, number>[]; errors: number[] }> {
+  const errors = items.map(() => 0);
   const columns = await Promise.all(rewards.map(async (reward) => {
     if (!reward.batch) return items.map((x) => reward.fn(x.prompt, x.completion, x.example));
     const what = `reward function "${reward.name}" (${reward.source})`;
@@ -161,13 +162,13 @@ export async function scoreBatch(
           `${what} ${result.problem} (a batch beginning with question ${describeRow(items[0])})`,
         );
       }
-      errors += items.length;
+      items.forEach((_, i) => errors[i]++);
       return items.map(() => 0);
     }
     if (result.kind === "value") {
       const bad = result.values.map((v, i) => Number.isFinite(v) ? -1 : i).filter((i) => i >= 0);
       if (onError === "fail") throw stop(`returned ${result.values[bad[0]]}`, bad[0]);
-      errors += bad.length;
+      for (const i of bad) errors[i]++;
       return result.values.map((v) => Number.isFinite(v) ? v : 0);
     }
     // It threw: call it on one completion at a time to name the ones it fails on.
@@ -182,6 +183,7 @@ export async function scoreBatch(
       const problem = one.kind === "value" ? `returned ${one.values[0]}` : one.problem;
       if (onError === "fail") throw stop(problem, i);
       values.push(0);
+      errors[i]++;
       failed++;
     }
     if (failed === 0) {
@@ -191,10 +193,9 @@ export async function scoreBatch(
             "for any one alone",
         );
       }
-      errors += items.length;
+      items.forEach((_, i) => errors[i]++);
       return items.map(() => 0);
     }
-    errors += failed;
     return values;
   }));
   const scores = items.map((_, i) => {

@@ -82,6 +82,8 @@ interface Scored {
   logprobs: number[];
   text: string;
   rewards: Record<string, number>; // per function, plus `total`
+  /** User reward functions that failed on it (scored 0 instead: reward_errors skip). */
+  rewardErrors: number;
   truncated: boolean;
 }
 
@@ -138,8 +140,6 @@ export async function evaluate(
 export class GrpoTrainer {
   private readonly lossConfig: GrpoLossConfig;
   private readonly reflects: (text: string) => boolean;
-  /** Completions a user reward function failed on this step (reward_errors: skip). */
-  private rewardErrors = 0;
   /** The step being recorded has already stepped the optimizer (num_iterations > 1). */
   private updated = false;
 
@@ -228,7 +228,6 @@ export class GrpoTrainer {
   ): Promise<{ metrics: () => Promise<Metrics> }> {
     const cfg = this.cfg, G = cfg.num_generations;
     const started = performance.now();
-    this.rewardErrors = 0;
     this.updated = false;
 
     // The reference's log-probs of the kept rows. One that computes in another process (a
@@ -307,7 +306,11 @@ export class GrpoTrainer {
       learning_rate: learningRateAt(cfg, step - 1), // step counts from 1, updates from 0
       generate_s: generateSeconds,
     };
-    if (cfg.reward_errors === "skip") metrics.reward_errors = this.rewardErrors;
+    if (cfg.reward_errors === "skip") {
+      // Of the groups this step used: those sampled ahead and handed back are counted when used.
+      const scored = drawn.slice(0, used).flat();
+      metrics.reward_errors = scored.reduce((n, c) => n + c.rewardErrors, 0);
+    }
     if (cfg.sample_steps > 0 && (step % cfg.sample_steps === 0 || step === 1)) {
       await this.io.samples(step, this.pickSamples(firstRound));
     }
@@ -456,7 +459,6 @@ export class GrpoTrainer {
       }),
       cfg.reward_errors,
     );
-    this.rewardErrors += errors;
     return examples.map((example, g) =>
       Array.from({ length: G }, (_, j) => {
         const i = g * G + j;
@@ -466,6 +468,7 @@ export class GrpoTrainer {
           logprobs: out.logprobs[i],
           text: texts[i],
           rewards: scores[i],
+          rewardErrors: errors[i],
           truncated: out.truncated[i],
         };
       })

@@ -337,7 +337,15 @@ Deno.test("prompts sampled ahead: any prompts_per_generation keeps the groups th
   const run = async (prompts_per_generation: number | null) => {
     const policy = new FakePolicy(), reference = new FakeReference();
     const task = fakeTask(true), metrics: Record<string, number>[] = [];
-    const cfg = config({ prompts_per_generation, max_steps: 3 });
+    // A user reward that fails on every fourth prompt's completions, scored 0 and counted
+    // (reward_errors skip): a prompt sampled ahead and handed back counts in the step using it.
+    task.rewards.push({
+      name: "picky",
+      weight: 0,
+      source: "test",
+      batch: ({ prompts }) => prompts.map((p) => Number(p.slice(1)) % 4 === 0 ? NaN : 0),
+    });
+    const cfg = config({ prompts_per_generation, max_steps: 3, reward_errors: "skip" });
     const io = {
       ...silentIO(),
       metrics: (_: number, m: Record<string, number>) => {
@@ -374,6 +382,8 @@ Deno.test("prompts sampled ahead: any prompts_per_generation keeps the groups th
     assert.equal(m.frac_reward_zero_std, 2 / 3);
     assert.equal(m.groups_trained, 3);
   }
+  // p0, p4 (step 1), p8 (step 2), p12, p16 (step 3), 4 completions each.
+  assert.deepEqual(roundByRound.results.map((m) => m.reward_errors), [8, 4, 8]);
   for (
     const [perCall, sampled] of [
       [null, [6, 6, 6]],
