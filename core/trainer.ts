@@ -314,8 +314,16 @@ export class GrpoTrainer {
     if (cfg.sample_steps > 0 && (step % cfg.sample_steps === 0 || step === 1)) {
       await this.io.samples(step, this.pickSamples(firstRound));
     }
+    // Completion tokens sampled per second of the step: every call's, refills and prompts
+    // sampled ahead included (those are sampled again by the step that uses them).
+    const sampledTokens = drawn.flat().reduce((n, c) => n + c.tokens.length, 0);
+    const throughput = () => {
+      const stepSeconds = (performance.now() - started) / 1000;
+      return { tokens_per_s: sampledTokens / stepSeconds, step_s: stepSeconds };
+    };
     if (kept.length === 0) {
       // Every group had equal rewards even after refilling: nothing to learn from this step.
+      const timing = throughput();
       return {
         metrics: () =>
           Promise.resolve({
@@ -326,6 +334,7 @@ export class GrpoTrainer {
             grad_norm: 0,
             reference_s: 0,
             train_s: 0,
+            ...timing,
           }),
       };
     }
@@ -397,14 +406,7 @@ export class GrpoTrainer {
     // On a GPU engine these times cover recording and submitting the update; the GPU's work on
     // it that outlasts the recording counts in the next step's generate_s.
     const trainSeconds = (performance.now() - trainStart) / 1000 - referenceSeconds;
-    const stepSeconds = (performance.now() - started) / 1000;
-    const completionTokens = completions.reduce((n, c) => n + c.tokens.length, 0);
-    const timing = {
-      tokens_per_s: (completionTokens * cfg.num_iterations + firstRound.length) / stepSeconds,
-      reference_s: referenceSeconds,
-      train_s: trainSeconds,
-      step_s: stepSeconds,
-    };
+    const timing = { ...throughput(), reference_s: referenceSeconds, train_s: trainSeconds };
     // Every pass is checked; the metrics report the last one.
     const scalars = async () => {
       let loss = 0, klSum = 0, clipped = 0, tokens = 0, gradNorm = 0;

@@ -336,6 +336,15 @@ Deno.test("prompts sampled ahead: any prompts_per_generation keeps the groups th
   // same groups train, and the prompts sampled past p5 go back to the stream for step 2.
   const run = async (prompts_per_generation: number | null) => {
     const policy = new FakePolicy(), reference = new FakeReference();
+    // Completion tokens sampled per step (the fake takes one optimizer step a step).
+    const tokens: number[] = [];
+    const generate = policy.generate.bind(policy);
+    policy.generate = async (prompts, G, opts) => {
+      const out = await generate(prompts, G, opts);
+      tokens[policy.version] = (tokens[policy.version] ?? 0) +
+        out.tokens.reduce((n, t) => n + t.length, 0);
+      return out;
+    };
     const task = fakeTask(true), metrics: Record<string, number>[] = [];
     // A user reward that fails on every fourth prompt's completions, scored 0 and counted
     // (reward_errors skip): a prompt sampled ahead and handed back counts in the step using it.
@@ -372,6 +381,8 @@ Deno.test("prompts sampled ahead: any prompts_per_generation keeps the groups th
       results,
       sampled: metrics.map((m) => m.prompts_sampled),
       next: next.prompt,
+      tokens,
+      throughput: metrics.map((m) => m.tokens_per_s * m.step_s),
     };
   };
   const roundByRound = await run(1);
@@ -384,6 +395,12 @@ Deno.test("prompts sampled ahead: any prompts_per_generation keeps the groups th
   }
   // p0, p4 (step 1), p8 (step 2), p12, p16 (step 3), 4 completions each.
   assert.deepEqual(roundByRound.results.map((m) => m.reward_errors), [8, 4, 8]);
+  // tokens_per_s × step_s: the completion tokens of every call the step made, sampled-ahead
+  // prompts included.
+  for (const perCall of [null, 4, 9]) {
+    const ahead = await run(perCall);
+    assertClose(ahead.throughput, ahead.tokens, 1e-9, 1e-9, `prompts_per_generation ${perCall}`);
+  }
   for (
     const [perCall, sampled] of [
       [null, [6, 6, 6]],
