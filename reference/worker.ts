@@ -13,7 +13,8 @@
 //     the new reference weights, which a restarted worker loads with --weights
 //   ← {"op": "shutdown", "id"}  → {"id", "ok": true}, then exit
 // A bad request gets {"id", "ok": false, "error"} and the worker keeps serving. When stdin ends
-// without a shutdown the trainer is gone: the worker removes the channel directory and exits.
+// without a shutdown, or a reply cannot be written, the trainer is gone: the worker removes the
+// channel directory and exits.
 
 import { loadCheckpoint } from "../core/checkpoint.ts";
 import { AhaError } from "../core/errors.ts";
@@ -307,8 +308,9 @@ export async function serveReference(opts: WorkerOptions): Promise<void> {
   for (let line; (line = await input.next()) !== null;) {
     if (line.trim() === "") continue;
     const { reply, stop } = await serve(line, channel, engine, config);
-    await writeMessage(out, reply);
+    // A reply nobody reads (the trainer was killed while this request ran) ends the loop too.
+    if (!(await writeMessage(out, reply).then(() => true, () => false))) break;
     if (stop) return;
   }
-  channel.removeAll(); // stdin ended without a shutdown: the trainer is gone
+  channel.removeAll(); // stdin ended without a shutdown, or stdout did: the trainer is gone
 }

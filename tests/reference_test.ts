@@ -148,6 +148,35 @@ Deno.test({
   },
 });
 
+Deno.test(
+  "a worker whose reply cannot be written (the trainer is gone) removes the channel and exits",
+  gpuTest,
+  async () => {
+    const { dir } = golden("gqa_tied");
+    const channel = await Channel.create();
+    const self = selfCommand(["ref-worker", "--model", dir, "--channel", channel.dir]);
+    const child = new Deno.Command(self.command, {
+      args: self.args,
+      env: XDG,
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const stdout = new LineReader(child.stdout);
+    assert.equal(JSON.parse((await stdout.next())!).ready, true);
+    // As a killed trainer leaves it: nobody reads the worker's stdout, its stdin still open.
+    await stdout.cancel();
+    const stdin = child.stdin.getWriter();
+    await stdin.write(new TextEncoder().encode(`{"op": "frobnicate", "id": 1}\n`));
+    const { code } = await child.status;
+    const stderr = new TextDecoder().decode(await new Response(child.stderr).arrayBuffer());
+    assert.equal(code, 0, stderr);
+    assert.doesNotMatch(stderr, /Uncaught|BrokenPipe/);
+    assert.equal(await Deno.stat(channel.dir).then(() => true, () => false), false, "channel");
+    await stdin.close().catch(() => {});
+  },
+);
+
 Deno.test("malformed requests get error replies; the worker keeps serving", gpuTest, async () => {
   const { dir, vocab } = golden("gqa_tied");
   const channel = await Channel.create();
