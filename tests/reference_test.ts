@@ -148,20 +148,26 @@ Deno.test({
   },
 });
 
+/** A ref-worker on the gqa_tied golden checkpoint, spoken to over pipes as the trainer does. */
+async function spawnWorker(stderr: "piped" | "null") {
+  const { dir, vocab } = golden("gqa_tied");
+  const channel = await Channel.create();
+  const self = selfCommand(["ref-worker", "--model", dir, "--channel", channel.dir]);
+  const child = new Deno.Command(self.command, {
+    args: self.args,
+    env: XDG,
+    stdin: "piped",
+    stdout: "piped",
+    stderr,
+  }).spawn();
+  return { channel, child, vocab };
+}
+
 Deno.test(
   "a worker whose reply cannot be written (the trainer is gone) removes the channel and exits",
   gpuTest,
   async () => {
-    const { dir } = golden("gqa_tied");
-    const channel = await Channel.create();
-    const self = selfCommand(["ref-worker", "--model", dir, "--channel", channel.dir]);
-    const child = new Deno.Command(self.command, {
-      args: self.args,
-      env: XDG,
-      stdin: "piped",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
+    const { channel, child } = await spawnWorker("piped");
     const stdout = new LineReader(child.stdout);
     assert.equal(JSON.parse((await stdout.next())!).ready, true);
     // As a killed trainer leaves it: nobody reads the worker's stdout, its stdin still open.
@@ -178,16 +184,7 @@ Deno.test(
 );
 
 Deno.test("malformed requests get error replies; the worker keeps serving", gpuTest, async () => {
-  const { dir, vocab } = golden("gqa_tied");
-  const channel = await Channel.create();
-  const self = selfCommand(["ref-worker", "--model", dir, "--channel", channel.dir]);
-  const child = new Deno.Command(self.command, {
-    args: self.args,
-    env: XDG,
-    stdin: "piped",
-    stdout: "piped",
-    stderr: "null",
-  }).spawn();
+  const { channel, child, vocab } = await spawnWorker("null");
   const stdin = child.stdin.getWriter(), stdout = new LineReader(child.stdout);
   const send = async (line: string) => {
     await stdin.write(new TextEncoder().encode(line + "\n"));
