@@ -141,7 +141,7 @@ export async function run(args: string[]): Promise<void> {
   const limits = describeAdapter(gpu.adapter).limits;
   const plan = checkPlan(cfg, planned.config, limits, undefined, planned.dtype);
   // On a software adapter the texture copies kept for the kernels (gpu/kept_textures.ts) take what
-  // the plan leaves of the machine's memory: half each to this process and a reference worker's.
+  // the plan leaves of the machine's memory: half to a reference worker when one runs.
   if (gpu.software && limits.memory !== null && !Deno.env.get(BUDGET_VARIABLE)) {
     Deno.env.set(BUDGET_VARIABLE, String(keptCopyBytes(plan, limits.memory, cfg)));
   }
