@@ -21,6 +21,8 @@ import { AhaError } from "./errors.ts";
 export const LOCK_FILE = ".aha.lock";
 /** The logs a training run appends to, one JSON object per line with a `step`. */
 export const RUN_LOGS = ["metrics.jsonl", "samples.jsonl", "eval.jsonl"];
+/** TensorBoard's event files (core/tensorboard.ts), which --overwrite removes with the logs. */
+const TENSORBOARD_EVENTS = /^events\.out\.tfevents\./;
 
 /** True while a process with this PID exists (signal 0 probes without sending anything). */
 export function processAlive(pid: number): boolean {
@@ -232,6 +234,11 @@ export async function prepareRunDir(dir: string, opts: PrepareOptions): Promise<
       );
     }
     for (const name of logs.keys()) await Deno.remove(join(dir, name));
+    // TensorBoard reads every event file in the directory: the old run's would show beside the
+    // new one's.
+    for await (const entry of Deno.readDir(dir)) {
+      if (TENSORBOARD_EVENTS.test(entry.name)) await Deno.remove(join(dir, entry.name));
+    }
     for (const step of checkpoints) {
       await Deno.remove(join(dir, `checkpoint-${step}`), { recursive: true });
     }

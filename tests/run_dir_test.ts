@@ -281,8 +281,9 @@ Deno.test("7. stale temporaries go (a replaced checkpoint's old copy comes back)
   );
   assert.doesNotMatch(refusal.stderr, /resume it/);
   assert.deepEqual(tree(run), [live, "metrics.jsonl"].sort(), "the stale temporary is gone");
-  // --overwrite starts over: logs and checkpoints removed.
+  // --overwrite starts over: logs, TensorBoard's event files and checkpoints removed.
   await Deno.mkdir(`${run}/checkpoint-2`);
+  await Deno.writeTextFile(`${run}/events.out.tfevents.1700000000.host.123.0`, "old run");
   await prepareRunDir(run, { resumeStep: null, overwrite: true });
   assert.deepEqual(tree(run), [live]);
   // A save that was replacing checkpoint-3 and died between its two renames left the old copy
