@@ -16,6 +16,7 @@
 
 import { basename, dirname, join, resolve } from "node:path";
 import { AhaError } from "./errors.ts";
+import { TRAINER_STATE_FILE } from "./train_state.ts";
 
 /** The lock file inside a run directory. */
 export const LOCK_FILE = ".aha.lock";
@@ -301,7 +302,7 @@ export async function resolveResume(checkpointDir: string): Promise<ResumeTarget
   const checkpoint = checkpointDir.replace(/\/+$/, "") || "/";
   const info = await Deno.stat(checkpoint).catch(() => null);
   if (!info?.isDirectory) throw new AhaError(`--resume ${checkpointDir}: no such directory`);
-  const hasState = await Deno.stat(join(checkpoint, "trainer_state.json")).then(
+  const hasState = await Deno.stat(join(checkpoint, TRAINER_STATE_FILE)).then(
     () => true,
     () => false,
   );

@@ -21,6 +21,12 @@ import YAML from "yaml";
 /** The resolved training config inside a checkpoint; `aha train --resume DIR` reads it. */
 export const CONFIG_FILE = "train_config.yaml";
 
+/** A checkpoint's trainer state (step, optimizer steps, data position, reference model). */
+export const TRAINER_STATE_FILE = "trainer_state.json";
+
+/** A checkpoint's AdamW moments. */
+const OPTIMIZER_FILE = "optimizer.safetensors";
+
 /** In a checkpoint of a sync_ref_model run: the reference weights as last synced. */
 export const SYNCED_REFERENCE_FILE = "reference.safetensors";
 
@@ -33,8 +39,8 @@ export const PRETRAINING_FILE = "pretraining.json";
  * leaves them behind: it is not that checkpoint, to resume or to reuse as that base.
  */
 export const TRAINING_STATE_FILES = [
-  "trainer_state.json",
-  "optimizer.safetensors",
+  TRAINER_STATE_FILE,
+  OPTIMIZER_FILE,
   CONFIG_FILE,
   SYNCED_REFERENCE_FILE,
   PRETRAINING_FILE,
@@ -67,8 +73,8 @@ function stateFiles(
     [...moments].map(([name, data]) => [name, { shape: [data.length], data }]),
   );
   return {
-    "optimizer.safetensors": encodeSafetensors(optimizer),
-    "trainer_state.json": JSON.stringify(state, null, 2) + "\n",
+    [OPTIMIZER_FILE]: encodeSafetensors(optimizer),
+    [TRAINER_STATE_FILE]: JSON.stringify(state, null, 2) + "\n",
     [CONFIG_FILE]: YAML.stringify(config),
   };
 }
@@ -193,7 +199,7 @@ export async function loadTrainingCheckpoint(
   dir: string,
   where: (path: string) => string = (path) => path,
 ): Promise<TrainingCheckpoint> {
-  const statePath = `${dir}/trainer_state.json`;
+  const statePath = `${dir}/${TRAINER_STATE_FILE}`;
   let text: string;
   try {
     text = await Deno.readTextFile(statePath);
@@ -214,7 +220,7 @@ export async function loadTrainingCheckpoint(
   }
   const state = parseTrainerState(json, statePath);
   state.reference_model = where(state.reference_model);
-  const optimizerPath = `${dir}/optimizer.safetensors`;
+  const optimizerPath = `${dir}/${OPTIMIZER_FILE}`;
   const moments = new Map<string, Float32Array>();
   for (const [name, t] of await readSafetensors(optimizerPath)) moments.set(name, t.data);
   if (await isAdapterDir(dir)) {
