@@ -17,6 +17,7 @@ import {
   matmul,
   type MatmulKernel,
   type MatmulShape,
+  PAIRED_K_MIN,
   sumRows,
 } from "../gpu/kernels/matmul.ts";
 import {
@@ -219,6 +220,66 @@ Deno.test(
       assertClose(unpad(results[i] as Float32Array, M * N, what), want, K, what);
     });
     for (const t of [ta, tb, tbias, ...outs]) t.destroy();
+  },
+);
+
+Deno.test(
+  "long products step k eight at a time on every block, from textures and storage",
+  gpuTest,
+  async () => {
+    // Past PAIRED_K_MIN, with K a multiple of 8 and enough workgroups not to split k, the
+    // blocked kernel adds two steps' tiles at once (pairedSteps) unless a is transposed. Both
+    // layouts that pair, every block, accumulating onto out with a bias; then N odd (scalar
+    // loads of b and stores of out) on the block the kernel picks.
+    const K = PAIRED_K_MIN + 8;
+    const cases = [
+      ...BLOCKS.flatMap(([rowGroups, colGroups]) =>
+        LAYOUTS.slice(0, 2).flatMap((layout) =>
+          [true, false].map((textures) => ({
+            shape: { M: 132, N: 260, K },
+            layout,
+            textures,
+            block: { rowGroups, colGroups } as { rowGroups: number; colGroups: number } | undefined,
+          }))
+        )
+      ),
+      ...LAYOUTS.slice(0, 2).map((layout) => ({
+        shape: { M: 37, N: 261, K },
+        layout,
+        textures: false,
+        block: undefined,
+      })),
+    ];
+    const inputs = new Map<string, Record<"a" | "b" | "prev" | "bias", Float32Array>>();
+    for (const { shape, layout, textures, block } of cases) {
+      const { M, N } = shape, key = `${M}×${N}`;
+      if (!inputs.has(key)) {
+        inputs.set(key, {
+          a: random(M * K),
+          b: random(K * N),
+          prev: random(M * N),
+          bias: random(N),
+        });
+      }
+      const { a, b, prev, bias } = inputs.get(key)!;
+      const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
+      const out = gpu.upload(padded(prev));
+      matmul(gpu, ta, tb, out, shape, {
+        transA: layout.transA,
+        transB: layout.transB,
+        accumulate: true,
+        bias: tbias,
+        kernel: "blocked",
+        textures,
+        block,
+      });
+      const what = `${layout.name} ${M}×${N}×${K} ${
+        block ? `${4 * block.rowGroups}×${4 * block.colGroups}` : "chosen block"
+      } ${textures ? "textures" : "storage"}`;
+      const want = twinMatmul(a, b, shape, layout.transA, layout.transB, prev, bias);
+      assertClose(unpad(await gpu.read(out) as Float32Array, M * N, what), want, K, what);
+      for (const t of [ta, tb, tbias, out]) t.destroy();
+    }
   },
 );
 
