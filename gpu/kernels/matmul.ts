@@ -4,8 +4,8 @@
 // The kernel is register-blocked: each invocation keeps a block of out (up to 16×16) in
 // registers as 4×4 matrices, steps k four at a time (eight in long products: `pairedSteps`)
 // loading 4×4 tiles of a and b as vec4s, and uses no workgroup memory. On CPU adapters
-// (llvmpipe/lavapipe) barriers are expensive and this beats shared-memory tiling by 10× or more. The block and workgroup shapes for an adapter and
-// a product are decided in `matmulKernel` alone.
+// (llvmpipe/lavapipe) barriers are expensive and this beats shared-memory tiling by 10× or more.
+// The block and workgroup shapes for an adapter and a product are decided in `matmulKernel` alone.
 //
 // On CPU adapters the loads are the cost: Mesa's gallivm reads a storage buffer lane by lane in
 // a loop with a branch per lane, but fetches texels as a plain gather. So there an operand read
