@@ -184,102 +184,85 @@ for (const { kernel, textures, name } of KERNELS) {
   }
 }
 
+interface BlockedCase {
+  shape: MatmulShape;
+  layout: (typeof LAYOUTS)[number];
+  textures: boolean;
+  /** Forced, or undefined for the one matmulKernel picks. */
+  block?: { rowGroups: number; colGroups: number };
+}
+
+/**
+ * out = out before + op(a)·op(b) + bias on the blocked kernel for each case, against the twin;
+ * cases of one shape share their inputs.
+ */
+async function checkBlocked(cases: BlockedCase[]): Promise<void> {
+  const inputs = new Map<MatmulShape, Record<"a" | "b" | "prev" | "bias", Float32Array>>();
+  for (const { shape, layout, textures, block } of cases) {
+    const { M, N, K } = shape;
+    if (!inputs.has(shape)) {
+      inputs.set(shape, {
+        a: random(M * K),
+        b: random(K * N),
+        prev: random(M * N),
+        bias: random(N),
+      });
+    }
+    const { a, b, prev, bias } = inputs.get(shape)!;
+    const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
+    const out = gpu.upload(padded(prev));
+    matmul(gpu, ta, tb, out, shape, {
+      transA: layout.transA,
+      transB: layout.transB,
+      accumulate: true,
+      bias: tbias,
+      kernel: "blocked",
+      textures,
+      block,
+    });
+    const what = `${layout.name} ${M}×${N}×${K} ${
+      block ? `${4 * block.rowGroups}×${4 * block.colGroups}` : "chosen block"
+    } ${textures ? "textures" : "storage"}`;
+    const want = twinMatmul(a, b, shape, layout.transA, layout.transB, prev, bias);
+    assertClose(unpad(await gpu.read(out) as Float32Array, M * N, what), want, K, what);
+    for (const t of [ta, tb, tbias, out]) t.destroy();
+  }
+}
+
+/** Every block of BLOCKS on each layout, from textures and from storage. */
+function everyBlock(shape: MatmulShape, layouts: typeof LAYOUTS): BlockedCase[] {
+  return BLOCKS.flatMap(([rowGroups, colGroups]) =>
+    layouts.flatMap((layout) =>
+      [true, false].map((textures) => ({
+        shape,
+        layout,
+        textures,
+        block: { rowGroups, colGroups },
+      }))
+    )
+  );
+}
+
 Deno.test(
   "every register block the software kernel may pick matches the twin, from textures and storage",
   gpuTest,
-  async () => {
-    // matmulKernel picks among BLOCKS by modelled time: each must be right whatever the product,
-    // here one with partial blocks at every edge, accumulating onto out with a bias.
-    const shape = { M: 36, N: 52, K: 20 };
-    const { M, N, K } = shape;
-    const a = random(M * K), b = random(K * N), prev = random(M * N), bias = random(N);
-    const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
-    const cases = BLOCKS.flatMap(([rowGroups, colGroups]) =>
-      LAYOUTS.flatMap((layout) =>
-        [true, false].map((textures) => ({ block: { rowGroups, colGroups }, layout, textures }))
-      )
-    );
-    const outs = cases.map(() => gpu.upload(padded(prev)));
-    cases.forEach(({ block, layout, textures }, i) =>
-      matmul(gpu, ta, tb, outs[i], shape, {
-        transA: layout.transA,
-        transB: layout.transB,
-        accumulate: true,
-        bias: tbias,
-        kernel: "blocked",
-        textures,
-        block,
-      })
-    );
-    const results = await gpu.readMany(outs);
-    cases.forEach(({ block, layout, textures }, i) => {
-      const want = twinMatmul(a, b, shape, layout.transA, layout.transB, prev, bias);
-      const what = `${layout.name} ${4 * block.rowGroups}×${4 * block.colGroups} ${
-        textures ? "textures" : "storage"
-      }`;
-      assertClose(unpad(results[i] as Float32Array, M * N, what), want, K, what);
-    });
-    for (const t of [ta, tb, tbias, ...outs]) t.destroy();
-  },
+  // matmulKernel picks among BLOCKS by modelled time: each must be right whatever the product,
+  // here one with partial blocks at every edge, accumulating onto out with a bias.
+  () => checkBlocked(everyBlock({ M: 36, N: 52, K: 20 }, LAYOUTS)),
 );
 
 Deno.test(
   "long products step k eight at a time on every block, from textures and storage",
   gpuTest,
-  async () => {
-    // Past PAIRED_K_MIN, with K a multiple of 8 and enough workgroups not to split k, the
-    // blocked kernel adds two steps' tiles at once (pairedSteps) unless a is transposed. Both
-    // layouts that pair, every block, accumulating onto out with a bias; then N odd (scalar
-    // loads of b and stores of out) on the block the kernel picks.
-    const K = PAIRED_K_MIN + 8;
-    const cases = [
-      ...BLOCKS.flatMap(([rowGroups, colGroups]) =>
-        LAYOUTS.slice(0, 2).flatMap((layout) =>
-          [true, false].map((textures) => ({
-            shape: { M: 132, N: 260, K },
-            layout,
-            textures,
-            block: { rowGroups, colGroups } as { rowGroups: number; colGroups: number } | undefined,
-          }))
-        )
-      ),
-      ...LAYOUTS.slice(0, 2).map((layout) => ({
-        shape: { M: 37, N: 261, K },
-        layout,
-        textures: false,
-        block: undefined,
-      })),
-    ];
-    const inputs = new Map<string, Record<"a" | "b" | "prev" | "bias", Float32Array>>();
-    for (const { shape, layout, textures, block } of cases) {
-      const { M, N } = shape, key = `${M}×${N}`;
-      if (!inputs.has(key)) {
-        inputs.set(key, {
-          a: random(M * K),
-          b: random(K * N),
-          prev: random(M * N),
-          bias: random(N),
-        });
-      }
-      const { a, b, prev, bias } = inputs.get(key)!;
-      const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
-      const out = gpu.upload(padded(prev));
-      matmul(gpu, ta, tb, out, shape, {
-        transA: layout.transA,
-        transB: layout.transB,
-        accumulate: true,
-        bias: tbias,
-        kernel: "blocked",
-        textures,
-        block,
-      });
-      const what = `${layout.name} ${M}×${N}×${K} ${
-        block ? `${4 * block.rowGroups}×${4 * block.colGroups}` : "chosen block"
-      } ${textures ? "textures" : "storage"}`;
-      const want = twinMatmul(a, b, shape, layout.transA, layout.transB, prev, bias);
-      assertClose(unpad(await gpu.read(out) as Float32Array, M * N, what), want, K, what);
-      for (const t of [ta, tb, tbias, out]) t.destroy();
-    }
+  // Past PAIRED_K_MIN, with K a multiple of 8 and enough workgroups not to split k, the blocked
+  // kernel adds two steps' tiles at once (pairedSteps) unless a is transposed. Both layouts that
+  // pair, every block; then N odd (scalar loads of b and stores of out) on the block it picks.
+  () => {
+    const K = PAIRED_K_MIN + 8, odd = { M: 37, N: 261, K };
+    return checkBlocked([
+      ...everyBlock({ M: 132, N: 260, K }, LAYOUTS.slice(0, 2)),
+      ...LAYOUTS.slice(0, 2).map((layout) => ({ shape: odd, layout, textures: false })),
+    ]);
   },
 );
 
