@@ -255,8 +255,9 @@ Deno.test(
   "long products step k eight at a time on every block, from textures and storage",
   gpuTest,
   // Past PAIRED_K_MIN, with K a multiple of 8 and enough workgroups not to split k, the blocked
-  // kernel adds two steps' tiles at once (pairedSteps) unless a is transposed. Both layouts that
-  // pair, every block; then N odd (scalar loads of b and stores of out) on the block it picks.
+  // kernel's blocks of 16 rows add two steps' tiles at once (pairedSteps) unless a is transposed.
+  // Both layouts that pair, every block (the others keep steps of 4); then N odd (scalar loads of
+  // b and stores of out) on the block the kernel picks.
   () => {
     const K = PAIRED_K_MIN + 8, odd = { M: 37, N: 261, K };
     return checkBlocked([

@@ -699,7 +699,7 @@ export function matmul(
     texA: aTexture !== null,
     texB: bTexture !== null,
     tile,
-    kPairs: pairedSteps(transA, K, chunks !== null),
+    kPairs: pairedSteps(transA, K, chunks !== null, tile),
   };
   const operands = [aTexture ?? a, bTexture ?? b];
   if (chunks) {
@@ -741,18 +741,20 @@ export function matmul(
 /**
  * Whether the register-blocked kernel steps k 8 at a time, adding two steps' tile products to the
  * accumulators at once. gallivm writes a variable assigned inside a loop under the loop's
- * execution mask (a blend per accumulator vector and write), and the accumulators of a 16×16
- * block do not fit in registers (a spill and a reload per write); pairing the steps halves both.
- * On llvmpipe: 7–9% faster products at k ≥ 512 (x·Wᵀ 512×4864×896 and 1024×896×896, dy·W
- * 512×896×4864 and 420×896×896, and over a bf16 weight), none at k ≤ 256 or for weight gradients
- * (transA: dyᵀ·x 896×896×1024), and a loop body twice as long compiles about 1.5× as long. Only a
- * K that is a multiple of 8, and not split along k, so that the loop needs no remainder step.
- * The sums' order differs from the 4-step loop's: whether a product is paired follows from its
- * shape alone, so the same product always sums the same way.
+ * execution mask (a blend per accumulator vector and write), and the accumulators of a block of
+ * 16 rows do not fit in registers (a spill and a reload per write); pairing the steps halves
+ * both. On llvmpipe, with 16×16 blocks: 7–9% faster products at k ≥ 512 (x·Wᵀ 512×4864×896 and
+ * 1024×896×896, dy·W 512×896×4864 and 420×896×896, and over a bf16 weight), and 4–9% with 16×8;
+ * none at k ≤ 256 or for weight gradients (transA: dyᵀ·x 896×896×1024); slower with 8×8 blocks
+ * (a LoRA run's bf16 gate/up product over 183 rows, alone: 75 → 96 ms), whose tiles spill too.
+ * Only a K that is a multiple of 8, not split along k, so that the loop needs no remainder step.
+ * A paired loop body is twice as long and compiles about 1.5× as long. The sums' order differs
+ * from the 4-step loop's: whether a product pairs follows from its shape alone, so the same
+ * product always sums the same way.
  */
 export const PAIRED_K_MIN = 512;
-function pairedSteps(transA: boolean, K: number, split: boolean): boolean {
-  return !transA && K % 8 === 0 && K >= PAIRED_K_MIN && !split;
+function pairedSteps(transA: boolean, K: number, split: boolean, tile: KernelChoice): boolean {
+  return !transA && K % 8 === 0 && K >= PAIRED_K_MIN && !split && tile.rowGroups === 4;
 }
 
 /** Fewer workgroups than this leave CPU threads idle: split k (software adapters only). */
