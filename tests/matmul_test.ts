@@ -257,12 +257,12 @@ Deno.test(
   // Past PAIRED_K_MIN, with K a multiple of 8 and enough workgroups not to split k, the blocked
   // kernel's blocks of 16 rows add two steps' tiles at once (pairedSteps) unless a is transposed.
   // Both layouts that pair, every block (the others keep steps of 4); then N odd (scalar loads of
-  // b and stores of out) on the block the kernel picks.
+  // b and stores of out) on a block of 16 rows.
   () => {
-    const K = PAIRED_K_MIN + 8, odd = { M: 37, N: 261, K };
+    const K = PAIRED_K_MIN + 8, odd = { M: 37, N: 261, K }, block = { rowGroups: 4, colGroups: 2 };
     return checkBlocked([
       ...everyBlock({ M: 132, N: 260, K }, LAYOUTS.slice(0, 2)),
-      ...LAYOUTS.slice(0, 2).map((layout) => ({ shape: odd, layout, textures: false })),
+      ...LAYOUTS.slice(0, 2).map((layout) => ({ shape: odd, layout, textures: false, block })),
     ]);
   },
 );

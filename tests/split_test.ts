@@ -20,7 +20,7 @@ import { saveTrainingCheckpoint } from "../core/train_state.ts";
 
 import { embedding, embeddingBackward } from "../gpu/kernels/embedding.ts";
 import { generate } from "../gpu/generate.ts";
-import { matmul } from "../gpu/kernels/matmul.ts";
+import { matmul, PAIRED_K_MIN } from "../gpu/kernels/matmul.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { assertClose, gpuTest, openGpu, randoms } from "./helpers.ts";
 
@@ -28,7 +28,9 @@ const gpu = await openGpu();
 
 Deno.test("matmul reads a and writes out as column blocks of wider matrices", gpuTest, async () => {
   // [M, N, K], the blocks' first columns (4: vec4 bindings where the shape allows; 3: scalar).
-  const cases = [[7, 8, 12, 4], [5, 5, 9, 3], [33, 12, 1, 3]];
+  // The last is long enough for the blocked kernel's blocks of 16 rows to pair their steps along
+  // k (pairedSteps), here with a read one scalar at a time.
+  const cases = [[7, 8, 12, 4], [5, 5, 9, 3], [33, 12, 1, 3], [20, 12, PAIRED_K_MIN + 8, 3]];
   for (const [M, N, K, first] of cases) {
     // NT as in linear(), NN and TN as in its backward: a is the block of columns
     // [first, first + width) of a matrix 7 columns wider; so is out. Both kernels.
@@ -49,6 +51,9 @@ Deno.test("matmul reads a and writes out as column blocks of wider matrices", gp
           aBlock: { stride: aStride, first },
           outBlock: { stride: outStride, first },
           kernel,
+          block: kernel === "blocked" && K >= PAIRED_K_MIN
+            ? { rowGroups: 4, colGroups: 2 }
+            : undefined,
         });
         const want = Float64Array.from(prior);
         for (let m = 0; m < M; m++) {
@@ -61,11 +66,12 @@ Deno.test("matmul reads a and writes out as column blocks of wider matrices", gp
             want[m * outStride + first + n] = s;
           }
         }
-        // Sums of at most 14 terms below 1 in size: within 1e-5. Outside the block: untouched.
+        // Terms below 1 in size: within 1e-5 for sums of at most 14, 1e-4 for the long ones.
+        // Outside the block: untouched.
         assertClose(
           await gpu.read(out),
           want,
-          1e-5,
+          K > 14 ? 1e-4 : 1e-5,
           0,
           `[${M},${N},${K}] ${transA} ${transB} ${kernel}`,
         );
