@@ -749,8 +749,8 @@ export function matmul(
  * (a LoRA run's bf16 gate/up product over 183 rows, alone: 75 → 96 ms), whose tiles spill too.
  * Only a K that is a multiple of 8, not split along k, so that the loop needs no remainder step.
  * A paired loop body is twice as long and compiles about 1.5× as long. The sums' order differs
- * from the 4-step loop's: whether a product pairs follows from its shape alone, so the same
- * product always sums the same way.
+ * from the 4-step loop's; whether a product pairs follows from its shape and its block, so on one
+ * machine the same product always sums the same way.
  */
 export const PAIRED_K_MIN = 512;
 function pairedSteps(transA: boolean, K: number, split: boolean, tile: KernelChoice): boolean {
