@@ -194,39 +194,43 @@ interface BlockedCase {
 
 /**
  * out = out before + op(a)·op(b) + bias on the blocked kernel for each case, against the twin;
- * cases of one shape share their inputs.
+ * cases of one shape share their inputs, and every product is read back in one wait.
  */
 async function checkBlocked(cases: BlockedCase[]): Promise<void> {
   const inputs = new Map<MatmulShape, Record<"a" | "b" | "prev" | "bias", Float32Array>>();
-  for (const { shape, layout, textures, block } of cases) {
-    const { M, N, K } = shape;
-    if (!inputs.has(shape)) {
-      inputs.set(shape, {
-        a: random(M * K),
-        b: random(K * N),
-        prev: random(M * N),
-        bias: random(N),
-      });
-    }
-    const { a, b, prev, bias } = inputs.get(shape)!;
-    const ta = gpu.upload(a), tb = gpu.upload(b), tbias = gpu.upload(bias);
-    const out = gpu.upload(padded(prev));
-    matmul(gpu, ta, tb, out, shape, {
+  for (const { shape: { M, N, K }, shape } of cases) {
+    if (inputs.has(shape)) continue;
+    inputs.set(shape, { a: random(M * K), b: random(K * N), prev: random(M * N), bias: random(N) });
+  }
+  const tensors = new Map([...inputs].map(([shape, { a, b, bias }]) => [shape, {
+    a: gpu.upload(a),
+    b: gpu.upload(b),
+    bias: gpu.upload(bias),
+  }]));
+  const outs = cases.map(({ shape }) => gpu.upload(padded(inputs.get(shape)!.prev)));
+  cases.forEach(({ shape, layout, textures, block }, i) => {
+    const t = tensors.get(shape)!;
+    matmul(gpu, t.a, t.b, outs[i], shape, {
       transA: layout.transA,
       transB: layout.transB,
       accumulate: true,
-      bias: tbias,
+      bias: t.bias,
       kernel: "blocked",
       textures,
       block,
     });
+  });
+  const results = await gpu.readMany(outs);
+  cases.forEach(({ shape, layout, textures, block }, i) => {
+    const { M, N, K } = shape, { a, b, prev, bias } = inputs.get(shape)!;
     const what = `${layout.name} ${M}×${N}×${K} ${
       block ? `${4 * block.rowGroups}×${4 * block.colGroups}` : "chosen block"
     } ${textures ? "textures" : "storage"}`;
     const want = twinMatmul(a, b, shape, layout.transA, layout.transB, prev, bias);
-    assertClose(unpad(await gpu.read(out) as Float32Array, M * N, what), want, K, what);
-    for (const t of [ta, tb, tbias, out]) t.destroy();
-  }
+    assertClose(unpad(results[i] as Float32Array, M * N, what), want, K, what);
+  });
+  for (const t of [...tensors.values()].flatMap((t) => [t.a, t.b, t.bias])) t.destroy();
+  for (const t of outs) t.destroy();
 }
 
 /** Every block of BLOCKS on each layout, from textures and from storage. */
