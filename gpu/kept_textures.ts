@@ -14,7 +14,7 @@
 // of what is free when it is made. Past that, copies are made per use as before.
 
 import { AhaError } from "../core/errors.ts";
-import type { Gpu, Tensor } from "./device.ts";
+import type { Gpu, Tensor, TextureLayout } from "./device.ts";
 
 /**
  * What one more copy command costs, in bytes of memcpy (changed()'s choice between ranges and the
@@ -58,6 +58,7 @@ interface KeptCopy {
   texture: GPUTexture;
   view: GPUTextureView;
   bytes: number;
+  layout: TextureLayout;
   /** Made since the last stale(): its texels are the tensor's but for `changed`. */
   fresh: boolean;
   /** Texel ranges [first, count) written since the copy was made, copied at the next view(). */
@@ -73,23 +74,28 @@ export class KeptTextures {
   /**
    * t's kept copy (copied now if it is new or stale), or null: t cannot be a texture or the budget
    * is spent, and the caller copies it per use. t is identified by the object: pass the same
-   * Tensor each time (a model's weight slices).
+   * Tensor each time (a model's weight slices), with the same `rowLength` (a matrix's rows, for a
+   * copy with padded rows: `Gpu.paddedRows`).
    */
-  view(t: Tensor): GPUTextureView | null {
+  view(t: Tensor, rowLength?: number): GPUTextureView | null {
     let copy = this.copies.get(t);
     if (copy === undefined) {
       // Counted as the texture is: whole rows of texels.
-      const bytes = this.gpu.textureCopyBytes(t);
+      const bytes = this.gpu.textureCopyBytes(t, rowLength);
       const made = bytes !== null && this.roomFor(bytes)
-        ? this.gpu.copyTexture(t, "kept copy")
+        ? this.gpu.copyTexture(t, "kept copy", rowLength)
         : null;
       copy = made && { ...made, bytes: bytes!, fresh: false, changed: [] };
       if (copy) keptBytes += copy.bytes;
       this.copies.set(t, copy);
     }
     if (!copy) return null;
+    const padded = this.gpu.paddedRows(t, rowLength);
+    if (JSON.stringify(copy.layout.padded ?? null) !== JSON.stringify(padded)) {
+      throw new Error("KeptTextures.view: a tensor's copy was asked for with other rows");
+    }
     if (!copy.fresh) {
-      this.gpu.recordTextureCopy(t, copy.texture);
+      this.gpu.recordTextureCopy(t, copy.texture, undefined, undefined, copy.layout);
       copy.fresh = true;
     } else {
       for (const [first, count] of copy.changed) {
@@ -123,6 +129,7 @@ export class KeptTextures {
   changed(t: Tensor, ranges: [number, number][]): void {
     const copy = this.copies.get(t);
     if (!copy?.fresh) return; // none, or to be made whole anyway
+    if (copy.layout.padded) throw new Error("KeptTextures.changed: a copy with padded rows");
     copy.changed.push(...ranges.map(([start, count]): [number, number] => [start / 4, count / 4]));
     if (copy.changed.length * RANGE_BYTES >= t.bytes) copy.fresh = false;
   }

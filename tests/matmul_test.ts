@@ -27,6 +27,7 @@ import {
   KeptTextures,
 } from "../gpu/kept_textures.ts";
 import { eachInputPath, gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
+import { packHalves, roundThrough } from "../core/half.ts";
 
 const gpu = await openGpu();
 const rng = new Rng(12345);
@@ -268,6 +269,62 @@ Deno.test(
       ...everyBlock({ M: 132, N: 260, K }, LAYOUTS.slice(0, 2)),
       ...LAYOUTS.slice(0, 2).map((layout) => ({ shape: odd, layout, textures: false, block })),
     ]);
+  },
+);
+
+Deno.test(
+  "weights whose rows are whole KiB get texture copies with padded rows, in bands, read right",
+  gpuTest,
+  // Gpu.paddedRows: b's copy pads each row by a texel when its rows are a multiple of 1 KiB long,
+  // which any layout then reads by row. Every block on NT and NN and the chosen one on TN and TT,
+  // with rows of 2 KiB (K = 512, so blocks of 16 rows also step k eight at a time); then b with
+  // more rows than a texture is tall, so in bands, read along its rows (NT) and down them (NN,
+  // whose long k splits into ranges).
+  () => {
+    const shape = { M: 36, N: 256, K: 512 };
+    const b = gpu.zeros([shape.K * shape.N]);
+    const padded = gpu.paddedRows(b, shape.K);
+    assert.deepEqual([padded?.rowTexels, padded?.bands], [shape.K / 4 + 1, 1], "2 KiB: padded");
+    assert.equal(gpu.paddedRows(b, 260), null, "rows of 1,040 bytes are not");
+    assert.equal(
+      gpu.textureCopyBytes(b, shape.K),
+      (shape.K / 4 + 1) * shape.N * 16,
+      "a padded copy holds its rows and their padding",
+    );
+    b.destroy();
+    // Bands of 64 rows waste the fewest texels: 16,392 rows in 257 bands of 65 texels.
+    const rows = gpu.device.limits.maxTextureDimension2D + 8, tall = gpu.zeros([rows * 256]);
+    assert.ok(gpu.paddedRows(tall, 256)!.bands > 1, "a tall matrix's rows go in bands");
+    tall.destroy();
+    return checkBlocked([
+      ...everyBlock(shape, LAYOUTS.slice(0, 2)).filter((c) => c.textures),
+      ...LAYOUTS.slice(2).map((layout) => ({ shape, layout, textures: true })),
+      { shape: { M: 5, N: rows, K: 256 }, layout: LAYOUTS[0], textures: true },
+      { shape: { M: 5, N: 256, K: rows }, layout: LAYOUTS[1], textures: true },
+    ]);
+  },
+);
+
+Deno.test(
+  "a kept bf16 weight with padded rows is read right both ways, as nn.Linear and its backward",
+  gpuTest,
+  async () => {
+    // A frozen 16-bit weight W [R, C] with rows of 1 KiB (C = 512 halves), kept as one copy that
+    // x·Wᵀ reads along its rows and dy·W down them.
+    const R = 40, C = 512, M = 9;
+    const w = roundThrough(random(R * C), "bf16"), x = random(M * C), dy = random(M * R);
+    const tw = gpu.zeros([R, C], "bf16");
+    gpu.write(tw, packHalves(w, "bf16"));
+    assert.notEqual(gpu.paddedRows(tw, C), null);
+    const kept = new KeptTextures(gpu);
+    const opts = { kernel: "blocked" as const, textures: true, keptB: kept };
+    const y = gpu.zeros([M, R]), dx = gpu.zeros([M, C]);
+    matmul(gpu, gpu.upload(x), tw, y, { M, N: R, K: C }, { ...opts, transB: true });
+    matmul(gpu, gpu.upload(dy), tw, dx, { M, N: C, K: R }, opts);
+    const [gy, gdx] = await gpu.readMany([y, dx]) as Float32Array[];
+    assertClose(gy, twinMatmul(x, w, { M, N: R, K: C }, false, true, null, null), C, "x·Wᵀ");
+    assertClose(gdx, twinMatmul(dy, w, { M, N: C, K: R }, false, false, null, null), R, "dy·W");
+    kept.destroy();
   },
 );
 

@@ -26,7 +26,15 @@
 // is loaded, so the products and sums are the f32 kernel's own.
 
 import { AhaError } from "../../core/errors.ts";
-import { Gpu, grid, Tensor, texelLoad, textureDecl, vec4Input } from "../device.ts";
+import {
+  Gpu,
+  grid,
+  paddedTexelLoad,
+  Tensor,
+  texelLoad,
+  textureDecl,
+  vec4Input,
+} from "../device.ts";
 import type { KeptTextures } from "../kept_textures.ts";
 
 export interface MatmulShape {
@@ -177,6 +185,7 @@ interface Variant {
   bType: "f32" | "bf16" | "f16"; // how b is stored
   texA: boolean; // a read from its texture copy (`Gpu.textureCopy`); only when vecA
   texB: boolean; // likewise b, also when stored in 16 bits; only when vecB
+  bRows: boolean; // b's texture copy has padded rows (`Gpu.paddedRows`): p.rowTexelsB, p.bandShiftB
   tile: KernelChoice;
   /** Workgroup z picks a range of p.kLen along k; out is the partial sums [z, M, N]. */
   splitK?: boolean;
@@ -185,7 +194,21 @@ interface Variant {
 }
 
 // b's declaration and its loads: `vec(i)` is the vec4 at vec4 index i, `one(i)` the element i.
-function bStorage(bType: Variant["bType"], vec: boolean, texture: boolean) {
+interface BLoads {
+  decl: string;
+  helpers: string;
+  vec(i: string): string;
+  one(i: string): string;
+  at?(bandStart: string, t: string, row: string): string;
+}
+
+// With padded rows (`bRows`), `at(bandStart, t, row)` is the vec4 t of b's row `row` instead.
+function bStorage(
+  bType: Variant["bType"],
+  vec: boolean,
+  texture: boolean,
+  paddedRows: boolean,
+): BLoads {
   if (texture) {
     // A texel holds four elements: f32 as rgba32float, 16-bit as rg32uint (two halves a word,
     // the lower one first, as in storage), widened as the storage loads below do.
@@ -198,8 +221,20 @@ function bStorage(bType: Variant["bType"], vec: boolean, texture: boolean) {
 fn loadB4(i: u32) -> vec4f {
   let w = ${texelLoad("b", "i")}.xy;
   return ${widen};
-}`,
+}${
+        paddedRows
+          ? `
+fn loadB4At(bandStart: u32, t: u32, row: u32) -> vec4f {
+  let w = ${paddedTexelLoad("b", "bandStart", "t", "row", "p.bandMaskB")}.xy;
+  return ${widen};
+}`
+          : ""
+      }`,
       vec: (i: string) => bType === "f32" ? texelLoad("b", i) : `loadB4(${i})`,
+      at: (bandStart: string, t: string, row: string) =>
+        bType === "f32"
+          ? paddedTexelLoad("b", bandStart, t, row, "p.bandMaskB")
+          : `loadB4At(${bandStart}, ${t}, ${row})`,
       one: (i: string) =>
         bType === "f32"
           ? `${texelLoad("b", `(${i}) / 4u`)}[(${i}) % 4u]`
@@ -247,7 +282,7 @@ fn loadB1(i: u32) -> f32 {
 function matmulWgsl(v: Variant): string {
   const { workgroup: [wx, wy], rowGroups, colGroups } = v.tile;
   const range = (n: number) => [...Array(n).keys()];
-  const bs = bStorage(v.bType, v.vecB, v.texB);
+  const bs = bStorage(v.bType, v.vecB, v.texB, v.bRows);
   const aVec = (i: string) => v.texA ? texelLoad("a", i) : `a[${i}]`; // the vec4 at vec4 index i
   const rs = range(rowGroups), cs = range(colGroups), four = range(4);
   const vec4 = (f: (i: number) => string) => `vec4f(${four.map(f).join(", ")})`;
@@ -272,9 +307,14 @@ function matmulWgsl(v: Variant): string {
   );
   // Column group c: cn_c = its 4 columns clamped to N-1; rB_c = where they start in b [N,K];
   // gn_c = its first column, clamped so that a vec4 along n stays inside [0, N).
+  // With padded rows, bandB_c is where the band of b's rows cn_c starts in the texture.
   const colSetup = cs.map((c) =>
     `let cn${c} = clamp4(n0 + ${4 * c}u, p.N);` +
-    (v.transB ? ` let rB${c} = cn${c} * p.K;` : "") +
+    (v.transB
+      ? (v.bRows
+        ? ` let bandB${c} = (cn${c} >> vec4u(p.bandShiftB)) * p.rowTexelsB;`
+        : ` let rB${c} = cn${c} * p.K;`)
+      : "") +
     (v.vecOut || (v.vecB && !v.transB) ? ` let gn${c} = min(n0 + ${4 * c}u, p.N - 4u);` : "")
   );
   // The 4×4 tile of op(a) at step k for row group r: column i holds A(row i, k..k+3).
@@ -292,18 +332,25 @@ function matmulWgsl(v: Variant): string {
           ? aVec(`(rA${r}[${i}] + ${k}) / 4u`)
           : vec4((kk) => `a[rA${r}[${i}] + ${k} + ${kk}u]`)
       );
+  // The vec4 of b's row `row` from element 4·t on, in a texture copy with padded rows.
+  const bRow = (row: string, t: string) =>
+    bs.at!(`((${row}) >> p.bandShiftB) * p.rowTexelsB`, t, row);
   // The 4×4 tile of op(b) at step k for column group c: column kk holds B(k+kk, cols).
   const tileB = (c: number, k: string) =>
     v.transB
       ? `transpose(${
         mat4((j) =>
-          v.vecB
+          v.bRows
+            ? bs.at!(`bandB${c}[${j}]`, `(${k}) / 4u`, `cn${c}[${j}]`)
+            : v.vecB
             ? bs.vec(`(rB${c}[${j}] + ${k}) / 4u`)
             : vec4((kk) => bs.one(`rB${c}[${j}] + ${k} + ${kk}u`))
         )
       })`
       : mat4((kk) =>
-        v.vecB
+        v.bRows
+          ? bRow(`${k} + ${kk}u`, `gn${c} / 4u`)
+          : v.vecB
           ? bs.vec(`((${k} + ${kk}u) * p.N + gn${c}) / 4u`)
           : vec4((j) => bs.one(`(${k} + ${kk}u) * p.N + cn${c}[${j}]`))
       );
@@ -322,7 +369,9 @@ function matmulWgsl(v: Variant): string {
       : vec4((i) => `a[rA${r}[${i}] + k]`);
   const sliceB = (c: number) =>
     v.transB
-      ? vec4((j) => bs.one(`rB${c}[${j}] + k`))
+      ? vec4((j) => bs.one(`rB${c}[${j}] + k`)) // K % 4 != 0: never a texture
+      : v.bRows
+      ? bRow("k", `gn${c} / 4u`)
       : (v.vecB
         ? bs.vec(`(k * p.N + gn${c}) / 4u`)
         : vec4((j) => bs.one(`k * p.N + cn${c}[${j}]`)));
@@ -394,7 +443,9 @@ function matmulWgsl(v: Variant): string {
   return `${v.bType === "f16" ? "enable f16;" : ""}
 struct Params { M: u32, N: u32, K: u32${
     v.blocks ? ", strideA: u32, firstA: u32, strideOut: u32, firstOut: u32" : ""
-  }${v.splitK ? ", kLen: u32" : ""} }
+  }${v.splitK ? ", kLen: u32" : ""}${
+    v.bRows ? ", rowTexelsB: u32, bandShiftB: u32, bandMaskB: u32" : ""
+  } }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) ${
     v.texA ? textureDecl("a") : `var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;`
@@ -461,7 +512,7 @@ interface TiledVariant {
 
 function tiledMatmulWgsl(v: TiledVariant): string {
   const eight = [...Array(8).keys()];
-  const bs = bStorage(v.bType, v.vecB, false); // b may be a 16-bit frozen weight, widened on load
+  const bs = bStorage(v.bType, v.vecB, false, false); // b may be a 16-bit frozen weight, widened on load
   // Element (row, col) of a as stored: a [M,K], or [K,M] when transA; b [K,N], or [N,K].
   const aIndex = (m: string, k: string) =>
     v.transA
@@ -679,7 +730,15 @@ export function matmul(
   // cost. The `textures` option forces either way (`Gpu.textureInputs` in tests).
   const copied = opts.textures ?? gpu.textureInputs !== "never";
   const aTexture = vecA && copied ? gpu.textureCopy("matmul a", a) : null;
-  const bTexture = vecB && copied ? opts.keptB?.view(b) ?? gpu.textureCopy("matmul b", b) : null;
+  // b's copy may pad its rows (Gpu.paddedRows): a weight's rows, whichever way it is read.
+  const bRowLength = transB ? K : N;
+  const bTexture = vecB && copied
+    ? opts.keptB?.view(b, bRowLength) ?? gpu.textureCopy("matmul b", b, bRowLength)
+    : null;
+  const paddedB = bTexture ? gpu.paddedRows(b, bRowLength) : null;
+  const paddedParams = paddedB
+    ? [paddedB.rowTexels, paddedB.bandShift, 2 ** paddedB.bandShift - 1]
+    : [];
   // x covers column blocks; row blocks spread over y and, past 65535 workgroups, z.
   const gx = Math.ceil(N / (4 * tile.colGroups * tile.workgroup[0]));
   const gy = Math.ceil(M / (4 * tile.rowGroups * tile.workgroup[1]));
@@ -698,6 +757,7 @@ export function matmul(
     bType,
     texA: aTexture !== null,
     texB: bTexture !== null,
+    bRows: paddedB !== null,
     tile,
     kPairs: pairedSteps(transA, K, chunks !== null, tile),
   };
@@ -712,7 +772,7 @@ export function matmul(
       gpu.pipelineFor(JSON.stringify(split), () => matmulWgsl(split), "matmul split-k"),
       [gx, gy, chunks.count],
       [...operands, partials],
-      [M, N, K, chunks.kLen],
+      [M, N, K, chunks.kLen, ...paddedParams],
     );
     // In vec4s (n, N counted in them) when N is a multiple of 4.
     const vec = N % 4 === 0, width = vec ? 4 : 1;
@@ -735,6 +795,7 @@ export function matmul(
     N,
     K,
     ...strides,
+    ...paddedParams,
   ]);
 }
 
