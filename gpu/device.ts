@@ -424,7 +424,7 @@ export class Gpu {
       kept = this.makeTexture(t, layout, name);
       this.textures.set(name, kept);
     }
-    this.recordTextureCopy(t, kept.texture, undefined, undefined, layout);
+    this.recordWholeCopy(t, kept.texture, layout);
     return kept.view;
   }
 
@@ -473,7 +473,7 @@ export class Gpu {
   /**
    * A texture able to hold t's copy (textureCopy's layout, padded rows when `rowLength` asks for
    * them and t gets them), or null when t cannot have one; the copy itself is
-   * recordTextureCopy's. For copies kept by their owner (gpu/kept_textures.ts).
+   * recordWholeCopy's. For copies kept by their owner (gpu/kept_textures.ts).
    */
   copyTexture(
     t: Tensor,
@@ -496,38 +496,43 @@ export class Gpu {
   }
 
   /**
+   * Record copying all of t into `texture` as `layout` lays it out (textureCopy's, or what
+   * copyTexture returned): padded rows a band at a time, else as recordTextureCopy.
+   */
+  recordWholeCopy(t: Tensor, texture: GPUTexture, layout: TextureLayout): void {
+    if (!layout.padded) return this.recordTextureCopy(t, texture);
+    const { rowTexels, bandShift, bands } = layout.padded;
+    const texel = texelBytes(t), dataTexels = rowTexels - 1, rows = t.bytes / texel / dataTexels;
+    const bandRows = 2 ** bandShift;
+    this.endPass();
+    const encoder = this.getEncoder();
+    for (let band = 0; band < bands; band++) {
+      encoder.copyBufferToTexture(
+        {
+          buffer: t.buffer,
+          offset: t.offset + band * bandRows * dataTexels * texel,
+          bytesPerRow: dataTexels * texel,
+        },
+        { texture, origin: [band * rowTexels, 0] },
+        [dataTexels, Math.min(bandRows, rows - band * bandRows)],
+      );
+    }
+  }
+
+  /**
    * Record copying t's texels [first, first + count) (all of them by default) into the same
-   * texels of `texture` (made by copyTexture for t or a larger tensor): a partial first row, the
-   * whole rows in one copy, a partial last row. A padded layout (`layout.padded`) copies all of
-   * t, a band of rows at a time.
+   * texels of `texture` (made by copyTexture for t or a larger tensor, TEXTURE_ROW texels a row):
+   * a partial first row, the whole rows in one copy, a partial last row.
    */
   recordTextureCopy(
     t: Tensor,
     texture: GPUTexture,
     first = 0,
     count = t.bytes / texelBytes(t),
-    layout?: TextureLayout,
   ): void {
     const texel = texelBytes(t), end = first + count;
     this.endPass();
     const encoder = this.getEncoder();
-    if (layout?.padded) {
-      const { rowTexels, bandShift, bands } = layout.padded;
-      const dataTexels = rowTexels - 1, rows = t.bytes / texel / dataTexels;
-      const bandRows = 2 ** bandShift;
-      for (let band = 0; band < bands; band++) {
-        encoder.copyBufferToTexture(
-          {
-            buffer: t.buffer,
-            offset: t.offset + band * bandRows * dataTexels * texel,
-            bytesPerRow: dataTexels * texel,
-          },
-          { texture, origin: [band * rowTexels, 0] },
-          [dataTexels, Math.min(bandRows, rows - band * bandRows)],
-        );
-      }
-      return;
-    }
     const copy = (at: number, texels: number, rows: number) =>
       encoder.copyBufferToTexture(
         { buffer: t.buffer, offset: t.offset + at * texel, bytesPerRow: TEXTURE_ROW * texel },

@@ -90,12 +90,12 @@ export class KeptTextures {
       this.copies.set(t, copy);
     }
     if (!copy) return null;
-    const padded = this.gpu.paddedRows(t, rowLength);
-    if (JSON.stringify(copy.layout.padded ?? null) !== JSON.stringify(padded)) {
+    const asked = this.gpu.paddedRows(t, rowLength), made = copy.layout.padded;
+    if (asked?.rowTexels !== made?.rowTexels || asked?.bandShift !== made?.bandShift) {
       throw new Error("KeptTextures.view: a tensor's copy was asked for with other rows");
     }
     if (!copy.fresh) {
-      this.gpu.recordTextureCopy(t, copy.texture, undefined, undefined, copy.layout);
+      this.gpu.recordWholeCopy(t, copy.texture, copy.layout);
       copy.fresh = true;
     } else {
       for (const [first, count] of copy.changed) {

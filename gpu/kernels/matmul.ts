@@ -12,7 +12,10 @@
 // by many invocations is first copied (`Gpu.textureCopy`, a memcpy on a CPU adapter) into a
 // texture, one texel per vec4 (rgba32float, or rg32uint for a 16-bit weight), and read with
 // textureLoad: the 0.5B MLP product x·Wᵀ went from 16 to 27 GFLOPS on llvmpipe, its input
-// gradient dy·W from 10 to 24; over a bf16 weight, 178 → 128 and 230 → 128 ms.
+// gradient dy·W from 10 to 24; over a bf16 weight, 178 → 128 and 230 → 128 ms. b's copy is asked
+// for as the weight's rows, which it pads when they are a whole KiB long (`Gpu.paddedRows`: rows
+// whose addresses share their low bits evict one another from the CPU's caches), and the kernel
+// then finds a row's texels by its band (`bRows`).
 //
 // Layouts: a is [M,K] (or [K,M] when transA), b is [K,N] (or [N,K] when transB), out is
 // [M,N], all row-major. An operand is bound as array<vec4f> when its row stride is a multiple
