@@ -826,6 +826,14 @@ const SPLIT_K_WORKGROUPS = 8;
 /** Each k range is at least this long. */
 const SPLIT_K_MIN = 128;
 
+/**
+ * How many ranges of k to split a product of few workgroups into, and how long each is. llvmpipe
+ * hands a dispatch's workgroups to its threads in equal shares, so the split that ends soonest
+ * has the fewest rounds of ranges (workgroups × ranges over threads) times the range's length:
+ * over 2 threads, k = 432 splits in 2 ranges of 216 (one round), not 3 of 144 (two rounds, one
+ * thread idle in the second). Ties go to fewer ranges (fewer partial sums to write and add), and
+ * to no split at all (one CPU thread gains nothing from ranges).
+ */
 function splitKChunks(
   gpu: Gpu,
   workgroups: number,
@@ -833,10 +841,16 @@ function splitKChunks(
   blocks: boolean,
 ): { count: number; kLen: number } | null {
   if (!gpu.software || blocks || workgroups >= SPLIT_K_WORKGROUPS / 2) return null;
-  const wanted = Math.min(Math.ceil(SPLIT_K_WORKGROUPS / workgroups), Math.floor(K / SPLIT_K_MIN));
-  if (wanted < 2) return null;
-  const kLen = Math.ceil(K / wanted / 4) * 4;
-  return { count: Math.ceil(K / kLen), kLen };
+  const most = Math.min(Math.ceil(SPLIT_K_WORKGROUPS / workgroups), Math.floor(K / SPLIT_K_MIN));
+  // Unsplit, the product takes ceil(workgroups / threads) rounds of all of k.
+  let best: { count: number; kLen: number } | null = null;
+  let bestTime = Math.ceil(workgroups / cpuThreads) * K;
+  for (let wanted = 2; wanted <= most; wanted++) {
+    const kLen = Math.ceil(K / wanted / 4) * 4, count = Math.ceil(K / kLen);
+    const time = Math.ceil(workgroups * count / cpuThreads) * kLen;
+    if (time < bestTime) [best, bestTime] = [{ count, kLen }, time];
+  }
+  return best;
 }
 
 // out[i] = (out[i] +) (bias[i % N] +) Σ_s partials[s·n + i], the partials added in order; by
