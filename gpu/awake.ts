@@ -148,17 +148,11 @@ function readOrNull(path: string): string | null {
   }
 }
 
-/** Why the cores are not kept awake here, or null when they may be. */
-function reasonNotTo(): string | null {
-  if (Deno.env.get("AHA_KEEP_AWAKE") === "0") return "AHA_KEEP_AWAKE=0";
-  if (Deno.build.os !== "linux") return "not Linux";
-  if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") return "no FFI permission";
-  const cgroup = readOrNull("/proc/self/cgroup");
-  if (cgroup !== null && cpuQuotaApplies(cgroup, readOrNull)) return "a CPU quota applies";
-  return null;
-}
-
 /** Spinners for this process, or null where keeping the cores awake is not done (see above). */
 export function awakeCores(): AwakeCores | null {
-  return reasonNotTo() === null ? new AwakeCores() : null;
+  if (Deno.env.get("AHA_KEEP_AWAKE") === "0" || Deno.build.os !== "linux") return null;
+  if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") return null;
+  // A cgroup file that cannot be read might hide a quota: no spinning then either.
+  const cgroup = readOrNull("/proc/self/cgroup");
+  return cgroup === null || cpuQuotaApplies(cgroup, readOrNull) ? null : new AwakeCores();
 }
