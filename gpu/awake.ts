@@ -10,22 +10,34 @@
 // sets its own class through libc (Deno's FFI) and spins only once that has succeeded: a spinner
 // at normal priority would take half a core from the kernels.
 //
+// They spin only while dispatches come faster than SPIN_MIN_RATE a second, where a wake-up is a
+// real share of a dispatch (the default model's steps: ~3,000 a second), and sleep otherwise: a
+// real model's products run for milliseconds each (a 0.5B or 3B LoRA step: under 300 a second),
+// and spinning through them would only burn power.
+//
 // Not done where it could cost: outside Linux, without FFI permission, with AHA_KEEP_AWAKE=0, and
 // under a CPU quota (a cgroup's cpu.max or cfs_quota_us), whose accounting charges idle-class time
 // too, so spinning would throttle the kernels themselves.
 
-/** A spinner stops once no work has been submitted for this long, so an idle process can end. */
+/** Spinners end once no dispatch has been submitted for this long, so an idle process can end. */
 export const SPIN_IDLE_MS = 1000;
+/** Spinners spin while at least this many dispatches a second are submitted, and sleep otherwise. */
+export const SPIN_MIN_RATE = 500;
+/** The window the rate is taken over: a sleeping spinner looks again after this long. */
+const RATE_WINDOW_MS = 100;
 
 // Words shared with the spinners of one start.
-const SUBMITTED = 0; // submissions so far (AwakeCores.submitted bumps it)
-const SPINNING = 1; // spinners spinning now
+const DISPATCHED = 0; // dispatches submitted so far, modulo 2^32 (AwakeCores.submitted sets it)
+const ALIVE = 1; // spinners started and not ended
 const ENDED = 2; // spinners that have ended (or never spun)
 const REFUSED = 3; // spinners that could not take the idle class
 const STOP = 4; // 1: end now
+const ASLEEP = 5; // always 0: what a sleeping spinner waits on, until its timeout
 
-// A spinner spins until told to stop, or until the count of submissions has stood still for
-// SPIN_IDLE_MS (it looks at the clock every 4,096 turns).
+// A spinner, once in the idle class: every RATE_WINDOW_MS it counts the dispatches submitted
+// since, and spins through the next window if they reach SPIN_MIN_RATE, else sleeps through it;
+// it ends when told to, or when none have come for SPIN_IDLE_MS. Spinning, it looks at the clock
+// every 4,096 turns.
 const SPINNER = `
 self.onmessage = (event) => {
   const state = new Int32Array(event.data);
@@ -43,15 +55,21 @@ self.onmessage = (event) => {
     self.close();
     return;
   }
-  Atomics.add(state, ${SPINNING}, 1);
-  let seen = Atomics.load(state, ${SUBMITTED}), since = performance.now();
-  for (let turn = 1; Atomics.load(state, ${STOP}) === 0; turn++) {
-    if ((turn & 4095) !== 0) continue;
-    const now = performance.now(), submitted = Atomics.load(state, ${SUBMITTED});
-    if (submitted !== seen) [seen, since] = [submitted, now];
-    else if (now - since > ${SPIN_IDLE_MS}) break;
+  Atomics.add(state, ${ALIVE}, 1);
+  let seen = Atomics.load(state, ${DISPATCHED}), lastNew = performance.now();
+  let windowStart = lastNew, windowCount = seen, spin = false;
+  while (Atomics.load(state, ${STOP}) === 0) {
+    if (spin) for (let turn = 0; turn < 4096; turn++) Atomics.load(state, ${STOP});
+    else Atomics.wait(state, ${ASLEEP}, 0, ${RATE_WINDOW_MS});
+    const now = performance.now(), count = Atomics.load(state, ${DISPATCHED});
+    if (count !== seen) [seen, lastNew] = [count, now];
+    else if (now - lastNew > ${SPIN_IDLE_MS}) break;
+    if (now - windowStart >= ${RATE_WINDOW_MS}) {
+      spin = ((count - windowCount) | 0) * 1000 >= ${SPIN_MIN_RATE} * (now - windowStart);
+      [windowStart, windowCount] = [now, count];
+    }
   }
-  Atomics.sub(state, ${SPINNING}, 1);
+  Atomics.sub(state, ${ALIVE}, 1);
   Atomics.add(state, ${ENDED}, 1);
   self.close();
 };`;
@@ -61,8 +79,8 @@ self.onmessage = (event) => {
 const WebWorker = globalThis.Worker;
 
 /**
- * Idle-class spinners, one a core, that run while work is being submitted (`submitted()` at each
- * submit) and end by themselves SPIN_IDLE_MS after the last, so that they never keep an idle
+ * Idle-class spinners, one a core, told of each submit (`submitted`), which spin while dispatches
+ * come fast and end by themselves SPIN_IDLE_MS after the last, so that they never keep an idle
  * process alive; the next submit starts them again. If the idle class is refused, never again.
  */
 export class AwakeCores {
@@ -71,17 +89,20 @@ export class AwakeCores {
   private refused = false;
   private stopped = false;
 
-  /** Spinners spinning now. */
+  /** Spinners alive now (spinning or asleep). */
   get spinners(): number {
-    return this.state ? Atomics.load(this.state, SPINNING) : 0;
+    return this.state ? Atomics.load(this.state, ALIVE) : 0;
   }
 
-  /** Work was just submitted: keep the spinners going, or start them if they have ended. */
-  submitted(): void {
+  /**
+   * Work was just submitted, `dispatches` of them since the device opened: tell the spinners, or
+   * start them if they have ended.
+   */
+  submitted(dispatches: number): void {
     if (this.stopped || this.refused) return;
     const state = this.state;
     if (state) {
-      Atomics.add(state, SUBMITTED, 1);
+      Atomics.store(state, DISPATCHED, dispatches | 0);
       if (Atomics.load(state, REFUSED) > 0) {
         this.refused = true;
         return;
@@ -89,7 +110,8 @@ export class AwakeCores {
       if (Atomics.load(state, ENDED) < this.cores) return; // spinning, or still starting
     }
     // Each start has its own words, so that no spinner of an earlier one counts in them.
-    this.state = new Int32Array(new SharedArrayBuffer(5 * 4));
+    this.state = new Int32Array(new SharedArrayBuffer(6 * 4));
+    this.state[DISPATCHED] = dispatches | 0;
     const url = URL.createObjectURL(new Blob([SPINNER], { type: "application/javascript" }));
     try {
       for (let i = 0; i < this.cores; i++) {

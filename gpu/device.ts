@@ -782,7 +782,7 @@ export class Gpu {
       this.device.queue.submit([this.encoder.finish()]);
       timestamps?.();
       this.encoder = null;
-      this.awake?.submitted();
+      this.awake?.submitted(this.dispatchCount);
     }
     // Buffers used by submitted work may be destroyed now: the GPU keeps them until done.
     for (const u of this.pendingDestroy) u.destroy();
