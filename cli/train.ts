@@ -221,9 +221,8 @@ async function train(
     ? await TensorBoardWriter.open(cfg.output_dir)
     : null;
   console_.line(
-    `aha train: task ${task.name}, policy adapter "${gpu.description}"` +
-      (gpu.keepsCoresAwake ? " (idle cores kept awake; AHA_KEEP_AWAKE=0 to stop)" : "") +
-      `, output ${cfg.output_dir}` + (resume ? ` (resuming ${resume})` : ""),
+    `aha train: task ${task.name}, policy adapter "${gpu.description}", output ${cfg.output_dir}` +
+      (resume ? ` (resuming ${resume})` : ""),
   );
 
   // Ctrl-C / SIGTERM: during the built-in pretraining, exit at once (nothing is saved); later,

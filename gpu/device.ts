@@ -13,7 +13,6 @@
 // Kernels must use every binding they declare (pipelines use layout "auto").
 
 import { AhaError } from "../core/errors.ts";
-import { type AwakeCores, awakeCores } from "./awake.ts";
 import { privateRuntimeDir } from "../core/self_command.ts";
 import { type ModelConfig, weightShapes } from "../core/model_config.ts";
 import { CHUNK_ALIGN, weightRowBytes } from "../core/plan.ts";
@@ -278,8 +277,6 @@ export class Gpu {
   private stagingPool = new Map<number, GPUBuffer[]>();
   /** Per-kernel GPU time while profiling (`startProfile`), else null. */
   private profiler: Profiler | null = null;
-  /** Idle-class spinners keeping the cores from halting on a software adapter (gpu/awake.ts). */
-  private awake: AwakeCores | null = null;
 
   private constructor(
     readonly adapter: GPUAdapter,
@@ -338,28 +335,7 @@ export class Gpu {
       usage: GPUTextureUsage.STORAGE_BINDING,
     }).destroy();
     const halfTextures = (await device.popErrorScope()) === null;
-    const gpu = new Gpu(adapter, device, halfTextures);
-    gpu.keepCoresAwake(gpu.software);
-    return gpu;
-  }
-
-  /**
-   * Whether to keep the CPU's cores from halting while work is submitted (gpu/awake.ts): on by
-   * default on software adapters, where lavapipe's threads sleep between dispatches.
-   */
-  keepCoresAwake(on: boolean): void {
-    this.awake?.stop();
-    this.awake = on ? awakeCores() : null;
-  }
-
-  /** Whether the cores are kept awake while work is submitted (keepCoresAwake). */
-  get keepsCoresAwake(): boolean {
-    return this.awake !== null;
-  }
-
-  /** Idle-class spinners running now (gpu/awake.ts). */
-  get awakeSpinners(): number {
-    return this.awake?.spinners ?? 0;
+    return new Gpu(adapter, device, halfTextures);
   }
 
   get description(): string {
@@ -782,7 +758,6 @@ export class Gpu {
       this.device.queue.submit([this.encoder.finish()]);
       timestamps?.();
       this.encoder = null;
-      this.awake?.submitted(this.dispatchCount);
     }
     // Buffers used by submitted work may be destroyed now: the GPU keeps them until done.
     for (const u of this.pendingDestroy) u.destroy();
@@ -877,8 +852,6 @@ export class Gpu {
   destroy(): void {
     this.flush();
     this.device.destroy();
-    this.awake?.stop();
-    this.awake = null;
   }
 
   /** The uniform ring, made on first use. */

@@ -33,10 +33,7 @@ async function timeGpu(gpu: Gpu, iters: number, record: () => void): Promise<num
 
 function adapterSection(gpu: Gpu): Promise<void> {
   const s = summarizeAdapter(gpu.adapter);
-  console.log(
-    `adapter: ${s.description} (backend ${s.backend}, fallback ${s.isFallbackAdapter}` +
-      `${gpu.keepsCoresAwake ? ", idle cores kept awake" : ""})`,
-  );
+  console.log(`adapter: ${s.description} (backend ${s.backend}, fallback ${s.isFallbackAdapter})`);
   return Promise.resolve();
 }
 

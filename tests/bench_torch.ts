@@ -258,12 +258,8 @@ export async function ahaSftStep(gpu: Gpu, reps: number) {
   };
 }
 
-async function runTorch(gpu: Gpu, args: Record<string, number>): Promise<TorchResult | null> {
+async function runTorch(args: Record<string, number>): Promise<TorchResult | null> {
   if (Deno.env.get("AHA_BENCH_TORCH") === "0") return null;
-  // PyTorch runs as its users run it: without aha's spinners (gpu/awake.ts) keeping the cores
-  // awake for it too (its OpenMP threads spin by themselves between parallel regions).
-  const awake = gpu.keepsCoresAwake;
-  gpu.keepCoresAwake(false);
   try {
     const out = await new Deno.Command(PYTHON, {
       args: [new URL("./fixtures/bench_torch.py", import.meta.url).pathname, JSON.stringify(args)],
@@ -280,8 +276,6 @@ async function runTorch(gpu: Gpu, args: Record<string, number>): Promise<TorchRe
   } catch (error) {
     console.log(`PyTorch side skipped: ${(error as Error).message}`);
     return null;
-  } finally {
-    gpu.keepCoresAwake(awake);
   }
 }
 
@@ -351,9 +345,9 @@ export async function sideBySide(gpu: Gpu): Promise<void> {
     sft_batch: first.sft.B,
     sft_len: first.sft.L,
   };
-  const torchFirst = await runTorch(gpu, torchArgs);
+  const torchFirst = await runTorch(torchArgs);
   const second = await ahaSide(gpu);
-  const torchSecond = torchFirst ? await runTorch(gpu, torchArgs) : null;
+  const torchSecond = torchFirst ? await runTorch(torchArgs) : null;
   const minPhases = (x: typeof first.grpo.phases, y: typeof first.grpo.phases) =>
     Object.fromEntries(
       Object.entries(x).map(([k, v]) => [k, Math.min(v, y[k as keyof typeof y])]),
@@ -435,8 +429,7 @@ export async function sideBySide(gpu: Gpu): Promise<void> {
     const percent = (k: keyof typeof cpuAfter) => `${Math.round(100 * d(k) / total)}%`;
     console.log(
       `CPU time over these measurements: ${percent("busy")} busy, ${percent("idle")} idle, ` +
-        `${percent("stolen")} stolen by the hypervisor (/proc/stat` +
-        `${gpu.keepsCoresAwake ? "; aha's idle-class spinners count as busy" : ""})`,
+        `${percent("stolen")} stolen by the hypervisor (/proc/stat)`,
     );
   }
 }
