@@ -87,14 +87,15 @@ reliably. Keys follow trl's GRPOConfig (learning_rate, num_generations, beta, ..
   --adapter DIR     continue training an existing PEFT LoRA adapter (same as --set adapter=DIR)
   --dashboard       serve this run's live dashboard (aha dashboard) while it trains
   --overwrite       start over in an output_dir that holds an earlier run (its logs and
-                    checkpoints are removed)
+                    checkpoints are removed); with --resume of an earlier checkpoint, remove
+                    the run's checkpoints after it
 
 Writes OUTPUT_DIR/metrics.jsonl (one line per step), samples.jsonl, eval.jsonl and
 checkpoint-STEP/ directories (Hugging Face format plus optimizer and trainer state; with a
 lora section, PEFT adapter directories: only the adapter is trained and saved).
 Ctrl-C saves a checkpoint and exits with status 130 (143 after SIGTERM); during the built-in
 pretraining it exits at once, and the base model is pretrained again on the next run.
-One run per output directory at a time (a lock file, .aha.lock, holds its PID).
+One run per output directory at a time (a lock on .aha.lock, which names its PID).
 With report_to: [tensorboard] also TensorBoard event files; the embedded default ends with
 OUTPUT_DIR/report.html (aha report).`;
 

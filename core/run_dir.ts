@@ -1,13 +1,15 @@
 // A run's output directory, which `aha train` and `aha sft` write into: who may write there, what
 // a fresh run or a resume finds there, and where a resumed checkpoint's paths point.
 //
-//   - lockRunDir: one process per directory. An exclusive lock file (`.aha.lock`, holding the
-//     PID) is created with O_EXCL; a lock whose process is gone is taken over, a live one is
-//     refused with one line naming it. The lock goes when the run ends (or the process exits).
+//   - lockRunDir: one process per directory. An exclusive advisory lock on `.aha.lock` (which
+//     names its holder's PID) is taken without waiting; one held by a live process is refused
+//     with one line naming it. The lock goes when the run ends or the process exits, however.
 //   - prepareRunDir: before any work — the directory is created and must be writable; stale
 //     temporaries of killed saves (`.checkpoint-N.PID.tmp`) are removed; a fresh run refuses a
 //     directory that already holds a run (or clears it with --overwrite); a resume trims the
-//     logs to the step it resumes from, tolerating a torn last line (a full disk mid-append).
+//     logs to the step it resumes from, tolerating a torn last line (a full disk mid-append), and
+//     refuses to leave checkpoints of later steps beside its own (or removes them with
+//     --overwrite).
 //   - resolveResume: a checkpoint's run directory is the one it sits in, wherever that was moved
 //     or copied: paths saved under the old run directory are rebased onto the new one.
 //   - appendLine: a whole JSON line in one write; a failure is one line, never a stack trace.
@@ -74,49 +76,69 @@ export interface RunLock {
 /**
  * Takes the run directory's lock for this process (creating the directory), or refuses with one
  * line naming the process that holds it. Released by `release()` or when the process exits.
+ *
+ * The lock is the operating system's (an exclusive advisory lock on `.aha.lock`, held while the
+ * file stays open): a process that dies releases it with its files, so a lock file left behind is
+ * simply locked again, and two processes can never both take it over. The PID written into the
+ * file only names the holder in the refusal.
  */
 export async function lockRunDir(dir: string, command: string): Promise<RunLock> {
   await ensureWritableDir(dir);
   const path = join(dir, LOCK_FILE);
   const content = JSON.stringify({ pid: Deno.pid, command, started: new Date().toISOString() });
   for (let attempt = 0; attempt < 3; attempt++) {
+    let file: Deno.FsFile;
     try {
-      await Deno.writeTextFile(path, content + "\n", { createNew: true });
-      let released = false;
-      const release = () => {
-        if (released) return;
-        released = true;
-        globalThis.removeEventListener("unload", release);
-        try {
-          // Only our own lock: a takeover by another process after a crash is not ours to remove.
-          if (JSON.parse(Deno.readTextFileSync(path)).pid === Deno.pid) Deno.removeSync(path);
-        } catch {
-          // already gone
-        }
-      };
-      globalThis.addEventListener("unload", release);
-      return { path, release };
+      file = await Deno.open(path, { read: true, write: true, create: true });
     } catch (e) {
-      if (!(e instanceof Deno.errors.AlreadyExists)) throw notWritable(dir, e);
+      throw notWritable(dir, e);
     }
-    let holder: { pid?: unknown; command?: unknown; started?: unknown } = {};
-    try {
-      holder = JSON.parse(await Deno.readTextFile(path));
-    } catch {
-      // torn or empty: written by a process that died while writing it
+    if (!file.tryLockSync(true)) {
+      file.close();
+      throw inUse(dir, path);
     }
-    const pid = Number(holder.pid);
-    if (processAlive(pid)) {
-      throw new AhaError(
-        `output directory ${dir} is in use by process ${pid} (aha ${holder.command ?? "?"}, ` +
-          `started ${holder.started ?? "?"}): wait for it to finish or stop it; if that process ` +
-          `is not aha, remove ${path}`,
-      );
+    // A holder releasing the lock removes the file before unlocking it: a lock taken on the file
+    // it removed is on no one's lock file. Try again with the file now at `path`.
+    const named = await Deno.stat(path).catch(() => null);
+    const locked = file.statSync();
+    if (named === null || named.ino !== locked.ino || named.dev !== locked.dev) {
+      file.close();
+      continue;
     }
-    // A stale lock of a process that is gone: take it over.
-    await Deno.remove(path).catch(() => {});
+    file.truncateSync(0);
+    file.writeSync(new TextEncoder().encode(content + "\n"));
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      globalThis.removeEventListener("unload", release);
+      // Removed while still locked, so a waiting process never locks a file about to go.
+      try {
+        Deno.removeSync(path);
+      } catch {
+        // removed by hand meanwhile
+      }
+      file.close();
+    };
+    globalThis.addEventListener("unload", release);
+    return { path, release };
   }
   throw new AhaError(`output directory ${dir}: could not take the lock ${path}`);
+}
+
+/** The refusal for a lock another process holds, naming it from what it wrote in the file. */
+function inUse(dir: string, path: string): AhaError {
+  let holder: { pid?: unknown; command?: unknown; started?: unknown } = {};
+  try {
+    holder = JSON.parse(Deno.readTextFileSync(path));
+  } catch {
+    // not written yet: the holder took the lock a moment ago
+  }
+  return new AhaError(
+    `output directory ${dir} is in use by process ${holder.pid ?? "?"} (aha ${
+      holder.command ?? "?"
+    }, started ${holder.started ?? "?"}): wait for it to finish or stop it`,
+  );
 }
 
 /**
@@ -201,9 +223,9 @@ export interface PrepareOptions {
 /**
  * Makes `dir` ready for a run: removes stale temporaries; a fresh run refuses a directory that
  * holds a run's logs (or, with overwrite, removes the logs and checkpoints); a resume in its own
- * run directory trims each log to the lines at or before its step, and one sent elsewhere
- * (output_dir set) treats that directory as a fresh run does. Checks everything before changing
- * anything.
+ * run directory trims each log to the lines at or before its step and refuses checkpoints of
+ * later steps (with overwrite, removes them), and one sent elsewhere (output_dir set) treats that
+ * directory as a fresh run does. Checks everything before changing anything.
  */
 export async function prepareRunDir(dir: string, opts: PrepareOptions): Promise<void> {
   const log = opts.log ?? (() => {});
@@ -246,6 +268,17 @@ export async function prepareRunDir(dir: string, opts: PrepareOptions): Promise<
     log(`--overwrite: removed ${dir}'s logs and ${checkpoints.length} checkpoint(s)`);
     return;
   }
+  // Checkpoints after the resumed step belong to the steps the resume replaces: left beside the
+  // new ones, a later resume of "the latest" would continue the old trajectory on the new logs.
+  const later = checkpoints.filter((step) => step > resumeStep);
+  if (later.length && !opts.overwrite) {
+    throw new AhaError(
+      `--resume ${join(dir, `checkpoint-${resumeStep}`)}: ${dir} also holds later checkpoints ` +
+        `(${later.map((step) => `checkpoint-${step}`).join(", ")}) that this resume would ` +
+        `replace: resume the latest, pass --overwrite to remove them, or --set ` +
+        `output_dir=... to branch into a new directory`,
+    );
+  }
   // Parse every log before rewriting any.
   const trimmed = new Map<string, string>();
   for (const [name, text] of logs) {
@@ -264,6 +297,12 @@ export async function prepareRunDir(dir: string, opts: PrepareOptions): Promise<
       await Deno.remove(temporary).catch(() => {});
       throw new AhaError(`${path}: cannot rewrite (${(e as Error).message.split("\n")[0]})`);
     }
+  }
+  for (const step of later) {
+    await Deno.remove(join(dir, `checkpoint-${step}`), { recursive: true });
+  }
+  if (later.length) {
+    log(`--overwrite: removed ${later.length} checkpoint(s) after step ${resumeStep}`);
   }
 }
 

@@ -97,41 +97,93 @@ Deno.test("1. aha sft --out refuses a non-empty directory that is not a checkpoi
   assert.deepEqual(tree(out), ["thesis.tex"]);
 });
 
-Deno.test("2. a run directory holds one process: a live lock is refused, a stale one taken over", async () => {
+/**
+ * A child process that takes `run`'s lock and holds it until its stdin closes; resolves once it
+ * holds it.
+ */
+async function lockHolder(run: string) {
+  const code = `import { lockRunDir } from ${JSON.stringify(runDirModule)};
+await lockRunDir(${JSON.stringify(run)}, "train");
+console.log("locked");
+for await (const _ of Deno.stdin.readable) { /* hold until stdin closes */ }`;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["eval", code],
+    stdin: "piped",
+    stdout: "piped",
+  }).spawn();
+  const reader = child.stdout.getReader();
+  const { value } = await reader.read();
+  assert.match(new TextDecoder().decode(value), /locked/);
+  reader.releaseLock();
+  return child;
+}
+const runDirModule = new URL("../core/run_dir.ts", import.meta.url).pathname;
+
+Deno.test("2. a run directory holds one process: a live lock is refused, a dead one's taken", async () => {
   const run = `${dir}/locked`;
-  // Another live process holds the lock (this test's parent shell stands in for it).
-  const other = Deno.ppid;
-  await Deno.mkdir(run, { recursive: true });
-  await Deno.writeTextFile(`${run}/${LOCK_FILE}`, JSON.stringify({ pid: other, command: "train" }));
+  const holder = await lockHolder(run);
   await assert.rejects(
     () => lockRunDir(run, "train"),
-    (e: Error) => e instanceof AhaError && e.message.includes(`in use by process ${other}`),
+    (e: Error) => e instanceof AhaError && e.message.includes(`in use by process ${holder.pid}`),
   );
   // Through the command: `aha train` and `aha sft` refuse before any work, logs untouched.
   await Deno.writeTextFile(`${run}/metrics.jsonl`, `{"step":1}\n`);
   const train = await aha("train", "--set", `output_dir=${run}`, "--overwrite");
   assert.equal(train.code, 1, train.stderr);
-  assert.match(train.stderr, new RegExp(`^aha: output directory .* is in use by process ${other}`));
+  assert.match(
+    train.stderr,
+    new RegExp(`^aha: output directory .* is in use by process ${holder.pid} \\(aha train`),
+  );
   assert.equal(Deno.readTextFileSync(`${run}/metrics.jsonl`), `{"step":1}\n`);
   // A --resume of the live run is refused before it trims the live run's logs.
   const live = await makeRun(`${dir}/live`);
-  await Deno.writeTextFile(`${live}/${LOCK_FILE}`, JSON.stringify({ pid: other }));
+  const liveHolder = await lockHolder(live);
   const before = Deno.readTextFileSync(`${live}/metrics.jsonl`);
   const resume = await aha("train", "--resume", `${live}/checkpoint-3`);
-  assert.match(
-    resume.stderr,
-    new RegExp(`^aha: output directory .* is in use by process ${other}`),
-  );
+  assert.match(resume.stderr, /^aha: output directory .* is in use by process/);
   assert.equal(Deno.readTextFileSync(`${live}/metrics.jsonl`), before);
+  liveHolder.stdin.close();
+  await liveHolder.status;
 
-  // A lock left by a process that is gone is taken over, and released at the end.
-  await Deno.writeTextFile(`${run}/${LOCK_FILE}`, JSON.stringify({ pid: await deadPid() }));
+  // A holder killed outright leaves its lock file, naming a PID, and no lock: it is taken.
+  holder.kill("SIGKILL");
+  await holder.status;
+  assert.equal(JSON.parse(Deno.readTextFileSync(`${run}/${LOCK_FILE}`)).pid, holder.pid);
   const lock = await lockRunDir(run, "train");
   assert.equal(JSON.parse(Deno.readTextFileSync(`${run}/${LOCK_FILE}`)).pid, Deno.pid);
   // While held, a second taker (even this process's own second run) is refused.
   await assert.rejects(() => lockRunDir(run, "train"), /in use by process/);
   lock.release();
   assert.equal(tree(run).includes(LOCK_FILE), false);
+});
+
+Deno.test("2b. processes taking over one dead holder's lock at the same moment: one gets it", async () => {
+  const run = `${dir}/race`;
+  await Deno.mkdir(run);
+  for (let round = 0; round < 3; round++) {
+    await Deno.writeTextFile(`${run}/${LOCK_FILE}`, JSON.stringify({ pid: await deadPid() }));
+    // Each child starts trying at the same moment and holds what it got for a second.
+    const startAt = Date.now() + 2000;
+    const code = `import { lockRunDir } from ${JSON.stringify(runDirModule)};
+await new Promise((wake) => setTimeout(wake, ${startAt} - Date.now()));
+try {
+  await lockRunDir(${JSON.stringify(run)}, "train");
+  console.log("holds");
+  await new Promise((wake) => setTimeout(wake, 1000));
+} catch (e) {
+  console.log(e.message);
+}`;
+    const children = await Promise.all(
+      Array.from(
+        { length: 6 },
+        () =>
+          new Deno.Command(Deno.execPath(), { args: ["eval", code], stderr: "inherit" }).output(),
+      ),
+    );
+    const said = children.map((c) => new TextDecoder().decode(c.stdout).trim());
+    assert.equal(said.filter((s) => s === "holds").length, 1, said.join("\n"));
+    assert.ok(said.every((s) => s === "holds" || /in use by process/.test(s)), said.join("\n"));
+  }
 });
 
 Deno.test("3. --resume resolves paths against the checkpoint's own (moved) run directory", async () => {
@@ -178,6 +230,43 @@ Deno.test("3b. a resume sent to another run's directory leaves that run whole", 
   assert.equal(Deno.readTextFileSync(`${other}/metrics.jsonl`), before);
 });
 
+Deno.test("3c. a resume of an earlier checkpoint leaves no later one beside it", async () => {
+  const run = await makeRun(`${dir}/branching`);
+  const cfg = { ...defaultTrainConfig(), output_dir: run };
+  const laterState = { ...goodState, step: 5, adam_step: 5 };
+  await saveTrainingCheckpoint(`${run}/checkpoint-5`, toHfConfig(config), weights, moments, {
+    ...laterState,
+  }, cfg);
+  const before = Deno.readTextFileSync(`${run}/metrics.jsonl`);
+  // Refused, naming them, before anything changes; through the command in one line.
+  await assert.rejects(
+    () => prepareRunDir(run, { resumeStep: 3, resumeRunDir: run, overwrite: false }),
+    /checkpoint-3: .* also holds later checkpoints \(checkpoint-5\) .*--overwrite/,
+  );
+  const out = await aha("train", "--resume", `${run}/checkpoint-3`);
+  assert.equal(out.code, 1, out.stderr);
+  assert.equal(out.stderr.trim().split("\n").length, 1, out.stderr);
+  assert.match(out.stderr, /^aha: --resume .*checkpoint-3: .* later checkpoints \(checkpoint-5\)/);
+  assert.equal(Deno.readTextFileSync(`${run}/metrics.jsonl`), before);
+  assert.deepEqual(tree(run).filter((n) => n.startsWith("checkpoint")), [
+    "checkpoint-3",
+    "checkpoint-5",
+  ]);
+  // The latest resumes as before; with --overwrite the earlier one removes what came after it.
+  await prepareRunDir(run, { resumeStep: 5, resumeRunDir: run, overwrite: false });
+  assert.equal(Deno.readTextFileSync(`${run}/metrics.jsonl`), before);
+  const said: string[] = [];
+  await prepareRunDir(run, {
+    resumeStep: 3,
+    resumeRunDir: run,
+    overwrite: true,
+    log: (line) => said.push(line),
+  });
+  assert.deepEqual(tree(run).filter((n) => n.startsWith("checkpoint")), ["checkpoint-3"]);
+  assert.equal(Deno.readTextFileSync(`${run}/metrics.jsonl`).trim().split("\n").length, 3);
+  assert.match(said.join("\n"), /removed 1 checkpoint\(s\) after step 3/);
+});
+
 Deno.test("4. appends are whole lines, a failed append is one line, a torn last line is trimmed", async () => {
   const run = await makeRun(`${dir}/torn`);
   // A disk that fills mid-append: one AhaError, no stack trace.
@@ -197,7 +286,7 @@ Deno.test("4. appends are whole lines, a failed append is one line, a torn last 
   // A bad line before the last is not a torn append: refused, naming it, nothing rewritten.
   await Deno.writeTextFile(`${run}/eval.jsonl`, `{"step":1}\nnot json\n{"step":2}\n`);
   await assert.rejects(
-    () => prepareRunDir(run, { resumeStep: 1, overwrite: false }),
+    () => prepareRunDir(run, { resumeStep: 3, overwrite: false }),
     /eval\.jsonl:2: not a JSON object/,
   );
   assert.deepEqual(
