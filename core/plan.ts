@@ -263,13 +263,14 @@ function forwardTensors(
 
 /**
  * Prompts one generation call of a step samples (core/trainer.ts): prompts_per_generation; unset,
- * twice prompts_per_step for the built-in model (whose calls cost about the same for any number of
- * rows, and whose memory is small), prompts_per_step for a checkpoint; never more than a step can
- * use (every refill round at its largest).
+ * three times prompts_per_step for the built-in model (whose calls cost about the same for any
+ * number of rows, and whose memory is small: one call covers the default's two refill rounds),
+ * prompts_per_step for a checkpoint; never more than a step can use (every refill round at its
+ * largest).
  */
 export function generationPrompts(cfg: TrainConfig): number {
   const P = cfg.prompts_per_step;
-  const perCall = cfg.prompts_per_generation ?? (cfg.model === null ? 2 * P : P);
+  const perCall = cfg.prompts_per_generation ?? (cfg.model === null ? 3 * P : P);
   return Math.min(perCall, P * (cfg.max_refill_rounds + 1));
 }
 

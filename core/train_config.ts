@@ -47,7 +47,7 @@ export interface TrainConfig {
    * Prompts sampled together in one generation call. A step samples its prompts in calls of
    * this many, ahead of what its refill rounds turn out to need, and the prompts it leaves unused
    * go back to the data stream: more saves calls and costs rows and memory (deno task plan
-   * counts them); which groups a step keeps does not depend on it. null: 2 × prompts_per_step
+   * counts them); which groups a step keeps does not depend on it. null: 3 × prompts_per_step
    * for the built-in model, prompts_per_step for a checkpoint (core/plan.ts generationPrompts).
    */
   prompts_per_generation: number | null;

@@ -51,7 +51,7 @@ Deno.test("a small plan, counted by hand", () => {
   const cfg: TrainConfig = {
     ...defaultTrainConfig(),
     prompts_per_step: 2,
-    prompts_per_generation: 2, // unset, the built-in model samples twice prompts_per_step
+    prompts_per_generation: 2, // unset, the built-in model samples 3 × prompts_per_step
     num_generations: 2,
     max_prompt_length: 3,
     max_completion_length: 2,
@@ -93,13 +93,13 @@ Deno.test("a small plan, counted by hand", () => {
   assert.equal(plan.policyBytes, 13464 + 4 * (3584 - 720));
   assert.equal(plan.referenceBytes, 8496 + 3584 - 720);
   assert.equal(planMemory({ ...cfg, beta: 0 }, model).referenceBytes, 0);
-  // Sampling 4 prompts a call (unset: the built-in model's 2 × prompts_per_step): 8 rows, and
-  // the prompt cache holds all 4 prompts of a prefill batch: 2·(8·16·2) + 2·(4·16·2).
-  for (const prompts_per_generation of [4, null]) {
+  // Sampling 6 prompts a call (unset: the built-in model's 3 × prompts_per_step): 12 rows, and
+  // the prompt cache holds all 6 prompts of a prefill batch: 2·(12·16·2) + 2·(6·16·2).
+  for (const prompts_per_generation of [6, null]) {
     const ahead = planMemory({ ...cfg, prompts_per_generation }, model, true).items;
     const cache = ahead.find((i) => i.what === "generation KV cache")!;
-    assert.equal(cache.bytes, 4 * 768);
-    assert.match(cache.detail, /^8 rows × 16 tokens$/);
+    assert.equal(cache.bytes, 4 * 1152);
+    assert.match(cache.detail, /^12 rows × 16 tokens$/);
   }
   // …never more than a step can use: 2 prompts × (max_refill_rounds 0 + 1).
   const most = planMemory({ ...cfg, prompts_per_generation: 4, max_refill_rounds: 0 }, model, true);

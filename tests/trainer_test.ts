@@ -403,7 +403,7 @@ Deno.test("prompts sampled ahead: any prompts_per_generation keeps the groups th
   }
   for (
     const [perCall, sampled] of [
-      [null, [6, 6, 6]],
+      [null, [9, 9, 9]], // the built-in model: 3 × prompts_per_step
       [2, [6, 6, 6]],
       [4, [8, 8, 8]],
       [9, [9, 9, 9]],

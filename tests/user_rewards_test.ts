@@ -215,9 +215,9 @@ export function throwsOnNine({ question }) {
     assert.equal(metrics.length, 2);
     const calls = (await Deno.readTextFile(`${dir}/calls.jsonl`)).trim().split("\n")
       .map((l) => JSON.parse(l));
-    // A step's first generation call holds 2 × prompts_per_step × num_generations rows (the
+    // A step's first generation call holds 3 × prompts_per_step × num_generations rows (the
     // built-in model samples ahead: prompts_per_generation), refills and evaluations fewer.
-    const training = calls.filter((c) => c.batch.completions.length === 16);
+    const training = calls.filter((c) => c.batch.completions.length === 24);
     assert.ok(training.length >= 2);
     for (const { batch } of calls) {
       const n = batch.completions.length;
