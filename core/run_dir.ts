@@ -93,15 +93,26 @@ export async function lockRunDir(dir: string, command: string): Promise<RunLock>
     } catch (e) {
       throw notWritable(dir, e);
     }
-    if (!file.tryLockSync(true)) {
+    let locked: boolean;
+    try {
+      locked = file.tryLockSync(true);
+    } catch (e) {
+      // A filesystem without advisory locks (some network and FUSE mounts).
+      file.close();
+      throw new AhaError(
+        `output directory ${dir}: cannot lock ${path} (${(e as Error).message.split("\n")[0]}); ` +
+          `choose an output_dir on a local filesystem`,
+      );
+    }
+    if (!locked) {
       file.close();
       throw inUse(dir, path);
     }
     // A holder releasing the lock removes the file before unlocking it: a lock taken on the file
     // it removed is on no one's lock file. Try again with the file now at `path`.
     const named = await Deno.stat(path).catch(() => null);
-    const locked = file.statSync();
-    if (named === null || named.ino !== locked.ino || named.dev !== locked.dev) {
+    const opened = file.statSync();
+    if (named === null || named.ino !== opened.ino || named.dev !== opened.dev) {
       file.close();
       continue;
     }

@@ -157,7 +157,25 @@ Deno.test("2. a run directory holds one process: a live lock is refused, a dead 
   assert.equal(tree(run).includes(LOCK_FILE), false);
 });
 
-Deno.test("2b. processes taking over one dead holder's lock at the same moment: one gets it", async () => {
+Deno.test("2b. a filesystem that cannot lock files stops the run in one line", async () => {
+  const tryLockSync = Deno.FsFile.prototype.tryLockSync;
+  Deno.FsFile.prototype.tryLockSync = () => {
+    throw new Error("Operation not supported (os error 95)");
+  };
+  try {
+    await assert.rejects(
+      () => lockRunDir(`${dir}/no-locks`, "train"),
+      (e: Error) =>
+        e instanceof AhaError &&
+        /no-locks: cannot lock .*\.aha\.lock \(Operation not supported.*local filesystem$/
+          .test(e.message),
+    );
+  } finally {
+    Deno.FsFile.prototype.tryLockSync = tryLockSync;
+  }
+});
+
+Deno.test("2c. processes taking over one dead holder's lock at the same moment: one gets it", async () => {
   const run = `${dir}/race`;
   await Deno.mkdir(run);
   for (let round = 0; round < 3; round++) {
