@@ -68,7 +68,7 @@ import { BINDING_ALIGNMENT, type DType, elementBytes, type Gpu, Tensor } from ".
 import { type HalfDType, packHalves, unpackHalves } from "../core/half.ts";
 import { embedding, embeddingBackward } from "./kernels/embedding.ts";
 import { rmsnorm, rmsnormBackward } from "./kernels/rmsnorm.ts";
-import { matmul, sumRows } from "./kernels/matmul.ts";
+import { fusesNormAndSwiglu, matmul, sumRows } from "./kernels/matmul.ts";
 import { ropeQkv } from "./kernels/rope.ts";
 import {
   assembleKv,
@@ -1014,16 +1014,15 @@ export class GpuModel {
     const gpu = this.gpu, c = this.config, { T, positions, kvLens, shape, cache } = step;
     const adapter = step.adapter ?? true;
     const pre = `model.layers.${i}.`;
-    rmsnorm(
-      gpu,
-      x.input,
-      this.p(pre + "input_layernorm.weight"),
-      x.norm1,
-      x.rstd1,
-      T,
-      c.rmsNormEps,
-    );
-    this.linear(x.norm1, `${pre}self_attn.qkv`, x.qkv, T, adapter);
+    // Generation keeps nothing for a backward: its products read the norms' inputs, folding
+    // the norms in, and the gate/up product applies SwiGLU itself (`fusesNormAndSwiglu`).
+    const fused = cache !== undefined && this.fusesNorms();
+    const norm1 = { weight: this.p(pre + "input_layernorm.weight"), eps: c.rmsNormEps };
+    if (fused) this.linear(x.input, `${pre}self_attn.qkv`, x.qkv, T, adapter, false, norm1);
+    else {
+      rmsnorm(gpu, x.input, norm1.weight, x.norm1, x.rstd1, T, c.rmsNormEps);
+      this.linear(x.norm1, `${pre}self_attn.qkv`, x.qkv, T, adapter);
+    }
     // The rotary embedding of q and k, from the product's rows into q, k and v or, in
     // generation, into q and the caches, in one dispatch; a 16-bit cache (kv_cache_dtype) is
     // written by writeKvCache, which rounds on the way in.
@@ -1067,20 +1066,20 @@ export class GpuModel {
     // into the output, which the product then accumulates into.
     gpu.copy(x.input, x.mid, T * c.hiddenSize);
     this.linear(x.attn, pre + "self_attn.o_proj", x.mid, T, adapter, true);
-    rmsnorm(
-      gpu,
-      x.mid,
-      this.p(pre + "post_attention_layernorm.weight"),
-      x.norm2,
-      x.rstd2,
-      T,
-      c.rmsNormEps,
-    );
-    const H = c.hiddenSize, I = c.intermediateSize;
+    const norm2 = { weight: this.p(pre + "post_attention_layernorm.weight"), eps: c.rmsNormEps };
+    if (!fused) rmsnorm(gpu, x.mid, norm2.weight, x.norm2, x.rstd2, T, c.rmsNormEps);
+    const H = c.hiddenSize, I = c.intermediateSize, key = pre + "mlp.gate_up";
+    const swigluInside = fused && this.swigluFuses(key, adapter);
     this.eachGateUpChunk(T, (start, n) => {
+      const act = rows(x.act, start, n, I);
+      if (swigluInside) {
+        this.linear(rows(x.mid, start, n, H), key, act, n, adapter, false, norm2, true);
+        return;
+      }
       const gateUp = rows(x.gateUp, start, n, 2 * I);
-      this.linear(rows(x.norm2, start, n, H), pre + "mlp.gate_up", gateUp, n, adapter);
-      swiglu(gpu, gateUp, rows(x.act, start, n, I), n, I);
+      if (fused) this.linear(rows(x.mid, start, n, H), key, gateUp, n, adapter, false, norm2);
+      else this.linear(rows(x.norm2, start, n, H), key, gateUp, n, adapter);
+      swiglu(gpu, gateUp, act, n, I);
     });
     gpu.copy(x.mid, out, T * c.hiddenSize);
     this.linear(x.act, pre + "mlp.down_proj", out, T, adapter, true);
@@ -1454,9 +1453,28 @@ export class GpuModel {
     embedding(this.gpu, ids, this.params.get(EMBEDDING)!, out, T);
   }
 
-  /** logits[n, V] = x[n, H]·lm_headᵀ (the embedding matrix when tied). */
-  vocabLogits(x: Tensor, logits: Tensor, n: number): void {
-    this.linear(x, this.head, logits, n);
+  /**
+   * logits[n, V] = x[n, H]·lm_headᵀ (the embedding matrix when tied); with `norm`, of the final
+   * RMSNorm of x, folded into the product (generation, when `fusesNorms`).
+   */
+  vocabLogits(x: Tensor, logits: Tensor, n: number, norm?: boolean): void {
+    const weight = this.p("model.norm.weight"), eps = this.config.rmsNormEps;
+    this.linear(x, this.head, logits, n, true, false, norm ? { weight, eps } : undefined);
+  }
+
+  /** Whether generation's products fold the RMSNorms and SwiGLU in (`fusesNormAndSwiglu`). */
+  fusesNorms(): boolean {
+    return fusesNormAndSwiglu(this.gpu, this.config.hiddenSize, this.config.intermediateSize);
+  }
+
+  /**
+   * Whether the gate/up product of `key` can apply SwiGLU itself: one weight tensor, no bias,
+   * and no adapter adding to its output first.
+   */
+  private swigluFuses(key: string, adapter: boolean): boolean {
+    const g = this.groups.get(key)!;
+    return g.weight.length === 1 && !g.bias &&
+      !(adapter && g.modules.some((module) => this.lora.has(module)));
   }
 
   // ---- helpers ---------------------------------------------------------------------------
@@ -1466,6 +1484,8 @@ export class GpuModel {
    * vocabulary projection's module): one matmul per tensor of its weight, each writing its block
    * of y's columns. Each adapted member then adds s·(x·Aᵀ)·Bᵀ to its columns, unless `adapter`
    * is false. With `accumulate`, all of it is added to what y holds (a residual copied there).
+   * With `norm`, every product reads the RMSNorm of x (MatmulOptions.rmsnorm); with `swiglu`
+   * (`swigluFuses`), y [T, out/2] is SwiGLU of the output's halves.
    */
   private linear(
     x: Tensor,
@@ -1474,6 +1494,8 @@ export class GpuModel {
     T: number,
     adapter = true,
     accumulate = false,
+    norm?: { weight: Tensor; eps: number },
+    swiglu = false,
   ): void {
     const g = this.groups.get(key)!, inF = g.weight[0].shape[1];
     let first = 0;
@@ -1483,8 +1505,10 @@ export class GpuModel {
         transB: true,
         accumulate,
         bias: g.bias ?? undefined,
-        outBlock: { stride: g.outFeatures, first },
+        outBlock: swiglu ? undefined : { stride: g.outFeatures, first },
         keptB: this.weightTextures,
+        rmsnorm: norm,
+        swiglu,
       });
       first += rows;
     }
@@ -1493,7 +1517,7 @@ export class GpuModel {
       if (!pair) return;
       // u = s·(x·Aᵀ) [T, r];  y[:, member's columns] += u·Bᵀ.
       const r = pair.a.shape[0], { u } = this.loraBuffers(T, r);
-      matmul(this.gpu, x, pair.a, u, { M: T, N: r, K: inF }, { transB: true });
+      matmul(this.gpu, x, pair.a, u, { M: T, N: r, K: inF }, { transB: true, rmsnorm: norm });
       scale(this.gpu, u, this.loraScale, T * r);
       matmul(this.gpu, u, pair.b, y, { M: T, N: g.rows[j], K: r }, {
         transB: true,

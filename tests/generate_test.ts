@@ -6,6 +6,8 @@ import { parseModelConfig } from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
 
 import { generate } from "../gpu/generate.ts";
+import { loraModules } from "../core/lora.ts";
+import type { LoraConfig } from "../core/train_config.ts";
 import { prefillPrompts } from "../core/plan.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
@@ -23,8 +25,21 @@ const config = parseModelConfig({
   tie_word_embeddings: false,
 });
 
-function sharpWeights(seed: number, scale: number) {
-  const weights = initWeights(config, seed);
+// The same model with an intermediate size that is a multiple of 4: on software adapters its
+// generation folds the RMSNorms and SwiGLU into the products (matmul's fusesNormAndSwiglu);
+// config's 45 keeps the separate kernels. Greedy decoding is checked on both.
+const fusingConfig = parseModelConfig({
+  vocab_size: V,
+  hidden_size: 32,
+  intermediate_size: 44,
+  num_hidden_layers: 2,
+  num_attention_heads: 4,
+  num_key_value_heads: 2,
+  tie_word_embeddings: false,
+});
+
+function sharpWeights(seed: number, scale: number, modelConfig = config) {
+  const weights = initWeights(modelConfig, seed);
   const rng = new Rng(seed);
   for (const [name, w] of weights) {
     if (!name.endsWith("norm.weight")) {
@@ -34,43 +49,96 @@ function sharpWeights(seed: number, scale: number) {
   return weights;
 }
 
-Deno.test(
-  "greedy decoding with the cache picks the argmax of a full recomputation at every step",
-  gpuTest,
-  async () => {
-    const model = new GpuModel(gpu, config, sharpWeights(5, 0.3));
-    const prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11]]; // different lengths share one batch
-    const eos = 0;
-    const out = await generate(model, prompts, 2, {
-      temperature: 0,
-      topP: 1,
-      topK: 0,
-      maxNewTokens: 6,
-      eosIds: [eos],
-      seed: 1,
-    });
-    assert.equal(out.tokens.length, 6);
-    for (let row = 0; row < 6; row++) {
-      const prompt = prompts[Math.floor(row / 2)];
-      // Both samples of a prompt are identical under greedy decoding.
-      assert.deepEqual(out.tokens[row], out.tokens[row - (row % 2)]);
-      for (let s = 0; s < out.tokens[row].length; s++) {
-        const prefix = [...prompt, ...out.tokens[row].slice(0, s)];
-        // Score every candidate next token without any cache; the chosen one must be the best.
-        const candidates = Array.from({ length: V }, (_, v) => [...prefix, v]);
-        const scores = (await scoreSequences(model, candidates)).map((r) => r.at(-1)!);
-        const best = scores.indexOf(Math.max(...scores));
-        assert.equal(out.tokens[row][s], best, `row ${row} step ${s}`);
-        // Greedy log-probs are under temperature 1: the full recomputation's value.
-        assert.ok(Math.abs(out.logprobs[row][s] - scores[best]) < 1e-4);
-      }
-      const ended = out.tokens[row].at(-1) === eos;
-      assert.equal(out.truncated[row], !ended);
-      if (!ended) assert.equal(out.tokens[row].length, 6);
-    }
-    model.destroy();
+/** A LoRA adapter on `targets` whose A and B are both non-zero, so that it moves the logits. */
+function sharpAdapter(targets: LoraConfig["target_modules"], seed: number) {
+  const lora: LoraConfig = {
+    r: 4,
+    alpha: 8,
+    target_modules: targets,
+    use_rslora: false,
+    dropout: 0,
+  };
+  const rng = new Rng(seed), tensors = new Map<string, Float32Array>();
+  for (const m of loraModules(fusingConfig, lora)) {
+    tensors.set(m.a, Float32Array.from({ length: 4 * m.inFeatures }, () => 0.3 * rng.normal()));
+    tensors.set(m.b, Float32Array.from({ length: 4 * m.outFeatures }, () => 0.3 * rng.normal()));
+  }
+  return { lora, tensors };
+}
+
+const GREEDY_CASES = [
+  {
+    name: "separate norm and SwiGLU kernels",
+    model: () => new GpuModel(gpu, config, sharpWeights(5, 0.3)),
   },
-);
+  {
+    name: "norms and SwiGLU fused into the products",
+    model: () => new GpuModel(gpu, fusingConfig, sharpWeights(5, 0.3, fusingConfig)),
+  },
+  {
+    // Every product's adapter reads the folded norm; gate/up's adapter keeps SwiGLU apart.
+    name: "fused, with a LoRA adapter on every projection",
+    model: () =>
+      new GpuModel(gpu, fusingConfig, sharpWeights(5, 0.3, fusingConfig), {
+        lora: sharpAdapter([
+          "q_proj",
+          "k_proj",
+          "v_proj",
+          "o_proj",
+          "gate_proj",
+          "up_proj",
+          "down_proj",
+        ], 6),
+      }),
+  },
+  {
+    name: "fused, with a LoRA adapter on the attention's projections only",
+    model: () =>
+      new GpuModel(gpu, fusingConfig, sharpWeights(5, 0.3, fusingConfig), {
+        lora: sharpAdapter(["q_proj", "v_proj"], 7),
+      }),
+  },
+];
+
+for (const { name, model: makeModel } of GREEDY_CASES) {
+  Deno.test(
+    `greedy decoding with the cache picks the argmax of a full recomputation at every step (${name})`,
+    gpuTest,
+    async () => {
+      const model = makeModel();
+      const prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11]]; // different lengths share one batch
+      const eos = 0;
+      const out = await generate(model, prompts, 2, {
+        temperature: 0,
+        topP: 1,
+        topK: 0,
+        maxNewTokens: 6,
+        eosIds: [eos],
+        seed: 1,
+      });
+      assert.equal(out.tokens.length, 6);
+      for (let row = 0; row < 6; row++) {
+        const prompt = prompts[Math.floor(row / 2)];
+        // Both samples of a prompt are identical under greedy decoding.
+        assert.deepEqual(out.tokens[row], out.tokens[row - (row % 2)]);
+        for (let s = 0; s < out.tokens[row].length; s++) {
+          const prefix = [...prompt, ...out.tokens[row].slice(0, s)];
+          // Score every candidate next token without any cache; the chosen one must be the best.
+          const candidates = Array.from({ length: V }, (_, v) => [...prefix, v]);
+          const scores = (await scoreSequences(model, candidates)).map((r) => r.at(-1)!);
+          const best = scores.indexOf(Math.max(...scores));
+          assert.equal(out.tokens[row][s], best, `row ${row} step ${s}`);
+          // Greedy log-probs are under temperature 1: the full recomputation's value.
+          assert.ok(Math.abs(out.logprobs[row][s] - scores[best]) < 1e-4);
+        }
+        const ended = out.tokens[row].at(-1) === eos;
+        assert.equal(out.truncated[row], !ended);
+        if (!ended) assert.equal(out.tokens[row].length, 6);
+      }
+      model.destroy();
+    },
+  );
+}
 
 Deno.test("sampled tokens follow the model's probabilities", gpuTest, async () => {
   const model = new GpuModel(gpu, config, sharpWeights(8, 0.1));

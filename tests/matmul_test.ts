@@ -355,6 +355,98 @@ Deno.test(
   },
 );
 
+/**
+ * Generation's fused products (MatmulOptions.rmsnorm, .swiglu) against the twin: x·Wᵀ of the
+ * RMSNorm of x (± bias), and SwiGLU of the two column halves of x·Wᵀ (of x or of its norm).
+ * Tolerance: the product's, on the normalized rows' terms; SwiGLU's error is its inputs' times
+ * its derivatives (|silu'| < 1.1) plus f32 rounding.
+ */
+async function checkFused(
+  shape: MatmulShape,
+  norm: boolean,
+  swiglu: boolean,
+  bias: boolean,
+  textures: boolean,
+  block?: { rowGroups: number; colGroups: number },
+): Promise<void> {
+  const { M, N, K } = shape, eps = 1e-5, I = N / 2;
+  // Rows of very different sizes: the norm must scale each by its own.
+  const x = random(M * K).map((v, i) => v * (1 + 30 * (Math.floor(i / K) % 3)));
+  const w = random(N * K), g = random(K).map((v) => 1 + v / 2), b = random(N);
+  const normed = new Float32Array(M * K);
+  for (let m = 0; m < M; m++) {
+    let ss = 0;
+    for (let k = 0; k < K; k++) ss += x[m * K + k] ** 2;
+    const r = 1 / Math.sqrt(ss / K + eps);
+    for (let k = 0; k < K; k++) normed[m * K + k] = x[m * K + k] * r * g[k];
+  }
+  const product = twinMatmul(norm ? normed : x, w, shape, false, true, null, bias ? b : null);
+  const tx = gpu.upload(x), tw = gpu.upload(w), tg = gpu.upload(g), tb = gpu.upload(b);
+  const outSize = swiglu ? M * I : M * N, out = gpu.upload(padded(new Float32Array(outSize)));
+  matmul(gpu, tx, tw, out, shape, {
+    transB: true,
+    bias: bias ? tb : undefined,
+    rmsnorm: norm ? { weight: tg, eps } : undefined,
+    swiglu,
+    kernel: "blocked",
+    textures,
+    block,
+  });
+  const what = `${M}×${N}×${K} ${norm ? "rmsnorm " : ""}${swiglu ? "swiglu " : ""}${
+    bias ? "bias " : ""
+  }${textures ? "textures" : "storage"} ${block ? JSON.stringify(block) : "chosen block"}`;
+  const got = unpad(await gpu.read(out) as Float32Array, outSize, what);
+  if (!swiglu) assertClose(got, product, K, what);
+  else {
+    const tol = (i: number) => 1e-6 * Math.sqrt(K + 2) * product.magnitude[i];
+    for (let m = 0; m < M; m++) {
+      for (let j = 0; j < I; j++) {
+        const gate = product.value[m * N + j], up = product.value[m * N + I + j];
+        const silu = gate / (1 + Math.exp(-gate)), want = silu * up;
+        const allowed = 1.1 * tol(m * N + j) * Math.abs(up) + Math.abs(silu) * tol(m * N + I + j) +
+          1e-6 * Math.abs(want) + 1e-30;
+        const err = Math.abs(got[m * I + j] - want);
+        if (!(err <= allowed)) {
+          assert.fail(`${what}: out[${m}, ${j}] is ${got[m * I + j]}, want ${want} (±${allowed})`);
+        }
+      }
+    }
+  }
+  for (const t of [tx, tw, tg, tb, out]) t.destroy();
+}
+
+Deno.test(
+  "generation's fused products (RMSNorm folded in, SwiGLU on the gate/up halves) match the twin",
+  gpuTest,
+  async () => {
+    // Odd row counts with partial blocks; gate/up halves (I = N/2) that are no multiple of a
+    // block's columns; k from one step to past the paired-step threshold.
+    const shapes: MatmulShape[] = [
+      { M: 1, N: 8, K: 4 },
+      { M: 7, N: 40, K: 20 },
+      { M: 33, N: 344, K: 64 },
+      { M: 130, N: 72, K: 68 },
+      { M: 70, N: 24, K: PAIRED_K_MIN },
+    ];
+    for (const shape of shapes) {
+      for (const textures of [true, false]) {
+        await checkFused(shape, true, false, false, textures);
+        await checkFused(shape, true, false, true, textures);
+        await checkFused(shape, false, true, false, textures);
+        await checkFused(shape, true, true, false, textures);
+      }
+    }
+    // Every block that may run them (SwiGLU: an even number of column groups).
+    for (const [rowGroups, colGroups] of BLOCKS) {
+      const block = { rowGroups, colGroups };
+      await checkFused({ M: 37, N: 56, K: 24 }, true, false, true, true, block);
+      if (colGroups % 2 === 0) {
+        await checkFused({ M: 37, N: 56, K: 24 }, true, true, false, true, block);
+      }
+    }
+  },
+);
+
 Deno.test("matmul handles more than 65535 row workgroups", gpuTest, async () => {
   // Odd shapes use 8·8 = 64 rows per workgroup on llvmpipe (4·16 on other adapters), so
   // 65535·64 + 5 rows need more than 65535 workgroups: the dispatch folds rows into z.

@@ -76,6 +76,29 @@ export interface MatmulOptions {
   keptB?: KeptTextures;
   /** Force the register-blocked kernel's block on a software adapter (tests): one of BLOCKS. */
   block?: { rowGroups: number; colGroups: number };
+  /**
+   * a is an RMSNorm's input and the product reads its output: row m of a scaled by
+   * 1/sqrt(mean_k a[m,k]² + eps) and column k by weight[k] (`fusesNormAndSwiglu`: generation).
+   */
+  rmsnorm?: { weight: Tensor; eps: number };
+  /**
+   * out [M, N/2] = silu(g)·u with g and u the product's first and second halves of columns:
+   * SwiGLU on the fused gate/up product (`fusesNormAndSwiglu`: generation).
+   */
+  swiglu?: boolean;
+}
+
+/**
+ * Whether `matmul` takes the `rmsnorm` and `swiglu` options: in the register-blocked kernel
+ * (software adapters), for a model whose hidden and intermediate sizes are multiples of 4.
+ * Generation uses them: a decode step's products are small and on llvmpipe each dispatch costs
+ * ~130 µs of waking threads, so folding the norms and the activation into the products that
+ * read them takes 7 of a decode step's 23 dispatches away. Training keeps the separate kernels,
+ * whose outputs its backward reads.
+ */
+export function fusesNormAndSwiglu(gpu: Gpu, hidden: number, intermediate: number): boolean {
+  return gpu.software && (envKernel() ?? "blocked") === "blocked" && hidden % 4 === 0 &&
+    intermediate % 4 === 0;
 }
 
 /**
@@ -152,20 +175,29 @@ function matmulKernel(
   blocks: boolean,
   forced?: MatmulKernel,
   forcedBlock?: { rowGroups: number; colGroups: number },
+  fused = { rmsnorm: false, swiglu: false },
 ): KernelChoice | "tiled" {
   const kernel = forced ?? envKernel() ?? (gpu.software ? "blocked" : "tiled");
   if (kernel === "tiled") return "tiled";
   if (!gpu.software) return { workgroup: [16, 16], rowGroups: 1, colGroups: 1 };
-  if (forcedBlock) return { workgroup: [8, 8], ...forcedBlock };
+  if (forcedBlock) {
+    if (fused.swiglu && forcedBlock.colGroups % 2 !== 0) {
+      throw new Error("matmul: swiglu needs an even number of column groups");
+    }
+    return { workgroup: [8, 8], ...forcedBlock };
+  }
   if (!allVec4) return { workgroup: [8, 8], rowGroups: 2, colGroups: 2 };
   let best: KernelChoice | null = null, bestTime = Infinity;
   for (const [rowGroups, colGroups, gflops] of BLOCKS) {
+    // SwiGLU pairs each gate column group with its up group in one invocation.
+    if (fused.swiglu && colGroups % 2 !== 0) continue;
     const runs = Math.ceil(M / (4 * rowGroups)); // runs of 8 lanes down the rows
     const workgroups = Math.ceil(runs / 8) * Math.ceil(N / (32 * colGroups));
     // A product split along k (splitKChunks) runs each workgroup once per range of k.
-    const split = splitKChunks(gpu, workgroups, K, blocks) ?? { count: 1, kLen: K };
-    const runWork = 4 * rowGroups * 32 * colGroups * (split.kLen / K);
-    const rounds = Math.ceil(workgroups * split.count / cpuThreads);
+    const split = fused.rmsnorm || fused.swiglu ? null : splitKChunks(gpu, workgroups, K, blocks);
+    const { count, kLen } = split ?? { count: 1, kLen: K };
+    const runWork = 4 * rowGroups * 32 * colGroups * (kLen / K);
+    const rounds = Math.ceil(workgroups * count / cpuThreads);
     const time = rounds * Math.min(8, runs) * runWork / gflops;
     if (time < bestTime) {
       bestTime = time;
@@ -194,6 +226,10 @@ interface Variant {
   splitK?: boolean;
   /** k stepped 8 at a time (`pairedSteps`): only when K is a multiple of 8 and not split. */
   kPairs: boolean;
+  /** a is an RMSNorm's input (`MatmulOptions.rmsnorm`): normW, p.eps. */
+  rmsnorm: boolean;
+  /** out is SwiGLU of the product's column halves (`MatmulOptions.swiglu`). */
+  swiglu: boolean;
 }
 
 // b's declaration and its loads: `vec(i)` is the vec4 at vec4 index i, `one(i)` the element i.
@@ -293,12 +329,14 @@ function matmulWgsl(v: Variant): string {
   // Where row `row` of a (a [K,M] when transA) and of out start; bias by out's whole column.
   const rowA = (row: string) =>
     v.blocks ? `${row} * p.strideA + p.firstA` : `${row} * ${v.transA ? "p.M" : "p.K"}`;
+  // With swiglu, out's rows are half the product's: I = p.N / 2 columns.
+  const outWidth = v.swiglu ? "(p.N / 2u)" : "p.N";
   const rowOut = (row: string) =>
     v.blocks
       ? `${row} * p.strideOut + p.firstOut`
       : v.splitK
       ? `(${row} + wid.z * p.M) * p.N`
-      : `${row} * p.N`;
+      : `${row} * ${outWidth}`;
   const biasAt = (column: string) => v.blocks ? `(${column} + p.firstOut)` : column;
   // Row group r: cm_r = its 4 rows clamped to M-1; rA_r = where they start in a [M,K];
   // gm_r = its first row, clamped so that a vec4 along m stays inside [0, M).
@@ -311,14 +349,25 @@ function matmulWgsl(v: Variant): string {
   // Column group c: cn_c = its 4 columns clamped to N-1; rB_c = where they start in b [N,K];
   // gn_c = its first column, clamped so that a vec4 along n stays inside [0, N).
   // With padded rows, bandB_c is where the band of b's rows cn_c starts in the texture.
+  // With swiglu the first half of the column groups are gate columns n0…, the second half the
+  // up columns I + n0… of the same outputs (b's rows I apart).
+  const half = colGroups / 2;
+  const columns = (c: number) =>
+    !v.swiglu
+      ? `clamp4(n0 + ${4 * c}u, p.N)`
+      : c < half
+      ? `clamp4(n0 + ${4 * c}u, p.N / 2u)`
+      : `clamp4(n0 + ${4 * (c - half)}u, p.N / 2u) + vec4u(p.N / 2u)`;
   const colSetup = cs.map((c) =>
-    `let cn${c} = clamp4(n0 + ${4 * c}u, p.N);` +
+    `let cn${c} = ${columns(c)};` +
     (v.transB
       ? (v.bRows
         ? ` let bandB${c} = (cn${c} >> vec4u(p.bandShiftB)) * p.rowTexelsB;`
         : ` let rB${c} = cn${c} * p.K;`)
       : "") +
-    (v.vecOut || (v.vecB && !v.transB) ? ` let gn${c} = min(n0 + ${4 * c}u, p.N - 4u);` : "")
+    ((v.vecOut || (v.vecB && !v.transB)) && !v.swiglu
+      ? ` let gn${c} = min(n0 + ${4 * c}u, p.N - 4u);`
+      : "")
   );
   // The 4×4 tile of op(a) at step k for row group r: column i holds A(row i, k..k+3).
   const tileA = (r: number, k: string) =>
@@ -357,10 +406,16 @@ function matmulWgsl(v: Variant): string {
           ? bs.vec(`((${k} + ${kk}u) * p.N + gn${c}) / 4u`)
           : vec4((j) => bs.one(`(${k} + ${kk}u) * p.N + cn${c}[${j}]`))
       );
-  // The tiles of one step of 4 along k, from k on, named A<r><name> and B<c><name>.
+  // The tiles of one step of 4 along k, from k on, named A<r><name> and B<c><name>. With
+  // rmsnorm, a's tiles add their squares to ss<r> and are scaled along k by the norm's weight.
   const tiles = (k: string, name: string) =>
     [
-      ...rs.map((r) => `let A${r}${name} = ${tileA(r, k)};`),
+      ...(v.rmsnorm ? [`let g${name} = normW[(${k}) / 4u];`] : []),
+      ...rs.map((r) =>
+        v.rmsnorm
+          ? `let A${r}${name} = normTile(${tileA(r, k)}, g${name}, &ss${r});`
+          : `let A${r}${name} = ${tileA(r, k)};`
+      ),
       ...cs.map((c) => `let B${c}${name} = ${tileB(c, k)};`),
     ].join("\n    ");
   // One k of the tail (only when K % 4 != 0, so a row stride of K means a scalar binding).
@@ -416,18 +471,39 @@ function matmulWgsl(v: Variant): string {
       ? `let bias${c} = bias[${biasAt(`gn${c}`)} / 4u];`
       : `let bias${c} = ${vec4((j) => `bias[${biasAt(`cn${c}[${j}]`)}]`)};`
   );
+  // With rmsnorm, acc starts from zero; the rows' scales and the bias come after the loop.
   const init = blocks.map(([r, c]) => {
     const columns = four.map((i) => {
       const terms = [];
       if (v.accumulate) terms.push(oldOut(r, c, i));
-      if (v.bias) terms.push(`bias${c}`);
+      if (v.bias && !v.rmsnorm) terms.push(`bias${c}`);
       return terms.join(" + ") || "vec4f()";
     });
     return `var acc${r}_${c} = mat4x4f(${columns.join(", ")});`;
   });
-  // Stores, fully unrolled: a dynamic index into acc would push it out of registers.
+  const normSums = v.rmsnorm ? rs.map((r) => `var ss${r} = vec4f();`) : [];
+  // Row i of row group r times 1/sqrt(mean of its squares + eps), plus the bias.
+  const normScales = v.rmsnorm
+    ? [
+      ...rs.map((r) => `let rs${r} = inverseSqrt(ss${r} / f32(p.K) + p.eps);`),
+      ...blocks.map(([r, c]) =>
+        `acc${r}_${c} = mat4x4f(${
+          four.map((i) => `acc${r}_${c}[${i}] * rs${r}[${i}]${v.bias ? ` + bias${c}` : ""}`)
+            .join(", ")
+        });`
+      ),
+    ]
+    : [];
+  // Stores, fully unrolled: a dynamic index into acc would push it out of registers. With
+  // swiglu, the gate groups' blocks store silu(gate)·up.
   const stores = blocks.flatMap(([r, c]) =>
     four.map((i) => {
+      if (v.swiglu) {
+        if (c >= half) return "";
+        return `if (m0 + ${4 * r + i}u < p.M && n0 + ${4 * c}u < p.N / 2u) { out[(${
+          rowOut(`(m0 + ${4 * r + i}u)`)
+        } + n0) / 4u + ${c}u] = silu(acc${r}_${c}[${i}]) * acc${r}_${c + half}[${i}]; }`;
+      }
       const m = `m0 + ${4 * r + i}u`;
       if (v.vecOut) {
         return `if (${m} < p.M && n0 + ${4 * c}u < p.N) { out[(${
@@ -448,7 +524,7 @@ struct Params { M: u32, N: u32, K: u32${
     v.blocks ? ", strideA: u32, firstA: u32, strideOut: u32, firstOut: u32" : ""
   }${v.splitK ? ", kLen: u32" : ""}${
     v.bRows ? ", rowTexelsB: u32, bandShiftB: u32, bandMaskB: u32" : ""
-  } }
+  }${v.rmsnorm ? ", eps: f32" : ""} }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) ${
     v.texA ? textureDecl("a") : `var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;`
@@ -456,6 +532,27 @@ struct Params { M: u32, N: u32, K: u32${
 @group(0) @binding(2) ${bs.decl}
 @group(0) @binding(3) var<storage, read_write> out: array<${outType}>;
 ${v.bias ? `@group(0) @binding(4) var<storage, read> bias: array<${outType}>;` : ""}
+${
+    v.rmsnorm
+      ? `@group(0) @binding(${v.bias ? 5 : 4}) var<storage, read> normW: array<vec4f>;
+
+// a's 4×4 tile (column i: row i's four k) scaled along k by g; its rows' squares added to ss.
+fn normTile(t: mat4x4f, g: vec4f, ss: ptr<function, vec4f>) -> mat4x4f {
+  *ss += vec4f(dot(t[0], t[0]), dot(t[1], t[1]), dot(t[2], t[2]), dot(t[3], t[3]));
+  return mat4x4f(t[0] * g, t[1] * g, t[2] * g, t[3] * g);
+}`
+      : ""
+  }
+${
+    v.swiglu
+      ? `
+// silu(g) = g·σ(g), σ from exp(−|g|) as kernels/swiglu.ts computes it.
+fn silu(g: vec4f) -> vec4f {
+  let e = exp(-abs(g));
+  return g * select(e / (1.0 + e), 1.0 / (1.0 + e), g >= vec4f(0.0));
+}`
+      : ""
+  }
 
 ${bs.helpers}
 
@@ -467,18 +564,20 @@ fn clamp4(first: u32, n: u32) -> vec4u {
 @compute @workgroup_size(${wx}, ${wy})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(local_invocation_id) lid: vec3u,
         @builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
-  let n0 = gid.x * ${4 * colGroups}u;
+  let n0 = gid.x * ${4 * (v.swiglu ? half : colGroups)}u;
   let m0 = ((${v.splitK ? "" : "wid.z * nwg.y + "}wid.y) * ${wy}u + lid.y) * ${4 * rowGroups}u;
-  if (n0 >= p.N || m0 >= p.M) { return; }
+  if (n0 >= ${outWidth} || m0 >= p.M) { return; }
   let kBegin = ${v.splitK ? "wid.z * p.kLen" : "0u"};
   let kEnd = ${v.splitK ? "min(p.K, kBegin + p.kLen)" : "p.K"};
   ${rowSetup.join("\n  ")}
   ${colSetup.join("\n  ")}
   ${v.bias ? biasSetup.join("\n  ") : ""}
   ${init.join("\n  ")}
+  ${normSums.join("\n  ")}
   let k4 = kBegin + ((kEnd - kBegin) & ~3u);
   ${loop}${tail}
-  ${stores.join("\n  ")}
+  ${normScales.join("\n  ")}
+  ${stores.filter((line) => line).join("\n  ")}
 }
 `;
 }
@@ -697,8 +796,27 @@ export function matmul(
   const vecOut = N % 4 === 0 && aligned(outBlock);
   const bType = storedAs(b);
   const allVec4 = vecA && vecB && vecOut;
-  const tile = matmulKernel(gpu, M, N, K, allVec4, blocks, opts.kernel, opts.block);
+  const swiglu = opts.swiglu ?? false, norm = opts.rmsnorm;
+  // A fusion's shapes (`fusesNormAndSwiglu`): x·Wᵀ without accumulate, x whole with rows of
+  // whole vec4s (rmsnorm; out may be a column block, as a sliced vocabulary projection's is);
+  // out whole, of vec4s, with no bias (swiglu).
+  const wholeA = aBlock.stride === K && aBlock.first === 0;
+  if (
+    (norm || swiglu) &&
+    (transA || !transB || accumulate || (norm && (K % 4 !== 0 || !wholeA)) ||
+      (swiglu && (blocks || !allVec4 || (N / 2) % 4 !== 0 || opts.bias)))
+  ) {
+    throw new Error(`matmul: no fused rmsnorm or swiglu for ${M}×${N}×${K} with these options`);
+  }
+  const tile = matmulKernel(gpu, M, N, K, allVec4, blocks, opts.kernel, opts.block, {
+    rmsnorm: norm !== undefined,
+    swiglu,
+  });
+  if ((norm || swiglu) && (tile === "tiled" || (swiglu && tile.colGroups % 2 !== 0))) {
+    throw new Error("matmul: rmsnorm and swiglu are fused in the software adapters' kernel only");
+  }
   const tensors = opts.bias ? [a, b, out, opts.bias] : [a, b, out];
+  if (norm) tensors.push(norm.weight);
   const strides = blocks ? [aBlock.stride, aBlock.first, outBlock.stride, outBlock.first] : [];
   if (tile === "tiled") {
     const tiled: TiledVariant = {
@@ -746,7 +864,8 @@ export function matmul(
   const gx = Math.ceil(N / (4 * tile.colGroups * tile.workgroup[0]));
   const gy = Math.ceil(M / (4 * tile.rowGroups * tile.workgroup[1]));
   const gz = Math.ceil(gy / 65535);
-  const chunks = splitKChunks(gpu, gx * gy, K, blocks);
+  // A fused product needs all of k in one invocation: never split.
+  const chunks = norm || swiglu ? null : splitKChunks(gpu, gx * gy, K, blocks);
   const variant: Variant = {
     transA,
     transB,
@@ -763,6 +882,8 @@ export function matmul(
     bRows: paddedB !== null,
     tile,
     kPairs: pairedSteps(transA, K, chunks !== null, tile),
+    rmsnorm: norm !== undefined,
+    swiglu,
   };
   const operands = [aTexture ?? a, bTexture ?? b];
   if (chunks) {
@@ -793,13 +914,13 @@ export function matmul(
     return;
   }
   const pipeline = gpu.pipelineFor(JSON.stringify(variant), () => matmulWgsl(variant), "matmul");
-  gpu.dispatch(pipeline, [gx, Math.ceil(gy / gz), gz], [...operands, ...tensors.slice(2)], [
-    M,
-    N,
-    K,
-    ...strides,
-    ...paddedParams,
-  ]);
+  gpu.dispatch(
+    pipeline,
+    [gx, Math.ceil(gy / gz), gz],
+    [...operands, ...tensors.slice(2)],
+    [M, N, K, ...strides, ...paddedParams],
+    norm ? [norm.eps] : [],
+  );
 }
 
 /**
