@@ -3,7 +3,8 @@
 // `Gpu` owns the adapter, the device, a cache of compiled pipelines and one open command
 // encoder. Kernels call `gpu.dispatch(...)`, which only records work; nothing reaches the GPU
 // until `flush()` (or a read, which flushes). Reading back costs ~11 ms per wait on llvmpipe,
-// so read as rarely as possible and batch reads with `readMany` (`waitCount` counts them).
+// so read as rarely as possible and batch reads with `readMany` (`waitCount` counts them); on
+// the Deno version where it is safe a read takes its values 10 ms sooner (`earlyReads`).
 // A dispatch allocates nothing: its Params go to a slot of one uniform ring buffer, uploaded
 // once per submit, and its bind group is cached, so repeated work reuses both.
 //
@@ -29,6 +30,32 @@ export function elementBytes(dtype: DType): number {
 
 /** Storage bindings must start at a multiple of this many bytes (WebGPU's default limit). */
 export const BINDING_ALIGNMENT = 256;
+
+/**
+ * Whether reads take their values as soon as the GPU has finished rather than when mapAsync's
+ * promise settles. Deno 2.9's mapAsync (ext/webgpu/buffer.rs) polls the device until the GPU is
+ * done synchronously inside the call, so the buffer is mapped in wgpu when the call returns,
+ * and then sleeps 10 ms before its promise resolves: every read waited ≥ 10 ms after the GPU was
+ * done (11.2 ms for 16 bytes after a trivial copy). Its getMappedRange copies the bytes out
+ * without checking the promise, and its unmap unmaps in wgpu at once (the sleeping promise only
+ * records its state). So readMany calls getMappedRange right after mapAsync, unmaps and returns
+ * the buffer to the pool, and awaits the promise only when getMappedRange throws (wgpu has not
+ * mapped it). These are that version's internals, not WebGPU's contract, and its getMappedRange
+ * panics (ends the process) on a buffer never mapped before, so the first map of each staging
+ * buffer awaits its promise, and early reads run only on the Deno minor version checked by
+ * tests/device_test.ts ("reads take their values …"). AHA_EARLY_READS=0 turns them off.
+ */
+export function earlyReads(): boolean {
+  let setting: string | undefined;
+  try {
+    setting = Deno.env.get("AHA_EARLY_READS");
+  } catch {
+    setting = undefined; // no --allow-env
+  }
+  if (setting === "0") return false;
+  return /^2\.9\./.test(Deno.version.deno);
+}
+const EARLY_READS = earlyReads();
 
 /** Uniform slots per submit (a submit is made when they run out) and 32-bit words per slot. */
 const UNIFORM_SLOTS = 1024;
@@ -275,6 +302,10 @@ export class Gpu {
   private isSoftware: boolean | undefined;
   /** Free MAP_READ buffers for readMany, by size. */
   private stagingPool = new Map<number, GPUBuffer[]>();
+  /** Staging buffers mapped once already: only these are read early (`earlyReads`). */
+  private mappedBefore = new WeakSet<GPUBuffer>();
+  /** Reads whose values were taken before mapAsync settled (`earlyReads`). */
+  earlyReadCount = 0;
   /** Per-kernel GPU time while profiling (`startProfile`), else null. */
   private profiler: Profiler | null = null;
 
@@ -819,8 +850,17 @@ export class Gpu {
     );
     this.flush();
     if (!uncounted) this.waitCount++;
-    await staging.mapAsync(GPUMapMode.READ, 0, total);
-    const mapped = staging.getMappedRange(0, total);
+    const settled = staging.mapAsync(GPUMapMode.READ, 0, total);
+    let mapped = this.mappedBefore.has(staging) ? this.earlyRange(staging, total) : null;
+    if (mapped) {
+      this.earlyReadCount++;
+      // Its promise settles later with nothing left to do (the buffer may be mapped again by
+      // then: Deno only records its state).
+      settled.catch(() => {});
+    } else {
+      await settled;
+      mapped = staging.getMappedRange(0, total);
+    }
     const values = tensors.map((t, i) => {
       const bytes = mapped.slice(offsets[i], offsets[i] + t.bytes);
       return t.dtype === "f32"
@@ -830,8 +870,19 @@ export class Gpu {
         : new Uint32Array(bytes);
     });
     staging.unmap();
+    this.mappedBefore.add(staging);
     this.stagingPool.get(staging.size)!.push(staging);
     return values;
+  }
+
+  /** The mapped bytes of a staging buffer whose mapAsync has not settled, if wgpu mapped it. */
+  private earlyRange(staging: GPUBuffer, total: number): ArrayBuffer | null {
+    if (!EARLY_READS) return null;
+    try {
+      return staging.getMappedRange(0, total);
+    } catch {
+      return null; // not mapped yet: the promise it is
+    }
   }
 
   /**

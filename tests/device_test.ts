@@ -5,7 +5,7 @@
 // dispatch under its kernel and its shape.
 
 import assert from "node:assert/strict";
-import { Tensor } from "../gpu/device.ts";
+import { earlyReads, Tensor } from "../gpu/device.ts";
 import { gpuTest, openGpu } from "./helpers.ts";
 
 const gpu = await openGpu();
@@ -190,5 +190,95 @@ Deno.test(
     }
     assert.ok(kernels.every((k, i) => i === 0 || kernels[i - 1].ms >= k.ms), "largest first");
     out.destroy();
+  },
+);
+
+Deno.test(
+  "reads take their values as soon as the GPU is done, and wait for the map where they cannot",
+  gpuTest,
+  async () => {
+    // A tensor changed by a dispatch between reads, read back to back: every value right.
+    const n = 333, step = gpu.pipeline(STEP_WGSL, "step");
+    const x = gpu.upload(Float32Array.from({ length: n }, (_, i) => i));
+    let want = Array.from({ length: n }, (_, i) => i);
+    await gpu.read(x); // the staging buffer's first map, which always awaits its promise
+    const readAfterStep = async (r: number) => {
+      gpu.dispatch(step, [Math.ceil(n / 64)], [x], [n], [r, -1]);
+      want = twin(want, [{ add: r, scale: -1 }]);
+      assert.deepEqual([...await gpu.read(x)], want, `read ${r}`);
+    };
+    const early = gpu.earlyReadCount;
+    for (let r = 0; r < 12; r++) await readAfterStep(r);
+    assert.equal(gpu.earlyReadCount - early, earlyReads() ? 12 : 0, "reads taken early");
+    // A getMappedRange that checks the map's promise (as WebGPU says it should) takes the
+    // promise's path: the values are the same.
+    const proto = GPUBuffer.prototype, original = proto.getMappedRange;
+    proto.getMappedRange = function (this: GPUBuffer, ...args: [number?, number?]) {
+      if (this.mapState !== "mapped") throw new DOMException("not mapped", "OperationError");
+      return original.apply(this, args);
+    };
+    try {
+      const before = gpu.earlyReadCount;
+      for (let r = 12; r < 16; r++) await readAfterStep(r);
+      assert.equal(gpu.earlyReadCount, before, "no read taken early");
+    } finally {
+      proto.getMappedRange = original;
+    }
+    x.destroy();
+  },
+);
+
+Deno.test("AHA_EARLY_READS=0 turns early reads off; on Deno 2.9 they are on", () => {
+  const before = Deno.env.get("AHA_EARLY_READS");
+  try {
+    Deno.env.set("AHA_EARLY_READS", "0");
+    assert.equal(earlyReads(), false);
+    Deno.env.delete("AHA_EARLY_READS");
+    assert.equal(earlyReads(), Deno.version.deno.startsWith("2.9."));
+  } finally {
+    if (before === undefined) Deno.env.delete("AHA_EARLY_READS");
+    else Deno.env.set("AHA_EARLY_READS", before);
+  }
+});
+
+Deno.test(
+  "this Deno's mapAsync maps in wgpu before it returns, and unmapping before its promise settles is safe",
+  gpuTest,
+  async () => {
+    // What early reads rely on (gpu/device.ts earlyReads), checked on the Deno that runs the
+    // tests: a buffer mapped once before can be read right after mapAsync returns, with the
+    // final bytes, unmapped at once and mapped again while the first promise still sleeps.
+    if (!earlyReads()) return;
+    const device = gpu.device, bytes = 4096;
+    const source = device.createBuffer({
+      size: bytes,
+      usage: GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
+    });
+    const staging = device.createBuffer({
+      size: bytes,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+    const copy = (value: number) => {
+      device.queue.writeBuffer(source, 0, new Float32Array(bytes / 4).fill(value));
+      const encoder = device.createCommandEncoder();
+      encoder.copyBufferToBuffer(source, 0, staging, 0, bytes);
+      device.queue.submit([encoder.finish()]);
+    };
+    copy(1);
+    await staging.mapAsync(GPUMapMode.READ);
+    staging.unmap();
+    const settled: Promise<unknown>[] = [];
+    for (let value = 2; value < 6; value++) {
+      copy(value);
+      const map = staging.mapAsync(GPUMapMode.READ);
+      settled.push(map);
+      assert.equal(staging.mapState, "pending");
+      const got = new Float32Array(staging.getMappedRange().slice(0));
+      assert.ok(got.every((v) => v === value), `read ${value}`);
+      staging.unmap();
+    }
+    await Promise.all(settled);
+    source.destroy();
+    staging.destroy();
   },
 );
