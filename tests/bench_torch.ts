@@ -56,10 +56,12 @@ async function best(reps: number, fn: () => Promise<void>): Promise<number> {
 /** Dispatches, waits, and buffers and bind groups created, that `fn` adds. */
 async function count(gpu: Gpu, fn: () => Promise<void>) {
   const d = gpu.dispatchCount, w = gpu.waitCount, b = gpu.bufferCount, g = gpu.bindGroupCount;
+  const e = gpu.earlyReadCount;
   await fn();
   return {
     dispatches: gpu.dispatchCount - d,
     waits: gpu.waitCount - w,
+    early: gpu.earlyReadCount - e,
     created: gpu.bufferCount - b + gpu.bindGroupCount - g,
   };
 }
@@ -371,7 +373,7 @@ export async function sideBySide(gpu: Gpu): Promise<void> {
     `\ncounts: ${grpo.perDecodeStep} dispatches per decode step (16×8 rows); ` +
       `${tiny.dispatches} per training forward+backward (tiny 64×16); ` +
       `${grpo.counts.dispatches} dispatches, ${grpo.counts.waits} GPU→CPU ` +
-      `wait${grpo.counts.waits === 1 ? "" : "s"} and ` +
+      `wait${grpo.counts.waits === 1 ? "" : "s"} (${grpo.counts.early} read early) and ` +
       `${grpo.counts.created} buffers or bind groups created per GRPO step; ` +
       `${sft.counts.dispatches} dispatches, ${sft.counts.waits} waits and ` +
       `${sft.counts.created} created per SFT step`,
