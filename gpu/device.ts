@@ -292,7 +292,7 @@ export class Gpu {
   private nextId = 1;
   /** Dispatches recorded since the device was opened (for benchmarks). */
   dispatchCount = 0;
-  /** GPU→CPU waits (mapAsync reads, onSubmittedWorkDone) since the device was opened. */
+  /** GPU→CPU waits (reads and syncs) since the device was opened. */
   waitCount = 0;
   /** Buffers and bind groups created since the device was opened (for benchmarks). */
   bufferCount = 0;
@@ -304,6 +304,8 @@ export class Gpu {
   private stagingPool = new Map<number, GPUBuffer[]>();
   /** Staging buffers mapped once already: only these are read early (`earlyReads`). */
   private mappedBefore = new WeakSet<GPUBuffer>();
+  /** The word `sync` reads. */
+  private syncWord: Tensor | null = null;
   /** Reads whose values were taken before mapAsync settled (`earlyReads`). */
   earlyReadCount = 0;
   /** Per-kernel GPU time while profiling (`startProfile`), else null. */
@@ -797,11 +799,14 @@ export class Gpu {
     this.pendingTextures = [];
   }
 
-  /** Wait until the GPU has finished all submitted work. */
+  /**
+   * Wait until the GPU has finished all submitted work: a read of one word, since a read waits
+   * for everything submitted before it and, taken early (`earlyReads`), returns ~10 ms before
+   * onSubmittedWorkDone would resolve.
+   */
   async sync(): Promise<void> {
-    this.flush();
-    this.waitCount++;
-    await this.device.queue.onSubmittedWorkDone();
+    this.syncWord ??= this.zeros([1]);
+    await this.read(this.syncWord);
   }
 
   // ---- reading back ----------------------------------------------------------------------

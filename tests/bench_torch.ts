@@ -373,7 +373,7 @@ export async function sideBySide(gpu: Gpu): Promise<void> {
     `\ncounts: ${grpo.perDecodeStep} dispatches per decode step (16×8 rows); ` +
       `${tiny.dispatches} per training forward+backward (tiny 64×16); ` +
       `${grpo.counts.dispatches} dispatches, ${grpo.counts.waits} GPU→CPU ` +
-      `wait${grpo.counts.waits === 1 ? "" : "s"} (${grpo.counts.early} read early) and ` +
+      `wait${grpo.counts.waits === 1 ? "" : "s"}, ${grpo.counts.early} reads taken early and ` +
       `${grpo.counts.created} buffers or bind groups created per GRPO step; ` +
       `${sft.counts.dispatches} dispatches, ${sft.counts.waits} waits and ` +
       `${sft.counts.created} created per SFT step`,
