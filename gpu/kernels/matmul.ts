@@ -1049,6 +1049,11 @@ export function linearBackward(
 }
 
 const SUM_ROWS_SIZE = 64;
+/**
+ * sumRows' workgroup: one SIMD run of invocations, so that a bias of 16 vec4s (64 columns) runs
+ * as two workgroups on two CPU threads rather than one workgroup on one.
+ */
+const BIAS_SUM_SIZE = 8;
 
 // By vec4s of columns (N, stride and first counted in them) when all are multiples of 4, x read
 // through `Gpu.input`.
@@ -1061,7 +1066,7 @@ struct Params { M: u32, N: u32, stride: u32, first: u32 }
 ${vec ? vec4Input(1, "x", texture) : "@group(0) @binding(1) var<storage, read> x: array<f32>;"}
 @group(0) @binding(2) var<storage, read_write> out: array<${type}>;
 
-@compute @workgroup_size(${SUM_ROWS_SIZE})
+@compute @workgroup_size(${BIAS_SUM_SIZE})
 fn main(@builtin(global_invocation_id) gid: vec3u) {
   let n = gid.x;
   if (n >= p.N) { return; }
@@ -1092,7 +1097,7 @@ export function sumRows(
     sumRowsWgsl(accumulate, vec, !(input instanceof Tensor)),
     "sumRows",
   );
-  gpu.dispatch(pipeline, [Math.ceil(N / width / SUM_ROWS_SIZE)], [input, out], [
+  gpu.dispatch(pipeline, [Math.ceil(N / width / BIAS_SUM_SIZE)], [input, out], [
     M,
     N / width,
     block.stride / width,

@@ -11,6 +11,9 @@ import { type Gpu, grid, Tensor, vec4Input } from "../device.ts";
 const ROWS_WG = 32;
 const WG = 256;
 const CHUNK = 64;
+// The dw partials kernel's workgroup: small, so that a hidden size of 64 over 1,024 rows (16 × 16
+// vec4 partials) runs as several workgroups on every CPU thread, not one on one.
+const CHUNKS_WG = 32;
 
 /** Which inputs a vec4 kernel reads from texture copies. */
 interface Textures {
@@ -93,9 +96,9 @@ ${decl(1, "x")}
 ${decl(3, "dy")}
 @group(0) @binding(4) var<storage, read_write> partial: array<${type}>;
 
-@compute @workgroup_size(${WG})
+@compute @workgroup_size(${CHUNKS_WG})
 fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
-  let i = gid.x + gid.y * nwg.x * ${WG}u;
+  let i = gid.x + gid.y * nwg.x * ${CHUNKS_WG}u;
   let width = ${width};
   if (i >= p.chunks * width) { return; }
   let c = i / width;
@@ -193,7 +196,7 @@ export function rmsnormBackward(
   const partial = gpu.scratch("rmsnorm dw partials", chunks * H);
   gpu.dispatch(
     gpu.pipeline(b.k.backwardDwChunks, "rmsnormBackwardDwChunks"),
-    grid(chunks * width, WG),
+    grid(chunks * width, CHUNKS_WG),
     [b.x, rstd, b.dy!, partial],
     [T, H, chunks],
   );
