@@ -27,6 +27,9 @@
 // b may be a frozen weight stored in 16 bits (bf16 packed two to a u32, widened with a shift and
 // a bitcast, which every adapter can do; or f16 behind shader-f16): it is widened to f32 as it
 // is loaded, so the products and sums are the f32 kernel's own.
+// On software adapters the register-blocked kernel can also fold an RMSNorm of a into the product
+// and apply SwiGLU to a gate/up product's halves (the `rmsnorm` and `swiglu` options: generation's
+// decode steps, whose small dispatches cost more in waking threads than in work).
 
 import { AhaError } from "../../core/errors.ts";
 import {
