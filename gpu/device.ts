@@ -2,9 +2,10 @@
 //
 // `Gpu` owns the adapter, the device, a cache of compiled pipelines and one open command
 // encoder. Kernels call `gpu.dispatch(...)`, which only records work; nothing reaches the GPU
-// until `flush()` (or a read, which flushes). Reading back costs ~11 ms per wait on llvmpipe,
-// so read as rarely as possible and batch reads with `readMany` (`waitCount` counts them); on
-// the Deno version where it is safe a read takes its values 10 ms sooner (`earlyReads`).
+// until `flush()` (or a read, which flushes). A read waits until the GPU has finished all that
+// was submitted, and Deno's mapAsync then sleeps 10 ms more (on the Deno version where it is safe,
+// reads take their values without that sleep: `earlyReads`), so read as rarely as possible and
+// batch reads with `readMany` (`waitCount` counts them).
 // A dispatch allocates nothing: its Params go to a slot of one uniform ring buffer, uploaded
 // once per submit, and its bind group is cached, so repeated work reuses both.
 //
