@@ -806,7 +806,12 @@ export class Gpu {
    * onSubmittedWorkDone would resolve.
    */
   async sync(): Promise<void> {
-    this.syncWord ??= this.zeros([1]);
+    // The device's own word, not a tensor of the caller's (`zeros` counts those).
+    this.syncWord ??= new Tensor(
+      this.createBuffer({ label: "sync", size: 4, usage: GPUBufferUsage.COPY_SRC }),
+      [1],
+      "f32",
+    );
     await this.read(this.syncWord);
   }
 
