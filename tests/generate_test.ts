@@ -7,7 +7,7 @@ import { Rng } from "../core/rng.ts";
 
 import { generate } from "../gpu/generate.ts";
 import { loraModules } from "../core/lora.ts";
-import type { LoraConfig } from "../core/train_config.ts";
+import { LORA_TARGETS, type LoraConfig } from "../core/train_config.ts";
 import { prefillPrompts } from "../core/plan.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { scoreSequences } from "../gpu/score.ts";
@@ -80,15 +80,7 @@ const GREEDY_CASES = [
     name: "fused, with a LoRA adapter on every projection",
     model: () =>
       new GpuModel(gpu, fusingConfig, sharpWeights(5, 0.3, fusingConfig), {
-        lora: sharpAdapter([
-          "q_proj",
-          "k_proj",
-          "v_proj",
-          "o_proj",
-          "gate_proj",
-          "up_proj",
-          "down_proj",
-        ], 6),
+        lora: sharpAdapter([...LORA_TARGETS], 6),
       }),
   },
   {
