@@ -355,14 +355,14 @@ function matmulWgsl(v: Variant): string {
   // With swiglu the first half of the column groups are gate columns n0…, the second half the
   // up columns I + n0… of the same outputs (b's rows I apart).
   const half = colGroups / 2;
-  const columns = (c: number) =>
+  const columnsOf = (c: number) =>
     !v.swiglu
       ? `clamp4(n0 + ${4 * c}u, p.N)`
       : c < half
       ? `clamp4(n0 + ${4 * c}u, p.N / 2u)`
       : `clamp4(n0 + ${4 * (c - half)}u, p.N / 2u) + vec4u(p.N / 2u)`;
   const colSetup = cs.map((c) =>
-    `let cn${c} = ${columns(c)};` +
+    `let cn${c} = ${columnsOf(c)};` +
     (v.transB
       ? (v.bRows
         ? ` let bandB${c} = (cn${c} >> vec4u(p.bandShiftB)) * p.rowTexelsB;`
