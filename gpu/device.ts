@@ -66,34 +66,43 @@ const TEXTURE_ROW = 1024;
 
 /**
  * A matrix whose rows are a multiple of this many bytes long gets a texture copy with padded
- * rows (`Gpu.paddedRows`): its rows would otherwise start at addresses that share their low bits,
+ * rows (`Gpu.matrixRows`): its rows would otherwise start at addresses that share their low bits,
  * and the rows an invocation reads side by side would fall in the same few sets of the CPU's
- * caches, evicting one another. On the 2-core Zen 3, x·Wᵀ over 1024×2048 f32 rows (8 KB apart)
- * ran at 28 GFLOPS against 41 with rows of 2,056; 1,536 and 3,584 rows 37 → 40.
+ * caches, evicting one another. A run of 8 lanes with 16 columns each reads 128 rows at once;
+ * rows 512·j bytes apart (j odd) fall in 8 of the L1's 64 sets, 16 to a set of 8 ways. On the
+ * 2-core Zen 3, x·Wᵀ over 1024×2048 f32 rows (8 KB apart) ran at 28 GFLOPS against 41 with rows
+ * of 2,056; over rows of 896 floats (3.5 KB: the 0.5B model's hidden size) 45 against 48–49.
  */
-const ALIASED_ROW_BYTES = 1024;
+const ALIASED_ROW_BYTES = 512;
+
+/** WebGPU's alignment of a buffer's rows in a copy to a texture (COPY_BYTES_PER_ROW_ALIGNMENT). */
+const COPY_ROW_BYTES = 256;
 
 /**
- * A texture copy of a matrix with padded rows: its row r's vec4 t at texel (⌊r / 2^bandShift⌋ ·
- * rowTexels + t, r mod 2^bandShift), each row one texel longer than its data. A texture holds
- * fewer rows than a large weight has, so the rows go in bands of 2^bandShift side by side, the
- * band's height a power of two so that a kernel finds a row's band with a shift and a mask.
+ * A texture copy of a matrix laid out by its rows: row r's vec4 t at texel (⌊r / 2^bandShift⌋ ·
+ * rowTexels + t, r mod 2^bandShift). A row is `padded` by a texel past its data when rows would
+ * alias in the caches (ALIASED_ROW_BYTES). A texture holds fewer rows than a large weight has,
+ * so the rows go in bands of 2^bandShift side by side, the band's height a power of two so that
+ * a kernel finds a row's band with a shift and a mask. In one band, row r of the matrix is row r
+ * of the texture, and its vec4 t texel (t, r): the matmul then reads a tile's rows at one texel
+ * column and works out no coordinates in its loop.
  */
-export interface PaddedRows {
+export interface TextureRows {
   rowTexels: number;
+  padded: boolean;
   bandShift: number;
   bands: number;
 }
 
 /**
  * Where a texture copy's texels lie: TEXTURE_ROW texels a row in order (vec4 i at (i %
- * TEXTURE_ROW, i / TEXTURE_ROW)), or a matrix's padded rows. A texture's rows lie `width` texels
- * apart in memory, so a padded copy's texture is exactly as wide as its bands.
+ * TEXTURE_ROW, i / TEXTURE_ROW)), or a matrix's rows. A texture's rows lie `width` texels apart
+ * in memory, so a copy by rows has a texture exactly as wide as its bands.
  */
 export interface TextureLayout {
   width: number;
   height: number;
-  padded?: PaddedRows;
+  rows?: TextureRows;
 }
 
 /** A texture copy's texel format: four f32s, or four 16-bit halves as two u32s. */
@@ -119,20 +128,6 @@ export function textureDecl(name: string, halves = false): string {
 /** WGSL for the texel of vec4 `i` (an index expression) of a texture copy (`Gpu.textureCopy`). */
 export function texelLoad(texture: string, i: string): string {
   return `textureLoad(${texture}, vec2u((${i}) % ${TEXTURE_ROW}u, (${i}) / ${TEXTURE_ROW}u))`;
-}
-
-/**
- * WGSL for the texel of a padded copy's (`PaddedRows`) row `row`, vec4 `t` of it: `bandStart` is
- * its band's first texel, ⌊row / 2^bandShift⌋·rowTexels, and `bandMask` 2^bandShift − 1.
- */
-export function paddedTexelLoad(
-  texture: string,
-  bandStart: string,
-  t: string,
-  row: string,
-  bandMask: string,
-): string {
-  return `textureLoad(${texture}, vec2u(${bandStart} + ${t}, (${row}) & ${bandMask}))`;
 }
 
 /**
@@ -443,14 +438,14 @@ export class Gpu {
    * dispatch: TEXTURE_ROW texels a row, its vec4 i (four consecutive elements) at texel
    * (i % TEXTURE_ROW, i / TEXTURE_ROW); an f32 tensor as rgba32float, a 16-bit one (bf16, f16)
    * as rg32uint holding its four halves as stored; or, read as a matrix of rows of `rowLength`
-   * elements, in padded rows when it gets them (`paddedRows`). Null when the tensor does not fit
+   * elements, by its rows when it may be (`matrixRows`). Null when the tensor does not fit
    * such a texture, is not whole vec4s, or is 16-bit on an adapter without rg32uint storage
    * textures.
    */
   textureCopy(name: string, t: Tensor, rowLength?: number): GPUTextureView | null {
     const layout = this.textureLayout(t, rowLength);
     if (layout === null) return null;
-    // A padded copy's texture is exactly as wide as its rows (its width sets the row pitch).
+    // A copy by rows has a texture exactly as wide as its bands (its width sets the row pitch).
     name = `${name} ${textureFormat(t)} ${layout.width}`;
     let kept = this.textures.get(name);
     if (!kept || kept.texture.height < layout.height) {
@@ -463,22 +458,33 @@ export class Gpu {
   }
 
   /**
-   * How t's texture copy pads its rows when t, read as a matrix of rows of `rowLength` elements,
-   * gets padded rows (rows a multiple of ALIASED_ROW_BYTES long, and bands that fit the adapter's
-   * textures: the band height wasting the fewest texels, the tallest of those); else null, and
-   * its copy lies TEXTURE_ROW texels a row.
+   * How t's texture copy lies by its rows when t, read as a matrix of rows of `rowLength`
+   * elements, has one: rows a multiple of ALIASED_ROW_BYTES long are padded, in bands that fit
+   * the adapter's textures (the band height wasting the fewest texels, the tallest of those);
+   * other rows a multiple of 256 bytes long lie by rows when they fit one band. Else null, and
+   * the copy lies TEXTURE_ROW texels a row.
    */
-  paddedRows(t: Tensor, rowLength?: number): PaddedRows | null {
+  matrixRows(t: Tensor, rowLength?: number): TextureRows | null {
     if (rowLength === undefined || rowLength % 4 !== 0 || t.size % rowLength !== 0) return null;
     const rowBytes = rowLength * elementBytes(t.dtype), rows = t.size / rowLength;
-    if (rowBytes % ALIASED_ROW_BYTES !== 0) return null;
-    const rowTexels = rowLength / 4 + 1, maxSide = this.device.limits.maxTextureDimension2D;
-    let best: PaddedRows | null = null, bestTexels = Infinity;
-    for (let bandShift = Math.floor(Math.log2(maxSide)); bandShift >= 0; bandShift--) {
+    const padded = rowBytes % ALIASED_ROW_BYTES === 0;
+    const rowTexels = rowLength / 4 + (padded ? 1 : 0);
+    const maxSide = this.device.limits.maxTextureDimension2D,
+      maxShift = Math.floor(Math.log2(maxSide));
+    if (!padded) {
+      // One copy command writes all the rows, from a buffer whose rows it must find 256-byte
+      // aligned (COPY_BYTES_PER_ROW_ALIGNMENT), as padded rows always are.
+      const fits = rowBytes % COPY_ROW_BYTES === 0 && rows <= maxSide && rowTexels <= maxSide;
+      return fits ? { rowTexels, padded, bandShift: maxShift, bands: 1 } : null;
+    }
+    let best: TextureRows | null = null, bestTexels = Infinity;
+    for (let bandShift = maxShift; bandShift >= 0; bandShift--) {
       const bands = Math.ceil(rows / 2 ** bandShift);
       if (bands * rowTexels > maxSide) break; // lower bands only get wider
       const texels = bands * Math.min(rows, 2 ** bandShift);
-      if (texels < bestTexels) [best, bestTexels] = [{ rowTexels, bandShift, bands }, texels];
+      if (texels < bestTexels) {
+        [best, bestTexels] = [{ rowTexels, padded, bandShift, bands }, texels];
+      }
     }
     return best;
   }
@@ -492,10 +498,10 @@ export class Gpu {
     if (!fits || t.bytes % bytes !== 0 || rows > this.device.limits.maxTextureDimension2D) {
       return null;
     }
-    const padded = this.paddedRows(t, rowLength);
-    if (padded === null) return { width: TEXTURE_ROW, height: rows };
-    const bandRows = Math.min(t.size / rowLength!, 2 ** padded.bandShift);
-    return { width: padded.bands * padded.rowTexels, height: bandRows, padded };
+    const byRows = this.matrixRows(t, rowLength);
+    if (byRows === null) return { width: TEXTURE_ROW, height: rows };
+    const bandRows = Math.min(t.size / rowLength!, 2 ** byRows.bandShift);
+    return { width: byRows.bands * byRows.rowTexels, height: bandRows, rows: byRows };
   }
 
   /** Bytes of t's texture copy (whole rows of texels), or null when t cannot have one. */
@@ -505,7 +511,7 @@ export class Gpu {
   }
 
   /**
-   * A texture able to hold t's copy (textureCopy's layout, padded rows when `rowLength` asks for
+   * A texture able to hold t's copy (textureCopy's layout, by rows when `rowLength` asks for
    * them and t gets them), or null when t cannot have one; the copy itself is
    * recordWholeCopy's. For copies kept by their owner (gpu/kept_textures.ts).
    */
@@ -531,12 +537,13 @@ export class Gpu {
 
   /**
    * Record copying all of t into `texture` as `layout` lays it out (textureCopy's, or what
-   * copyTexture returned): padded rows a band at a time, else as recordTextureCopy.
+   * copyTexture returned): by rows a band at a time, else as recordTextureCopy.
    */
   recordWholeCopy(t: Tensor, texture: GPUTexture, layout: TextureLayout): void {
-    if (!layout.padded) return this.recordTextureCopy(t, texture);
-    const { rowTexels, bandShift, bands } = layout.padded;
-    const texel = texelBytes(t), dataTexels = rowTexels - 1, rows = t.bytes / texel / dataTexels;
+    if (!layout.rows) return this.recordTextureCopy(t, texture);
+    const { rowTexels, padded, bandShift, bands } = layout.rows;
+    const texel = texelBytes(t), dataTexels = rowTexels - (padded ? 1 : 0);
+    const rows = t.bytes / texel / dataTexels;
     const bandRows = 2 ** bandShift;
     this.endPass();
     const encoder = this.getEncoder();

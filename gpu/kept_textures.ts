@@ -75,7 +75,7 @@ export class KeptTextures {
    * t's kept copy (copied now if it is new or stale), or null: t cannot be a texture or the budget
    * is spent, and the caller copies it per use. t is identified by the object: pass the same
    * Tensor each time (a model's weight slices), with the same `rowLength` (a matrix's rows, for a
-   * copy with padded rows: `Gpu.paddedRows`).
+   * copy laid out by them: `Gpu.matrixRows`).
    */
   view(t: Tensor, rowLength?: number): GPUTextureView | null {
     let copy = this.copies.get(t);
@@ -90,7 +90,7 @@ export class KeptTextures {
       this.copies.set(t, copy);
     }
     if (!copy) return null;
-    const asked = this.gpu.paddedRows(t, rowLength), made = copy.layout.padded;
+    const asked = this.gpu.matrixRows(t, rowLength), made = copy.layout.rows;
     if (asked?.rowTexels !== made?.rowTexels || asked?.bandShift !== made?.bandShift) {
       throw new Error("KeptTextures.view: a tensor's copy was asked for with other rows");
     }
@@ -129,7 +129,7 @@ export class KeptTextures {
   changed(t: Tensor, ranges: [number, number][]): void {
     const copy = this.copies.get(t);
     if (!copy?.fresh) return; // none, or to be made whole anyway
-    if (copy.layout.padded) throw new Error("KeptTextures.changed: a copy with padded rows");
+    if (copy.layout.rows) throw new Error("KeptTextures.changed: a copy laid out by rows");
     copy.changed.push(...ranges.map(([start, count]): [number, number] => [start / 4, count / 4]));
     if (copy.changed.length * RANGE_BYTES >= t.bytes) copy.fresh = false;
   }

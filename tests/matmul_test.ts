@@ -273,34 +273,76 @@ Deno.test(
 );
 
 Deno.test(
-  "weights whose rows are whole KiB get texture copies with padded rows, in bands, read right",
+  "every block reads copies laid out by rows in one band, on every layout, with a tail of k",
   gpuTest,
-  // Gpu.paddedRows: b's copy pads each row by a texel when its rows are a multiple of 1 KiB long,
-  // which any layout then reads by row. Every block on NT and NN and the chosen one on TN and TT,
-  // with rows of 2 KiB (K = 512, so blocks of 16 rows also step k eight at a time); then b with
-  // more rows than a texture is tall, so in bands, read along its rows (NT) and down them (NN,
-  // whose long k splits into ranges).
+  // Rows of 64 and 192 floats (256 and 768 bytes: not padded) lie by rows in one band
+  // (Gpu.matrixRows), where the kernel reads row r's vec4 t at texel (t, r): a along k (NT, NN)
+  // and down k (TN), b along k (NT) and down it (NN, TN), and the one-k tail past K % 4.
+  () => {
+    const along = { M: 36, N: 64, K: 192 }, down = { M: 64, N: 64, K: 36 };
+    const probe = gpu.zeros([36 * 192]);
+    for (const [size, rowLength] of [[36 * 192, 192], [64 * 36, 64], [37 * 64, 64]]) {
+      const rows = gpu.matrixRows(probe.view(0, [size]), rowLength);
+      assert.deepEqual([rows?.padded, rows?.bands], [false, 1], `rows of ${rowLength}: one band`);
+    }
+    probe.destroy();
+    return checkBlocked([
+      ...everyBlock(along, LAYOUTS.slice(0, 2)),
+      ...everyBlock(down, LAYOUTS.slice(2, 3)),
+      ...everyBlock({ M: 36, N: 64, K: 37 }, LAYOUTS.slice(1, 2)),
+      ...everyBlock({ M: 64, N: 64, K: 37 }, LAYOUTS.slice(2, 3)),
+    ].filter((c) => c.textures));
+  },
+);
+
+Deno.test(
+  "texture copies lie by rows, padded when rows alias, in bands when tall, else in order: read right",
+  gpuTest,
+  // Gpu.matrixRows: a matrix's copy lies by its rows, each padded by a texel when rows are a
+  // multiple of 512 bytes long; padded rows go in bands when the matrix is taller than a
+  // texture, other rows in order (TEXTURE_ROW texels a row). Every block on NT and NN and the
+  // chosen one on TN and TT with rows of 2 KiB (K = 512, so blocks of 16 rows also step k eight
+  // at a time); then a b with more rows than a texture is tall, padded (in bands) and not (in
+  // order), read along its rows (NT) and down them (NN, whose long k splits into ranges); and an
+  // a that tall, in order, read both ways.
   () => {
     const shape = { M: 36, N: 256, K: 512 };
     const b = gpu.zeros([shape.K * shape.N]);
-    const padded = gpu.paddedRows(b, shape.K);
-    assert.deepEqual([padded?.rowTexels, padded?.bands], [shape.K / 4 + 1, 1], "2 KiB: padded");
-    assert.equal(gpu.paddedRows(b, 260), null, "rows of 1,040 bytes are not");
+    const rows = gpu.matrixRows(b, shape.K);
+    assert.deepEqual(
+      [rows?.rowTexels, rows?.padded, rows?.bands],
+      [shape.K / 4 + 1, true, 1],
+      "2 KiB: padded",
+    );
+    const unpadded = gpu.matrixRows(b.view(0, [320 * 400]), 320);
+    assert.deepEqual(
+      [unpadded?.rowTexels, unpadded?.padded, unpadded?.bands],
+      [80, false, 1],
+      "rows of 1,280 bytes are not padded",
+    );
+    assert.equal(gpu.matrixRows(b.view(0, [260 * 500]), 260), null, "rows of 1,040: in order");
     assert.equal(
       gpu.textureCopyBytes(b, shape.K),
       (shape.K / 4 + 1) * shape.N * 16,
       "a padded copy holds its rows and their padding",
     );
     b.destroy();
-    // On lavapipe (textures up to 16,384 texels a side): 16,392 rows in 129 bands of 128.
-    const rows = gpu.device.limits.maxTextureDimension2D + 8, tall = gpu.zeros([rows * 256]);
-    assert.ok(gpu.paddedRows(tall, 256)!.bands > 1, "a tall matrix's rows go in bands");
+    // On lavapipe (textures up to 16,384 texels a side): 16,392 rows of 1 KiB in 129 bands of
+    // 128; rows of 1,280 bytes in order.
+    const tallRows = gpu.device.limits.maxTextureDimension2D + 8;
+    const tall = gpu.zeros([tallRows * 320]);
+    assert.ok(gpu.matrixRows(tall.view(0, [tallRows * 256]), 256)!.bands > 1, "padded: bands");
+    assert.equal(gpu.matrixRows(tall, 320), null, "tall rows that are not padded lie in order");
     tall.destroy();
     return checkBlocked([
       ...everyBlock(shape, LAYOUTS.slice(0, 2)).filter((c) => c.textures),
       ...LAYOUTS.slice(2).map((layout) => ({ shape, layout, textures: true })),
-      { shape: { M: 5, N: rows, K: 256 }, layout: LAYOUTS[0], textures: true },
-      { shape: { M: 5, N: 256, K: rows }, layout: LAYOUTS[1], textures: true },
+      { shape: { M: 5, N: tallRows, K: 256 }, layout: LAYOUTS[0], textures: true },
+      { shape: { M: 5, N: 256, K: tallRows }, layout: LAYOUTS[1], textures: true },
+      { shape: { M: 5, N: tallRows, K: 320 }, layout: LAYOUTS[0], textures: true },
+      { shape: { M: 5, N: 320, K: tallRows }, layout: LAYOUTS[1], textures: true },
+      { shape: { M: tallRows, N: 6, K: 64 }, layout: LAYOUTS[0], textures: true },
+      { shape: { M: 64, N: 6, K: tallRows }, layout: LAYOUTS[2], textures: true },
     ]);
   },
 );
@@ -315,7 +357,7 @@ Deno.test(
     const w = roundThrough(random(R * C), "bf16"), x = random(M * C), dy = random(M * R);
     const tw = gpu.zeros([R, C], "bf16");
     gpu.write(tw, packHalves(w, "bf16"));
-    assert.notEqual(gpu.paddedRows(tw, C), null);
+    assert.equal(gpu.matrixRows(tw, C)?.padded, true);
     const kept = new KeptTextures(gpu);
     const opts = { kernel: "blocked" as const, textures: true, keptB: kept };
     const tx = gpu.upload(x), tdy = gpu.upload(dy), y = gpu.zeros([M, R]), dx = gpu.zeros([M, C]);

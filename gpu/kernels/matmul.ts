@@ -12,10 +12,12 @@
 // by many invocations is first copied (`Gpu.textureCopy`, a memcpy on a CPU adapter) into a
 // texture, one texel per vec4 (rgba32float, or rg32uint for a 16-bit weight), and read with
 // textureLoad: the 0.5B MLP product x·Wᵀ went from 16 to 27 GFLOPS on llvmpipe, its input
-// gradient dy·W from 10 to 24; over a bf16 weight, 178 → 128 and 230 → 128 ms. b's copy is asked
-// for as the weight's rows, which it pads when they are a whole KiB long (`Gpu.paddedRows`: rows
-// whose addresses share their low bits evict one another from the CPU's caches), and the kernel
-// then finds a row's texels by its band (`bRows`).
+// gradient dy·W from 10 to 24; over a bf16 weight, 178 → 128 and 230 → 128 ms. The copies lie
+// by the matrices' rows (`Gpu.matrixRows`): in one band a row's vec4 t is texel (t, row), so a
+// tile's loads share their column and the loop works out no coordinates (x·Wᵀ 512×4864×896:
+// 3–8% faster than copies in TEXTURE_ROW order). b's rows are padded when their addresses would
+// share their low bits and evict one another from the CPU's caches, and a weight too tall for
+// one band lies in bands of rows, which the kernel finds by shifts and masks (`rowsB`).
 //
 // Layouts: a is [M,K] (or [K,M] when transA), b is [K,N] (or [N,K] when transB), out is
 // [M,N], all row-major. An operand is bound as array<vec4f> when its row stride is a multiple
@@ -35,10 +37,10 @@ import { AhaError } from "../../core/errors.ts";
 import {
   Gpu,
   grid,
-  paddedTexelLoad,
   Tensor,
   texelLoad,
   textureDecl,
+  type TextureRows,
   vec4Input,
 } from "../device.ts";
 import type { KeptTextures } from "../kept_textures.ts";
@@ -223,7 +225,10 @@ interface Variant {
   bType: "f32" | "bf16" | "f16"; // how b is stored
   texA: boolean; // a read from its texture copy (`Gpu.textureCopy`); only when vecA
   texB: boolean; // likewise b, also when stored in 16 bits; only when vecB
-  bRows: boolean; // b's texture copy has padded rows (`Gpu.paddedRows`): p.rowTexelsB, p.bandShiftB
+  /** How a's copy lies: in order (TEXTURE_ROW texels a row), or a's rows in one band. */
+  rowsA: Layout;
+  /** Likewise b's, which may also lie in bands of rows (p.rowTexelsB, p.bandShiftB, p.bandMaskB). */
+  rowsB: Layout;
   tile: KernelChoice;
   /** Workgroup z picks a range of p.kLen along k; out is the partial sums [z, M, N]. */
   splitK?: boolean;
@@ -235,22 +240,28 @@ interface Variant {
   swiglu: boolean;
 }
 
-// b's declaration and its loads: `vec(i)` is the vec4 at vec4 index i, `one(i)` the element i.
+/**
+ * How an operand's texture copy lies (`TextureRows`): "ordered" TEXTURE_ROW texels a row, or
+ * by the matrix's rows: "oneBand", row r of the matrix in row r of the texture, so that its vec4
+ * t is texel (t, r) with no arithmetic on the coordinates; or "bands" of rows side by side.
+ */
+type Layout = "ordered" | "oneBand" | "bands";
+
+function layoutOf(rows: TextureRows | null): Layout {
+  return rows === null ? "ordered" : rows.bands === 1 ? "oneBand" : "bands";
+}
+
+// b's declaration and its loads: `vec(i)` is the vec4 at vec4 index i, `one(i)` the element i;
+// in a copy laid out by rows, `at(x, y)` is the vec4 at texel (x, y).
 interface BLoads {
   decl: string;
   helpers: string;
   vec(i: string): string;
   one(i: string): string;
-  at?(bandStart: string, t: string, row: string): string;
+  at(x: string, y: string): string;
 }
 
-// With padded rows (`bRows`), `at(bandStart, t, row)` is the vec4 t of b's row `row` instead.
-function bStorage(
-  bType: Variant["bType"],
-  vec: boolean,
-  texture: boolean,
-  paddedRows: boolean,
-): BLoads {
+function bStorage(bType: Variant["bType"], vec: boolean, texture: boolean): BLoads {
   if (texture) {
     // A texel holds four elements: f32 as rgba32float, 16-bit as rg32uint (two halves a word,
     // the lower one first, as in storage), widened as the storage loads below do.
@@ -263,20 +274,14 @@ function bStorage(
 fn loadB4(i: u32) -> vec4f {
   let w = ${texelLoad("b", "i")}.xy;
   return ${widen};
-}${
-        paddedRows
-          ? `
-fn loadB4At(bandStart: u32, t: u32, row: u32) -> vec4f {
-  let w = ${paddedTexelLoad("b", "bandStart", "t", "row", "p.bandMaskB")}.xy;
+}
+fn loadB4At(x: u32, y: u32) -> vec4f {
+  let w = textureLoad(b, vec2u(x, y)).xy;
   return ${widen};
-}`
-          : ""
-      }`,
+}`,
       vec: (i: string) => bType === "f32" ? texelLoad("b", i) : `loadB4(${i})`,
-      at: (bandStart: string, t: string, row: string) =>
-        bType === "f32"
-          ? paddedTexelLoad("b", bandStart, t, row, "p.bandMaskB")
-          : `loadB4At(${bandStart}, ${t}, ${row})`,
+      at: (x: string, y: string) =>
+        bType === "f32" ? `textureLoad(b, vec2u(${x}, ${y}))` : `loadB4At(${x}, ${y})`,
       one: (i: string) =>
         bType === "f32"
           ? `${texelLoad("b", `(${i}) / 4u`)}[(${i}) % 4u]`
@@ -289,6 +294,7 @@ fn loadB4At(bandStart: u32, t: u32, row: u32) -> vec4f {
       helpers: "",
       vec: (i: string) => `b[${i}]`,
       one: (i: string) => `b[${i}]`,
+      at: noTexture,
     };
   }
   if (bType === "f16") {
@@ -297,6 +303,7 @@ fn loadB4At(bandStart: u32, t: u32, row: u32) -> vec4f {
       helpers: "",
       vec: (i: string) => `vec4f(b[${i}])`,
       one: (i: string) => `f32(b[${i}])`,
+      at: noTexture,
     };
   }
   // bf16: element 2i is the low half of word i, 2i+1 the high half; a bf16 is an f32's top half.
@@ -315,7 +322,12 @@ fn loadB1(i: u32) -> f32 {
 }`,
     vec: (i: string) => `loadB4(${i})`,
     one: (i: string) => `loadB1(${i})`,
+    at: noTexture,
   };
+}
+
+function noTexture(): string {
+  throw new Error("matmul: b is read from storage, not a texture");
 }
 
 // The WGSL for one variant. An invocation owns rows m0 .. m0+4·rowGroups and columns
@@ -324,7 +336,7 @@ fn loadB1(i: u32) -> f32 {
 function matmulWgsl(v: Variant): string {
   const { workgroup: [wx, wy], rowGroups, colGroups } = v.tile;
   const range = (n: number) => [...Array(n).keys()];
-  const bs = bStorage(v.bType, v.vecB, v.texB, v.bRows);
+  const bs = bStorage(v.bType, v.vecB, v.texB);
   const aVec = (i: string) => v.texA ? texelLoad("a", i) : `a[${i}]`; // the vec4 at vec4 index i
   const rs = range(rowGroups), cs = range(colGroups), four = range(4);
   const vec4 = (f: (i: number) => string) => `vec4f(${four.map(f).join(", ")})`;
@@ -342,16 +354,21 @@ function matmulWgsl(v: Variant): string {
       : `${row} * ${outWidth}`;
   const biasAt = (column: string) => v.blocks ? `(${column} + p.firstOut)` : column;
   // Row group r: cm_r = its 4 rows clamped to M-1; rA_r = where they start in a [M,K];
-  // gm_r = its first row, clamped so that a vec4 along m stays inside [0, M).
+  // gm_r = its first row, clamped so that a vec4 along m stays inside [0, M), and tA_r the
+  // texel it starts (a [K,M] in one band).
   const rowSetup = rs.map((r) =>
     `let cm${r} = clamp4(m0 + ${4 * r}u, p.M);` +
     (v.transA
-      ? (v.vecA ? ` let gm${r} = min(m0 + ${4 * r}u, p.M - 4u);` : "")
+      ? (v.vecA ? ` let gm${r} = min(m0 + ${4 * r}u, p.M - 4u);` : "") +
+        (v.rowsA === "oneBand" ? ` let tA${r} = gm${r} / 4u;` : "")
+      : v.rowsA === "oneBand"
+      ? ""
       : ` let rA${r} = ${rowA(`cm${r}`)};`)
   );
   // Column group c: cn_c = its 4 columns clamped to N-1; rB_c = where they start in b [N,K];
-  // gn_c = its first column, clamped so that a vec4 along n stays inside [0, N).
-  // With padded rows, bandB_c is where the band of b's rows cn_c starts in the texture.
+  // gn_c = its first column, clamped so that a vec4 along n stays inside [0, N), and tB_c the
+  // texel it starts (b [K,N] by rows). In bands of b [N,K]'s rows, bandB_c is where the band
+  // of rows cn_c starts in the texture and yB_c their rows within it.
   // With swiglu the first half of the column groups are gate columns n0…, the second half the
   // up columns I + n0… of the same outputs (b's rows I apart).
   const half = colGroups / 2;
@@ -364,47 +381,61 @@ function matmulWgsl(v: Variant): string {
   const colSetup = cs.map((c) =>
     `let cn${c} = ${columnsOf(c)};` +
     (v.transB
-      ? (v.bRows
-        ? ` let bandB${c} = (cn${c} >> vec4u(p.bandShiftB)) * p.rowTexelsB;`
+      ? (v.rowsB === "bands"
+        ? ` let bandB${c} = (cn${c} >> vec4u(p.bandShiftB)) * p.rowTexelsB;` +
+          ` let yB${c} = cn${c} & vec4u(p.bandMaskB);`
+        : v.rowsB === "oneBand"
+        ? ""
         : ` let rB${c} = cn${c} * p.K;`)
       : "") +
     ((v.vecOut || (v.vecB && !v.transB)) && !v.swiglu
-      ? ` let gn${c} = min(n0 + ${4 * c}u, p.N - 4u);`
+      ? ` let gn${c} = min(n0 + ${4 * c}u, p.N - 4u);` +
+        (!v.transB && v.rowsB !== "ordered" ? ` let tB${c} = gn${c} / 4u;` : "")
       : "")
   );
+  // a's vec4 from element 4·t on of its row `row`, from a copy in one band.
+  const aAt = (t: string, row: string) => `textureLoad(a, vec2u(${t}, ${row}))`;
   // The 4×4 tile of op(a) at step k for row group r: column i holds A(row i, k..k+3).
   const tileA = (r: number, k: string) =>
     v.transA
       ? `transpose(${
         mat4((kk) =>
-          v.vecA
+          v.rowsA === "oneBand"
+            ? aAt(`tA${r}`, `${k} + ${kk}u`)
+            : v.vecA
             ? aVec(`(${rowA(`(${k} + ${kk}u)`)} + gm${r}) / 4u`)
             : vec4((i) => `a[${rowA(`(${k} + ${kk}u)`)} + cm${r}[${i}]]`)
         )
       })`
       : mat4((i) =>
-        v.vecA
+        v.rowsA === "oneBand"
+          ? aAt(`(${k}) / 4u`, `cm${r}[${i}]`)
+          : v.vecA
           ? aVec(`(rA${r}[${i}] + ${k}) / 4u`)
           : vec4((kk) => `a[rA${r}[${i}] + ${k} + ${kk}u]`)
       );
-  // The vec4 of b's row `row` from element 4·t on, in a texture copy with padded rows.
+  // b's vec4 from element 4·t on of its row `row`, from a copy laid out by rows.
   const bRow = (row: string, t: string) =>
-    bs.at!(`((${row}) >> p.bandShiftB) * p.rowTexelsB`, t, row);
+    v.rowsB === "oneBand"
+      ? bs.at(t, row)
+      : bs.at(`((${row}) >> p.bandShiftB) * p.rowTexelsB + ${t}`, `(${row}) & p.bandMaskB`);
   // The 4×4 tile of op(b) at step k for column group c: column kk holds B(k+kk, cols).
   const tileB = (c: number, k: string) =>
     v.transB
       ? `transpose(${
         mat4((j) =>
-          v.bRows
-            ? bs.at!(`bandB${c}[${j}]`, `(${k}) / 4u`, `cn${c}[${j}]`)
+          v.rowsB === "oneBand"
+            ? bs.at(`(${k}) / 4u`, `cn${c}[${j}]`)
+            : v.rowsB === "bands"
+            ? bs.at(`bandB${c}[${j}] + (${k}) / 4u`, `yB${c}[${j}]`)
             : v.vecB
             ? bs.vec(`(rB${c}[${j}] + ${k}) / 4u`)
             : vec4((kk) => bs.one(`rB${c}[${j}] + ${k} + ${kk}u`))
         )
       })`
       : mat4((kk) =>
-        v.bRows
-          ? bRow(`${k} + ${kk}u`, `gn${c} / 4u`)
+        v.rowsB !== "ordered"
+          ? bRow(`${k} + ${kk}u`, `tB${c}`)
           : v.vecB
           ? bs.vec(`((${k} + ${kk}u) * p.N + gn${c}) / 4u`)
           : vec4((j) => bs.one(`(${k} + ${kk}u) * p.N + cn${c}[${j}]`))
@@ -424,32 +455,46 @@ function matmulWgsl(v: Variant): string {
   // One k of the tail (only when K % 4 != 0, so a row stride of K means a scalar binding).
   const sliceA = (r: number) =>
     v.transA
-      ? (v.vecA
+      ? (v.rowsA === "oneBand"
+        ? aAt(`tA${r}`, "k")
+        : v.vecA
         ? aVec(`(${rowA("k")} + gm${r}) / 4u`)
         : vec4((i) => `a[${rowA("k")} + cm${r}[${i}]]`))
       : vec4((i) => `a[rA${r}[${i}] + k]`);
   const sliceB = (c: number) =>
     v.transB
       ? vec4((j) => bs.one(`rB${c}[${j}] + k`)) // K % 4 != 0: never a texture
-      : v.bRows
-      ? bRow("k", `gn${c} / 4u`)
+      : v.rowsB !== "ordered"
+      ? bRow("k", `tB${c}`)
       : (v.vecB
         ? bs.vec(`(k * p.N + gn${c}) / 4u`)
         : vec4((j) => bs.one(`k * p.N + cn${c}[${j}]`)));
   const blocks = rs.flatMap((r) => cs.map((c) => [r, c]));
   const lines = (f: (r: number, c: number) => string) =>
     blocks.map(([r, c]) => f(r, c)).join("\n    ");
-  // Steps of 4 along k, or of 8 (kPairs), whose two tile products are summed before they are
-  // added to the accumulators.
+  // Row i of block (r, c) gains Σ B_c[kk]·A_r[i][kk] over the pass's k (the tiles named in
+  // `steps`), summed first and then added to the accumulator once: a row of 4 columns at a time,
+  // each row's A values reused across the column groups. Written as the 4×4 products B_c·A_r
+  // instead, LLVM computed every product of the pass before adding any, and spilled them all.
+  const component = ["x", "y", "z", "w"];
+  const rowProducts = (r: number, c: number, i: number, steps: string[]) =>
+    steps.flatMap((s) => four.map((kk) => `B${c}${s}[${kk}] * A${r}${s}[${i}].${component[kk]}`))
+      .join(" + ");
+  const addProducts = (steps: string[]) =>
+    rs.flatMap((r) =>
+      four.flatMap((i) => cs.map((c) => `acc${r}_${c}[${i}] += ${rowProducts(r, c, i, steps)};`))
+    ).join("\n    ");
+  // Steps of 4 along k, or of 8 (kPairs), the two steps' products summed before they are added
+  // to the accumulators.
   const loop = v.kPairs
     ? `for (var k = kBegin; k < k4; k += 8u) {
     ${tiles("k", "")}
     ${tiles("(k + 4u)", "_4")}
-    ${lines((r, c) => `acc${r}_${c} += B${c} * A${r} + B${c}_4 * A${r}_4;`)}
+    ${addProducts(["", "_4"])}
   }`
     : `for (var k = kBegin; k < k4; k += 4u) {
     ${tiles("k", "")}
-    ${lines((r, c) => `acc${r}_${c} += B${c} * A${r};`)}
+    ${addProducts([""])}
   }`;
   const tail = v.kTail
     ? `
@@ -526,7 +571,7 @@ function matmulWgsl(v: Variant): string {
 struct Params { M: u32, N: u32, K: u32${
     v.blocks ? ", strideA: u32, firstA: u32, strideOut: u32, firstOut: u32" : ""
   }${v.splitK ? ", kLen: u32" : ""}${
-    v.bRows ? ", rowTexelsB: u32, bandShiftB: u32, bandMaskB: u32" : ""
+    v.rowsB === "bands" ? ", rowTexelsB: u32, bandShiftB: u32, bandMaskB: u32" : ""
   }${v.rmsnorm ? ", eps: f32" : ""} }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) ${
@@ -617,7 +662,7 @@ interface TiledVariant {
 
 function tiledMatmulWgsl(v: TiledVariant): string {
   const eight = [...Array(8).keys()];
-  const bs = bStorage(v.bType, v.vecB, false, false); // b may be a 16-bit frozen weight, widened on load
+  const bs = bStorage(v.bType, v.vecB, false); // b may be a 16-bit frozen weight, widened on load
   // Element (row, col) of a as stored: a [M,K], or [K,M] when transA; b [K,N], or [N,K].
   const aIndex = (m: string, k: string) =>
     v.transA
@@ -853,15 +898,22 @@ export function matmul(
   // operand read by one run of invocations (8×4864×896: 18 → 8 ms) gain more than the copies
   // cost. The `textures` option forces either way (`Gpu.textureInputs` in tests).
   const copied = opts.textures ?? gpu.textureInputs !== "never";
-  const aTexture = vecA && copied ? gpu.textureCopy("matmul a", a) : null;
-  // b's copy may pad its rows (Gpu.paddedRows): a weight's rows, whichever way it is read.
+  // A whole a's copy lies by its rows when they fit one band (`Gpu.matrixRows`), else in order.
+  const aRowLength = transA ? M : K;
+  const aWhole = aBlock.stride === aRowLength && aBlock.first === 0;
+  const aOneBand = vecA && copied && aWhole && gpu.matrixRows(a, aRowLength)?.bands === 1;
+  const aTexture = vecA && copied
+    ? gpu.textureCopy("matmul a", a, aOneBand ? aRowLength : undefined)
+    : null;
+  // b's copy is asked for by the weight's rows, whichever way it is read, so that a weight's
+  // kept copy serves both.
   const bRowLength = transB ? K : N;
   const bTexture = vecB && copied
     ? opts.keptB?.view(b, bRowLength) ?? gpu.textureCopy("matmul b", b, bRowLength)
     : null;
-  const paddedB = bTexture ? gpu.paddedRows(b, bRowLength) : null;
-  const paddedParams = paddedB
-    ? [paddedB.rowTexels, paddedB.bandShift, 2 ** paddedB.bandShift - 1]
+  const bRows = bTexture ? gpu.matrixRows(b, bRowLength) : null;
+  const bandParams = bRows && bRows.bands > 1
+    ? [bRows.rowTexels, bRows.bandShift, 2 ** bRows.bandShift - 1]
     : [];
   // x covers column blocks; row blocks spread over y and, past 65535 workgroups, z.
   const gx = Math.ceil(N / (4 * tile.colGroups * tile.workgroup[0]));
@@ -882,7 +934,8 @@ export function matmul(
     bType,
     texA: aTexture !== null,
     texB: bTexture !== null,
-    bRows: paddedB !== null,
+    rowsA: aTexture && aOneBand ? "oneBand" : "ordered",
+    rowsB: layoutOf(bRows),
     tile,
     kPairs: pairedSteps(transA, K, chunks !== null, tile),
     rmsnorm: norm !== undefined,
@@ -899,7 +952,7 @@ export function matmul(
       gpu.pipelineFor(JSON.stringify(split), () => matmulWgsl(split), "matmul split-k"),
       [gx, gy, chunks.count],
       [...operands, partials],
-      [M, N, K, chunks.kLen, ...paddedParams],
+      [M, N, K, chunks.kLen, ...bandParams],
     );
     // In vec4s (n, N counted in them) when N is a multiple of 4.
     const vec = N % 4 === 0, width = vec ? 4 : 1;
@@ -921,7 +974,7 @@ export function matmul(
     pipeline,
     [gx, Math.ceil(gy / gz), gz],
     [...operands, ...tensors.slice(2)],
-    [M, N, K, ...strides, ...paddedParams],
+    [M, N, K, ...strides, ...bandParams],
     norm ? [norm.eps] : [],
   );
 }
