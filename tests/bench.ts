@@ -43,7 +43,7 @@ async function matmulSection(gpu: Gpu): Promise<void> {
     { name: "x·Wᵀ", shape: { M: 256, N: 256, K: 256 }, opts: { transB: true }, iters: 20 },
     { name: "x·Wᵀ", shape: { M: 1024, N: 896, K: 896 }, opts: { transB: true }, iters: 3 },
     { name: "x·Wᵀ", shape: { M: 512, N: 4864, K: 896 }, opts: { transB: true }, iters: 2 },
-    // Rows of 8 KB (Qwen2.5-3B's hidden 2,048): the weight's copy pads them (Gpu.paddedRows).
+    // Rows of 8 KB (Qwen2.5-3B's hidden 2,048): the weight's copy pads them (Gpu.matrixRows).
     { name: "x·Wᵀ", shape: { M: 512, N: 2048, K: 2048 }, opts: { transB: true }, iters: 2 },
     { name: "x·Wᵀ decode", shape: { M: 8, N: 4864, K: 896 }, opts: { transB: true }, iters: 20 },
     { name: "dy·W", shape: { M: 512, N: 896, K: 4864 }, opts: {}, iters: 2 },
