@@ -301,7 +301,7 @@ function kvCache(gpu: Gpu, c: ModelConfig, B: number, capacity: number, dtype: K
 /** bufs.logits rows 0…n−1 from the layers' outputs in bufs.step.input: final norm, projection. */
 function headLogits(model: GpuModel, bufs: Buffers, n: number): void {
   const c = model.config, x = bufs.step;
-  if (model.fusesNorms()) return model.vocabLogits(x.input, bufs.logits, n, true);
+  if (model.generationFusions().norms) return model.vocabLogits(x.input, bufs.logits, n, true);
   rmsnorm(model.gpu, x.input, model.p("model.norm.weight"), bufs.hidden, x.rstd1, n, c.rmsNormEps);
   model.vocabLogits(bufs.hidden, bufs.logits, n);
 }

@@ -25,9 +25,10 @@
 // as row slices do, each writing its block of the output's columns. A group's biases are also
 // kept concatenated (a copy, refreshed whenever they change). So a layer runs 4 products where
 // it ran 7, and its backward 8 where it ran 14; the fused products, wider, also run faster.
-// Generation on a software adapter goes further: the products read the RMSNorms' inputs and fold
-// the norms in, and the gate/up product applies SwiGLU itself (`fusesNormAndSwiglu`), since
-// nothing is kept for a backward and each dispatch saved there is ~130 µs of waking threads.
+// Generation on a software adapter goes further, since nothing is kept for a backward and each
+// dispatch saved there is ~130 µs of waking threads: the gate/up product applies SwiGLU itself,
+// and a small model's products read the RMSNorms' inputs and fold the norms in
+// (`generationFusions`).
 //
 // Every f32 weight, and a LoRA adapter's A and B, lives in an arena (gpu/arena.ts); gradients
 // and AdamW moments are laid out as what is trained, so clearing the gradients, their norm and
@@ -71,7 +72,7 @@ import { BINDING_ALIGNMENT, type DType, elementBytes, type Gpu, Tensor } from ".
 import { type HalfDType, packHalves, unpackHalves } from "../core/half.ts";
 import { embedding, embeddingBackward } from "./kernels/embedding.ts";
 import { rmsnorm, rmsnormBackward } from "./kernels/rmsnorm.ts";
-import { fusesNormAndSwiglu, matmul, sumRows } from "./kernels/matmul.ts";
+import { generationFusions, matmul, sumRows } from "./kernels/matmul.ts";
 import { ropeQkv } from "./kernels/rope.ts";
 import {
   assembleKv,
@@ -1017,12 +1018,15 @@ export class GpuModel {
     const gpu = this.gpu, c = this.config, { T, positions, kvLens, shape, cache } = step;
     const adapter = step.adapter ?? true;
     const pre = `model.layers.${i}.`;
-    // Generation keeps nothing for a backward: its products read the norms' inputs, folding
-    // the norms in, and the gate/up product applies SwiGLU itself (`fusesNormAndSwiglu`).
-    const fused = cache !== undefined && this.fusesNorms();
+    // Generation keeps nothing for a backward: the gate/up product may apply SwiGLU itself, and
+    // the products read the norms' inputs, folding the norms in (`generationFusions`).
+    const fusions = cache !== undefined
+      ? this.generationFusions()
+      : { norms: false, swiglu: false };
     const norm1 = { weight: this.p(pre + "input_layernorm.weight"), eps: c.rmsNormEps };
-    if (fused) this.linear(x.input, `${pre}self_attn.qkv`, x.qkv, T, adapter, false, norm1);
-    else {
+    if (fusions.norms) {
+      this.linear(x.input, `${pre}self_attn.qkv`, x.qkv, T, adapter, false, norm1);
+    } else {
       rmsnorm(gpu, x.input, norm1.weight, x.norm1, x.rstd1, T, c.rmsNormEps);
       this.linear(x.norm1, `${pre}self_attn.qkv`, x.qkv, T, adapter);
     }
@@ -1070,18 +1074,15 @@ export class GpuModel {
     gpu.copy(x.input, x.mid, T * c.hiddenSize);
     this.linear(x.attn, pre + "self_attn.o_proj", x.mid, T, adapter, true);
     const norm2 = { weight: this.p(pre + "post_attention_layernorm.weight"), eps: c.rmsNormEps };
-    if (!fused) rmsnorm(gpu, x.mid, norm2.weight, x.norm2, x.rstd2, T, c.rmsNormEps);
+    if (!fusions.norms) rmsnorm(gpu, x.mid, norm2.weight, x.norm2, x.rstd2, T, c.rmsNormEps);
     const H = c.hiddenSize, I = c.intermediateSize, key = pre + "mlp.gate_up";
-    const swigluInside = fused && this.swigluFuses(key, adapter);
+    const swigluInside = fusions.swiglu && this.swigluFuses(key, adapter);
+    const [normed, folded] = fusions.norms ? [x.mid, norm2] : [x.norm2, undefined];
     this.eachGateUpChunk(T, (start, n) => {
-      const act = rows(x.act, start, n, I);
-      if (swigluInside) {
-        this.linear(rows(x.mid, start, n, H), key, act, n, adapter, false, norm2, true);
-        return;
-      }
+      const input = rows(normed, start, n, H), act = rows(x.act, start, n, I);
+      if (swigluInside) return this.linear(input, key, act, n, adapter, false, folded, true);
       const gateUp = rows(x.gateUp, start, n, 2 * I);
-      if (fused) this.linear(rows(x.mid, start, n, H), key, gateUp, n, adapter, false, norm2);
-      else this.linear(rows(x.norm2, start, n, H), key, gateUp, n, adapter);
+      this.linear(input, key, gateUp, n, adapter, false, folded);
       swiglu(gpu, gateUp, act, n, I);
     });
     gpu.copy(x.mid, out, T * c.hiddenSize);
@@ -1458,16 +1459,16 @@ export class GpuModel {
 
   /**
    * logits[n, V] = x[n, H]·lm_headᵀ (the embedding matrix when tied); with `norm`, of the final
-   * RMSNorm of x, folded into the product (generation, when `fusesNorms`).
+   * RMSNorm of x, folded into the product (generation, when `generationFusions` folds norms).
    */
   vocabLogits(x: Tensor, logits: Tensor, n: number, norm?: boolean): void {
     const weight = this.p("model.norm.weight"), eps = this.config.rmsNormEps;
     this.linear(x, this.head, logits, n, true, false, norm ? { weight, eps } : undefined);
   }
 
-  /** Whether generation's products fold the RMSNorms and SwiGLU in (`fusesNormAndSwiglu`). */
-  fusesNorms(): boolean {
-    return fusesNormAndSwiglu(this.gpu, this.config.hiddenSize, this.config.intermediateSize);
+  /** Whether generation folds the RMSNorms and SwiGLU into this model's products. */
+  generationFusions(): { norms: boolean; swiglu: boolean } {
+    return generationFusions(this.gpu, this.config.hiddenSize, this.config.intermediateSize);
   }
 
   /**
@@ -1501,6 +1502,7 @@ export class GpuModel {
     swiglu = false,
   ): void {
     const g = this.groups.get(key)!, inF = g.weight[0].shape[1];
+    const foldedNorm = norm && { ...norm, kept: this.weightTextures };
     let first = 0;
     for (const slice of g.weight) {
       const rows = slice.shape[0];
@@ -1510,7 +1512,7 @@ export class GpuModel {
         bias: g.bias ?? undefined,
         outBlock: swiglu ? undefined : { stride: g.outFeatures, first },
         keptB: this.weightTextures,
-        rmsnorm: norm,
+        rmsnorm: foldedNorm,
         swiglu,
       });
       first += rows;
@@ -1520,7 +1522,10 @@ export class GpuModel {
       if (!pair) return;
       // u = s·(x·Aᵀ) [T, r];  y[:, member's columns] += u·Bᵀ.
       const r = pair.a.shape[0], { u } = this.loraBuffers(T, r);
-      matmul(this.gpu, x, pair.a, u, { M: T, N: r, K: inF }, { transB: true, rmsnorm: norm });
+      matmul(this.gpu, x, pair.a, u, { M: T, N: r, K: inF }, {
+        transB: true,
+        rmsnorm: foldedNorm,
+      });
       scale(this.gpu, u, this.loraScale, T * r);
       matmul(this.gpu, u, pair.b, y, { M: T, N: g.rows[j], K: r }, {
         transB: true,

@@ -10,6 +10,7 @@ import { loraModules } from "../core/lora.ts";
 import { LORA_TARGETS, type LoraConfig } from "../core/train_config.ts";
 import { prefillPrompts } from "../core/plan.ts";
 import { GpuModel } from "../gpu/model.ts";
+import { FOLDED_NORM_MAX_HIDDEN } from "../gpu/kernels/matmul.ts";
 import { scoreSequences } from "../gpu/score.ts";
 import { assertClose, gpuTest, openGpu } from "./helpers.ts";
 
@@ -26,8 +27,9 @@ const config = parseModelConfig({
 });
 
 // The same model with an intermediate size that is a multiple of 4: on software adapters its
-// generation folds the RMSNorms and SwiGLU into the products (matmul's fusesNormAndSwiglu);
-// config's 45 keeps the separate kernels. Greedy decoding is checked on both.
+// generation folds the RMSNorms and SwiGLU into the products (matmul's generationFusions);
+// config's 45 keeps the separate kernels. A hidden size past FOLDED_NORM_MAX_HIDDEN keeps the
+// norms' kernels and fuses SwiGLU alone. Greedy decoding is checked on all three.
 const fusingConfig = parseModelConfig({
   vocab_size: V,
   hidden_size: 32,
@@ -37,13 +39,28 @@ const fusingConfig = parseModelConfig({
   num_key_value_heads: 2,
   tie_word_embeddings: false,
 });
+const wideConfig = parseModelConfig({
+  vocab_size: V,
+  hidden_size: FOLDED_NORM_MAX_HIDDEN + 8,
+  intermediate_size: 44,
+  num_hidden_layers: 2,
+  num_attention_heads: 4,
+  num_key_value_heads: 2,
+  tie_word_embeddings: false,
+});
 
-function sharpWeights(seed: number, scale: number, modelConfig = config) {
+/**
+ * Random weights of `scale`; the norms' weights 1, or 1 ± `normSpread` (so that a norm applied
+ * twice, or not at all, changes the logits).
+ */
+function sharpWeights(seed: number, scale: number, modelConfig = config, normSpread = 0) {
   const weights = initWeights(modelConfig, seed);
   const rng = new Rng(seed);
   for (const [name, w] of weights) {
-    if (!name.endsWith("norm.weight")) {
-      for (let i = 0; i < w.length; i++) w[i] = scale * rng.normal();
+    const norm = name.endsWith("norm.weight");
+    if (norm && normSpread === 0) continue;
+    for (let i = 0; i < w.length; i++) {
+      w[i] = norm ? 1 + normSpread * rng.normal() : scale * rng.normal();
     }
   }
   return weights;
@@ -66,38 +83,49 @@ function sharpAdapter(targets: LoraConfig["target_modules"], seed: number) {
   return { lora, tensors };
 }
 
+// `fusions`: what generationFusions picks for the model on a software adapter.
 const GREEDY_CASES = [
   {
     name: "separate norm and SwiGLU kernels",
-    model: () => new GpuModel(gpu, config, sharpWeights(5, 0.3)),
+    model: () => new GpuModel(gpu, config, sharpWeights(5, 0.3, config, 0.3)),
+    fusions: { norms: false, swiglu: false },
   },
   {
     name: "norms and SwiGLU fused into the products",
-    model: () => new GpuModel(gpu, fusingConfig, sharpWeights(5, 0.3, fusingConfig)),
+    model: () => new GpuModel(gpu, fusingConfig, sharpWeights(5, 0.3, fusingConfig, 0.3)),
+    fusions: { norms: true, swiglu: true },
+  },
+  {
+    name: "SwiGLU fused, the norms' kernels kept for a wide hidden size",
+    model: () => new GpuModel(gpu, wideConfig, sharpWeights(5, 0.3, wideConfig, 0.3)),
+    fusions: { norms: false, swiglu: true },
   },
   {
     // Every product's adapter reads the folded norm; gate/up's adapter keeps SwiGLU apart.
     name: "fused, with a LoRA adapter on every projection",
     model: () =>
-      new GpuModel(gpu, fusingConfig, sharpWeights(5, 0.3, fusingConfig), {
+      new GpuModel(gpu, fusingConfig, sharpWeights(5, 0.3, fusingConfig, 0.3), {
         lora: sharpAdapter([...LORA_TARGETS], 6),
       }),
+    fusions: { norms: true, swiglu: true },
   },
   {
     name: "fused, with a LoRA adapter on the attention's projections only",
     model: () =>
-      new GpuModel(gpu, fusingConfig, sharpWeights(5, 0.3, fusingConfig), {
+      new GpuModel(gpu, fusingConfig, sharpWeights(5, 0.3, fusingConfig, 0.3), {
         lora: sharpAdapter(["q_proj", "v_proj"], 7),
       }),
+    fusions: { norms: true, swiglu: true },
   },
 ];
 
-for (const { name, model: makeModel } of GREEDY_CASES) {
+for (const { name, model: makeModel, fusions } of GREEDY_CASES) {
   Deno.test(
     `greedy decoding with the cache picks the argmax of a full recomputation at every step (${name})`,
     gpuTest,
     async () => {
       const model = makeModel();
+      if (gpu.software) assert.deepEqual(model.generationFusions(), fusions);
       const prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11]]; // different lengths share one batch
       const eos = 0;
       const out = await generate(model, prompts, 2, {

@@ -401,7 +401,8 @@ Deno.test(
  * Generation's fused products (MatmulOptions.rmsnorm, .swiglu) against the twin: x·Wᵀ of the
  * RMSNorm of x (± bias), and SwiGLU of the two column halves of x·Wᵀ (of x or of its norm).
  * Tolerance: the product's, on the normalized rows' terms; SwiGLU's error is its inputs' times
- * its derivatives (|silu'| < 1.1) plus f32 rounding.
+ * its derivatives (|silu'| < 1.1) plus f32 rounding. With a bias, the norm's weight is read from a
+ * kept copy (KeptTextures), else from one made for the call.
  */
 async function checkFused(
   shape: MatmulShape,
@@ -425,10 +426,11 @@ async function checkFused(
   const product = twinMatmul(norm ? normed : x, w, shape, false, true, null, bias ? b : null);
   const tx = gpu.upload(x), tw = gpu.upload(w), tg = gpu.upload(g), tb = gpu.upload(b);
   const outSize = swiglu ? M * I : M * N, out = gpu.upload(padded(new Float32Array(outSize)));
+  const kept = bias ? new KeptTextures(gpu) : undefined;
   matmul(gpu, tx, tw, out, shape, {
     transB: true,
     bias: bias ? tb : undefined,
-    rmsnorm: norm ? { weight: tg, eps } : undefined,
+    rmsnorm: norm ? { weight: tg, eps, kept } : undefined,
     swiglu,
     kernel: "blocked",
     textures,
@@ -454,6 +456,7 @@ async function checkFused(
       }
     }
   }
+  kept?.destroy();
   for (const t of [tx, tw, tg, tb, out]) t.destroy();
 }
 
@@ -626,12 +629,13 @@ Deno.test(
   gpuTest,
   () =>
     eachInputPath(gpu, async (how) => {
-      // On software adapters a product with few workgroups and K ≥ 256 is split along k into
-      // parallel partial sums added up in order; on others these run whole. Odd and vec4 shapes.
+      // On software adapters a product with few workgroups, K ≥ 256 and 2¹⁸ multiply-adds or
+      // more is split along k into parallel partial sums added up in order; on others these run
+      // whole. Odd and vec4 shapes.
       const shapes: MatmulShape[] = [
         { M: 33, N: 20, K: 1001 },
         { M: 64, N: 64, K: 1664 },
-        { M: 7, N: 5, K: 300 },
+        { M: 7, N: 5, K: 7501 },
       ];
       for (const shape of shapes) {
         const { M, N, K } = shape;

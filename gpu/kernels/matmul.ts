@@ -83,28 +83,40 @@ export interface MatmulOptions {
   block?: { rowGroups: number; colGroups: number };
   /**
    * a is an RMSNorm's input and the product reads its output: row m of a scaled by
-   * 1/sqrt(mean_k a[m,k]² + eps) and column k by weight[k] (`fusesNormAndSwiglu`: generation).
+   * 1/sqrt(mean_k a[m,k]² + eps) and column k by weight[k] (`generationFusions`). The weight's
+   * texture copy is kept in `kept` when given, else made per call.
    */
-  rmsnorm?: { weight: Tensor; eps: number };
+  rmsnorm?: { weight: Tensor; eps: number; kept?: KeptTextures };
   /**
    * out [M, N/2] = silu(g)·u with g and u the product's first and second halves of columns:
-   * SwiGLU on the fused gate/up product (`fusesNormAndSwiglu`: generation).
+   * SwiGLU on the fused gate/up product (`generationFusions`).
    */
   swiglu?: boolean;
 }
 
 /**
- * Whether `matmul` takes the `rmsnorm` and `swiglu` options: in the register-blocked kernel
- * (software adapters), for a model whose hidden and intermediate sizes are multiples of 4.
- * Generation uses them: a decode step's products are small and on llvmpipe each dispatch costs
- * ~130 µs of waking threads, so folding the norms and the activation into the products that
- * read them takes 7 of a decode step's 23 dispatches away. Training keeps the separate kernels,
- * whose outputs its backward reads.
+ * Which of the `rmsnorm` and `swiglu` options generation uses for a model. They exist in the
+ * register-blocked kernel (software adapters), for hidden and intermediate sizes that are
+ * multiples of 4. A decode step's products are small and on llvmpipe each dispatch costs ~130 µs
+ * of waking threads, so applying the activation inside the gate/up product, and folding the
+ * norms into the products that read them, takes dispatches away (7 of the 23 of a tiny model's
+ * decode step). A folded norm costs every invocation work at every step of k, though: against a
+ * separate RMSNorm kernel it was 0.5–0.9× the time at hidden sizes of 32–256 and 1.0–1.2× at 512
+ * and 896 (decode- and prefill-sized products on the 2-core llvmpipe), so norms fold only up to
+ * FOLDED_NORM_MAX_HIDDEN. Training keeps the separate kernels, whose outputs its backward reads.
  */
-export function fusesNormAndSwiglu(gpu: Gpu, hidden: number, intermediate: number): boolean {
-  return gpu.software && (envKernel() ?? "blocked") === "blocked" && hidden % 4 === 0 &&
+export function generationFusions(
+  gpu: Gpu,
+  hidden: number,
+  intermediate: number,
+): { norms: boolean; swiglu: boolean } {
+  const swiglu = gpu.software && (envKernel() ?? "blocked") === "blocked" && hidden % 4 === 0 &&
     intermediate % 4 === 0;
+  return { norms: swiglu && hidden <= FOLDED_NORM_MAX_HIDDEN, swiglu };
 }
+
+/** The largest hidden size whose RMSNorms generation folds into products (generationFusions). */
+export const FOLDED_NORM_MAX_HIDDEN = 256;
 
 /**
  * "blocked": register blocks, no workgroup memory (CPU adapters). "tiled": 64×64 tiles staged
@@ -144,12 +156,18 @@ function envKernel(): MatmulKernel | null {
  * the block's measured speed on a product that fills it evenly (1024×1024×896 x·Wᵀ on the
  * 2-core llvmpipe, operands read from textures). Larger blocks load less per multiply-add;
  * 32×16 ran ~10% faster than 16×16 on large products but compiles for seconds, so it is left out.
+ * The 4-row blocks 4×16 and 4×8 are for products of one to four rows (decode steps of one or two
+ * samples): each lane's a tile serves more columns than in a 4×4 block (over bf16 weights, three
+ * alternating runs: 2×1152×896 0.39–0.49 → 0.31–0.45 ms, 1×9728×896 2.8–3.3 → 2.0–3.0 ms). They
+ * ran at 1.22× the 4×4 block's speed on the AMD Zen 3 machine, so are listed at that ratio to it.
  */
 export const BLOCKS: [number, number, number][] = [
   [4, 4, 22],
   [4, 2, 22],
   [2, 2, 19],
   [2, 1, 16],
+  [1, 4, 17],
+  [1, 2, 17],
   [1, 1, 14],
 ];
 
@@ -199,7 +217,9 @@ function matmulKernel(
     const runs = Math.ceil(M / (4 * rowGroups)); // runs of 8 lanes down the rows
     const workgroups = Math.ceil(runs / 8) * Math.ceil(N / (32 * colGroups));
     // A product split along k (splitKChunks) runs each workgroup once per range of k.
-    const split = fused.rmsnorm || fused.swiglu ? null : splitKChunks(gpu, workgroups, K, blocks);
+    const split = fused.rmsnorm || fused.swiglu
+      ? null
+      : splitKChunks(gpu, workgroups, { M, N, K }, blocks);
     const { count, kLen } = split ?? { count: 1, kLen: K };
     const runWork = 4 * rowGroups * 32 * colGroups * (kLen / K);
     const rounds = Math.ceil(workgroups * count / cpuThreads);
@@ -236,6 +256,8 @@ interface Variant {
   kPairs: boolean;
   /** a is an RMSNorm's input (`MatmulOptions.rmsnorm`): normW, p.eps. */
   rmsnorm: boolean;
+  /** normW is read from its texture copy (in TEXTURE_ROW layout), not from storage. */
+  normTex: boolean;
   /** out is SwiGLU of the product's column halves (`MatmulOptions.swiglu`). */
   swiglu: boolean;
 }
@@ -338,6 +360,7 @@ function matmulWgsl(v: Variant): string {
   const range = (n: number) => [...Array(n).keys()];
   const bs = bStorage(v.bType, v.vecB, v.texB);
   const aVec = (i: string) => v.texA ? texelLoad("a", i) : `a[${i}]`; // the vec4 at vec4 index i
+  const normAt = (i: string) => v.normTex ? texelLoad("normW", i) : `normW[${i}]`;
   const rs = range(rowGroups), cs = range(colGroups), four = range(4);
   const vec4 = (f: (i: number) => string) => `vec4f(${four.map(f).join(", ")})`;
   const mat4 = (f: (i: number) => string) => `mat4x4f(${four.map(f).join(", ")})`;
@@ -444,7 +467,7 @@ function matmulWgsl(v: Variant): string {
   // rmsnorm, a's tiles add their squares to ss<r> and are scaled along k by the norm's weight.
   const tiles = (k: string, name: string) =>
     [
-      ...(v.rmsnorm ? [`let g${name} = normW[(${k}) / 4u];`] : []),
+      ...(v.rmsnorm ? [`let g${name} = ${normAt(`(${k}) / 4u`)};`] : []),
       ...rs.map((r) =>
         v.rmsnorm
           ? `let A${r}${name} = normTile(${tileA(r, k)}, g${name}, &ss${r});`
@@ -582,7 +605,9 @@ struct Params { M: u32, N: u32, K: u32${
 ${v.bias ? `@group(0) @binding(4) var<storage, read> bias: array<${outType}>;` : ""}
 ${
     v.rmsnorm
-      ? `@group(0) @binding(${v.bias ? 5 : 4}) var<storage, read> normW: array<vec4f>;
+      ? `@group(0) @binding(${v.bias ? 5 : 4}) ${
+        v.normTex ? textureDecl("normW") : "var<storage, read> normW: array<vec4f>;"
+      }
 
 // a's 4×4 tile (column i: row i's four k) scaled along k by g; its rows' squares added to ss.
 fn normTile(t: mat4x4f, g: vec4f, ss: ptr<function, vec4f>) -> mat4x4f {
@@ -845,7 +870,7 @@ export function matmul(
   const bType = storedAs(b);
   const allVec4 = vecA && vecB && vecOut;
   const swiglu = opts.swiglu ?? false, norm = opts.rmsnorm;
-  // A fusion's shapes (`fusesNormAndSwiglu`): x·Wᵀ without accumulate, x whole with rows of
+  // A fusion's shapes (`generationFusions`): x·Wᵀ without accumulate, x whole with rows of
   // whole vec4s (rmsnorm; out may be a column block, as a sliced vocabulary projection's is);
   // out whole, of vec4s, with no bias (swiglu).
   const wholeA = aBlock.stride === K && aBlock.first === 0;
@@ -863,8 +888,7 @@ export function matmul(
   if ((norm || swiglu) && (tile === "tiled" || (swiglu && tile.colGroups % 2 !== 0))) {
     throw new Error("matmul: rmsnorm and swiglu are fused in the software adapters' kernel only");
   }
-  const tensors = opts.bias ? [a, b, out, opts.bias] : [a, b, out];
-  if (norm) tensors.push(norm.weight);
+  const tensors: (Tensor | GPUTextureView)[] = opts.bias ? [a, b, out, opts.bias] : [a, b, out];
   const strides = blocks ? [aBlock.stride, aBlock.first, outBlock.stride, outBlock.first] : [];
   if (tile === "tiled") {
     const tiled: TiledVariant = {
@@ -912,6 +936,12 @@ export function matmul(
     ? opts.keptB?.view(b, bRowLength) ?? gpu.textureCopy("matmul b", b, bRowLength)
     : null;
   const bRows = bTexture ? gpu.matrixRows(b, bRowLength) : null;
+  // The norm's weight from a copy too: every lane reads it at every step of k, and a storage
+  // load runs lane by lane (2×9728×896 over a bf16 weight: 10.0 → 3.5 ms).
+  const normTexture = norm && copied && norm.weight.dtype === "f32"
+    ? norm.kept?.view(norm.weight) ?? gpu.textureCopy("matmul norm", norm.weight)
+    : null;
+  if (norm) tensors.push(normTexture ?? norm.weight);
   const bandParams = bRows && bRows.bands > 1
     ? [bRows.rowTexels, bRows.bandShift, 2 ** bRows.bandShift - 1]
     : [];
@@ -920,7 +950,7 @@ export function matmul(
   const gy = Math.ceil(M / (4 * tile.rowGroups * tile.workgroup[1]));
   const gz = Math.ceil(gy / 65535);
   // A fused product needs all of k in one invocation: never split.
-  const chunks = norm || swiglu ? null : splitKChunks(gpu, gx * gy, K, blocks);
+  const chunks = norm || swiglu ? null : splitKChunks(gpu, gx * gy, shape, blocks);
   const variant: Variant = {
     transA,
     transB,
@@ -939,6 +969,7 @@ export function matmul(
     tile,
     kPairs: pairedSteps(transA, K, chunks !== null, tile),
     rmsnorm: norm !== undefined,
+    normTex: normTexture !== null,
     swiglu,
   };
   const operands = [aTexture ?? a, bTexture ?? b];
@@ -1002,6 +1033,12 @@ function pairedSteps(transA: boolean, K: number, split: boolean, tile: KernelCho
 const SPLIT_K_WORKGROUPS = 8;
 /** Each k range is at least this long. */
 const SPLIT_K_MIN = 128;
+/**
+ * Products of fewer multiply-adds than this are not split: they end about as soon as the second
+ * dispatch, which adds the partial sums, would. A decode step's LoRA A products: 2×16×896 took
+ * 0.15–0.16 ms split in two dispatches and 0.08–0.10 whole in one, 2×16×4864 0.15–0.18 either way.
+ */
+const SPLIT_K_MIN_WORK = 2 ** 18;
 
 /**
  * How many ranges of k to split a product of few workgroups into, and how long each is. llvmpipe
@@ -1014,10 +1051,12 @@ const SPLIT_K_MIN = 128;
 function splitKChunks(
   gpu: Gpu,
   workgroups: number,
-  K: number,
+  shape: MatmulShape,
   blocks: boolean,
 ): { count: number; kLen: number } | null {
+  const { M, N, K } = shape;
   if (!gpu.software || blocks || workgroups >= SPLIT_K_WORKGROUPS / 2) return null;
+  if (M * N * K < SPLIT_K_MIN_WORK) return null;
   const most = Math.min(Math.ceil(SPLIT_K_WORKGROUPS / workgroups), Math.floor(K / SPLIT_K_MIN));
   // Unsplit, the product takes ceil(workgroups / threads) rounds of all of k.
   let best: { count: number; kLen: number } | null = null;
