@@ -258,6 +258,8 @@ interface Variant {
   rmsnorm: boolean;
   /** normW is read from its texture copy (in TEXTURE_ROW layout), not from storage. */
   normTex: boolean;
+  /** With accumulate and vecOut, the old out is read from a texture copy (oldOut), not out. */
+  oldOutTex: boolean;
   /** out is SwiGLU of the product's column halves (`MatmulOptions.swiglu`). */
   swiglu: boolean;
 }
@@ -535,7 +537,9 @@ function matmulWgsl(v: Variant): string {
   // stores at the end need no loads: masked memory accesses make llvmpipe compile slowly.
   const oldOut = (r: number, c: number, i: number) =>
     v.vecOut
-      ? `out[(${rowOut(`cm${r}[${i}]`)} + gn${c}) / 4u]`
+      ? (v.oldOutTex
+        ? texelLoad("oldOut", `(${rowOut(`cm${r}[${i}]`)} + gn${c}) / 4u`)
+        : `out[(${rowOut(`cm${r}[${i}]`)} + gn${c}) / 4u]`)
       : vec4((j) => `out[${rowOut(`cm${r}[${i}]`)} + cn${c}[${j}]]`);
   const biasSetup = cs.map((c) =>
     v.vecOut
@@ -614,6 +618,11 @@ fn normTile(t: mat4x4f, g: vec4f, ss: ptr<function, vec4f>) -> mat4x4f {
   *ss += vec4f(dot(t[0], t[0]), dot(t[1], t[1]), dot(t[2], t[2]), dot(t[3], t[3]));
   return mat4x4f(t[0] * g, t[1] * g, t[2] * g, t[3] * g);
 }`
+      : ""
+  }
+${
+    v.oldOutTex
+      ? `@group(0) @binding(${4 + Number(v.bias) + Number(v.rmsnorm)}) ${textureDecl("oldOut")}`
       : ""
   }
 ${
@@ -951,6 +960,16 @@ export function matmul(
   const gz = Math.ceil(gy / 65535);
   // A fused product needs all of k in one invocation: never split.
   const chunks = norm || swiglu ? null : splitKChunks(gpu, gx * gy, shape, blocks);
+  // Accumulating, the old out is read from a copy too (its storage loads run lane by lane): a
+  // LoRA adapter's B product 181×4864×16 took 4.7–5.5 ms reading storage, 2.8–3.2 from a copy;
+  // the default model's o_proj over 1,664 rows 1.1–1.7 against 0.6–0.8. Up to OLD_OUT_COPY_BYTES.
+  // The copy spans the elements the product reads: whole vec4s, since vecOut.
+  const outSpan = blocks ? (M - 1) * outBlock.stride + outBlock.first + N : M * N;
+  const oldOutTexture =
+    accumulate && vecOut && copied && !chunks && outSpan * 4 <= OLD_OUT_COPY_BYTES
+      ? gpu.textureCopy("matmul old out", out.view(0, [outSpan]))
+      : null;
+  if (oldOutTexture) tensors.push(oldOutTexture);
   const variant: Variant = {
     transA,
     transB,
@@ -970,6 +989,7 @@ export function matmul(
     kPairs: pairedSteps(transA, K, chunks !== null, tile),
     rmsnorm: norm !== undefined,
     normTex: normTexture !== null,
+    oldOutTex: oldOutTexture !== null,
     swiglu,
   };
   const operands = [aTexture ?? a, bTexture ?? b];
@@ -1028,6 +1048,12 @@ export const PAIRED_K_MIN = 512;
 function pairedSteps(transA: boolean, K: number, split: boolean, tile: KernelChoice): boolean {
   return !transA && K % 8 === 0 && K >= PAIRED_K_MIN && !split && tile.rowGroups === 4;
 }
+
+/**
+ * The largest out whose old values an accumulating product reads from a texture copy: a scratch
+ * texture as large as that, which the memory plan does not count.
+ */
+const OLD_OUT_COPY_BYTES = 64 * 2 ** 20;
 
 /** Fewer workgroups than this leave CPU threads idle: split k (software adapters only). */
 const SPLIT_K_WORKGROUPS = 8;
