@@ -8,6 +8,7 @@ import { type ModelConfig, parameterCount } from "../core/model_config.ts";
 import {
   type AdapterLimits,
   advise,
+  bindingBytes,
   describeTensor,
   formatBytes,
   keptCopyBytes,
@@ -82,7 +83,8 @@ export async function run(args: string[]): Promise<number> {
     }
     : describeAdapter(await requestAdapter(), memory, binding, buffer);
   console.log(planReport(positionals[0], cfg, model, limits, memoryNote, software).join("\n"));
-  return planProblems(planMemory(cfg, model.config), limits).length === 0 ? 0 : 1;
+  const plan = planMemory(cfg, model.config, undefined, model.dtype, bindingBytes(limits));
+  return planProblems(plan, limits).length === 0 ? 0 : 1;
 }
 
 /**
@@ -97,7 +99,7 @@ export function planReport(
   memoryNote: string,
   software = false,
 ): string[] {
-  const plan = planMemory(cfg, model.config, undefined, model.dtype);
+  const plan = planMemory(cfg, model.config, undefined, model.dtype, bindingBytes(limits));
   const c = model.config;
   const lines = [
     `plan for ${source}`,

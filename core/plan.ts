@@ -29,20 +29,38 @@ import { referenceEngine, type TrainConfig } from "./train_config.ts";
 export const LOGIT_CHUNK_FLOATS = 16 * 1024 * 1024;
 /** Token chunks are multiples of this, so every chunk's views start 256-byte aligned. */
 export const CHUNK_ALIGN = 64;
+/** Every element aha stores (f32, i32) takes 4 bytes, but 16-bit frozen weights and caches. */
+const ELEMENT_BYTES = 4;
 /**
  * Generation rounds its KV cache length and prefill length up to multiples of these, so that
  * calls of nearby shapes reuse the buffers gpu/generate.ts keeps.
  */
 export const CAPACITY_ROUND = 16;
 export const PREFILL_ROUND = 4;
-/** Tokens per scoring forward pass (the reference model, `aha score`). */
+/** Tokens per scoring forward pass (the reference model, `aha score`), at most. */
 export const SCORE_BATCH_TOKENS = 8192;
 /** Tokens per prefill pass of generation (gpu/generate.ts prefills prompts in such batches). */
 export const PREFILL_BATCH_TOKENS = 2048;
 
-/** Prompts per prefill pass for P prompts prefilled to `prefillLen` tokens (at least one). */
-export function prefillPrompts(P: number, prefillLen: number): number {
-  return Math.min(P, Math.max(1, Math.floor(PREFILL_BATCH_TOKENS / Math.max(1, prefillLen))));
+/**
+ * The most tokens one forward pass of model `c` runs: `most` (SCORE_BATCH_TOKENS,
+ * PREFILL_BATCH_TOKENS), or fewer when the pass's widest buffer bound whole would be over one
+ * storage binding of `maxBinding` bytes. Per token that is the SwiGLU output's I values or the
+ * fused q/k/v's (gate/up and the logits run in row chunks). Qwen2.5-0.5B's SwiGLU output over
+ * 8,192 tokens is 152 MiB, over llvmpipe's 128 MiB binding: its scoring passes take 6,898 tokens.
+ */
+export function passTokens(c: ModelConfig, maxBinding: number, most: number): number {
+  const qkv = (c.numHeads + 2 * c.numKvHeads) * c.headDim;
+  const widest = Math.max(c.intermediateSize, qkv, c.hiddenSize) * ELEMENT_BYTES;
+  return Math.min(most, Math.floor(maxBinding / widest));
+}
+
+/**
+ * Prompts per prefill pass for P prompts prefilled to `prefillLen` tokens, at most `tokens`
+ * tokens a pass (passTokens); at least one.
+ */
+export function prefillPrompts(P: number, prefillLen: number, tokens: number): number {
+  return Math.min(P, Math.max(1, Math.floor(tokens / Math.max(1, prefillLen))));
 }
 
 /**
@@ -61,8 +79,11 @@ export function logitChunkTokens(T: number, V: number, chunkFloats = LOGIT_CHUNK
   const fit = Math.floor(chunkFloats / V / CHUNK_ALIGN) * CHUNK_ALIGN;
   return Math.min(T, Math.max(CHUNK_ALIGN, fit));
 }
-/** Every element aha stores (f32, i32) takes 4 bytes, but 16-bit frozen weights and caches. */
-const ELEMENT_BYTES = 4;
+
+/** Bytes one storage binding of an adapter may hold. */
+export function bindingBytes(limits: AdapterLimits): number {
+  return Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize);
+}
 
 /** How a planned buffer is stored: 4-byte elements, or 2-byte (bf16/f16) ones. */
 export type PlanDType = "f32" | "bf16" | "f16";
@@ -277,7 +298,8 @@ export function generationPrompts(cfg: TrainConfig): number {
 /**
  * gpu/generate.ts: G completions of up to maxNew tokens for each of P prompts of up to
  * promptLen tokens (rounded up as generate.ts rounds them), prefilled in batches of
- * prefillPrompts. Everything stays allocated between calls (kept on the model).
+ * prefillPrompts (as many as one binding of `maxBinding` bytes allows, passTokens). Everything
+ * stays allocated between calls (kept on the model).
  */
 function generationTensors(
   c: ModelConfig,
@@ -285,13 +307,14 @@ function generationTensors(
   G: number,
   promptLen: number,
   maxNew: number,
-  kvDtype: PlanDType = "f32",
+  kvDtype: PlanDType,
+  maxBinding: number,
 ) {
   const round = (n: number, m: number) => Math.ceil(n / m) * m;
   const rows = P * G, prefill = round(promptLen, PREFILL_ROUND);
   const capacity = round(Math.max(promptLen + maxNew, prefill), CAPACITY_ROUND);
   // Prompts are prefilled in batches: the prompt cache and prefill buffers hold one batch.
-  const batch = prefillPrompts(P, prefill);
+  const batch = prefillPrompts(P, prefill, passTokens(c, maxBinding, PREFILL_BATCH_TOKENS));
   const H = c.hiddenSize, kv = [capacity, c.numKvHeads, c.headDim];
   const t = (name: string, ...shape: number[]): PlannedTensor => ({ name, shape });
   const kvT = (name: string, ...shape: number[]): PlannedTensor =>
@@ -345,13 +368,15 @@ function referenceOnCpu(cfg: TrainConfig, model: ModelConfig): boolean {
 
 /**
  * Every buffer of a training run of `model` under `cfg`, by adapter and purpose.
- * `checkpointDtype` is the checkpoint's storage (frozen_dtype "auto" keeps it).
+ * `checkpointDtype` is the checkpoint's storage (frozen_dtype "auto" keeps it); `maxBinding`,
+ * the adapter's binding size, sets the reference's and the prefill's tokens per pass (passTokens).
  */
 export function planMemory(
   cfg: TrainConfig,
   model: ModelConfig,
   referenceShared = referenceSharesAdapter(cfg),
   checkpointDtype: PlanDType = "f32",
+  maxBinding = Infinity,
 ): Plan {
   const items: PlanItem[] = [];
   const add = (
@@ -371,7 +396,7 @@ export function planMemory(
     });
   const P = cfg.prompts_per_step, G = cfg.num_generations;
   const L = cfg.max_prompt_length + cfg.max_completion_length;
-  const tokens = (rows: number) => `${rows} rows × ${L} tokens`;
+  const tokens = (rows: number) => `${rows} row${rows === 1 ? "" : "s"} × ${L} tokens`;
 
   const lora = cfg.lora;
   const frozen = frozenStorage(cfg, checkpointDtype);
@@ -433,8 +458,17 @@ export function planMemory(
       cfg.max_prompt_length,
       cfg.max_completion_length,
       kv,
+      maxBinding,
     ),
-    generationTensors(model, evalRows, 1, cfg.max_prompt_length, cfg.max_completion_length, kv),
+    generationTensors(
+      model,
+      evalRows,
+      1,
+      cfg.max_prompt_length,
+      cfg.max_completion_length,
+      kv,
+      maxBinding,
+    ),
   ].reduce((a, b) => sumBytes([...b.cache, ...b.work]) > sumBytes([...a.cache, ...a.work]) ? b : a);
   const rows = `${generation.rows} rows × ${generation.capacity} tokens`;
   add("policy", "generation KV cache", `${rows}${kv === "f32" ? "" : `, ${kv}`}`, generation.cache);
@@ -456,8 +490,9 @@ export function planMemory(
 
   const onCpu = cfg.beta > 0 && referenceOnCpu(cfg, model);
   if (cfg.beta > 0 && !onCpu) {
-    // The reference scores the batch in forward passes of at most SCORE_BATCH_TOKENS tokens.
-    const rows = Math.min(P * G, Math.max(1, Math.floor(SCORE_BATCH_TOKENS / L)));
+    // The reference scores the batch in forward passes of at most passTokens tokens.
+    const perPass = passTokens(model, maxBinding, SCORE_BATCH_TOKENS);
+    const rows = Math.min(P * G, Math.max(1, Math.floor(perPass / L)));
     const ref = forwardTensors(model, rows, L, false);
     // A LoRA run's reference is its base: on the policy's adapter it runs in the training
     // process on the policy's frozen weights, with the adapters off (no second copy).
@@ -497,7 +532,7 @@ export const describeTensor = (t: PlannedTensor) =>
 /** Why the plan cannot run on the adapter (empty when it fits). */
 export function planProblems(plan: Plan, limits: AdapterLimits): string[] {
   const problems: string[] = [];
-  const binding = Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize);
+  const binding = bindingBytes(limits);
   const limitName = limits.maxStorageBufferBindingSize <= limits.maxBufferSize
     ? "maxStorageBufferBindingSize"
     : "maxBufferSize";
@@ -587,7 +622,8 @@ export function advise(
   checkpointDtype: PlanDType = "f32",
 ): string[] {
   const fits = (c: TrainConfig, shared: boolean) =>
-    planProblems(planMemory(c, model, shared, checkpointDtype), limits).length === 0;
+    planProblems(planMemory(c, model, shared, checkpointDtype, bindingBytes(limits)), limits)
+      .length === 0;
   /** The largest value of `knob` below the current one that fits, or null. */
   const lower = (c: TrainConfig, knob: typeof KNOBS[number], shared: boolean) => {
     const now = c[knob];
@@ -642,7 +678,7 @@ export function advise(
   if (fits(c, shared)) return [`These together fit: ${changes.join(", ")}`];
 
   // What is left does not depend on the settings: the model's own tensors.
-  const plan = planMemory(c, model, shared, checkpointDtype);
+  const plan = planMemory(c, model, shared, checkpointDtype, bindingBytes(limits));
   const left: string[] = [];
   const fixed = plan.items.filter((i) =>
     i.adapter === "policy" && [
@@ -683,7 +719,7 @@ export function checkPlan(
   referenceShared = referenceSharesAdapter(cfg),
   checkpointDtype: PlanDType = "f32",
 ): Plan {
-  const plan = planMemory(cfg, model, referenceShared, checkpointDtype);
+  const plan = planMemory(cfg, model, referenceShared, checkpointDtype, bindingBytes(limits));
   const problems = planProblems(plan, limits);
   if (problems.length > 0) {
     const advice = advise(cfg, model, limits, referenceShared, false, checkpointDtype);

@@ -1,8 +1,9 @@
 // Batched sampling with a KV cache: the policy's completions for a set of prompts.
 //
 // Each prompt is prefilled once and its cache copied to the rows of its group — prompts in
-// batches of at most PREFILL_BATCH_TOKENS tokens, so a large evaluation batch needs no more
-// prefill memory than a few prompts. The group's rows draw their first tokens from the logits
+// batches of at most PREFILL_BATCH_TOKENS tokens (fewer when a pass's buffers would be over one
+// storage binding: core/plan.ts passTokens), so a large evaluation batch needs no more prefill
+// memory than a few prompts. The group's rows draw their first tokens from the logits
 // of its prompt's last position (they would all compute the same ones), and then every row
 // decodes one token per step: embedding → layers over the cache → final norm → logits → sample,
 // all on the GPU.
@@ -13,7 +14,13 @@
 
 import type { Completions, SamplingOptions } from "../core/engine.ts";
 import type { ModelConfig } from "../core/model_config.ts";
-import { CAPACITY_ROUND, PREFILL_ROUND, prefillPrompts } from "../core/plan.ts";
+import {
+  CAPACITY_ROUND,
+  passTokens,
+  PREFILL_BATCH_TOKENS,
+  PREFILL_ROUND,
+  prefillPrompts,
+} from "../core/plan.ts";
 import { type Gpu, Tensor } from "./device.ts";
 import { copyCacheToGroups, type KvDtype } from "./kernels/attention.ts";
 import { rmsnorm } from "./kernels/rmsnorm.ts";
@@ -74,10 +81,11 @@ class Buffers {
     readonly maxNew: number,
     readonly numEos: number,
     readonly kvDtype: KvDtype,
+    prefillTokens: number,
   ) {
     const B = P * G;
     // Prompts are prefilled `batch` at a time (core/plan.ts prefillPrompts).
-    const batch = this.batch = prefillPrompts(P, prefillLen);
+    const batch = this.batch = prefillPrompts(P, prefillLen, prefillTokens);
     this.cache = kvCache(gpu, c, B, capacity, kvDtype);
     this.promptCache = kvCache(gpu, c, batch, capacity, kvDtype);
     const T = batch * prefillLen;
@@ -133,7 +141,7 @@ const KEPT_SHAPES = 1;
  * Kernels are told the call's own sizes; rows and positions past them are never read.
  */
 function buffersFor(...dims: [GpuModel, ...ConstructorParameters<typeof Buffers>]): Buffers {
-  const [model, gpu, c, P, G, capacity, prefillLen, maxNew, numEos, kvDtype] = dims;
+  const [model, gpu, c, P, G, capacity, prefillLen, maxNew, numEos, kvDtype, prefillTokens] = dims;
   const key = Buffers.key(G, maxNew, numEos);
   let buffers = model.kept.get(key) as Buffers | undefined;
   if (buffers) model.kept.delete(key); // re-inserted below as the most recent
@@ -150,6 +158,7 @@ function buffersFor(...dims: [GpuModel, ...ConstructorParameters<typeof Buffers>
       maxNew,
       numEos,
       kvDtype,
+      prefillTokens,
     );
   }
   if (!buffers) {
@@ -160,7 +169,18 @@ function buffersFor(...dims: [GpuModel, ...ConstructorParameters<typeof Buffers>
       gpu.flush();
       model.kept.delete(oldest);
     }
-    buffers = new Buffers(gpu, c, P, G, capacity, prefillLen, maxNew, numEos, kvDtype);
+    buffers = new Buffers(
+      gpu,
+      c,
+      P,
+      G,
+      capacity,
+      prefillLen,
+      maxNew,
+      numEos,
+      kvDtype,
+      prefillTokens,
+    );
   }
   model.kept.set(key, buffers);
   return buffers;
@@ -183,6 +203,7 @@ export async function generate(
   const prefillLen = roundUp(longest, PREFILL_ROUND);
   const capacity = roundUp(Math.max(longest + maxNew, prefillLen), CAPACITY_ROUND);
   const eosIds = opts.eosIds.length ? opts.eosIds : [-1];
+  const prefillTokens = passTokens(c, model.maxBinding, PREFILL_BATCH_TOKENS);
   const bufs = buffersFor(
     model,
     gpu,
@@ -194,9 +215,10 @@ export async function generate(
     maxNew,
     eosIds.length,
     model.kvCacheDtype,
+    prefillTokens,
   );
   const { cache, step } = bufs;
-  const perPrefill = Math.min(prefillPrompts(P, prefillLen), bufs.batch);
+  const perPrefill = Math.min(prefillPrompts(P, prefillLen, prefillTokens), bufs.batch);
   for (let first = 0; first < P; first += perPrefill) {
     const part = prompts.slice(first, first + perPrefill);
     prefill(model, part, prefillLen, first, bufs);

@@ -86,7 +86,6 @@ import {
 } from "./kernels/attention.ts";
 import { swiglu, swigluBackward } from "./kernels/swiglu.ts";
 import { packTails, unpackTails } from "./kernels/row_tails.ts";
-import { scale } from "./kernels/elementwise.ts";
 import { type Adapter, loraModules, loraScale } from "../core/lora.ts";
 import { tokenLogprobs, tokenLogprobsBackward } from "./kernels/logprobs.ts";
 import { GradNorm } from "./kernels/gradnorm.ts";
@@ -558,7 +557,7 @@ export class GpuModel {
   private readonly norm: Tensor;
   private readonly logitChunkFloats: number;
   /** Bytes one storage binding may hold (weights are sliced, gate/up rows chunked, to fit). */
-  private readonly maxBinding: number;
+  readonly maxBinding: number;
   private readonly checkpointing: boolean;
   /** Generation's KV cache storage (kv_cache_dtype). */
   readonly kvCacheDtype: KvDtype;
@@ -1525,8 +1524,8 @@ export class GpuModel {
       matmul(this.gpu, x, pair.a, u, { M: T, N: r, K: inF }, {
         transB: true,
         rmsnorm: foldedNorm,
+        scale: this.loraScale,
       });
-      scale(this.gpu, u, this.loraScale, T * r);
       matmul(this.gpu, u, pair.b, y, { M: T, N: g.rows[j], K: r }, {
         transB: true,
         accumulate: true,
@@ -1588,15 +1587,16 @@ export class GpuModel {
       // y = … + u·Bᵀ with u = s·(x·Aᵀ):  dB += dyᵀ·u;  du = s·(dy·B);  dA += duᵀ·x;  dx += du·A.
       const r = pair.a.shape[0], { u, du } = this.loraBuffers(T, r);
       const [dA] = this.gradSlices(pair.aName), [dB] = this.gradSlices(pair.bName);
-      matmul(gpu, x, pair.a, u, { M: T, N: r, K: inF }, { transB: true });
-      scale(gpu, u, this.loraScale, T * r);
+      matmul(gpu, x, pair.a, u, { M: T, N: r, K: inF }, { transB: true, scale: this.loraScale });
       matmul(gpu, dy, u, dB, { M: outF, N: r, K: T }, {
         transA: true,
         accumulate: true,
         aBlock: dyBlock,
       });
-      matmul(gpu, dy, pair.b, du, { M: T, N: r, K: outF }, { aBlock: dyBlock });
-      scale(gpu, du, this.loraScale, T * r);
+      matmul(gpu, dy, pair.b, du, { M: T, N: r, K: outF }, {
+        aBlock: dyBlock,
+        scale: this.loraScale,
+      });
       matmul(gpu, du, x, dA, { M: r, N: inF, K: T }, { transA: true, accumulate: true });
       matmul(gpu, du, pair.a, dx, { M: T, N: inF, K: r }, { accumulate: true });
     });

@@ -8,7 +8,7 @@
 // the policy's GRPO loss reads them.
 
 import type { HeldLogprobs } from "../core/engine.ts";
-import { SCORE_BATCH_TOKENS } from "../core/plan.ts";
+import { passTokens, SCORE_BATCH_TOKENS } from "../core/plan.ts";
 import type { Gpu, Tensor } from "./device.ts";
 import { type GpuModel, tailPositions, worthSharing } from "./model.ts";
 
@@ -44,7 +44,8 @@ export async function scoreSequences(
  * logprobs[i][t] = log p(seq_i[t+1] | seq_i[0..t]); row i has max(0, len_i − 1) values, or
  * with `from` only those from t = from[i] on (the vocabulary projection then skips positions
  * before each batch's smallest from[i]). `adapter` false scores a LoRA model's base (its adapter
- * switched off). Batches hold at most `batchTokens` tokens (padding included) or one sequence.
+ * switched off). Batches hold at most `batchTokens` tokens (padding included; by default as many
+ * as one storage binding allows: core/plan.ts passTokens) or one sequence.
  * The work is recorded and submitted; the log-probs stay on the GPU until read.
  */
 export function heldScores(
@@ -53,7 +54,7 @@ export function heldScores(
   invTemperature = 1,
   adapter = true,
   from?: number[],
-  batchTokens = SCORE_BATCH_TOKENS,
+  batchTokens = passTokens(model.config, model.maxBinding, SCORE_BATCH_TOKENS),
 ): GpuHeldLogprobs {
   const gpu = model.gpu;
   // Rows [start, end) padded to L tokens, at `at` in the joined log-probs.

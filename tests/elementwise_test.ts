@@ -4,7 +4,7 @@
 
 import assert from "node:assert/strict";
 
-import { add, scale } from "../gpu/kernels/elementwise.ts";
+import { add } from "../gpu/kernels/elementwise.ts";
 import { gpuTest, openGpu, padded, randoms, sentinels, unpad } from "./helpers.ts";
 
 const gpu = await openGpu();
@@ -18,18 +18,6 @@ Deno.test("add: out = a + b", gpuTest, async () => {
     const got = unpad(await gpu.read(out), n, `add n=${n}`);
     for (let i = 0; i < n; i++) {
       assert.equal(got[i], Math.fround(a[i] + b[i]), `add: value ${i} of ${n}`);
-    }
-  }
-});
-
-Deno.test("scale: x = s·x in place", gpuTest, async () => {
-  for (const n of SIZES) {
-    const x = padded(randoms(n, 3)), s = Math.fround(-1.7);
-    const t = gpu.upload(x);
-    scale(gpu, t, s, n);
-    const got = unpad(await gpu.read(t), n, `scale n=${n}`);
-    for (let i = 0; i < n; i++) {
-      assert.equal(got[i], Math.fround(s * x[i]), `scale: value ${i} of ${n}`);
     }
   }
 });

@@ -8,7 +8,7 @@ import { Rng } from "../core/rng.ts";
 import { generate } from "../gpu/generate.ts";
 import { loraModules } from "../core/lora.ts";
 import { LORA_TARGETS, type LoraConfig } from "../core/train_config.ts";
-import { prefillPrompts } from "../core/plan.ts";
+import { PREFILL_BATCH_TOKENS, prefillPrompts } from "../core/plan.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { FOLDED_NORM_MAX_HIDDEN } from "../gpu/kernels/matmul.ts";
 import { scoreSequences } from "../gpu/score.ts";
@@ -317,7 +317,7 @@ Deno.test(
     // Prefills of 1099–1299 tokens: one prompt per PREFILL_BATCH_TOKENS (2048) batch.
     const rng = new Rng(4);
     const prompts = [1100, 1300, 1200].map((n) => Array.from({ length: n }, () => rng.int(V)));
-    assert.equal(prefillPrompts(prompts.length, 1299), 1);
+    assert.equal(prefillPrompts(prompts.length, 1299, PREFILL_BATCH_TOKENS), 1);
     const opts = { temperature: 0, topP: 1, topK: 0, maxNewTokens: 3, eosIds: [], seed: 1 };
     const together = await generate(model, prompts, 2, opts);
     for (let p = 0; p < prompts.length; p++) {

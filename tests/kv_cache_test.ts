@@ -16,7 +16,7 @@ import { generate } from "../gpu/generate.ts";
 import { attention, type AttentionShape, writeKvCache } from "../gpu/kernels/attention.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { allocatedBytes, gpuTest, openGpu, randoms } from "./helpers.ts";
-import { planMemory, prefillPrompts } from "../core/plan.ts";
+import { planMemory, PREFILL_BATCH_TOKENS, prefillPrompts } from "../core/plan.ts";
 import { defaultTrainConfig, type TrainConfig } from "../core/train_config.ts";
 
 const gpu = await openGpu();
@@ -120,7 +120,7 @@ Deno.test(
     });
     const weights = initWeights(config, 2);
     const prompts = Array.from({ length: 5 }, (_, p) => [p + 1, 2, 3, 4]);
-    assert.equal(prefillPrompts(5, 3), 5);
+    assert.equal(prefillPrompts(5, 3, PREFILL_BATCH_TOKENS), 5);
     const cfg: TrainConfig = {
       ...defaultTrainConfig(),
       prompts_per_step: 5,

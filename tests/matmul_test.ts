@@ -492,6 +492,66 @@ Deno.test(
   },
 );
 
+Deno.test(
+  "a scaled product is the unscaled one times the scale, bit for bit, on every path",
+  gpuTest,
+  async () => {
+    // LoRA's u = s·(x·Aᵀ) (MatmulOptions.scale) multiplies each sum as it is stored: the same
+    // f32 multiply a separate pass would make. Both kernels, both loads, vec4 and scalar stores,
+    // a column block of a, the RMSNorm folded in, and a long product split along k (its sum of
+    // partials scales). Each scaled product also matches the twin times s.
+    const s = Math.fround(-2.5);
+    const cases: { shape: MatmulShape; opts: Record<string, unknown>; what: string }[] = [];
+    for (const { kernel, textures, name } of KERNELS) {
+      for (const shape of [{ M: 7, N: 33, K: 97 }, { M: 37, N: 16, K: 72 }]) {
+        cases.push({ shape, opts: { transB: true, kernel, textures }, what: name });
+        cases.push({ shape, opts: { kernel, textures }, what: `${name} NN` });
+      }
+    }
+    cases.push({
+      shape: { M: 9, N: 16, K: 24 },
+      opts: { aBlock: { stride: 36, first: 8 } },
+      what: "a column block",
+    });
+    cases.push({ shape: { M: 20, N: 16, K: 1024 }, opts: { transB: true }, what: "split along k" });
+    const norm = { weight: gpu.upload(random(64).map((v) => 1 + v / 2)), eps: 1e-5 };
+    cases.push({
+      shape: { M: 5, N: 16, K: 64 },
+      opts: { transB: true, rmsnorm: norm },
+      what: "norm",
+    });
+    for (const { shape, opts, what } of cases) {
+      const { M, N, K } = shape, aBlock = opts.aBlock as { stride: number } | undefined;
+      const a = random(M * (aBlock?.stride ?? K)), b = random(K * N);
+      const ta = gpu.upload(a), tb = gpu.upload(b);
+      const plain = gpu.upload(padded(new Float32Array(M * N)));
+      const scaled = gpu.upload(padded(new Float32Array(M * N)));
+      matmul(gpu, ta, tb, plain, shape, opts);
+      matmul(gpu, ta, tb, scaled, shape, { ...opts, scale: s });
+      const [p, q] = (await gpu.readMany([plain, scaled])) as Float32Array[];
+      const label = `${M}×${N}×${K} ${what}`;
+      const got = unpad(q, M * N, label), want = unpad(p, M * N, label);
+      for (let i = 0; i < M * N; i++) {
+        assert.equal(got[i], Math.fround(s * want[i]), `${label}: element ${i}`);
+      }
+      if (!aBlock && !opts.rmsnorm) {
+        const twin = twinMatmul(a, b, shape, false, opts.transB === true, null, null);
+        twin.value.forEach((v, i) => twin.value[i] = v * s);
+        twin.magnitude.forEach((v, i) => twin.magnitude[i] = v * Math.abs(s));
+        assertClose(got, twin, K, label);
+      }
+      for (const t of [ta, tb, plain, scaled]) t.destroy();
+    }
+    norm.weight.destroy();
+    const t = gpu.upload(random(16));
+    assert.throws(
+      () => matmul(gpu, t, t, t, { M: 4, N: 4, K: 1 }, { accumulate: true, scale: 2 }),
+      /scale is for a plain product/,
+    );
+    t.destroy();
+  },
+);
+
 Deno.test("matmul handles more than 65535 row workgroups", gpuTest, async () => {
   // Odd shapes use 8·8 = 64 rows per workgroup on llvmpipe (4·16 on other adapters), so
   // 65535·64 + 5 rows need more than 65535 workgroups: the dispatch folds rows into z.

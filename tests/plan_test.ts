@@ -19,9 +19,12 @@ import {
   advise,
   builtinShape,
   checkPlan,
+  passTokens,
   planMemory,
   planProblems,
+  PREFILL_BATCH_TOKENS,
   rowChunkTokens,
+  SCORE_BATCH_TOKENS,
   weightSliceRows,
 } from "../core/plan.ts";
 import { defaultTrainConfig, loadTrainConfig, type TrainConfig } from "../core/train_config.ts";
@@ -129,14 +132,31 @@ Deno.test("the built-in Qwen2.5 shapes: 0.5B equals its genuine config.json", as
   assert.equal(builtinShape("models/Qwen2.5-15B"), null);
 });
 
-Deno.test("weights over one binding are split: a 7B plans on 2 GiB bindings, not on 128 MiB", () => {
+Deno.test("weights over one binding are split and passes shrink to fit: a 7B plans on 128 MiB", () => {
   const cfg = loadTrainConfig(`${configs}qwen2.5-7b-gsm8k.yaml`, []);
   // The 2.03 GiB embedding and lm_head are kept as two row slices each.
   assert.equal(weightSliceRows([152064, 3584], 2 * GiB), 149796);
   assert.deepEqual(planProblems(planMemory(cfg, qwen("7B")), limits(2 * GiB)), []);
-  // On 128 MiB the weights split too, but activations are bound whole: refused, naming them.
+  // On 128 MiB the weights split too, and a scoring or prefill pass holds the tokens whose
+  // SwiGLU output (18,944 floats a token) fits one binding: 1,771, so the reference scores one
+  // row of 1,020 tokens at a time and generation prefills five prompts of 320.
+  assert.equal(passTokens(qwen("7B"), 128 * MiB, SCORE_BATCH_TOKENS), 1771);
+  assert.equal(passTokens(qwen("7B"), 128 * MiB, PREFILL_BATCH_TOKENS), 1771);
+  assert.equal(passTokens(qwen("7B"), 2 * GiB, SCORE_BATCH_TOKENS), SCORE_BATCH_TOKENS);
+  const plan = checkPlan(cfg, qwen("7B"), limits(128 * MiB));
+  const item = (what: string) => plan.items.find((i) => i.what === what)!;
+  assert.match(item("forward activations").detail, /^1 row × 1020 tokens per pass/);
+  assert.ok(
+    item("generation buffers").tensors.some((t) =>
+      t.name === "prefill.act" &&
+      t.shape[0] === 5 * 320
+    ),
+    "five prompts a prefill",
+  );
+  // A training micro-batch is the config's own: 8 rows would bind a SwiGLU output of 589.7 MiB,
+  // refused, naming it.
   assert.throws(
-    () => checkPlan(cfg, qwen("7B"), limits(128 * MiB)),
+    () => checkPlan({ ...cfg, micro_batch_size: 8 }, qwen("7B"), limits(128 * MiB)),
     (e: Error) => {
       assert.ok(e instanceof AhaError);
       assert.match(e.message, /layers\.0\.act \[8160, 18944\] \(589\.7 MiB\) is over one storage/);
@@ -150,6 +170,16 @@ Deno.test("weights over one binding are split: a 7B plans on 2 GiB bindings, not
     planProblems(planMemory(cfg, qwen("7B")), limits(64 * 1024)).join("; "),
     /policy weights: one row of model\.layers\.0\.mlp\.down_proj\.weight \(74\.0 KiB\)/,
   );
+});
+
+Deno.test("the 0.5B LoRA recipe plans on llvmpipe's 128 MiB bindings, the reference 6 rows a pass", () => {
+  // Eight rows of 1,020 tokens a pass would bind a SwiGLU output of 151.4 MiB; 6,898 tokens fit.
+  const cfg = loadTrainConfig(`${configs}qwen2.5-0.5b-gsm8k-lora.yaml`, []);
+  assert.equal(passTokens(qwen("0.5B"), 128 * MiB, SCORE_BATCH_TOKENS), 6898);
+  const plan = checkPlan(cfg, qwen("0.5B"), limits(128 * MiB, 23.5 * GiB));
+  const reference = plan.items.find((i) => i.what === "forward activations")!;
+  assert.match(reference.detail, /^6 rows × 1020 tokens per pass/);
+  assert.ok(reference.tensors.some((t) => t.name === "layers.0.act" && t.shape[0] === 6120));
 });
 
 Deno.test("the gate/up rows are bound in chunks of tokens: only 64 of their rows must fit", () => {

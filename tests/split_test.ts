@@ -20,6 +20,9 @@ import { saveTrainingCheckpoint } from "../core/train_state.ts";
 
 import { embedding, embeddingBackward } from "../gpu/kernels/embedding.ts";
 import { generate } from "../gpu/generate.ts";
+import { passTokens, PREFILL_BATCH_TOKENS, SCORE_BATCH_TOKENS } from "../core/plan.ts";
+import { Tensor } from "../gpu/device.ts";
+import { scoreSequences } from "../gpu/score.ts";
 import { matmul, PAIRED_K_MIN } from "../gpu/kernels/matmul.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { assertClose, gpuTest, openGpu, randoms } from "./helpers.ts";
@@ -269,5 +272,53 @@ Deno.test(
       "trainer_state.json",
     ]);
     assert.deepEqual(saved[1], saved[0]);
+  },
+);
+
+Deno.test(
+  "scoring and prefill passes bind at most one binding's bytes, with the same results",
+  gpuTest,
+  async () => {
+    // 64 KiB bindings: a pass over this model (the SwiGLU output's 72 floats a token are its
+    // widest buffer bound whole) holds 227 tokens (core/plan.ts passTokens). So 8 sequences of
+    // 60 tokens score in passes of three, and 8 prompts of 60 prefill three at a time; in one
+    // pass of 480 tokens the SwiGLU output alone would be 138 KB.
+    const c = config(true), weights = randomWeights(c, 5), maxBindingBytes = 64 * 1024;
+    assert.equal(passTokens(c, maxBindingBytes, SCORE_BATCH_TOKENS), 227);
+    assert.equal(passTokens(c, maxBindingBytes, PREFILL_BATCH_TOKENS), 227);
+    const logitChunkFloats = 64 * c.vocabSize; // 64-token logit chunks: 26 KB
+    const whole = new GpuModel(gpu, c, weights, { logitChunkFloats });
+    const bounded = new GpuModel(gpu, c, weights, { logitChunkFloats, maxBindingBytes });
+    const rng = new Rng(6);
+    const sequences = Array.from(
+      { length: 8 },
+      () => Array.from({ length: 60 }, () => rng.int(c.vocabSize)),
+    );
+    // The largest storage binding of any dispatch while `body` runs.
+    const widestBinding = async <T>(body: () => Promise<T>): Promise<[T, number]> => {
+      const dispatch = gpu.dispatch;
+      let widest = 0;
+      gpu.dispatch = (...args: Parameters<typeof dispatch>) => {
+        for (const t of args[2]) if (t instanceof Tensor) widest = Math.max(widest, t.bytes);
+        return dispatch.apply(gpu, args);
+      };
+      try {
+        return [await body(), widest];
+      } finally {
+        gpu.dispatch = dispatch;
+      }
+    };
+    const [scores, scoreBinding] = await widestBinding(() => scoreSequences(bounded, sequences));
+    assert.ok(scoreBinding <= maxBindingBytes, `scoring bound ${scoreBinding} bytes`);
+    const want = await scoreSequences(whole, sequences);
+    scores.forEach((row, i) => assertClose(row, want[i], 1e-5, 1e-5, `sequence ${i}`));
+    const opts = { temperature: 0, topP: 1, topK: 0, maxNewTokens: 3, eosIds: [], seed: 1 };
+    const [sampled, prefillBinding] = await widestBinding(() =>
+      generate(bounded, sequences, 2, opts)
+    );
+    assert.ok(prefillBinding <= maxBindingBytes, `generation bound ${prefillBinding} bytes`);
+    assert.deepEqual(sampled.tokens, (await generate(whole, sequences, 2, opts)).tokens);
+    whole.destroy();
+    bounded.destroy();
   },
 );

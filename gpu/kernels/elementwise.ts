@@ -1,5 +1,5 @@
-// Elementwise arithmetic on f32 vectors of n values: the residual add out = a + b, and scaling
-// in place x = s·x (the LoRA branch's factor s = alpha / r).
+// Elementwise arithmetic on f32 vectors of n values: the residual add out = a + b. (The LoRA
+// branch's factor s = alpha / r is applied by its product, `MatmulOptions.scale`.)
 
 import { type Gpu, grid, type Tensor } from "../device.ts";
 
@@ -19,24 +19,7 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   sum[i] = a[i] + b[i];
 }`;
 
-const SCALE = /* wgsl */ `
-struct Params { n: u32, s: f32 }
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> x: array<f32>;
-
-@compute @workgroup_size(${WG})
-fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
-  let i = gid.x + gid.y * nwg.x * ${WG}u;
-  if (i >= p.n) { return; }
-  x[i] = p.s * x[i];
-}`;
-
 /** out = a + b over the first n values. */
 export function add(gpu: Gpu, a: Tensor, b: Tensor, out: Tensor, n: number): void {
   gpu.dispatch(gpu.pipeline(ADD, "add"), grid(n, WG), [a, b, out], [n]);
-}
-
-/** x = s·x over the first n values, in place. */
-export function scale(gpu: Gpu, x: Tensor, s: number, n: number): void {
-  gpu.dispatch(gpu.pipeline(SCALE, "scale"), grid(n, WG), [x], [n], [s]);
 }

@@ -92,6 +92,11 @@ export interface MatmulOptions {
    * SwiGLU on the fused gate/up product (`generationFusions`).
    */
   swiglu?: boolean;
+  /**
+   * out = scale·(op(a)·op(b)), the product's sum times scale as it is stored: LoRA's u = s·(x·Aᵀ)
+   * without a dispatch of its own. Not with accumulate, bias or swiglu.
+   */
+  scale?: number;
 }
 
 /**
@@ -262,6 +267,8 @@ interface Variant {
   oldOutTex: boolean;
   /** out is SwiGLU of the product's column halves (`MatmulOptions.swiglu`). */
   swiglu: boolean;
+  /** out = p.scale·(the product) (`MatmulOptions.scale`). */
+  scaled: boolean;
 }
 
 /**
@@ -570,7 +577,8 @@ function matmulWgsl(v: Variant): string {
     ]
     : [];
   // Stores, fully unrolled: a dynamic index into acc would push it out of registers. With
-  // swiglu, the gate groups' blocks store silu(gate)·up.
+  // swiglu, the gate groups' blocks store silu(gate)·up; scaled, every value is times p.scale.
+  const scaleBy = v.scaled ? " * p.scale" : "";
   const stores = blocks.flatMap(([r, c]) =>
     four.map((i) => {
       if (v.swiglu) {
@@ -583,10 +591,10 @@ function matmulWgsl(v: Variant): string {
       if (v.vecOut) {
         return `if (${m} < p.M && n0 + ${4 * c}u < p.N) { out[(${
           rowOut(`(${m})`)
-        } + n0) / 4u + ${c}u] = acc${r}_${c}[${i}]; }`;
+        } + n0) / 4u + ${c}u] = acc${r}_${c}[${i}]${scaleBy}; }`;
       }
       const row = four.map((j) =>
-        `if (n0 + ${4 * c + j}u < p.N) { out[o + ${j}u] = acc${r}_${c}[${i}][${j}]; }`
+        `if (n0 + ${4 * c + j}u < p.N) { out[o + ${j}u] = acc${r}_${c}[${i}][${j}]${scaleBy}; }`
       );
       return `if (${m} < p.M) {\n    let o = ${rowOut(`(${m})`)} + n0 + ${4 * c}u;\n    ${
         row.join("\n    ")
@@ -599,7 +607,7 @@ struct Params { M: u32, N: u32, K: u32${
     v.blocks ? ", strideA: u32, firstA: u32, strideOut: u32, firstOut: u32" : ""
   }${v.splitK ? ", kLen: u32" : ""}${
     v.rowsB === "bands" ? ", rowTexelsB: u32, bandShiftB: u32, bandMaskB: u32" : ""
-  }${v.rmsnorm ? ", eps: f32" : ""} }
+  }${v.rmsnorm ? ", eps: f32" : ""}${v.scaled ? ", scale: f32" : ""} }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) ${
     v.texA ? textureDecl("a") : `var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;`
@@ -692,6 +700,7 @@ interface TiledVariant {
   accumulate: boolean;
   bias: boolean;
   blocks: boolean;
+  scaled: boolean; // out = p.scale·(the product)
 }
 
 function tiledMatmulWgsl(v: TiledVariant): string {
@@ -803,12 +812,13 @@ function tiledMatmulWgsl(v: TiledVariant): string {
       return `${acc(i, h, j)} = ${terms.filter((t) => t).join(" + ")};`;
     })
     : "";
-  const stores = perElement((i, h, at, _biasAt, j) => `out[${at}] = ${acc(i, h, j)};`);
+  const scaleBy = v.scaled ? " * p.scale" : "";
+  const stores = perElement((i, h, at, _biasAt, j) => `out[${at}] = ${acc(i, h, j)}${scaleBy};`);
   const outType = v.vecOut ? "vec4f" : "f32";
   return `${v.bType === "f16" ? "enable f16;" : ""}
 struct Params { M: u32, N: u32, K: u32${
     v.blocks ? ", strideA: u32, firstA: u32, strideOut: u32, firstOut: u32" : ""
-  } }
+  }${v.scaled ? ", scale: f32" : ""} }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<${v.vecA ? "vec4f" : "f32"}>;
 @group(0) @binding(2) ${bs.decl}
@@ -890,6 +900,11 @@ export function matmul(
   ) {
     throw new Error(`matmul: no fused rmsnorm or swiglu for ${M}×${N}×${K} with these options`);
   }
+  const scaled = opts.scale !== undefined;
+  if (scaled && (accumulate || opts.bias || swiglu)) {
+    throw new Error("matmul: scale is for a plain product (no accumulate, bias or swiglu)");
+  }
+  const scaleParams = scaled ? [opts.scale!] : [];
   const tile = matmulKernel(gpu, M, N, K, allVec4, blocks, opts.kernel, opts.block, {
     rmsnorm: norm !== undefined,
     swiglu,
@@ -910,6 +925,7 @@ export function matmul(
       accumulate,
       bias: opts.bias !== undefined,
       blocks,
+      scaled,
     };
     const pipeline = gpu.pipelineFor(
       `tiled ${JSON.stringify(tiled)}`,
@@ -917,12 +933,13 @@ export function matmul(
       "matmul tiled",
     );
     const gy = Math.ceil(M / TILE), gz = Math.ceil(gy / 65535);
-    gpu.dispatch(pipeline, [Math.ceil(N / TILE), Math.ceil(gy / gz), gz], tensors, [
-      M,
-      N,
-      K,
-      ...strides,
-    ]);
+    gpu.dispatch(
+      pipeline,
+      [Math.ceil(N / TILE), Math.ceil(gy / gz), gz],
+      tensors,
+      [M, N, K, ...strides],
+      scaleParams,
+    );
     return;
   }
   // On a software adapter the register-blocked kernel reads its vec4 operands from texture
@@ -991,6 +1008,7 @@ export function matmul(
     normTex: normTexture !== null,
     oldOutTex: oldOutTexture !== null,
     swiglu,
+    scaled,
   };
   const operands = [aTexture ?? a, bTexture ?? b];
   if (chunks) {
@@ -998,7 +1016,7 @@ export function matmul(
     // workgroup per CPU thread, so split k into ranges that run in parallel into partial sums,
     // then add them up in order (deterministic).
     const partials = gpu.scratch("matmul partial sums", chunks.count * M * N);
-    const split = { ...variant, accumulate: false, bias: false, splitK: true };
+    const split = { ...variant, accumulate: false, bias: false, scaled: false, splitK: true };
     gpu.dispatch(
       gpu.pipelineFor(JSON.stringify(split), () => matmulWgsl(split), "matmul split-k"),
       [gx, gy, chunks.count],
@@ -1009,7 +1027,7 @@ export function matmul(
     const vec = N % 4 === 0, width = vec ? 4 : 1;
     const input = vec ? gpu.input("input 0", partials) : partials;
     const reduce = gpu.pipeline(
-      sumPartialsWgsl(accumulate, opts.bias !== undefined, vec, !(input instanceof Tensor)),
+      sumPartialsWgsl(accumulate, opts.bias !== undefined, scaled, vec, !(input instanceof Tensor)),
       "sum partials",
     );
     gpu.dispatch(
@@ -1017,6 +1035,7 @@ export function matmul(
       grid((M * N) / width, SUM_ROWS_SIZE),
       opts.bias ? [input, out, opts.bias] : [input, out],
       [(M * N) / width, N / width, chunks.count],
+      scaleParams,
     );
     return;
   }
@@ -1026,7 +1045,7 @@ export function matmul(
     [gx, Math.ceil(gy / gz), gz],
     [...operands, ...tensors.slice(2)],
     [M, N, K, ...strides, ...bandParams],
-    norm ? [norm.eps] : [],
+    [...(norm ? [norm.eps] : []), ...scaleParams],
   );
 }
 
@@ -1095,11 +1114,13 @@ function splitKChunks(
   return best;
 }
 
-// out[i] = (out[i] +) (bias[i % N] +) Σ_s partials[s·n + i], the partials added in order; by
-// vec4s when N is a multiple of 4, the partials read through `Gpu.input`.
+// out[i] = (out[i] +) (bias[i % N] +) Σ_s partials[s·n + i], the partials added in order, the
+// sum times p.scale when scaled; by vec4s when N is a multiple of 4, the partials read through
+// `Gpu.input`.
 function sumPartialsWgsl(
   accumulate: boolean,
   bias: boolean,
+  scaled: boolean,
   vec: boolean,
   texture: boolean,
 ): string {
@@ -1107,7 +1128,7 @@ function sumPartialsWgsl(
   const start = [accumulate ? "out[i]" : "", bias ? "bias[i % p.N]" : ""].filter((t) => t);
   const partial = vec ? "partials_at(c * p.n + i)" : "partials[c * p.n + i]";
   return `
-struct Params { n: u32, N: u32, count: u32 }
+struct Params { n: u32, N: u32, count: u32${scaled ? ", scale: f32" : ""} }
 @group(0) @binding(0) var<uniform> p: Params;
 ${
     vec
@@ -1122,7 +1143,7 @@ fn main(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg:
   if (i >= p.n) { return; }
   var s = ${start.length ? start.join(" + ") : `${type}(0.0)`};
   for (var c = 0u; c < p.count; c++) { s += ${partial}; }
-  out[i] = s;
+  out[i] = s${scaled ? " * p.scale" : ""};
 }`;
 }
 
