@@ -556,7 +556,10 @@ export class GpuModel {
   readonly kept = new Map<string, { release(gpu: Gpu): void }>();
   private readonly norm: Tensor;
   private readonly logitChunkFloats: number;
-  /** Bytes one storage binding may hold (weights are sliced, gate/up rows chunked, to fit). */
+  /**
+   * Bytes one storage binding may hold: weights are sliced and gate/up rows chunked to fit, and
+   * scoring and prefill passes sized (core/plan.ts passTokens).
+   */
   readonly maxBinding: number;
   private readonly checkpointing: boolean;
   /** Generation's KV cache storage (kv_cache_dtype). */
