@@ -281,8 +281,9 @@ Deno.test(
   async () => {
     // 64 KiB bindings: a pass over this model (the SwiGLU output's 72 floats a token are its
     // widest buffer bound whole) holds 227 tokens (core/plan.ts passTokens). So 8 sequences of
-    // 60 tokens score in passes of three, and 8 prompts of 60 prefill three at a time; in one
-    // pass of 480 tokens the SwiGLU output alone would be 138 KB.
+    // 60 tokens score in passes of three, and 8 prompts of 60 prefill three at a time. One pass
+    // of 480 tokens would bind 123 KB of fused q/k/v here (the SwiGLU output, 138 KB, is read
+    // through a texture copy on a software adapter, as storage elsewhere).
     const c = config(true), weights = randomWeights(c, 5), maxBindingBytes = 64 * 1024;
     assert.equal(passTokens(c, maxBindingBytes, SCORE_BATCH_TOKENS), 227);
     assert.equal(passTokens(c, maxBindingBytes, PREFILL_BATCH_TOKENS), 227);
