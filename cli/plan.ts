@@ -18,6 +18,8 @@ import {
   planModel,
   planProblems,
   referenceWorker,
+  softwareLimits,
+  softwareOverheadBytes,
 } from "../core/plan.ts";
 import { loraParameterCount } from "../core/lora.ts";
 import { loadTrainConfig, type TrainConfig } from "../core/train_config.ts";
@@ -82,9 +84,17 @@ export async function run(args: string[]): Promise<number> {
       software: false,
     }
     : describeAdapter(await requestAdapter(), memory, binding, buffer);
-  console.log(planReport(positionals[0], cfg, model, limits, memoryNote, software).join("\n"));
-  const plan = planMemory(cfg, model.config, undefined, model.dtype, bindingBytes(limits));
-  return planProblems(plan, limits).length === 0 ? 0 : 1;
+  // A software adapter's memory is the machine's, which the program itself also takes.
+  const overhead = softwareOverheadBytes(cfg, model.config, model.dtype);
+  const usable = software && limits.memory !== null ? softwareLimits(limits, overhead) : limits;
+  const note = usable === limits
+    ? memoryNote
+    : `${memoryNote}, ${formatBytes(limits.memory!)} less ${
+      formatBytes(overhead)
+    } for the program and a weight's per-use copy`;
+  console.log(planReport(positionals[0], cfg, model, usable, note, software).join("\n"));
+  const plan = planMemory(cfg, model.config, undefined, model.dtype, bindingBytes(usable));
+  return planProblems(plan, usable).length === 0 ? 0 : 1;
 }
 
 /**

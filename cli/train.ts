@@ -60,15 +60,20 @@ import {
 } from "../data/tasks.ts";
 import { resolveModel } from "../data/hub.ts";
 import { evalSelection } from "../core/evaluate.ts";
-import { checkPlan, keptCopyBytes, planModel } from "../core/plan.ts";
+import {
+  checkPlan,
+  keptCopyBytes,
+  planModel,
+  softwareLimits,
+  softwareOverheadBytes,
+} from "../core/plan.ts";
 import { BUDGET_VARIABLE } from "../gpu/kept_textures.ts";
 import { describeAdapter, probeAdapter } from "../gpu/adapters.ts";
 import { Gpu, summarizeAdapter } from "../gpu/device.ts";
 import { GpuModel } from "../gpu/model.ts";
 import { GpuBaseReference, GpuPolicy } from "../gpu/policy.ts";
 import type { ReferenceEngine } from "../core/engine.ts";
-import { otherAdapterBackend, WorkerReference } from "../reference/client.ts";
-import { privateRuntimeDir } from "../core/self_command.ts";
+import { WorkerReference } from "../reference/client.ts";
 import { serveDashboard } from "../core/dashboard.ts";
 import { writeReport } from "../core/report.ts";
 import { TensorBoardWriter } from "../core/tensorboard.ts";
@@ -139,7 +144,11 @@ export async function run(args: string[]): Promise<void> {
   const gpu = await Gpu.open();
   // Refuse a run that cannot fit before loading any weights or creating the output directory.
   const planned = await planModel(cfg, new ArithmeticTokenizer().vocabSize);
-  const limits = describeAdapter(gpu.adapter).limits;
+  // A software adapter's memory is the machine's, which the program itself also takes.
+  const adapterLimits = describeAdapter(gpu.adapter).limits;
+  const limits = gpu.software
+    ? softwareLimits(adapterLimits, softwareOverheadBytes(cfg, planned.config, planned.dtype))
+    : adapterLimits;
   const plan = checkPlan(cfg, planned.config, limits, undefined, planned.dtype);
   // On a software adapter the texture copies kept for the kernels (gpu/kept_textures.ts) take what
   // the plan leaves of the machine's memory: half to a reference worker when one runs.
@@ -283,21 +292,17 @@ async function train(
   );
   if (resumed) {
     policy.loadOptimizerState({ step: resumed.state.adam_step, moments: resumed.moments });
+    // The GPU holds them now: not kept for the run (full fine-tuning's are 8 bytes a parameter).
+    resumed.moments.clear();
     task.restoreSampler(resumed.state.sampler);
   }
   // The reference model runs in a process of its own, on another adapter when there is one. A
-  // LoRA run's reference is the base model: sharing the policy's adapter, it is the policy's
-  // own frozen weights with the adapter switched off.
-  let referenceAdapter = cfg.reference.adapter;
-  if (cfg.lora !== null && referenceAdapter === "auto" && referenceSharesBase(cfg, false)) {
-    const env = { XDG_RUNTIME_DIR: privateRuntimeDir(), ...cfg.reference.env };
-    const other = await otherAdapterBackend(
-      summarizeAdapter(gpu.adapter),
-      env,
-      cfg.reference.timeout_s,
-    );
-    if (other) referenceAdapter = other as typeof referenceAdapter;
-  }
+  // LoRA run's reference is the base model: unless reference.adapter names another backend, it is
+  // the policy's own frozen weights with the adapter switched off, as the memory plan counts it.
+  // A second backend found on its own would be the same GPU again (Vulkan and GL) or the CPU's
+  // llvmpipe, holding a second copy of the base for nothing (the 7B recipe's base twice is over a
+  // 24 GB machine's memory), or scoring a large model on the CPU.
+  const referenceAdapter = cfg.reference.adapter;
   const sharesBase = referenceSharesBase(
     cfg,
     referenceAdapter !== "auto" && referenceAdapter !== "same",

@@ -1,23 +1,26 @@
 // Hugging Face checkpoint directories: config.json plus model.safetensors, or shards listed in
 // model.safetensors.index.json. Loading checks every weight the config needs before reading
-// any tensor data; saving writes a complete new directory beside the old one and renames it into
-// place, so the previous checkpoint survives any failure.
+// any tensor data, then reads each weight only when it is asked for (CheckpointWeights): a 7B
+// model is 30 GB as f32, and a model on the GPU needs each weight once, as it is uploaded.
+// Saving writes a complete new directory beside the old one and renames it into place, so the
+// previous checkpoint survives any failure.
 
 import { AhaError } from "./errors.ts";
 import { type ModelConfig, parseModelConfig, weightShapes } from "./model_config.ts";
 import {
   float32ToBfloat16,
   float32ToFloat16,
-  readSafetensors,
   readSafetensorsHeader,
+  readTensorSync,
   type SafeDType,
+  type TensorEntry,
   writeSafetensors,
 } from "./safetensors.ts";
 
 export interface Checkpoint {
   config: ModelConfig;
   hfConfig: Record<string, unknown>;
-  weights: Map<string, Float32Array>; // in weightShapes order
+  weights: ReadonlyMap<string, Float32Array>; // in weightShapes order
   /** Each weight's dtype in the files (F32, F16 or BF16), e.g. for frozen_dtype "auto". */
   dtypes: Map<string, SafeDType>;
 }
@@ -78,7 +81,8 @@ async function weightFiles(dir: string, names: string[]): Promise<Map<string, st
 }
 
 /** Loads a checkpoint directory; every weight of weightShapes(config) must be present with its
- * shape (F32, F16 or BF16; converted to f32). Other tensors, e.g. a tied lm_head, are ignored. */
+ * shape (F32, F16 or BF16; converted to f32 as it is read). Other tensors, e.g. a tied lm_head,
+ * are ignored. The weights are read from the files when asked for (CheckpointWeights). */
 export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
   const configPath = `${dir}/config.json`;
   const hfConfig = await readJson(configPath);
@@ -88,8 +92,10 @@ export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
   const byFile = Map.groupBy(files.keys(), (name) => files.get(name)!);
   // Check every header before reading any tensor data.
   const dtypes = new Map<string, SafeDType>();
+  const stored = new Map<string, StoredWeight>();
   for (const [file, names] of byFile) {
-    const { entries } = await readSafetensorsHeader(file);
+    const { entries, dataOffset } = await readSafetensorsHeader(file);
+    const { size, mtime } = await Deno.stat(file);
     for (const name of names) {
       const expected = shapes.get(name)!;
       const entry = entries.get(name);
@@ -104,26 +110,95 @@ export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
             `expected ${shapeText(expected)} from config.json`,
         );
       }
+      if (entry.dtype !== "F32" && entry.dtype !== "F16" && entry.dtype !== "BF16") {
+        throw new AhaError(
+          `${file}: weight "${name}" has dtype ${entry.dtype}; expected F32, F16 or BF16`,
+        );
+      }
       dtypes.set(name, entry.dtype);
+      stored.set(name, { file, dataOffset, entry, size, mtime: mtime?.getTime() ?? null });
     }
   }
-  const read = new Map<string, Float32Array>();
-  for (const [file, names] of byFile) {
-    for (const [name, t] of await readSafetensors(file, names)) read.set(name, t.data);
+  const weights = new CheckpointWeights(
+    new Map([...shapes.keys()].map((n) => [n, stored.get(n)!])),
+  );
+  return { config, hfConfig: hfConfig as Record<string, unknown>, weights, dtypes };
+}
+
+/** Where one weight lies in its file, and the file as its header was checked. */
+interface StoredWeight {
+  file: string;
+  dataOffset: number;
+  entry: TensorEntry;
+  size: number;
+  mtime: number | null;
+}
+
+/**
+ * A checkpoint's weights, each read from its file (and widened to f32) at every `get`, never
+ * kept: the model on the GPU holds the only lasting copy. A read checks that the values are
+ * finite, and that the file is the one whose header was checked (same size and modification
+ * time), so a checkpoint replaced while a run reads it is an error rather than other weights.
+ * Code that reads a weight many times copies the map first (`new Map(weights)`).
+ */
+export class CheckpointWeights implements ReadonlyMap<string, Float32Array> {
+  constructor(private readonly stored: Map<string, StoredWeight>) {}
+
+  get size(): number {
+    return this.stored.size;
   }
-  const weights = new Map<string, Float32Array>();
-  for (const name of shapes.keys()) {
-    const data = read.get(name)!;
+
+  has(name: string): boolean {
+    return this.stored.has(name);
+  }
+
+  get(name: string): Float32Array | undefined {
+    const at = this.stored.get(name);
+    if (!at) return undefined;
+    let now: Deno.FileInfo | null = null;
+    try {
+      now = Deno.statSync(at.file);
+    } catch {
+      now = null;
+    }
+    if (!now || now.size !== at.size || (now.mtime?.getTime() ?? null) !== at.mtime) {
+      throw new AhaError(
+        `${at.file}: ${now ? "changed" : "gone"} since its header was read; the run cannot ` +
+          `read weight "${name}" from it (restore the checkpoint, or start again)`,
+      );
+    }
+    const data = readTensorSync(at.file, at.dataOffset, at.entry);
     const bad = firstNonFinite(data);
     if (bad >= 0) {
       throw new AhaError(
-        `${files.get(name)}: weight "${name}" holds ${data[bad]} at index ${bad}: ` +
+        `${at.file}: weight "${name}" holds ${data[bad]} at index ${bad}: ` +
           `the checkpoint is corrupt (NaN or infinite weights)`,
       );
     }
-    weights.set(name, data);
+    return data;
   }
-  return { config, hfConfig: hfConfig as Record<string, unknown>, weights, dtypes };
+
+  keys(): MapIterator<string> {
+    return this.stored.keys();
+  }
+
+  *entries(): MapIterator<[string, Float32Array]> {
+    for (const name of this.stored.keys()) yield [name, this.get(name)!];
+  }
+
+  *values(): MapIterator<Float32Array> {
+    for (const name of this.stored.keys()) yield this.get(name)!;
+  }
+
+  [Symbol.iterator](): MapIterator<[string, Float32Array]> {
+    return this.entries();
+  }
+
+  forEach(
+    callback: (value: Float32Array, key: string, map: ReadonlyMap<string, Float32Array>) => void,
+  ): void {
+    for (const [name, data] of this.entries()) callback(data, name, this);
+  }
 }
 
 /** Writes config.json, model.safetensors (F32 unless `dtype` says BF16/F16, weightShapes order)
@@ -132,7 +207,7 @@ export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
 export async function saveCheckpoint(
   dir: string,
   hfConfig: Record<string, unknown>,
-  weights: Map<string, Float32Array>,
+  weights: ReadonlyMap<string, Float32Array>,
   extraFiles: Record<string, Uint8Array | string> = {},
   dtype: "f32" | "bf16" | "f16" = "f32",
 ): Promise<void> {

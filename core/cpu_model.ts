@@ -13,7 +13,7 @@ import { loraModules, loraScale } from "./lora.ts";
 import { type ModelConfig, weightShapes } from "./model_config.ts";
 import type { LoraConfig } from "./train_config.ts";
 
-export type Weights = Map<string, Float64Array | Float32Array>;
+export type Weights = ReadonlyMap<string, Float64Array | Float32Array>;
 type Values = ArrayLike<number>;
 
 /** A LoRA adapter for the twin: its settings and its A, B matrices by PEFT name. */

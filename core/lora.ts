@@ -297,7 +297,7 @@ export async function loadAdapter(dir: string, config: ModelConfig): Promise<Ada
  */
 export function mergeAdapter(
   config: ModelConfig,
-  weights: Map<string, Float32Array>,
+  weights: ReadonlyMap<string, Float32Array>,
   adapter: Adapter,
 ): Map<string, Float32Array> {
   const merged = new Map(weights);

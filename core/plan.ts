@@ -732,20 +732,55 @@ export function checkPlan(
 }
 
 /**
- * What a run leaves of a software adapter's memory (the machine's RAM) for the texture copies its
- * kernels keep (gpu/kept_textures.ts), per process that keeps them: the trainer, and a reference
- * worker when one runs, which gets the other half (a LoRA run whose reference is its base on the
- * same adapter runs it in the trainer). \`aha train\` hands this to both through
- * AHA_KEPT_TEXTURE_BYTES, so a run the plan admits still fits with its copies.
+ * What a run's process holds on a software adapter (whose memory is the machine's RAM) beside its
+ * plan's buffers: the program (Deno, Mesa and the kernels it compiled) and a weight's texture copy
+ * made per use when no kept copy has room for it, the largest weight's at most. On llvmpipe, beyond
+ * the buffers and the kept copies: 1.2 GiB for a 0.5B LoRA run, 1.8 GiB for a 7B model's scoring
+ * beside its per-use copy of lm_head (1.0 GiB).
+ */
+export const SOFTWARE_PROGRAM_BYTES = 2 * 2 ** 30;
+
+export function softwareOverheadBytes(
+  cfg: TrainConfig,
+  model: ModelConfig,
+  checkpointDtype: PlanDType,
+): number {
+  const frozen = frozenStorage(cfg, checkpointDtype);
+  const weights = [...weightShapes(model)].map(([name, shape]) =>
+    cfg.lora === null ? { name, shape } : frozenTensor(name, shape, frozen)
+  );
+  return SOFTWARE_PROGRAM_BYTES + Math.max(...weights.map(tensorBytes));
+}
+
+/** A software adapter's limits for its plan: its memory less softwareOverheadBytes. */
+export function softwareLimits(limits: AdapterLimits, overhead: number): AdapterLimits {
+  return {
+    ...limits,
+    memory: limits.memory === null ? null : Math.max(0, limits.memory - overhead),
+  };
+}
+
+/**
+ * What a run leaves of a software adapter's memory (the machine's RAM less the program's share:
+ * softwareLimits) for the texture copies its kernels keep (gpu/kept_textures.ts), an eighth of it
+ * kept back as the copies' own rule does (memoryBudget), per process that keeps them: the trainer,
+ * and a reference worker when one runs, which gets the other half (a LoRA run whose reference is
+ * its base runs it in the trainer). \`aha train\` hands this to both through
+ * AHA_KEPT_TEXTURE_BYTES, so a run the plan admits still fits with its copies. Without the eighth,
+ * a 7B LoRA step on a 24 GB machine was killed for want of memory with 4.4 GiB of copies.
  */
 export function keptCopyBytes(plan: Plan, memory: number, cfg: TrainConfig): number {
-  const free = memory - plan.policyBytes - plan.referenceBytes;
+  const free = memory * 7 / 8 - plan.policyBytes - plan.referenceBytes;
   return Math.max(0, Math.floor(free / (referenceWorker(cfg) ? 2 : 1)));
 }
 
-/** Whether the reference runs in a worker process of its own (reference/), as far as the config says. */
+/**
+ * Whether the reference runs in a worker process of its own (reference/): a LoRA run's reference
+ * is its base in the trainer unless reference.adapter names another backend.
+ */
 export function referenceWorker(cfg: TrainConfig): boolean {
-  return cfg.beta > 0 && !referenceSharesBase(cfg, true);
+  const named = cfg.reference.adapter !== "auto" && cfg.reference.adapter !== "same";
+  return cfg.beta > 0 && !referenceSharesBase(cfg, named);
 }
 
 export function formatBytes(bytes: number): string {

@@ -175,18 +175,51 @@ export async function readSafetensors(
 ): Promise<Map<string, { shape: number[]; data: Float32Array }>> {
   const out = new Map<string, { shape: number[]; data: Float32Array }>();
   await readTensors(path, names, ["F32", "F16", "BF16"], async (name, entry, read) => {
-    const data = new Float32Array(entry.shape.reduce((a, b) => a * b, 1));
-    if (entry.dtype === "F32") {
-      await read(new Uint8Array(data.buffer));
-    } else {
-      const halves = new Uint16Array(data.length);
-      await read(new Uint8Array(halves.buffer));
-      if (entry.dtype === "F16") halfToFloat32(halves, data);
-      else bfloat16ToFloat32(halves, data);
-    }
-    out.set(name, { shape: entry.shape, data });
+    const bytes = new Uint8Array(entry.end - entry.begin);
+    await read(bytes);
+    out.set(name, { shape: entry.shape, data: widened(entry, bytes) });
   });
   return out;
+}
+
+/**
+ * One F32, F16 or BF16 tensor of a file whose header was read before (readSafetensorsHeader),
+ * as Float32Array, read synchronously: for weights read one at a time as a model is built.
+ */
+export function readTensorSync(path: string, dataOffset: number, entry: TensorEntry): Float32Array {
+  const bytes = new Uint8Array(entry.end - entry.begin);
+  let file: Deno.FsFile;
+  try {
+    file = Deno.openSync(path, { read: true });
+  } catch (e) {
+    throw new AhaError(`${path}: cannot open (${(e as Error).message})`);
+  }
+  try {
+    file.seekSync(dataOffset + entry.begin, Deno.SeekMode.Start);
+    for (let done = 0; done < bytes.length;) {
+      const n = file.readSync(bytes.subarray(done));
+      if (n === null) throw new AhaError(`${path}: truncated file (ended while reading)`);
+      done += n;
+    }
+  } finally {
+    file.close();
+  }
+  return widened(entry, bytes);
+}
+
+/** A tensor's F32, F16 or BF16 bytes as Float32Array (F32's own buffer, no copy). */
+function widened(entry: TensorEntry, bytes: Uint8Array): Float32Array {
+  if (entry.dtype === "F32") {
+    return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4);
+  }
+  if (entry.dtype !== "F16" && entry.dtype !== "BF16") {
+    throw new Error(`widened: ${entry.dtype} is not a float dtype`);
+  }
+  const halves = new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.length / 2);
+  const data = new Float32Array(halves.length);
+  if (entry.dtype === "F16") halfToFloat32(halves, data);
+  else bfloat16ToFloat32(halves, data);
+  return data;
 }
 
 /** Reads all (or the named) tensors as their raw bytes, whatever the dtype (e.g. I32 token ids:

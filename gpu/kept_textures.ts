@@ -9,9 +9,10 @@
 // one copy per weight tensor, made on first use and made again only after `stale()`. A decode
 // step writes one position of each row's cache, so the caches' copies take just those
 // (`changed()`) instead of whole layers. The copies hold as many bytes again as what they copy:
-// aha train gives them what its memory plan leaves free (AHA_KEPT_TEXTURE_BYTES); elsewhere all of
-// a process's copies stay within a quarter of the machine's memory, and each new one within half
-// of what is free when it is made. Past that, copies are made per use as before.
+// aha train gives them what its memory plan leaves free (AHA_KEPT_TEXTURE_BYTES); elsewhere the
+// copies of one KeptTextures stay within what its first copy finds (memoryBudget): a quarter of
+// the machine's memory, and no more than leaves an eighth of it available. Past that, copies are
+// made per use as before.
 
 import { AhaError } from "../core/errors.ts";
 import type { Gpu, Tensor, TextureLayout } from "./device.ts";
@@ -65,8 +66,23 @@ interface KeptCopy {
   changed: [number, number][];
 }
 
+/**
+ * The bytes one KeptTextures may keep when the machine's memory decides, taken when it makes its
+ * first copy (the model's buffers are in memory by then, and copies are not until their commands
+ * run, so what is available is read once): together with every other copy within a quarter of the
+ * memory, and leaving an eighth of it available for what grows later (per-use copies,
+ * activations, the program). A 7B model's `aha score` on a 24 GB machine was killed for want of
+ * memory when each copy had only to fit half of what was available.
+ */
+export function memoryBudget(memory: { total: number; available: number }): number {
+  return Math.max(0, Math.min(memory.total / 4 - keptBytes, memory.available - memory.total / 8));
+}
+
 export class KeptTextures {
   private readonly copies = new Map<Tensor, KeptCopy | null>();
+  /** Bytes of this instance's copies, and its budget from memoryBudget once taken. */
+  private ownBytes = 0;
+  private fromMemory: number | undefined;
 
   /** `budget`: bytes this instance may keep (tests); by default, the machine's memory decides. */
   constructor(private readonly gpu: Gpu, private readonly budget?: number) {}
@@ -86,7 +102,10 @@ export class KeptTextures {
         ? this.gpu.copyTexture(t, "kept copy", rowLength)
         : null;
       copy = made && { ...made, bytes: bytes!, fresh: false, changed: [] };
-      if (copy) keptBytes += copy.bytes;
+      if (copy) {
+        keptBytes += copy.bytes;
+        this.ownBytes += copy.bytes;
+      }
       this.copies.set(t, copy);
     }
     if (!copy) return null;
@@ -108,17 +127,19 @@ export class KeptTextures {
 
   /**
    * Whether a copy of `bytes` more may be kept: within the budget given, else the one the
-   * environment sets, else the machine's memory.
+   * environment sets, else the machine's memory (memoryBudget).
    */
   private roomFor(bytes: number): boolean {
     const budget = this.budget ?? keptTextureBudget();
     if (budget !== null) return keptBytes + bytes <= budget;
-    try {
-      const memory = Deno.systemMemoryInfo();
-      return keptBytes + bytes <= memory.total / 4 && bytes <= memory.available / 2;
-    } catch {
-      return false; // no --allow-sys: copy per product
+    if (this.fromMemory === undefined) {
+      try {
+        this.fromMemory = memoryBudget(Deno.systemMemoryInfo());
+      } catch {
+        this.fromMemory = 0; // no --allow-sys: copy per product
+      }
     }
+    return this.ownBytes + bytes <= this.fromMemory;
   }
 
   /**
@@ -153,5 +174,6 @@ export class KeptTextures {
       keptBytes -= copy.bytes;
     }
     this.copies.clear();
+    this.ownBytes = 0;
   }
 }

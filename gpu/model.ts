@@ -570,7 +570,7 @@ export class GpuModel {
   constructor(
     readonly gpu: Gpu,
     readonly config: ModelConfig,
-    weights: Map<string, Float32Array>,
+    weights: ReadonlyMap<string, Float32Array>,
     options: GpuModelOptions = {},
   ) {
     const limits = gpu.device.limits;
@@ -1417,7 +1417,7 @@ export class GpuModel {
   }
 
   /** Replace the trained tensors (same shapes), e.g. for reference-model syncing. */
-  setWeights(weights: Map<string, Float32Array>): void {
+  setWeights(weights: ReadonlyMap<string, Float32Array>): void {
     for (const [name, slices] of this.trained) {
       const data = weights.get(name);
       if (data) this.writeSlices(slices, data);

@@ -36,7 +36,7 @@ export class OnnxEngine {
   /** An engine for a checkpoint directory (exported or taken from the cache) or for in-memory
    * weights (exported, not cached). */
   static async create(
-    source: string | { config: ModelConfig; weights: Map<string, Float32Array> },
+    source: string | { config: ModelConfig; weights: ReadonlyMap<string, Float32Array> },
     opts: OnnxEngineOptions = {},
   ): Promise<OnnxEngine> {
     setThreads(opts.threads ?? navigator.hardwareConcurrency);

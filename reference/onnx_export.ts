@@ -89,7 +89,7 @@ function rotaryTables(c: ModelConfig): { cos: Float32Array; sin: Float32Array } 
 }
 
 /** The serialized ONNX model (protobuf bytes) for a checkpoint's config and float32 weights. */
-export function exportOnnx(c: ModelConfig, weights: Map<string, Float32Array>): Uint8Array {
+export function exportOnnx(c: ModelConfig, weights: ReadonlyMap<string, Float32Array>): Uint8Array {
   const g = new GraphBuilder();
   const w = (name: string, dims: number[]): string => {
     const data = weights.get(name);

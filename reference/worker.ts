@@ -35,7 +35,7 @@ interface Engine {
   /** logprobs[i][t] = log p(seq_i[t+1] | seq_i[0..t]) with logits · invTemperature. */
   /** As gpu/score.ts scoreSequences: with `from`, row i starts at position from[i]. */
   logprobs(sequences: number[][], invTemperature: number, from?: number[]): Promise<number[][]>;
-  weights(): Promise<Map<string, Float32Array>>;
+  weights(): Promise<ReadonlyMap<string, Float32Array>>;
   setWeights(weights: Map<string, Float32Array>): Promise<void>;
 }
 
@@ -73,7 +73,7 @@ class WebGpuEngine implements Engine {
     return scoreSequences(this.model, sequences, invTemperature, true, from);
   }
 
-  weights(): Promise<Map<string, Float32Array>> {
+  weights(): Promise<ReadonlyMap<string, Float32Array>> {
     return this.model.readWeights();
   }
 
@@ -94,7 +94,7 @@ class OnnxReferenceEngine implements Engine {
     private readonly modelDir: string,
     private readonly onnxPath: string | undefined,
     /** The current weights when they differ from the checkpoint's (after --weights or a sync). */
-    private current: Map<string, Float32Array> | null,
+    private current: ReadonlyMap<string, Float32Array> | null,
   ) {}
 
   get description(): string {
@@ -105,7 +105,7 @@ class OnnxReferenceEngine implements Engine {
     return this.engine.logprobs(sequences, invTemperature, from);
   }
 
-  async weights(): Promise<Map<string, Float32Array>> {
+  async weights(): Promise<ReadonlyMap<string, Float32Array>> {
     return this.current ?? (await loadCheckpoint(this.modelDir)).weights;
   }
 
@@ -149,7 +149,7 @@ async function loadEngine(
   threads: number | undefined,
   frozenDtype: FrozenDtype,
 ): Promise<{ engine: Engine; config: ModelConfig }> {
-  let config: ModelConfig, weights: Map<string, Float32Array> | null = null;
+  let config: ModelConfig, weights: ReadonlyMap<string, Float32Array> | null = null;
   // Each weight's dtype in its file; weights after a sync (--weights) are F32.
   let dtypes = new Map<string, string>();
   if (engineName === "webgpu" && !weightsFile) {

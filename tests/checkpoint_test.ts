@@ -50,7 +50,7 @@ for (const name of ["gqa_tied", "gqa3_untied", "mha_untied"]) {
     );
     assert.deepEqual(JSON.parse(await Deno.readTextFile(`${out}/config.json`)), loaded.hfConfig);
     const again = await loadCheckpoint(out);
-    assert.deepEqual(again.weights, loaded.weights);
+    assert.deepEqual(new Map(again.weights), new Map(loaded.weights));
     assert.deepEqual(again.config, loaded.config);
   });
 }
@@ -67,11 +67,47 @@ Deno.test("loads BF16 and sharded F16 checkpoints; they survive a save → load 
       );
     }
     await saveCheckpoint(`${dir}/re_${name}`, loaded.hfConfig, loaded.weights);
-    assert.deepEqual((await loadCheckpoint(`${dir}/re_${name}`)).weights, loaded.weights);
+    const again = await loadCheckpoint(`${dir}/re_${name}`);
+    assert.deepEqual(new Map(again.weights), new Map(loaded.weights));
   }
   // Spot value: the F16 shards hold values rounded to 11 significant bits.
   const { weights } = await loadCheckpoint(GOLDEN + "f16_sharded");
   for (const v of weights.get("lm_head.weight")!) assert.equal(v, new Float16Array([v])[0]);
+});
+
+Deno.test("weights are read from the files when asked for; a replaced or corrupt file is an error at the read", async () => {
+  const path = `${dir}/lazy`;
+  await copyDir(GOLDEN + "gqa3_untied", path);
+  const { hfConfig, weights } = await loadCheckpoint(path);
+  // Each read is the file's values (as the async reader sees them), and a fresh array.
+  const file = await readSafetensors(`${path}/model.safetensors`);
+  for (const [name, data] of weights) assert.deepEqual(data, file.get(name)!.data, name);
+  const name = "model.layers.1.mlp.up_proj.weight";
+  const first = weights.get(name)!;
+  first.fill(7);
+  assert.deepEqual(weights.get(name), file.get(name)!.data, "not kept: a read is the file's");
+  assert.equal(weights.get("no.such.weight"), undefined);
+
+  // The checkpoint replaced by another of the same size: its weights are no longer these.
+  const changed = new Map(weights).set(name, new Float32Array(first.length).fill(0.5));
+  await saveCheckpoint(path, hfConfig, changed);
+  assert.throws(() => weights.get(name), (e: Error) => {
+    assert.ok(e instanceof AhaError, `${e}`);
+    assert.match(e.message, /lazy\/model\.safetensors: changed since its header was read/);
+    return true;
+  });
+  await Deno.remove(`${path}/model.safetensors`);
+  assert.throws(() => weights.get(name), /lazy\/model\.safetensors: gone since its header/);
+
+  // NaN in a weight: the header is fine, so loading succeeds and reading that weight fails.
+  await copyDir(GOLDEN + "gqa3_untied", path);
+  await editWeights(path, (t) => t.get(name)!.data[5] = NaN);
+  const corrupt = await loadCheckpoint(path);
+  assert.equal(corrupt.weights.get("model.norm.weight")!.length, 24);
+  assert.throws(
+    () => corrupt.weights.get(name),
+    /"model\.layers\.1\.mlp\.up_proj\.weight" holds NaN at index 5/,
+  );
 });
 
 Deno.test("a tied checkpoint that also stores lm_head.weight loads, ignoring it", async () => {

@@ -25,6 +25,7 @@ import {
   keptTextureBudget,
   keptTextureBytes,
   KeptTextures,
+  memoryBudget,
 } from "../gpu/kept_textures.ts";
 import { eachInputPath, gpuTest, openGpu, padded, randoms, unpad } from "./helpers.ts";
 import { packHalves, roundThrough } from "../core/half.ts";
@@ -753,6 +754,40 @@ Deno.test(
     kept.destroy();
     none.destroy();
     for (const t of [tx, tw, out]) t.destroy();
+  },
+);
+
+Deno.test(
+  "with the machine's memory deciding, copies stop where an eighth of it would no longer be available, and at a quarter",
+  gpuTest,
+  () => {
+    // A small tensor's copy is one row of 1,024 texels: 16 KiB. The budget is read once, at an
+    // instance's first copy, from the machine's memory as Deno reports it (stubbed here).
+    const row = 16384, before = Deno.env.get(BUDGET_VARIABLE);
+    const reported = Deno.systemMemoryInfo;
+    const tensors = Array.from({ length: 24 }, () => gpu.upload(random(64)));
+    const keptOf = (memory: { total: number; available: number }) => {
+      (Deno as { systemMemoryInfo: () => unknown }).systemMemoryInfo = () => ({ ...memory });
+      const kept = new KeptTextures(gpu);
+      const views = tensors.map((t) => kept.view(t));
+      kept.destroy();
+      return views.findIndex((v) => v === null);
+    };
+    try {
+      Deno.env.delete(BUDGET_VARIABLE);
+      const total = 64 * row, others = keptTextureBytes();
+      // An eighth of 64 rows is 8: with 11 available, 3 copies leave 8.
+      assert.equal(keptOf({ total, available: 11 * row }), 3);
+      assert.equal(keptOf({ total, available: 8 * row }), 0);
+      // Plenty available: a quarter of the memory (16 rows) for all of the process's copies.
+      assert.equal(keptOf({ total, available: 1e12 }), Math.floor((16 * row - others) / row));
+      assert.equal(memoryBudget({ total: 8e9, available: 1e9 }), 0, "an eighth is not available");
+    } finally {
+      (Deno as { systemMemoryInfo: typeof reported }).systemMemoryInfo = reported;
+      if (before !== undefined) Deno.env.set(BUDGET_VARIABLE, before);
+      gpu.flush();
+      for (const t of tensors) t.destroy();
+    }
   },
 );
 

@@ -427,7 +427,7 @@ Deno.test(
 );
 
 Deno.test(
-  "LoRA: a reference on another adapter is a worker with its own copy of the base",
+  "LoRA: a reference on a named backend is a worker with its own copy of the base; auto keeps it in the trainer",
   gpuTest,
   async () => {
     const base = `${dir}/learn/base`; // made by the first test, or made here
@@ -435,15 +435,30 @@ Deno.test(
       () => ["--set", `model=${base}`],
       () => [],
     );
-    const run = await train([
-      ...model,
-      ...set(`output_dir=${dir}/lora-worker`, "max_steps=1"),
-      ...set("lora.r=2", "lora.target_modules=[q_proj, down_proj]", "reference.adapter=gl"),
-    ]);
+    const oneStep = (adapter: string) =>
+      train([
+        ...model,
+        ...set(`output_dir=${dir}/lora-${adapter}`, "max_steps=1"),
+        ...set(
+          "lora.r=2",
+          "lora.target_modules=[q_proj, down_proj]",
+          `reference.adapter=${adapter}`,
+        ),
+      ]);
+    const run = await oneStep("gl");
     assert.equal(run.code, 0, run.stderr);
     assert.match(run.stdout, /reference: worker pid \d+, .*\(its own copy of the base model\)/);
     assert.match(run.stdout, /LoRA: r 2, alpha 32 \(scale 16\.00\), targets q_proj down_proj/);
-    const files = [...Deno.readDirSync(`${dir}/lora-worker/checkpoint-1`)].map((e) => e.name);
+    // This machine offers that second backend (llvmpipe under GL beside lavapipe), and auto must
+    // not take it: a second copy of the base in the same memory, which the plan does not count.
+    const auto = await oneStep("auto");
+    assert.equal(auto.code, 0, auto.stderr);
+    assert.match(
+      auto.stdout,
+      /reference: the base model in this process .*sharing the policy's frozen weights/,
+    );
+    assert.doesNotMatch(auto.stdout, /worker pid/);
+    const files = [...Deno.readDirSync(`${dir}/lora-gl/checkpoint-1`)].map((e) => e.name);
     assert.ok(files.includes("adapter_model.safetensors") && !files.includes("model.safetensors"));
   },
 );
