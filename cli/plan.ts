@@ -91,7 +91,7 @@ export async function run(args: string[]): Promise<number> {
     ? memoryNote
     : `${memoryNote}, ${formatBytes(limits.memory!)} less ${
       formatBytes(overhead)
-    } for the program and a weight's per-use copy`;
+    } for the program and per-use copies of weights`;
   console.log(planReport(positionals[0], cfg, model, usable, note, software).join("\n"));
   const plan = planMemory(cfg, model.config, undefined, model.dtype, bindingBytes(usable));
   return planProblems(plan, usable).length === 0 ? 0 : 1;

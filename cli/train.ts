@@ -151,7 +151,7 @@ export async function run(args: string[]): Promise<void> {
     : adapterLimits;
   const plan = checkPlan(cfg, planned.config, limits, undefined, planned.dtype);
   // On a software adapter the texture copies kept for the kernels (gpu/kept_textures.ts) take what
-  // the plan leaves of the machine's memory: half to a reference worker when one runs.
+  // the plan leaves of the machine's memory, less an eighth: half to a reference worker if any.
   if (gpu.software && limits.memory !== null && !Deno.env.get(BUDGET_VARIABLE)) {
     Deno.env.set(BUDGET_VARIABLE, String(keptCopyBytes(plan, limits.memory, cfg)));
   }

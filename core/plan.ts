@@ -733,10 +733,11 @@ export function checkPlan(
 
 /**
  * What a run's process holds on a software adapter (whose memory is the machine's RAM) beside its
- * plan's buffers: the program (Deno, Mesa and the kernels it compiled) and a weight's texture copy
- * made per use when no kept copy has room for it, the largest weight's at most. On llvmpipe, beyond
- * the buffers and the kept copies: 1.2 GiB for a 0.5B LoRA run, 1.8 GiB for a 7B model's scoring
- * beside its per-use copy of lm_head (1.0 GiB).
+ * plan's buffers: the program (Deno, Mesa and the kernels it compiled) and the texture copies of
+ * weights made per use when no kept copy has room for them, up to twice the largest weight (a
+ * training step reads each weight in the forward's product and in the backward's). Measured on
+ * llvmpipe beyond the buffers and the kept copies: 1.2 GiB in a 0.5B LoRA run, 2.9 GiB in a 7B
+ * model's scoring (lm_head alone is 1.0 GiB in bf16), 3.6 GiB in a 7B LoRA step.
  */
 export const SOFTWARE_PROGRAM_BYTES = 2 * 2 ** 30;
 
@@ -749,7 +750,7 @@ export function softwareOverheadBytes(
   const weights = [...weightShapes(model)].map(([name, shape]) =>
     cfg.lora === null ? { name, shape } : frozenTensor(name, shape, frozen)
   );
-  return SOFTWARE_PROGRAM_BYTES + Math.max(...weights.map(tensorBytes));
+  return SOFTWARE_PROGRAM_BYTES + 2 * Math.max(...weights.map(tensorBytes));
 }
 
 /** A software adapter's limits for its plan: its memory less softwareOverheadBytes. */
