@@ -1,6 +1,6 @@
 // Hugging Face checkpoint directories: config.json plus model.safetensors, or shards listed in
 // model.safetensors.index.json. Loading checks every weight the config needs before reading
-// any tensor data, then reads each weight only when it is asked for (CheckpointWeights): a 7B
+// any tensor data, then reads each weight only when it is asked for (WeightsOnDemand): a 7B
 // model is 30 GB as f32, and a model on the GPU needs each weight once, as it is uploaded.
 // Saving writes a complete new directory beside the old one and renames it into place, so the
 // previous checkpoint survives any failure.
@@ -82,7 +82,7 @@ async function weightFiles(dir: string, names: string[]): Promise<Map<string, st
 
 /** Loads a checkpoint directory; every weight of weightShapes(config) must be present with its
  * shape (F32, F16 or BF16; converted to f32 as it is read). Other tensors, e.g. a tied lm_head,
- * are ignored. The weights are read from the files when asked for (CheckpointWeights). */
+ * are ignored. The weights are read from the files when asked for (WeightsOnDemand). */
 export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
   const configPath = `${dir}/config.json`;
   const hfConfig = await readJson(configPath);
@@ -119,8 +119,9 @@ export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
       stored.set(name, { file, dataOffset, entry, size, mtime: mtime?.getTime() ?? null });
     }
   }
-  const weights = new CheckpointWeights(
-    new Map([...shapes.keys()].map((n) => [n, stored.get(n)!])),
+  const weights = new WeightsOnDemand(
+    [...shapes.keys()],
+    (name) => readStored(name, stored.get(name)!),
   );
   return { config, hfConfig: hfConfig as Record<string, unknown>, weights, dtypes };
 }
@@ -139,55 +140,64 @@ interface StoredWeight {
  * kept: the model on the GPU holds the only lasting copy. A read checks that the values are
  * finite, and that the file is the one whose header was checked (same size and modification
  * time), so a checkpoint replaced while a run reads it is an error rather than other weights.
- * Code that reads a weight many times copies the map first (`new Map(weights)`).
  */
-export class CheckpointWeights implements ReadonlyMap<string, Float32Array> {
-  constructor(private readonly stored: Map<string, StoredWeight>) {}
+function readStored(name: string, at: StoredWeight): Float32Array {
+  let now: Deno.FileInfo | null = null;
+  try {
+    now = Deno.statSync(at.file);
+  } catch {
+    now = null;
+  }
+  if (!now || now.size !== at.size || (now.mtime?.getTime() ?? null) !== at.mtime) {
+    throw new AhaError(
+      `${at.file}: ${now ? "changed" : "gone"} since its header was read; the run cannot ` +
+        `read weight "${name}" from it (restore the checkpoint, or start again)`,
+    );
+  }
+  const data = readTensorSync(at.file, at.dataOffset, at.entry);
+  const bad = firstNonFinite(data);
+  if (bad >= 0) {
+    throw new AhaError(
+      `${at.file}: weight "${name}" holds ${data[bad]} at index ${bad}: ` +
+        `the checkpoint is corrupt (NaN or infinite weights)`,
+    );
+  }
+  return data;
+}
+
+/**
+ * Weights made when asked for (`read`, at every `get`) and never kept: a checkpoint's, read from
+ * its files, or a merged adapter's. Code that reads a weight many times copies the map first
+ * (`new Map(weights)`).
+ */
+export class WeightsOnDemand implements ReadonlyMap<string, Float32Array> {
+  constructor(
+    private readonly names: string[],
+    private readonly read: (name: string) => Float32Array,
+  ) {}
 
   get size(): number {
-    return this.stored.size;
+    return this.names.length;
   }
 
   has(name: string): boolean {
-    return this.stored.has(name);
+    return this.names.includes(name);
   }
 
   get(name: string): Float32Array | undefined {
-    const at = this.stored.get(name);
-    if (!at) return undefined;
-    let now: Deno.FileInfo | null = null;
-    try {
-      now = Deno.statSync(at.file);
-    } catch {
-      now = null;
-    }
-    if (!now || now.size !== at.size || (now.mtime?.getTime() ?? null) !== at.mtime) {
-      throw new AhaError(
-        `${at.file}: ${now ? "changed" : "gone"} since its header was read; the run cannot ` +
-          `read weight "${name}" from it (restore the checkpoint, or start again)`,
-      );
-    }
-    const data = readTensorSync(at.file, at.dataOffset, at.entry);
-    const bad = firstNonFinite(data);
-    if (bad >= 0) {
-      throw new AhaError(
-        `${at.file}: weight "${name}" holds ${data[bad]} at index ${bad}: ` +
-          `the checkpoint is corrupt (NaN or infinite weights)`,
-      );
-    }
-    return data;
+    return this.has(name) ? this.read(name) : undefined;
   }
 
   keys(): MapIterator<string> {
-    return this.stored.keys();
+    return this.names.values();
   }
 
   *entries(): MapIterator<[string, Float32Array]> {
-    for (const name of this.stored.keys()) yield [name, this.get(name)!];
+    for (const name of this.names) yield [name, this.read(name)];
   }
 
   *values(): MapIterator<Float32Array> {
-    for (const name of this.stored.keys()) yield this.get(name)!;
+    for (const name of this.names) yield this.read(name);
   }
 
   [Symbol.iterator](): MapIterator<[string, Float32Array]> {
@@ -212,30 +222,40 @@ export async function saveCheckpoint(
   dtype: "f32" | "bf16" | "f16" = "f32",
 ): Promise<void> {
   const shapes = weightShapes(parseModelConfig(hfConfig, `${dir}/config.json`));
+  // Each weight is asked for, checked and converted when its turn to be written comes, so a save
+  // holds one at a time (a merged 7B model is 28 GiB as f32). A failure leaves the old checkpoint.
   const tensors = new Map<
     string,
-    { shape: number[]; data: Float32Array | Uint16Array; dtype?: "BF16" | "F16" }
+    { shape: number[]; data: () => Float32Array | Uint16Array; dtype: "F32" | "BF16" | "F16" }
   >();
   for (const [name, shape] of shapes) {
-    const data = weights.get(name);
     const size = shape.reduce((a, b) => a * b, 1);
-    if (!data || data.length !== size) {
-      throw new AhaError(
-        `${dir}: cannot save weight "${name}": expected ${size} values (shape ` +
-          `${shapeText(shape)}), got ${data ? data.length : "none"}`,
-      );
-    }
-    const bad = firstNonFinite(data);
-    if (bad >= 0) {
-      throw new AhaError(
-        `${dir}: not saved: weight "${name}" holds ${data[bad]} at index ${bad} ` +
-          `(training diverged; the previous checkpoint is kept)`,
-      );
-    }
-    if (dtype === "f32") tensors.set(name, { shape, data });
-    else if (dtype === "bf16") {
-      tensors.set(name, { shape, data: float32ToBfloat16(data), dtype: "BF16" });
-    } else tensors.set(name, { shape, data: float32ToFloat16(data), dtype: "F16" });
+    const checked = () => {
+      const data = weights.get(name);
+      if (!data || data.length !== size) {
+        throw new AhaError(
+          `${dir}: cannot save weight "${name}": expected ${size} values (shape ` +
+            `${shapeText(shape)}), got ${data ? data.length : "none"}`,
+        );
+      }
+      const bad = firstNonFinite(data);
+      if (bad >= 0) {
+        throw new AhaError(
+          `${dir}: not saved: weight "${name}" holds ${data[bad]} at index ${bad} ` +
+            `(training diverged; the previous checkpoint is kept)`,
+        );
+      }
+      return data;
+    };
+    if (!weights.has(name)) checked(); // missing: refused before anything is written
+    tensors.set(
+      name,
+      dtype === "f32"
+        ? { shape, data: checked, dtype: "F32" }
+        : dtype === "bf16"
+        ? { shape, data: () => float32ToBfloat16(checked()), dtype: "BF16" }
+        : { shape, data: () => float32ToFloat16(checked()), dtype: "F16" },
+    );
   }
   await writeDirectory(dir, async (temporary) => {
     await Deno.writeTextFile(`${temporary}/config.json`, JSON.stringify(hfConfig, null, 2) + "\n");

@@ -9,7 +9,7 @@
 // initialisation, the adapter directory (adapter_config.json + adapter_model.safetensors), its
 // validation against a base model, and merging W + s·B·A for a plain checkpoint.
 
-import { readJson, writeDirectory, writeFiles } from "./checkpoint.ts";
+import { readJson, WeightsOnDemand, writeDirectory, writeFiles } from "./checkpoint.ts";
 import { AhaError } from "./errors.ts";
 import type { ModelConfig } from "./model_config.ts";
 import type { Rng } from "./rng.ts";
@@ -293,18 +293,20 @@ export async function loadAdapter(dir: string, config: ModelConfig): Promise<Ada
 
 /**
  * The base weights with every adapted W replaced by W + s·B·A (summed in float64, stored f32);
- * other weights are passed through unchanged.
+ * other weights are passed through unchanged. Each is made when asked for (WeightsOnDemand), so
+ * saving the merged model holds one weight at a time.
  */
 export function mergeAdapter(
   config: ModelConfig,
   weights: ReadonlyMap<string, Float32Array>,
   adapter: Adapter,
-): Map<string, Float32Array> {
-  const merged = new Map(weights);
+): ReadonlyMap<string, Float32Array> {
   const s = loraScale(adapter.lora), r = adapter.lora.r;
-  for (const m of loraModules(config, adapter.lora)) {
-    const name = `${m.module}.weight`;
-    const w = weights.get(name)!, a = adapter.tensors.get(m.a)!, b = adapter.tensors.get(m.b)!;
+  const targets = new Map(loraModules(config, adapter.lora).map((m) => [`${m.module}.weight`, m]));
+  return new WeightsOnDemand([...weights.keys()], (name) => {
+    const w = weights.get(name)!, m = targets.get(name);
+    if (!m) return w;
+    const a = adapter.tensors.get(m.a)!, b = adapter.tensors.get(m.b)!;
     const out = new Float32Array(w.length);
     const { inFeatures: nIn, outFeatures: nOut } = m;
     for (let o = 0; o < nOut; o++) {
@@ -314,7 +316,6 @@ export function mergeAdapter(
         out[o * nIn + i] = w[o * nIn + i] + s * delta;
       }
     }
-    merged.set(name, out);
-  }
-  return merged;
+    return out;
+  });
 }

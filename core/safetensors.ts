@@ -299,20 +299,46 @@ function bfloat16ToFloat32(src: Uint16Array, dst: Float32Array) {
   for (let i = 0; i < src.length; i++) bits[i] = src[i] << 16;
 }
 
-/** Tensors to write: Float32Array as F32, Int32Array as I32, Uint16Array as the 16-bit `dtype`. */
-type WritableTensors = Map<
+type TensorValues = Float32Array | Int32Array | Uint16Array;
+type TensorData = TensorValues | (() => TensorValues);
+
+/**
+ * Tensors to write: Float32Array as F32, Int32Array as I32, Uint16Array as the 16-bit `dtype`.
+ * `data` may instead be a function giving the values when the tensor's turn comes (its `dtype`
+ * then stated), so that writing a file holds one tensor's values at a time.
+ */
+type WritableTensors = ReadonlyMap<
   string,
-  { shape: number[]; data: Float32Array | Int32Array | Uint16Array; dtype?: "BF16" | "F16" }
+  { shape: number[]; data: TensorData; dtype?: "F32" | "BF16" | "F16" }
 >;
+
+/** A tensor's values, asked for now when they are given by a function, checked against its shape. */
+function valuesOf(path: string, name: string, shape: number[], data: TensorData): TensorValues {
+  const values = typeof data === "function" ? data() : data;
+  if (shape.reduce((a, b) => a * b, 1) !== values.length) {
+    throw new AhaError(
+      `${path}: tensor "${name}" has ${values.length} values for shape [${shape}]`,
+    );
+  }
+  return values;
+}
 
 /** float32 values rounded to bfloat16 bits (nearest, ties to even; NaN stays NaN). */
 export function float32ToBfloat16(src: Float32Array): Uint16Array {
-  return Uint16Array.from(src, bf16Bits);
+  return narrowed(src, bf16Bits);
 }
 
 /** float32 values rounded to IEEE half-precision bits (nearest, ties to even). */
 export function float32ToFloat16(src: Float32Array): Uint16Array {
-  return Uint16Array.from(src, f16Bits);
+  return narrowed(src, f16Bits);
+}
+
+// A loop rather than Uint16Array.from(src, bits), which builds a JS array of every value first:
+// for a 7B model's embedding (545M values) V8 ran out of memory ("invalid array length").
+function narrowed(src: Float32Array, bits: (value: number) => number): Uint16Array {
+  const out = new Uint16Array(src.length);
+  for (let i = 0; i < src.length; i++) out[i] = bits(src[i]);
+  return out;
 }
 
 /** The header bytes (length prefix + JSON padded to 8 bytes) for tensors laid out in order. */
@@ -320,19 +346,18 @@ function encodeHeader(path: string, tensors: WritableTensors, metadata?: Record<
   const header: Record<string, unknown> = {};
   if (metadata) header.__metadata__ = metadata;
   let offset = 0;
-  for (const [name, { shape, data, dtype: half }] of tensors) {
-    if (shape.reduce((a, b) => a * b, 1) !== data.length) {
-      throw new AhaError(
-        `${path}: tensor "${name}" has ${data.length} values for shape [${shape}]`,
-      );
-    }
-    const dtype = data instanceof Uint16Array
-      ? half ?? "BF16"
+  for (const [name, { shape, data, dtype: stated }] of tensors) {
+    if (typeof data !== "function") valuesOf(path, name, shape, data);
+    const dtype = typeof data === "function"
+      ? stated ?? "F32"
+      : data instanceof Uint16Array
+      ? stated ?? "BF16"
       : data instanceof Float32Array
       ? "F32"
       : "I32";
-    header[name] = { dtype, shape, data_offsets: [offset, offset + data.byteLength] };
-    offset += data.byteLength;
+    const bytes = shape.reduce((a, b) => a * b, 1) * DTYPE_BYTES[dtype];
+    header[name] = { dtype, shape, data_offsets: [offset, offset + bytes] };
+    offset += bytes;
   }
   let json = JSON.stringify(header);
   json += " ".repeat((8 - json.length % 8) % 8); // the JSON is ASCII when names are
@@ -352,14 +377,15 @@ export function encodeSafetensors(
   metadata?: Record<string, string>,
 ): Uint8Array {
   const header = encodeHeader("safetensors", tensors, metadata);
-  let size = header.length;
-  for (const { data } of tensors.values()) size += data.byteLength;
-  const out = new Uint8Array(size);
+  const values = [...tensors].map(([name, t]) =>
+    bytesOf(valuesOf("safetensors", name, t.shape, t.data))
+  );
+  const out = new Uint8Array(header.length + values.reduce((a, v) => a + v.length, 0));
   out.set(header);
   let offset = header.length;
-  for (const { data } of tensors.values()) {
-    out.set(bytesOf(data), offset);
-    offset += data.byteLength;
+  for (const bytes of values) {
+    out.set(bytes, offset);
+    offset += bytes.length;
   }
   return out;
 }
@@ -376,7 +402,9 @@ export async function writeSafetensors(
     const file = await Deno.open(temporary, { write: true, create: true, truncate: true });
     try {
       await writeAll(file, header);
-      for (const { data } of tensors.values()) await writeAll(file, bytesOf(data));
+      for (const [name, { shape, data }] of tensors) {
+        await writeAll(file, bytesOf(valuesOf(path, name, shape, data)));
+      }
     } finally {
       file.close();
     }

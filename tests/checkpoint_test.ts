@@ -3,7 +3,7 @@
 // weights, and saves that replace a directory atomically.
 
 import assert from "node:assert/strict";
-import { loadCheckpoint, saveCheckpoint } from "../core/checkpoint.ts";
+import { loadCheckpoint, saveCheckpoint, WeightsOnDemand } from "../core/checkpoint.ts";
 import { AhaError } from "../core/errors.ts";
 import { weightShapes } from "../core/model_config.ts";
 import { readSafetensors, writeSafetensors } from "../core/safetensors.ts";
@@ -189,6 +189,29 @@ Deno.test("saving replaces a directory whole, and a failed save leaves the old o
   );
   assert.deepEqual(await Deno.readFile(`${path}/model.safetensors`), before);
   assert.equal(await Deno.readTextFile(`${path}/old.txt`), "old");
+
+  // A weight found non-finite when its turn to be written comes (each is asked for one at a
+  // time, after the earlier ones are written): refused, the old checkpoint intact.
+  const asked: string[] = [];
+  const temporaryFile = `${parent}/.ckpt.${Deno.pid}.tmp/model.safetensors.${Deno.pid}.tmp`;
+  let writtenBefore = -1;
+  const diverged = new WeightsOnDemand([...weights.keys()], (name) => {
+    asked.push(name);
+    const data = weights.get(name)!;
+    if (name !== "model.layers.0.mlp.up_proj.weight") return data;
+    writtenBefore = Deno.statSync(temporaryFile).size;
+    return data.map(() => NaN);
+  });
+  await rejectsWith(
+    saveCheckpoint(path, hfConfig, diverged),
+    /not saved: weight "model\.layers\.0\.mlp\.up_proj\.weight" holds NaN at index 0/,
+  );
+  assert.deepEqual(await Deno.readFile(`${path}/model.safetensors`), before);
+  const order = [...weights.keys()];
+  const upTo = order.slice(0, order.indexOf("model.layers.0.mlp.up_proj.weight"));
+  assert.deepEqual(asked, [...upTo, "model.layers.0.mlp.up_proj.weight"]);
+  const earlier = upTo.reduce((bytes, name) => bytes + 4 * weights.get(name)!.length, 0);
+  assert.ok(writtenBefore >= earlier, `${writtenBefore} bytes written before, ${earlier} expected`);
 
   // A successful save replaces everything: old.txt is gone.
   const changed = new Map(weights);
