@@ -1,9 +1,9 @@
 // Hugging Face checkpoint directories: config.json plus model.safetensors, or shards listed in
 // model.safetensors.index.json. Loading checks every weight the config needs before reading
 // any tensor data, then reads each weight only when it is asked for (WeightsOnDemand): a 7B
-// model is 30 GB as f32, and a model on the GPU needs each weight once, as it is uploaded.
-// Saving writes a complete new directory beside the old one and renames it into place, so the
-// previous checkpoint survives any failure.
+// model is 28 GiB as f32, and a model on the GPU needs each weight once, as it is uploaded.
+// Saving writes a complete new directory beside the old one, a weight at a time, and renames it
+// into place, so the previous checkpoint survives any failure.
 
 import { AhaError } from "./errors.ts";
 import { type ModelConfig, parseModelConfig, weightShapes } from "./model_config.ts";
@@ -136,10 +136,11 @@ interface StoredWeight {
 }
 
 /**
- * A checkpoint's weights, each read from its file (and widened to f32) at every `get`, never
- * kept: the model on the GPU holds the only lasting copy. A read checks that the values are
- * finite, and that the file is the one whose header was checked (same size and modification
- * time), so a checkpoint replaced while a run reads it is an error rather than other weights.
+ * One weight of a checkpoint read from its file and widened to f32 (at every `get` of its
+ * WeightsOnDemand: the model on the GPU holds the only lasting copy). The read checks that the
+ * values are finite, and that the file is the one whose header was checked (same size and
+ * modification time), so a checkpoint replaced while a run reads it is an error rather than
+ * other weights.
  */
 function readStored(name: string, at: StoredWeight): Float32Array {
   let now: Deno.FileInfo | null = null;

@@ -312,13 +312,31 @@ type WritableTensors = ReadonlyMap<
   { shape: number[]; data: TensorData; dtype?: "F32" | "BF16" | "F16" }
 >;
 
-/** A tensor's values, asked for now when they are given by a function, checked against its shape. */
-function valuesOf(path: string, name: string, shape: number[], data: TensorData): TensorValues {
+/** How values are stored: Float32Array as F32, Int32Array as I32, Uint16Array as `half`. */
+function storedAs(values: TensorValues, half: "BF16" | "F16" = "BF16"): SafeDType {
+  return values instanceof Uint16Array ? half : values instanceof Float32Array ? "F32" : "I32";
+}
+
+/**
+ * A tensor's values, asked for now when they are given by a function, checked against its shape
+ * and, when the header was written from a stated dtype, against that.
+ */
+function valuesOf(
+  path: string,
+  name: string,
+  { shape, data, dtype }: { shape: number[]; data: TensorData; dtype?: "F32" | "BF16" | "F16" },
+): TensorValues {
   const values = typeof data === "function" ? data() : data;
   if (shape.reduce((a, b) => a * b, 1) !== values.length) {
     throw new AhaError(
       `${path}: tensor "${name}" has ${values.length} values for shape [${shape}]`,
     );
+  }
+  if (
+    typeof data === "function" &&
+    storedAs(values, dtype === "F16" ? "F16" : "BF16") !== (dtype ?? "F32")
+  ) {
+    throw new Error(`${path}: tensor "${name}" gave ${storedAs(values)} values, stated ${dtype}`);
   }
   return values;
 }
@@ -346,15 +364,12 @@ function encodeHeader(path: string, tensors: WritableTensors, metadata?: Record<
   const header: Record<string, unknown> = {};
   if (metadata) header.__metadata__ = metadata;
   let offset = 0;
-  for (const [name, { shape, data, dtype: stated }] of tensors) {
-    if (typeof data !== "function") valuesOf(path, name, shape, data);
+  for (const [name, tensor] of tensors) {
+    const { shape, data, dtype: stated } = tensor;
+    if (typeof data !== "function") valuesOf(path, name, tensor);
     const dtype = typeof data === "function"
       ? stated ?? "F32"
-      : data instanceof Uint16Array
-      ? stated ?? "BF16"
-      : data instanceof Float32Array
-      ? "F32"
-      : "I32";
+      : storedAs(data, stated === "F16" ? "F16" : "BF16");
     const bytes = shape.reduce((a, b) => a * b, 1) * DTYPE_BYTES[dtype];
     header[name] = { dtype, shape, data_offsets: [offset, offset + bytes] };
     offset += bytes;
@@ -377,9 +392,7 @@ export function encodeSafetensors(
   metadata?: Record<string, string>,
 ): Uint8Array {
   const header = encodeHeader("safetensors", tensors, metadata);
-  const values = [...tensors].map(([name, t]) =>
-    bytesOf(valuesOf("safetensors", name, t.shape, t.data))
-  );
+  const values = [...tensors].map(([name, t]) => bytesOf(valuesOf("safetensors", name, t)));
   const out = new Uint8Array(header.length + values.reduce((a, v) => a + v.length, 0));
   out.set(header);
   let offset = header.length;
@@ -402,8 +415,8 @@ export async function writeSafetensors(
     const file = await Deno.open(temporary, { write: true, create: true, truncate: true });
     try {
       await writeAll(file, header);
-      for (const [name, { shape, data }] of tensors) {
-        await writeAll(file, bytesOf(valuesOf(path, name, shape, data)));
+      for (const [name, tensor] of tensors) {
+        await writeAll(file, bytesOf(valuesOf(path, name, tensor)));
       }
     } finally {
       file.close();

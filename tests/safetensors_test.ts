@@ -5,6 +5,7 @@ import assert from "node:assert/strict";
 import { AhaError } from "../core/errors.ts";
 import {
   encodeSafetensors,
+  float32ToBfloat16,
   readSafetensors,
   readSafetensorsHeader,
   readSafetensorsRaw,
@@ -217,4 +218,31 @@ Deno.test("empty tensors may share an offset with others", async () => {
   }, 8);
   const tensors = await readSafetensors(path);
   assert.equal(tensors.get("e")!.data.length, 0);
+});
+
+Deno.test("values given by a function are written in their turn, and must be what was stated", async () => {
+  const path = `${dir}/lazy.safetensors`;
+  const a = Float32Array.of(1.5, -2, 3), b = Float32Array.of(0.25, 8);
+  const asked: string[] = [];
+  const lazy = (name: string, values: Float32Array) => () => (asked.push(name), values);
+  await writeSafetensors(
+    path,
+    new Map([
+      ["a", { shape: [3], data: lazy("a", a), dtype: "F32" as const }],
+      ["b", { shape: [2], data: () => float32ToBfloat16(lazy("b", b)()), dtype: "BF16" as const }],
+    ]),
+  );
+  assert.deepEqual(asked, ["a", "b"]);
+  const read = await readSafetensors(path);
+  assert.deepEqual(read.get("a")!.data, a);
+  assert.deepEqual(read.get("b")!.data, b); // exact in bf16
+  // Stated BF16, gave f32: refused, nothing left at the path.
+  await assert.rejects(
+    writeSafetensors(
+      `${dir}/mismatch.safetensors`,
+      new Map([["w", { shape: [2], data: () => b, dtype: "BF16" as const }]]),
+    ),
+    /tensor "w" gave F32 values, stated BF16/,
+  );
+  assert.equal(await Deno.stat(`${dir}/mismatch.safetensors`).then(() => true, () => false), false);
 });
