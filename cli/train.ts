@@ -302,18 +302,14 @@ async function train(
   // A second backend found on its own would be the same GPU again (Vulkan and GL) or the CPU's
   // llvmpipe, holding a second copy of the base for nothing (the 7B recipe's base twice is over a
   // 24 GB machine's memory), or scoring a large model on the CPU.
-  const referenceAdapter = cfg.reference.adapter;
-  const sharesBase = referenceSharesBase(
-    cfg,
-    referenceAdapter !== "auto" && referenceAdapter !== "same",
-  );
+  const sharesBase = referenceSharesBase(cfg);
   const reference: ReferenceEngine | null = cfg.beta === 0
     ? null
     : sharesBase
     ? new GpuBaseReference(policy.model)
     : await WorkerReference.start({
       modelDir: referenceDir,
-      adapter: referenceAdapter,
+      adapter: cfg.reference.adapter,
       engine: referenceEngine(
         cfg,
         summarizeAdapter(gpu.adapter).isFallbackAdapter,

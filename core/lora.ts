@@ -127,10 +127,15 @@ export interface Adapter {
  * Whether the reference model of a run is the policy's own frozen base with the adapter
  * switched off, in the training process (no second copy of the weights): a LoRA run whose
  * reference would share the policy's adapter anyway — reference.adapter "same", or no second
- * adapter (`secondAdapter` false) — with no reference syncing, unless reference.engine asks for
- * ONNX (auto does not: the shared base costs no second copy and no process).
+ * adapter (`secondAdapter` false: by default, unless reference.adapter names a backend; auto
+ * looks for none, which would be the same GPU again or the CPU) — with no reference syncing,
+ * unless reference.engine asks for ONNX (auto does not: the shared base costs no second copy and
+ * no process).
  */
-export function referenceSharesBase(cfg: TrainConfig, secondAdapter: boolean): boolean {
+export function referenceSharesBase(
+  cfg: TrainConfig,
+  secondAdapter = cfg.reference.adapter !== "auto" && cfg.reference.adapter !== "same",
+): boolean {
   return cfg.lora !== null && cfg.beta > 0 && cfg.reference.engine !== "onnx" &&
     !cfg.sync_ref_model && (cfg.reference.adapter === "same" || !secondAdapter);
 }

@@ -780,8 +780,7 @@ export function keptCopyBytes(plan: Plan, memory: number, cfg: TrainConfig): num
  * is its base in the trainer unless reference.adapter names another backend.
  */
 export function referenceWorker(cfg: TrainConfig): boolean {
-  const named = cfg.reference.adapter !== "auto" && cfg.reference.adapter !== "same";
-  return cfg.beta > 0 && !referenceSharesBase(cfg, named);
+  return cfg.beta > 0 && !referenceSharesBase(cfg);
 }
 
 export function formatBytes(bytes: number): string {
