@@ -132,7 +132,7 @@ async function train(
       files[entry.name] = Deno.readFileSync(`${modelDir}/${entry.name}`);
     }
   }
-  await saveCheckpoint(out, checkpoint.hfConfig, await policy.weights(), files);
+  await saveCheckpoint(out, checkpoint.hfConfig, policy.forSaving().weights, files);
   policy.model.destroy();
   console.log(`saved ${out}`);
 }

@@ -375,7 +375,8 @@ async function train(
     },
     save: async (step, sampler = task.samplerState()) => {
       const dir = `${cfg.output_dir}/checkpoint-${step}`;
-      const optimizer = await policy.optimizerState();
+      // Read back from the GPU a batch at a time as the files are written.
+      const { weights, optimizer } = policy.forSaving();
       const state: TrainerState = {
         step,
         adam_step: optimizer.step,
@@ -401,7 +402,7 @@ async function train(
         await saveTrainingCheckpoint(
           dir,
           start.hfConfig,
-          await policy.weights(),
+          weights,
           optimizer.moments,
           state,
           cfg,
@@ -544,7 +545,7 @@ async function builtinBaseModel(cfg: TrainConfig, gpu: Gpu, console_: Console): 
     },
   });
   console_.line(`base model pretrained in ${((performance.now() - started) / 1000).toFixed(1)} s`);
-  await saveCheckpoint(dir, toHfConfig(config), await policy.weights(), {
+  await saveCheckpoint(dir, toHfConfig(config), policy.forSaving().weights, {
     [ARITHMETIC_TOKENIZER_FILE]: JSON.stringify({ type: "aha-arithmetic" }) + "\n",
     [PRETRAINING_FILE]: recipe + "\n",
   });

@@ -1,16 +1,20 @@
 // Hugging Face checkpoint directories: config.json plus model.safetensors, or shards listed in
 // model.safetensors.index.json. Loading checks every weight the config needs before reading
 // any tensor data, then reads each weight only when it is asked for (WeightsOnDemand): a 7B
-// model is 28 GiB as f32, and a model on the GPU needs each weight once, as it is uploaded.
+// model is 28 GiB as f32, and a model on the GPU needs each weight once, as it is uploaded. A
+// 16-bit weight can also be read as its file's own bits (`halves`), for a GPU that keeps it so.
 // Saving writes a complete new directory beside the old one, a weight at a time, and renames it
 // into place, so the previous checkpoint survives any failure.
 
 import { AhaError } from "./errors.ts";
+import { firstNonFiniteHalf, type HalfDType, halfValue } from "./half.ts";
 import { type ModelConfig, parseModelConfig, weightShapes } from "./model_config.ts";
+import { type FileContent, writeDirectory, writeFiles } from "./save_dir.ts";
 import {
   float32ToBfloat16,
   float32ToFloat16,
   readSafetensorsHeader,
+  readTensorBytesSync,
   readTensorSync,
   type SafeDType,
   type TensorEntry,
@@ -122,6 +126,7 @@ export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
   const weights = new WeightsOnDemand(
     [...shapes.keys()],
     (name) => readStored(name, stored.get(name)!),
+    (name, dtype) => readStoredHalves(name, stored.get(name)!, dtype),
   );
   return { config, hfConfig: hfConfig as Record<string, unknown>, weights, dtypes };
 }
@@ -143,6 +148,30 @@ interface StoredWeight {
  * other weights.
  */
 function readStored(name: string, at: StoredWeight): Float32Array {
+  checkUnchanged(name, at);
+  const data = readTensorSync(at.file, at.dataOffset, at.entry);
+  const bad = firstNonFinite(data);
+  if (bad >= 0) throw corrupt(name, at, data[bad], bad);
+  return data;
+}
+
+/**
+ * One weight's 16-bit values exactly as its file stores them, when it stores them as `dtype`
+ * (null otherwise), with readStored's checks: a model that keeps a BF16 checkpoint's matrices in
+ * bf16 uploads them without widening each to f32 and narrowing it back.
+ */
+function readStoredHalves(name: string, at: StoredWeight, dtype: HalfDType): Uint16Array | null {
+  if (at.entry.dtype !== (dtype === "bf16" ? "BF16" : "F16")) return null;
+  checkUnchanged(name, at);
+  const bytes = readTensorBytesSync(at.file, at.dataOffset, at.entry);
+  const halves = new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.length / 2);
+  const bad = firstNonFiniteHalf(halves, dtype);
+  if (bad >= 0) throw corrupt(name, at, halfValue(halves[bad], dtype), bad);
+  return halves;
+}
+
+/** Refuses a read from a file that is not the one whose header was checked. */
+function checkUnchanged(name: string, at: StoredWeight): void {
   let now: Deno.FileInfo | null = null;
   try {
     now = Deno.statSync(at.file);
@@ -155,27 +184,32 @@ function readStored(name: string, at: StoredWeight): Float32Array {
         `read weight "${name}" from it (restore the checkpoint, or start again)`,
     );
   }
-  const data = readTensorSync(at.file, at.dataOffset, at.entry);
-  const bad = firstNonFinite(data);
-  if (bad >= 0) {
-    throw new AhaError(
-      `${at.file}: weight "${name}" holds ${data[bad]} at index ${bad}: ` +
-        `the checkpoint is corrupt (NaN or infinite weights)`,
-    );
-  }
-  return data;
 }
+
+const corrupt = (name: string, at: StoredWeight, value: number, index: number) =>
+  new AhaError(
+    `${at.file}: weight "${name}" holds ${value} at index ${index}: ` +
+      `the checkpoint is corrupt (NaN or infinite weights)`,
+  );
 
 /**
  * Weights made when asked for (`read`, at every `get`) and never kept: a checkpoint's, read from
  * its files, or a merged adapter's. Code that reads a weight many times copies the map first
- * (`new Map(weights)`).
+ * (`new Map(weights)`). A checkpoint's also gives its 16-bit weights' own bits (`halves`).
  */
 export class WeightsOnDemand implements ReadonlyMap<string, Float32Array> {
   constructor(
     private readonly names: string[],
     private readonly read: (name: string) => Float32Array,
+    private readonly readHalves: (name: string, dtype: HalfDType) => Uint16Array | null = () =>
+      null,
   ) {}
+
+  /** A weight's values as stored in `dtype` (e.g. a BF16 file's bits), or null where its
+   * source does not hold it so: then `get` gives its f32 values. */
+  halves(name: string, dtype: HalfDType): Uint16Array | null {
+    return this.has(name) ? this.readHalves(name, dtype) : null;
+  }
 
   get size(): number {
     return this.names.length;
@@ -212,33 +246,56 @@ export class WeightsOnDemand implements ReadonlyMap<string, Float32Array> {
   }
 }
 
+/**
+ * Tensors read when a save asks for each, in its order, their sizes known before any is read: a
+ * model's weights or moments on the GPU, read back a batch at a time, so that a save never holds
+ * them all (a 0.5B model's weights and AdamW moments are 5.5 GiB as f32).
+ */
+export interface TensorReader {
+  sizes: ReadonlyMap<string, number>;
+  read(name: string): Promise<Float32Array>;
+}
+
+/** Whether a save's tensors come from a TensorReader rather than a map. */
+export const isReader = (
+  tensors: ReadonlyMap<string, Float32Array> | TensorReader,
+): tensors is TensorReader => "sizes" in tensors;
+
 /** Writes config.json, model.safetensors (F32 unless `dtype` says BF16/F16, weightShapes order)
  * and `extraFiles` into a temporary sibling directory, then renames it to `dir`, replacing any
  * previous one. */
 export async function saveCheckpoint(
   dir: string,
   hfConfig: Record<string, unknown>,
-  weights: ReadonlyMap<string, Float32Array>,
-  extraFiles: Record<string, Uint8Array | string> = {},
+  weights: ReadonlyMap<string, Float32Array> | TensorReader,
+  extraFiles: Record<string, FileContent> = {},
   dtype: "f32" | "bf16" | "f16" = "f32",
 ): Promise<void> {
   const shapes = weightShapes(parseModelConfig(hfConfig, `${dir}/config.json`));
+  const [read, has] = isReader(weights)
+    ? [(name: string) => weights.read(name), (name: string) => weights.sizes.has(name)]
+    : [(name: string) => Promise.resolve(weights.get(name)), (name: string) => weights.has(name)];
   // Each weight is asked for, checked and converted when its turn to be written comes, so a save
   // holds one at a time (a merged 7B model is 28 GiB as f32). A failure leaves the old checkpoint.
   const tensors = new Map<
     string,
-    { shape: number[]; data: () => Float32Array | Uint16Array; dtype: "F32" | "BF16" | "F16" }
+    {
+      shape: number[];
+      data: () => Promise<Float32Array | Uint16Array>;
+      dtype: "F32" | "BF16" | "F16";
+    }
   >();
   for (const [name, shape] of shapes) {
     const size = shape.reduce((a, b) => a * b, 1);
-    const checked = () => {
-      const data = weights.get(name);
-      if (!data || data.length !== size) {
-        throw new AhaError(
-          `${dir}: cannot save weight "${name}": expected ${size} values (shape ` +
-            `${shapeText(shape)}), got ${data ? data.length : "none"}`,
-        );
-      }
+    const wrongSize = (got: number | string) =>
+      new AhaError(
+        `${dir}: cannot save weight "${name}": expected ${size} values (shape ` +
+          `${shapeText(shape)}), got ${got}`,
+      );
+    if (!has(name)) throw wrongSize("none"); // refused before anything is written
+    const checked = async () => {
+      const data = await read(name);
+      if (!data || data.length !== size) throw wrongSize(data ? data.length : "none");
       const bad = firstNonFinite(data);
       if (bad >= 0) {
         throw new AhaError(
@@ -248,14 +305,13 @@ export async function saveCheckpoint(
       }
       return data;
     };
-    if (!weights.has(name)) checked(); // missing: refused before anything is written
     tensors.set(
       name,
       dtype === "f32"
         ? { shape, data: checked, dtype: "F32" }
         : dtype === "bf16"
-        ? { shape, data: () => float32ToBfloat16(checked()), dtype: "BF16" }
-        : { shape, data: () => float32ToFloat16(checked()), dtype: "F16" },
+        ? { shape, data: async () => float32ToBfloat16(await checked()), dtype: "BF16" }
+        : { shape, data: async () => float32ToFloat16(await checked()), dtype: "F16" },
     );
   }
   await writeDirectory(dir, async (temporary) => {
@@ -263,49 +319,4 @@ export async function saveCheckpoint(
     await writeSafetensors(`${temporary}/${SINGLE_FILE}`, tensors, METADATA);
     await writeFiles(temporary, extraFiles);
   });
-}
-
-/** Writes small files (text or bytes) into a directory. */
-export async function writeFiles(
-  dir: string,
-  files: Record<string, Uint8Array | string>,
-): Promise<void> {
-  for (const [name, content] of Object.entries(files)) {
-    if (typeof content === "string") await Deno.writeTextFile(`${dir}/${name}`, content);
-    else await Deno.writeFile(`${dir}/${name}`, content);
-  }
-}
-
-/** Fills a temporary sibling directory with `write`, then renames it to `dir`, replacing any
- * previous one only once the new one is complete. */
-export async function writeDirectory(
-  dir: string,
-  write: (temporary: string) => Promise<void>,
-): Promise<void> {
-  const path = dir.replace(/\/+$/, "");
-  const slash = path.lastIndexOf("/");
-  const parent = slash < 0 ? "." : path.slice(0, slash) || "/";
-  const base = path.slice(slash + 1);
-  const temporary = `${parent}/.${base}.${Deno.pid}.tmp`;
-  const previous = `${parent}/.${base}.${Deno.pid}.old`;
-  try {
-    await Deno.remove(temporary, { recursive: true }).catch(() => {});
-    await Deno.mkdir(temporary, { recursive: true });
-    await write(temporary);
-    // A directory cannot be renamed over a non-empty one: move the old one aside first, and
-    // back again if the new one cannot take its place.
-    const replacing = await exists(path);
-    if (replacing) await Deno.rename(path, previous);
-    try {
-      await Deno.rename(temporary, path);
-    } catch (e) {
-      if (replacing) await Deno.rename(previous, path);
-      throw e;
-    }
-    if (replacing) await Deno.remove(previous, { recursive: true });
-  } catch (e) {
-    await Deno.remove(temporary, { recursive: true }).catch(() => {});
-    if (e instanceof AhaError) throw e;
-    throw new AhaError(`${dir}: cannot save checkpoint (${(e as Error).message})`);
-  }
 }

@@ -88,7 +88,6 @@ export interface PolicyEngine {
    */
   optimizerStepUnread?(hp: OptimizerHyper): void;
   weights(): Promise<Map<string, Float32Array>>;
-  optimizerState(): Promise<{ step: number; moments: Map<string, Float32Array> }>;
   loadOptimizerState(state: { step: number; moments: Map<string, Float32Array> }): void;
 }
 

@@ -66,6 +66,31 @@ export function packHalves(data: Float32Array, dtype: HalfDType): Uint32Array {
   return packed;
 }
 
+/**
+ * 16-bit values already narrowed (a checkpoint's own BF16 or F16 bits), packed two per u32: the
+ * same memory where it can be (an even count at a 4-byte offset), else a copy (an odd count
+ * leaves the last high half 0).
+ */
+export function pairHalves(halves: Uint16Array): Uint32Array {
+  if (halves.length % 2 === 0 && halves.byteOffset % 4 === 0) {
+    return new Uint32Array(halves.buffer, halves.byteOffset, halves.length / 2);
+  }
+  const packed = new Uint32Array(Math.ceil(halves.length / 2));
+  new Uint16Array(packed.buffer, 0, halves.length).set(halves);
+  return packed;
+}
+
+/** The index of the first NaN or infinite value among 16-bit bits of `dtype`, or −1. */
+export function firstNonFiniteHalf(halves: Uint16Array, dtype: HalfDType): number {
+  const exponent = dtype === "bf16" ? 0x7f80 : 0x7c00; // all ones: Inf or NaN
+  for (let i = 0; i < halves.length; i++) if ((halves[i] & exponent) === exponent) return i;
+  return -1;
+}
+
+/** The f32 value of one value's bits in `dtype`. */
+export const halfValue = (bits: number, dtype: HalfDType): number =>
+  dtype === "bf16" ? bf16Value(bits) : f16Value(bits);
+
 /** The first n values of packed 16-bit data, widened to f32. */
 export function unpackHalves(packed: Uint32Array, n: number, dtype: HalfDType): Float32Array {
   const widen = dtype === "bf16" ? bf16Value : f16Value;

@@ -9,7 +9,8 @@
 // initialisation, the adapter directory (adapter_config.json + adapter_model.safetensors), its
 // validation against a base model, and merging W + s·B·A for a plain checkpoint.
 
-import { readJson, WeightsOnDemand, writeDirectory, writeFiles } from "./checkpoint.ts";
+import { readJson, WeightsOnDemand } from "./checkpoint.ts";
+import { type FileContent, writeDirectory, writeFiles } from "./save_dir.ts";
 import { AhaError } from "./errors.ts";
 import type { ModelConfig } from "./model_config.ts";
 import type { Rng } from "./rng.ts";
@@ -189,7 +190,7 @@ export async function saveAdapter(
   adapter: Adapter,
   config: ModelConfig,
   baseModel: string,
-  extraFiles: Record<string, Uint8Array | string> = {},
+  extraFiles: Record<string, FileContent> = {},
 ): Promise<void> {
   await writeDirectory(
     dir,

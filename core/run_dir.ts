@@ -18,6 +18,7 @@
 
 import { basename, dirname, join, resolve } from "node:path";
 import { AhaError } from "./errors.ts";
+import { removeStaleTemporaries } from "./save_dir.ts";
 import { TRAINER_STATE_FILE } from "./train_state.ts";
 
 /** The lock file inside a run directory. */
@@ -26,19 +27,6 @@ export const LOCK_FILE = ".aha.lock";
 export const RUN_LOGS = ["metrics.jsonl", "samples.jsonl", "eval.jsonl"];
 /** TensorBoard's event files (core/tensorboard.ts), which --overwrite removes with the logs. */
 const TENSORBOARD_EVENTS = /^events\.out\.tfevents\./;
-
-/** True while a process with this PID exists (signal 0 probes without sending anything). */
-export function processAlive(pid: number): boolean {
-  if (!Number.isInteger(pid) || pid <= 0) return false;
-  if (pid === Deno.pid) return true;
-  try {
-    Deno.kill(pid, 0 as unknown as Deno.Signal);
-    return true;
-  } catch (e) {
-    // EPERM: it exists but belongs to someone else.
-    return !(e instanceof Deno.errors.NotFound);
-  }
-}
 
 /** An AhaError for a directory that cannot be created or written, naming why. */
 function notWritable(dir: string, e: unknown): AhaError {
@@ -150,30 +138,6 @@ function inUse(dir: string, path: string): AhaError {
       holder.command ?? "?"
     }, started ${holder.started ?? "?"}): wait for it to finish or stop it`,
   );
-}
-
-/**
- * Removes hidden temporaries (`.NAME.PID.tmp` / `.old`) left by saves of processes now gone; an
- * `.old` whose NAME is missing is put back instead.
- */
-export async function removeStaleTemporaries(dir: string): Promise<string[]> {
-  const removed: string[] = [];
-  for await (const entry of Deno.readDir(dir)) {
-    const m = entry.name.match(/^\.(.+)\.(\d+)\.(tmp|old)$/);
-    if (!m || processAlive(Number(m[2]))) continue;
-    // A save that replaced a directory moves the old one aside, renames the new one in and only
-    // then removes the old one: a crash between the two renames leaves only the old one, which
-    // is then the directory itself, complete. It goes back.
-    const present = await Deno.stat(join(dir, m[1])).then(() => true, () => false);
-    if (m[3] === "old" && !present) {
-      await Deno.rename(join(dir, entry.name), join(dir, m[1]));
-      removed.push(`${entry.name} (put back as ${m[1]})`);
-      continue;
-    }
-    await Deno.remove(join(dir, entry.name), { recursive: true }).catch(() => {});
-    removed.push(entry.name);
-  }
-  return removed;
 }
 
 /** The checkpoint-N directories of a run, by step. */

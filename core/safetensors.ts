@@ -187,6 +187,15 @@ export async function readSafetensors(
  * as Float32Array, read synchronously: for weights read one at a time as a model is built.
  */
 export function readTensorSync(path: string, dataOffset: number, entry: TensorEntry): Float32Array {
+  return widened(entry, readTensorBytesSync(path, dataOffset, entry));
+}
+
+/** One tensor's bytes as the file stores them (header read before), read synchronously. */
+export function readTensorBytesSync(
+  path: string,
+  dataOffset: number,
+  entry: TensorEntry,
+): Uint8Array {
   const bytes = new Uint8Array(entry.end - entry.begin);
   let file: Deno.FsFile;
   try {
@@ -204,7 +213,7 @@ export function readTensorSync(path: string, dataOffset: number, entry: TensorEn
   } finally {
     file.close();
   }
-  return widened(entry, bytes);
+  return bytes;
 }
 
 /** A tensor's F32, F16 or BF16 bytes as Float32Array (F32's own buffer, no copy). */
@@ -300,12 +309,13 @@ function bfloat16ToFloat32(src: Uint16Array, dst: Float32Array) {
 }
 
 type TensorValues = Float32Array | Int32Array | Uint16Array;
-type TensorData = TensorValues | (() => TensorValues);
+type TensorData = TensorValues | (() => TensorValues | Promise<TensorValues>);
 
 /**
  * Tensors to write: Float32Array as F32, Int32Array as I32, Uint16Array as the 16-bit `dtype`.
  * `data` may instead be a function giving the values when the tensor's turn comes (its `dtype`
- * then stated), so that writing a file holds one tensor's values at a time.
+ * then stated), so that writing a file holds one tensor's values at a time; writeSafetensors
+ * also waits for values it gives as a promise (read back from a GPU).
  */
 type WritableTensors = ReadonlyMap<
   string,
@@ -319,14 +329,28 @@ function storedAs(values: TensorValues, half: "BF16" | "F16" = "BF16"): SafeDTyp
 
 /**
  * A tensor's values, asked for now when they are given by a function, checked against its shape
- * and, when the header was written from a stated dtype, against that.
+ * and, when the header was written from a stated dtype, against that. Values given as a promise
+ * are refused here (a file in memory is made at once): writeSafetensors waits for them.
  */
 function valuesOf(
   path: string,
   name: string,
-  { shape, data, dtype }: { shape: number[]; data: TensorData; dtype?: "F32" | "BF16" | "F16" },
+  tensor: { shape: number[]; data: TensorData; dtype?: "F32" | "BF16" | "F16" },
 ): TensorValues {
-  const values = typeof data === "function" ? data() : data;
+  const values = typeof tensor.data === "function" ? tensor.data() : tensor.data;
+  if (values instanceof Promise) {
+    throw new Error(`${path}: tensor "${name}" gave a promise; only a file written waits`);
+  }
+  return checkValues(path, name, tensor, values);
+}
+
+/** `values` checked against its tensor's shape and stated dtype (valuesOf). */
+function checkValues(
+  path: string,
+  name: string,
+  { shape, data, dtype }: { shape: number[]; data: TensorData; dtype?: "F32" | "BF16" | "F16" },
+  values: TensorValues,
+): TensorValues {
   if (shape.reduce((a, b) => a * b, 1) !== values.length) {
     throw new AhaError(
       `${path}: tensor "${name}" has ${values.length} values for shape [${shape}]`,
@@ -416,7 +440,9 @@ export async function writeSafetensors(
     try {
       await writeAll(file, header);
       for (const [name, tensor] of tensors) {
-        await writeAll(file, bytesOf(valuesOf(path, name, tensor)));
+        const { data } = tensor;
+        const values = typeof data === "function" ? await data() : data;
+        await writeAll(file, bytesOf(checkValues(path, name, tensor, values)));
       }
     } finally {
       file.close();

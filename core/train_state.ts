@@ -9,11 +9,18 @@
 // trainer state and config; its moments are keyed by the adapter's PEFT tensor names and
 // trainer_state.json's reference_model names the base it adapts.
 
-import { type Checkpoint, loadCheckpoint, saveCheckpoint } from "./checkpoint.ts";
+import {
+  type Checkpoint,
+  isReader,
+  loadCheckpoint,
+  saveCheckpoint,
+  type TensorReader,
+} from "./checkpoint.ts";
 import { AhaError } from "./errors.ts";
 import { type Adapter, isAdapterDir, loadAdapter, loraShapes, saveAdapter } from "./lora.ts";
 import { type ModelConfig, weightShapes } from "./model_config.ts";
-import { encodeSafetensors, readSafetensors } from "./safetensors.ts";
+import { readSafetensors, writeSafetensors } from "./safetensors.ts";
+import type { FileContent } from "./save_dir.ts";
 import type { SamplerState } from "./task.ts";
 import type { TrainConfig } from "./train_config.ts";
 import YAML from "yaml";
@@ -63,17 +70,23 @@ export interface TrainingCheckpoint extends Checkpoint {
   adapter: Adapter | null;
 }
 
-/** What every training checkpoint holds beside its weights. */
+/** What every training checkpoint holds beside its weights; the moments are written one tensor
+ * at a time as they are read (full fine-tuning's are 8 bytes a parameter). */
 function stateFiles(
-  moments: Map<string, Float32Array>,
+  moments: ReadonlyMap<string, Float32Array> | TensorReader,
   state: TrainerState,
   config: TrainConfig,
-): Record<string, Uint8Array | string> {
-  const optimizer = new Map(
-    [...moments].map(([name, data]) => [name, { shape: [data.length], data }]),
-  );
+): Record<string, FileContent> {
+  const sizes = isReader(moments)
+    ? moments.sizes
+    : new Map([...moments].map(([name, data]) => [name, data.length]));
+  const read = isReader(moments)
+    ? (name: string) => moments.read(name)
+    : (name: string) => Promise.resolve(moments.get(name)!);
+  const optimizer = new Map<string, { shape: number[]; data: () => Promise<Float32Array> }>();
+  for (const [name, size] of sizes) optimizer.set(name, { shape: [size], data: () => read(name) });
   return {
-    [OPTIMIZER_FILE]: encodeSafetensors(optimizer),
+    [OPTIMIZER_FILE]: (path) => writeSafetensors(path, optimizer),
     [TRAINER_STATE_FILE]: JSON.stringify(state, null, 2) + "\n",
     [CONFIG_FILE]: YAML.stringify(config),
   };
@@ -82,11 +95,11 @@ function stateFiles(
 export async function saveTrainingCheckpoint(
   dir: string,
   hfConfig: Record<string, unknown>,
-  weights: Map<string, Float32Array>,
-  moments: Map<string, Float32Array>,
+  weights: ReadonlyMap<string, Float32Array> | TensorReader,
+  moments: ReadonlyMap<string, Float32Array> | TensorReader,
   state: TrainerState,
   config: TrainConfig,
-  extraFiles: Record<string, Uint8Array | string> = {},
+  extraFiles: Record<string, FileContent> = {},
 ): Promise<void> {
   await saveCheckpoint(dir, hfConfig, weights, {
     ...extraFiles,
@@ -99,10 +112,10 @@ export async function saveAdapterTrainingCheckpoint(
   dir: string,
   adapter: Adapter,
   modelConfig: ModelConfig,
-  moments: Map<string, Float32Array>,
+  moments: ReadonlyMap<string, Float32Array> | TensorReader,
   state: TrainerState,
   config: TrainConfig,
-  extraFiles: Record<string, Uint8Array | string> = {},
+  extraFiles: Record<string, FileContent> = {},
 ): Promise<void> {
   await saveAdapter(dir, adapter, modelConfig, state.reference_model, {
     ...extraFiles,

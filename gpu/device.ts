@@ -87,6 +87,13 @@ const COPY_ROW_BYTES = 256;
 const WRITE_SUBMIT_BYTES = 64 * 2 ** 20;
 
 /**
+ * The largest staging buffer a read uses; a larger read goes through several. Reading a 0.5B
+ * model's weights whole (1.84 GiB, rounded up to a 2 GiB buffer) failed on llvmpipe ("Buffer with
+ * 'staging' label is invalid"), and pooled staging buffers stay allocated for the run.
+ */
+const STAGING_MAX_BYTES = 256 * 2 ** 20;
+
+/**
  * A texture copy of a matrix laid out by its rows: row r's vec4 t at texel (⌊r / 2^bandShift⌋ ·
  * rowTexels + t, r mod 2^bandShift). A row is `padded` by a texel past its data when rows would
  * alias in the caches (ALIASED_ROW_BYTES). A texture holds fewer rows than a large weight has,
@@ -306,6 +313,8 @@ export class Gpu {
   private scratchBuffers = new Map<string, Tensor>();
   private textures = new Map<string, { texture: GPUTexture; view: GPUTextureView }>();
   private isSoftware: boolean | undefined;
+  /** The largest staging buffer readMany fills (STAGING_MAX_BYTES; tests make it small). */
+  stagingMaxBytes = STAGING_MAX_BYTES;
   /** Free MAP_READ buffers for readMany, by size. */
   private stagingPool = new Map<number, GPUBuffer[]>();
   /** Staging buffers mapped once already: only these are read early (`earlyReads`). */
@@ -871,41 +880,56 @@ export class Gpu {
     if (tensors.length === 0) return [];
     this.endPass();
     const encoder = this.getEncoder();
-    // All of them into one staging buffer, each at its own offset.
-    const offsets: number[] = [];
-    let total = 0;
+    // Into staging buffers of at most STAGING_MAX_BYTES (a tensor larger alone has one of its
+    // own), each tensor at its own offset, every copy recorded now.
+    const parts: { tensors: Tensor[]; offsets: number[]; total: number }[] = [];
     for (const t of tensors) {
-      offsets.push(total);
-      total += Math.ceil(t.bytes / 8) * 8;
+      const bytes = Math.ceil(t.bytes / 8) * 8;
+      let part = parts.at(-1);
+      if (!part || part.total + bytes > this.stagingMaxBytes) {
+        parts.push(part = { tensors: [], offsets: [], total: 0 });
+      }
+      part.tensors.push(t);
+      part.offsets.push(part.total);
+      part.total += bytes;
     }
-    const staging = this.takeStaging(total);
-    tensors.forEach((t, i) =>
-      encoder.copyBufferToBuffer(t.buffer, t.offset, staging, offsets[i], t.bytes)
-    );
+    const stagings = parts.map(({ tensors, offsets, total }) => {
+      const staging = this.takeStaging(total);
+      tensors.forEach((t, i) =>
+        encoder.copyBufferToBuffer(t.buffer, t.offset, staging, offsets[i], t.bytes)
+      );
+      return staging;
+    });
     this.flush();
     if (!uncounted) this.waitCount++;
-    const settled = staging.mapAsync(GPUMapMode.READ, 0, total);
-    let mapped = this.mappedBefore.has(staging) ? this.earlyRange(staging, total) : null;
-    if (mapped) {
-      this.earlyReadCount++;
-      // Its promise settles later with nothing left to do (the buffer may be mapped again by
-      // then: Deno only records its state).
-      settled.catch(() => {});
-    } else {
-      await settled;
-      mapped = staging.getMappedRange(0, total);
+    const settled = parts.map(({ total }, i) => stagings[i].mapAsync(GPUMapMode.READ, 0, total));
+    settled.forEach((p) => p.catch(() => {})); // awaited below, where a failure surfaces
+    const values: (Float32Array | Int32Array | Uint32Array)[] = [];
+    for (const [i, { tensors, offsets, total }] of parts.entries()) {
+      const staging = stagings[i];
+      let mapped = this.mappedBefore.has(staging) ? this.earlyRange(staging, total) : null;
+      if (mapped) {
+        // Its promise settles later with nothing left to do (the buffer may be mapped again by
+        // then: Deno only records its state).
+        this.earlyReadCount++;
+      } else {
+        await settled[i];
+        mapped = staging.getMappedRange(0, total);
+      }
+      for (const [k, t] of tensors.entries()) {
+        const bytes = mapped.slice(offsets[k], offsets[k] + t.bytes);
+        values.push(
+          t.dtype === "f32"
+            ? new Float32Array(bytes)
+            : t.dtype === "i32"
+            ? new Int32Array(bytes)
+            : new Uint32Array(bytes),
+        );
+      }
+      staging.unmap();
+      this.mappedBefore.add(staging);
+      this.stagingPool.get(staging.size)!.push(staging);
     }
-    const values = tensors.map((t, i) => {
-      const bytes = mapped.slice(offsets[i], offsets[i] + t.bytes);
-      return t.dtype === "f32"
-        ? new Float32Array(bytes)
-        : t.dtype === "i32"
-        ? new Int32Array(bytes)
-        : new Uint32Array(bytes);
-    });
-    staging.unmap();
-    this.mappedBefore.add(staging);
-    this.stagingPool.get(staging.size)!.push(staging);
     return values;
   }
 

@@ -246,8 +246,13 @@ export class GpuPolicy implements PolicyEngine {
     return this.model.readWeights();
   }
 
-  async optimizerState() {
-    return { step: this.adamStep, moments: await this.model.readOptimizerState() };
+  /** What a save writes, read back from the GPU a batch at a time as it asks for each tensor:
+   * the trained weights, and the optimizer's step count and moments. */
+  forSaving() {
+    return {
+      weights: this.model.reader("weights"),
+      optimizer: { step: this.adamStep, moments: this.model.reader("moments") },
+    };
   }
 
   loadOptimizerState(state: { step: number; moments: Map<string, Float32Array> }): void {

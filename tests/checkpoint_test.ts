@@ -6,7 +6,13 @@ import assert from "node:assert/strict";
 import { loadCheckpoint, saveCheckpoint, WeightsOnDemand } from "../core/checkpoint.ts";
 import { AhaError } from "../core/errors.ts";
 import { weightShapes } from "../core/model_config.ts";
-import { readSafetensors, writeSafetensors } from "../core/safetensors.ts";
+import { halfValue } from "../core/half.ts";
+import {
+  readSafetensors,
+  readSafetensorsHeader,
+  readSafetensorsRaw,
+  writeSafetensors,
+} from "../core/safetensors.ts";
 
 const GOLDEN = new URL("./fixtures/golden/", import.meta.url).pathname;
 const dir = await Deno.makeTempDir({ prefix: "aha_checkpoint_test_" });
@@ -108,6 +114,71 @@ Deno.test("weights are read from the files when asked for; a replaced or corrupt
     () => corrupt.weights.get(name),
     /"model\.layers\.1\.mlp\.up_proj\.weight" holds NaN at index 5/,
   );
+});
+
+Deno.test("a 16-bit checkpoint gives its weights' own bits, checked as its f32 reads are", async () => {
+  // Each weight's bits against the file's bytes read by the async reader; no bits where the file
+  // stores another dtype.
+  for (
+    const [name, dtype, other] of [["bf16_tied", "bf16", "f16"], [
+      "f16_sharded",
+      "f16",
+      "bf16",
+    ]] as const
+  ) {
+    const { weights } = await loadCheckpoint(GOLDEN + name);
+    const files = [...Deno.readDirSync(GOLDEN + name)].filter((e) =>
+      e.name.endsWith(".safetensors")
+    );
+    const raw = new Map<string, { dtype: string; bytes: Uint8Array }>();
+    for (const f of files) {
+      for (const [n, t] of await readSafetensorsRaw(`${GOLDEN}${name}/${f.name}`)) raw.set(n, t);
+    }
+    assert.ok(weights instanceof WeightsOnDemand);
+    let sixteen = 0;
+    for (const [n, data] of weights) {
+      const halves = weights.halves(n, dtype), stored = raw.get(n)!;
+      if (stored.dtype === "F32") {
+        assert.equal(halves, null, n);
+        continue;
+      }
+      sixteen++;
+      assert.deepEqual(halves, new Uint16Array(stored.bytes.buffer), n);
+      assert.deepEqual(Float32Array.from(halves!, (h) => halfValue(h, dtype)), data, n);
+      assert.equal(weights.halves(n, other), null, n);
+    }
+    assert.ok(sixteen > 0, name);
+  }
+  const f32 = (await loadCheckpoint(GOLDEN + "gqa3_untied")).weights as WeightsOnDemand;
+  assert.equal(f32.halves("model.layers.0.mlp.up_proj.weight", "bf16"), null);
+  assert.equal(f32.halves("no.such.weight", "bf16"), null);
+
+  // A NaN or an infinity in the bits, and a file changed since its header was read.
+  const path = `${dir}/bits`, name = "model.layers.1.mlp.up_proj.weight";
+  for (const [bits, shown] of [[0x7fc0, "NaN"], [0xff80, "-Infinity"]] as const) {
+    await copyDir(GOLDEN + "bf16_tied", path);
+    const file = `${path}/model.safetensors`;
+    const { entries, dataOffset } = await readSafetensorsHeader(file);
+    const bytes = await Deno.readFile(file);
+    new DataView(bytes.buffer).setUint16(dataOffset + entries.get(name)!.begin + 2 * 9, bits, true);
+    await Deno.writeFile(file, bytes);
+    const { weights } = await loadCheckpoint(path);
+    const halves = (n: string) => (weights as WeightsOnDemand).halves(n, "bf16");
+    assert.ok(halves("model.layers.0.mlp.up_proj.weight"));
+    assert.throws(() => halves(name), (e: Error) => {
+      assert.ok(e instanceof AhaError, `${e}`);
+      assert.match(
+        e.message,
+        new RegExp(`"${name}" holds ${shown} at index 9: the checkpoint is corrupt`),
+      );
+      return true;
+    });
+    await Deno.utime(file, new Date(), new Date(Date.now() + 5000));
+    assert.throws(
+      () => halves("model.layers.0.mlp.up_proj.weight"),
+      /bits\/model\.safetensors: changed since/,
+    );
+  }
 });
 
 Deno.test("a tied checkpoint that also stores lm_head.weight loads, ignoring it", async () => {
@@ -228,4 +299,46 @@ Deno.test("saving replaces a directory whole, and a failed save leaves the old o
     ["ckpt"],
     "no temporaries left",
   );
+});
+
+Deno.test("a save removes what killed saves of its name left, and only theirs", async () => {
+  const { hfConfig, weights } = await loadCheckpoint(GOLDEN + "mha_untied");
+  const parent = `${dir}/killed`;
+  await Deno.mkdir(parent);
+  const child = new Deno.Command("true").spawn();
+  await child.status; // its PID is now a process that is gone
+  const live = new Deno.Command("sleep", { args: ["30"] }).spawn();
+  try {
+    const left = [
+      `.ckpt.${child.pid}.tmp`, // a killed save's half-written directory
+      `.ckpt.${live.pid}.tmp`, // a save in progress in another process
+      `.other.${child.pid}.tmp`, // another name's: not this save's to judge
+      `.moved.${child.pid}.old`, // a killed save had moved "moved" aside, and nothing replaced it
+    ];
+    for (const name of left) {
+      await Deno.mkdir(`${parent}/${name}`);
+      await Deno.writeTextFile(`${parent}/${name}/config.json`, name);
+    }
+    await saveCheckpoint(`${parent}/ckpt`, hfConfig, weights);
+    const after = () => [...Deno.readDirSync(parent)].map((e) => e.name).sort();
+    assert.deepEqual(
+      after(),
+      [`.ckpt.${live.pid}.tmp`, `.moved.${child.pid}.old`, `.other.${child.pid}.tmp`, "ckpt"]
+        .sort(),
+    );
+    // Saving "moved" first puts the old directory back, then replaces it whole.
+    await saveCheckpoint(`${parent}/moved`, hfConfig, weights, { "new.txt": "new" });
+    assert.deepEqual(
+      after(),
+      [`.ckpt.${live.pid}.tmp`, `.other.${child.pid}.tmp`, "ckpt", "moved"].sort(),
+    );
+    assert.deepEqual([...Deno.readDirSync(`${parent}/moved`)].map((e) => e.name).sort(), [
+      "config.json",
+      "model.safetensors",
+      "new.txt",
+    ]);
+  } finally {
+    live.kill();
+    await live.status;
+  }
 });

@@ -133,6 +133,24 @@ Deno.test(
     assert.deepEqual([[...c[0]], [...d[0]]], [want[0], want[2]]);
     assert.deepEqual(await read(), want);
     assert.equal(gpu.bufferCount, warm, "none once two reads in flight were seen");
+    // Staging buffers of at most 160 bytes: f alone, then n, u and the view together. One wait,
+    // every copy recorded at the call (a write right after it is not seen), every value right.
+    const [waits, maxBytes] = [gpu.waitCount, gpu.stagingMaxBytes];
+    const pool = gpu as unknown as { takeStaging(bytes: number): GPUBuffer };
+    const take = pool.takeStaging, taken: number[] = [];
+    try {
+      gpu.stagingMaxBytes = 160;
+      pool.takeStaging = (bytes) => (taken.push(bytes), take.call(gpu, bytes));
+      const pending = read();
+      gpu.write(n, Int32Array.from([9, 9, 9, 9, 9]));
+      gpu.write(whole, new Float32Array(80));
+      assert.deepEqual(await pending, want);
+      assert.equal(gpu.waitCount - waits, 1);
+      assert.deepEqual(taken, [152, 24 + 16 + 40]); // each tensor's bytes rounded up to 8
+    } finally {
+      gpu.stagingMaxBytes = maxBytes;
+      pool.takeStaging = take;
+    }
     for (const t of [f, n, u, whole]) t.destroy();
   },
 );

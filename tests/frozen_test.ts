@@ -16,9 +16,12 @@ import {
   bf16Value,
   f16Bits,
   f16Value,
+  firstNonFiniteHalf,
   frozenWeightDtypes,
   type HalfDType,
+  halfValue,
   packHalves,
+  pairHalves,
   roundThrough,
   unpackHalves,
 } from "../core/half.ts";
@@ -80,6 +83,38 @@ Deno.test("f32 → bf16 and f16 round to nearest even, and widen back exactly", 
     unpackHalves(packHalves(odd, "f16"), 7, "f16"),
     odd.map((x) => Math.f16round(x)),
   );
+});
+
+Deno.test("a checkpoint's own 16-bit values pair up as narrowing their f32 values does", () => {
+  const rng = new Rng(6);
+  const values = Float32Array.from({ length: 9 }, () => Math.fround(rng.next() * 8 - 4));
+  for (const dtype of ["bf16", "f16"] as const) {
+    const narrow = dtype === "bf16" ? bf16Bits : f16Bits;
+    const bits = Uint16Array.from(values, narrow); // 9 values, in a buffer of their own
+    // Whole (an odd count), from an odd offset, from an even one: copies and a view alike.
+    for (const [from, to] of [[0, 9], [1, 9], [1, 8], [2, 8], [0, 1]]) {
+      const part = bits.subarray(from, to);
+      const paired = pairHalves(part);
+      assert.deepEqual(
+        paired,
+        packHalves(values.slice(from, to), dtype),
+        `${dtype} ${from}..${to}`,
+      );
+      assert.equal(paired.buffer === bits.buffer, (to - from) % 2 === 0 && from % 2 === 0);
+    }
+    assert.equal(firstNonFiniteHalf(bits, dtype), -1);
+    for (const bad of [NaN, Infinity, -Infinity]) {
+      const withBad = bits.slice();
+      withBad[6] = narrow(bad);
+      assert.equal(firstNonFiniteHalf(withBad, dtype), 6, `${dtype} ${bad}`);
+      assert.ok(Object.is(halfValue(withBad[6], dtype), bad));
+    }
+    // The largest finite values are not taken for infinities.
+    assert.equal(
+      firstNonFiniteHalf(Uint16Array.of(narrow(dtype === "bf16" ? 3.38e38 : 65504)), dtype),
+      -1,
+    );
+  }
 });
 
 Deno.test("frozen_dtype picks each weight's storage", () => {

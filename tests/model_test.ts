@@ -9,7 +9,8 @@ import { loadCheckpoint, saveCheckpoint } from "../core/checkpoint.ts";
 import { cpuForwardBackward } from "../core/cpu_model.ts";
 import { initWeights } from "../core/init.ts";
 import { type Adapter, initLora } from "../core/lora.ts";
-import { defaultLoraConfig, type LoraConfig } from "../core/train_config.ts";
+import { defaultLoraConfig, defaultTrainConfig, type LoraConfig } from "../core/train_config.ts";
+import { saveTrainingCheckpoint, type TrainerState } from "../core/train_state.ts";
 import { parseModelConfig, toHfConfig } from "../core/model_config.ts";
 import { Rng } from "../core/rng.ts";
 
@@ -338,6 +339,17 @@ Deno.test(
   },
 );
 
+/** A first AdamW step with a large learning rate, so that every trained value moves. */
+const FIRST_ADAMW_STEP = {
+  lr: 1e-2,
+  beta1: 0.9,
+  beta2: 0.99,
+  eps: 1e-8,
+  weightDecay: 0,
+  maxGradNorm: 1,
+  step: 1,
+};
+
 Deno.test("a LoRA AdamW step moves A and B only, with moments for them only", gpuTest, async () => {
   const weights = randomWeights(17);
   const adapter = randomAdapter({
@@ -349,15 +361,7 @@ Deno.test("a LoRA AdamW step moves A and B only, with moments for them only", gp
   const ids = Int32Array.from({ length: 20 }, (_, i) => (i * 7) % 37);
   model.forward(ids, 2, 10);
   model.backward(new Float32Array(20).fill(1));
-  model.adamwStep({
-    lr: 1e-2,
-    beta1: 0.9,
-    beta2: 0.99,
-    eps: 1e-8,
-    weightDecay: 0,
-    maxGradNorm: 1,
-    step: 1,
-  });
+  model.adamwStep(FIRST_ADAMW_STEP);
   const moments = await model.readOptimizerState();
   assert.deepEqual(
     [...moments.keys()],
@@ -376,3 +380,74 @@ Deno.test("a LoRA AdamW step moves A and B only, with moments for them only", gp
   model.destroy();
   base.destroy();
 });
+
+Deno.test(
+  "a save reads weights and moments back a batch at a time, and writes what reading them whole writes",
+  gpuTest,
+  async () => {
+    // Row slices (a 2 KiB binding) and fused groups, so batches cut through both.
+    const model = new GpuModel(gpu, oddConfig, randomWeights(23), { maxBindingBytes: 2048 });
+    const state: TrainerState = {
+      step: 1,
+      adam_step: 1,
+      sampler: { epoch: 0, position: 2, rng: "0123456789abcdef0123456789abcdef" },
+      reference_model: "base",
+    };
+    const dir = await Deno.makeTempDir({ prefix: "aha_model_test_" });
+    const save = async (name: string, batchBytes?: number) => {
+      const whole = batchBytes === undefined;
+      await saveTrainingCheckpoint(
+        `${dir}/${name}`,
+        toHfConfig(oddConfig),
+        whole ? await model.readWeights() : model.reader("weights", batchBytes),
+        whole ? await model.readOptimizerState() : model.reader("moments", batchBytes),
+        state,
+        defaultTrainConfig(),
+      );
+      return Object.fromEntries(
+        [...Deno.readDirSync(`${dir}/${name}`)].map((e) => [
+          e.name,
+          Deno.readFileSync(`${dir}/${name}/${e.name}`),
+        ]),
+      );
+    };
+    const weightBytes = [...await model.readWeights()].map(([, data]) => 4 * data.length);
+    // Every readMany the batched saves make: the bytes of each tensor it reads.
+    const calls: number[][] = [];
+    const readMany = gpu.readMany.bind(gpu);
+    gpu.readMany = (tensors, uncounted) => {
+      calls.push(tensors.map((t) => t.bytes));
+      return readMany(tensors, uncounted);
+    };
+    try {
+      for (const stepped of [false, true]) {
+        if (stepped) {
+          model.forward(Int32Array.from({ length: 12 }, (_, i) => (i * 5) % 37), 2, 6);
+          model.backward(new Float32Array(12).fill(1));
+          model.adamwStep(FIRST_ADAMW_STEP);
+        }
+        const expected = await save("whole");
+        calls.length = 0;
+        const batched = await save("batched", 3000);
+        assert.deepEqual(Object.keys(batched).sort(), Object.keys(expected).sort());
+        for (const file of Object.keys(expected)) {
+          const [a, b] = [batched[file], expected[file]]; // (a failing deepEqual's diff is slow)
+          assert.ok(a.length === b.length && a.every((x, i) => x === b[i]), `${file} (${stepped})`);
+        }
+        // Each batch within its bytes unless it is one weight (in its row slices); each weight
+        // read once.
+        for (const call of calls) {
+          const bytes = call.reduce((a, b) => a + b, 0);
+          assert.ok(bytes <= 3000 || weightBytes.includes(bytes), `a batch of ${bytes} bytes`);
+        }
+        const read = calls.flat().reduce((a, b) => a + b, 0);
+        assert.equal(read, weightBytes.reduce((a, b) => a + b) * (stepped ? 3 : 1));
+        assert.ok(calls.length > 10, `${calls.length} batches`);
+      }
+    } finally {
+      gpu.readMany = readMany;
+      model.destroy();
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);

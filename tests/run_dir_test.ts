@@ -16,9 +16,9 @@ import {
   lockRunDir,
   parseLog,
   prepareRunDir,
-  processAlive,
   resolveResume,
 } from "../core/run_dir.ts";
+import { processAlive } from "../core/save_dir.ts";
 import { defaultTrainConfig } from "../core/train_config.ts";
 import {
   checkMoments,

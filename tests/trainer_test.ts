@@ -91,9 +91,6 @@ class FakePolicy implements PolicyEngine {
   weights(): Promise<Map<string, Float32Array>> {
     return Promise.resolve(new Map([["w", new Float32Array([this.version])]]));
   }
-  optimizerState() {
-    return Promise.resolve({ step: this.version, moments: new Map() });
-  }
   loadOptimizerState(): void {}
 }
 
