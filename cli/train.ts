@@ -291,9 +291,8 @@ async function train(
     }),
   );
   if (resumed) {
+    // Read from the checkpoint's file one tensor at a time as the GPU takes them.
     policy.loadOptimizerState({ step: resumed.state.adam_step, moments: resumed.moments });
-    // The GPU holds them now: not kept for the run (full fine-tuning's are 8 bytes a parameter).
-    resumed.moments.clear();
     task.restoreSampler(resumed.state.sampler);
   }
   // The reference model runs in a process of its own, on another adapter when there is one. A

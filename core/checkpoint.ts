@@ -131,6 +131,25 @@ export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
   return { config, hfConfig: hfConfig as Record<string, unknown>, weights, dtypes };
 }
 
+/**
+ * Every tensor of one safetensors file (F32, F16 or BF16; widened to f32), read from it at each
+ * `get` with loadCheckpoint's checks: e.g. a training checkpoint's AdamW moments.
+ */
+export async function tensorsOnDemand(file: string): Promise<WeightsOnDemand> {
+  const { entries, dataOffset } = await readSafetensorsHeader(file);
+  const { size, mtime } = await Deno.stat(file);
+  const stored = new Map<string, StoredWeight>();
+  for (const [name, entry] of entries) {
+    if (entry.dtype !== "F32" && entry.dtype !== "F16" && entry.dtype !== "BF16") {
+      throw new AhaError(
+        `${file}: tensor "${name}" has dtype ${entry.dtype}; expected F32, F16 or BF16`,
+      );
+    }
+    stored.set(name, { file, dataOffset, entry, size, mtime: mtime?.getTime() ?? null });
+  }
+  return new WeightsOnDemand([...stored.keys()], (name) => readStored(name, stored.get(name)!));
+}
+
 /** Where one weight lies in its file, and the file as its header was checked. */
 interface StoredWeight {
   file: string;
@@ -188,8 +207,8 @@ function checkUnchanged(name: string, at: StoredWeight): void {
 
 const corrupt = (name: string, at: StoredWeight, value: number, index: number) =>
   new AhaError(
-    `${at.file}: weight "${name}" holds ${value} at index ${index}: ` +
-      `the checkpoint is corrupt (NaN or infinite weights)`,
+    `${at.file}: tensor "${name}" holds ${value} at index ${index}: ` +
+      `the checkpoint is corrupt (NaN or infinite values)`,
   );
 
 /**

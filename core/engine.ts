@@ -88,7 +88,7 @@ export interface PolicyEngine {
    */
   optimizerStepUnread?(hp: OptimizerHyper): void;
   weights(): Promise<Map<string, Float32Array>>;
-  loadOptimizerState(state: { step: number; moments: Map<string, Float32Array> }): void;
+  loadOptimizerState(state: { step: number; moments: ReadonlyMap<string, Float32Array> }): void;
 }
 
 /**

@@ -15,11 +15,12 @@ import {
   loadCheckpoint,
   saveCheckpoint,
   type TensorReader,
+  tensorsOnDemand,
 } from "./checkpoint.ts";
 import { AhaError } from "./errors.ts";
 import { type Adapter, isAdapterDir, loadAdapter, loraShapes, saveAdapter } from "./lora.ts";
 import { type ModelConfig, weightShapes } from "./model_config.ts";
-import { readSafetensors, writeSafetensors } from "./safetensors.ts";
+import { writeSafetensors } from "./safetensors.ts";
 import type { FileContent } from "./save_dir.ts";
 import type { SamplerState } from "./task.ts";
 import type { TrainConfig } from "./train_config.ts";
@@ -66,7 +67,8 @@ export interface TrainerState {
 /** A training checkpoint: the model to continue (for a LoRA run, its base) and its adapter. */
 export interface TrainingCheckpoint extends Checkpoint {
   state: TrainerState;
-  moments: Map<string, Float32Array>;
+  /** The AdamW moments, read from optimizer.safetensors at each `get` (WeightsOnDemand). */
+  moments: ReadonlyMap<string, Float32Array>;
   adapter: Adapter | null;
 }
 
@@ -165,7 +167,7 @@ export function parseTrainerState(json: unknown, path: string): TrainerState {
  * element count, finite; after any optimizer step (adam_step > 0) every weight has both.
  */
 export function checkMoments(
-  moments: Map<string, Float32Array>,
+  moments: ReadonlyMap<string, Float32Array>,
   shapes: Map<string, number[]>,
   adamStep: number,
   path: string,
@@ -234,8 +236,9 @@ export async function loadTrainingCheckpoint(
   const state = parseTrainerState(json, statePath);
   state.reference_model = where(state.reference_model);
   const optimizerPath = `${dir}/${OPTIMIZER_FILE}`;
-  const moments = new Map<string, Float32Array>();
-  for (const [name, t] of await readSafetensors(optimizerPath)) moments.set(name, t.data);
+  // Read from the file when asked for, never whole: full fine-tuning's are 8 bytes a parameter,
+  // and a map of them, cleared once on the GPU, stayed allocated until V8 next collected.
+  const moments = await tensorsOnDemand(optimizerPath);
   if (await isAdapterDir(dir)) {
     // A LoRA checkpoint: the base it adapts, and the adapter itself.
     const base = await loadCheckpoint(state.reference_model);

@@ -1461,7 +1461,7 @@ export class GpuModel {
   }
 
   /** Load AdamW moments (a weight missing from `state` starts from zero). */
-  loadOptimizerState(state: Map<string, Float32Array>): void {
+  loadOptimizerState(state: ReadonlyMap<string, Float32Array>): void {
     for (const [name, slices] of this.momentSlices()) {
       const data = state.get(name);
       if (data) splitRows(data, slices).forEach((part, i) => this.gpu.write(slices[i], part));

@@ -255,7 +255,7 @@ export class GpuPolicy implements PolicyEngine {
     };
   }
 
-  loadOptimizerState(state: { step: number; moments: Map<string, Float32Array> }): void {
+  loadOptimizerState(state: { step: number; moments: ReadonlyMap<string, Float32Array> }): void {
     this.adamStep = state.step;
     this.model.loadOptimizerState(state.moments);
   }

@@ -18,6 +18,7 @@ import {
   prepareRunDir,
   resolveResume,
 } from "../core/run_dir.ts";
+import { readSafetensorsHeader } from "../core/safetensors.ts";
 import { processAlive } from "../core/save_dir.ts";
 import { defaultTrainConfig } from "../core/train_config.ts";
 import {
@@ -369,6 +370,41 @@ Deno.test("5. the trainer state is checked whole before anything on disk changes
     { ...defaultTrainConfig(), output_dir: run },
   );
   await assert.rejects(() => loadTrainingCheckpoint(`${run}/checkpoint-3`), /missing tensor/);
+});
+
+Deno.test("5b. the moments are read from optimizer.safetensors when asked for, and a NaN there stops a resume before the logs change", async () => {
+  const run = await makeRun(`${dir}/moments`);
+  const optimizer = `${run}/checkpoint-3/optimizer.safetensors`;
+  const loaded = await loadTrainingCheckpoint(`${run}/checkpoint-3`);
+  const name = "model.layers.1.mlp.up_proj.weight.exp_avg_sq";
+  assert.deepEqual(new Map(loaded.moments), moments);
+  const first = loaded.moments.get(name)!;
+  first.fill(3);
+  assert.deepEqual(
+    loaded.moments.get(name),
+    moments.get(name),
+    "not kept: each get reads the file",
+  );
+
+  // One moment NaN: the header is fine, reading that tensor is not.
+  const { entries, dataOffset } = await readSafetensorsHeader(optimizer);
+  const bytes = Deno.readFileSync(optimizer);
+  new DataView(bytes.buffer).setFloat32(dataOffset + entries.get(name)!.begin + 4 * 7, NaN, true);
+  Deno.writeFileSync(optimizer, bytes);
+  assert.throws(() => loaded.moments.get(name), /optimizer\.safetensors: changed since its header/);
+  await assert.rejects(
+    () => loadTrainingCheckpoint(`${run}/checkpoint-3`),
+    /up_proj\.weight\.exp_avg_sq" holds NaN at index 7/,
+  );
+  const before = Deno.readTextFileSync(`${run}/metrics.jsonl`);
+  const out = await aha("train", "--resume", `${run}/checkpoint-3`);
+  assert.equal(out.code, 1, out.stderr);
+  assert.equal(out.stderr.split("\n").length, 1, out.stderr);
+  assert.match(
+    out.stderr,
+    /optimizer\.safetensors: tensor "model\.layers\.1\.mlp\.up_proj\.weight\.exp_avg_sq" holds NaN at index 7/,
+  );
+  assert.equal(Deno.readTextFileSync(`${run}/metrics.jsonl`), before);
 });
 
 Deno.test("7. stale temporaries go (a replaced checkpoint's old copy comes back); a run without a checkpoint says how to start over", async () => {
