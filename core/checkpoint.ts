@@ -98,11 +98,10 @@ export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
   const dtypes = new Map<string, SafeDType>();
   const stored = new Map<string, StoredWeight>();
   for (const [file, names] of byFile) {
-    const { entries, dataOffset } = await readSafetensorsHeader(file);
-    const { size, mtime } = await Deno.stat(file);
+    const inFile = await storedIn(file);
     for (const name of names) {
       const expected = shapes.get(name)!;
-      const entry = entries.get(name);
+      const entry = inFile.get(name)?.entry;
       if (!entry) {
         throw new AhaError(
           `${file}: missing weight "${name}" (expected shape ${shapeText(expected)})`,
@@ -114,13 +113,9 @@ export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
             `expected ${shapeText(expected)} from config.json`,
         );
       }
-      if (entry.dtype !== "F32" && entry.dtype !== "F16" && entry.dtype !== "BF16") {
-        throw new AhaError(
-          `${file}: weight "${name}" has dtype ${entry.dtype}; expected F32, F16 or BF16`,
-        );
-      }
+      checkFloat(file, `weight "${name}"`, entry);
       dtypes.set(name, entry.dtype);
-      stored.set(name, { file, dataOffset, entry, size, mtime: mtime?.getTime() ?? null });
+      stored.set(name, inFile.get(name)!);
     }
   }
   const weights = new WeightsOnDemand(
@@ -136,18 +131,30 @@ export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
  * `get` with loadCheckpoint's checks: e.g. a training checkpoint's AdamW moments.
  */
 export async function tensorsOnDemand(file: string): Promise<WeightsOnDemand> {
+  const stored = await storedIn(file);
+  for (const [name, { entry }] of stored) checkFloat(file, `tensor "${name}"`, entry);
+  return new WeightsOnDemand([...stored.keys()], (name) => readStored(name, stored.get(name)!));
+}
+
+/** Where each tensor of a file lies, and the file as its header was read. */
+async function storedIn(file: string): Promise<Map<string, StoredWeight>> {
   const { entries, dataOffset } = await readSafetensorsHeader(file);
   const { size, mtime } = await Deno.stat(file);
-  const stored = new Map<string, StoredWeight>();
-  for (const [name, entry] of entries) {
-    if (entry.dtype !== "F32" && entry.dtype !== "F16" && entry.dtype !== "BF16") {
-      throw new AhaError(
-        `${file}: tensor "${name}" has dtype ${entry.dtype}; expected F32, F16 or BF16`,
-      );
-    }
-    stored.set(name, { file, dataOffset, entry, size, mtime: mtime?.getTime() ?? null });
+  const at = (entry: TensorEntry) => ({
+    file,
+    dataOffset,
+    entry,
+    size,
+    mtime: mtime?.getTime() ?? null,
+  });
+  return new Map([...entries].map(([name, entry]) => [name, at(entry)]));
+}
+
+/** Refuses a tensor that is not F32, F16 or BF16 (`what` names it). */
+function checkFloat(file: string, what: string, entry: TensorEntry): void {
+  if (entry.dtype !== "F32" && entry.dtype !== "F16" && entry.dtype !== "BF16") {
+    throw new AhaError(`${file}: ${what} has dtype ${entry.dtype}; expected F32, F16 or BF16`);
   }
-  return new WeightsOnDemand([...stored.keys()], (name) => readStored(name, stored.get(name)!));
 }
 
 /** Where one weight lies in its file, and the file as its header was checked. */
