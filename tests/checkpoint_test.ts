@@ -3,7 +3,12 @@
 // weights, and saves that replace a directory atomically.
 
 import assert from "node:assert/strict";
-import { loadCheckpoint, saveCheckpoint, WeightsOnDemand } from "../core/checkpoint.ts";
+import {
+  loadCheckpoint,
+  saveCheckpoint,
+  tensorsOnDemand,
+  WeightsOnDemand,
+} from "../core/checkpoint.ts";
 import { AhaError } from "../core/errors.ts";
 import { weightShapes } from "../core/model_config.ts";
 import { halfValue } from "../core/half.ts";
@@ -203,6 +208,37 @@ Deno.test("missing weight, wrong shape and missing files are named in one line",
   await rejectsWith(
     loadCheckpoint(misshapen),
     /wrong_shape\/model.safetensors: weight "model.layers.0.self_attn.k_proj.bias" has shape \[15\], expected \[16\] from config.json/,
+  );
+
+  // A weight stored as integers is refused; an extra integer tensor (a buffer some checkpoints
+  // keep) is not a weight and is ignored. tensorsOnDemand, which takes every tensor, refuses it.
+  const ints = `${dir}/int_weight`;
+  await copyDir(GOLDEN + "mha_untied", ints);
+  const tensors = await readSafetensors(`${ints}/model.safetensors`);
+  type Values = { shape: number[]; data: Float32Array | Int32Array };
+  const asInts = (name: string): Values => ({
+    shape: tensors.get(name)!.shape,
+    data: new Int32Array(tensors.get(name)!.data.length),
+  });
+  await writeSafetensors(
+    `${ints}/model.safetensors`,
+    new Map<string, Values>([...tensors, ["position_ids", {
+      shape: [2],
+      data: Int32Array.of(0, 1),
+    }]]),
+  );
+  assert.equal((await loadCheckpoint(ints)).weights.size, tensors.size);
+  await rejectsWith(
+    tensorsOnDemand(`${ints}/model.safetensors`),
+    /int_weight\/model.safetensors: tensor "position_ids" has dtype I32; expected F32, F16 or BF16/,
+  );
+  await writeSafetensors(
+    `${ints}/model.safetensors`,
+    new Map<string, Values>([...tensors, ["model.norm.weight", asInts("model.norm.weight")]]),
+  );
+  await rejectsWith(
+    loadCheckpoint(ints),
+    /int_weight\/model.safetensors: weight "model.norm.weight" has dtype I32; expected F32, F16 or BF16/,
   );
 
   const noWeights = `${dir}/no_weights`;
