@@ -48,6 +48,7 @@ import {
   appendLine,
   lockRunDir,
   prepareRunDir,
+  removeOldCheckpoints,
   resolveResume,
   type ResumeTarget,
 } from "../core/run_dir.ts";
@@ -411,6 +412,16 @@ async function train(
         );
       }
       console_.line(`saved ${dir}`);
+      if (cfg.save_total_limit !== null) {
+        // A checkpoint that cannot be removed costs disk, not the run: say so and go on.
+        const limit = `save_total_limit ${cfg.save_total_limit}`;
+        try {
+          const removed = await removeOldCheckpoints(cfg.output_dir, cfg.save_total_limit);
+          if (removed.length) console_.line(`removed ${removed.join(", ")} (${limit})`);
+        } catch (e) {
+          console_.line(`warning: old checkpoints not removed (${limit}): ${(e as Error).message}`);
+        }
+      }
     },
     stopRequested: () => stop !== null,
   };

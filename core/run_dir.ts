@@ -140,6 +140,24 @@ function inUse(dir: string, path: string): AhaError {
   );
 }
 
+/**
+ * Removes a run's oldest checkpoint-N directories beyond the newest `keep` (save_total_limit),
+ * returning their names. Each is renamed to a hidden temporary first, so that a removal cut short
+ * never leaves a partial directory that a resume would take for a checkpoint (the next run's
+ * preparation removes the temporary).
+ */
+export async function removeOldCheckpoints(dir: string, keep: number): Promise<string[]> {
+  const steps = await checkpointSteps(dir);
+  const removed: string[] = [];
+  for (const step of steps.slice(0, Math.max(0, steps.length - keep))) {
+    const name = `checkpoint-${step}`, doomed = join(dir, `.${name}.${Deno.pid}.tmp`);
+    await Deno.rename(join(dir, name), doomed);
+    await Deno.remove(doomed, { recursive: true });
+    removed.push(name);
+  }
+  return removed;
+}
+
 /** The checkpoint-N directories of a run, by step. */
 export async function checkpointSteps(dir: string): Promise<number[]> {
   const steps: number[] = [];

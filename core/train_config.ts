@@ -76,6 +76,9 @@ export interface TrainConfig {
   // at the end (save, eval) or never (samples).
   logging_steps: number;
   save_steps: number;
+  /** How many checkpoint-N directories the run keeps (trl's key): after each save, the oldest
+   * beyond it are removed. null keeps every one. */
+  save_total_limit: number | null;
   eval_steps: number;
   sample_steps: number;
   /** How many held-out prompts a greedy evaluation uses; null: all of them when there are at
@@ -222,6 +225,7 @@ export function defaultTrainConfig(): TrainConfig {
     ref_model_mixup_alpha: 0.6,
     logging_steps: 1,
     save_steps: 0,
+    save_total_limit: null,
     eval_steps: 50,
     sample_steps: 50,
     eval_prompts: null,
@@ -370,6 +374,7 @@ const RULES: Record<string, Rule> = {
   ref_model_mixup_alpha: num("[", 0, 1, "]"),
   logging_steps: int(1),
   save_steps: int(0),
+  save_total_limit: orNull(int(1)),
   eval_steps: int(0),
   sample_steps: int(0),
   eval_prompts: orNull(int(1)),

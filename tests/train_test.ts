@@ -229,6 +229,45 @@ Deno.test(
   },
 );
 
+Deno.test(
+  "save_total_limit keeps the newest checkpoints, across a resume; a bad limit is one line",
+  gpuTest,
+  async () => {
+    const out = `${dir}/limited`, base = `${dir}/learn/base`; // made by the first test, or here
+    const model = await Deno.stat(`${base}/model.safetensors`).then(
+      () => [`model=${base}`],
+      () => [],
+    );
+    const checkpoints = () =>
+      [...Deno.readDirSync(out)].map((e) => e.name).filter((n) => n.startsWith("checkpoint-"))
+        .sort();
+    const run = await train(
+      set(
+        ...model,
+        `output_dir=${out}`,
+        "max_steps=4",
+        "save_steps=1",
+        "save_total_limit=2",
+      ),
+    );
+    assert.equal(run.code, 0, run.stderr);
+    assert.deepEqual(checkpoints(), ["checkpoint-3", "checkpoint-4"]);
+    assert.match(run.stdout, /removed checkpoint-1 \(save_total_limit 2\)/);
+    assert.match(run.stdout, /removed checkpoint-2 \(save_total_limit 2\)/);
+    const hidden = [...Deno.readDirSync(out)].filter((e) => e.name.startsWith(".checkpoint"));
+    assert.deepEqual(hidden, [], "no temporaries left");
+    // A resume keeps the limit from the checkpoint's config; the checkpoint it started from goes
+    // once two newer ones exist.
+    const resumed = await train(["--resume", `${out}/checkpoint-4`, ...set("max_steps=6")]);
+    assert.equal(resumed.code, 0, resumed.stderr);
+    assert.deepEqual(checkpoints(), ["checkpoint-5", "checkpoint-6"]);
+    const bad = await train(set(`output_dir=${dir}/limited-bad`, "save_total_limit=0"));
+    assert.equal(bad.code, 1);
+    assert.match(bad.stderr.trim(), /^aha: .*save_total_limit.* got 0$/);
+    assert.equal(bad.stderr.trim().split("\n").length, 1);
+  },
+);
+
 Deno.test("a bad config stops before any work with one line naming the key", gpuTest, async () => {
   const run = await train(set("learning_rat=1e-3", `output_dir=${dir}/bad`));
   assert.equal(run.code, 1);
