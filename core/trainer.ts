@@ -179,7 +179,9 @@ export class GrpoTrainer {
         // the weights are neither the previous step's nor this one's.
         if (!(error instanceof DivergedError)) {
           await settle(); // a previous step that diverged is the error to report
-          if (step - 1 > startStep && !this.updated) await this.io.save(step - 1, sampler);
+          if (step - 1 > startStep && !this.updated) {
+            await this.saveGivingUp(error, step - 1, sampler);
+          }
         }
         throw error;
       }
@@ -197,9 +199,8 @@ export class GrpoTrainer {
           await this.reference!.mixIn(await this.policy.weights(), cfg.ref_model_mixup_alpha);
         }
       } catch (error) {
-        // The step trained and its scalars were finite: keep it, then give up. (A failing save
-        // must not hide the error that stopped the run.)
-        if (!(error instanceof DivergedError)) await this.io.save(step).catch(() => {});
+        // The step trained and its scalars were finite: keep it, then give up.
+        if (!(error instanceof DivergedError)) await this.saveGivingUp(error, step);
         throw error;
       }
       // Asked again after the evaluation and the sync: a stop that came during them saves too.
@@ -208,6 +209,22 @@ export class GrpoTrainer {
       if (stopping) return step;
     }
     return cfg.max_steps; // the last step took its scalars before saving
+  }
+
+  /**
+   * Saves `step` as the run gives up on `error`. A save that fails too (a full disk fails both)
+   * must not hide the error that stopped the run: that error is thrown, with the save's failure
+   * added when it is a one-line AhaError.
+   */
+  private async saveGivingUp(error: unknown, step: number, sampler?: SamplerState) {
+    try {
+      await this.io.save(step, sampler);
+    } catch (saveError) {
+      if (!(error instanceof AhaError)) throw error;
+      throw new AhaError(
+        `${error.message} (saving step ${step} failed too: ${(saveError as Error).message})`,
+      );
+    }
   }
 
   /** One GRPO step; returns its metrics once its scalars have been read. */

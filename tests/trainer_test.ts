@@ -567,6 +567,36 @@ Deno.test("a step that fails after a good one saves the good one", async () => {
   assert.deepEqual(saved, [2], "step 2, the last finished one, is saved");
 });
 
+Deno.test("a save that fails as the run gives up is added to the error that stopped it", async () => {
+  // A full disk: step 2's metrics line cannot be appended (it is taken while step 3 samples), and
+  // the save of step 2 that follows fails too.
+  const full = (path: string) => new AhaError(`${path}: No space left on device`);
+  const io: TrainerIO = {
+    ...silentIO(),
+    metrics: (step) => step === 2 ? Promise.reject(full("metrics.jsonl")) : Promise.resolve(),
+    save: (step) => Promise.reject(full(`checkpoint-${step}`)),
+  };
+  const run = (io: TrainerIO) =>
+    new GrpoTrainer(config({ max_steps: 4, eval_steps: 2 }), fakeTask(), new FakePolicy(), null, io)
+      .run(0);
+  await assert.rejects(() => run(io), (e: Error) => {
+    assert.ok(e instanceof AhaError);
+    assert.equal(
+      e.message,
+      "metrics.jsonl: No space left on device " +
+        "(saving step 2 failed too: checkpoint-2: No space left on device)",
+    );
+    return true;
+  });
+  // An error that is not a one-line AhaError (a bug's) is thrown as it was.
+  const broken = {
+    ...io,
+    metrics: () => Promise.resolve(),
+    evaluation: () => Promise.reject(new Error("judge broke")),
+  };
+  await assert.rejects(() => run(broken), (e: Error) => e.message === "judge broke");
+});
+
 Deno.test("update k runs at the schedule's rate of update k − 1 from 0: warmup from its first step, none at 0", async () => {
   const policy = new FakePolicy(), lrs: number[] = [], logged: number[] = [];
   const optimizerStep = policy.optimizerStep.bind(policy);
