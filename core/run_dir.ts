@@ -12,6 +12,7 @@
 //     --overwrite).
 //   - resolveResume: a checkpoint's run directory is the one it sits in, wherever that was moved
 //     or copied: paths saved under the old run directory are rebased onto the new one.
+//   - removeOldCheckpoints: save_total_limit's pruning, through hidden temporaries.
 //   - appendLine: a whole JSON line in one write; a failure is one line, never a stack trace.
 //
 // Device-free and small on purpose: the CLI calls it before opening a GPU.
