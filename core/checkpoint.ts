@@ -275,11 +275,12 @@ export class WeightsOnDemand implements ReadonlyMap<string, Float32Array> {
 /**
  * Tensors read when a save asks for each, in its order, their sizes known before any is read: a
  * model's weights or moments on the GPU, read back a batch at a time, so that a save never holds
- * them all (a 0.5B model's weights and AdamW moments are 5.5 GiB as f32).
+ * them all (a 0.5B model's weights and AdamW moments are 5.5 GiB as f32). A tensor comes in
+ * consecutive parts (a weight's row slices), written as they are, never joined.
  */
 export interface TensorReader {
   sizes: ReadonlyMap<string, number>;
-  read(name: string): Promise<Float32Array>;
+  read(name: string): Promise<Float32Array[]>;
 }
 
 /** Whether a save's tensors come from a TensorReader rather than a map. */
@@ -300,14 +301,17 @@ export async function saveCheckpoint(
   const shapes = weightShapes(parseModelConfig(hfConfig, `${dir}/config.json`));
   const [read, has] = isReader(weights)
     ? [(name: string) => weights.read(name), (name: string) => weights.sizes.has(name)]
-    : [(name: string) => Promise.resolve(weights.get(name)), (name: string) => weights.has(name)];
+    : [
+      (name: string) => Promise.resolve([weights.get(name)].filter((d) => d !== undefined)),
+      (name: string) => weights.has(name),
+    ];
   // Each weight is asked for, checked and converted when its turn to be written comes, so a save
   // holds one at a time (a merged 7B model is 28 GiB as f32). A failure leaves the old checkpoint.
   const tensors = new Map<
     string,
     {
       shape: number[];
-      data: () => Promise<Float32Array | Uint16Array>;
+      data: () => Promise<Float32Array[] | Uint16Array[]>;
       dtype: "F32" | "BF16" | "F16";
     }
   >();
@@ -320,24 +324,28 @@ export async function saveCheckpoint(
       );
     if (!has(name)) throw wrongSize("none"); // refused before anything is written
     const checked = async () => {
-      const data = await read(name);
-      if (!data || data.length !== size) throw wrongSize(data ? data.length : "none");
-      const bad = firstNonFinite(data);
-      if (bad >= 0) {
-        throw new AhaError(
-          `${dir}: not saved: weight "${name}" holds ${data[bad]} at index ${bad} ` +
-            `(training diverged; the previous checkpoint is kept)`,
-        );
+      const parts = await read(name), length = parts.reduce((n, part) => n + part.length, 0);
+      if (length !== size) throw wrongSize(parts.length ? length : "none");
+      let at = 0;
+      for (const part of parts) {
+        const bad = firstNonFinite(part);
+        if (bad >= 0) {
+          throw new AhaError(
+            `${dir}: not saved: weight "${name}" holds ${part[bad]} at index ${at + bad} ` +
+              `(training diverged; the previous checkpoint is kept)`,
+          );
+        }
+        at += part.length;
       }
-      return data;
+      return parts;
     };
     tensors.set(
       name,
       dtype === "f32"
         ? { shape, data: checked, dtype: "F32" }
         : dtype === "bf16"
-        ? { shape, data: async () => float32ToBfloat16(await checked()), dtype: "BF16" }
-        : { shape, data: async () => float32ToFloat16(await checked()), dtype: "F16" },
+        ? { shape, data: async () => (await checked()).map(float32ToBfloat16), dtype: "BF16" }
+        : { shape, data: async () => (await checked()).map(float32ToFloat16), dtype: "F16" },
     );
   }
   await writeDirectory(dir, async (temporary) => {

@@ -309,13 +309,15 @@ function bfloat16ToFloat32(src: Uint16Array, dst: Float32Array) {
 }
 
 type TensorValues = Float32Array | Int32Array | Uint16Array;
-type TensorData = TensorValues | (() => TensorValues | Promise<TensorValues>);
+type TensorParts = TensorValues | TensorValues[];
+type TensorData = TensorValues | (() => TensorParts | Promise<TensorParts>);
 
 /**
  * Tensors to write: Float32Array as F32, Int32Array as I32, Uint16Array as the 16-bit `dtype`.
  * `data` may instead be a function giving the values when the tensor's turn comes (its `dtype`
  * then stated), so that writing a file holds one tensor's values at a time; writeSafetensors
- * also waits for values it gives as a promise (read back from a GPU).
+ * also waits for values it gives as a promise (read back from a GPU), and takes them in
+ * consecutive parts (a weight's row slices, never joined into one array).
  */
 type WritableTensors = ReadonlyMap<
   string,
@@ -330,7 +332,7 @@ function storedAs(values: TensorValues, half: "BF16" | "F16" = "BF16"): SafeDTyp
 /**
  * A tensor's values, asked for now when they are given by a function, checked against its shape
  * and, when the header was written from a stated dtype, against that. Values given as a promise
- * are refused here (a file in memory is made at once): writeSafetensors waits for them.
+ * or in parts are refused here (a file in memory is made at once): writeSafetensors takes them.
  */
 function valuesOf(
   path: string,
@@ -338,31 +340,32 @@ function valuesOf(
   tensor: { shape: number[]; data: TensorData; dtype?: "F32" | "BF16" | "F16" },
 ): TensorValues {
   const values = typeof tensor.data === "function" ? tensor.data() : tensor.data;
-  if (values instanceof Promise) {
-    throw new Error(`${path}: tensor "${name}" gave a promise; only a file written waits`);
+  if (values instanceof Promise || Array.isArray(values)) {
+    throw new Error(`${path}: tensor "${name}" gave a promise or parts; only a file written takes`);
   }
-  return checkValues(path, name, tensor, values);
+  return checkParts(path, name, tensor, [values])[0];
 }
 
-/** `values` checked against its tensor's shape and stated dtype (valuesOf). */
-function checkValues(
+/** A tensor's consecutive parts checked against its shape and stated dtype (valuesOf). */
+function checkParts(
   path: string,
   name: string,
   { shape, data, dtype }: { shape: number[]; data: TensorData; dtype?: "F32" | "BF16" | "F16" },
-  values: TensorValues,
-): TensorValues {
-  if (shape.reduce((a, b) => a * b, 1) !== values.length) {
-    throw new AhaError(
-      `${path}: tensor "${name}" has ${values.length} values for shape [${shape}]`,
-    );
+  parts: TensorValues[],
+): TensorValues[] {
+  const length = parts.reduce((n, part) => n + part.length, 0);
+  if (shape.reduce((a, b) => a * b, 1) !== length) {
+    throw new AhaError(`${path}: tensor "${name}" has ${length} values for shape [${shape}]`);
   }
-  if (
-    typeof data === "function" &&
-    storedAs(values, dtype === "F16" ? "F16" : "BF16") !== (dtype ?? "F32")
-  ) {
-    throw new Error(`${path}: tensor "${name}" gave ${storedAs(values)} values, stated ${dtype}`);
+  for (const part of parts) {
+    if (
+      typeof data === "function" &&
+      storedAs(part, dtype === "F16" ? "F16" : "BF16") !== (dtype ?? "F32")
+    ) {
+      throw new Error(`${path}: tensor "${name}" gave ${storedAs(part)} values, stated ${dtype}`);
+    }
   }
-  return values;
+  return parts;
 }
 
 /** float32 values rounded to bfloat16 bits (nearest, ties to even; NaN stays NaN). */
@@ -441,8 +444,10 @@ export async function writeSafetensors(
       await writeAll(file, header);
       for (const [name, tensor] of tensors) {
         const { data } = tensor;
-        const values = typeof data === "function" ? await data() : data;
-        await writeAll(file, bytesOf(checkValues(path, name, tensor, values)));
+        const parts = [typeof data === "function" ? await data() : data].flat();
+        for (const part of checkParts(path, name, tensor, parts)) {
+          await writeAll(file, bytesOf(part));
+        }
       }
     } finally {
       file.close();

@@ -1397,8 +1397,8 @@ export class GpuModel {
   /**
    * The trained tensors, or their AdamW moments (none before the first step), read back when a
    * save asks for each: a batch of up to READ_BATCH_BYTES at a time, from the one asked for on in
-   * order (one GPU wait a batch), each handed over once and not kept. Saving full fine-tuning's
-   * checkpoint held the weights and moments whole: 12 bytes a parameter of host memory.
+   * order (one GPU wait a batch), each handed over once, in its row slices, and not kept. Saving
+   * full fine-tuning's checkpoint held the weights and moments whole: 12 bytes a parameter.
    */
   reader(which: "weights" | "moments", batchBytes = READ_BATCH_BYTES): TensorReader {
     const tensors = which === "weights"
@@ -1408,7 +1408,7 @@ export class GpuModel {
       : new Map<string, Tensor[]>();
     const names = [...tensors.keys()];
     const sizes = new Map(names.map((n) => [n, tensors.get(n)!.reduce((a, t) => a + t.size, 0)]));
-    const ready = new Map<string, Float32Array>();
+    const ready = new Map<string, Float32Array[]>();
     const read = async (name: string) => {
       if (!sizes.has(name)) throw new Error(`GpuModel.reader: no tensor ${name}`);
       if (!ready.has(name)) {
@@ -1419,7 +1419,7 @@ export class GpuModel {
           if (batch.size > 0 && bytes > batchBytes) break;
           batch.set(n, tensors.get(n)!);
         }
-        for (const [n, data] of await this.readMap(batch)) ready.set(n, data);
+        for (const [n, parts] of await this.readParts(batch)) ready.set(n, parts);
       }
       const data = ready.get(name)!;
       ready.delete(name);
@@ -1693,6 +1693,12 @@ export class GpuModel {
 
   /** Read tensors' values, joining each name's row slices (16-bit ones widened to f32). */
   private async readMap(tensors: Map<string, Tensor[]>): Promise<Map<string, Float32Array>> {
+    const parts = await this.readParts(tensors);
+    return new Map([...parts].map(([name, values]) => [name, joinRows(values)]));
+  }
+
+  /** Each tensor's row slices read back with one GPU wait, widened to f32, not joined. */
+  private async readParts(tensors: Map<string, Tensor[]>): Promise<Map<string, Float32Array[]>> {
     const names = [...tensors.keys()];
     const all = names.flatMap((n) => tensors.get(n)!);
     const data = (await this.gpu.readMany(all)).map((values, i) => {
@@ -1702,9 +1708,6 @@ export class GpuModel {
         : values as Float32Array;
     });
     let at = 0;
-    return new Map(names.map((n) => {
-      const parts = data.slice(at, at += tensors.get(n)!.length);
-      return [n, joinRows(parts)];
-    }));
+    return new Map(names.map((n) => [n, data.slice(at, at += tensors.get(n)!.length)]));
   }
 }

@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import {
   loadCheckpoint,
   saveCheckpoint,
+  type TensorReader,
   tensorsOnDemand,
   WeightsOnDemand,
 } from "../core/checkpoint.ts";
@@ -329,6 +330,36 @@ Deno.test("saving replaces a directory whole, and a failed save leaves the old o
     [...Deno.readDirSync(parent)].map((e) => e.name),
     ["ckpt"],
     "no temporaries left",
+  );
+});
+
+Deno.test("a save through a TensorReader writes each weight's parts as one, and finds a NaN at its index in the whole", async () => {
+  const { hfConfig, weights } = await loadCheckpoint(GOLDEN + "mha_untied");
+  const whole = new Map(weights);
+  // Every weight in three uneven parts (as row slices come), read when asked for.
+  const inParts = (change?: (name: string, parts: Float32Array[]) => void): TensorReader => ({
+    sizes: new Map([...whole].map(([name, data]) => [name, data.length])),
+    read: (name) => {
+      const data = whole.get(name)!, third = Math.floor(data.length / 3);
+      const parts = [data.slice(0, third), data.slice(third, third + 1), data.slice(third + 1)];
+      change?.(name, parts);
+      return Promise.resolve(parts);
+    },
+  });
+  for (const dtype of ["f32", "bf16"] as const) {
+    await saveCheckpoint(`${dir}/parts-whole`, hfConfig, whole, {}, dtype);
+    await saveCheckpoint(`${dir}/parts-read`, hfConfig, inParts(), {}, dtype);
+    assert.deepEqual(
+      Deno.readFileSync(`${dir}/parts-read/model.safetensors`),
+      Deno.readFileSync(`${dir}/parts-whole/model.safetensors`),
+      dtype,
+    );
+  }
+  const name = "model.layers.0.mlp.up_proj.weight", length = whole.get(name)!.length;
+  const nan = inParts((n, parts) => n === name && (parts[2][4] = NaN));
+  await rejectsWith(
+    saveCheckpoint(`${dir}/parts-read`, hfConfig, nan),
+    new RegExp(`"${name}" holds NaN at index ${Math.floor(length / 3) + 1 + 4} `),
   );
 });
 
