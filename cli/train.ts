@@ -6,6 +6,7 @@
 import { parseCommandArgs } from "./args.ts";
 import { AhaError, Interrupted, UsageError } from "../core/errors.ts";
 import { loadCheckpoint, readJson, saveCheckpoint } from "../core/checkpoint.ts";
+import { exists } from "../core/save_dir.ts";
 import {
   type Adapter,
   initLora,
@@ -565,8 +566,6 @@ async function builtinBaseModel(cfg: TrainConfig, gpu: Gpu, console_: Console): 
 
 const flatTensors = (weights: Map<string, Float32Array>) =>
   new Map([...weights].map(([name, data]) => [name, { shape: [data.length], data }]));
-
-const exists = (path: string) => Deno.stat(path).then(() => true, () => false);
 
 /** A log line with the wall clock (for the dashboard's time axis), appended whole. */
 function appendLogLine(path: string, record: Record<string, unknown>): Promise<void> {

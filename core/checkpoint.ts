@@ -9,7 +9,7 @@
 import { AhaError } from "./errors.ts";
 import { firstNonFiniteHalf, type HalfDType, halfValue } from "./half.ts";
 import { type ModelConfig, parseModelConfig, weightShapes } from "./model_config.ts";
-import { type FileContent, writeDirectory, writeFiles } from "./save_dir.ts";
+import { exists, type FileContent, writeDirectory, writeFiles } from "./save_dir.ts";
 import {
   float32ToBfloat16,
   float32ToFloat16,
@@ -56,7 +56,6 @@ export function firstNonFinite(data: ArrayLike<number>): number {
   return -1;
 }
 
-const exists = (path: string) => Deno.stat(path).then(() => true, () => false);
 const shapeText = (shape: number[]) => `[${shape.join(", ")}]`;
 
 /** Which file holds each weight: the index's weight_map, or model.safetensors for all. */

@@ -95,4 +95,5 @@ export function processAlive(pid: number): boolean {
   }
 }
 
-const exists = (path: string) => Deno.stat(path).then(() => true, () => false);
+/** Whether a path exists (a file or a directory). */
+export const exists = (path: string) => Deno.stat(path).then(() => true, () => false);
