@@ -21,14 +21,25 @@ function random(n: number): Float32Array {
   return out;
 }
 
-/** Seconds per call of `record`, after one warm-up call (compiles pipelines), over `iters`. */
+/** A timed stretch lasts at least this long, so that its one GPU wait is a small part of it. */
+const MIN_TIMED_SECONDS = 0.2;
+
+/**
+ * Seconds per call of `record`, after one warm-up call (compiles pipelines): at least `iters`
+ * calls, more when they take under MIN_TIMED_SECONDS (on a hardware GPU a product takes well
+ * under the ~11 ms of Deno's GPU wait, which would otherwise be most of what is timed).
+ */
 async function timeGpu(gpu: Gpu, iters: number, record: () => void): Promise<number> {
   record();
   await gpu.sync();
-  const start = performance.now();
-  for (let i = 0; i < iters; i++) record();
-  await gpu.sync();
-  return (performance.now() - start) / 1000 / iters;
+  for (;;) {
+    const start = performance.now();
+    for (let i = 0; i < iters; i++) record();
+    await gpu.sync();
+    const seconds = (performance.now() - start) / 1000;
+    if (seconds >= MIN_TIMED_SECONDS) return seconds / iters;
+    iters *= Math.min(16, Math.ceil(1.2 * MIN_TIMED_SECONDS / seconds));
+  }
 }
 
 function adapterSection(gpu: Gpu): Promise<void> {

@@ -146,3 +146,25 @@ Deno.test("the release workflow builds, smoke-tests and publishes the five binar
     assert.ok(text.includes(step), step);
   }
 });
+
+Deno.test("the GPU check (.ci/device/check.sh) names files that exist", () => {
+  const check = Deno.readTextFileSync(`${ROOT}.ci/device/check.sh`);
+  const names = [...check.matchAll(/^(?:KERNEL|END_TO_END)_TESTS=\(([^)]*)\)/gm)]
+    .flatMap((m) => m[1].split(/\s+/).filter((name) => name !== ""));
+  assert.ok(names.length > 20, "check.sh lists its test files");
+  for (const name of names) {
+    assert.ok(exists(`tests/${name}_test.ts`), `check.sh runs tests/${name}_test.ts`);
+  }
+  const paths = [...check.matchAll(/(?:\.ci\/device|tests\/fixtures)\/[\w./-]+/g)].map((m) => m[0]);
+  assert.ok(paths.length >= 4, "check.sh names its scripts and fixtures");
+  for (const path of paths) assert.ok(exists(path), `check.sh reads ${path}`);
+});
+
+function exists(path: string): boolean {
+  try {
+    Deno.statSync(`${ROOT}${path}`);
+    return true;
+  } catch {
+    return false;
+  }
+}
