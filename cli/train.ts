@@ -311,11 +311,7 @@ async function train(
     : await WorkerReference.start({
       modelDir: referenceDir,
       adapter: cfg.reference.adapter,
-      engine: referenceEngine(
-        cfg,
-        summarizeAdapter(gpu.adapter).isFallbackAdapter,
-        parameterCount(start.config),
-      ),
+      engine: referenceEngine(cfg, gpu.software, parameterCount(start.config)),
       env: cfg.reference.env,
       timeoutS: cfg.reference.timeout_s,
       maxRestarts: cfg.reference.max_restarts,

@@ -256,8 +256,15 @@ export function summarizeAdapter(adapter: GPUAdapter): AdapterSummary {
   };
 }
 
-/** Whether an adapter runs on the CPU (llvmpipe, lavapipe, SwiftShader, a fallback adapter). */
+/**
+ * Whether an adapter runs on the CPU (llvmpipe, lavapipe, SwiftShader, a fallback adapter): the
+ * one switch between the CPU-shaped kernels and settings and those for hardware GPUs. With
+ * AHA_HARDWARE_PATHS=1 every adapter is taken for a hardware one, so that the tests can run the
+ * hardware GPUs' paths (tiled matmul, flash attention, no texture copies, a WebGPU reference) on
+ * llvmpipe: `AHA_HARDWARE_PATHS=1 deno task test`.
+ */
 export function isSoftwareAdapter(adapter: GPUAdapter): boolean {
+  if (Deno.env.get("AHA_HARDWARE_PATHS") === "1") return false;
   const info = adapter.info as GPUAdapterInfo & { isFallbackAdapter?: boolean };
   return info.isFallbackAdapter === true ||
     /llvmpipe|lavapipe|swiftshader|software/i.test(`${info.description} ${info.device}`);

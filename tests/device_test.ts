@@ -5,7 +5,7 @@
 // dispatch under its kernel and its shape.
 
 import assert from "node:assert/strict";
-import { earlyReads, Tensor } from "../gpu/device.ts";
+import { earlyReads, isSoftwareAdapter, Tensor } from "../gpu/device.ts";
 import { gpuTest, openGpu } from "./helpers.ts";
 
 const gpu = await openGpu();
@@ -300,3 +300,18 @@ Deno.test(
     staging.destroy();
   },
 );
+
+Deno.test("AHA_HARDWARE_PATHS=1 takes every adapter for a hardware one, and only then", () => {
+  const software = /llvmpipe|lavapipe|swiftshader|software/i.test(gpu.adapter.info.description) ||
+    (gpu.adapter.info as { isFallbackAdapter?: boolean }).isFallbackAdapter === true;
+  const given = Deno.env.get("AHA_HARDWARE_PATHS");
+  try {
+    Deno.env.set("AHA_HARDWARE_PATHS", "1");
+    assert.equal(isSoftwareAdapter(gpu.adapter), false);
+    Deno.env.set("AHA_HARDWARE_PATHS", "0");
+    assert.equal(isSoftwareAdapter(gpu.adapter), software);
+  } finally {
+    if (given === undefined) Deno.env.delete("AHA_HARDWARE_PATHS");
+    else Deno.env.set("AHA_HARDWARE_PATHS", given);
+  }
+});
