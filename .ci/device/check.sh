@@ -1,8 +1,8 @@
 #!/bin/bash
 # The GPU check: run ON a lent device machine after .ci/device/pack.sh prepared .device/ here
 # (see pack.sh for the call), or here to try it (CHECK_SHAPE=small for a model llvmpipe runs in
-# minutes). It answers in $OUT/check.log, each phase's whole output beside it in $OUT/PHASE.log
-# (eight files, as many as the device tool brings back):
+# minutes). It answers in $OUT/check.log, and a phase's output longer than the 25 lines it copies
+# there beside it in $OUT/PHASE.log:
 #   adapter  which WebGPU adapter aha gets, its limits and features;
 #   tests    the kernel and model tests on that adapter: on a hardware GPU they take the paths
 #            meant for it (the tiled matmul, flash attention, f16) against their CPU twins and
@@ -12,8 +12,9 @@
 #            products in PyTorch on the same device;
 #   score    a Qwen2.5-0.5B-shaped random checkpoint scored by aha and by PyTorch (transformers'
 #            Qwen2 when installed, else tests/fixtures/qwen2_torch.py), on CUDA when present;
-#   grpo     a few timed GRPO steps of configs/qwen2.5-0.5b-gsm8k.yaml on that checkpoint.
-# Each phase has a time cap and the whole check a budget (CHECK_SECONDS, default 300): a phase
+#   grpo     a few timed GRPO steps of configs/qwen2.5-0.5b-gsm8k.yaml on that checkpoint;
+#   lora     two of configs/qwen2.5-0.5b-gsm8k-lora.yaml (the base's weights kept in bf16).
+# Each phase has a time cap and the whole check a budget (CHECK_SECONDS, default 360): a phase
 # cut short says so, and the next one still runs. CHECK_ONLY="score grpo" runs only those phases.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,13 +28,13 @@ END_TO_END_TESTS=(lora frozen lora_memory checkpointing loss reference trainer t
 OUT=${OUT:-/tmp/aha-check}
 mkdir -p "$OUT"
 work=$(mktemp -d)
-deadline=$((SECONDS + ${CHECK_SECONDS:-300}))
+deadline=$((SECONDS + ${CHECK_SECONDS:-360}))
 log="$OUT/check.log"
 : > "$log"
 say() { echo "$*" | tee -a "$log"; }
 
 # phase NAME CAP COMMAND...: COMMAND's output to $OUT/NAME.log, for at most CAP seconds (fewer
-# when the budget is nearly spent); its last lines and how it ended go to check.log.
+# when the budget is nearly spent); its last 25 lines and how it ended go to check.log.
 phase() {
   local name=$1 cap=$2
   shift 2
@@ -48,7 +49,9 @@ phase() {
   local start=$SECONDS
   timeout -k 5 "$cap" "$@" > "$OUT/$name.log" 2>&1
   local status=$?
-  grep -v '^\s*$' "$OUT/$name.log" | tail -n "${TAIL:-25}" | tee -a "$log"
+  grep -v '^\s*$' "$OUT/$name.log" | tail -n 25 | tee -a "$log"
+  # A short output is all in check.log already (the device tool brings back eight files).
+  (($(wc -l < "$OUT/$name.log") <= 25)) && rm "$OUT/$name.log"
   if ((status == 124 || status == 137)); then
     say "-- $name: cut at ${cap} s (the whole output is in $name.log)"
   else
@@ -118,18 +121,24 @@ phase score 120 bash -c "
 
 # A random model earns the same -2 from format and correctness on every completion, which leaves
 # nothing to train on; the length penalty of tests/fixtures/rewards/mine.ts tells completions apart.
-steps=${CHECK_STEPS:-3}
-phase grpo 150 bash -c "
-  deno run -A main.ts train configs/qwen2.5-0.5b-gsm8k.yaml --set model='$model' \
-    --set 'reward_funcs=[format, correctness, $PWD/tests/fixtures/rewards/mine.ts#lengthPenalty]' \
-    --set max_steps=$steps --set prompts_per_step=4 --set num_generations=8 \
-    --set max_completion_length=${CHECK_COMPLETION:-128} --set eval_prompts=1 --set save_steps=0 \
-    --set sample_steps=0 --set output_dir='$work/run' &&
-  '$PYTHON' -c \"
-import json
+# grpo_steps CONFIG STEPS OUTPUT: a short run of CONFIG on the checkpoint, then its steps' timings.
+grpo_steps() {
+  deno run -A main.ts train "$1" --set model="$model" \
+    --set "reward_funcs=[format, correctness, $PWD/tests/fixtures/rewards/mine.ts#lengthPenalty]" \
+    --set max_steps="$2" --set prompts_per_step=4 --set num_generations=8 \
+    --set max_completion_length="${CHECK_COMPLETION:-128}" --set eval_prompts=1 \
+    --set save_steps=0 --set sample_steps=0 --set output_dir="$3" &&
+    "$PYTHON" -c "
+import json, sys
 keys = ('step', 'step_s', 'generate_s', 'reference_s', 'train_s', 'tokens_per_s', 'grad_norm')
-for line in open('$work/run/metrics.jsonl'):
+for line in open(sys.argv[1]):
     row = json.loads(line)
     print({k: round(row[k], 3) if isinstance(row[k], float) else row[k] for k in keys if k in row})
-\""
+" "$3/metrics.jsonl"
+}
+export -f grpo_steps
+export model PYTHON
+# Full fine-tuning, then LoRA over the base's weights kept in bf16 (the recipe's frozen_dtype).
+phase grpo 150 bash -c "grpo_steps configs/qwen2.5-0.5b-gsm8k.yaml ${CHECK_STEPS:-3} $work/run"
+phase lora 90 bash -c "grpo_steps configs/qwen2.5-0.5b-gsm8k-lora.yaml 2 $work/lora"
 say "== done in $SECONDS s"
