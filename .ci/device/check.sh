@@ -13,8 +13,9 @@
 #   score    a Qwen2.5-0.5B-shaped random checkpoint scored by aha and by PyTorch (transformers'
 #            Qwen2 when installed, else tests/fixtures/qwen2_torch.py), on CUDA when present;
 #   grpo     a few timed GRPO steps of configs/qwen2.5-0.5b-gsm8k.yaml on that checkpoint;
-#   lora     two of configs/qwen2.5-0.5b-gsm8k-lora.yaml (the base's weights kept in bf16).
-# Each phase has a time cap and the whole check a budget (CHECK_SECONDS, default 360): a phase
+#   lora     two of configs/qwen2.5-0.5b-gsm8k-lora.yaml (the base's weights kept in bf16);
+#   torch_grpo  the full fine-tuning step in plain PyTorch on the same device, timed by phase.
+# Each phase has a time cap and the whole check a budget (CHECK_SECONDS, default 420): a phase
 # cut short says so, and the next one still runs. CHECK_ONLY="score grpo" runs only those phases.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,7 +29,7 @@ END_TO_END_TESTS=(lora frozen lora_memory checkpointing loss reference trainer t
 OUT=${OUT:-/tmp/aha-check}
 mkdir -p "$OUT"
 work=$(mktemp -d)
-deadline=$((SECONDS + ${CHECK_SECONDS:-360}))
+deadline=$((SECONDS + ${CHECK_SECONDS:-420}))
 log="$OUT/check.log"
 : > "$log"
 say() { echo "$*" | tee -a "$log"; }
@@ -141,4 +142,8 @@ export model PYTHON
 # Full fine-tuning, then LoRA over the base's weights kept in bf16 (the recipe's frozen_dtype).
 phase grpo 150 bash -c "grpo_steps configs/qwen2.5-0.5b-gsm8k.yaml ${CHECK_STEPS:-3} $work/run"
 phase lora 90 bash -c "grpo_steps configs/qwen2.5-0.5b-gsm8k-lora.yaml 2 $work/lora"
+# The same step in plain PyTorch on the same device: prompts of 160 tokens, about a templated
+# GSM8K question's.
+phase torch_grpo 90 "$PYTHON" .ci/device/torch_grpo.py "$work/config.json" 4 8 160 \
+  "${CHECK_COMPLETION:-128}" 4
 say "== done in $SECONDS s"

@@ -2,7 +2,7 @@
 # Prepares, on this machine, what the GPU check needs on a lent device machine, which has no
 # network. Run from anywhere in the repository; everything goes into .device/ (git-ignored),
 # which the device tool's `run` carries beside the working tree:
-#   run(command: "bash .ci/device/check.sh", carry: [".device"], timeout_s: 480)
+#   run(command: "bash .ci/device/check.sh", carry: [".device"], timeout_s: 540)
 # .device/ holds Deno (xz); a Deno cache of every npm package in deno.lock (xz; without source
 # maps and the three onnxruntime-web engines aha never loads), so that `deno run main.ts` and
 # `deno test` work offline there as here; and Debian's Vulkan/EGL loader packages, which that
