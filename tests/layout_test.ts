@@ -3,6 +3,7 @@
 // gpu/kernels/, a header comment on every source file, and nothing read from outside the clone.
 
 import assert from "node:assert/strict";
+import { exists } from "../core/save_dir.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 const FOLDERS = ["cli", "reference", "gpu", "data", "core"];
@@ -147,24 +148,15 @@ Deno.test("the release workflow builds, smoke-tests and publishes the five binar
   }
 });
 
-Deno.test("the GPU check (.ci/device/check.sh) names files that exist", () => {
+Deno.test("the GPU check (.ci/device/check.sh) names files that exist", async () => {
   const check = Deno.readTextFileSync(`${ROOT}.ci/device/check.sh`);
   const names = [...check.matchAll(/^(?:KERNEL|END_TO_END)_TESTS=\(([^)]*)\)/gm)]
     .flatMap((m) => m[1].split(/\s+/).filter((name) => name !== ""));
   assert.ok(names.length > 20, "check.sh lists its test files");
   for (const name of names) {
-    assert.ok(exists(`tests/${name}_test.ts`), `check.sh runs tests/${name}_test.ts`);
+    assert.ok(await exists(`${ROOT}tests/${name}_test.ts`), `check.sh runs tests/${name}_test.ts`);
   }
   const paths = [...check.matchAll(/(?:\.ci\/device|tests\/fixtures)\/[\w./-]+/g)].map((m) => m[0]);
   assert.ok(paths.length >= 4, "check.sh names its scripts and fixtures");
-  for (const path of paths) assert.ok(exists(path), `check.sh reads ${path}`);
+  for (const path of paths) assert.ok(await exists(`${ROOT}${path}`), `check.sh reads ${path}`);
 });
-
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(`${ROOT}${path}`);
-    return true;
-  } catch {
-    return false;
-  }
-}

@@ -28,7 +28,8 @@ END_TO_END_TESTS=(lora frozen lora_memory checkpointing loss reference trainer t
 
 OUT=${OUT:-/tmp/aha-check}
 mkdir -p "$OUT"
-work=$(mktemp -d)
+work=$(mktemp -d) # Deno, the npm cache, the checkpoint and the runs: gone when the check ends
+trap 'rm -rf "$work"' EXIT
 deadline=$((SECONDS + ${CHECK_SECONDS:-420}))
 log="$OUT/check.log"
 : > "$log"
