@@ -275,11 +275,20 @@ export class WeightsOnDemand implements ReadonlyMap<string, Float32Array> {
  * Tensors read when a save asks for each, in its order, their sizes known before any is read: a
  * model's weights or moments on the GPU, read back a batch at a time, so that a save never holds
  * them all (a 0.5B model's weights and AdamW moments are 5.5 GiB as f32). A tensor comes in
- * consecutive parts (a weight's row slices), written as they are, never joined.
+ * consecutive parts, each read when the save reaches it and written as it is, never joined.
  */
 export interface TensorReader {
   sizes: ReadonlyMap<string, number>;
-  read(name: string): Promise<Float32Array[]>;
+  read(name: string): AsyncIterable<Float32Array>;
+}
+
+/** A map's tensor as a TensorReader gives one: its one part, or none when the map lacks it. */
+export async function* partsOf(
+  tensors: ReadonlyMap<string, Float32Array>,
+  name: string,
+): AsyncGenerator<Float32Array> {
+  const data = tensors.get(name);
+  if (data !== undefined) yield data;
 }
 
 /** Whether a save's tensors come from a TensorReader rather than a map. */
@@ -300,17 +309,15 @@ export async function saveCheckpoint(
   const shapes = weightShapes(parseModelConfig(hfConfig, `${dir}/config.json`));
   const [read, has] = isReader(weights)
     ? [(name: string) => weights.read(name), (name: string) => weights.sizes.has(name)]
-    : [
-      (name: string) => Promise.resolve([weights.get(name)].filter((d) => d !== undefined)),
-      (name: string) => weights.has(name),
-    ];
-  // Each weight is asked for, checked and converted when its turn to be written comes, so a save
-  // holds one at a time (a merged 7B model is 28 GiB as f32). A failure leaves the old checkpoint.
+    : [(name: string) => partsOf(weights, name), (name: string) => weights.has(name)];
+  // Each weight is asked for, checked and converted when its turn to be written comes, a part at
+  // a time, so a save holds one part at a time (a merged 7B model is 28 GiB as f32). A failure
+  // leaves the old checkpoint.
   const tensors = new Map<
     string,
     {
       shape: number[];
-      data: () => Promise<Float32Array[] | Uint16Array[]>;
+      data: () => AsyncIterable<Float32Array | Uint16Array>;
       dtype: "F32" | "BF16" | "F16";
     }
   >();
@@ -322,11 +329,9 @@ export async function saveCheckpoint(
           `${shapeText(shape)}), got ${got}`,
       );
     if (!has(name)) throw wrongSize("none"); // refused before anything is written
-    const checked = async () => {
-      const parts = await read(name), length = parts.reduce((n, part) => n + part.length, 0);
-      if (length !== size) throw wrongSize(parts.length ? length : "none");
-      let at = 0;
-      for (const part of parts) {
+    const checked = async function* () {
+      let at = 0, parts = 0;
+      for await (const part of read(name)) {
         const bad = firstNonFinite(part);
         if (bad >= 0) {
           throw new AhaError(
@@ -335,16 +340,21 @@ export async function saveCheckpoint(
           );
         }
         at += part.length;
+        parts++;
+        yield part;
       }
-      return parts;
+      if (at !== size) throw wrongSize(parts ? at : "none");
+    };
+    const narrowed = async function* (narrow: (part: Float32Array) => Uint16Array) {
+      for await (const part of checked()) yield narrow(part);
     };
     tensors.set(
       name,
       dtype === "f32"
         ? { shape, data: checked, dtype: "F32" }
         : dtype === "bf16"
-        ? { shape, data: async () => (await checked()).map(float32ToBfloat16), dtype: "BF16" }
-        : { shape, data: async () => (await checked()).map(float32ToFloat16), dtype: "F16" },
+        ? { shape, data: () => narrowed(float32ToBfloat16), dtype: "BF16" }
+        : { shape, data: () => narrowed(float32ToFloat16), dtype: "F16" },
     );
   }
   await writeDirectory(dir, async (temporary) => {

@@ -309,7 +309,7 @@ function bfloat16ToFloat32(src: Uint16Array, dst: Float32Array) {
 }
 
 type TensorValues = Float32Array | Int32Array | Uint16Array;
-type TensorParts = TensorValues | TensorValues[];
+type TensorParts = TensorValues | TensorValues[] | AsyncIterable<TensorValues>;
 type TensorData = TensorValues | (() => TensorParts | Promise<TensorParts>);
 
 /**
@@ -317,7 +317,8 @@ type TensorData = TensorValues | (() => TensorParts | Promise<TensorParts>);
  * `data` may instead be a function giving the values when the tensor's turn comes (its `dtype`
  * then stated), so that writing a file holds one tensor's values at a time; writeSafetensors
  * also waits for values it gives as a promise (read back from a GPU), and takes them in
- * consecutive parts (a weight's row slices, never joined into one array).
+ * consecutive parts, never joined into one array: an array of them, or parts that come one at a
+ * time (an async iterable: a weight read back from a GPU 64 MiB at a time).
  */
 type WritableTensors = ReadonlyMap<
   string,
@@ -340,32 +341,34 @@ function valuesOf(
   tensor: { shape: number[]; data: TensorData; dtype?: "F32" | "BF16" | "F16" },
 ): TensorValues {
   const values = typeof tensor.data === "function" ? tensor.data() : tensor.data;
-  if (values instanceof Promise || Array.isArray(values)) {
+  if (!ArrayBuffer.isView(values)) {
     throw new Error(`${path}: tensor "${name}" gave a promise or parts; only a file written takes`);
   }
-  return checkParts(path, name, tensor, [values])[0];
+  checkPart(path, name, tensor, values);
+  checkLength(path, name, tensor.shape, values.length);
+  return values;
 }
 
-/** A tensor's consecutive parts checked against its shape and stated dtype (valuesOf). */
-function checkParts(
+/** One part of a tensor's values checked against its stated dtype (a function's values). */
+function checkPart(
   path: string,
   name: string,
-  { shape, data, dtype }: { shape: number[]; data: TensorData; dtype?: "F32" | "BF16" | "F16" },
-  parts: TensorValues[],
-): TensorValues[] {
-  const length = parts.reduce((n, part) => n + part.length, 0);
+  { data, dtype }: { data: TensorData; dtype?: "F32" | "BF16" | "F16" },
+  part: TensorValues,
+) {
+  if (
+    typeof data === "function" &&
+    storedAs(part, dtype === "F16" ? "F16" : "BF16") !== (dtype ?? "F32")
+  ) {
+    throw new Error(`${path}: tensor "${name}" gave ${storedAs(part)} values, stated ${dtype}`);
+  }
+}
+
+/** The number of values a tensor's parts held, checked against its shape. */
+function checkLength(path: string, name: string, shape: number[], length: number) {
   if (shape.reduce((a, b) => a * b, 1) !== length) {
     throw new AhaError(`${path}: tensor "${name}" has ${length} values for shape [${shape}]`);
   }
-  for (const part of parts) {
-    if (
-      typeof data === "function" &&
-      storedAs(part, dtype === "F16" ? "F16" : "BF16") !== (dtype ?? "F32")
-    ) {
-      throw new Error(`${path}: tensor "${name}" gave ${storedAs(part)} values, stated ${dtype}`);
-    }
-  }
-  return parts;
 }
 
 /** float32 values rounded to bfloat16 bits (nearest, ties to even; NaN stays NaN). */
@@ -444,10 +447,16 @@ export async function writeSafetensors(
       await writeAll(file, header);
       for (const [name, tensor] of tensors) {
         const { data } = tensor;
-        const parts = [typeof data === "function" ? await data() : data].flat();
-        for (const part of checkParts(path, name, tensor, parts)) {
+        const given = typeof data === "function" ? await data() : data;
+        // Parts are written as they come; a tensor that then proves the wrong length leaves only
+        // the temporary file, removed below.
+        let length = 0;
+        for await (const part of ArrayBuffer.isView(given) ? [given] : given) {
+          checkPart(path, name, tensor, part);
+          length += part.length;
           await writeAll(file, bytesOf(part));
         }
+        checkLength(path, name, tensor.shape, length);
       }
     } finally {
       file.close();

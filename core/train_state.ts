@@ -13,6 +13,7 @@ import {
   type Checkpoint,
   isReader,
   loadCheckpoint,
+  partsOf,
   saveCheckpoint,
   type TensorReader,
   tensorsOnDemand,
@@ -84,8 +85,8 @@ function stateFiles(
     : new Map([...moments].map(([name, data]) => [name, data.length]));
   const read = isReader(moments)
     ? (name: string) => moments.read(name)
-    : (name: string) => Promise.resolve([moments.get(name)!]);
-  const optimizer = new Map<string, { shape: number[]; data: () => Promise<Float32Array[]> }>();
+    : (name: string) => partsOf(moments, name);
+  const optimizer = new Map<string, { shape: number[]; data: () => AsyncIterable<Float32Array> }>();
   for (const [name, size] of sizes) optimizer.set(name, { shape: [size], data: () => read(name) });
   return {
     [OPTIMIZER_FILE]: (path) => writeSafetensors(path, optimizer),

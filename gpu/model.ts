@@ -522,6 +522,21 @@ const EMBEDDING = "model.embed_tokens.weight";
 /** How much a save reads back from the GPU at a time (GpuModel.reader). */
 const READ_BATCH_BYTES = 64 * 2 ** 20;
 
+/**
+ * An f32 tensor as consecutive views of at most `maxBytes` (whole binding alignments, so that
+ * each starts aligned), for reading it back a piece at a time; the tensor itself when it is
+ * within that already, 16-bit, or not at an aligned offset.
+ */
+function piecesOf(t: Tensor, maxBytes: number): Tensor[] {
+  const step = Math.max(1, Math.floor(maxBytes / BINDING_ALIGNMENT)) * BINDING_ALIGNMENT / 4;
+  if (t.dtype !== "f32" || t.size <= step || t.offset % BINDING_ALIGNMENT !== 0) return [t];
+  const pieces: Tensor[] = [];
+  for (let start = 0; start < t.size; start += step) {
+    pieces.push(t.view(start, [Math.min(step, t.size - start)]));
+  }
+  return pieces;
+}
+
 export class GpuModel {
   /**
    * Weights by Hugging Face name, each as its row slices (one unless over maxBindingBytes); a
@@ -1396,9 +1411,11 @@ export class GpuModel {
 
   /**
    * The trained tensors, or their AdamW moments (none before the first step), read back when a
-   * save asks for each: a batch of up to READ_BATCH_BYTES at a time, from the one asked for on in
-   * order (one GPU wait a batch), each handed over once, in its row slices, and not kept. Saving
-   * full fine-tuning's checkpoint held the weights and moments whole: 12 bytes a parameter.
+   * save asks for each: in pieces of at most `batchBytes` (views of the row slices), a batch of
+   * pieces up to `batchBytes` at a time from the one asked for on in order (one GPU wait a
+   * batch), each handed over once and not kept. Saving full fine-tuning's checkpoint held the
+   * weights and moments whole (12 bytes a parameter), and then each weight whole (a 0.5B model's
+   * embedding is 545 MB as f32): a save now holds one batch.
    */
   reader(which: "weights" | "moments", batchBytes = READ_BATCH_BYTES): TensorReader {
     const tensors = which === "weights"
@@ -1406,26 +1423,37 @@ export class GpuModel {
       : this.moments
       ? this.momentSlices()
       : new Map<string, Tensor[]>();
-    const names = [...tensors.keys()];
-    const sizes = new Map(names.map((n) => [n, tensors.get(n)!.reduce((a, t) => a + t.size, 0)]));
-    const ready = new Map<string, Float32Array[]>();
-    const read = async (name: string) => {
-      if (!sizes.has(name)) throw new Error(`GpuModel.reader: no tensor ${name}`);
-      if (!ready.has(name)) {
-        const batch = new Map<string, Tensor[]>();
-        let bytes = 0;
-        for (const n of names.slice(names.indexOf(name))) {
-          bytes += 4 * sizes.get(n)!;
-          if (batch.size > 0 && bytes > batchBytes) break;
-          batch.set(n, tensors.get(n)!);
+    const sizes = new Map(
+      [...tensors].map(([name, slices]) => [name, slices.reduce((a, t) => a + t.size, 0)]),
+    );
+    const pieces = [...tensors].flatMap(([name, slices]) =>
+      slices.flatMap((slice) => piecesOf(slice, batchBytes).map((tensor) => ({ name, tensor })))
+    );
+    const ready = new Map<number, Float32Array>(); // by index in pieces
+    const piece = async (index: number) => {
+      if (!ready.has(index)) {
+        const batch: number[] = [];
+        for (let i = index, bytes = 0; i < pieces.length; i++) {
+          bytes += pieces[i].tensor.bytes;
+          if (batch.length > 0 && bytes > batchBytes) break;
+          batch.push(i);
         }
-        for (const [n, parts] of await this.readParts(batch)) ready.set(n, parts);
+        const values = await this.readParts(new Map(batch.map((i) => [i, [pieces[i].tensor]])));
+        for (const [i, [data]] of values) ready.set(i, data);
       }
-      const data = ready.get(name)!;
-      ready.delete(name);
+      const data = ready.get(index)!;
+      ready.delete(index);
       return data;
     };
-    return { sizes, read };
+    return {
+      sizes,
+      async *read(name: string) {
+        if (!sizes.has(name)) throw new Error(`GpuModel.reader: no tensor ${name}`);
+        for (let index = 0; index < pieces.length; index++) {
+          if (pieces[index].name === name) yield await piece(index);
+        }
+      },
+    };
   }
 
   /** Copy every accumulated gradient of the trained tensors back to the CPU. */
@@ -1698,7 +1726,7 @@ export class GpuModel {
   }
 
   /** Each tensor's row slices read back with one GPU wait, widened to f32, not joined. */
-  private async readParts(tensors: Map<string, Tensor[]>): Promise<Map<string, Float32Array[]>> {
+  private async readParts<K>(tensors: Map<K, Tensor[]>): Promise<Map<K, Float32Array[]>> {
     const names = [...tensors.keys()];
     const all = names.flatMap((n) => tensors.get(n)!);
     const data = (await this.gpu.readMany(all)).map((values, i) => {

@@ -339,11 +339,11 @@ Deno.test("a save through a TensorReader writes each weight's parts as one, and 
   // Every weight in three uneven parts (as row slices come), read when asked for.
   const inParts = (change?: (name: string, parts: Float32Array[]) => void): TensorReader => ({
     sizes: new Map([...whole].map(([name, data]) => [name, data.length])),
-    read: (name) => {
+    read: async function* (name) {
       const data = whole.get(name)!, third = Math.floor(data.length / 3);
       const parts = [data.slice(0, third), data.slice(third, third + 1), data.slice(third + 1)];
       change?.(name, parts);
-      return Promise.resolve(parts);
+      yield* parts;
     },
   });
   for (const dtype of ["f32", "bf16"] as const) {
@@ -360,6 +360,16 @@ Deno.test("a save through a TensorReader writes each weight's parts as one, and 
   await rejectsWith(
     saveCheckpoint(`${dir}/parts-read`, hfConfig, nan),
     new RegExp(`"${name}" holds NaN at index ${Math.floor(length / 3) + 1 + 4} `),
+  );
+  // Parts that end a value short: found when they end, and the checkpoint there is kept.
+  const short = inParts((n, parts) => n === name && (parts[2] = parts[2].subarray(1)));
+  await rejectsWith(
+    saveCheckpoint(`${dir}/parts-read`, hfConfig, short),
+    new RegExp(`cannot save weight "${name}": expected ${length} values .*got ${length - 1}`),
+  );
+  assert.deepEqual(
+    Deno.readFileSync(`${dir}/parts-read/model.safetensors`),
+    Deno.readFileSync(`${dir}/parts-whole/model.safetensors`),
   );
 });
 

@@ -245,4 +245,28 @@ Deno.test("values given by a function are written in their turn, and must be wha
     /tensor "w" gave F32 values, stated BF16/,
   );
   assert.equal(await Deno.stat(`${dir}/mismatch.safetensors`).then(() => true, () => false), false);
+  // Parts that come one at a time are written in order as one tensor; parts that prove the
+  // wrong length when they end are refused, and nothing is left at the path.
+  const given: number[] = [];
+  async function* stream(...parts: Float32Array[]) {
+    for (const part of parts) given.push(part.length), yield part;
+  }
+  const streamed = `${dir}/streamed.safetensors`;
+  await writeSafetensors(
+    streamed,
+    new Map([["a", { shape: [3], data: () => stream(a.slice(0, 1), a.slice(1)) }]]),
+  );
+  assert.deepEqual(given, [1, 2]);
+  assert.deepEqual((await readSafetensors(streamed)).get("a")!.data, a);
+  await assert.rejects(
+    writeSafetensors(
+      `${dir}/ends-short.safetensors`,
+      new Map([["a", { shape: [3], data: () => stream(a.slice(0, 1), a.slice(1, 2)) }]]),
+    ),
+    /tensor "a" has 2 values for shape \[3\]/,
+  );
+  assert.equal(
+    await Deno.stat(`${dir}/ends-short.safetensors`).then(() => true, () => false),
+    false,
+  );
 });
