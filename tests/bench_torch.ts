@@ -28,6 +28,10 @@ const PYTHON = "/usr/bin/python3";
 interface TorchResult {
   threads: number;
   torch: string;
+  /** The OpenBLAS kernels that ran (null: BLAS is not OpenBLAS), and what OpenBLAS itself chose
+   * when bench_torch.py overrode it (its own choice left this CPU's vector units idle). */
+  openblas_core: string | null;
+  openblas_chose: string | null;
   matmul_gflops: number;
   tiny_fwd_bwd_tok_s: number;
   small_fwd_bwd_tok_s: number;
@@ -281,6 +285,13 @@ async function runTorch(args: Record<string, number>): Promise<TorchResult | nul
   }
 }
 
+/** ", OpenBLAS <kernels>" for the table's heading, saying when they were forced and why. */
+function openblasNote(torch: TorchResult): string {
+  if (!torch.openblas_core) return "";
+  return `, OpenBLAS ${torch.openblas_core}` +
+    (torch.openblas_chose ? ` forced over its own ${torch.openblas_chose}` : "");
+}
+
 function row(
   name: string,
   aha: number,
@@ -382,7 +393,7 @@ export async function sideBySide(gpu: Gpu): Promise<void> {
     `\n${"side by side".padEnd(36)} ${"aha".padStart(9)} ${"PyTorch".padStart(9)} ${
       "ratio".padStart(7)
     }` +
-      (torch ? `  (torch ${torch.torch}, ${torch.threads} threads)` : ""),
+      (torch ? `  (torch ${torch.torch}, ${torch.threads} threads${openblasNote(torch)})` : ""),
   );
   row("matmul x·Wᵀ 512×4864×896", matmulGflops, torch?.matmul_gflops, "GFLOPS", false);
   row(
